@@ -1,0 +1,269 @@
+//! Bind: the attempt, its success, and its outcome.
+//!
+//! Why these hooks:
+//! - cgroup `bind4`/`bind6` (sock_addr) run inside `inet_bind`/`inet6_bind`
+//!   for every bind on an AF_INET/AF_INET6 socket in the watched cgroup,
+//!   whether it came from bind(2) or io_uring's IORING_OP_BIND, before the
+//!   kernel looks for a conflict. They see the requested address and port,
+//!   and can read the socket options with `bpf_getsockopt`. The attempt is
+//!   parked in `PENDING_BIND` under the thread id; nothing is emitted yet.
+//! - cgroup `post_bind4`/`post_bind6` (sock) run in `__inet_bind` right after
+//!   `get_port` succeeded: the bind can no longer fail, and `src_port` holds
+//!   the real port (an ephemeral one for port 0). They complete and emit the
+//!   record. io_uring binds are reported here too.
+//! - The failure and its errno come from the return of `inet_bind`/
+//!   `inet6_bind`: fexit where the kernel allows it (no per-syscall cost), or
+//!   else the `syscalls/sys_exit_bind` tracepoint (format: `long ret` at
+//!   offset 16). While any syscall tracepoint is attached every syscall on
+//!   the machine takes the slow path, which is why fexit is preferred.
+//!
+//! An io_uring bind that fails on a kernel without fexit never reaches the
+//! syscall tracepoint; its parked attempt is emitted with an unknown errno
+//! when the same thread starts its next bind, rather than lost.
+//!
+//! Every cgroup program here returns ALLOW on every path.
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt},
+    },
+    macros::{cgroup_sock, cgroup_sock_addr, fexit, tracepoint},
+    programs::{FExitContext, SockAddrContext, SockContext, TracePointContext},
+};
+use portwatch_ebpf::{AF_INET, AF_INET6, ERRNO_UNKNOWN, Event, hook, kind, opt, source};
+
+use crate::{
+    ALLOW,
+    common::{
+        PENDING_BIND, TRACKED, count_drop, current_tid, emit, fill_from_sock,
+        fill_options_from_sock, fill_task,
+    },
+};
+
+// Socket option levels and names (uapi values, identical on every arch).
+const SOL_SOCKET: i32 = 1;
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+const SO_REUSEADDR: i32 = 2;
+const SO_REUSEPORT: i32 = 15;
+const IP_FREEBIND: i32 = 15;
+const IP_TRANSPARENT: i32 = 19;
+const IP_BIND_ADDRESS_NO_PORT: i32 = 24;
+const IPV6_V6ONLY: i32 = 26;
+
+/// Offset of `ret` in every `syscalls/sys_exit_*` tracepoint record.
+pub const SYS_EXIT_RET_OFFSET: usize = 16;
+
+#[cgroup_sock_addr(bind4)]
+pub fn bind4(ctx: SockAddrContext) -> i32 {
+    on_bind(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn bind6(ctx: SockAddrContext) -> i32 {
+    on_bind(&ctx);
+    ALLOW
+}
+
+fn on_bind(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    let mut event = Event::ZERO;
+    fill_task(&mut event);
+    // SAFETY: `sa` is the verifier-checked context; helpers take it as is.
+    unsafe {
+        let raw: &bpf_sock_addr = &*sa;
+        event.family = raw.user_family as u16;
+        event.sock_type = raw.type_ as u8;
+        event.protocol = raw.protocol as u16;
+        // user_port holds the port in network byte order in its low 16 bits.
+        event.port = u16::from_be(raw.user_port as u16);
+        if event.family == AF_INET {
+            event.addr[..4].copy_from_slice(&raw.user_ip4.to_ne_bytes());
+        } else {
+            for (i, word) in raw.user_ip6.iter().enumerate() {
+                event.addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+        }
+        event.cookie = bpf_get_socket_cookie(sa.cast());
+        event.netns_cookie = bpf_get_netns_cookie(sa.cast());
+    }
+    read_options(ctx, &mut event);
+
+    let tid = event.tid;
+    if let Some(stale) = PENDING_BIND.get_ptr_mut(&tid) {
+        // SAFETY: map value pointer from a successful lookup.
+        let stale = unsafe { &mut *stale };
+        stale.errno = ERRNO_UNKNOWN;
+        stale.source = source::UNRESOLVED;
+        emit(stale, hook::BIND);
+    }
+    if PENDING_BIND.insert(&tid, &event, 0).is_err() {
+        count_drop(hook::BIND);
+    }
+}
+
+/// Reads the options in force: `bpf_getsockopt` first, then the socket's own
+/// bits for whatever that helper refuses on this kernel.
+fn read_options(ctx: &SockAddrContext, event: &mut Event) {
+    let v6 = event.family == AF_INET6;
+    let ip_level = if v6 { SOL_IPV6 } else { SOL_IP };
+    let mut wanted = opt::REUSEADDR
+        | opt::REUSEPORT
+        | opt::FREEBIND
+        | opt::TRANSPARENT
+        | opt::BIND_ADDRESS_NO_PORT;
+    if v6 {
+        wanted |= opt::V6ONLY;
+    }
+    let mut try_opt = |bit: u32, level: i32, name: i32| {
+        if wanted & bit == 0 {
+            return;
+        }
+        let mut value: i32 = 0;
+        // SAFETY: `value` is a 4-byte stack buffer whose length we pass.
+        let ret = unsafe {
+            bpf_getsockopt(ctx.sock_addr.cast(), level, name, (&raw mut value).cast(), 4)
+        };
+        if ret == 0 {
+            event.options_known |= bit;
+            if value != 0 {
+                event.options |= bit;
+            }
+        }
+    };
+    try_opt(opt::REUSEADDR, SOL_SOCKET, SO_REUSEADDR);
+    try_opt(opt::REUSEPORT, SOL_SOCKET, SO_REUSEPORT);
+    try_opt(opt::V6ONLY, SOL_IPV6, IPV6_V6ONLY);
+    try_opt(opt::FREEBIND, ip_level, IP_FREEBIND);
+    try_opt(opt::TRANSPARENT, ip_level, IP_TRANSPARENT);
+    try_opt(opt::BIND_ADDRESS_NO_PORT, SOL_IP, IP_BIND_ADDRESS_NO_PORT);
+
+    let missing = wanted & !event.options_known;
+    if missing != 0 {
+        // `struct bpf_sock_addr_kern` starts with `struct sock *sk`.
+        // SAFETY: probe read of one pointer from the kernel context.
+        if let Ok(sk) = unsafe { bpf_probe_read_kernel(ctx.sock_addr as *const u64) } {
+            fill_options_from_sock(event, sk, missing);
+            fill_from_sock_uid(event, sk);
+        }
+    }
+}
+
+fn fill_from_sock_uid(event: &mut Event, sk: u64) {
+    let (cookie, netns) = (event.cookie, event.netns_cookie);
+    fill_from_sock(event, sk);
+    // The helpers' values are authoritative; keep them.
+    event.cookie = cookie;
+    event.netns_cookie = netns;
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn post_bind4(ctx: SockContext) -> i32 {
+    on_post_bind(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn post_bind6(ctx: SockContext) -> i32 {
+    on_post_bind(&ctx);
+    ALLOW
+}
+
+fn on_post_bind(ctx: &SockContext) {
+    // SAFETY: verifier-checked context.
+    let (cookie, bound_port) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.sock.cast()),
+            (*ctx.sock).src_port as u16, // host byte order here
+        )
+    };
+    let tid = current_tid();
+    match PENDING_BIND.get_ptr_mut(&tid) {
+        // SAFETY: map value pointer from a successful lookup.
+        Some(pending) if unsafe { (*pending).cookie } == cookie => {
+            let event = unsafe { &mut *pending };
+            event.kind = kind::BIND;
+            event.bound_port = bound_port;
+            event.errno = 0;
+            event.source = source::POST_BIND;
+            emit(event, hook::POST_BIND);
+            let _ = PENDING_BIND.remove(&tid);
+        }
+        _ => {
+            // The attempt was not parked (map full): report what this hook knows.
+            let mut event = Event::ZERO;
+            fill_task(&mut event);
+            // SAFETY: verifier-checked context.
+            unsafe {
+                let sk = &*ctx.sock;
+                event.family = sk.family as u16;
+                event.sock_type = sk.type_ as u8;
+                event.protocol = sk.protocol as u16;
+                if event.family == AF_INET {
+                    event.addr[..4].copy_from_slice(&sk.src_ip4.to_ne_bytes());
+                } else {
+                    for (i, word) in sk.src_ip6.iter().enumerate() {
+                        event.addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+                    }
+                }
+                event.netns_cookie = bpf_get_netns_cookie(ctx.sock.cast());
+            }
+            event.kind = kind::BIND;
+            event.cookie = cookie;
+            event.port = bound_port;
+            event.bound_port = bound_port;
+            event.source = source::POST_BIND;
+            emit(&event, hook::POST_BIND);
+        }
+    }
+    if TRACKED.insert(&cookie, &1, 0).is_err() {
+        count_drop(hook::POST_BIND);
+    }
+}
+
+/// Completes a parked attempt with the return value of the bind.
+#[inline(always)]
+fn finish_bind(ret: i64, src: u8) {
+    let tid = current_tid();
+    let Some(pending) = PENDING_BIND.get_ptr_mut(&tid) else {
+        return; // not an inet bind in the watched cgroup, or already emitted
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let event = unsafe { &mut *pending };
+    event.kind = kind::BIND;
+    // ret 0 without post_bind: IP_BIND_ADDRESS_NO_PORT with port 0, so the
+    // address is set but no port is reserved yet.
+    event.errno = if ret < 0 { (-ret) as i32 } else { 0 };
+    event.source = src;
+    emit(event, hook::BIND_EXIT);
+    let _ = PENDING_BIND.remove(&tid);
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_bind")]
+pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
+    // SAFETY: `ret` sits at this offset in every sys_exit record; userspace
+    // checks the format file before attaching.
+    if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET_OFFSET) } {
+        finish_bind(ret, source::SYSCALL_EXIT);
+    }
+    0
+}
+
+#[fexit(function = "inet_bind")]
+pub fn fexit_inet_bind(ctx: FExitContext) -> i32 {
+    // int inet_bind(struct socket *sock, struct sockaddr *uaddr, int addr_len)
+    let ret: i32 = ctx.arg(3);
+    finish_bind(ret as i64, source::FEXIT);
+    0
+}
+
+#[fexit(function = "inet6_bind")]
+pub fn fexit_inet6_bind(ctx: FExitContext) -> i32 {
+    // int inet6_bind(struct socket *sock, struct sockaddr *uaddr, int addr_len)
+    let ret: i32 = ctx.arg(3);
+    finish_bind(ret as i64, source::FEXIT);
+    0
+}

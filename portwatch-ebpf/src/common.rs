@@ -1,0 +1,182 @@
+//! Maps and helpers shared by every hook.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_probe_read_kernel,
+        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
+    },
+    macros::map,
+    maps::{CgroupArray, HashMap, PerCpuArray, RingBuf},
+};
+use portwatch_ebpf::{Event, KernelOffsets, hook, opt};
+
+/// The one ring buffer every hook writes to. Userspace may resize it.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
+
+/// Per hook ([`hook`]), how many records were lost because the ring buffer
+/// (or a bookkeeping map) was full. Never silent.
+#[map]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(hook::COUNT, 0);
+
+/// Bind attempts waiting for their outcome, by thread id.
+#[map]
+pub static PENDING_BIND: HashMap<u32, Event> = HashMap::with_max_entries(16384, 0);
+
+/// Listens waiting for `listen()` to return, by thread id.
+#[map]
+pub static PENDING_LISTEN: HashMap<u32, Event> = HashMap::with_max_entries(16384, 0);
+
+/// Cookies of the sockets whose release userspace wants to hear about: bound
+/// or listening ones, and those found by the start-up snapshot. Filtering
+/// here keeps every ordinary connection's close out of the ring buffer.
+#[map]
+pub static TRACKED: HashMap<u64, u8> = HashMap::with_max_entries(262144, 1); // BPF_F_NO_PREALLOC
+
+/// Slot 0 holds the cgroup the daemon watches. Tracepoints fire for the whole
+/// machine; this keeps them to the same tasks the cgroup hooks see.
+#[map]
+pub static WATCHED: CgroupArray = CgroupArray::with_max_entries(1, 0);
+
+/// Struct offsets from the kernel's BTF, written by userspace at load time.
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets {
+    sk_cookie: 0,
+    sk_net: 0,
+    net_cookie: 0,
+    sk_max_ack_backlog: 0,
+    sk_uid: 0,
+    sk_reuse_byte: 0,
+    reuse_shift: 0,
+    reuseport_shift: 0,
+    ipv6only_shift: 0,
+    _pad0: 0,
+    inet_flags: 0,
+    freebind_bit: 0,
+    transparent_bit: 0,
+    bind_address_no_port_bit: 0,
+    _pad1: 0,
+};
+
+#[inline(always)]
+pub fn offsets() -> KernelOffsets {
+    // SAFETY: a read of our own global; volatile so the compiler does not fold
+    // the zero initializer that userspace overwrites at load time.
+    unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
+/// Counts one lost record for `hook`.
+#[inline(always)]
+pub fn count_drop(hook: u32) {
+    if let Some(slot) = DROPS.get_ptr_mut(hook) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Sends `event` to userspace, counting a drop for `hook` when the ring is full.
+#[inline(always)]
+pub fn emit(event: &Event, hook: u32) {
+    if EVENTS.output::<Event>(event, 0).is_err() {
+        count_drop(hook);
+    }
+}
+
+/// Fills the fields every record has: time, task, uid, cgroup, comm.
+#[inline(always)]
+pub fn fill_task(event: &mut Event) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    event.pid = (pid_tgid >> 32) as u32;
+    event.tid = pid_tgid as u32;
+    event.uid = bpf_get_current_uid_gid() as u32;
+    // SAFETY: helpers with no pointer arguments.
+    unsafe {
+        event.ts_ns = bpf_ktime_get_boot_ns();
+        event.cgroup_id = bpf_get_current_cgroup_id();
+    }
+    if let Ok(comm) = bpf_get_current_comm() {
+        event.comm = comm;
+    }
+}
+
+/// Current thread id, the key of the pending maps.
+#[inline(always)]
+pub fn current_tid() -> u32 {
+    bpf_get_current_pid_tgid() as u32
+}
+
+/// Whether the current task is inside the watched cgroup subtree.
+#[inline(always)]
+pub fn task_is_watched() -> bool {
+    WATCHED.current_task_under_cgroup(0).unwrap_or(false)
+}
+
+/// Reads a `T` at `offset` bytes into kernel object `base`; `None` when the
+/// offset is unknown (0) or the read faults.
+#[inline(always)]
+pub fn read_field<T>(base: u64, offset: u32) -> Option<T> {
+    if offset == 0 || base == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel validates the address and fails cleanly.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
+}
+
+/// Socket facts read from a `struct sock *` through the BTF offsets: the
+/// cookie, the network namespace cookie, the owner uid, and listen backlog.
+#[inline(always)]
+pub fn fill_from_sock(event: &mut Event, sk: u64) {
+    let off = offsets();
+    if let Some(cookie) = read_field::<u64>(sk, off.sk_cookie) {
+        event.cookie = cookie;
+    }
+    if let Some(net) = read_field::<u64>(sk, off.sk_net)
+        && let Some(cookie) = read_field::<u64>(net, off.net_cookie)
+    {
+        event.netns_cookie = cookie;
+    }
+    if let Some(uid) = read_field::<u32>(sk, off.sk_uid) {
+        event.sock_uid = uid;
+    }
+}
+
+/// Options that `bpf_getsockopt` cannot read, taken from the socket's own
+/// bits: SO_REUSEADDR/SO_REUSEPORT/IPV6_V6ONLY live in `sock_common`,
+/// IP_FREEBIND/IP_TRANSPARENT/IP_BIND_ADDRESS_NO_PORT in `inet_flags`.
+#[inline(always)]
+pub fn fill_options_from_sock(event: &mut Event, sk: u64, wanted: u32) {
+    let off = offsets();
+    if let Some(byte) = read_field::<u8>(sk, off.sk_reuse_byte) {
+        let reuse = (byte >> off.reuse_shift) & 0xf;
+        let reuseport = (byte >> off.reuseport_shift) & 1;
+        let v6only = (byte >> off.ipv6only_shift) & 1;
+        set_opt(event, wanted, opt::REUSEADDR, reuse != 0);
+        set_opt(event, wanted, opt::REUSEPORT, reuseport != 0);
+        set_opt(event, wanted, opt::V6ONLY, v6only != 0);
+    }
+    if let Some(flags) = read_field::<u64>(sk, off.inet_flags) {
+        set_opt(event, wanted, opt::FREEBIND, flags >> off.freebind_bit & 1 != 0);
+        set_opt(event, wanted, opt::TRANSPARENT, flags >> off.transparent_bit & 1 != 0);
+        set_opt(
+            event,
+            wanted,
+            opt::BIND_ADDRESS_NO_PORT,
+            flags >> off.bind_address_no_port_bit & 1 != 0,
+        );
+    }
+}
+
+/// Records option `bit` as known with value `on`, if `wanted` asks for it.
+#[inline(always)]
+fn set_opt(event: &mut Event, wanted: u32, bit: u32, on: bool) {
+    if wanted & bit == 0 {
+        return;
+    }
+    event.options_known |= bit;
+    if on {
+        event.options |= bit;
+    } else {
+        event.options &= !bit;
+    }
+}

@@ -1,0 +1,212 @@
+//! Types that cross the kernel/user boundary.
+//!
+//! Everything here is `#[repr(C)]`, built only from fixed-width integers and
+//! byte arrays, with explicit padding and a compile-time size check, so the
+//! kernel programs (bpfel target) and the daemon (host target) agree on every
+//! byte. Userspace decodes these raw records with `TryFrom` into typed events;
+//! nothing here is ever transmuted into a Rust enum.
+#![no_std]
+
+/// What a record reports. Stored in [`Event::kind`].
+pub mod kind {
+    /// A bind finished: `errno` 0 means it succeeded and `bound_port` holds the
+    /// port the kernel gave (an ephemeral one when `port` was 0).
+    pub const BIND: u8 = 1;
+    /// A TCP socket entered LISTEN and `listen()` returned 0.
+    pub const LISTEN: u8 = 2;
+    /// `listen()` failed after the socket tried to enter LISTEN (for example
+    /// EADDRINUSE when two SO_REUSEADDR sockets share an address).
+    pub const LISTEN_FAILED: u8 = 3;
+    /// A listening TCP socket left LISTEN but stays open (`shutdown()`); a
+    /// port bound explicitly stays bound. Not sent when the socket is closed:
+    /// that is [`CLOSE`].
+    pub const LISTEN_STOP: u8 = 4;
+    /// A socket portwatch tracks (bound, listening, or known from the
+    /// start-up snapshot) was released: closed by its last holder, so its
+    /// port is free again.
+    pub const CLOSE: u8 = 5;
+}
+
+/// Which kernel hook produced the outcome of a record. Stored in
+/// [`Event::source`]; exposed so operators can see which path is active.
+pub mod source {
+    /// cgroup `post_bind4`/`post_bind6`: the bind succeeded.
+    pub const POST_BIND: u8 = 1;
+    /// `syscalls/sys_exit_bind` or `syscalls/sys_exit_listen`.
+    pub const SYSCALL_EXIT: u8 = 2;
+    /// fexit on `inet_bind`/`inet6_bind`/`inet_listen`.
+    pub const FEXIT: u8 = 3;
+    /// `sock/inet_sock_set_state`.
+    pub const STATE: u8 = 4;
+    /// cgroup `sock_release`.
+    pub const RELEASE: u8 = 5;
+    /// A bind attempt whose outcome no hook reported before the same thread
+    /// started another bind (an io_uring bind that failed, on a kernel
+    /// without fexit). Its `errno` is [`super::ERRNO_UNKNOWN`].
+    pub const UNRESOLVED: u8 = 6;
+}
+
+/// `errno` value of a bind whose failure was seen but whose error code was not.
+pub const ERRNO_UNKNOWN: i32 = -1;
+
+/// Socket options in force at bind time. Bits of [`Event::options`] and
+/// [`Event::options_known`].
+pub mod opt {
+    pub const REUSEADDR: u32 = 1 << 0;
+    pub const REUSEPORT: u32 = 1 << 1;
+    pub const V6ONLY: u32 = 1 << 2;
+    pub const FREEBIND: u32 = 1 << 3;
+    pub const TRANSPARENT: u32 = 1 << 4;
+    pub const BIND_ADDRESS_NO_PORT: u32 = 1 << 5;
+    /// Every option bit portwatch reads.
+    pub const ALL: u32 = REUSEADDR | REUSEPORT | V6ONLY | FREEBIND | TRANSPARENT | BIND_ADDRESS_NO_PORT;
+}
+
+/// Index of each hook's slot in the per-CPU `DROPS` array: ring-buffer
+/// reservations (or bookkeeping-map inserts) that failed in that hook.
+pub mod hook {
+    pub const BIND: u32 = 0;
+    pub const POST_BIND: u32 = 1;
+    pub const BIND_EXIT: u32 = 2;
+    pub const LISTEN: u32 = 3;
+    pub const LISTEN_EXIT: u32 = 4;
+    pub const LISTEN_STOP: u32 = 5;
+    pub const RELEASE: u32 = 6;
+    /// Number of slots.
+    pub const COUNT: u32 = 7;
+    /// Names, indexed by slot, as they appear in logs and metrics.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "bind",
+        "post_bind",
+        "bind_exit",
+        "listen",
+        "listen_exit",
+        "listen_stop",
+        "release",
+    ];
+}
+
+/// Address families, as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Kernel struct offsets the programs need but cannot know at compile time
+/// (Rust eBPF has no CO-RE). The daemon reads them from the kernel's BTF and
+/// writes them into the `OFFSETS` global before loading. A zero offset means
+/// "unknown": the programs then leave that field out instead of guessing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct sock` -> `__sk_common.skc_cookie`.
+    pub sk_cookie: u32,
+    /// `struct sock` -> `__sk_common.skc_net` (a `struct net *`).
+    pub sk_net: u32,
+    /// `struct net` -> `net_cookie`.
+    pub net_cookie: u32,
+    /// `struct sock` -> `sk_max_ack_backlog`.
+    pub sk_max_ack_backlog: u32,
+    /// `struct sock` -> `sk_uid`.
+    pub sk_uid: u32,
+    /// Byte holding `skc_reuse:4`, `skc_reuseport:1`, `skc_ipv6only:1`.
+    pub sk_reuse_byte: u32,
+    /// Bit positions inside that byte.
+    pub reuse_shift: u8,
+    pub reuseport_shift: u8,
+    pub ipv6only_shift: u8,
+    pub _pad0: u8,
+    /// `struct inet_sock` -> `inet_flags` (an unsigned long of bits).
+    pub inet_flags: u32,
+    /// Bit numbers inside `inet_flags`.
+    pub freebind_bit: u8,
+    pub transparent_bit: u8,
+    pub bind_address_no_port_bit: u8,
+    pub _pad1: u8,
+}
+const _: () = assert!(size_of::<KernelOffsets>() == 36);
+
+/// One record in the `EVENTS` ring buffer. Every kind uses the same layout;
+/// fields a kind does not fill are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// CLOCK_BOOTTIME, nanoseconds.
+    pub ts_ns: u64,
+    /// Socket cookie (`bpf_get_socket_cookie`), the socket's identity; 0 when
+    /// the kernel never assigned one.
+    pub cookie: u64,
+    /// Network namespace cookie; 0 when unknown.
+    pub netns_cookie: u64,
+    /// cgroup v2 id of the calling task.
+    pub cgroup_id: u64,
+    /// Process id (tgid) and thread id of the calling task.
+    pub pid: u32,
+    pub tid: u32,
+    /// Real uid of the calling task.
+    pub uid: u32,
+    /// Owner uid of the socket (`sk_uid`, what SO_REUSEPORT compares);
+    /// `u32::MAX` when unknown.
+    pub sock_uid: u32,
+    /// 0 on success, a positive errno on failure, [`ERRNO_UNKNOWN`].
+    pub errno: i32,
+    /// `listen()` backlog as the kernel capped it; 0 when not a listen.
+    pub backlog: u32,
+    /// [`opt`] bits set on the socket.
+    pub options: u32,
+    /// [`opt`] bits that were read; a bit missing here means "unknown".
+    pub options_known: u32,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// Port asked for (host byte order).
+    pub port: u16,
+    /// Port actually bound (host byte order); 0 when none.
+    pub bound_port: u16,
+    /// IP protocol number (6 TCP, 17 UDP, 136 UDP-Lite, 262 MPTCP).
+    pub protocol: u16,
+    /// A [`kind`] constant.
+    pub kind: u8,
+    /// SOCK_STREAM (1), SOCK_DGRAM (2), ...
+    pub sock_type: u8,
+    /// A [`source`] constant.
+    pub source: u8,
+    pub _pad: [u8; 5],
+    /// Local address, network byte order; IPv4 uses the first 4 bytes.
+    pub addr: [u8; 16],
+    /// `comm` of the calling task, NUL-padded.
+    pub comm: [u8; 16],
+}
+const _: () = assert!(size_of::<Event>() == 112);
+
+impl Event {
+    /// The record every hook starts from: zeroes, with the socket uid unknown.
+    pub const ZERO: Event = Event {
+        ts_ns: 0,
+        cookie: 0,
+        netns_cookie: 0,
+        cgroup_id: 0,
+        pid: 0,
+        tid: 0,
+        uid: 0,
+        sock_uid: u32::MAX,
+        errno: 0,
+        backlog: 0,
+        options: 0,
+        options_known: 0,
+        family: 0,
+        port: 0,
+        bound_port: 0,
+        protocol: 0,
+        kind: 0,
+        sock_type: 0,
+        source: 0,
+        _pad: [0; 5],
+        addr: [0; 16],
+        comm: [0; 16],
+    };
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain-old-data, every bit pattern is valid, no padding left implicit.
+unsafe impl aya::Pod for Event {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for KernelOffsets {}

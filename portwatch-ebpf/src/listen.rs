@@ -1,0 +1,198 @@
+//! Listen: the LISTEN transition, its outcome, and the listener's close.
+//!
+//! Why these hooks:
+//! - `sock/inet_sock_set_state` is a plain tracepoint (not a syscall one, so
+//!   it adds no per-syscall cost) that fires in `inet_csk_listen_start` when a
+//!   TCP socket enters LISTEN, and again when it leaves LISTEN (close,
+//!   shutdown, or a failed listen). Format (checked by userspace before
+//!   attaching): `skaddr` @8, `oldstate` @16, `newstate` @20, `sport` @24,
+//!   `family` @28, `protocol` @30, `saddr[4]` @32, `saddr_v6[16]` @40. The
+//!   socket cookie, netns cookie, owner uid and backlog are read from
+//!   `skaddr` with the BTF offsets userspace provides.
+//! - LISTEN -> CLOSE is reported as LISTEN_STOP only for a socket still in
+//!   `TRACKED`: on close() the release hook ran first and reported CLOSE.
+//! - The LISTEN transition happens before `get_port` validates the port, so a
+//!   listen can still fail with EADDRINUSE (two SO_REUSEADDR sockets bound to
+//!   one address). The transition is parked in `PENDING_LISTEN` and emitted
+//!   when `inet_listen` returns: fexit where the kernel allows it, else
+//!   `syscalls/sys_exit_listen`. A LISTEN -> CLOSE of the parked socket in
+//!   between is part of that failure, not a close.
+//! - Tracepoints fire machine-wide; `WATCHED` keeps them to the tasks of the
+//!   watched cgroup, like the cgroup hooks.
+
+use aya_ebpf::{
+    macros::{fexit, tracepoint},
+    programs::{FExitContext, TracePointContext},
+};
+use portwatch_ebpf::{AF_INET, ERRNO_UNKNOWN, Event, hook, kind, source};
+
+use crate::{
+    bind::SYS_EXIT_RET_OFFSET,
+    common::{
+        PENDING_LISTEN, TRACKED, count_drop, current_tid, emit, fill_from_sock, fill_task,
+        offsets, read_field, task_is_watched,
+    },
+};
+
+const IPPROTO_TCP: u16 = 6;
+const TCP_CLOSE: i32 = 7;
+const TCP_LISTEN: i32 = 10;
+
+// Field offsets in the `sock/inet_sock_set_state` record.
+pub const SET_STATE_SKADDR: usize = 8;
+pub const SET_STATE_OLDSTATE: usize = 16;
+pub const SET_STATE_NEWSTATE: usize = 20;
+pub const SET_STATE_SPORT: usize = 24;
+pub const SET_STATE_FAMILY: usize = 28;
+pub const SET_STATE_PROTOCOL: usize = 30;
+pub const SET_STATE_SADDR: usize = 32;
+pub const SET_STATE_SADDR_V6: usize = 40;
+
+/// `errno` marker for a parked listen whose socket already fell back to CLOSE:
+/// it failed, and `inet_listen` is about to return the errno.
+const FAILING: i32 = i32::MIN;
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_set_state(&ctx);
+    0
+}
+
+fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
+    // SAFETY: offsets of the tracepoint format, verified by userspace.
+    let (protocol, oldstate, newstate) = unsafe {
+        (
+            ctx.read_at::<u16>(SET_STATE_PROTOCOL)?,
+            ctx.read_at::<i32>(SET_STATE_OLDSTATE)?,
+            ctx.read_at::<i32>(SET_STATE_NEWSTATE)?,
+        )
+    };
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    if newstate == TCP_LISTEN && oldstate != TCP_LISTEN {
+        if !task_is_watched() {
+            return Ok(());
+        }
+        let mut event = listener_event(ctx)?;
+        event.kind = kind::LISTEN;
+        let tid = event.tid;
+        if let Some(stale) = PENDING_LISTEN.get_ptr_mut(&tid) {
+            // A listen that no exit hook completed (io_uring without fexit).
+            // SAFETY: map value pointer from a successful lookup.
+            flush(unsafe { &mut *stale }, None, source::UNRESOLVED);
+        }
+        if PENDING_LISTEN.insert(&tid, &event, 0).is_err() {
+            count_drop(hook::LISTEN);
+        }
+        if event.cookie != 0 && TRACKED.insert(&event.cookie, &1, 0).is_err() {
+            count_drop(hook::LISTEN);
+        }
+    } else if oldstate == TCP_LISTEN && newstate == TCP_CLOSE {
+        // SAFETY: as above.
+        let skaddr = unsafe { ctx.read_at::<u64>(SET_STATE_SKADDR)? };
+        let cookie = read_field::<u64>(skaddr, offsets().sk_cookie).unwrap_or(0);
+        let tid = current_tid();
+        if let Some(pending) = PENDING_LISTEN.get_ptr_mut(&tid) {
+            // SAFETY: map value pointer from a successful lookup.
+            let pending = unsafe { &mut *pending };
+            if pending.cookie == cookie {
+                pending.errno = FAILING;
+                return Ok(());
+            }
+        }
+        // On close() the release hook has already run and untracked the
+        // socket: that is reported as CLOSE there. Still tracked here means
+        // the listener stopped but the socket lives on (shutdown).
+        if cookie == 0 || TRACKED.get_ptr(&cookie).is_none() {
+            return Ok(());
+        }
+        let mut event = listener_event(ctx)?;
+        event.kind = kind::LISTEN_STOP;
+        event.source = source::STATE;
+        emit(&event, hook::LISTEN_STOP);
+    }
+    Ok(())
+}
+
+/// A record for the socket in a set_state tracepoint: task, address, port,
+/// and what the BTF offsets let us read from the socket.
+fn listener_event(ctx: &TracePointContext) -> Result<Event, i32> {
+    let mut event = Event::ZERO;
+    fill_task(&mut event);
+    // SAFETY: offsets of the tracepoint format, verified by userspace.
+    unsafe {
+        event.family = ctx.read_at::<u16>(SET_STATE_FAMILY)?;
+        event.port = ctx.read_at::<u16>(SET_STATE_SPORT)?;
+        if event.family == AF_INET {
+            let v4: [u8; 4] = ctx.read_at(SET_STATE_SADDR)?;
+            event.addr[..4].copy_from_slice(&v4);
+        } else {
+            event.addr = ctx.read_at(SET_STATE_SADDR_V6)?;
+        }
+        let skaddr = ctx.read_at::<u64>(SET_STATE_SKADDR)?;
+        fill_from_sock(&mut event, skaddr);
+        if let Some(backlog) = read_field::<u32>(skaddr, offsets().sk_max_ack_backlog) {
+            event.backlog = backlog;
+        }
+    }
+    event.bound_port = event.port;
+    event.protocol = IPPROTO_TCP;
+    event.sock_type = 1; // SOCK_STREAM
+    Ok(event)
+}
+
+/// Emits a parked listen as LISTEN or LISTEN_FAILED and forgets it.
+#[inline(always)]
+fn flush(event: &mut Event, ret: Option<i64>, src: u8) {
+    let failed_in_kernel = event.errno == FAILING;
+    match ret {
+        Some(ret) if ret < 0 => {
+            event.kind = kind::LISTEN_FAILED;
+            event.errno = (-ret) as i32;
+        }
+        Some(_) => {
+            event.kind = kind::LISTEN;
+            event.errno = 0;
+        }
+        None if failed_in_kernel => {
+            event.kind = kind::LISTEN_FAILED;
+            event.errno = ERRNO_UNKNOWN;
+        }
+        None => {
+            event.kind = kind::LISTEN;
+            event.errno = 0;
+        }
+    }
+    event.source = src;
+    let hook = if src == source::UNRESOLVED { hook::LISTEN } else { hook::LISTEN_EXIT };
+    emit(event, hook);
+    let tid = event.tid;
+    let _ = PENDING_LISTEN.remove(&tid);
+}
+
+#[inline(always)]
+fn finish_listen(ret: i64, src: u8) {
+    let tid = current_tid();
+    if let Some(pending) = PENDING_LISTEN.get_ptr_mut(&tid) {
+        // SAFETY: map value pointer from a successful lookup.
+        flush(unsafe { &mut *pending }, Some(ret), src);
+    }
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_listen")]
+pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
+    // SAFETY: `ret` offset of every sys_exit record, verified by userspace.
+    if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET_OFFSET) } {
+        finish_listen(ret, source::SYSCALL_EXIT);
+    }
+    0
+}
+
+#[fexit(function = "inet_listen")]
+pub fn fexit_inet_listen(ctx: FExitContext) -> i32 {
+    // int inet_listen(struct socket *sock, int backlog)
+    let ret: i32 = ctx.arg(2);
+    finish_listen(ret as i64, source::FEXIT);
+    0
+}

@@ -1,0 +1,45 @@
+//! portwatch's kernel programs.
+//!
+//! One file per hook family; each explains why that hook was chosen:
+//! - `bind.rs`: cgroup `bind4`/`bind6` (the attempt), `post_bind4`/`post_bind6`
+//!   (success and the real port), and the outcome with its errno from fexit on
+//!   `inet_bind`/`inet6_bind` or, where fexit is refused, `sys_exit_bind`;
+//! - `listen.rs`: `sock/inet_sock_set_state` for LISTEN and LISTEN -> CLOSE,
+//!   with fexit on `inet_listen` or `sys_exit_listen` for the outcome;
+//! - `release.rs`: cgroup `sock_release`, to forget sockets that go away.
+//!
+//! portwatch observes and never decides: every cgroup program returns
+//! [`ALLOW`] on every path, including errors and full maps.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod bind;
+#[cfg(target_arch = "bpf")]
+mod common;
+#[cfg(target_arch = "bpf")]
+mod listen;
+#[cfg(target_arch = "bpf")]
+mod release;
+
+/// What a cgroup program returns to let the operation go on.
+#[cfg(target_arch = "bpf")]
+const ALLOW: i32 = 1;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic, so this is never entered.
+    #[expect(clippy::empty_loop, reason = "no_std panic handler for the bpf target")]
+    loop {}
+}
+
+/// `bpf_probe_read_kernel` is GPL-only; the rest is MIT.
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// Built for the host this crate is only its library (the wire types); the
+/// programs exist for the bpf target alone.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,11 @@
+//! portwatch: who is bound to a port, who tried to bind and failed, and why.
+//!
+//! - [`capture`]: loads and attaches the kernel programs, streams raw records;
+//! - [`event`]: decodes raw records into typed events (pure, no I/O);
+//! - [`trace`]: the `portwatch trace` output, filters and formatting (pure);
+//! - [`cli`]: command-line arguments.
+
+pub mod capture;
+pub mod cli;
+pub mod event;
+pub mod trace;
