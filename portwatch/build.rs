@@ -9,6 +9,7 @@ use anyhow::{Context as _, anyhow};
 const SETUP_HINT: &str = "run `cargo xtask setup`";
 
 fn main() {
+    emit_revision();
     if let Err(missing) = check_toolchain() {
         println!("cargo::error=portwatch: {missing}; {SETUP_HINT}");
         return;
@@ -44,4 +45,18 @@ fn check_toolchain() -> anyhow::Result<()> {
         return Err(anyhow!("nightly's rust-src component is not installed"));
     }
     Ok(())
+}
+
+/// `PORTWATCH_REVISION`: the git commit this was built from, for `--version`.
+fn emit_revision() {
+    let revision = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown revision".to_owned());
+    println!("cargo::rustc-env=PORTWATCH_REVISION={revision}");
+    println!("cargo::rerun-if-changed=../.git/HEAD");
+    println!("cargo::rerun-if-changed=../.git/refs/heads");
 }

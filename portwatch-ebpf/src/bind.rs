@@ -32,7 +32,9 @@ use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr, fexit, tracepoint},
     programs::{FExitContext, SockAddrContext, SockContext, TracePointContext},
 };
-use portwatch_ebpf::{AF_INET, AF_INET6, ERRNO_UNKNOWN, Event, hook, kind, opt, source};
+use portwatch_ebpf::{
+    AF_INET, AF_INET6, ERRNO_UNKNOWN, Event, hook, kind, opt, source, tracepoint::SYS_EXIT_RET,
+};
 
 use crate::{
     ALLOW,
@@ -53,34 +55,37 @@ const IP_TRANSPARENT: i32 = 19;
 const IP_BIND_ADDRESS_NO_PORT: i32 = 24;
 const IPV6_V6ONLY: i32 = 26;
 
-/// Offset of `ret` in every `syscalls/sys_exit_*` tracepoint record.
-pub const SYS_EXIT_RET_OFFSET: usize = 16;
 
 #[cgroup_sock_addr(bind4)]
 pub fn bind4(ctx: SockAddrContext) -> i32 {
-    on_bind(&ctx);
+    on_bind(&ctx, false);
     ALLOW
 }
 
 #[cgroup_sock_addr(bind6)]
 pub fn bind6(ctx: SockAddrContext) -> i32 {
-    on_bind(&ctx);
+    on_bind(&ctx, true);
     ALLOW
 }
 
-fn on_bind(ctx: &SockAddrContext) {
+/// `v6` is a constant per program: bind4 may read only `user_ip4`, bind6
+/// only `user_ip6`.
+#[inline(always)]
+fn on_bind(ctx: &SockAddrContext, v6: bool) {
     let sa = ctx.sock_addr;
     let mut event = Event::ZERO;
     fill_task(&mut event);
     // SAFETY: `sa` is the verifier-checked context; helpers take it as is.
     unsafe {
         let raw: &bpf_sock_addr = &*sa;
-        event.family = raw.user_family as u16;
+        // The socket's family, not the caller's sa_family: a bind with
+        // AF_UNSPEC or a bogus family must still be reported as this socket's.
+        event.family = if v6 { AF_INET6 } else { AF_INET };
         event.sock_type = raw.type_ as u8;
         event.protocol = raw.protocol as u16;
         // user_port holds the port in network byte order in its low 16 bits.
         event.port = u16::from_be(raw.user_port as u16);
-        if event.family == AF_INET {
+        if !v6 {
             event.addr[..4].copy_from_slice(&raw.user_ip4.to_ne_bytes());
         } else {
             for (i, word) in raw.user_ip6.iter().enumerate() {
@@ -162,17 +167,20 @@ fn fill_from_sock_uid(event: &mut Event, sk: u64) {
 
 #[cgroup_sock(post_bind4)]
 pub fn post_bind4(ctx: SockContext) -> i32 {
-    on_post_bind(&ctx);
+    on_post_bind(&ctx, false);
     ALLOW
 }
 
 #[cgroup_sock(post_bind6)]
 pub fn post_bind6(ctx: SockContext) -> i32 {
-    on_post_bind(&ctx);
+    on_post_bind(&ctx, true);
     ALLOW
 }
 
-fn on_post_bind(ctx: &SockContext) {
+/// `v6` is a constant per program: the verifier lets post_bind4 read only
+/// `src_ip4` and post_bind6 only `src_ip6`, so each must compile alone.
+#[inline(always)]
+fn on_post_bind(ctx: &SockContext, v6: bool) {
     // SAFETY: verifier-checked context.
     let (cookie, bound_port) = unsafe {
         (
@@ -202,7 +210,7 @@ fn on_post_bind(ctx: &SockContext) {
                 event.family = sk.family as u16;
                 event.sock_type = sk.type_ as u8;
                 event.protocol = sk.protocol as u16;
-                if event.family == AF_INET {
+                if !v6 {
                     event.addr[..4].copy_from_slice(&sk.src_ip4.to_ne_bytes());
                 } else {
                     for (i, word) in sk.src_ip6.iter().enumerate() {
@@ -246,7 +254,7 @@ fn finish_bind(ret: i64, src: u8) {
 pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
     // SAFETY: `ret` sits at this offset in every sys_exit record; userspace
     // checks the format file before attaching.
-    if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET_OFFSET) } {
+    if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) } {
         finish_bind(ret, source::SYSCALL_EXIT);
     }
     0

@@ -86,6 +86,33 @@ pub mod hook {
     ];
 }
 
+/// Byte offsets in the tracepoint records the programs read. Userspace checks
+/// them against the kernel's format files before attaching.
+pub mod tracepoint {
+    /// `ret` in every `syscalls/sys_exit_*` record.
+    pub const SYS_EXIT_RET: usize = 16;
+    /// Fields of `sock/inet_sock_set_state`, as (name, offset, size).
+    pub const SET_STATE_SKADDR: usize = 8;
+    pub const SET_STATE_OLDSTATE: usize = 16;
+    pub const SET_STATE_NEWSTATE: usize = 20;
+    pub const SET_STATE_SPORT: usize = 24;
+    pub const SET_STATE_FAMILY: usize = 28;
+    pub const SET_STATE_PROTOCOL: usize = 30;
+    pub const SET_STATE_SADDR: usize = 32;
+    pub const SET_STATE_SADDR_V6: usize = 40;
+    /// Every field the set_state program reads: name, offset, size.
+    pub const SET_STATE_FIELDS: [(&str, usize, usize); 8] = [
+        ("skaddr", SET_STATE_SKADDR, 8),
+        ("oldstate", SET_STATE_OLDSTATE, 4),
+        ("newstate", SET_STATE_NEWSTATE, 4),
+        ("sport", SET_STATE_SPORT, 2),
+        ("family", SET_STATE_FAMILY, 2),
+        ("protocol", SET_STATE_PROTOCOL, 2),
+        ("saddr", SET_STATE_SADDR, 4),
+        ("saddr_v6", SET_STATE_SADDR_V6, 16),
+    ];
+}
+
 /// Address families, as the kernel numbers them.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;

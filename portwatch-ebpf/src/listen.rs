@@ -24,10 +24,15 @@ use aya_ebpf::{
     macros::{fexit, tracepoint},
     programs::{FExitContext, TracePointContext},
 };
-use portwatch_ebpf::{AF_INET, ERRNO_UNKNOWN, Event, hook, kind, source};
+use portwatch_ebpf::{
+    AF_INET, ERRNO_UNKNOWN, Event, hook, kind, source,
+    tracepoint::{
+        SET_STATE_FAMILY, SET_STATE_NEWSTATE, SET_STATE_OLDSTATE, SET_STATE_PROTOCOL,
+        SET_STATE_SADDR, SET_STATE_SADDR_V6, SET_STATE_SKADDR, SET_STATE_SPORT, SYS_EXIT_RET,
+    },
+};
 
 use crate::{
-    bind::SYS_EXIT_RET_OFFSET,
     common::{
         PENDING_LISTEN, TRACKED, count_drop, current_tid, emit, fill_from_sock, fill_task,
         offsets, read_field, task_is_watched,
@@ -38,15 +43,6 @@ const IPPROTO_TCP: u16 = 6;
 const TCP_CLOSE: i32 = 7;
 const TCP_LISTEN: i32 = 10;
 
-// Field offsets in the `sock/inet_sock_set_state` record.
-pub const SET_STATE_SKADDR: usize = 8;
-pub const SET_STATE_OLDSTATE: usize = 16;
-pub const SET_STATE_NEWSTATE: usize = 20;
-pub const SET_STATE_SPORT: usize = 24;
-pub const SET_STATE_FAMILY: usize = 28;
-pub const SET_STATE_PROTOCOL: usize = 30;
-pub const SET_STATE_SADDR: usize = 32;
-pub const SET_STATE_SADDR_V6: usize = 40;
 
 /// `errno` marker for a parked listen whose socket already fell back to CLOSE:
 /// it failed, and `inet_listen` is about to return the errno.
@@ -183,7 +179,7 @@ fn finish_listen(ret: i64, src: u8) {
 #[tracepoint(category = "syscalls", name = "sys_exit_listen")]
 pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
     // SAFETY: `ret` offset of every sys_exit record, verified by userspace.
-    if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET_OFFSET) } {
+    if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) } {
         finish_listen(ret, source::SYSCALL_EXIT);
     }
     0

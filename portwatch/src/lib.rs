@@ -3,8 +3,10 @@
 //! - [`capture`]: loads and attaches the kernel programs, streams raw records;
 //! - [`event`]: decodes raw records into typed events (pure, no I/O);
 //! - [`trace`]: the `portwatch trace` output, filters and formatting (pure);
-//! - [`cli`]: command-line arguments.
+//! - [`cli`]: command-line arguments;
+//! - [`app`]: what each command does.
 
+pub mod app;
 pub mod capture;
 pub mod cli;
 pub mod event;

@@ -1,1 +1,565 @@
+//! Loads portwatch's kernel programs, attaches them, and streams their
+//! records.
+//!
+//! Attach order matters: the outcome hooks (fexit or `sys_exit_*`) and the
+//! LISTEN tracepoint go first, the cgroup bind hooks last, so that every
+//! attempt the bind hooks park already has a hook to complete it.
+//! Dropping a [`Capture`] detaches everything: every attachment is a BPF link
+//! owned by this process, so even SIGKILL leaves nothing attached.
 
+pub mod btf;
+pub mod system;
+
+use std::{
+    collections::HashSet,
+    fs::File,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{CgroupArray, HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, FExit, ProgramError, TracePoint},
+};
+use portwatch_ebpf::{hook, tracepoint};
+use tokio::io::unix::AsyncFd;
+
+use crate::event::{DecodeError, PortEvent, decode};
+
+/// The compiled kernel programs, built by `build.rs`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch"));
+
+/// Default size of the ring buffer: 4 MiB holds about 37,000 records.
+pub const DEFAULT_RING_BYTES: u32 = 4 * 1024 * 1024;
+
+/// How bind and listen outcomes (the errno) reach portwatch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomePath {
+    /// fexit on `inet_bind`/`inet6_bind`/`inet_listen`: no per-syscall cost.
+    Fexit,
+    /// `syscalls/sys_exit_bind` and `sys_exit_listen`: works everywhere, but
+    /// puts every syscall on the machine on the slow path while attached.
+    Tracepoint,
+}
+
+impl OutcomePath {
+    /// The name used in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutcomePath::Fexit => "fexit",
+            OutcomePath::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+/// Which outcome path to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutcomeChoice {
+    /// Probe for fexit and fall back to the syscall tracepoints.
+    #[default]
+    Auto,
+    /// Use the syscall tracepoints without probing.
+    Tracepoint,
+}
+
+/// What to attach and where.
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// The cgroup to watch; `None` means the cgroup2 root (the whole machine).
+    pub cgroup: Option<PathBuf>,
+    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    pub ring_bytes: u32,
+    /// Outcome path preference.
+    pub outcome: OutcomeChoice,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            cgroup: None,
+            ring_bytes: DEFAULT_RING_BYTES,
+            outcome: OutcomeChoice::Auto,
+        }
+    }
+}
+
+/// Why capture could not start or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The environment lacks something (privileges, BTF, tracefs, cgroup2).
+    #[error(transparent)]
+    Env(#[from] system::EnvError),
+    /// The kernel's BTF could not be read.
+    #[error(transparent)]
+    Btf(#[from] btf::BtfError),
+    /// The ring buffer size is not usable.
+    #[error("ring buffer size {0} is not a power of two of at least 4096 bytes")]
+    RingSize(u32),
+    /// Loading the object into the kernel failed.
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program failed to load or attach.
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    /// A map is missing or could not be used.
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    /// A tracepoint's record layout differs from what the programs read.
+    #[error("tracepoint {tracepoint}: {problem}; portwatch does not support this kernel's layout")]
+    TracepointFormat {
+        tracepoint: &'static str,
+        problem: String,
+    },
+    /// Opening the cgroup directory or a tracefs file failed.
+    #[error("opening {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Waiting on the ring buffer failed.
+    #[error("reading the ring buffer: {0}")]
+    Ring(#[source] std::io::Error),
+}
+
+/// Counters of records that never became events.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CaptureStats {
+    /// Records that failed to decode.
+    pub decode_errors: u64,
+}
+
+/// Attached programs and the stream of their records.
+pub struct Capture {
+    ebpf: Ebpf,
+    ring: AsyncFd<RingBuf<MapData>>,
+    drops: PerCpuArray<MapData, u64>,
+    tracked: HashMap<MapData, u64, u8>,
+    cgroup: PathBuf,
+    outcome: OutcomePath,
+    stats: CaptureStats,
+    logged_decode_errors: HashSet<std::mem::Discriminant<DecodeError>>,
+    _logger: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Capture {
+    /// Checks the environment, loads the programs and attaches them.
+    /// Must run inside a tokio runtime (the ring buffer is polled by it).
+    pub fn start(config: &CaptureConfig) -> Result<Capture, CaptureError> {
+        system::check()?;
+        let cgroup = system::cgroup_root(config.cgroup.as_deref())?;
+        let ring_bytes = config.ring_bytes;
+        if ring_bytes < 4096 || !ring_bytes.is_power_of_two() {
+            return Err(CaptureError::RingSize(ring_bytes));
+        }
+        check_tracepoint_formats()?;
+
+        let (offsets, missing) = btf::kernel_offsets(Path::new(system::VMLINUX_BTF))?;
+        if !missing.is_empty() {
+            tracing::warn!(
+                ?missing,
+                "kernel BTF lacks some fields; the facts read from them will be reported as unknown"
+            );
+        }
+        raise_memlock_limit();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &offsets, true)
+            .map_max_entries("EVENTS", ring_bytes)
+            .load(EBPF_OBJECT)?;
+        let logger = start_kernel_logger(&mut ebpf);
+
+        let cgroup_file = File::open(&cgroup).map_err(|source| CaptureError::Open {
+            path: cgroup.clone(),
+            source,
+        })?;
+        let mut watched: CgroupArray<_> = take_map(&mut ebpf, "WATCHED")?;
+        watched
+            .set(0, cgroup_file.as_raw_fd(), 0)
+            .map_err(|source| CaptureError::Map {
+                name: "WATCHED",
+                source,
+            })?;
+        // The map holds its own reference to the cgroup; keep the handle so
+        // the array stays alive with the object.
+        std::mem::forget(watched);
+
+        let outcome = attach_outcome_hooks(&mut ebpf, config.outcome)?;
+        attach_tracepoint(
+            &mut ebpf,
+            "inet_sock_set_state",
+            "sock",
+            "inet_sock_set_state",
+        )?;
+        // aya attaches cgroup programs with BPF links, which always coexist
+        // with other programs; the kernel refuses the ALLOW_MULTI flag there.
+        let mode = CgroupAttachMode::Single;
+        for name in ["sock_release", "post_bind4", "post_bind6"] {
+            let program: &mut CgroupSock = program_mut(&mut ebpf, name)?;
+            program
+                .load()
+                .map_err(|source| CaptureError::Program { name, source })?;
+            program
+                .attach(&cgroup_file, mode)
+                .map_err(|source| CaptureError::Program { name, source })?;
+        }
+        for name in ["bind4", "bind6"] {
+            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+            program
+                .load()
+                .map_err(|source| CaptureError::Program { name, source })?;
+            program
+                .attach(&cgroup_file, mode)
+                .map_err(|source| CaptureError::Program { name, source })?;
+        }
+
+        let ring: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
+        // SAFETY: the ring buffer owns its map fd until it is dropped, which
+        // happens only with the AsyncFd that wraps it.
+        let ring =
+            unsafe { AsyncFd::register(ring) }.map_err(|err| CaptureError::Ring(err.into()))?;
+        let drops = take_map(&mut ebpf, "DROPS")?;
+        let tracked = take_map(&mut ebpf, "TRACKED")?;
+        tracing::info!(
+            cgroup = %cgroup.display(),
+            outcome = outcome.name(),
+            "kernel programs attached"
+        );
+        Ok(Capture {
+            ebpf,
+            ring,
+            drops,
+            tracked,
+            cgroup,
+            outcome,
+            stats: CaptureStats::default(),
+            logged_decode_errors: HashSet::new(),
+            _logger: logger,
+        })
+    }
+
+    /// The cgroup whose sockets are watched.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// The active path for bind and listen outcomes.
+    pub fn outcome_path(&self) -> OutcomePath {
+        self.outcome
+    }
+
+    /// Every attached hook and the path it uses, for logs and metrics.
+    pub fn hooks(&self) -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("bind", "cgroup"),
+            ("post_bind", "cgroup"),
+            ("bind_outcome", self.outcome.name()),
+            ("listen", "tracepoint"),
+            ("listen_outcome", self.outcome.name()),
+            ("release", "cgroup"),
+        ]
+    }
+
+    /// Counters of records lost in the kernel, per hook name, summed over CPUs.
+    pub fn drops(&self) -> Result<Vec<(&'static str, u64)>, CaptureError> {
+        (0..hook::COUNT)
+            .map(|slot| {
+                let values = self
+                    .drops
+                    .get(&slot, 0)
+                    .map_err(|source| CaptureError::Map {
+                        name: "DROPS",
+                        source,
+                    })?;
+                Ok((hook::NAMES[slot as usize], values.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Counters of records lost in userspace.
+    pub fn stats(&self) -> &CaptureStats {
+        &self.stats
+    }
+
+    /// Asks the kernel to report the release of socket `cookie` (one that
+    /// existed before portwatch started and was found by a snapshot).
+    pub fn track(&mut self, cookie: u64) -> Result<(), CaptureError> {
+        self.tracked
+            .insert(cookie, 1, 0)
+            .map_err(|source| CaptureError::Map {
+                name: "TRACKED",
+                source,
+            })
+    }
+
+    /// Waits for records, then hands every decoded event to `sink` until the
+    /// ring is empty. Records that fail to decode are counted, and each kind
+    /// of failure is logged once.
+    pub async fn read(&mut self, mut sink: impl FnMut(PortEvent)) -> Result<(), CaptureError> {
+        let mut guard = self.ring.readable_mut().await.map_err(CaptureError::Ring)?;
+        let ring = guard.get_inner_mut();
+        while let Some(record) = ring.next() {
+            match decode(&record) {
+                Ok(event) => sink(event),
+                Err(err) => {
+                    self.stats.decode_errors += 1;
+                    if self
+                        .logged_decode_errors
+                        .insert(std::mem::discriminant(&err))
+                    {
+                        tracing::warn!(
+                            error = %err,
+                            "dropping a kernel record that does not decode (logged once per kind)"
+                        );
+                    }
+                }
+            }
+        }
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Names of the loaded programs, for diagnostics.
+    pub fn program_names(&self) -> Vec<String> {
+        self.ebpf
+            .programs()
+            .map(|(name, _)| name.to_owned())
+            .collect()
+    }
+}
+
+/// Tries fexit (unless told not to), falling back to the syscall tracepoints.
+fn attach_outcome_hooks(
+    ebpf: &mut Ebpf,
+    choice: OutcomeChoice,
+) -> Result<OutcomePath, CaptureError> {
+    if choice == OutcomeChoice::Auto {
+        match attach_fexit(ebpf) {
+            Ok(()) => return Ok(OutcomePath::Fexit),
+            Err(err) => tracing::info!(
+                reason = %err,
+                "fexit is not available; bind and listen outcomes come from the syscalls/sys_exit_* tracepoints"
+            ),
+        }
+    }
+    attach_tracepoint(ebpf, "sys_exit_bind", "syscalls", "sys_exit_bind")?;
+    attach_tracepoint(ebpf, "sys_exit_listen", "syscalls", "sys_exit_listen")?;
+    Ok(OutcomePath::Tracepoint)
+}
+
+/// Loads and attaches the three fexit programs, or none of them.
+fn attach_fexit(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
+    let btf = Btf::from_sys_fs().map_err(|err| CaptureError::TracepointFormat {
+        tracepoint: "fexit",
+        problem: err.to_string(),
+    })?;
+    let targets = [
+        ("fexit_inet_bind", "inet_bind"),
+        ("fexit_inet6_bind", "inet6_bind"),
+        ("fexit_inet_listen", "inet_listen"),
+    ];
+    let mut result = Ok(());
+    for (name, function) in targets {
+        let program: &mut FExit = program_mut(ebpf, name)?;
+        let attached = program
+            .load(function, &btf)
+            .and_then(|()| program.attach().map(drop));
+        if let Err(source) = attached {
+            result = Err(CaptureError::Program { name, source });
+            break;
+        }
+    }
+    if result.is_err() {
+        for (name, _) in targets {
+            if let Ok(program) = program_mut::<FExit>(ebpf, name) {
+                let _ = program.unload();
+            }
+        }
+    }
+    result
+}
+
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    category: &str,
+    event: &str,
+) -> Result<(), CaptureError> {
+    let program: &mut TracePoint = program_mut(ebpf, name)?;
+    program
+        .load()
+        .map_err(|source| CaptureError::Program { name, source })?;
+    program
+        .attach(category, event)
+        .map_err(|source| CaptureError::Program { name, source })?;
+    Ok(())
+}
+
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, CaptureError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or(CaptureError::Program {
+        name,
+        source: ProgramError::UnexpectedProgramType,
+    })?;
+    program
+        .try_into()
+        .map_err(|source| CaptureError::Program { name, source })
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, CaptureError>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(CaptureError::Map {
+        name,
+        source: MapError::InvalidName {
+            name: name.to_owned(),
+        },
+    })?;
+    M::try_from(map).map_err(|source| CaptureError::Map { name, source })
+}
+
+/// Checks that the tracepoint records hold the fields where the programs
+/// read them.
+fn check_tracepoint_formats() -> Result<(), CaptureError> {
+    let set_state = read_format("sock", "inet_sock_set_state")?;
+    for (field, offset, size) in tracepoint::SET_STATE_FIELDS {
+        check_field("sock/inet_sock_set_state", &set_state, field, offset, size)?;
+    }
+    for event in ["sys_exit_bind", "sys_exit_listen"] {
+        let format = read_format("syscalls", event)?;
+        check_field(
+            "syscalls/sys_exit_*",
+            &format,
+            "ret",
+            tracepoint::SYS_EXIT_RET,
+            8,
+        )?;
+    }
+    Ok(())
+}
+
+fn read_format(category: &str, event: &str) -> Result<String, CaptureError> {
+    let path = Path::new(system::TRACEFS).join(format!("events/{category}/{event}/format"));
+    std::fs::read_to_string(&path).map_err(|source| CaptureError::Open { path, source })
+}
+
+fn check_field(
+    tracepoint: &'static str,
+    format: &str,
+    field: &str,
+    offset: usize,
+    size: usize,
+) -> Result<(), CaptureError> {
+    match format_field(format, field) {
+        Some(found) if found == (offset, size) => Ok(()),
+        Some((found_offset, found_size)) => Err(CaptureError::TracepointFormat {
+            tracepoint,
+            problem: format!(
+                "field {field} is at offset {found_offset} size {found_size}, expected offset {offset} size {size}"
+            ),
+        }),
+        None => Err(CaptureError::TracepointFormat {
+            tracepoint,
+            problem: format!("field {field} is missing"),
+        }),
+    }
+}
+
+/// (offset, size) of `field` in the text of a tracefs `format` file.
+/// Lines look like `field:__u8 saddr[4]; offset:32; size:4; signed:0;`,
+/// separated by tabs.
+pub fn format_field(format: &str, field: &str) -> Option<(usize, usize)> {
+    format.lines().find_map(|line| {
+        let mut parts = line.trim().split(';').map(str::trim);
+        let declaration = parts.next()?.strip_prefix("field:")?;
+        let name = declaration.rsplit(' ').next()?;
+        let name = name.split('[').next()?;
+        if name != field {
+            return None;
+        }
+        let offset = parts.next()?.strip_prefix("offset:")?.parse().ok()?;
+        let size = parts.next()?.strip_prefix("size:")?.parse().ok()?;
+        Some((offset, size))
+    })
+}
+
+/// BPF memory is charged to the memory cgroup on current kernels; on older
+/// ones the memlock limit applies. Failing to raise it is not an error.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; relying on memory cgroup accounting");
+    }
+}
+
+/// Forwards the programs' aya-log records to our logger, if they log.
+fn start_kernel_logger(ebpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => logger,
+        Err(err) => {
+            tracing::debug!(error = %err, "kernel programs have no log map");
+            return None;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer fd for as long as it lives,
+    // and it lives inside the AsyncFd.
+    let mut logger = unsafe { AsyncFd::register(logger) }.ok()?;
+    Some(tokio::spawn(async move {
+        while let Ok(mut guard) = logger.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SET_STATE: &str = "name: inet_sock_set_state
+ID: 2287
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
+\tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;
+";
+
+    #[test]
+    fn parses_tracefs_format_fields() {
+        assert_eq!(format_field(SET_STATE, "skaddr"), Some((8, 8)));
+        assert_eq!(format_field(SET_STATE, "oldstate"), Some((16, 4)));
+        assert_eq!(format_field(SET_STATE, "sport"), Some((24, 2)));
+        assert_eq!(format_field(SET_STATE, "saddr_v6"), Some((40, 16)));
+        assert_eq!(format_field(SET_STATE, "saddr"), None);
+        assert_eq!(format_field(SET_STATE, "common_type"), Some((0, 2)));
+        assert_eq!(format_field("", "skaddr"), None);
+        assert_eq!(format_field("field:int x;\toffset:zz;\tsize:4;", "x"), None);
+    }
+
+    #[test]
+    fn a_moved_field_is_reported() {
+        let err = check_field("t", SET_STATE, "sport", 26, 2).unwrap_err();
+        assert!(err.to_string().contains("offset 24"), "{err}");
+        let err = check_field("t", SET_STATE, "family", 28, 2).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+        assert!(check_field("t", SET_STATE, "skaddr", 8, 8).is_ok());
+    }
+}

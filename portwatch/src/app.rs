@@ -1,0 +1,125 @@
+//! What each command does: the I/O around the pure modules.
+
+use std::io::{self, Write};
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    capture::{Capture, CaptureConfig, CaptureError},
+    cli::TraceArgs,
+    event::BootClock,
+    trace::{self, SocketBook, TraceFilter},
+};
+
+/// Why a command stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Capture could not start or read.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    /// Writing the output failed (other than the reader going away).
+    #[error("writing output: {0}")]
+    Output(#[source] io::Error),
+    /// Installing a signal handler failed.
+    #[error("installing the signal handler: {0}")]
+    Signal(#[source] io::Error),
+}
+
+/// `portwatch trace`: streams events until SIGINT/SIGTERM or until stdout
+/// closes.
+pub async fn trace(args: TraceArgs) -> Result<(), AppError> {
+    let config = CaptureConfig {
+        cgroup: args.cgroup.clone(),
+        ring_bytes: args.ring_size,
+        outcome: args.outcome,
+    };
+    let mut capture = Capture::start(&config)?;
+    let filter = TraceFilter {
+        port: args.port,
+        pid: args.pid,
+        failures_only: args.failures_only,
+    };
+    let clock = BootClock::now();
+    let mut book = SocketBook::default();
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
+    let mut drop_check = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut dropped_before = 0;
+
+    eprintln!(
+        "portwatch: tracing binds in cgroup {} (outcomes via {}); Ctrl-C to stop",
+        capture.cgroup().display(),
+        capture.outcome_path().name()
+    );
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    if !args.json {
+        writeln!(out, "{}", trace::header()).map_err(AppError::Output)?;
+        out.flush().map_err(AppError::Output)?;
+    }
+    let result = loop {
+        let mut lines = Vec::new();
+        tokio::select! {
+            read = capture.read(|mut event| {
+                book.observe(&mut event);
+                if filter.matches(&event) {
+                    lines.push(if args.json {
+                        trace::json_line(&event, &clock)
+                    } else {
+                        trace::text_line(&event, &clock)
+                    });
+                }
+            }) => read?,
+            _ = drop_check.tick() => {
+                dropped_before = report_drops(&capture, dropped_before);
+            }
+            _ = interrupt.recv() => break Ok(()),
+            _ = terminate.recv() => break Ok(()),
+        }
+        match write_lines(&mut out, &lines) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => break Ok(()),
+            Err(err) => break Err(AppError::Output(err)),
+        }
+    };
+    report_drops(&capture, dropped_before);
+    let decode_errors = capture.stats().decode_errors;
+    if decode_errors > 0 {
+        eprintln!("portwatch: {decode_errors} kernel records did not decode and were skipped");
+    }
+    result
+}
+
+fn write_lines(out: &mut impl Write, lines: &[String]) -> io::Result<()> {
+    for line in lines {
+        writeln!(out, "{line}")?;
+    }
+    out.flush()
+}
+
+/// Prints how many records the kernel lost since the last report; returns the
+/// new total.
+fn report_drops(capture: &Capture, before: u64) -> u64 {
+    match capture.drops() {
+        Ok(drops) => {
+            let total: u64 = drops.iter().map(|(_, n)| n).sum();
+            if total > before {
+                let per_hook: Vec<String> = drops
+                    .iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(hook, n)| format!("{hook}={n}"))
+                    .collect();
+                eprintln!(
+                    "portwatch: {} records lost in the kernel (ring buffer full), total {total}: {}",
+                    total - before,
+                    per_hook.join(" ")
+                );
+            }
+            total
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "reading drop counters");
+            before
+        }
+    }
+}

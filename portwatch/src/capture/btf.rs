@@ -1,0 +1,209 @@
+//! Kernel struct offsets for the programs, read from the kernel's own BTF.
+//!
+//! Rust eBPF programs have no CO-RE relocations, so the few `struct sock`
+//! fields the tracepoints read (cookie, netns, owner uid, backlog, option
+//! bits) are located here at start-up and handed to the programs through the
+//! `OFFSETS` global. A field that cannot be found stays 0, which the programs
+//! treat as "unknown": they leave that fact out rather than read a wrong one.
+
+use std::path::Path;
+
+use btfparse::{Offset, TypeInformation, TypeVariant};
+use portwatch_ebpf::KernelOffsets;
+
+/// Why the offsets could not be computed at all.
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    /// Reading the BTF file failed.
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The BTF data did not parse.
+    #[error("parsing BTF: {0}")]
+    Parse(String),
+}
+
+/// Offsets for the running kernel, plus the names of those not found.
+pub fn kernel_offsets(vmlinux: &Path) -> Result<(KernelOffsets, Vec<&'static str>), BtfError> {
+    let data = std::fs::read(vmlinux).map_err(|source| BtfError::Read {
+        path: vmlinux.display().to_string(),
+        source,
+    })?;
+    let types =
+        TypeInformation::new(&Bytes(&data)).map_err(|err| BtfError::Parse(format!("{err:?}")))?;
+    Ok(Resolver {
+        types: &types,
+        missing: Vec::new(),
+    }
+    .resolve())
+}
+
+/// btfparse reads through this trait; the file is small enough to hold.
+struct Bytes<'a>(&'a [u8]);
+
+impl btfparse::Readable for Bytes<'_> {
+    fn read(&self, offset: u64, buffer: &mut [u8]) -> btfparse::Result<()> {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        match start
+            .checked_add(buffer.len())
+            .and_then(|end| self.0.get(start..end))
+        {
+            Some(bytes) => {
+                buffer.copy_from_slice(bytes);
+                Ok(())
+            }
+            None => Err(btfparse::Error::new(
+                btfparse::ErrorKind::IOError,
+                "read past the end of the BTF data",
+            )),
+        }
+    }
+}
+
+struct Resolver<'a> {
+    types: &'a TypeInformation,
+    missing: Vec<&'static str>,
+}
+
+impl Resolver<'_> {
+    fn resolve(mut self) -> (KernelOffsets, Vec<&'static str>) {
+        let mut off = KernelOffsets {
+            sk_cookie: self.bytes("sock", "__sk_common.skc_cookie"),
+            sk_net: self.bytes("sock", "__sk_common.skc_net"),
+            net_cookie: self.bytes("net", "net_cookie"),
+            sk_max_ack_backlog: self.bytes("sock", "sk_max_ack_backlog"),
+            sk_uid: self.bytes("sock", "sk_uid"),
+            inet_flags: self.bytes("inet_sock", "inet_flags"),
+            ..KernelOffsets::default()
+        };
+        // The reuse bits share one byte of `sock_common`; locate each bit.
+        let reuse = self.bits("sock", "__sk_common.skc_reuse");
+        let reuseport = self.bits("sock", "__sk_common.skc_reuseport");
+        let ipv6only = self.bits("sock", "__sk_common.skc_ipv6only");
+        if let (Some(reuse), Some(reuseport), Some(ipv6only)) = (reuse, reuseport, ipv6only) {
+            let byte = reuse / 8;
+            if reuseport / 8 == byte && ipv6only / 8 == byte {
+                off.sk_reuse_byte = byte;
+                off.reuse_shift = (reuse % 8) as u8;
+                off.reuseport_shift = (reuseport % 8) as u8;
+                off.ipv6only_shift = (ipv6only % 8) as u8;
+            } else {
+                self.missing
+                    .push("sock_common reuse bits (not in one byte)");
+            }
+        }
+        let freebind = self.enum_value("INET_FLAGS_FREEBIND");
+        let transparent = self.enum_value("INET_FLAGS_TRANSPARENT");
+        let no_port = self.enum_value("INET_FLAGS_BIND_ADDRESS_NO_PORT");
+        match (freebind, transparent, no_port) {
+            (Some(freebind), Some(transparent), Some(no_port)) => {
+                off.freebind_bit = freebind;
+                off.transparent_bit = transparent;
+                off.bind_address_no_port_bit = no_port;
+            }
+            // Without the bit numbers the flags word is useless.
+            _ => off.inet_flags = 0,
+        }
+        (off, self.missing)
+    }
+
+    /// Byte offset of `path` in struct `ty`, or 0 (unknown).
+    fn bytes(&mut self, ty: &'static str, path: &'static str) -> u32 {
+        match self.offset(ty, path) {
+            Some(Offset::ByteOffset(bytes)) => bytes,
+            _ => {
+                self.missing.push(path);
+                0
+            }
+        }
+    }
+
+    /// Bit offset of the one-bit-or-more field `path` in struct `ty`.
+    fn bits(&mut self, ty: &'static str, path: &'static str) -> Option<u32> {
+        match self.offset(ty, path) {
+            Some(Offset::BitOffsetAndSize(bit, _size)) => Some(bit),
+            Some(Offset::ByteOffset(bytes)) => Some(bytes * 8),
+            None => {
+                self.missing.push(path);
+                None
+            }
+        }
+    }
+
+    fn offset(&self, ty: &str, path: &str) -> Option<Offset> {
+        let tid = self.types.id_of(ty)?;
+        self.types
+            .offset_of(tid, path)
+            .ok()
+            .map(|(_, offset)| offset)
+    }
+
+    /// Value of the enumerator `name` in any enum of the kernel.
+    fn enum_value(&mut self, name: &'static str) -> Option<u8> {
+        let found = self.types.get().values().find_map(|ty| match ty {
+            TypeVariant::Enum(en) => en
+                .named_value_list()
+                .iter()
+                .find(|value| value.name == name)
+                .map(|value| match value.value {
+                    btfparse::Integer32Value::Signed(v) => i64::from(v),
+                    btfparse::Integer32Value::Unsigned(v) => i64::from(v),
+                }),
+            _ => None,
+        });
+        let bit = found
+            .and_then(|v| u8::try_from(v).ok())
+            .filter(|bit| *bit < 64);
+        if bit.is_none() {
+            self.missing.push(name);
+        }
+        bit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every offset the programs rely on exists in this kernel's BTF.
+    #[test]
+    #[ignore = "reads the running kernel's BTF; run by `cargo xtask test`"]
+    fn finds_every_offset_on_this_kernel() {
+        let vmlinux = Path::new(super::super::system::VMLINUX_BTF);
+        let (off, missing) = kernel_offsets(vmlinux).expect("BTF parses");
+        assert!(missing.is_empty(), "missing: {missing:?}");
+        for (name, value) in [
+            ("sk_cookie", off.sk_cookie),
+            ("sk_net", off.sk_net),
+            ("net_cookie", off.net_cookie),
+            ("sk_max_ack_backlog", off.sk_max_ack_backlog),
+            ("sk_uid", off.sk_uid),
+            ("sk_reuse_byte", off.sk_reuse_byte),
+            ("inet_flags", off.inet_flags),
+        ] {
+            assert_ne!(value, 0, "{name} not found");
+        }
+        // The three bits live side by side: reuse:4, reuseport:1, ipv6only:1.
+        assert_eq!(off.reuseport_shift, off.reuse_shift + 4);
+        assert_eq!(off.ipv6only_shift, off.reuseport_shift + 1);
+        assert_ne!(off.freebind_bit, off.transparent_bit);
+    }
+
+    #[test]
+    fn garbage_is_a_parse_error_not_a_panic() {
+        let dir = std::env::temp_dir().join(format!("portwatch-btf-{}", std::process::id()));
+        std::fs::write(&dir, b"not btf at all").unwrap();
+        let result = kernel_offsets(&dir);
+        std::fs::remove_file(&dir).unwrap();
+        assert!(matches!(result, Err(BtfError::Parse(_))));
+    }
+
+    #[test]
+    fn missing_file_is_a_read_error() {
+        let result = kernel_offsets(Path::new("/nonexistent/portwatch/vmlinux"));
+        assert!(matches!(result, Err(BtfError::Read { .. })));
+    }
+}

@@ -1,0 +1,596 @@
+//! Test fixtures for the root integration tests: a private cgroup, a private
+//! network namespace, the real `portwatch trace` binary watching that cgroup,
+//! and a forked worker that makes real sockets from inside both.
+//!
+//! Everything has a unique name and is removed on drop, including on panic.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    ffi::CString,
+    io::{BufRead, BufReader, Read},
+    net::SocketAddr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// How long a test waits for something the kernel should report promptly.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name no other test or run uses: `portwatch-test-<pid>-<n>-<label>`.
+pub fn unique(label: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("portwatch-test-{}-{n}-{label}", std::process::id())
+}
+
+fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("read /proc/self/mounts");
+    portwatch::capture::system::cgroup2_mount(&mounts).expect("a cgroup2 mount")
+}
+
+/// A child cgroup of the cgroup2 root, removed on drop.
+pub struct CgroupGuard {
+    pub path: PathBuf,
+}
+
+impl CgroupGuard {
+    pub fn new(label: &str) -> CgroupGuard {
+        let path = cgroup2_root().join(unique(label));
+        std::fs::create_dir(&path).unwrap_or_else(|err| panic!("mkdir {}: {err}", path.display()));
+        CgroupGuard { path }
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        // Workers exit on their own; give stragglers a moment, then remove.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
+            if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
+                for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                    // SAFETY: signalling a process of our own test cgroup.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A network namespace with loopback up, removed on drop.
+pub struct NetnsGuard {
+    pub name: String,
+}
+
+impl NetnsGuard {
+    pub fn new(label: &str) -> NetnsGuard {
+        // Namespace names are short in practice; keep ours readable but short.
+        let name = format!(
+            "pwt-{}-{}-{label}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        run("ip", &["netns", "add", &name]);
+        let guard = NetnsGuard { name };
+        run("ip", &["-n", &guard.name, "link", "set", "lo", "up"]);
+        guard
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// Runs `ip -n <ns> args...` (e.g. to add addresses).
+    pub fn ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run("ip", &full);
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run(program: &str, args: &[&str]) {
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .unwrap_or_else(|err| panic!("{program} {args:?}: {err}"));
+    assert!(status.success(), "{program} {args:?} failed: {status}");
+}
+
+/// `portwatch trace --json` watching one cgroup, stopped on drop.
+pub struct Tracer {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Tracer {
+    /// Starts the tracer and waits until it says the programs are attached.
+    pub fn start(cgroup: &Path, extra: &[&str]) -> Tracer {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_portwatch"))
+            .args(["trace", "--json", "--cgroup"])
+            .arg(cgroup)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start portwatch trace");
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr_text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (ready_tx, ready) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = stderr_text.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.starts_with("portwatch: tracing") {
+                    let _ = ready_tx.send(());
+                }
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+            }
+        });
+        let mut tracer = Tracer {
+            child,
+            lines,
+            stderr: stderr_text,
+        };
+        if ready.recv_timeout(DEADLINE).is_err() {
+            let status = tracer.child.try_wait();
+            panic!(
+                "portwatch trace did not attach within {DEADLINE:?} (status {status:?}); stderr:\n{}",
+                tracer.stderr.lock().unwrap()
+            );
+        }
+        tracer
+    }
+
+    /// The next event matching `pred`, skipping others; panics at the deadline.
+    pub fn expect(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + DEADLINE;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let event: Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|err| panic!("not JSON ({err}): {line}"));
+                    if pred(&event) {
+                        return event;
+                    }
+                    seen.push(line);
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "no event for {what} within {DEADLINE:?}; saw {} other events:\n{}\nstderr:\n{}",
+            seen.len(),
+            seen.join("\n"),
+            self.stderr.lock().unwrap()
+        );
+    }
+
+    /// Every event that arrives until `quiet` passes without one.
+    pub fn drain(&self, quiet: Duration) -> Vec<Value> {
+        let mut events = Vec::new();
+        while let Ok(line) = self.lines.recv_timeout(quiet) {
+            events.push(serde_json::from_str(&line).expect("JSON line"));
+        }
+        events
+    }
+
+    /// The tracer's process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Stops the tracer with SIGTERM and returns its stderr.
+    pub fn stop(mut self) -> String {
+        self.terminate();
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn terminate(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+/// One step a worker performs. Sockets are numbered in creation order.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// socket(family of the address kind, SOCK_STREAM or SOCK_DGRAM, 0)
+    Socket { v6: bool, udp: bool },
+    /// setsockopt(sock, level, name, &value, 4)
+    SetOpt {
+        sock: usize,
+        level: i32,
+        name: i32,
+        value: i32,
+    },
+    /// bind(sock, addr)
+    Bind { sock: usize, addr: SocketAddr },
+    /// listen(sock, backlog)
+    Listen { sock: usize, backlog: i32 },
+    /// close(sock)
+    Close { sock: usize },
+    /// getsockname(sock): the result is the local port.
+    LocalPort { sock: usize },
+    /// Drops CAP_NET_BIND_SERVICE from the effective and permitted sets.
+    DropNetBindService,
+    /// Waits for one byte on the control pipe (lets the test look first).
+    Pause,
+}
+
+impl Op {
+    pub fn tcp(v6: bool) -> Op {
+        Op::Socket { v6, udp: false }
+    }
+    pub fn udp(v6: bool) -> Op {
+        Op::Socket { v6, udp: true }
+    }
+    pub fn bind(sock: usize, addr: &str) -> Op {
+        Op::Bind {
+            sock,
+            addr: addr.parse().expect("socket address"),
+        }
+    }
+    pub fn reuseport(sock: usize) -> Op {
+        Op::SetOpt {
+            sock,
+            level: libc::SOL_SOCKET,
+            name: libc::SO_REUSEPORT,
+            value: 1,
+        }
+    }
+    pub fn reuseaddr(sock: usize) -> Op {
+        Op::SetOpt {
+            sock,
+            level: libc::SOL_SOCKET,
+            name: libc::SO_REUSEADDR,
+            value: 1,
+        }
+    }
+    pub fn v6only(sock: usize) -> Op {
+        Op::SetOpt {
+            sock,
+            level: libc::IPPROTO_IPV6,
+            name: libc::IPV6_V6ONLY,
+            value: 1,
+        }
+    }
+}
+
+/// A forked process in the test cgroup (and netns) running [`Op`]s.
+pub struct Worker {
+    pub pid: u32,
+    results: std::fs::File,
+    control: Option<std::fs::File>,
+    done: bool,
+}
+
+/// Per op: 0 or a positive value (fd, port) on success, `-errno` on failure.
+pub type OpResult = i64;
+
+impl Worker {
+    /// Forks a worker that joins `cgroup` (and `netns`), runs `ops`, and exits
+    /// (after a [`Op::Pause`], only once [`Worker::resume`] is called).
+    pub fn spawn(cgroup: &Path, netns: Option<&NetnsGuard>, ops: &[Op]) -> Worker {
+        let procs = CString::new(
+            cgroup
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .expect("path without NUL");
+        let netns_fd = netns.map(|ns| std::fs::File::open(ns.path()).expect("open netns"));
+        let prepared: Vec<Prepared> = ops.iter().map(Prepared::new).collect();
+        let (results_read, results_write) = pipe();
+        let (control_read, control_write) = pipe();
+        // SAFETY: after fork the child only makes async-signal-safe system
+        // calls on memory prepared before the fork, then _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: see above.
+            unsafe {
+                child_main(
+                    &procs,
+                    netns_fd.as_ref().map(AsRawFd::as_raw_fd),
+                    &prepared,
+                    results_write.as_raw_fd(),
+                    control_read.as_raw_fd(),
+                )
+            }
+        }
+        drop(results_write);
+        drop(control_read);
+        Worker {
+            pid: pid as u32,
+            results: std::fs::File::from(results_read),
+            control: Some(std::fs::File::from(control_write)),
+            done: false,
+        }
+    }
+
+    /// Results of the next `n` ops (blocks until the worker reports them).
+    pub fn results(&mut self, n: usize) -> Vec<OpResult> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut buf = [0u8; 8];
+            self.results.read_exact(&mut buf).expect("worker result");
+            out.push(i64::from_ne_bytes(buf));
+        }
+        out
+    }
+
+    /// Lets a paused worker go on.
+    pub fn resume(&mut self) {
+        use std::io::Write;
+        if let Some(control) = self.control.as_mut() {
+            let _ = control.write_all(&[1]);
+        }
+    }
+
+    /// Waits for the worker to exit; returns its exit status.
+    pub fn wait(&mut self) -> i32 {
+        self.control = None; // unblocks any pause
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(self.pid as i32, &mut status, 0) };
+        self.done = true;
+        status
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if !self.done {
+            // SAFETY: our own child.
+            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+            self.wait();
+        }
+    }
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-element array.
+    assert_eq!(
+        unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) },
+        0,
+        "pipe2"
+    );
+    // SAFETY: fresh fds we own.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// An [`Op`] with its socket address already encoded.
+struct Prepared {
+    op: Op,
+    addr: libc::sockaddr_storage,
+    addr_len: libc::socklen_t,
+}
+
+impl Prepared {
+    fn new(op: &Op) -> Prepared {
+        // SAFETY: all-zero is a valid sockaddr_storage.
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut addr_len = 0;
+        if let Op::Bind {
+            addr: socket_addr, ..
+        } = op
+        {
+            match socket_addr {
+                SocketAddr::V4(v4) => {
+                    // SAFETY: sockaddr_storage is large and aligned enough.
+                    let sin = unsafe { &mut *(&raw mut addr).cast::<libc::sockaddr_in>() };
+                    sin.sin_family = libc::AF_INET as libc::sa_family_t;
+                    sin.sin_port = v4.port().to_be();
+                    sin.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+                    addr_len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                }
+                SocketAddr::V6(v6) => {
+                    // SAFETY: as above.
+                    let sin6 = unsafe { &mut *(&raw mut addr).cast::<libc::sockaddr_in6>() };
+                    sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                    sin6.sin6_port = v6.port().to_be();
+                    sin6.sin6_addr.s6_addr = v6.ip().octets();
+                    addr_len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+                }
+            }
+        }
+        Prepared {
+            op: op.clone(),
+            addr,
+            addr_len,
+        }
+    }
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+const CAP_NET_BIND_SERVICE: u32 = 10;
+
+/// The worker's body: only raw system calls, no allocation.
+unsafe fn child_main(
+    procs: &CString,
+    netns: Option<i32>,
+    ops: &[Prepared],
+    results: i32,
+    control: i32,
+) -> ! {
+    // SAFETY (whole body): raw system calls on pre-fork memory.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+        // "0" means "the writing process".
+        if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+            libc::_exit(101);
+        }
+        libc::close(fd);
+        if let Some(ns) = netns
+            && libc::setns(ns, libc::CLONE_NEWNET) != 0
+        {
+            libc::_exit(102);
+        }
+        let mut socks = [-1i32; 1024];
+        let mut count = 0usize;
+        for prepared in ops {
+            let result: i64 = match prepared.op {
+                Op::Socket { v6, udp } => {
+                    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+                    let kind = if udp {
+                        libc::SOCK_DGRAM
+                    } else {
+                        libc::SOCK_STREAM
+                    };
+                    let fd = libc::socket(family, kind, 0);
+                    if fd >= 0 && count < socks.len() {
+                        socks[count] = fd;
+                        count += 1;
+                    }
+                    ret(fd as i64)
+                }
+                Op::SetOpt {
+                    sock,
+                    level,
+                    name,
+                    value,
+                } => ret(
+                    libc::setsockopt(socks[sock], level, name, (&raw const value).cast(), 4) as i64,
+                ),
+                Op::Bind { sock, .. } => ret(libc::bind(
+                    socks[sock],
+                    (&raw const prepared.addr).cast(),
+                    prepared.addr_len,
+                ) as i64),
+                Op::Listen { sock, backlog } => ret(libc::listen(socks[sock], backlog) as i64),
+                Op::Close { sock } => ret(libc::close(socks[sock]) as i64),
+                Op::LocalPort { sock } => {
+                    let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+                    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                    let rc = libc::getsockname(socks[sock], (&raw mut storage).cast(), &mut len);
+                    if rc != 0 {
+                        ret(-1)
+                    } else {
+                        // sin_port and sin6_port sit at the same offset.
+                        let sin = &*(&raw const storage).cast::<libc::sockaddr_in>();
+                        i64::from(u16::from_be(sin.sin_port))
+                    }
+                }
+                Op::DropNetBindService => {
+                    let mut header = CapHeader {
+                        version: LINUX_CAPABILITY_VERSION_3,
+                        pid: 0,
+                    };
+                    let mut data = [CapData {
+                        effective: 0,
+                        permitted: 0,
+                        inheritable: 0,
+                    }; 2];
+                    let mut rc =
+                        libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr());
+                    if rc == 0 {
+                        data[0].effective &= !(1 << CAP_NET_BIND_SERVICE);
+                        data[0].permitted &= !(1 << CAP_NET_BIND_SERVICE);
+                        rc = libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr());
+                    }
+                    ret(rc)
+                }
+                Op::Pause => {
+                    let mut byte = 0u8;
+                    libc::read(control, (&raw mut byte).cast(), 1);
+                    0
+                }
+            };
+            let bytes = result.to_ne_bytes();
+            libc::write(results, bytes.as_ptr().cast(), 8);
+        }
+        libc::_exit(0)
+    }
+}
+
+/// 0/positive stays, -1 becomes `-errno`.
+unsafe fn ret(rc: i64) -> i64 {
+    if rc < 0 {
+        // SAFETY: reading this thread's errno.
+        -i64::from(unsafe { *libc::__errno_location() })
+    } else {
+        rc
+    }
+}
+
+/// Whether this process may load BPF programs and make cgroups (root).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The last "total N" the tracer printed about records lost in the kernel.
+pub fn total_dropped(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .filter_map(|line| line.split("total ").nth(1))
+        .filter_map(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}

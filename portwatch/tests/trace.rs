@@ -1,0 +1,453 @@
+//! Root integration tests: the real kernel programs, attached by the real
+//! `portwatch trace --json` to a child cgroup each test creates, observing
+//! real sockets made by a worker process inside that cgroup.
+//!
+//! They need root, BTF and cgroup2, so they are `#[ignore]`d with that reason
+//! and `cargo xtask test` runs them (`--include-ignored`) where it can.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{CgroupGuard, NetnsGuard, Op, Tracer, Worker};
+
+const ROOT: &str = "needs root, BTF and cgroup2; run by `cargo xtask test`";
+
+const EADDRINUSE: i64 = -(libc::EADDRINUSE as i64);
+
+fn is(event: &Value, kind: &str, pid: u32) -> bool {
+    event["kind"] == kind && event["pid"] == pid
+}
+
+fn is_bind_of(event: &Value, kind: &str, pid: u32, address: &str, port: u16) -> bool {
+    is(event, kind, pid) && event["address"] == address && event["port"] == port
+}
+
+fn assert_common(event: &Value, worker: &Worker) {
+    assert_eq!(event["pid"], worker.pid, "{event}");
+    assert_eq!(event["uid"], 0, "{event}");
+    assert!(
+        event["cookie"].as_u64().is_some_and(|c| c > 0),
+        "cookie: {event}"
+    );
+    assert!(
+        event["process"].as_str().is_some_and(|p| !p.is_empty()),
+        "process: {event}"
+    );
+    assert!(event["time"].as_str().is_some(), "time: {event}");
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn tcp_binds_ok_on_v4_and_v6_and_port_zero_gets_its_real_port() {
+    let cgroup = CgroupGuard::new("tcpok");
+    let tracer = Tracer::start(&cgroup.path, &[]);
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        None,
+        &[
+            Op::tcp(false),
+            Op::bind(0, "127.0.0.1:0"),
+            Op::LocalPort { sock: 0 },
+            Op::tcp(true),
+            Op::bind(1, "[::1]:0"),
+            Op::LocalPort { sock: 1 },
+        ],
+    );
+    let results = worker.results(6);
+    assert_eq!((results[1], results[4]), (0, 0), "binds: {results:?}");
+    let (port4, port6) = (results[2] as u64, results[5] as u64);
+    assert!(port4 > 0 && port6 > 0);
+
+    let v4 = tracer.expect("tcp v4 bind", |e| {
+        is_bind_of(e, "bind", worker.pid, "127.0.0.1", 0)
+    });
+    assert_common(&v4, &worker);
+    assert_eq!(v4["protocol"], "tcp");
+    assert_eq!(v4["family"], "ipv4");
+    assert_eq!(v4["bound_port"], port4, "ephemeral port: {v4}");
+    assert_eq!(v4["errno"], Value::Null);
+    assert_eq!(v4["endpoint"], format!("127.0.0.1:{port4}"));
+
+    let v6 = tracer.expect("tcp v6 bind", |e| {
+        is_bind_of(e, "bind", worker.pid, "::1", 0)
+    });
+    assert_common(&v6, &worker);
+    assert_eq!(v6["family"], "ipv6");
+    assert_eq!(v6["bound_port"], port6);
+    assert_eq!(v6["v6only"], false, "{v6}");
+    assert_eq!(v6["endpoint"], format!("[::1]:{port6}"));
+    assert_ne!(v4["cookie"], v6["cookie"]);
+    worker.wait();
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn udp_bind_ok_and_udp_close() {
+    let cgroup = CgroupGuard::new("udp");
+    let tracer = Tracer::start(&cgroup.path, &[]);
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        None,
+        &[
+            Op::udp(false),
+            Op::bind(0, "127.0.0.1:0"),
+            Op::LocalPort { sock: 0 },
+            Op::Close { sock: 0 },
+        ],
+    );
+    let results = worker.results(4);
+    assert_eq!(results[1], 0);
+    let bind = tracer.expect("udp bind", |e| is(e, "bind", worker.pid));
+    assert_common(&bind, &worker);
+    assert_eq!(bind["protocol"], "udp");
+    assert_eq!(bind["bound_port"], results[2] as u64);
+    let close = tracer.expect("udp close", |e| is(e, "close", worker.pid));
+    assert_eq!(
+        close["cookie"], bind["cookie"],
+        "close names the bound socket"
+    );
+    assert_eq!(close["protocol"], "udp");
+    worker.wait();
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn eaddrinuse_keeps_the_requested_address_and_port() {
+    let cgroup = CgroupGuard::new("inuse");
+    let netns = NetnsGuard::new("inuse");
+    let tracer = Tracer::start(&cgroup.path, &[]);
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::bind(0, "127.0.0.1:8000"),
+            Op::tcp(false),
+            Op::bind(1, "127.0.0.1:8000"),
+        ],
+    );
+    let results = worker.results(4);
+    assert_eq!((results[1], results[3]), (0, EADDRINUSE), "{results:?}");
+    let first = tracer.expect("first bind", |e| {
+        is_bind_of(e, "bind", worker.pid, "127.0.0.1", 8000)
+    });
+    let failed = tracer.expect("failed bind", |e| {
+        is_bind_of(e, "bind_failed", worker.pid, "127.0.0.1", 8000)
+    });
+    assert_common(&failed, &worker);
+    assert_eq!(failed["errno"], "EADDRINUSE");
+    assert_eq!(failed["bound_port"], Value::Null);
+    assert_eq!(failed["endpoint"], "127.0.0.1:8000");
+    assert_ne!(failed["cookie"], first["cookie"]);
+    // The two records came from different sockets in one network namespace.
+    assert_eq!(failed["netns"], first["netns"]);
+    worker.wait();
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn eaddrnotavail_for_an_address_the_host_does_not_have() {
+    let cgroup = CgroupGuard::new("notavail");
+    let tracer = Tracer::start(&cgroup.path, &[]);
+    // 192.0.2.0/24 is TEST-NET-1: never configured, and a bind sends nothing.
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        None,
+        &[Op::tcp(false), Op::bind(0, "192.0.2.1:8000")],
+    );
+    assert_eq!(worker.results(2)[1], -(libc::EADDRNOTAVAIL as i64));
+    let failed = tracer.expect("EADDRNOTAVAIL", |e| is(e, "bind_failed", worker.pid));
+    assert_eq!(failed["errno"], "EADDRNOTAVAIL");
+    assert_eq!(failed["address"], "192.0.2.1");
+    assert_eq!(failed["port"], 8000);
+    worker.wait();
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn eacces_for_a_low_port_without_cap_net_bind_service() {
+    let cgroup = CgroupGuard::new("eacces");
+    let netns = NetnsGuard::new("eacces");
+    let tracer = Tracer::start(&cgroup.path, &[]);
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::DropNetBindService,
+            Op::tcp(false),
+            Op::bind(0, "127.0.0.1:80"),
+        ],
+    );
+    let results = worker.results(3);
+    assert_eq!(results[0], 0, "capset");
+    assert_eq!(results[2], -(libc::EACCES as i64));
+    let failed = tracer.expect("EACCES", |e| is(e, "bind_failed", worker.pid));
+    assert_eq!(failed["errno"], "EACCES");
+    assert_eq!(failed["port"], 80);
+    worker.wait();
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn so_reuseport_twice_both_succeed_with_the_flag_seen() {
+    let cgroup = CgroupGuard::new("reuseport");
+    let netns = NetnsGuard::new("reuseport");
+    let tracer = Tracer::start(&cgroup.path, &[]);
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::reuseport(0),
+            Op::bind(0, "127.0.0.1:8000"),
+            Op::tcp(false),
+            Op::reuseport(1),
+            Op::bind(1, "127.0.0.1:8000"),
+        ],
+    );
+    let results = worker.results(6);
+    assert_eq!((results[2], results[5]), (0, 0), "{results:?}");
+    let first = tracer.expect("first", |e| {
+        is_bind_of(e, "bind", worker.pid, "127.0.0.1", 8000)
+    });
+    let second = tracer.expect("second", |e| {
+        is_bind_of(e, "bind", worker.pid, "127.0.0.1", 8000)
+    });
+    for event in [&first, &second] {
+        assert_eq!(event["reuse_port"], true, "{event}");
+        assert_eq!(event["reuse_addr"], false, "{event}");
+        assert_eq!(event["bound_port"], 8000);
+    }
+    assert_ne!(first["cookie"], second["cookie"]);
+    worker.wait();
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn ipv6_v6only_wildcard_beside_ipv4_wildcard() {
+    let cgroup = CgroupGuard::new("v6only");
+    let netns = NetnsGuard::new("v6only");
+    let tracer = Tracer::start(&cgroup.path, &[]);
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::bind(0, "0.0.0.0:8000"),
+            Op::Listen {
+                sock: 0,
+                backlog: 16,
+            },
+            // Without V6ONLY this one would collide with 0.0.0.0:8000.
+            Op::tcp(true),
+            Op::bind(1, "[::]:8000"),
+            Op::tcp(true),
+            Op::v6only(2),
+            Op::bind(2, "[::]:8000"),
+        ],
+    );
+    let results = worker.results(8);
+    assert_eq!(results[1..3], [0, 0]);
+    assert_eq!(
+        results[4], EADDRINUSE,
+        "dual-stack [::] collides with 0.0.0.0"
+    );
+    assert_eq!(results[7], 0, "v6only [::] coexists");
+    let v4 = tracer.expect("0.0.0.0", |e| {
+        is_bind_of(e, "bind", worker.pid, "0.0.0.0", 8000)
+    });
+    assert_eq!(v4["v6only"], Value::Null, "v6only is not an IPv4 option");
+    let clash = tracer.expect("dual-stack clash", |e| {
+        is_bind_of(e, "bind_failed", worker.pid, "::", 8000)
+    });
+    assert_eq!(clash["v6only"], false);
+    assert_eq!(clash["errno"], "EADDRINUSE");
+    let v6 = tracer.expect("[::] v6only", |e| {
+        is_bind_of(e, "bind", worker.pid, "::", 8000)
+    });
+    assert_eq!(v6["v6only"], true, "{v6}");
+    assert_eq!(v6["endpoint"], "[::]:8000");
+    worker.wait();
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn listen_start_and_close() {
+    let cgroup = CgroupGuard::new("listen");
+    let tracer = Tracer::start(&cgroup.path, &[]);
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        None,
+        &[
+            Op::tcp(false),
+            Op::bind(0, "127.0.0.1:0"),
+            Op::LocalPort { sock: 0 },
+            Op::Listen {
+                sock: 0,
+                backlog: 77,
+            },
+            Op::Pause,
+            Op::Close { sock: 0 },
+        ],
+    );
+    // The fifth op (the pause) reports only once resumed.
+    let results = worker.results(4);
+    let port = results[2] as u64;
+    let bind = tracer.expect("bind", |e| is(e, "bind", worker.pid));
+    let listen = tracer.expect("listen", |e| is(e, "listen", worker.pid));
+    assert_common(&listen, &worker);
+    assert_eq!(listen["address"], "127.0.0.1");
+    assert_eq!(listen["bound_port"], port);
+    assert_eq!(listen["backlog"], 77);
+    assert_eq!(listen["cookie"], bind["cookie"], "same socket");
+    assert_eq!(listen["netns"], bind["netns"]);
+    worker.resume();
+    assert_eq!(worker.results(2), [0, 0], "pause and close");
+    let close = tracer.expect("close", |e| is(e, "close", worker.pid));
+    assert_eq!(close["cookie"], bind["cookie"]);
+    assert_eq!(close["protocol"], "tcp");
+    worker.wait();
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn listen_failure_after_two_reuseaddr_binds() {
+    let cgroup = CgroupGuard::new("listenfail");
+    let netns = NetnsGuard::new("listenfail");
+    let tracer = Tracer::start(&cgroup.path, &[]);
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::reuseaddr(0),
+            Op::bind(0, "127.0.0.1:8000"),
+            Op::tcp(false),
+            Op::reuseaddr(1),
+            Op::bind(1, "127.0.0.1:8000"),
+            Op::Listen {
+                sock: 0,
+                backlog: 8,
+            },
+            Op::Listen {
+                sock: 1,
+                backlog: 8,
+            },
+        ],
+    );
+    let results = worker.results(8);
+    assert_eq!(results[2], 0);
+    assert_eq!(results[5], 0, "both SO_REUSEADDR binds succeed");
+    assert_eq!(results[6], 0);
+    assert_eq!(results[7], EADDRINUSE, "the second listen fails");
+    let listen = tracer.expect("listen", |e| is(e, "listen", worker.pid));
+    let failed = tracer.expect("listen_failed", |e| is(e, "listen_failed", worker.pid));
+    assert_eq!(failed["errno"], "EADDRINUSE");
+    assert_eq!(failed["endpoint"], "127.0.0.1:8000");
+    assert_eq!(
+        failed["reuse_addr"],
+        Value::Null,
+        "options are read at bind, not listen"
+    );
+    assert_ne!(failed["cookie"], listen["cookie"]);
+    // The failed listen is not also reported as a listener going away.
+    let rest = tracer.drain(Duration::from_millis(500));
+    assert!(
+        !rest.iter().any(|e| is(e, "listen_stop", worker.pid)),
+        "unexpected listen_stop: {rest:?}"
+    );
+    worker.wait();
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn filters_keep_only_failures_for_one_port() {
+    let cgroup = CgroupGuard::new("filters");
+    let netns = NetnsGuard::new("filters");
+    let tracer = Tracer::start(&cgroup.path, &["--failures-only", "--port", "8001"]);
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::bind(0, "127.0.0.1:8000"),
+            Op::tcp(false),
+            Op::bind(1, "127.0.0.1:8000"),
+            Op::tcp(false),
+            Op::bind(2, "127.0.0.1:8001"),
+            Op::tcp(false),
+            Op::bind(3, "127.0.0.1:8001"),
+        ],
+    );
+    assert_eq!(worker.results(8)[7], EADDRINUSE);
+    worker.wait();
+    let failed = tracer.expect("failure on 8001", |e| is(e, "bind_failed", worker.pid));
+    assert_eq!(failed["port"], 8001);
+    let rest = tracer.drain(Duration::from_millis(500));
+    assert!(
+        rest.iter()
+            .all(|e| e["port"] == 8001 && e["kind"] == "bind_failed"),
+        "{rest:?}"
+    );
+}
+
+/// Overflow: with the tracer stopped, a burst overfills a one-page ring.
+/// Every record is either delivered or counted as dropped, exactly.
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn ring_buffer_overflow_is_counted_exactly() {
+    const SOCKETS: usize = 300;
+    let cgroup = CgroupGuard::new("overflow");
+    let tracer = Tracer::start(&cgroup.path, &["--ring-size", "4096"]);
+    let tracer_pid = tracer.pid();
+    let mut ops = Vec::new();
+    for sock in 0..SOCKETS {
+        ops.extend([
+            Op::udp(false),
+            Op::bind(sock, "127.0.0.1:0"),
+            Op::Close { sock },
+        ]);
+    }
+    // SAFETY: pausing our own child so that nothing drains the ring.
+    unsafe { libc::kill(tracer_pid, libc::SIGSTOP) };
+    let mut worker = Worker::spawn(&cgroup.path, None, &ops);
+    let results = worker.results(ops.len());
+    assert!(results.iter().all(|r| *r >= 0), "every op succeeded");
+    worker.wait();
+    // SAFETY: as above.
+    unsafe { libc::kill(tracer_pid, libc::SIGCONT) };
+
+    let issued = (SOCKETS * 2) as u64; // one bind and one close each
+    let delivered = tracer
+        .drain(Duration::from_millis(1500))
+        .iter()
+        .filter(|e| e["pid"] == worker.pid)
+        .count() as u64;
+    let stderr = tracer.stop();
+    let dropped = support::total_dropped(&stderr);
+    assert!(
+        dropped > 0,
+        "a 4 KiB ring cannot hold {issued} records; stderr:\n{stderr}"
+    );
+    assert_eq!(
+        delivered + dropped,
+        issued,
+        "delivered {delivered} + dropped {dropped}; stderr:\n{stderr}"
+    );
+}
+
+#[test]
+fn root_tests_are_marked_ignored_with_the_reason() {
+    // A guard on this file's own convention: every root test says why it is
+    // skipped when run without `cargo xtask test`.
+    let source = include_str!("trace.rs");
+    let tests = source.matches("\n#[test]\n").count();
+    let ignored = source.matches(&format!("#[ignore = \"{ROOT}\"]")).count();
+    assert_eq!(
+        tests - 1,
+        ignored,
+        "every root test carries #[ignore = ROOT]"
+    );
+}
