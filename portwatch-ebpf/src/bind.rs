@@ -55,7 +55,6 @@ const IP_TRANSPARENT: i32 = 19;
 const IP_BIND_ADDRESS_NO_PORT: i32 = 24;
 const IPV6_V6ONLY: i32 = 26;
 
-
 #[cgroup_sock_addr(bind4)]
 pub fn bind4(ctx: SockAddrContext) -> i32 {
     on_bind(&ctx, false);
@@ -74,6 +73,7 @@ pub fn bind6(ctx: SockAddrContext) -> i32 {
 fn on_bind(ctx: &SockAddrContext, v6: bool) {
     let sa = ctx.sock_addr;
     let mut event = Event::ZERO;
+    event.kind = kind::BIND;
     fill_task(&mut event);
     // SAFETY: `sa` is the verifier-checked context; helpers take it as is.
     unsafe {
@@ -98,14 +98,14 @@ fn on_bind(ctx: &SockAddrContext, v6: bool) {
     read_options(ctx, &mut event);
 
     let tid = event.tid;
-    if let Some(stale) = PENDING_BIND.get_ptr_mut(&tid) {
+    if let Some(stale) = PENDING_BIND.get_ptr_mut(tid) {
         // SAFETY: map value pointer from a successful lookup.
         let stale = unsafe { &mut *stale };
         stale.errno = ERRNO_UNKNOWN;
         stale.source = source::UNRESOLVED;
         emit(stale, hook::BIND);
     }
-    if PENDING_BIND.insert(&tid, &event, 0).is_err() {
+    if PENDING_BIND.insert(tid, event, 0).is_err() {
         count_drop(hook::BIND);
     }
 }
@@ -130,7 +130,13 @@ fn read_options(ctx: &SockAddrContext, event: &mut Event) {
         let mut value: i32 = 0;
         // SAFETY: `value` is a 4-byte stack buffer whose length we pass.
         let ret = unsafe {
-            bpf_getsockopt(ctx.sock_addr.cast(), level, name, (&raw mut value).cast(), 4)
+            bpf_getsockopt(
+                ctx.sock_addr.cast(),
+                level,
+                name,
+                (&raw mut value).cast(),
+                4,
+            )
         };
         if ret == 0 {
             event.options_known |= bit;
@@ -189,7 +195,7 @@ fn on_post_bind(ctx: &SockContext, v6: bool) {
         )
     };
     let tid = current_tid();
-    match PENDING_BIND.get_ptr_mut(&tid) {
+    match PENDING_BIND.get_ptr_mut(tid) {
         // SAFETY: map value pointer from a successful lookup.
         Some(pending) if unsafe { (*pending).cookie } == cookie => {
             let event = unsafe { &mut *pending };
@@ -198,7 +204,7 @@ fn on_post_bind(ctx: &SockContext, v6: bool) {
             event.errno = 0;
             event.source = source::POST_BIND;
             emit(event, hook::POST_BIND);
-            let _ = PENDING_BIND.remove(&tid);
+            let _ = PENDING_BIND.remove(tid);
         }
         _ => {
             // The attempt was not parked (map full): report what this hook knows.
@@ -227,7 +233,7 @@ fn on_post_bind(ctx: &SockContext, v6: bool) {
             emit(&event, hook::POST_BIND);
         }
     }
-    if TRACKED.insert(&cookie, &1, 0).is_err() {
+    if TRACKED.insert(cookie, 1, 0).is_err() {
         count_drop(hook::POST_BIND);
     }
 }
@@ -236,7 +242,7 @@ fn on_post_bind(ctx: &SockContext, v6: bool) {
 #[inline(always)]
 fn finish_bind(ret: i64, src: u8) {
     let tid = current_tid();
-    let Some(pending) = PENDING_BIND.get_ptr_mut(&tid) else {
+    let Some(pending) = PENDING_BIND.get_ptr_mut(tid) else {
         return; // not an inet bind in the watched cgroup, or already emitted
     };
     // SAFETY: map value pointer from a successful lookup.
@@ -247,7 +253,7 @@ fn finish_bind(ret: i64, src: u8) {
     event.errno = if ret < 0 { (-ret) as i32 } else { 0 };
     event.source = src;
     emit(event, hook::BIND_EXIT);
-    let _ = PENDING_BIND.remove(&tid);
+    let _ = PENDING_BIND.remove(tid);
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_bind")]

@@ -156,8 +156,18 @@ pub fn fill_options_from_sock(event: &mut Event, sk: u64, wanted: u32) {
         set_opt(event, wanted, opt::V6ONLY, v6only != 0);
     }
     if let Some(flags) = read_field::<u64>(sk, off.inet_flags) {
-        set_opt(event, wanted, opt::FREEBIND, flags >> off.freebind_bit & 1 != 0);
-        set_opt(event, wanted, opt::TRANSPARENT, flags >> off.transparent_bit & 1 != 0);
+        set_opt(
+            event,
+            wanted,
+            opt::FREEBIND,
+            flags >> off.freebind_bit & 1 != 0,
+        );
+        set_opt(
+            event,
+            wanted,
+            opt::TRANSPARENT,
+            flags >> off.transparent_bit & 1 != 0,
+        );
         set_opt(
             event,
             wanted,

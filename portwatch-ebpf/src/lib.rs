@@ -59,7 +59,8 @@ pub mod opt {
     pub const TRANSPARENT: u32 = 1 << 4;
     pub const BIND_ADDRESS_NO_PORT: u32 = 1 << 5;
     /// Every option bit portwatch reads.
-    pub const ALL: u32 = REUSEADDR | REUSEPORT | V6ONLY | FREEBIND | TRANSPARENT | BIND_ADDRESS_NO_PORT;
+    pub const ALL: u32 =
+        REUSEADDR | REUSEPORT | V6ONLY | FREEBIND | TRANSPARENT | BIND_ADDRESS_NO_PORT;
 }
 
 /// Index of each hook's slot in the per-CPU `DROPS` array: ring-buffer

@@ -32,17 +32,14 @@ use portwatch_ebpf::{
     },
 };
 
-use crate::{
-    common::{
-        PENDING_LISTEN, TRACKED, count_drop, current_tid, emit, fill_from_sock, fill_task,
-        offsets, read_field, task_is_watched,
-    },
+use crate::common::{
+    PENDING_LISTEN, TRACKED, count_drop, current_tid, emit, fill_from_sock, fill_task, offsets,
+    read_field, task_is_watched,
 };
 
 const IPPROTO_TCP: u16 = 6;
 const TCP_CLOSE: i32 = 7;
 const TCP_LISTEN: i32 = 10;
-
 
 /// `errno` marker for a parked listen whose socket already fell back to CLOSE:
 /// it failed, and `inet_listen` is about to return the errno.
@@ -73,15 +70,15 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         let mut event = listener_event(ctx)?;
         event.kind = kind::LISTEN;
         let tid = event.tid;
-        if let Some(stale) = PENDING_LISTEN.get_ptr_mut(&tid) {
+        if let Some(stale) = PENDING_LISTEN.get_ptr_mut(tid) {
             // A listen that no exit hook completed (io_uring without fexit).
             // SAFETY: map value pointer from a successful lookup.
             flush(unsafe { &mut *stale }, None, source::UNRESOLVED);
         }
-        if PENDING_LISTEN.insert(&tid, &event, 0).is_err() {
+        if PENDING_LISTEN.insert(tid, event, 0).is_err() {
             count_drop(hook::LISTEN);
         }
-        if event.cookie != 0 && TRACKED.insert(&event.cookie, &1, 0).is_err() {
+        if event.cookie != 0 && TRACKED.insert(event.cookie, 1, 0).is_err() {
             count_drop(hook::LISTEN);
         }
     } else if oldstate == TCP_LISTEN && newstate == TCP_CLOSE {
@@ -89,7 +86,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         let skaddr = unsafe { ctx.read_at::<u64>(SET_STATE_SKADDR)? };
         let cookie = read_field::<u64>(skaddr, offsets().sk_cookie).unwrap_or(0);
         let tid = current_tid();
-        if let Some(pending) = PENDING_LISTEN.get_ptr_mut(&tid) {
+        if let Some(pending) = PENDING_LISTEN.get_ptr_mut(tid) {
             // SAFETY: map value pointer from a successful lookup.
             let pending = unsafe { &mut *pending };
             if pending.cookie == cookie {
@@ -100,7 +97,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         // On close() the release hook has already run and untracked the
         // socket: that is reported as CLOSE there. Still tracked here means
         // the listener stopped but the socket lives on (shutdown).
-        if cookie == 0 || TRACKED.get_ptr(&cookie).is_none() {
+        if cookie == 0 || TRACKED.get_ptr(cookie).is_none() {
             return Ok(());
         }
         let mut event = listener_event(ctx)?;
@@ -161,16 +158,20 @@ fn flush(event: &mut Event, ret: Option<i64>, src: u8) {
         }
     }
     event.source = src;
-    let hook = if src == source::UNRESOLVED { hook::LISTEN } else { hook::LISTEN_EXIT };
+    let hook = if src == source::UNRESOLVED {
+        hook::LISTEN
+    } else {
+        hook::LISTEN_EXIT
+    };
     emit(event, hook);
     let tid = event.tid;
-    let _ = PENDING_LISTEN.remove(&tid);
+    let _ = PENDING_LISTEN.remove(tid);
 }
 
 #[inline(always)]
 fn finish_listen(ret: i64, src: u8) {
     let tid = current_tid();
-    if let Some(pending) = PENDING_LISTEN.get_ptr_mut(&tid) {
+    if let Some(pending) = PENDING_LISTEN.get_ptr_mut(tid) {
         // SAFETY: map value pointer from a successful lookup.
         flush(unsafe { &mut *pending }, Some(ret), src);
     }

@@ -29,7 +29,6 @@ const ALLOW: i32 = 1;
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     // The verifier rejects any reachable panic, so this is never entered.
-    #[expect(clippy::empty_loop, reason = "no_std panic handler for the bpf target")]
     loop {}
 }
 

@@ -24,10 +24,10 @@ use crate::{
 pub fn sock_release(ctx: SockContext) -> i32 {
     // SAFETY: verifier-checked context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
-    if TRACKED.get_ptr(&cookie).is_none() {
+    if TRACKED.get_ptr(cookie).is_none() {
         return ALLOW;
     }
-    let _ = TRACKED.remove(&cookie);
+    let _ = TRACKED.remove(cookie);
     let mut event = Event::ZERO;
     fill_task(&mut event);
     // SAFETY: verifier-checked context; these fields are readable here.

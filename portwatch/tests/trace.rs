@@ -393,6 +393,61 @@ fn filters_keep_only_failures_for_one_port() {
     );
 }
 
+/// io_uring binds pass the cgroup hooks but not the bind(2) tracepoint. A
+/// success is reported by post_bind at once; a failure, where fexit is not
+/// available, is reported (errno unknown) when the thread binds again.
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn io_uring_binds_are_seen_without_the_syscall_tracepoint() {
+    let cgroup = CgroupGuard::new("uring");
+    let netns = NetnsGuard::new("uring");
+    let tracer = Tracer::start(&cgroup.path, &[]);
+    let uring_bind = |sock, addr: &str| Op::UringBind {
+        sock,
+        addr: addr.parse().unwrap(),
+    };
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            uring_bind(0, "127.0.0.1:8000"),
+            Op::tcp(false),
+            uring_bind(1, "127.0.0.1:8000"),
+            Op::tcp(false),
+            Op::bind(2, "127.0.0.1:8001"),
+        ],
+    );
+    let results = worker.results(6);
+    if results[1] == -(libc::EINVAL as i64) || results[1] == -(libc::EOPNOTSUPP as i64) {
+        // IORING_OP_BIND arrived in Linux 6.11; an older kernel refuses it.
+        panic!(
+            "this kernel does not support IORING_OP_BIND (result {})",
+            results[1]
+        );
+    }
+    assert_eq!(results[1], 0, "io_uring bind: {results:?}");
+    assert_eq!(results[3], EADDRINUSE, "second io_uring bind: {results:?}");
+    let ok = tracer.expect("io_uring bind", |e| {
+        is_bind_of(e, "bind", worker.pid, "127.0.0.1", 8000)
+    });
+    assert_eq!(ok["source"], "post_bind");
+    assert_eq!(ok["bound_port"], 8000);
+    let failed = tracer.expect("io_uring failure", |e| {
+        is_bind_of(e, "bind_failed", worker.pid, "127.0.0.1", 8000)
+    });
+    match failed["source"].as_str() {
+        Some("fexit") => assert_eq!(failed["errno"], "EADDRINUSE"),
+        Some("unresolved") => assert_eq!(failed["errno"], "UNKNOWN"),
+        other => panic!("unexpected source {other:?}: {failed}"),
+    }
+    assert_ne!(failed["cookie"], ok["cookie"]);
+    tracer.expect("the plain bind after it", |e| {
+        is_bind_of(e, "bind", worker.pid, "127.0.0.1", 8001)
+    });
+    worker.wait();
+}
+
 /// Overflow: with the tracer stopped, a burst overfills a one-page ring.
 /// Every record is either delivered or counted as dropped, exactly.
 #[test]

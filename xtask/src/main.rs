@@ -1,1 +1,82 @@
-fn main(){}
+//! portwatch's development tasks, run as `cargo xtask <task>` (an alias in
+//! `.cargo/config.toml`). Every external command is printed before it runs.
+
+mod build;
+mod cmd;
+mod lint;
+mod setup;
+mod test;
+
+use std::{ffi::OsString, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "portwatch development tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh Debian machine lacks to build and lint portwatch.
+    ///
+    /// LLVM 22 packages, nightly with rust-src and clippy, rustfmt and clippy,
+    /// bpf-linker. Idempotent: only missing items are installed.
+    Setup {
+        /// Only report what is installed; fail if anything is missing.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Build portwatch and its eBPF programs (runs setup if something is
+    /// missing).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run `portwatch <ARGS>` as root (through `sudo -E` when not
+    /// root), e.g. `cargo xtask run -- trace --json`.
+    Run {
+        #[arg(long)]
+        release: bool,
+        /// Arguments for portwatch.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run the whole test suite (runs setup if something is missing).
+    ///
+    /// Tests that need root are `#[ignore]`d with the reason, so a plain
+    /// `cargo test` lists them; as root, a second `cargo test --tests --
+    /// --ignored` runs them.
+    Test {
+        /// Extra arguments for `cargo test`, e.g. `-- bind -- --nocapture`
+        /// (a filter, then arguments for the test binaries).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// rustfmt check and clippy -D warnings on every crate and target.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup { check } => setup::setup(check),
+        Task::Build { release } => build::build(release),
+        Task::Run { release, args } => build::run(release, &args),
+        Task::Test { args } => test::test(&args),
+        Task::Lint => lint::lint(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

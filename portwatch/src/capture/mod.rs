@@ -28,7 +28,8 @@ use tokio::io::unix::AsyncFd;
 use crate::event::{DecodeError, PortEvent, decode};
 
 /// The compiled kernel programs, built by `build.rs`.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch"));
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch-programs"));
 
 /// Default size of the ring buffer: 4 MiB holds about 37,000 records.
 pub const DEFAULT_RING_BYTES: u32 = 4 * 1024 * 1024;

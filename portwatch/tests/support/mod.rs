@@ -150,8 +150,12 @@ impl Tracer {
                 if line.starts_with("portwatch: tracing") {
                     let _ = ready_tx.send(());
                 }
-                sink.lock().unwrap().push_str(&line);
-                sink.lock().unwrap().push('\n');
+                sink.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push_str(&line);
+                sink.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push('\n');
             }
         });
         let mut tracer = Tracer {
@@ -190,7 +194,9 @@ impl Tracer {
             "no event for {what} within {DEADLINE:?}; saw {} other events:\n{}\nstderr:\n{}",
             seen.len(),
             seen.join("\n"),
-            self.stderr.lock().unwrap()
+            self.stderr
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
         );
     }
 
@@ -211,7 +217,10 @@ impl Tracer {
     /// Stops the tracer with SIGTERM and returns its stderr.
     pub fn stop(mut self) -> String {
         self.terminate();
-        self.stderr.lock().unwrap().clone()
+        self.stderr
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn terminate(&mut self) {
@@ -251,6 +260,9 @@ pub enum Op {
     },
     /// bind(sock, addr)
     Bind { sock: usize, addr: SocketAddr },
+    /// The same bind, submitted as IORING_OP_BIND through io_uring: it never
+    /// passes through the bind(2) syscall or its tracepoint.
+    UringBind { sock: usize, addr: SocketAddr },
     /// listen(sock, backlog)
     Listen { sock: usize, backlog: i32 },
     /// close(sock)
@@ -326,10 +338,11 @@ impl Worker {
         .expect("path without NUL");
         let netns_fd = netns.map(|ns| std::fs::File::open(ns.path()).expect("open netns"));
         let prepared: Vec<Prepared> = ops.iter().map(Prepared::new).collect();
+        let wants_uring = ops.iter().any(|op| matches!(op, Op::UringBind { .. }));
         let (results_read, results_write) = pipe();
         let (control_read, control_write) = pipe();
-        // SAFETY: after fork the child only makes async-signal-safe system
-        // calls on memory prepared before the fork, then _exits.
+        // SAFETY: after fork the child makes system calls on memory prepared
+        // before the fork (plus an io_uring setup), then _exits.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
         if pid == 0 {
@@ -339,6 +352,7 @@ impl Worker {
                     &procs,
                     netns_fd.as_ref().map(AsRawFd::as_raw_fd),
                     &prepared,
+                    wants_uring,
                     results_write.as_raw_fd(),
                     control_read.as_raw_fd(),
                 )
@@ -420,6 +434,9 @@ impl Prepared {
         let mut addr_len = 0;
         if let Op::Bind {
             addr: socket_addr, ..
+        }
+        | Op::UringBind {
+            addr: socket_addr, ..
         } = op
         {
             match socket_addr {
@@ -466,11 +483,12 @@ struct CapData {
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 const CAP_NET_BIND_SERVICE: u32 = 10;
 
-/// The worker's body: only raw system calls, no allocation.
+/// The worker's body: raw system calls on memory prepared before the fork.
 unsafe fn child_main(
     procs: &CString,
     netns: Option<i32>,
     ops: &[Prepared],
+    wants_uring: bool,
     results: i32,
     control: i32,
 ) -> ! {
@@ -487,6 +505,13 @@ unsafe fn child_main(
         {
             libc::_exit(102);
         }
+        // A ring is per task: made here, in the child. (glibc holds its malloc
+        // locks across fork, so the child may allocate.)
+        let mut uring = if wants_uring {
+            io_uring::IoUring::new(8).ok()
+        } else {
+            None
+        };
         let mut socks = [-1i32; 1024];
         let mut count = 0usize;
         for prepared in ops {
@@ -518,6 +543,10 @@ unsafe fn child_main(
                     (&raw const prepared.addr).cast(),
                     prepared.addr_len,
                 ) as i64),
+                Op::UringBind { sock, .. } => match uring.as_mut() {
+                    Some(ring) => uring_bind(ring, socks[sock], prepared),
+                    None => -i64::from(libc::EINVAL),
+                },
                 Op::Listen { sock, backlog } => ret(libc::listen(socks[sock], backlog) as i64),
                 Op::Close { sock } => ret(libc::close(socks[sock]) as i64),
                 Op::LocalPort { sock } => {
@@ -562,6 +591,23 @@ unsafe fn child_main(
         }
         libc::_exit(0)
     }
+}
+
+/// Submits one IORING_OP_BIND and returns its completion's result.
+unsafe fn uring_bind(ring: &mut io_uring::IoUring, fd: i32, prepared: &Prepared) -> i64 {
+    let entry = io_uring::opcode::Bind::new(
+        io_uring::types::Fd(fd),
+        (&raw const prepared.addr).cast(),
+        prepared.addr_len,
+    )
+    .build();
+    // SAFETY: the address outlives the request, which completes before we return.
+    if unsafe { ring.submission().push(&entry) }.is_err() || ring.submit_and_wait(1).is_err() {
+        return -i64::from(libc::EIO);
+    }
+    ring.completion()
+        .next()
+        .map_or(-i64::from(libc::EIO), |cqe| i64::from(cqe.result()))
 }
 
 /// 0/positive stays, -1 becomes `-errno`.

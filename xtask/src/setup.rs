@@ -1,0 +1,277 @@
+//! `cargo xtask setup`: installs what a fresh Debian machine lacks to build
+//! portwatch's eBPF programs and to lint them, and nothing else. Idempotent:
+//! each item is checked first and only a missing one is installed, with one
+//! line per item saying which.
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::cmd::{self, display};
+
+/// bpf-linker links against LLVM 22, the LLVM of the Rust toolchains used
+/// here; its build must find LLVM 22's `llvm-config` first on PATH.
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+
+/// The bpf-linker release verified with LLVM 22 and rustc 1.95. Pinned so a
+/// later release (new LLVM feature names, newer MSRV) cannot break a fresh
+/// machine's setup.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Clone, Copy)]
+enum Item {
+    /// A Debian package, installed with apt-get (needs root).
+    Apt(&'static str),
+    /// The nightly toolchain, which builds the eBPF crate (`-Z build-std`).
+    Nightly,
+    /// A component of the nightly toolchain.
+    NightlyComponent(&'static str),
+    /// A component of the toolchain that builds the host crates.
+    HostComponent(&'static str),
+    /// bpf-linker, which links the eBPF object.
+    BpfLinker,
+}
+
+/// Everything setup manages, in install order: bpf-linker builds last, against
+/// the LLVM packages.
+const ITEMS: [Item; 8] = [
+    Item::Apt("llvm-22-dev"),
+    // LLVM 22 links against it; bpf-linker's build fails without it.
+    Item::Apt("libzstd-dev"),
+    Item::Nightly,
+    // `-Z build-std=core`: there is no prebuilt core for the bpf targets.
+    Item::NightlyComponent("rust-src"),
+    // `cargo xtask lint` runs clippy on the eBPF crate for its bpf target.
+    Item::NightlyComponent("clippy"),
+    // `cargo xtask lint` on the host crates.
+    Item::HostComponent("rustfmt"),
+    Item::HostComponent("clippy"),
+    Item::BpfLinker,
+];
+
+impl Item {
+    fn name(self) -> String {
+        match self {
+            Item::Apt(package) => package.to_owned(),
+            Item::Nightly => "nightly toolchain".to_owned(),
+            Item::NightlyComponent(component) => format!("{component} (nightly)"),
+            Item::HostComponent(component) => component.to_owned(),
+            Item::BpfLinker => "bpf-linker".to_owned(),
+        }
+    }
+
+    fn is_installed(self) -> bool {
+        match self {
+            Item::Apt(package) => {
+                cmd::probe(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+                    .is_some_and(|status| status.trim() == "install ok installed")
+            }
+            Item::Nightly => cmd::probe(Command::new("rustup").args(["toolchain", "list"]))
+                .is_some_and(|list| list.lines().any(is_plain_nightly)),
+            Item::NightlyComponent(component) => cmd::probe(Command::new("rustup").args([
+                "component",
+                "list",
+                "--toolchain",
+                "nightly",
+                "--installed",
+            ]))
+            .is_some_and(|list| lists_component(&list, component)),
+            Item::HostComponent(component) => cmd::probe(
+                Command::new("rustup")
+                    .args(["component", "list", "--installed"])
+                    .current_dir(cmd::workspace_root()),
+            )
+            .is_some_and(|list| lists_component(&list, component)),
+            Item::BpfLinker => cmd::probe(Command::new("bpf-linker").arg("--version")).is_some(),
+        }
+    }
+
+    fn install_command(self) -> Result<Command> {
+        let mut cmd;
+        match self {
+            Item::Apt(package) => {
+                cmd = apt_get();
+                cmd.args(["install", "-y", package]);
+            }
+            Item::Nightly => {
+                cmd = Command::new("rustup");
+                cmd.args(["toolchain", "install", "nightly", "--profile", "minimal"]);
+            }
+            Item::NightlyComponent(component) => {
+                cmd = Command::new("rustup");
+                cmd.args(["component", "add", component, "--toolchain", "nightly"]);
+            }
+            Item::HostComponent(component) => {
+                cmd = Command::new("rustup");
+                cmd.args(["component", "add", component])
+                    .current_dir(cmd::workspace_root());
+            }
+            Item::BpfLinker => {
+                cmd = cmd::cargo();
+                cmd::prepend_path(&mut cmd, LLVM_BIN)?;
+                cmd.args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ]);
+            }
+        }
+        Ok(cmd)
+    }
+
+    /// What to look at when the item is still missing after its install ran.
+    fn hint(self) -> &'static str {
+        match self {
+            Item::BpfLinker => {
+                "; cargo installs into $CARGO_HOME/bin (~/.cargo/bin): is that directory on PATH?"
+            }
+            _ => "",
+        }
+    }
+}
+
+/// `rustup toolchain list` names the plain nightly `nightly-<host triple>`;
+/// dated ones (`nightly-2025-01-01-...`) are not what `+nightly` selects.
+fn is_plain_nightly(line: &str) -> bool {
+    let name = line.split_whitespace().next().unwrap_or_default();
+    name == "nightly"
+        || name
+            .strip_prefix("nightly-")
+            .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
+}
+
+/// `rustup component list --installed` prints `clippy-x86_64-unknown-linux-gnu`
+/// for host components and plain `rust-src` for target-independent ones.
+fn lists_component(list: &str, component: &str) -> bool {
+    list.lines().map(str::trim).any(|line| {
+        line == component
+            || line
+                .strip_prefix(component)
+                .is_some_and(|rest| rest.starts_with('-'))
+    })
+}
+
+fn apt_get() -> Command {
+    let mut cmd = Command::new("apt-get");
+    cmd.env("DEBIAN_FRONTEND", "noninteractive");
+    cmd
+}
+
+/// `cargo xtask setup [--check]`.
+pub fn setup(check_only: bool) -> Result<()> {
+    let statuses = ITEMS.map(|item| (item, item.is_installed()));
+    if check_only {
+        return report(&statuses);
+    }
+    install(&statuses)
+}
+
+/// Before a build, test or lint: installs missing items, one line when none is.
+pub fn ensure() -> Result<()> {
+    let statuses = ITEMS.map(|item| (item, item.is_installed()));
+    if statuses.iter().all(|&(_, installed)| installed) {
+        println!("setup: all {} items already installed", ITEMS.len());
+        return Ok(());
+    }
+    println!("setup: something is missing, running `cargo xtask setup`");
+    install(&statuses)
+}
+
+fn report(statuses: &[(Item, bool)]) -> Result<()> {
+    let mut missing = 0;
+    for &(item, installed) in statuses {
+        if installed {
+            println!("{}: installed", item.name());
+        } else {
+            missing += 1;
+            let fix = display(&item.install_command()?);
+            println!("{}: missing (setup runs `{fix}`)", item.name());
+        }
+    }
+    if missing > 0 {
+        bail!(
+            "{missing} of {} setup items missing; run `cargo xtask setup`",
+            statuses.len()
+        );
+    }
+    Ok(())
+}
+
+fn install(statuses: &[(Item, bool)]) -> Result<()> {
+    let apt_missing: Vec<&str> = statuses
+        .iter()
+        .filter_map(|&(item, installed)| match item {
+            Item::Apt(package) if !installed => Some(package),
+            _ => None,
+        })
+        .collect();
+    // Fail before anything else is installed: bpf-linker cannot build without
+    // these packages anyway.
+    if !apt_missing.is_empty() && !cmd::is_root() {
+        bail!(
+            "{} missing and apt-get needs root: run `sudo apt-get install -y {}`, then `cargo xtask setup` again",
+            apt_missing.join(", "),
+            apt_missing.join(" ")
+        );
+    }
+
+    let mut apt_updated = false;
+    for &(item, installed) in statuses {
+        if installed {
+            println!("{}: already installed", item.name());
+            continue;
+        }
+        if matches!(item, Item::Apt(_)) && !apt_updated {
+            let mut update = apt_get();
+            update.arg("update");
+            println!("apt package lists: updating ({})", display(&update));
+            cmd::run_unannounced(&mut update)?;
+            apt_updated = true;
+        }
+        let mut install = item.install_command()?;
+        println!("{}: installing ({})", item.name(), display(&install));
+        cmd::run_unannounced(&mut install)
+            .with_context(|| format!("installing {}", item.name()))?;
+        if !item.is_installed() {
+            bail!(
+                "{}: still missing after `{}`{}",
+                item.name(),
+                display(&install),
+                item.hint()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_plain_nightly_only() {
+        assert!(is_plain_nightly("nightly-x86_64-unknown-linux-gnu"));
+        assert!(is_plain_nightly(
+            "nightly-x86_64-unknown-linux-gnu (active)"
+        ));
+        assert!(is_plain_nightly("nightly"));
+        assert!(!is_plain_nightly(
+            "nightly-2025-01-01-x86_64-unknown-linux-gnu"
+        ));
+        assert!(!is_plain_nightly(
+            "stable-x86_64-unknown-linux-gnu (default)"
+        ));
+    }
+
+    #[test]
+    fn finds_components_with_and_without_a_target() {
+        let list = "cargo-x86_64-unknown-linux-gnu\nclippy-x86_64-unknown-linux-gnu\nrust-src\nrust-std-x86_64-unknown-linux-gnu\n";
+        assert!(lists_component(list, "rust-src"));
+        assert!(lists_component(list, "clippy"));
+        assert!(!lists_component(list, "rustfmt"));
+    }
+}
