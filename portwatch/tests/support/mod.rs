@@ -32,7 +32,7 @@ pub fn unique(label: &str) -> String {
     format!("portwatch-test-{}-{n}-{label}", std::process::id())
 }
 
-fn cgroup2_root() -> PathBuf {
+pub fn cgroup2_root() -> PathBuf {
     let mounts = std::fs::read_to_string("/proc/self/mounts").expect("read /proc/self/mounts");
     portwatch::capture::system::cgroup2_mount(&mounts).expect("a cgroup2 mount")
 }
