@@ -36,6 +36,8 @@ use portwatch_ebpf::{
     AF_INET, AF_INET6, ERRNO_UNKNOWN, Event, hook, kind, opt, source, tracepoint::SYS_EXIT_RET,
 };
 
+use aya_log_ebpf::warn;
+
 use crate::{
     ALLOW,
     common::{
@@ -104,6 +106,13 @@ fn on_bind(ctx: &SockAddrContext, v6: bool) {
         stale.errno = ERRNO_UNKNOWN;
         stale.source = source::UNRESOLVED;
         emit(stale, hook::BIND);
+        // Rare (io_uring without fexit), so worth a line in the daemon's log.
+        warn!(
+            ctx,
+            "bind by tid {} to port {} failed without passing an outcome hook (io_uring?); errno unknown",
+            tid,
+            stale.port
+        );
     }
     if PENDING_BIND.insert(tid, event, 0).is_err() {
         count_drop(hook::BIND);
