@@ -9,7 +9,9 @@ use std::{collections::HashMap, fmt::Write as _, net::IpAddr, time::SystemTime};
 use jiff::{Timestamp, tz::TimeZone};
 use serde::Serialize;
 
-use crate::event::{BootClock, Errno, EventKind, Family, PortEvent, Protocol, SockType, Source};
+use crate::event::{
+    BootClock, Errno, EventKind, Family, Options, PortEvent, Protocol, SockType, Source,
+};
 
 /// Which events `portwatch trace` shows. The default shows everything.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -34,7 +36,8 @@ impl TraceFilter {
 
 /// What `trace` remembers of the sockets it saw bound or listening, so that a
 /// close, which the kernel reports by socket cookie alone, names its
-/// endpoint and network namespace (and passes a `--port` filter).
+/// endpoint and network namespace (and passes a `--port` filter), and a
+/// listen or close shows the options read when the socket was bound.
 #[derive(Debug, Default)]
 pub struct SocketBook {
     known: HashMap<u64, Remembered>,
@@ -46,6 +49,7 @@ struct Remembered {
     port: u16,
     bound_port: Option<u16>,
     netns: Option<u64>,
+    options: Options,
 }
 
 impl SocketBook {
@@ -58,12 +62,18 @@ impl SocketBook {
         let Some(cookie) = ev.cookie else { return };
         match ev.kind {
             EventKind::Bind | EventKind::Listen => {
+                if let Some(known) = self.known.get(&cookie)
+                    && ev.options == Options::default()
+                {
+                    ev.options = known.options;
+                }
                 if self.known.len() < Self::CAPACITY || self.known.contains_key(&cookie) {
                     let remembered = Remembered {
                         address: ev.address,
                         port: ev.port,
                         bound_port: ev.bound_port,
                         netns: ev.netns,
+                        options: ev.options,
                     };
                     self.known.insert(cookie, remembered);
                 }
@@ -99,6 +109,9 @@ impl Remembered {
         ev.port = self.port;
         ev.bound_port = ev.bound_port.or(self.bound_port);
         ev.netns = ev.netns.or(self.netns);
+        if ev.options == Options::default() {
+            ev.options = self.options;
+        }
     }
 }
 
@@ -368,7 +381,6 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::event::Options;
 
     /// 2024-05-01T12:34:56Z minus one second of boot time.
     const CLOCK: BootClock = BootClock::from_offset_ns(1_714_566_895_000_000_000);
@@ -767,6 +779,8 @@ mod tests {
         let mut bind = listen_v4();
         bind.kind = EventKind::Bind;
         bind.cookie = Some(7);
+        bind.options.reuse_addr = Some(true);
+        bind.options.reuse_port = Some(false);
         book.observe(&mut bind);
         assert_eq!(book.len(), 1);
         let mut close = PortEvent {
@@ -781,6 +795,7 @@ mod tests {
         };
         book.observe(&mut close);
         assert_eq!(close.endpoint(), "0.0.0.0:8080");
+        assert_eq!(close.options, bind.options, "options carried from the bind");
         assert_eq!(close.netns, bind.netns);
         assert!(book.is_empty(), "a closed socket is forgotten");
         let filter = TraceFilter {
