@@ -42,7 +42,7 @@ use crate::{
     ALLOW,
     common::{
         PENDING_BIND, TRACKED, count_drop, current_tid, emit, fill_from_sock,
-        fill_options_from_sock, fill_task,
+        fill_options_from_sock, fill_task, sock_event,
     },
 };
 
@@ -217,14 +217,10 @@ fn on_post_bind(ctx: &SockContext, v6: bool) {
         }
         _ => {
             // The attempt was not parked (map full): report what this hook knows.
-            let mut event = Event::ZERO;
-            fill_task(&mut event);
+            let mut event = sock_event(ctx, kind::BIND);
             // SAFETY: verifier-checked context.
             unsafe {
                 let sk = &*ctx.sock;
-                event.family = sk.family as u16;
-                event.sock_type = sk.type_ as u8;
-                event.protocol = sk.protocol as u16;
                 if !v6 {
                     event.addr[..4].copy_from_slice(&sk.src_ip4.to_ne_bytes());
                 } else {
@@ -234,7 +230,6 @@ fn on_post_bind(ctx: &SockContext, v6: bool) {
                 }
                 event.netns_cookie = bpf_get_netns_cookie(ctx.sock.cast());
             }
-            event.kind = kind::BIND;
             event.cookie = cookie;
             event.port = bound_port;
             event.bound_port = bound_port;

@@ -8,6 +8,7 @@ use aya_ebpf::{
     },
     macros::map,
     maps::{CgroupArray, HashMap, PerCpuArray, RingBuf},
+    programs::SockContext,
 };
 use portwatch_ebpf::{Event, KernelOffsets, hook, opt};
 
@@ -98,6 +99,24 @@ pub fn fill_task(event: &mut Event) {
     if let Ok(comm) = bpf_get_current_comm() {
         event.comm = comm;
     }
+}
+
+/// A record of `kind` for the socket of a cgroup `sock` program: the task,
+/// and the socket's family, type and protocol (readable in every such hook).
+#[inline(always)]
+pub fn sock_event(ctx: &SockContext, kind: u8) -> Event {
+    let mut event = Event::ZERO;
+    event.kind = kind;
+    fill_task(&mut event);
+    // SAFETY: verifier-checked context; these fields are readable in every
+    // cgroup sock program.
+    unsafe {
+        let sk = &*ctx.sock;
+        event.family = sk.family as u16;
+        event.sock_type = sk.type_ as u8;
+        event.protocol = sk.protocol as u16;
+    }
+    event
 }
 
 /// Current thread id, the key of the pending maps.

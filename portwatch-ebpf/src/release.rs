@@ -13,11 +13,11 @@
 use aya_ebpf::{
     helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock, programs::SockContext,
 };
-use portwatch_ebpf::{Event, hook, kind, source};
+use portwatch_ebpf::{hook, kind, source};
 
 use crate::{
     ALLOW,
-    common::{TRACKED, emit, fill_task},
+    common::{TRACKED, emit, sock_event},
 };
 
 #[cgroup_sock(sock_release)]
@@ -28,16 +28,7 @@ pub fn sock_release(ctx: SockContext) -> i32 {
         return ALLOW;
     }
     let _ = TRACKED.remove(cookie);
-    let mut event = Event::ZERO;
-    fill_task(&mut event);
-    // SAFETY: verifier-checked context; these fields are readable here.
-    unsafe {
-        let sk = &*ctx.sock;
-        event.family = sk.family as u16;
-        event.sock_type = sk.type_ as u8;
-        event.protocol = sk.protocol as u16;
-    }
-    event.kind = kind::CLOSE;
+    let mut event = sock_event(&ctx, kind::CLOSE);
     event.cookie = cookie;
     event.source = source::RELEASE;
     emit(&event, hook::RELEASE);
