@@ -2,6 +2,7 @@
 //!
 //! - [`capture`]: loads and attaches the kernel programs, streams raw records;
 //! - [`event`]: decodes raw records into typed events (pure, no I/O);
+//! - [`socket`]: what portwatch knows about one socket holding a port (pure);
 //! - [`trace`]: the `portwatch trace` output, filters and formatting (pure);
 //! - [`cli`]: command-line arguments;
 //! - [`app`]: what each command does.
@@ -10,4 +11,5 @@ pub mod app;
 pub mod capture;
 pub mod cli;
 pub mod event;
+pub mod socket;
 pub mod trace;

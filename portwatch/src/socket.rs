@@ -1,0 +1,70 @@
+//! The vocabulary shared by the per-port map, the conflict rules and the
+//! snapshot: what portwatch knows about one socket that holds (or asks for) a
+//! local port. Pure data, no I/O.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+pub use crate::event::{Family, Protocol};
+
+/// A network namespace, named by its cookie (`SO_NETNS_COOKIE`, the same
+/// value the kernel programs read with `bpf_get_netns_cookie`).
+pub type NetnsCookie = u64;
+
+/// Where a socket stands, as far as port conflicts are concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SockState {
+    /// TCP in LISTEN.
+    Listening,
+    /// Bound and not connected: a UDP socket that receives on its port, or a
+    /// TCP socket bound but not (yet) listening.
+    Bound,
+    /// Connected (TCP ESTABLISHED and the other connection states, or a
+    /// connected UDP socket). Still holds its local port.
+    Connected,
+    /// TCP TIME_WAIT: no socket any more, but the port is still held.
+    TimeWait,
+}
+
+/// Socket options that decide whether sockets may share a port. `None` is
+/// "unknown" (never guessed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct ShareOptions {
+    pub reuse_addr: Option<bool>,
+    pub reuse_port: Option<bool>,
+    /// Only meaningful for IPv6 sockets.
+    pub v6only: Option<bool>,
+}
+
+/// One socket holding a local port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SocketFacts {
+    /// Socket cookie: the socket's identity. 0 for TIME_WAIT entries.
+    pub cookie: u64,
+    pub netns: NetnsCookie,
+    pub protocol: Protocol,
+    pub family: Family,
+    /// Local address (an IPv4-mapped IPv6 address stays as the kernel has it).
+    pub address: IpAddr,
+    pub port: u16,
+    pub state: SockState,
+    pub options: ShareOptions,
+    /// Owner uid of the socket (what SO_REUSEPORT compares); `None` unknown.
+    pub uid: Option<u32>,
+    /// Device the socket is bound to (SO_BINDTODEVICE), 0 for none.
+    pub bound_dev_if: u32,
+}
+
+/// A bind someone wants to make (or made and failed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BindRequest {
+    pub netns: NetnsCookie,
+    pub protocol: Protocol,
+    pub family: Family,
+    pub address: IpAddr,
+    pub port: u16,
+    pub options: ShareOptions,
+    pub uid: u32,
+}
