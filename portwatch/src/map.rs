@@ -1,0 +1,637 @@
+//! The live per-port map: every socket that holds a port for receiving, keyed
+//! by its cookie, indexed by port. Pure logic: it is fed decoded events and
+//! snapshots and never does I/O itself.
+//!
+//! Identity follows the kernel: (network namespace, protocol, local address,
+//! port), with one socket cookie per socket, so one port holds many entries:
+//! TCP and UDP, IPv4 and IPv6, different addresses, SO_REUSEPORT groups and
+//! different network namespaces.
+//!
+//! What counts as a listener: a TCP socket once it listens; a UDP socket once
+//! it is bound and not connected. TCP sockets that are bound but not (yet)
+//! listening are kept apart: they are not listeners, but they do block binds,
+//! so failure attribution needs them.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    time::SystemTime,
+};
+
+use serde::Serialize;
+
+use crate::{
+    event::{EventKind, PortEvent},
+    socket::{Family, NetnsCookie, Protocol, ShareOptions, SockState, SocketFacts},
+};
+
+/// A process holding a socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Holder {
+    pub pid: u32,
+    /// Process name (`comm`).
+    pub process: String,
+}
+
+/// One socket in the map.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Entry {
+    /// What the conflict rules need: address, port, state, options, uid.
+    #[serde(flatten)]
+    pub facts: SocketFacts,
+    /// Every process known to hold the socket (fork, socket activation).
+    pub holders: Vec<Holder>,
+    /// Socket inode, when a snapshot saw it.
+    pub inode: Option<u64>,
+    /// cgroup v2 id of the task that bound it, when an event saw it.
+    pub cgroup_id: Option<u64>,
+    /// cgroup path, systemd unit and container id, when known.
+    pub cgroup: Option<String>,
+    pub unit: Option<String>,
+    pub container: Option<String>,
+    /// When portwatch first saw the socket in its current state (for sockets
+    /// found by the start-up snapshot: when the snapshot ran).
+    pub since: SystemTime,
+    /// Whether `since` is the real moment (seen by an event) or only the
+    /// snapshot time (the socket is older).
+    pub since_exact: bool,
+}
+
+impl Entry {
+    /// Whether this socket counts as a listener.
+    pub fn is_listener(&self) -> bool {
+        match (self.facts.protocol, self.facts.state) {
+            (Protocol::Tcp | Protocol::Mptcp | Protocol::Sctp, state) => {
+                state == SockState::Listening
+            }
+            (Protocol::Udp | Protocol::UdpLite, state) => state == SockState::Bound,
+        }
+    }
+}
+
+/// What the map holds about one socket before it is known to the map, as a
+/// snapshot or reconciliation reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    pub facts: SocketFacts,
+    pub holders: Vec<Holder>,
+    pub inode: Option<u64>,
+    pub cgroup: Option<String>,
+    pub unit: Option<String>,
+    pub container: Option<String>,
+}
+
+/// Differences found by a reconciliation, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Drift {
+    /// In the kernel but not in the map (added).
+    pub missing: u64,
+    /// In the map but no longer in the kernel (removed).
+    pub stale: u64,
+    /// In both, but the map had the wrong state or address (corrected).
+    pub changed: u64,
+}
+
+impl Drift {
+    pub fn total(&self) -> u64 {
+        self.missing + self.stale + self.changed
+    }
+}
+
+/// The live map.
+#[derive(Debug, Default)]
+pub struct PortMap {
+    entries: HashMap<u64, Entry>,
+    by_port: BTreeMap<u16, BTreeSet<u64>>,
+}
+
+impl PortMap {
+    /// Applies one decoded event seen at `at`. Failures are not stored here
+    /// (see the failure log); they leave the map unchanged.
+    pub fn apply(&mut self, event: &PortEvent, at: SystemTime) {
+        let Some(cookie) = event.cookie else { return };
+        match event.kind {
+            EventKind::Bind => {
+                let Some(port) = event.bound_port else {
+                    // IP_BIND_ADDRESS_NO_PORT: no port reserved yet.
+                    return;
+                };
+                let facts = SocketFacts {
+                    cookie,
+                    netns: event.netns.unwrap_or(0),
+                    protocol: event.protocol,
+                    family: event.family,
+                    address: event.address,
+                    port,
+                    state: SockState::Bound,
+                    options: ShareOptions {
+                        reuse_addr: event.options.reuse_addr,
+                        reuse_port: event.options.reuse_port,
+                        v6only: event.options.v6only,
+                    },
+                    uid: event.sock_uid,
+                    bound_dev_if: 0,
+                };
+                self.insert(Entry {
+                    facts,
+                    holders: vec![holder(event)],
+                    inode: None,
+                    cgroup_id: Some(event.cgroup_id),
+                    cgroup: None,
+                    unit: None,
+                    container: None,
+                    since: at,
+                    since_exact: true,
+                });
+            }
+            EventKind::Listen => {
+                if let Some(entry) = self.entries.get_mut(&cookie) {
+                    entry.facts.state = SockState::Listening;
+                    entry.since = at;
+                    entry.since_exact = true;
+                    add_holder(&mut entry.holders, holder(event));
+                } else {
+                    // Listening without a bind we saw: autobind at listen(),
+                    // or bound before portwatch started.
+                    let port = event.bound_port.unwrap_or(event.port);
+                    self.insert(Entry {
+                        facts: SocketFacts {
+                            cookie,
+                            netns: event.netns.unwrap_or(0),
+                            protocol: event.protocol,
+                            family: event.family,
+                            address: event.address,
+                            port,
+                            state: SockState::Listening,
+                            options: ShareOptions::default(),
+                            uid: event.sock_uid,
+                            bound_dev_if: 0,
+                        },
+                        holders: vec![holder(event)],
+                        inode: None,
+                        cgroup_id: Some(event.cgroup_id),
+                        cgroup: None,
+                        unit: None,
+                        container: None,
+                        since: at,
+                        since_exact: true,
+                    });
+                }
+            }
+            EventKind::ListenStop => {
+                if let Some(entry) = self.entries.get_mut(&cookie) {
+                    entry.facts.state = SockState::Bound;
+                    entry.since = at;
+                }
+            }
+            EventKind::Close => {
+                self.remove(cookie);
+            }
+            EventKind::BindFailed | EventKind::ListenFailed => {}
+        }
+    }
+
+    /// Merges what a snapshot saw, without forgetting anything: sockets the
+    /// map lacks are added (since = `at`, not exact), known ones get the
+    /// facts only a snapshot has (inode, holders, unit, options it read).
+    pub fn merge(&mut self, observed: Vec<Observed>, at: SystemTime) {
+        for seen in observed {
+            self.upsert(seen, at);
+        }
+    }
+
+    /// Makes the map equal to `truth` (a complete sock_diag listing of every
+    /// netns) and says what differed. Sockets in states that do not hold a
+    /// port for receiving (connections, TIME_WAIT) are ignored.
+    pub fn reconcile(&mut self, truth: Vec<Observed>, at: SystemTime) -> Drift {
+        let mut drift = Drift::default();
+        let truth: Vec<Observed> = truth
+            .into_iter()
+            .filter(|o| tracked_state(&o.facts))
+            .collect();
+        let present: BTreeSet<u64> = truth.iter().map(|o| o.facts.cookie).collect();
+        let gone: Vec<u64> = self
+            .entries
+            .keys()
+            .copied()
+            .filter(|cookie| !present.contains(cookie))
+            .collect();
+        for cookie in gone {
+            self.remove(cookie);
+            drift.stale += 1;
+        }
+        for seen in truth {
+            match self.entries.get(&seen.facts.cookie) {
+                None => drift.missing += 1,
+                Some(entry) => {
+                    let (known, real) = (&entry.facts, &seen.facts);
+                    if known.state != real.state
+                        || known.address != real.address
+                        || known.port != real.port
+                        || known.protocol != real.protocol
+                    {
+                        drift.changed += 1;
+                    }
+                }
+            }
+            self.upsert(seen, at);
+        }
+        drift
+    }
+
+    fn upsert(&mut self, seen: Observed, at: SystemTime) {
+        if !tracked_state(&seen.facts) {
+            return;
+        }
+        let cookie = seen.facts.cookie;
+        match self.entries.get_mut(&cookie) {
+            Some(entry) if entry.facts.port == seen.facts.port => {
+                let options = merge_options(entry.facts.options, seen.facts.options);
+                let uid = entry.facts.uid.or(seen.facts.uid);
+                entry.facts = SocketFacts {
+                    options,
+                    uid,
+                    ..seen.facts
+                };
+                for holder in seen.holders {
+                    add_holder(&mut entry.holders, holder);
+                }
+                entry.inode = seen.inode.or(entry.inode);
+                entry.cgroup = seen.cgroup.or(entry.cgroup.take());
+                entry.unit = seen.unit.or(entry.unit.take());
+                entry.container = seen.container.or(entry.container.take());
+            }
+            _ => {
+                self.remove(cookie);
+                self.insert(Entry {
+                    facts: seen.facts,
+                    holders: seen.holders,
+                    inode: seen.inode,
+                    cgroup_id: None,
+                    cgroup: seen.cgroup,
+                    unit: seen.unit,
+                    container: seen.container,
+                    since: at,
+                    since_exact: false,
+                });
+            }
+        }
+    }
+
+    fn insert(&mut self, entry: Entry) {
+        let cookie = entry.facts.cookie;
+        if let Some(old) = self.entries.get(&cookie)
+            && old.facts.port != entry.facts.port
+        {
+            self.unindex(old.facts.port, cookie);
+        }
+        self.by_port
+            .entry(entry.facts.port)
+            .or_default()
+            .insert(cookie);
+        self.entries.insert(cookie, entry);
+    }
+
+    fn remove(&mut self, cookie: u64) -> Option<Entry> {
+        let entry = self.entries.remove(&cookie)?;
+        self.unindex(entry.facts.port, cookie);
+        Some(entry)
+    }
+
+    fn unindex(&mut self, port: u16, cookie: u64) {
+        if let Some(set) = self.by_port.get_mut(&port) {
+            set.remove(&cookie);
+            if set.is_empty() {
+                self.by_port.remove(&port);
+            }
+        }
+    }
+
+    /// The listeners on `port`, in a stable order (netns, protocol, family,
+    /// address, cookie).
+    pub fn listeners_on(&self, port: u16) -> Vec<&Entry> {
+        let mut found: Vec<&Entry> = self
+            .on_port(port)
+            .filter(|entry| entry.is_listener())
+            .collect();
+        found.sort_by_key(|e| {
+            (
+                e.facts.netns,
+                e.facts.protocol as u8,
+                e.facts.family as u8,
+                e.facts.address,
+                e.facts.cookie,
+            )
+        });
+        found
+    }
+
+    /// Every socket on `port` that holds it, listeners and bound-only ones.
+    pub fn on_port(&self, port: u16) -> impl Iterator<Item = &Entry> {
+        self.by_port
+            .get(&port)
+            .into_iter()
+            .flatten()
+            .filter_map(|cookie| self.entries.get(cookie))
+    }
+
+    /// Ports that have at least one listener, ascending.
+    pub fn ports(&self) -> Vec<u16> {
+        self.by_port
+            .iter()
+            .filter(|(_, cookies)| {
+                cookies
+                    .iter()
+                    .any(|c| self.entries.get(c).is_some_and(Entry::is_listener))
+            })
+            .map(|(port, _)| *port)
+            .collect()
+    }
+
+    /// Every listener, for exports and comparisons.
+    pub fn listeners(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values().filter(|e| e.is_listener())
+    }
+
+    /// The socket with this cookie, listener or not.
+    pub fn get(&self, cookie: u64) -> Option<&Entry> {
+        self.entries.get(&cookie)
+    }
+
+    /// Sockets of `protocol` on `port` in `netns`, as the conflict rules see them.
+    pub fn facts_on(&self, netns: NetnsCookie, protocol: Protocol, port: u16) -> Vec<SocketFacts> {
+        self.on_port(port)
+            .filter(|e| e.facts.netns == netns && e.facts.protocol == protocol)
+            .map(|e| e.facts.clone())
+            .collect()
+    }
+
+    /// How many sockets the map holds (listeners and bound-only).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// A key that identifies a listener the way `ss -tuln` shows it, for
+/// comparisons in tests: (netns, protocol, address, port).
+pub fn listener_key(facts: &SocketFacts) -> (NetnsCookie, Protocol, Family, IpAddr, u16) {
+    (
+        facts.netns,
+        facts.protocol,
+        facts.family,
+        facts.address,
+        facts.port,
+    )
+}
+
+/// Sockets the map keeps: listeners and bound-but-not-listening ones.
+fn tracked_state(facts: &SocketFacts) -> bool {
+    matches!(facts.state, SockState::Listening | SockState::Bound)
+}
+
+/// Known option values win over unknown ones; a value read later (snapshot
+/// through pidfd_getfd) fills what an event could not read.
+fn merge_options(known: ShareOptions, seen: ShareOptions) -> ShareOptions {
+    ShareOptions {
+        reuse_addr: known.reuse_addr.or(seen.reuse_addr),
+        reuse_port: known.reuse_port.or(seen.reuse_port),
+        v6only: seen.v6only.or(known.v6only),
+    }
+}
+
+fn holder(event: &PortEvent) -> Holder {
+    Holder {
+        pid: event.pid,
+        process: event.process.clone(),
+    }
+}
+
+fn add_holder(holders: &mut Vec<Holder>, holder: Holder) {
+    if !holders.iter().any(|h| h.pid == holder.pid) {
+        holders.push(holder);
+        holders.sort_by_key(|h| h.pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{Ipv4Addr, Ipv6Addr},
+        time::Duration,
+    };
+
+    use super::*;
+    use crate::event::{Errno, Options, SockType, Source};
+
+    const T0: SystemTime = SystemTime::UNIX_EPOCH;
+
+    fn event(kind: EventKind, cookie: u64, address: IpAddr, port: u16) -> PortEvent {
+        PortEvent {
+            kind,
+            boot_ns: 1,
+            pid: 100,
+            tid: 100,
+            uid: 0,
+            sock_uid: Some(0),
+            process: "nginx".into(),
+            cgroup_id: 5,
+            netns: Some(1),
+            cookie: Some(cookie),
+            protocol: Protocol::Tcp,
+            family: if address.is_ipv4() {
+                Family::Ipv4
+            } else {
+                Family::Ipv6
+            },
+            sock_type: SockType::Stream,
+            address,
+            port,
+            bound_port: Some(port),
+            errno: None,
+            options: Options::default(),
+            backlog: None,
+            source: Source::PostBind,
+        }
+    }
+
+    fn v4(a: [u8; 4]) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(a))
+    }
+
+    fn observed(cookie: u64, protocol: Protocol, state: SockState, port: u16) -> Observed {
+        Observed {
+            facts: SocketFacts {
+                cookie,
+                netns: 1,
+                protocol,
+                family: Family::Ipv4,
+                address: v4([0, 0, 0, 0]),
+                port,
+                state,
+                options: ShareOptions::default(),
+                uid: Some(0),
+                bound_dev_if: 0,
+            },
+            holders: vec![Holder {
+                pid: 7,
+                process: "old".into(),
+            }],
+            inode: Some(99),
+            cgroup: Some("/system.slice/old.service".into()),
+            unit: Some("old.service".into()),
+            container: None,
+        }
+    }
+
+    #[test]
+    fn tcp_counts_once_it_listens() {
+        let mut map = PortMap::default();
+        map.apply(&event(EventKind::Bind, 1, v4([127, 0, 0, 1]), 8000), T0);
+        assert_eq!(map.len(), 1, "bound TCP is kept");
+        assert!(map.listeners_on(8000).is_empty(), "but is not a listener");
+        assert!(map.ports().is_empty());
+        map.apply(&event(EventKind::Listen, 1, v4([127, 0, 0, 1]), 8000), T0);
+        assert_eq!(map.listeners_on(8000).len(), 1);
+        assert_eq!(map.ports(), [8000]);
+        map.apply(
+            &event(EventKind::ListenStop, 1, v4([127, 0, 0, 1]), 8000),
+            T0,
+        );
+        assert!(map.listeners_on(8000).is_empty());
+        map.apply(&event(EventKind::Close, 1, v4([0, 0, 0, 0]), 0), T0);
+        assert!(map.is_empty());
+    }
+
+    #[test]
+    fn udp_counts_once_bound() {
+        let mut map = PortMap::default();
+        let mut bind = event(EventKind::Bind, 2, v4([0, 0, 0, 0]), 53);
+        bind.protocol = Protocol::Udp;
+        map.apply(&bind, T0);
+        assert_eq!(map.listeners_on(53).len(), 1);
+    }
+
+    #[test]
+    fn a_port_holds_many_listeners() {
+        let mut map = PortMap::default();
+        let mut events = vec![
+            event(EventKind::Bind, 1, v4([0, 0, 0, 0]), 8000),
+            event(EventKind::Bind, 2, IpAddr::V6(Ipv6Addr::UNSPECIFIED), 8000),
+            event(EventKind::Bind, 3, v4([127, 0, 0, 2]), 8000),
+        ];
+        let mut udp = event(EventKind::Bind, 4, v4([0, 0, 0, 0]), 8000);
+        udp.protocol = Protocol::Udp;
+        events.push(udp);
+        for e in &events {
+            map.apply(e, T0);
+        }
+        for cookie in 1..=3 {
+            map.apply(
+                &event(EventKind::Listen, cookie, v4([0, 0, 0, 0]), 8000),
+                T0,
+            );
+        }
+        let listeners = map.listeners_on(8000);
+        assert_eq!(listeners.len(), 4);
+        assert_eq!(
+            listeners
+                .iter()
+                .filter(|e| e.facts.protocol == Protocol::Udp)
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn listen_without_a_seen_bind_is_added() {
+        let mut map = PortMap::default();
+        map.apply(&event(EventKind::Listen, 9, v4([0, 0, 0, 0]), 40000), T0);
+        assert_eq!(map.listeners_on(40000).len(), 1);
+    }
+
+    #[test]
+    fn failures_and_cookieless_events_change_nothing() {
+        let mut map = PortMap::default();
+        let mut failed = event(EventKind::BindFailed, 3, v4([127, 0, 0, 1]), 80);
+        failed.errno = Some(Errno::EACCES);
+        failed.bound_port = None;
+        map.apply(&failed, T0);
+        let mut no_cookie = event(EventKind::Bind, 0, v4([127, 0, 0, 1]), 80);
+        no_cookie.cookie = None;
+        map.apply(&no_cookie, T0);
+        assert!(map.is_empty());
+    }
+
+    #[test]
+    fn snapshot_merge_adds_and_enriches_without_forgetting() {
+        let mut map = PortMap::default();
+        map.apply(&event(EventKind::Bind, 1, v4([0, 0, 0, 0]), 8000), T0);
+        map.apply(&event(EventKind::Listen, 1, v4([0, 0, 0, 0]), 8000), T0);
+        let later = T0 + Duration::from_secs(5);
+        let mut known = observed(1, Protocol::Tcp, SockState::Listening, 8000);
+        known.facts.options.reuse_port = Some(true);
+        map.merge(
+            vec![known, observed(2, Protocol::Udp, SockState::Bound, 9000)],
+            later,
+        );
+        let one = map.get(1).unwrap();
+        assert_eq!(
+            one.holders.iter().map(|h| h.pid).collect::<Vec<_>>(),
+            [7, 100]
+        );
+        assert_eq!(one.unit.as_deref(), Some("old.service"));
+        assert_eq!(
+            one.facts.options.reuse_port,
+            Some(true),
+            "snapshot filled the unknown"
+        );
+        assert!(
+            one.since_exact && one.since == T0,
+            "an event's time is kept"
+        );
+        let two = map.get(2).unwrap();
+        assert!(!two.since_exact && two.since == later);
+        assert_eq!(map.ports(), [8000, 9000]);
+    }
+
+    #[test]
+    fn reconcile_counts_drift_and_converges() {
+        let mut map = PortMap::default();
+        map.apply(&event(EventKind::Bind, 1, v4([0, 0, 0, 0]), 8000), T0);
+        map.apply(&event(EventKind::Listen, 1, v4([0, 0, 0, 0]), 8000), T0);
+        map.apply(&event(EventKind::Bind, 2, v4([0, 0, 0, 0]), 8001), T0); // will vanish
+        let truth = vec![
+            observed(1, Protocol::Tcp, SockState::Bound, 8000), // stopped listening
+            observed(3, Protocol::Udp, SockState::Bound, 5353), // missed
+            observed(4, Protocol::Tcp, SockState::Connected, 5000), // ignored
+        ];
+        let drift = map.reconcile(truth.clone(), T0);
+        assert_eq!(
+            drift,
+            Drift {
+                missing: 1,
+                stale: 1,
+                changed: 1
+            }
+        );
+        assert_eq!(map.reconcile(truth, T0).total(), 0, "drift returns to 0");
+        assert_eq!(map.ports(), [5353]);
+        assert!(map.get(4).is_none());
+    }
+
+    #[test]
+    fn a_cookie_reused_on_another_port_moves() {
+        let mut map = PortMap::default();
+        map.apply(&event(EventKind::Bind, 1, v4([0, 0, 0, 0]), 8000), T0);
+        map.merge(
+            vec![observed(1, Protocol::Tcp, SockState::Listening, 8001)],
+            T0,
+        );
+        assert!(map.on_port(8000).next().is_none());
+        assert_eq!(map.listeners_on(8001).len(), 1);
+    }
+}
