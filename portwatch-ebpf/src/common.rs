@@ -25,9 +25,18 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(hook::COUNT, 
 #[map]
 pub static PENDING_BIND: HashMap<u32, Event> = HashMap::with_max_entries(16384, 0);
 
+/// A listen waiting for `listen()` to return: the record so far, and the
+/// socket, whose port may still change (autobind happens after LISTEN).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct PendingListen {
+    pub event: Event,
+    pub sk: u64,
+}
+
 /// Listens waiting for `listen()` to return, by thread id.
 #[map]
-pub static PENDING_LISTEN: HashMap<u32, Event> = HashMap::with_max_entries(16384, 0);
+pub static PENDING_LISTEN: HashMap<u32, PendingListen> = HashMap::with_max_entries(16384, 0);
 
 /// Cookies of the sockets whose release userspace wants to hear about: bound
 /// or listening ones, and those found by the start-up snapshot. Filtering
@@ -58,6 +67,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     transparent_bit: 0,
     bind_address_no_port_bit: 0,
     _pad1: 0,
+    sk_num: 0,
 };
 
 #[inline(always)]

@@ -149,8 +149,12 @@ pub struct KernelOffsets {
     pub transparent_bit: u8,
     pub bind_address_no_port_bit: u8,
     pub _pad1: u8,
+    /// `struct sock` -> `__sk_common.skc_num` (the local port, host order):
+    /// a listen() that autobinds gets its port only after the LISTEN
+    /// transition, so the port is read again when listen() returns.
+    pub sk_num: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 36);
+const _: () = assert!(size_of::<KernelOffsets>() == 40);
 
 /// One record in the `EVENTS` ring buffer. Every kind uses the same layout;
 /// fields a kind does not fill are zero.

@@ -33,8 +33,8 @@ use portwatch_ebpf::{
 };
 
 use crate::common::{
-    PENDING_LISTEN, TRACKED, count_drop, current_tid, emit, fill_from_sock, fill_task, offsets,
-    read_field, task_is_watched,
+    PENDING_LISTEN, PendingListen, TRACKED, count_drop, current_tid, emit, fill_from_sock,
+    fill_task, offsets, read_field, task_is_watched,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -67,7 +67,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         if !task_is_watched() {
             return Ok(());
         }
-        let mut event = listener_event(ctx)?;
+        let (mut event, sk) = listener_event(ctx)?;
         event.kind = kind::LISTEN;
         let tid = event.tid;
         if let Some(stale) = PENDING_LISTEN.get_ptr_mut(tid) {
@@ -75,7 +75,10 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             // SAFETY: map value pointer from a successful lookup.
             flush(unsafe { &mut *stale }, None, source::UNRESOLVED);
         }
-        if PENDING_LISTEN.insert(tid, event, 0).is_err() {
+        if PENDING_LISTEN
+            .insert(tid, PendingListen { event, sk }, 0)
+            .is_err()
+        {
             count_drop(hook::LISTEN);
         }
         if event.cookie != 0 && TRACKED.insert(event.cookie, 1, 0).is_err() {
@@ -89,8 +92,8 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         if let Some(pending) = PENDING_LISTEN.get_ptr_mut(tid) {
             // SAFETY: map value pointer from a successful lookup.
             let pending = unsafe { &mut *pending };
-            if pending.cookie == cookie {
-                pending.errno = FAILING;
+            if pending.sk == skaddr {
+                pending.event.errno = FAILING;
                 return Ok(());
             }
         }
@@ -100,7 +103,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         if cookie == 0 || TRACKED.get_ptr(cookie).is_none() {
             return Ok(());
         }
-        let mut event = listener_event(ctx)?;
+        let (mut event, _) = listener_event(ctx)?;
         event.kind = kind::LISTEN_STOP;
         event.source = source::STATE;
         emit(&event, hook::LISTEN_STOP);
@@ -108,10 +111,11 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-/// A record for the socket in a set_state tracepoint: task, address, port,
-/// and what the BTF offsets let us read from the socket.
-fn listener_event(ctx: &TracePointContext) -> Result<Event, i32> {
+/// A record for the socket in a set_state tracepoint (task, address, port,
+/// and what the BTF offsets let us read from the socket), and the socket.
+fn listener_event(ctx: &TracePointContext) -> Result<(Event, u64), i32> {
     let mut event = Event::ZERO;
+    let skaddr;
     fill_task(&mut event);
     // SAFETY: offsets of the tracepoint format, verified by userspace.
     unsafe {
@@ -123,7 +127,7 @@ fn listener_event(ctx: &TracePointContext) -> Result<Event, i32> {
         } else {
             event.addr = ctx.read_at(SET_STATE_SADDR_V6)?;
         }
-        let skaddr = ctx.read_at::<u64>(SET_STATE_SKADDR)?;
+        skaddr = ctx.read_at::<u64>(SET_STATE_SKADDR)?;
         fill_from_sock(&mut event, skaddr);
         if let Some(backlog) = read_field::<u32>(skaddr, offsets().sk_max_ack_backlog) {
             event.backlog = backlog;
@@ -132,12 +136,21 @@ fn listener_event(ctx: &TracePointContext) -> Result<Event, i32> {
     event.bound_port = event.port;
     event.protocol = IPPROTO_TCP;
     event.sock_type = 1; // SOCK_STREAM
-    Ok(event)
+    Ok((event, skaddr))
 }
 
 /// Emits a parked listen as LISTEN or LISTEN_FAILED and forgets it.
 #[inline(always)]
-fn flush(event: &mut Event, ret: Option<i64>, src: u8) {
+fn flush(pending: &mut PendingListen, ret: Option<i64>, src: u8) {
+    let event = &mut pending.event;
+    if event.port == 0 {
+        // listen() on an unbound socket picks its port after the LISTEN
+        // transition (autobind): read the port it got.
+        if let Some(port) = read_field::<u16>(pending.sk, offsets().sk_num) {
+            event.port = port;
+            event.bound_port = port;
+        }
+    }
     let failed_in_kernel = event.errno == FAILING;
     match ret {
         Some(ret) if ret < 0 => {

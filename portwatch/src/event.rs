@@ -129,7 +129,7 @@ impl fmt::Display for EventKind {
 }
 
 /// Transport protocol of the socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// IPPROTO_TCP (6).
@@ -190,7 +190,7 @@ impl fmt::Display for Protocol {
 }
 
 /// Address family of the socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Family {
     /// AF_INET.

@@ -2,8 +2,13 @@
 //!
 //! - [`capture`]: loads and attaches the kernel programs, streams raw records;
 //! - [`event`]: decodes raw records into typed events (pure, no I/O);
+//! - [`explain`]: why a port's listeners coexist, flags, who `localhost` reaches (pure);
+//! - [`failures`]: failed binds with what blocked them (pure);
+//! - [`watch`]: the live pipeline keeping the map exact;
 //! - [`map`]: the live per-port map of listeners (pure);
+//! - [`snapshot`]: every socket holding a port in every netns, with its owners;
 //! - [`socket`]: what portwatch knows about one socket holding a port (pure);
+//! - [`rules`]: the kernel's port-sharing rules: would a bind succeed, who blocks it, why (pure);
 //! - [`trace`]: the `portwatch trace` output, filters and formatting (pure);
 //! - [`cli`]: command-line arguments;
 //! - [`app`]: what each command does.
@@ -12,6 +17,11 @@ pub mod app;
 pub mod capture;
 pub mod cli;
 pub mod event;
+pub mod explain;
+pub mod failures;
 pub mod map;
+pub mod rules;
+pub mod snapshot;
 pub mod socket;
 pub mod trace;
+pub mod watch;

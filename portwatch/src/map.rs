@@ -317,8 +317,8 @@ impl PortMap {
         found.sort_by_key(|e| {
             (
                 e.facts.netns,
-                e.facts.protocol as u8,
-                e.facts.family as u8,
+                e.facts.protocol,
+                e.facts.family,
                 e.facts.address,
                 e.facts.cookie,
             )

@@ -311,6 +311,36 @@ fn listen_start_and_close() {
     worker.wait();
 }
 
+/// listen() on a socket that was never bound picks an ephemeral port after
+/// the LISTEN transition; the event must carry the port it got, not 0.
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn listen_without_bind_reports_the_port_it_got() {
+    let cgroup = CgroupGuard::new("autobind");
+    let tracer = Tracer::start(&cgroup.path, &[]);
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        None,
+        &[
+            Op::tcp(false),
+            Op::Listen {
+                sock: 0,
+                backlog: 5,
+            },
+            Op::LocalPort { sock: 0 },
+        ],
+    );
+    let results = worker.results(3);
+    assert_eq!(results[1], 0);
+    let port = results[2] as u64;
+    assert!(port > 0);
+    let listen = tracer.expect("autobound listen", |e| is(e, "listen", worker.pid));
+    assert_eq!(listen["bound_port"], port, "{listen}");
+    assert_eq!(listen["port"], port, "{listen}");
+    assert_eq!(listen["address"], "0.0.0.0");
+    worker.wait();
+}
+
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn listen_failure_after_two_reuseaddr_binds() {

@@ -77,6 +77,7 @@ impl Resolver<'_> {
             sk_max_ack_backlog: self.bytes("sock", "sk_max_ack_backlog"),
             sk_uid: self.bytes("sock", "sk_uid"),
             inet_flags: self.bytes("inet_sock", "inet_flags"),
+            sk_num: self.bytes("sock", "__sk_common.skc_num"),
             ..KernelOffsets::default()
         };
         // The reuse bits share one byte of `sock_common`; locate each bit.
@@ -183,6 +184,7 @@ mod tests {
             ("sk_uid", off.sk_uid),
             ("sk_reuse_byte", off.sk_reuse_byte),
             ("inet_flags", off.inet_flags),
+            ("sk_num", off.sk_num),
         ] {
             assert_ne!(value, 0, "{name} not found");
         }

@@ -305,28 +305,26 @@ impl Capture {
     /// Waits for records, then hands every decoded event to `sink` until the
     /// ring is empty. Records that fail to decode are counted, and each kind
     /// of failure is logged once.
-    pub async fn read(&mut self, mut sink: impl FnMut(PortEvent)) -> Result<(), CaptureError> {
+    pub async fn read(&mut self, sink: impl FnMut(PortEvent)) -> Result<(), CaptureError> {
         let mut guard = self.ring.readable_mut().await.map_err(CaptureError::Ring)?;
-        let ring = guard.get_inner_mut();
-        while let Some(record) = ring.next() {
-            match decode(&record) {
-                Ok(event) => sink(event),
-                Err(err) => {
-                    self.stats.decode_errors += 1;
-                    if self
-                        .logged_decode_errors
-                        .insert(std::mem::discriminant(&err))
-                    {
-                        tracing::warn!(
-                            error = %err,
-                            "dropping a kernel record that does not decode (logged once per kind)"
-                        );
-                    }
-                }
-            }
-        }
+        drain(
+            guard.get_inner_mut(),
+            &mut self.stats,
+            &mut self.logged_decode_errors,
+            sink,
+        );
         guard.clear_ready();
         Ok(())
+    }
+
+    /// Hands every record already in the ring to `sink`, without waiting.
+    pub fn read_now(&mut self, sink: impl FnMut(PortEvent)) {
+        drain(
+            self.ring.get_mut(),
+            &mut self.stats,
+            &mut self.logged_decode_errors,
+            sink,
+        );
     }
 
     /// Names of the loaded programs, for diagnostics.
@@ -335,6 +333,30 @@ impl Capture {
             .programs()
             .map(|(name, _)| name.to_owned())
             .collect()
+    }
+}
+
+/// Decodes every record in `ring` into `sink`; failures are counted, and
+/// each kind of failure is logged once.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    stats: &mut CaptureStats,
+    logged: &mut HashSet<std::mem::Discriminant<DecodeError>>,
+    mut sink: impl FnMut(PortEvent),
+) {
+    while let Some(record) = ring.next() {
+        match decode(&record) {
+            Ok(event) => sink(event),
+            Err(err) => {
+                stats.decode_errors += 1;
+                if logged.insert(std::mem::discriminant(&err)) {
+                    tracing::warn!(
+                        error = %err,
+                        "dropping a kernel record that does not decode (logged once per kind)"
+                    );
+                }
+            }
+        }
     }
 }
 

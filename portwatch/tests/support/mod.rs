@@ -89,6 +89,22 @@ impl NetnsGuard {
         Path::new("/run/netns").join(&self.name)
     }
 
+    /// The namespace's cookie, the value events and the map carry.
+    pub fn cookie(&self) -> u64 {
+        let file = std::fs::File::open(self.path()).expect("open netns");
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: moves only this short-lived thread.
+                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                    portwatch::snapshot::netns_cookie_of_current_thread().expect("netns cookie")
+                })
+                .join()
+                .expect("netns thread")
+        })
+    }
+
     /// Runs `ip -n <ns> args...` (e.g. to add addresses).
     pub fn ip(&self, args: &[&str]) {
         let mut full = vec!["-n", self.name.as_str()];

@@ -1,0 +1,486 @@
+//! Why the listeners of one port coexist, and what about them surprises
+//! people. Pure logic over the map's entries (the `localhost` resolution
+//! order is an input, read once with [`localhost_order`]).
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs},
+};
+
+use serde::Serialize;
+
+use crate::{
+    map::Entry,
+    rules::{self, CoexistReason},
+    socket::{Family, NetnsCookie, Protocol, SocketFacts},
+};
+
+/// A reason some listeners of a port coexist.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Sharing {
+    /// The rule that lets them coexist.
+    pub kind: CoexistReason,
+    /// Cookies of the listeners it covers (a pair, or a whole group).
+    pub listeners: Vec<u64>,
+    /// One plain sentence.
+    pub explanation: String,
+}
+
+/// Something about a port that surprises people.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "flag", rename_all = "snake_case")]
+pub enum Flag {
+    /// IPv4 and IPv6 listeners on one port belong to different processes:
+    /// which one answers depends on the address family a client picks.
+    DualStackSplit {
+        ipv4: Vec<u64>,
+        ipv6: Vec<u64>,
+        explanation: String,
+    },
+    /// Several sockets share one address with SO_REUSEPORT; the kernel
+    /// spreads connections across them.
+    ReuseportGroup {
+        members: Vec<u64>,
+        explanation: String,
+    },
+    /// A wildcard listener beside a specific one: the specific one gets the
+    /// traffic for its address, the wildcard the rest.
+    WildcardAndSpecific {
+        wildcard: Vec<u64>,
+        specific: Vec<u64>,
+        explanation: String,
+    },
+}
+
+impl Flag {
+    /// The flag's name, as the API lists it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Flag::DualStackSplit { .. } => "dual_stack_split",
+            Flag::ReuseportGroup { .. } => "reuseport_group",
+            Flag::WildcardAndSpecific { .. } => "wildcard_and_specific",
+        }
+    }
+}
+
+/// Which listener a TCP client of `localhost:PORT` on this machine reaches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Localhost {
+    /// Cookie of the listener that accepts the first address tried.
+    pub reaches: Option<u64>,
+    /// The address it is reached on.
+    pub via: Option<IpAddr>,
+    /// The order in which clients try the addresses of `localhost`.
+    pub order: Vec<IpAddr>,
+}
+
+/// The explanation of one port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PortExplanation {
+    pub port: u16,
+    /// More than one listener holds the port.
+    pub shared: bool,
+    pub sharing: Vec<Sharing>,
+    pub flags: Vec<Flag>,
+    pub localhost: Localhost,
+}
+
+/// The addresses of `localhost` in the order this machine's resolver returns
+/// them (getaddrinfo: /etc/hosts, /etc/gai.conf, RFC 6724). Falls back to the
+/// RFC 6724 default (`::1` first) if resolution fails.
+pub fn localhost_order() -> Vec<IpAddr> {
+    let mut order: Vec<IpAddr> = Vec::new();
+    if let Ok(addrs) = ("localhost", 0).to_socket_addrs() {
+        for addr in addrs {
+            if !order.contains(&addr.ip()) {
+                order.push(addr.ip());
+            }
+        }
+    }
+    if order.is_empty() {
+        order = vec![
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+        ];
+    }
+    order
+}
+
+/// Explains the listeners of `port`. `host_netns` is the network namespace
+/// whose `localhost` the answer is about (the machine's own).
+pub fn explain(
+    port: u16,
+    listeners: &[&Entry],
+    host_netns: NetnsCookie,
+    localhost: &[IpAddr],
+) -> PortExplanation {
+    PortExplanation {
+        port,
+        shared: listeners.len() > 1,
+        sharing: sharing(listeners),
+        flags: flags(listeners),
+        localhost: reach(listeners, host_netns, localhost),
+    }
+}
+
+/// Listeners that share one (netns, protocol, family, address): a group that
+/// can only coexist through SO_REUSEPORT (or UDP SO_REUSEADDR).
+type GroupKey = (NetnsCookie, Protocol, Family, IpAddr);
+
+fn groups<'a>(listeners: &[&'a Entry]) -> BTreeMap<GroupKey, Vec<&'a Entry>> {
+    let mut groups: BTreeMap<GroupKey, Vec<&Entry>> = BTreeMap::new();
+    for entry in listeners {
+        let f = &entry.facts;
+        groups
+            .entry((f.netns, f.protocol, f.family, f.address))
+            .or_default()
+            .push(entry);
+    }
+    groups
+}
+
+fn sharing(listeners: &[&Entry]) -> Vec<Sharing> {
+    let groups: Vec<Vec<&Entry>> = groups(listeners).into_values().collect();
+    let mut out = Vec::new();
+    // Inside a group: one reason for the whole group.
+    for group in groups.iter().filter(|g| g.len() > 1) {
+        if let Some(kind) = rules::why_coexist(&group[0].facts, &group[1].facts) {
+            out.push(Sharing {
+                explanation: kind.explanation().to_string(),
+                kind,
+                listeners: group.iter().map(|e| e.facts.cookie).collect(),
+            });
+        }
+    }
+    // Between groups: one reason per pair of groups (their first members).
+    for (i, a) in groups.iter().enumerate() {
+        for b in &groups[i + 1..] {
+            if let Some(kind) = rules::why_coexist(&a[0].facts, &b[0].facts) {
+                out.push(Sharing {
+                    explanation: kind.explanation().to_string(),
+                    kind,
+                    listeners: vec![a[0].facts.cookie, b[0].facts.cookie],
+                });
+            }
+        }
+    }
+    out
+}
+
+fn pids(entries: &[&Entry]) -> Vec<u32> {
+    let mut pids: Vec<u32> = entries
+        .iter()
+        .flat_map(|e| e.holders.iter().map(|h| h.pid))
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+fn cookies(entries: &[&Entry]) -> Vec<u64> {
+    entries.iter().map(|e| e.facts.cookie).collect()
+}
+
+fn flags(listeners: &[&Entry]) -> Vec<Flag> {
+    let mut flags = Vec::new();
+    // Per network namespace and protocol: the same port is only comparable there.
+    let mut scopes: BTreeMap<(NetnsCookie, Protocol), Vec<&Entry>> = BTreeMap::new();
+    for entry in listeners {
+        scopes
+            .entry((entry.facts.netns, entry.facts.protocol))
+            .or_default()
+            .push(entry);
+    }
+    for scope in scopes.values() {
+        let v4: Vec<&Entry> = scope
+            .iter()
+            .copied()
+            .filter(|e| e.facts.family == Family::Ipv4)
+            .collect();
+        let v6: Vec<&Entry> = scope
+            .iter()
+            .copied()
+            .filter(|e| e.facts.family == Family::Ipv6)
+            .collect();
+        let (pids4, pids6) = (pids(&v4), pids(&v6));
+        if !v4.is_empty() && !v6.is_empty() && pids4.iter().all(|p| !pids6.contains(p)) {
+            flags.push(Flag::DualStackSplit {
+                explanation: format!(
+                    "IPv4 is served by pid {} and IPv6 by pid {}: clients reach one or the other depending on the address they try first",
+                    join(&pids4),
+                    join(&pids6)
+                ),
+                ipv4: cookies(&v4),
+                ipv6: cookies(&v6),
+            });
+        }
+        for group in groups(scope).values().filter(|g| g.len() > 1) {
+            if group
+                .iter()
+                .all(|e| e.facts.options.reuse_port == Some(true))
+            {
+                flags.push(Flag::ReuseportGroup {
+                    explanation: format!(
+                        "{} sockets share {} with SO_REUSEPORT (pids {}); the kernel spreads connections across them",
+                        group.len(),
+                        crate::event::endpoint(group[0].facts.address, group[0].facts.port),
+                        join(&pids(group))
+                    ),
+                    members: cookies(group),
+                });
+            }
+        }
+        let (wild, specific): (Vec<&Entry>, Vec<&Entry>) = scope
+            .iter()
+            .copied()
+            .partition(|e| e.facts.address.is_unspecified());
+        let overlapping: Vec<&Entry> = specific
+            .into_iter()
+            .filter(|s| wild.iter().any(|w| covers(&w.facts, s.facts.address)))
+            .collect();
+        if !wild.is_empty() && !overlapping.is_empty() {
+            flags.push(Flag::WildcardAndSpecific {
+                explanation: format!(
+                    "a wildcard listener ({}) sits beside specific ones ({}): traffic to those addresses goes to the specific listener, the rest to the wildcard",
+                    wild.iter().map(|e| endpoint(&e.facts)).collect::<Vec<_>>().join(", "),
+                    overlapping.iter().map(|e| endpoint(&e.facts)).collect::<Vec<_>>().join(", ")
+                ),
+                wildcard: cookies(&wild),
+                specific: cookies(&overlapping),
+            });
+        }
+    }
+    flags
+}
+
+fn endpoint(facts: &SocketFacts) -> String {
+    crate::event::endpoint(facts.address, facts.port)
+}
+
+fn join(pids: &[u32]) -> String {
+    pids.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Whether a listener bound to `facts.address` accepts connections to `to`.
+fn covers(facts: &SocketFacts, to: IpAddr) -> bool {
+    let to = canonical(to);
+    match (canonical(facts.address), to) {
+        (IpAddr::V4(bound), IpAddr::V4(to)) => bound.is_unspecified() || bound == to,
+        (IpAddr::V6(bound), IpAddr::V6(to)) => bound.is_unspecified() || bound == to,
+        // A dual-stack `::` listener also takes IPv4.
+        (IpAddr::V6(bound), IpAddr::V4(_)) => {
+            bound.is_unspecified() && facts.options.v6only != Some(true)
+        }
+        (IpAddr::V4(_), IpAddr::V6(_)) => false,
+    }
+}
+
+/// `::ffff:a.b.c.d` is the IPv4 address a.b.c.d for matching purposes.
+fn canonical(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The first address of `order` some TCP listener in `netns` accepts, and
+/// that listener: a specific address beats a wildcard, as in the kernel's
+/// lookup.
+fn reach(listeners: &[&Entry], netns: NetnsCookie, order: &[IpAddr]) -> Localhost {
+    let tcp: Vec<&Entry> = listeners
+        .iter()
+        .copied()
+        .filter(|e| e.facts.netns == netns && e.facts.protocol == Protocol::Tcp)
+        .collect();
+    for addr in order {
+        let mut accepting: Vec<&Entry> = tcp
+            .iter()
+            .copied()
+            .filter(|e| covers(&e.facts, *addr))
+            .collect();
+        accepting.sort_by_key(|e| {
+            (
+                e.facts.address.is_unspecified(),
+                e.facts.family != family_of(*addr),
+            )
+        });
+        if let Some(first) = accepting.first() {
+            return Localhost {
+                reaches: Some(first.facts.cookie),
+                via: Some(*addr),
+                order: order.to_vec(),
+            };
+        }
+    }
+    Localhost {
+        reaches: None,
+        via: None,
+        order: order.to_vec(),
+    }
+}
+
+fn family_of(addr: IpAddr) -> Family {
+    if addr.is_ipv4() {
+        Family::Ipv4
+    } else {
+        Family::Ipv6
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::{
+        map::Holder,
+        socket::{ShareOptions, SockState},
+    };
+
+    fn entry(
+        cookie: u64,
+        pid: u32,
+        address: &str,
+        v6only: Option<bool>,
+        reuse_port: bool,
+    ) -> Entry {
+        let address: IpAddr = address.parse().unwrap();
+        Entry {
+            facts: SocketFacts {
+                cookie,
+                netns: 1,
+                protocol: Protocol::Tcp,
+                family: family_of(address),
+                address,
+                port: 8000,
+                state: SockState::Listening,
+                options: ShareOptions {
+                    reuse_addr: Some(false),
+                    reuse_port: Some(reuse_port),
+                    v6only,
+                },
+                uid: Some(1000),
+                bound_dev_if: 0,
+            },
+            holders: vec![Holder {
+                pid,
+                process: format!("p{pid}"),
+            }],
+            inode: None,
+            cgroup_id: None,
+            cgroup: None,
+            unit: None,
+            container: None,
+            since: SystemTime::UNIX_EPOCH,
+            since_exact: true,
+        }
+    }
+
+    const LOCALHOST: [IpAddr; 2] = [
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+    ];
+
+    #[test]
+    fn the_seed_article_case_ipv6_answers_localhost() {
+        // node listens 0.0.0.0:8000 (pid 1) and [::]:8000 v6only (pid 2).
+        let v4 = entry(1, 1, "0.0.0.0", None, false);
+        let v6 = entry(2, 2, "::", Some(true), false);
+        let found = explain(8000, &[&v4, &v6], 1, &LOCALHOST);
+        assert!(found.shared);
+        assert_eq!(found.localhost.reaches, Some(2));
+        assert_eq!(found.localhost.via, Some(LOCALHOST[0]));
+        assert_eq!(
+            found.flags.iter().map(Flag::name).collect::<Vec<_>>(),
+            ["dual_stack_split"]
+        );
+        assert_eq!(found.sharing.len(), 1);
+        assert_eq!(found.sharing[0].listeners, [1, 2]);
+    }
+
+    #[test]
+    fn ipv4_first_resolution_reaches_the_ipv4_listener() {
+        let v4 = entry(1, 1, "127.0.0.1", None, false);
+        let v6 = entry(2, 2, "::1", Some(false), false);
+        let order = [LOCALHOST[1], LOCALHOST[0]];
+        let found = explain(8000, &[&v4, &v6], 1, &order);
+        assert_eq!(found.localhost.reaches, Some(1));
+    }
+
+    #[test]
+    fn a_dual_stack_wildcard_takes_ipv4_localhost() {
+        let v6 = entry(2, 2, "::", Some(false), false);
+        let found = explain(8000, &[&v6], 1, &[LOCALHOST[1]]);
+        assert_eq!(found.localhost.reaches, Some(2));
+        assert!(!found.shared);
+        let v6only = entry(3, 2, "::", Some(true), false);
+        assert_eq!(
+            explain(8000, &[&v6only], 1, &[LOCALHOST[1]])
+                .localhost
+                .reaches,
+            None
+        );
+    }
+
+    #[test]
+    fn specific_beats_wildcard_and_is_flagged() {
+        let wild = entry(1, 1, "0.0.0.0", None, false);
+        let lo = entry(2, 2, "127.0.0.1", None, false);
+        let found = explain(8000, &[&wild, &lo], 1, &[LOCALHOST[1]]);
+        assert_eq!(found.localhost.reaches, Some(2));
+        let names: Vec<&str> = found.flags.iter().map(Flag::name).collect();
+        assert_eq!(names, ["wildcard_and_specific"]);
+    }
+
+    #[test]
+    fn a_reuseport_group_is_one_sharing_entry_and_a_flag() {
+        let a = entry(1, 10, "127.0.0.1", None, true);
+        let b = entry(2, 11, "127.0.0.1", None, true);
+        let c = entry(3, 12, "127.0.0.1", None, true);
+        let found = explain(8000, &[&a, &b, &c], 1, &LOCALHOST);
+        assert_eq!(found.sharing.len(), 1);
+        assert_eq!(found.sharing[0].listeners, [1, 2, 3]);
+        match &found.flags[..] {
+            [
+                Flag::ReuseportGroup {
+                    members,
+                    explanation,
+                },
+            ] => {
+                assert_eq!(members, &[1, 2, 3]);
+                assert!(explanation.contains("10, 11, 12"), "{explanation}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn same_process_on_both_families_is_not_a_split() {
+        let v4 = entry(1, 7, "0.0.0.0", None, false);
+        let v6 = entry(2, 7, "::", Some(true), false);
+        assert!(explain(8000, &[&v4, &v6], 1, &LOCALHOST).flags.is_empty());
+    }
+
+    #[test]
+    fn other_namespaces_do_not_answer_localhost() {
+        let mut v4 = entry(1, 1, "0.0.0.0", None, false);
+        v4.facts.netns = 2;
+        assert_eq!(explain(8000, &[&v4], 1, &LOCALHOST).localhost.reaches, None);
+    }
+
+    #[test]
+    fn mapped_addresses_match_their_ipv4_form() {
+        let mapped = entry(1, 1, "::ffff:127.0.0.1", Some(false), false);
+        assert!(covers(&mapped.facts, LOCALHOST[1]));
+    }
+
+    #[test]
+    fn this_machine_resolves_localhost() {
+        let order = localhost_order();
+        assert!(!order.is_empty());
+        assert!(order.iter().all(|a| a.is_loopback()), "{order:?}");
+    }
+}

@@ -1,0 +1,546 @@
+//! The start-up snapshot, and the source of truth for reconciliation: every
+//! TCP and UDP socket that holds a local port, in every network namespace on
+//! the machine, with the processes that hold it.
+//!
+//! How it is taken, and what each step costs:
+//! 1. Namespaces (`netns.rs`): one `stat` of `/proc/<pid>/ns/net` per process,
+//!    plus the bind mounts in `/run/netns`; one open file per distinct
+//!    namespace pins it until the snapshot is done.
+//! 2. Sockets (`diag.rs`): worker threads enter each namespace (`setns` moves
+//!    only the calling thread; the caller's thread never moves) and open a
+//!    NETLINK_SOCK_DIAG socket there. A netlink socket answers for the
+//!    namespace it was created in, and its SO_NETNS_COOKIE names that
+//!    namespace. Four dumps per namespace (TCP and UDP, IPv4 and IPv6), about
+//!    32 KiB of records per `recv`.
+//! 3. Owners ([`owners`]): one pass over `/proc/<pid>/fd` for the whole
+//!    machine, one `readlinkat` per descriptor, keeping only the inodes step 2
+//!    returned; `comm`, `status` and `cgroup` are read once per holding process.
+//! 4. Sharing options (`options.rs`): sock_diag cannot report SO_REUSEADDR or
+//!    SO_REUSEPORT, so for listening and bound sockets a copy of an owner's
+//!    descriptor is taken with `pidfd_getfd` and asked (five system calls per
+//!    socket). Where that is not permitted the options stay unknown.
+//!
+//! The snapshot is not atomic: a socket opened or closed while it runs may be
+//! missed, or seen without an owner. The kernel programs' events cover that
+//! window; nothing here is guessed.
+
+mod diag;
+mod netns;
+mod options;
+pub mod owners;
+
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    num::NonZeroUsize,
+    path::PathBuf,
+    sync::atomic::{AtomicUsize, Ordering},
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+
+pub use self::netns::netns_cookie_of_current_thread;
+use self::{
+    diag::{Diag, DiagSocket},
+    netns::{Namespace, NetnsKey},
+    owners::ProcInfo,
+};
+use crate::{
+    map::{Holder, Observed},
+    socket::{NetnsCookie, SockState, SocketFacts},
+};
+
+/// What a snapshot reads beyond the sock_diag listing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct SnapshotConfig {
+    /// Map sockets to the processes holding them (a pass over
+    /// `/proc/<pid>/fd`). Default true; a periodic reconciliation that only
+    /// needs the socket list may turn it off.
+    pub read_owners: bool,
+    /// Read SO_REUSEADDR/SO_REUSEPORT of listening and bound sockets through
+    /// `pidfd_getfd`. Default true; needs `read_owners`.
+    pub read_options: bool,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            read_owners: true,
+            read_options: true,
+        }
+    }
+}
+
+/// Everything a snapshot found.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Every TCP and UDP socket holding a local port, namespace by namespace.
+    pub sockets: Vec<SnapshotSocket>,
+    /// The namespaces that were listed.
+    pub namespaces: Vec<NetnsInfo>,
+    /// Namespaces that were found but could not be listed, and why.
+    pub skipped_netns: Vec<SkippedNetns>,
+    /// Listening and bound sockets whose SO_REUSEADDR/SO_REUSEPORT stayed
+    /// unknown (no owner, or copying the descriptor was not permitted).
+    pub options_unreadable: u64,
+    /// Processes whose descriptors could not be read (not root).
+    pub processes_unreadable: u64,
+    /// When the snapshot started.
+    pub taken_at: SystemTime,
+    /// How long it took, in total and step by step.
+    pub elapsed: Duration,
+    pub phases: Phases,
+}
+
+/// How long each step of a snapshot took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Phases {
+    /// Finding namespaces (`/proc/<pid>/ns/net`, `/run/netns`).
+    pub discover: Duration,
+    /// Entering them and the sock_diag dumps.
+    pub listing: Duration,
+    /// The `/proc/<pid>/fd` scan and the holders' comm, status and cgroup.
+    pub owners: Duration,
+    /// pidfd_getfd and getsockopt on listening and bound sockets.
+    pub options: Duration,
+}
+
+impl Snapshot {
+    /// The snapshot in the form the per-port map merges and reconciles.
+    pub fn observed(&self) -> Vec<Observed> {
+        self.sockets.iter().cloned().map(Observed::from).collect()
+    }
+}
+
+/// One socket, with what only a snapshot knows about it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SnapshotSocket {
+    #[serde(flatten)]
+    pub facts: SocketFacts,
+    /// Socket inode (`socket:[INODE]`); 0 for TIME_WAIT entries.
+    pub inode: u64,
+    /// Every process holding a descriptor of the socket, by pid then fd.
+    pub owners: Vec<Owner>,
+}
+
+/// A process holding a socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Owner {
+    pub pid: u32,
+    /// Process name (`comm`).
+    pub process: String,
+    /// Effective uid of the process.
+    pub uid: u32,
+    /// The descriptor number in that process.
+    pub fd: i32,
+    /// cgroup v2 path (`/system.slice/nginx.service`), "" if unknown.
+    pub cgroup: String,
+    /// systemd unit found in the cgroup path (`nginx.service`, `foo.scope`).
+    pub unit: Option<String>,
+    /// Container id (64 hex digits) found in the cgroup path.
+    pub container: Option<String>,
+}
+
+/// A network namespace that was listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NetnsInfo {
+    pub cookie: NetnsCookie,
+    /// Inode of the namespace file (what `ip netns identify`, `lsns` show).
+    pub inode: u64,
+    /// Names under /run/netns, if any.
+    pub names: Vec<String>,
+}
+
+/// A network namespace that could not be listed.
+#[derive(Debug)]
+pub struct SkippedNetns {
+    /// The file it was found through.
+    pub path: PathBuf,
+    pub error: SnapshotError,
+}
+
+/// Why a snapshot, or one namespace of it, failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Reading /proc failed: without it no namespace and no owner is found.
+    #[error("reading {path}: {source}")]
+    Proc {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A namespace file (or the /run/netns directory) could not be opened.
+    #[error("opening network namespace {path}: {source}")]
+    NetnsOpen {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A file under /run/netns is not a namespace (left by a failed
+    /// `ip netns add`, or the bind mount was undone).
+    #[error("{path} is not a network namespace")]
+    NotNetns { path: PathBuf },
+    /// Entering a namespace failed (setns needs CAP_SYS_ADMIN).
+    #[error("entering network namespace {path}: {source}")]
+    Setns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Reading SO_NETNS_COOKIE failed (it needs Linux 5.14 or later).
+    #[error("reading the network namespace cookie: {0}")]
+    Cookie(#[source] io::Error),
+    /// Opening a NETLINK_SOCK_DIAG socket failed.
+    #[error("opening a sock_diag netlink socket: {0}")]
+    NetlinkOpen(#[source] io::Error),
+    /// Sending a dump request failed.
+    #[error("sending a sock_diag request: {0}")]
+    NetlinkSend(#[source] io::Error),
+    /// Receiving dump records failed.
+    #[error("receiving sock_diag records: {0}")]
+    NetlinkRecv(#[source] io::Error),
+    /// The kernel refused or aborted a dump (ENOENT: no diag support for
+    /// that protocol, e.g. udp_diag not built).
+    #[error("the kernel refused the {protocol} {} sock_diag dump: {source}", .family.name())]
+    DiagRefused {
+        protocol: crate::socket::Protocol,
+        family: crate::socket::Family,
+        #[source]
+        source: io::Error,
+    },
+    /// A record from the kernel could not be decoded.
+    #[error("decoding a sock_diag record: {0}")]
+    Decode(#[source] netlink_packet_core::DecodeError),
+    /// No worker thread could be started to enter the namespaces.
+    #[error("starting a namespace worker thread: {0}")]
+    Thread(#[source] io::Error),
+}
+
+/// Takes a snapshot of every namespace on the machine.
+///
+/// Fails only when /proc cannot be read or the caller's own namespace cannot
+/// be listed; other namespaces that fail are reported in
+/// [`Snapshot::skipped_netns`], and processes that exit meanwhile are skipped.
+pub fn take(config: &SnapshotConfig) -> Result<Snapshot, SnapshotError> {
+    let started = Instant::now();
+    let taken_at = SystemTime::now();
+    let own = netns::current_thread_key().map_err(|source| SnapshotError::Proc {
+        path: netns::THREAD_NETNS.into(),
+        source,
+    })?;
+    let mut skipped_netns = Vec::new();
+    let mut phases = Phases::default();
+    let mut phase = Instant::now();
+    let found = netns::discover(own, &mut skipped_netns)?;
+    phases.discover = lap(&mut phase);
+
+    let mut namespaces = Vec::with_capacity(found.len());
+    let mut listed = Vec::new();
+    for (ns, dump) in found.iter().zip(dump_namespaces(&found, own)?) {
+        match dump {
+            Ok(dump) => {
+                namespaces.push(NetnsInfo {
+                    cookie: dump.cookie,
+                    inode: ns.key.1,
+                    names: ns.names.clone(),
+                });
+                listed.extend(dump.sockets);
+            }
+            Err(error) if ns.key == own => return Err(error),
+            Err(error) => skipped_netns.push(SkippedNetns {
+                path: ns.path.clone(),
+                error,
+            }),
+        }
+    }
+    drop(found);
+    phases.listing = lap(&mut phase);
+
+    let mut sockets: Vec<SnapshotSocket> = listed
+        .into_iter()
+        .map(|DiagSocket { facts, inode }| SnapshotSocket {
+            facts,
+            inode,
+            owners: Vec::new(),
+        })
+        .collect();
+    let mut processes_unreadable = 0;
+    let mut options_unreadable = 0;
+    if config.read_owners {
+        processes_unreadable = attach_owners(&mut sockets)?;
+        phases.owners = lap(&mut phase);
+        if config.read_options {
+            options_unreadable = read_share_options(&mut sockets);
+            phases.options = lap(&mut phase);
+        }
+    } else if config.read_options {
+        options_unreadable = sockets.iter().filter(|s| wants_options(s)).count() as u64;
+    }
+
+    Ok(Snapshot {
+        sockets,
+        namespaces,
+        skipped_netns,
+        options_unreadable,
+        processes_unreadable,
+        taken_at,
+        elapsed: started.elapsed(),
+        phases,
+    })
+}
+
+/// The time since `*since`, restarting it.
+fn lap(since: &mut Instant) -> Duration {
+    let now = Instant::now();
+    let elapsed = now - *since;
+    *since = now;
+    elapsed
+}
+
+/// The sockets of one namespace.
+struct NetnsDump {
+    cookie: NetnsCookie,
+    sockets: Vec<DiagSocket>,
+}
+
+/// More threads than this mostly contend: every namespace's dump walks the
+/// same machine-wide socket hash tables, skipping other namespaces' sockets.
+const MAX_WORKERS: usize = 8;
+
+/// Lists every namespace from worker threads that take them in turn; results
+/// come back in the order of `namespaces`.
+fn dump_namespaces(
+    namespaces: &[Namespace],
+    own: NetnsKey,
+) -> Result<Vec<Result<NetnsDump, SnapshotError>>, SnapshotError> {
+    let workers = thread::available_parallelism()
+        .map_or(1, NonZeroUsize::get)
+        .clamp(1, MAX_WORKERS)
+        .min(namespaces.len().max(1));
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<Option<Result<NetnsDump, SnapshotError>>> =
+        namespaces.iter().map(|_| None).collect();
+    let spawned = thread::scope(|scope| {
+        let mut handles = Vec::with_capacity(workers);
+        let mut spawn_error = None;
+        for _ in 0..workers {
+            let spawned = thread::Builder::new()
+                .name("portwatch-netns".into())
+                .spawn_scoped(scope, || netns_worker(namespaces, own, &next));
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                Err(error) => {
+                    spawn_error = Some(error);
+                    break;
+                }
+            }
+        }
+        let any = !handles.is_empty();
+        for handle in handles {
+            match handle.join() {
+                Ok(done) => {
+                    for (index, result) in done {
+                        results[index] = Some(result);
+                    }
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        match spawn_error {
+            // The workers that did start took every namespace between them.
+            Some(error) if !any => Err(SnapshotError::Thread(error)),
+            _ => Ok(()),
+        }
+    });
+    spawned?;
+    Ok(results
+        .into_iter()
+        .map(|result| result.expect("every namespace is taken by a worker"))
+        .collect())
+}
+
+/// One worker: takes namespaces off the shared counter until none are left.
+/// It starts in its creator's namespace and moves only itself.
+fn netns_worker(
+    namespaces: &[Namespace],
+    own: NetnsKey,
+    next: &AtomicUsize,
+) -> Vec<(usize, Result<NetnsDump, SnapshotError>)> {
+    let mut here = own;
+    let mut done = Vec::new();
+    loop {
+        let index = next.fetch_add(1, Ordering::Relaxed);
+        let Some(ns) = namespaces.get(index) else {
+            return done;
+        };
+        let result = (|| {
+            if ns.key != here {
+                netns::enter(ns)?;
+                here = ns.key;
+            }
+            let mut diag = Diag::open()?;
+            let cookie = diag.netns_cookie()?;
+            let mut sockets = Vec::new();
+            diag.dump_all(cookie, &mut sockets)?;
+            Ok(NetnsDump { cookie, sockets })
+        })();
+        done.push((index, result));
+    }
+}
+
+/// Fills in `owners`; returns how many processes could not be read.
+fn attach_owners(sockets: &mut [SnapshotSocket]) -> Result<u64, SnapshotError> {
+    let wanted: HashSet<u64> = sockets
+        .iter()
+        .map(|s| s.inode)
+        .filter(|&inode| inode != 0)
+        .collect();
+    if wanted.is_empty() {
+        return Ok(0);
+    }
+    let scan = owners::scan_fds(&wanted)?;
+    let mut processes: HashMap<u32, Option<ProcInfo>> = HashMap::new();
+    for socket in sockets.iter_mut() {
+        let Some(holders) = scan.by_inode.get(&socket.inode) else {
+            continue;
+        };
+        for holder in holders {
+            // A process that exited since the fd scan is skipped.
+            let info = processes
+                .entry(holder.pid)
+                .or_insert_with(|| owners::process_info(holder.pid).ok());
+            if let Some(info) = info {
+                socket.owners.push(Owner {
+                    pid: holder.pid,
+                    process: info.process.clone(),
+                    uid: info.uid,
+                    fd: holder.fd,
+                    cgroup: info.cgroup.clone(),
+                    unit: info.unit.clone(),
+                    container: info.container.clone(),
+                });
+            }
+        }
+        socket.owners.sort_by_key(|owner| (owner.pid, owner.fd));
+    }
+    Ok(scan.unreadable)
+}
+
+/// Sockets whose sharing options matter to binds.
+fn wants_options(socket: &SnapshotSocket) -> bool {
+    matches!(socket.facts.state, SockState::Listening | SockState::Bound)
+}
+
+/// Fills in SO_REUSEADDR/SO_REUSEPORT; returns how many stayed unknown.
+fn read_share_options(sockets: &mut [SnapshotSocket]) -> u64 {
+    let mut reader = options::OptionReader::default();
+    let mut unreadable = 0;
+    for socket in sockets.iter_mut().filter(|s| wants_options(s)) {
+        let holders = socket.owners.iter().map(|owner| (owner.pid, owner.fd));
+        match reader.read(holders, socket.facts.cookie) {
+            Some(read) => {
+                socket.facts.options.reuse_addr = Some(read.reuse_addr);
+                socket.facts.options.reuse_port = Some(read.reuse_port);
+            }
+            None => unreadable += 1,
+        }
+    }
+    unreadable
+}
+
+impl From<SnapshotSocket> for Observed {
+    /// The first owner (lowest pid) names the cgroup, unit and container.
+    fn from(socket: SnapshotSocket) -> Observed {
+        let first = socket.owners.first();
+        Observed {
+            inode: (socket.inode != 0).then_some(socket.inode),
+            cgroup: first
+                .map(|owner| owner.cgroup.clone())
+                .filter(|cgroup| !cgroup.is_empty()),
+            unit: first.and_then(|owner| owner.unit.clone()),
+            container: first.and_then(|owner| owner.container.clone()),
+            holders: socket
+                .owners
+                .into_iter()
+                .map(|owner| Holder {
+                    pid: owner.pid,
+                    process: owner.process,
+                })
+                .collect(),
+            facts: socket.facts,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::socket::{Family, Protocol, ShareOptions};
+
+    fn socket(owners: Vec<Owner>, inode: u64) -> SnapshotSocket {
+        SnapshotSocket {
+            facts: SocketFacts {
+                cookie: 7,
+                netns: 4096,
+                protocol: Protocol::Tcp,
+                family: Family::Ipv4,
+                address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                port: 8000,
+                state: SockState::Listening,
+                options: ShareOptions::default(),
+                uid: Some(0),
+                bound_dev_if: 0,
+            },
+            inode,
+            owners,
+        }
+    }
+
+    fn owner(pid: u32, unit: Option<&str>) -> Owner {
+        Owner {
+            pid,
+            process: format!("p{pid}"),
+            uid: 0,
+            fd: 3,
+            cgroup: "/system.slice/nginx.service".into(),
+            unit: unit.map(str::to_owned),
+            container: None,
+        }
+    }
+
+    #[test]
+    fn observed_keeps_every_holder_and_the_first_owners_unit() {
+        let seen = Observed::from(socket(
+            vec![owner(10, Some("nginx.service")), owner(11, None)],
+            1234,
+        ));
+        assert_eq!(seen.inode, Some(1234));
+        assert_eq!(seen.unit.as_deref(), Some("nginx.service"));
+        assert_eq!(seen.cgroup.as_deref(), Some("/system.slice/nginx.service"));
+        let pids: Vec<u32> = seen.holders.iter().map(|h| h.pid).collect();
+        assert_eq!(pids, [10, 11]);
+    }
+
+    #[test]
+    fn observed_without_owner_or_inode_leaves_them_unknown() {
+        let seen = Observed::from(socket(Vec::new(), 0));
+        assert_eq!(seen.inode, None);
+        assert_eq!(seen.cgroup, None);
+        assert!(seen.holders.is_empty());
+    }
+
+    #[test]
+    fn config_defaults_read_everything() {
+        let config: SnapshotConfig = serde_json::from_str("{}").expect("empty config");
+        assert_eq!(config, SnapshotConfig::default());
+        assert!(config.read_owners && config.read_options);
+        let config: SnapshotConfig =
+            serde_json::from_str(r#"{"read_options": false}"#).expect("config");
+        assert!(config.read_owners && !config.read_options);
+    }
+}

@@ -1,0 +1,332 @@
+//! Who holds a socket: descriptors found under `/proc/<pid>/fd`, and what the
+//! holding process is (name, uid, cgroup, systemd unit, container).
+//!
+//! The parsers ([`socket_inode`], [`effective_uid`], [`cgroup_path`],
+//! [`systemd_unit`], [`container_id`]) are pure and public: the event side,
+//! which knows a cgroup path, names units and containers the same way.
+//!
+//! Only the group leader's descriptor table is read (`/proc/<pid>/fd`); a
+//! thread made with its own table (clone without CLONE_FILES) is not. Paths
+//! are as this process's cgroup namespace shows them.
+
+use std::{
+    collections::{HashMap, HashSet},
+    ffi::CString,
+    fs::{self, File},
+    io,
+    os::{fd::AsRawFd, unix::ffi::OsStringExt},
+};
+
+use super::SnapshotError;
+
+/// One descriptor that refers to a wanted socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FdRef {
+    pub pid: u32,
+    pub fd: i32,
+}
+
+/// The result of one pass over `/proc/<pid>/fd`.
+#[derive(Debug, Default)]
+pub(crate) struct FdScan {
+    pub by_inode: HashMap<u64, Vec<FdRef>>,
+    /// Processes whose descriptors we may not read.
+    pub unreadable: u64,
+}
+
+/// Finds every descriptor of every process that refers to a socket inode in
+/// `wanted`. Fails only if /proc itself cannot be listed.
+pub(crate) fn scan_fds(wanted: &HashSet<u64>) -> Result<FdScan, SnapshotError> {
+    let mut scan = FdScan::default();
+    let entries = fs::read_dir("/proc").map_err(|source| SnapshotError::Proc {
+        path: "/proc".into(),
+        source,
+    })?;
+    let mut link = [0u8; 64];
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        match scan_process(pid, wanted, &mut link, &mut scan.by_inode) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::PermissionDenied => scan.unreadable += 1,
+            // ENOENT/ESRCH: the process exited meanwhile.
+            Err(_) => {}
+        }
+    }
+    Ok(scan)
+}
+
+fn scan_process(
+    pid: u32,
+    wanted: &HashSet<u64>,
+    link: &mut [u8; 64],
+    by_inode: &mut HashMap<u64, Vec<FdRef>>,
+) -> io::Result<()> {
+    let path = format!("/proc/{pid}/fd");
+    let dir = File::open(&path)?;
+    for entry in fs::read_dir(&path)? {
+        let name = entry?.file_name();
+        let Some(fd) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(name) = CString::new(name.into_vec()) else {
+            continue;
+        };
+        // SAFETY: `name` is NUL-terminated and the kernel writes at most
+        // `link.len()` bytes into `link`.
+        let len = unsafe {
+            libc::readlinkat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                link.as_mut_ptr().cast(),
+                link.len(),
+            )
+        };
+        // A descriptor closed meanwhile, or not a socket: skipped.
+        let Ok(len) = usize::try_from(len) else {
+            continue;
+        };
+        if let Some(inode) = socket_inode(&link[..len])
+            && wanted.contains(&inode)
+        {
+            by_inode.entry(inode).or_default().push(FdRef { pid, fd });
+        }
+    }
+    Ok(())
+}
+
+/// What a snapshot tells about a process holding a socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ProcInfo {
+    pub process: String,
+    pub uid: u32,
+    pub cgroup: String,
+    pub unit: Option<String>,
+    pub container: Option<String>,
+}
+
+/// Reads `comm`, `status` and `cgroup` of a process.
+pub(crate) fn process_info(pid: u32) -> io::Result<ProcInfo> {
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm"))?;
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let uid = effective_uid(&status)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no Uid line in status"))?;
+    let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let cgroup = cgroup_path(&cgroups).unwrap_or_default();
+    Ok(ProcInfo {
+        process: comm.trim_end_matches('\n').to_owned(),
+        uid,
+        cgroup: cgroup.to_owned(),
+        unit: systemd_unit(cgroup).map(str::to_owned),
+        container: container_id(cgroup).map(str::to_owned),
+    })
+}
+
+/// The inode of a `/proc/<pid>/fd/N` link target `socket:[INODE]`.
+pub fn socket_inode(target: &[u8]) -> Option<u64> {
+    let digits = target.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// The effective uid from `/proc/<pid>/status` (`Uid: real effective saved fs`).
+pub fn effective_uid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The cgroup path from `/proc/<pid>/cgroup`: the v2 line `0::/...`, else
+/// (a v1-only host) the `name=systemd` hierarchy.
+pub fn cgroup_path(cgroups: &str) -> Option<&str> {
+    cgroups
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .or_else(|| {
+            cgroups
+                .lines()
+                .find_map(|line| line.split_once(":name=systemd:").map(|(_, path)| path))
+        })
+}
+
+/// Unit types systemd gives a cgroup of their own and that hold processes
+/// (slices only group other units).
+const UNIT_SUFFIXES: [&str; 5] = [".service", ".scope", ".socket", ".mount", ".swap"];
+
+/// The innermost systemd unit in a cgroup path: `nginx.service` in
+/// `/system.slice/nginx.service`, `app-foo.scope` in a user session.
+pub fn systemd_unit(path: &str) -> Option<&str> {
+    path.rsplit('/').find(|component| {
+        UNIT_SUFFIXES
+            .iter()
+            .any(|suffix| component.len() > suffix.len() && component.ends_with(suffix))
+    })
+}
+
+/// The innermost container id (64 lowercase hex digits) in a cgroup path, as
+/// docker, containerd, CRI-O and podman name their cgroups:
+/// `docker-<id>.scope`, `cri-containerd-<id>.scope`, `crio-<id>.scope`,
+/// `libpod-<id>.scope`, and with the cgroupfs driver `/docker/<id>` or
+/// `/kubepods/<class>/pod<uid>/<id>`. The conmon monitor's own cgroup
+/// (`libpod-conmon-<id>.scope`, `crio-conmon-<id>.scope`) is not the
+/// container.
+pub fn container_id(path: &str) -> Option<&str> {
+    path.rsplit('/').find_map(|component| {
+        let stem = component.strip_suffix(".scope").unwrap_or(component);
+        if stem.contains("-conmon-") {
+            return None;
+        }
+        let id = stem.rsplit('-').next()?;
+        is_container_id(id).then_some(id)
+    })
+}
+
+fn is_container_id(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn socket_links_give_their_inode() {
+        assert_eq!(socket_inode(b"socket:[1234]"), Some(1234));
+        assert_eq!(
+            socket_inode(b"socket:[18446744073709551615]"),
+            Some(u64::MAX)
+        );
+        for other in [
+            &b"socket:[]"[..],
+            b"socket:[12a]",
+            b"socket:[+12]",
+            b"socket:[1234",
+            b"pipe:[1234]",
+            b"anon_inode:[eventfd]",
+            b"/dev/null",
+            b"socket:[99999999999999999999]",
+        ] {
+            assert_eq!(
+                socket_inode(other),
+                None,
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
+    }
+
+    #[test]
+    fn effective_uid_is_the_second_field() {
+        let status = "Name:\tnginx\nUmask:\t0022\nState:\tS (sleeping)\nUid:\t1000\t33\t33\t33\nGid:\t0\t0\t0\t0\n";
+        assert_eq!(effective_uid(status), Some(33));
+        assert_eq!(effective_uid("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn cgroup_path_prefers_the_v2_line() {
+        assert_eq!(
+            cgroup_path("0::/system.slice/nginx.service\n"),
+            Some("/system.slice/nginx.service")
+        );
+        let hybrid = "12:cpu,cpuacct:/system.slice/a.service\n1:name=systemd:/system.slice/a.service\n0::/system.slice/a.service\n";
+        assert_eq!(cgroup_path(hybrid), Some("/system.slice/a.service"));
+        let v1 = "12:cpu,cpuacct:/\n1:name=systemd:/system.slice/b.service\n";
+        assert_eq!(cgroup_path(v1), Some("/system.slice/b.service"));
+        assert_eq!(cgroup_path("0::/\n"), Some("/"));
+        assert_eq!(cgroup_path(""), None);
+    }
+
+    #[test]
+    fn units_and_containers_from_real_cgroup_paths() {
+        let docker_scope = format!("/system.slice/docker-{ID}.scope");
+        let containerd = format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod6b1e4f2a_3c1d_4e5f_9a8b_7c6d5e4f3a2b.slice/cri-containerd-{ID}.scope"
+        );
+        let crio = format!(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1234.slice/crio-{ID}.scope"
+        );
+        let docker_cgroupfs = format!("/docker/{ID}");
+        let kube_cgroupfs =
+            format!("/kubepods/burstable/pod6b1e4f2a-3c1d-4e5f-9a8b-7c6d5e4f3a2b/{ID}");
+        let podman = format!("/machine.slice/libpod-{ID}.scope/container");
+        let podman_user =
+            format!("/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope");
+        let conmon = format!("/machine.slice/libpod-conmon-{ID}.scope");
+        let docker_unit = format!("docker-{ID}.scope");
+        let containerd_unit = format!("cri-containerd-{ID}.scope");
+        let crio_unit = format!("crio-{ID}.scope");
+        let podman_unit = format!("libpod-{ID}.scope");
+        let conmon_unit = format!("libpod-conmon-{ID}.scope");
+        let table: [(&str, Option<&str>, Option<&str>); 14] = [
+            ("/system.slice/nginx.service", Some("nginx.service"), None),
+            (
+                "/user.slice/user-1000.slice/user@1000.service/app.slice/app-foo.scope",
+                Some("app-foo.scope"),
+                None,
+            ),
+            (
+                "/user.slice/user-1000.slice/session-3.scope",
+                Some("session-3.scope"),
+                None,
+            ),
+            (
+                "/system.slice/foo.service/payload",
+                Some("foo.service"),
+                None,
+            ),
+            (
+                "/system.slice/systemd-udevd.service/udev",
+                Some("systemd-udevd.service"),
+                None,
+            ),
+            ("/init.scope", Some("init.scope"), None),
+            ("/", None, None),
+            (&docker_scope, Some(&docker_unit), Some(ID)),
+            (&containerd, Some(&containerd_unit), Some(ID)),
+            (&crio, Some(&crio_unit), Some(ID)),
+            (&docker_cgroupfs, None, Some(ID)),
+            (&kube_cgroupfs, None, Some(ID)),
+            (&podman, Some(&podman_unit), Some(ID)),
+            (&podman_user, Some(&podman_unit), Some(ID)),
+        ];
+        for (path, unit, container) in table {
+            assert_eq!(systemd_unit(path), unit, "unit of {path}");
+            assert_eq!(container_id(path), container, "container of {path}");
+        }
+        assert_eq!(systemd_unit(&conmon), Some(conmon_unit.as_str()));
+        assert_eq!(container_id(&conmon), None, "conmon is not the container");
+    }
+
+    #[test]
+    fn container_ids_are_exactly_64_lowercase_hex() {
+        assert_eq!(container_id(&format!("/docker/{}", &ID[1..])), None);
+        assert_eq!(container_id(&format!("/docker/{ID}0")), None);
+        assert_eq!(
+            container_id(&format!("/docker/{}", ID.to_uppercase())),
+            None
+        );
+        assert_eq!(container_id("/system.slice/.service"), None);
+        assert_eq!(systemd_unit("/system.slice/.service"), None);
+        assert_eq!(systemd_unit("/system.slice"), None);
+    }
+
+    #[test]
+    fn nested_containers_name_the_innermost() {
+        let inner = ID.replace('0', "f");
+        let path = format!("/docker/{ID}/docker/{inner}");
+        assert_eq!(container_id(&path), Some(inner.as_str()));
+    }
+}

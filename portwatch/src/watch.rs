@@ -1,0 +1,258 @@
+//! The live pipeline: kernel events, the start-up snapshot and periodic
+//! reconciliation, kept in one [`PortMap`] with a [`FailureLog`].
+//!
+//! Start-up has no race: the programs are attached first, then the snapshot
+//! is taken and merged; a socket that changes in between is seen by both, and
+//! merging never forgets what an event said. Reconciliation runs every
+//! `reconcile_every` and whenever the kernel counted a lost record.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde::Serialize;
+
+use crate::{
+    capture::{Capture, CaptureConfig, CaptureError},
+    event::{BootClock, EventKind, PortEvent},
+    explain::{self, PortExplanation},
+    failures::{self, Failure, FailureLog},
+    map::{Drift, PortMap},
+    snapshot::{self, SnapshotConfig, SnapshotError},
+    socket::{NetnsCookie, SockState},
+};
+
+/// How the pipeline runs.
+#[derive(Clone, Debug)]
+pub struct WatchConfig {
+    pub capture: CaptureConfig,
+    pub snapshot: SnapshotConfig,
+    /// How often the map is checked against sock_diag (default 30 s).
+    pub reconcile_every: Duration,
+    /// How many failures are kept (default 10,000).
+    pub failure_log: usize,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            capture: CaptureConfig::default(),
+            snapshot: SnapshotConfig::default(),
+            reconcile_every: Duration::from_secs(30),
+            failure_log: 10_000,
+        }
+    }
+}
+
+/// Why the pipeline stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// Capture failed to start or read.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    /// The snapshot (at start-up or for reconciliation) failed.
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
+    /// A blocking task was lost.
+    #[error("background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Counters for metrics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WatchStats {
+    /// Events applied, by the time they were read.
+    pub events: u64,
+    /// Reconciliations run, and the drift they corrected in total.
+    pub reconciliations: u64,
+    pub drift: Drift,
+    /// What the last reconciliation corrected (0 once the map is exact).
+    pub last_drift: Drift,
+    /// Records the kernel lost (all hooks), as last read.
+    pub dropped: u64,
+    /// Cookies that could not be handed to the kernel's TRACKED map.
+    pub untracked: u64,
+}
+
+/// The live map and everything that keeps it exact.
+pub struct Watcher {
+    capture: Capture,
+    map: PortMap,
+    failures: FailureLog,
+    clock: BootClock,
+    host_netns: NetnsCookie,
+    localhost: Vec<IpAddr>,
+    config: WatchConfig,
+    stats: WatchStats,
+    next_reconcile: Instant,
+}
+
+impl Watcher {
+    /// Attaches the programs, then takes and merges the snapshot.
+    /// Must run inside a tokio runtime.
+    pub async fn start(config: WatchConfig) -> Result<Watcher, WatchError> {
+        let capture = Capture::start(&config.capture)?;
+        let host_netns = snapshot::netns_cookie_of_current_thread().unwrap_or(0);
+        let mut watcher = Watcher {
+            capture,
+            map: PortMap::default(),
+            failures: FailureLog::new(config.failure_log),
+            clock: BootClock::now(),
+            host_netns,
+            localhost: explain::localhost_order(),
+            next_reconcile: Instant::now() + config.reconcile_every,
+            config,
+            stats: WatchStats::default(),
+        };
+        let snapshot_config = watcher.config.snapshot;
+        let snapshot =
+            tokio::task::spawn_blocking(move || snapshot::take(&snapshot_config)).await??;
+        let observed = snapshot.observed();
+        for seen in &observed {
+            if matches!(seen.facts.state, SockState::Listening | SockState::Bound) {
+                watcher.track(seen.facts.cookie);
+            }
+        }
+        watcher.map.merge(observed, snapshot.taken_at);
+        tracing::info!(
+            sockets = watcher.map.len(),
+            namespaces = snapshot.namespaces.len(),
+            elapsed = ?snapshot.elapsed,
+            "start-up snapshot merged"
+        );
+        Ok(watcher)
+    }
+
+    fn track(&mut self, cookie: u64) {
+        if self.capture.track(cookie).is_err() {
+            self.stats.untracked += 1;
+        }
+    }
+
+    /// Waits for the next events (or the reconciliation deadline), applies
+    /// them, and returns them. Reconciles when due or after a drop.
+    pub async fn step(&mut self) -> Result<Vec<PortEvent>, WatchError> {
+        let mut events = Vec::new();
+        let deadline = tokio::time::Instant::from_std(self.next_reconcile);
+        tokio::select! {
+            read = self.capture.read(|event| events.push(event)) => read?,
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+        for event in &events {
+            self.apply(event);
+        }
+        self.stats.events += events.len() as u64;
+        let dropped = self.dropped_total();
+        let lost_something = dropped > self.stats.dropped;
+        self.stats.dropped = dropped;
+        if lost_something || Instant::now() >= self.next_reconcile {
+            self.reconcile().await?;
+        }
+        Ok(events)
+    }
+
+    fn apply(&mut self, event: &PortEvent) {
+        let at = self.clock.to_system_time(event.boot_ns);
+        match event.kind {
+            EventKind::BindFailed | EventKind::ListenFailed => {
+                let blocked_by = failures::attribute(event, &self.map, &[]);
+                self.failures.push(Failure {
+                    time: at,
+                    event: event.clone(),
+                    blocked_by,
+                });
+            }
+            EventKind::Listen if event.cookie.is_none() => {
+                // A socket that listened without ever binding has no cookie
+                // yet (nothing asked the kernel for one), so the map cannot
+                // key it: a reconciliation, which does, picks it up now.
+                self.next_reconcile = Instant::now();
+            }
+            _ => self.map.apply(event, at),
+        }
+    }
+
+    /// Applies every event already waiting in the ring, without waiting.
+    pub fn apply_pending(&mut self) -> usize {
+        let mut events = Vec::new();
+        self.capture.read_now(|event| events.push(event));
+        for event in &events {
+            self.apply(event);
+        }
+        self.stats.events += events.len() as u64;
+        events.len()
+    }
+
+    fn dropped_total(&self) -> u64 {
+        self.capture
+            .drops()
+            .map(|drops| drops.iter().map(|(_, n)| n).sum())
+            .unwrap_or(self.stats.dropped)
+    }
+
+    /// Compares the map with a fresh sock_diag listing and corrects it.
+    pub async fn reconcile(&mut self) -> Result<Drift, WatchError> {
+        // Events already waiting describe changes from before the listing:
+        // apply them first, so that only real drift is counted.
+        self.apply_pending();
+        let config = SnapshotConfig {
+            read_owners: true,
+            read_options: false,
+        };
+        let snapshot = tokio::task::spawn_blocking(move || snapshot::take(&config)).await??;
+        let observed = snapshot.observed();
+        for seen in &observed {
+            if self.map.get(seen.facts.cookie).is_none()
+                && matches!(seen.facts.state, SockState::Listening | SockState::Bound)
+            {
+                self.track(seen.facts.cookie);
+            }
+        }
+        let drift = self.map.reconcile(observed, snapshot.taken_at);
+        self.stats.reconciliations += 1;
+        self.stats.last_drift = drift;
+        self.stats.drift.missing += drift.missing;
+        self.stats.drift.stale += drift.stale;
+        self.stats.drift.changed += drift.changed;
+        self.next_reconcile = Instant::now() + self.config.reconcile_every;
+        if drift.total() > 0 {
+            tracing::info!(?drift, "reconciliation corrected the map");
+        }
+        Ok(drift)
+    }
+
+    /// The map.
+    pub fn map(&self) -> &PortMap {
+        &self.map
+    }
+
+    /// Recent failures, newest first.
+    pub fn failures(&self) -> impl Iterator<Item = &Failure> {
+        self.failures.newest()
+    }
+
+    /// The explanation of one port.
+    pub fn explain(&self, port: u16) -> PortExplanation {
+        explain::explain(
+            port,
+            &self.map.listeners_on(port),
+            self.host_netns,
+            &self.localhost,
+        )
+    }
+
+    pub fn stats(&self) -> WatchStats {
+        self.stats
+    }
+
+    /// The capture underneath (hook paths, drops).
+    pub fn capture(&self) -> &Capture {
+        &self.capture
+    }
+
+    /// The wall-clock time of a kernel timestamp.
+    pub fn time_of(&self, boot_ns: u64) -> SystemTime {
+        self.clock.to_system_time(boot_ns)
+    }
+}

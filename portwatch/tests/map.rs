@@ -1,0 +1,540 @@
+//! Root integration tests of the live per-port map: the real pipeline
+//! ([`Watcher`]: kernel programs on a private cgroup, the start-up snapshot,
+//! reconciliation) against real sockets in a private network namespace.
+//!
+//! They need root, so they are `#[ignore]`d and `cargo xtask test` runs them.
+
+mod support;
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use portwatch::{
+    capture::CaptureConfig,
+    explain::Flag,
+    map::{Entry, listener_key},
+    rules::CoexistReason,
+    socket::{Family, Protocol},
+    watch::{WatchConfig, Watcher},
+};
+use support::{CgroupGuard, DEADLINE, NetnsGuard, Op, Worker};
+
+/// One test at a time: workers are forked from this process and would hold
+/// copies of sockets other tests' threads have open.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
+async fn watcher(cgroup: &CgroupGuard) -> Watcher {
+    let config = WatchConfig {
+        capture: CaptureConfig {
+            cgroup: Some(cgroup.path.clone()),
+            ..CaptureConfig::default()
+        },
+        // Only on demand in these tests, so that each one sees events work.
+        reconcile_every: Duration::from_secs(3600),
+        ..WatchConfig::default()
+    };
+    Watcher::start(config).await.expect("watcher starts")
+}
+
+/// Runs the pipeline until `done` holds; panics with `what` at the deadline.
+async fn until(watcher: &mut Watcher, what: &str, done: impl Fn(&Watcher) -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !done(watcher) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        let _ = tokio::time::timeout(Duration::from_millis(200), watcher.step()).await;
+    }
+}
+
+/// Listeners on `port` in namespace `netns`.
+fn listeners(watcher: &Watcher, netns: u64, port: u16) -> Vec<Entry> {
+    watcher
+        .map()
+        .listeners_on(port)
+        .into_iter()
+        .filter(|e| e.facts.netns == netns)
+        .cloned()
+        .collect()
+}
+
+fn flags(watcher: &Watcher, port: u16) -> Vec<&'static str> {
+    watcher.explain(port).flags.iter().map(Flag::name).collect()
+}
+
+fn sharing(watcher: &Watcher, port: u16) -> Vec<CoexistReason> {
+    watcher
+        .explain(port)
+        .sharing
+        .iter()
+        .map(|s| s.kind)
+        .collect()
+}
+
+fn listen(sock: usize) -> Op {
+    Op::Listen { sock, backlog: 16 }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+async fn ipv4_and_ipv6_on_one_port_from_two_processes() {
+    let _serial = serial().await;
+    let (cgroup, netns) = (CgroupGuard::new("map46"), NetnsGuard::new("map46"));
+    let ns = netns.cookie();
+    let mut watcher = watcher(&cgroup).await;
+    let mut four = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::bind(0, "0.0.0.0:8000"),
+            listen(0),
+            Op::Pause,
+        ],
+    );
+    let mut six = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(true),
+            Op::v6only(0),
+            Op::bind(0, "[::]:8000"),
+            listen(0),
+            Op::Pause,
+        ],
+    );
+    assert_eq!(four.results(3)[1..], [0, 0]);
+    assert!(six.results(4)[1..].iter().all(|r| *r == 0));
+    until(&mut watcher, "two listeners", |w| {
+        listeners(w, ns, 8000).len() == 2
+    })
+    .await;
+    let found = listeners(&watcher, ns, 8000);
+    let v4 = found
+        .iter()
+        .find(|e| e.facts.family == Family::Ipv4)
+        .unwrap();
+    let v6 = found
+        .iter()
+        .find(|e| e.facts.family == Family::Ipv6)
+        .unwrap();
+    assert_eq!(v4.holders[0].pid, four.pid);
+    assert_eq!(v6.holders[0].pid, six.pid);
+    assert_eq!(v6.facts.options.v6only, Some(true));
+    assert!(sharing(&watcher, 8000).contains(&CoexistReason::V6onlySplit));
+    assert!(flags(&watcher, 8000).contains(&"dual_stack_split"));
+    four.resume();
+    six.resume();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+async fn tcp_and_udp_on_one_port_and_two_ipv4_addresses() {
+    let _serial = serial().await;
+    let (cgroup, netns) = (CgroupGuard::new("mapproto"), NetnsGuard::new("mapproto"));
+    let ns = netns.cookie();
+    let mut watcher = watcher(&cgroup).await;
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::bind(0, "127.0.0.1:8000"),
+            listen(0),
+            Op::udp(false),
+            Op::bind(1, "127.0.0.1:8000"),
+            Op::tcp(false),
+            Op::bind(2, "127.0.0.2:8000"),
+            listen(2),
+            Op::Pause,
+        ],
+    );
+    let results = worker.results(8);
+    assert_eq!(
+        [results[1], results[2], results[4], results[6], results[7]],
+        [0; 5]
+    );
+    until(&mut watcher, "three listeners", |w| {
+        listeners(w, ns, 8000).len() == 3
+    })
+    .await;
+    let found = listeners(&watcher, ns, 8000);
+    let udp = found
+        .iter()
+        .filter(|e| e.facts.protocol == Protocol::Udp)
+        .count();
+    assert_eq!(udp, 1, "the UDP socket is a listener once bound");
+    let reasons = sharing(&watcher, 8000);
+    assert!(
+        reasons.contains(&CoexistReason::DifferentProtocol),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&CoexistReason::DifferentAddress),
+        "{reasons:?}"
+    );
+    worker.resume();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+async fn the_same_address_twice_names_the_first_as_the_blocker() {
+    let _serial = serial().await;
+    let (cgroup, netns) = (CgroupGuard::new("mapinuse"), NetnsGuard::new("mapinuse"));
+    let mut watcher = watcher(&cgroup).await;
+    let mut first = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::bind(0, "127.0.0.1:8000"),
+            listen(0),
+            Op::Pause,
+        ],
+    );
+    assert_eq!(first.results(3)[1..], [0, 0]);
+    let mut second = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[Op::tcp(false), Op::bind(0, "127.0.0.1:8000")],
+    );
+    assert_eq!(second.results(2)[1], -i64::from(libc::EADDRINUSE));
+    until(&mut watcher, "the failure", |w| {
+        w.failures().any(|f| f.event.pid == second.pid)
+    })
+    .await;
+    let failure = watcher
+        .failures()
+        .find(|f| f.event.pid == second.pid)
+        .unwrap();
+    assert_eq!(failure.blocked_by.len(), 1, "{:?}", failure.blocked_by);
+    let blocker = &failure.blocked_by[0];
+    assert_eq!(blocker.holders[0].pid, first.pid, "{blocker:?}");
+    assert_eq!(blocker.endpoint, "127.0.0.1:8000");
+    assert_eq!(blocker.what, "listener");
+    first.resume();
+    second.wait();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+async fn so_reuseport_twice_is_a_named_group() {
+    let _serial = serial().await;
+    let (cgroup, netns) = (CgroupGuard::new("mapreuse"), NetnsGuard::new("mapreuse"));
+    let ns = netns.cookie();
+    let mut watcher = watcher(&cgroup).await;
+    let ops = [
+        Op::tcp(false),
+        Op::reuseport(0),
+        Op::bind(0, "127.0.0.1:8000"),
+        listen(0),
+        Op::Pause,
+    ];
+    let mut a = Worker::spawn(&cgroup.path, Some(&netns), &ops);
+    let mut b = Worker::spawn(&cgroup.path, Some(&netns), &ops);
+    assert_eq!(a.results(4)[2..], [0, 0]);
+    assert_eq!(b.results(4)[2..], [0, 0]);
+    until(&mut watcher, "two listeners", |w| {
+        listeners(w, ns, 8000).len() == 2
+    })
+    .await;
+    let explanation = watcher.explain(8000);
+    let group = explanation
+        .flags
+        .iter()
+        .find_map(|f| match f {
+            Flag::ReuseportGroup {
+                members,
+                explanation,
+            } => Some((members.clone(), explanation.clone())),
+            _ => None,
+        })
+        .expect("a reuseport_group flag");
+    assert_eq!(group.0.len(), 2);
+    assert!(
+        group.1.contains(&a.pid.to_string()) && group.1.contains(&b.pid.to_string()),
+        "{}",
+        group.1
+    );
+    assert_eq!(sharing(&watcher, 8000), [CoexistReason::ReusePortGroup]);
+    a.resume();
+    b.resume();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+async fn the_wildcard_with_a_specific_address() {
+    let _serial = serial().await;
+    let (cgroup, netns) = (CgroupGuard::new("mapwild"), NetnsGuard::new("mapwild"));
+    let ns = netns.cookie();
+    let mut watcher = watcher(&cgroup).await;
+    // Without sharing options the wildcard blocks the specific address...
+    let mut wild = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::bind(0, "0.0.0.0:8000"),
+            listen(0),
+            Op::Pause,
+        ],
+    );
+    assert_eq!(wild.results(3)[1..], [0, 0]);
+    let mut blocked = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[Op::tcp(false), Op::bind(0, "127.0.0.1:8000")],
+    );
+    assert_eq!(blocked.results(2)[1], -i64::from(libc::EADDRINUSE));
+    until(&mut watcher, "the failure", |w| {
+        w.failures().any(|f| f.event.pid == blocked.pid)
+    })
+    .await;
+    let failure = watcher
+        .failures()
+        .find(|f| f.event.pid == blocked.pid)
+        .unwrap();
+    assert_eq!(failure.blocked_by[0].endpoint, "0.0.0.0:8000");
+    assert!(
+        failure.blocked_by[0].reason.contains("wildcard"),
+        "{}",
+        failure.blocked_by[0].reason
+    );
+    wild.resume();
+    blocked.wait();
+    // ...and with SO_REUSEPORT on both they coexist, flagged.
+    let mut both = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::reuseport(0),
+            Op::bind(0, "0.0.0.0:8001"),
+            listen(0),
+            Op::tcp(false),
+            Op::reuseport(1),
+            Op::bind(1, "127.0.0.1:8001"),
+            listen(1),
+            Op::Pause,
+        ],
+    );
+    assert!(both.results(8).iter().all(|r| *r >= 0));
+    until(&mut watcher, "two listeners", |w| {
+        listeners(w, ns, 8001).len() == 2
+    })
+    .await;
+    assert!(flags(&watcher, 8001).contains(&"wildcard_and_specific"));
+    both.resume();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+async fn a_listener_from_before_start_appears_with_its_owner_and_goes_when_closed() {
+    let _serial = serial().await;
+    let (cgroup, netns) = (CgroupGuard::new("mapbefore"), NetnsGuard::new("mapbefore"));
+    let ns = netns.cookie();
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::reuseaddr(0),
+            Op::bind(0, "127.0.0.1:9000"),
+            listen(0),
+            Op::Pause,
+            Op::Close { sock: 0 },
+            Op::Pause,
+        ],
+    );
+    assert_eq!(worker.results(4)[1..], [0, 0, 0]);
+    let mut watcher = watcher(&cgroup).await;
+    let found = listeners(&watcher, ns, 9000);
+    assert_eq!(found.len(), 1, "found by the start-up snapshot");
+    assert_eq!(
+        found[0].holders.iter().map(|h| h.pid).collect::<Vec<_>>(),
+        [worker.pid]
+    );
+    assert!(!found[0].since_exact, "older than portwatch");
+    assert_eq!(
+        found[0].facts.options.reuse_addr,
+        Some(true),
+        "read through pidfd_getfd"
+    );
+    worker.resume();
+    assert_eq!(worker.results(2), [0, 0], "pause, close");
+    until(&mut watcher, "the close", |w| {
+        listeners(w, ns, 9000).is_empty()
+    })
+    .await;
+    worker.resume();
+    worker.wait();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+async fn sigkill_leaves_nothing_stale() {
+    let _serial = serial().await;
+    let (cgroup, netns) = (CgroupGuard::new("mapkill"), NetnsGuard::new("mapkill"));
+    let ns = netns.cookie();
+    let mut watcher = watcher(&cgroup).await;
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::bind(0, "127.0.0.1:9100"),
+            listen(0),
+            Op::udp(true),
+            Op::bind(1, "[::1]:9100"),
+            Op::Pause,
+        ],
+    );
+    assert!(worker.results(5).iter().all(|r| *r >= 0));
+    until(&mut watcher, "both sockets", |w| {
+        listeners(w, ns, 9100).len() == 2
+    })
+    .await;
+    // SAFETY: our own child.
+    unsafe { libc::kill(worker.pid as i32, libc::SIGKILL) };
+    worker.wait();
+    until(&mut watcher, "nothing left", |w| {
+        w.map().on_port(9100).all(|e| e.facts.netns != ns)
+    })
+    .await;
+    assert_eq!(
+        watcher.reconcile().await.unwrap().total(),
+        0,
+        "events alone were exact"
+    );
+}
+
+/// `ss -tulnH` in `netns`, as (protocol, address, port).
+fn ss_listeners(netns: &NetnsGuard) -> BTreeSet<(Protocol, IpAddr, u16)> {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "ss", "-tulnH"])
+        .output()
+        .expect("run ss");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let protocol = match *fields.first()? {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                _ => return None,
+            };
+            let local = fields.get(4)?;
+            let (address, port) = local.rsplit_once(':')?;
+            let address = address.trim_start_matches('[').trim_end_matches(']');
+            let address = if address == "*" { "::" } else { address };
+            let address = address.split('%').next()?;
+            Some((protocol, address.parse().ok()?, port.parse().ok()?))
+        })
+        .collect()
+}
+
+/// 10,000 random binds, listens and closes from several processes; then the
+/// map equals `ss -tuln` in that namespace, and reconciliation finds nothing.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+async fn after_ten_thousand_random_operations_the_map_equals_ss() {
+    const WORKERS: usize = 4;
+    const OPS_PER_WORKER: usize = 2500;
+    let _serial = serial().await;
+    let (cgroup, netns) = (CgroupGuard::new("mapdrift"), NetnsGuard::new("mapdrift"));
+    let ns = netns.cookie();
+    let mut watcher = watcher(&cgroup).await;
+    let seed = std::env::var("PORTWATCH_DRIFT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::process::id() as u64);
+    println!("drift seed {seed} (PORTWATCH_DRIFT_SEED to replay)");
+    let mut rng = seed;
+    let mut next = move |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as usize
+    };
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        let mut ops = Vec::new();
+        let mut open: Vec<(usize, bool)> = Vec::new(); // (socket, is_tcp)
+        let mut sockets = 0;
+        while ops.len() < OPS_PER_WORKER {
+            match next(4) {
+                0 | 1 if open.len() < 64 => {
+                    let (v6, udp) = (next(2) == 1, next(2) == 1);
+                    ops.push(Op::Socket { v6, udp });
+                    if next(2) == 1 {
+                        ops.push(Op::reuseaddr(sockets));
+                    }
+                    let port = 20000 + next(40);
+                    let addr = match (v6, next(2)) {
+                        (false, 0) => format!("127.0.0.1:{port}"),
+                        (false, _) => format!("0.0.0.0:{port}"),
+                        (true, 0) => format!("[::1]:{port}"),
+                        (true, _) => format!("[::]:{port}"),
+                    };
+                    ops.push(Op::bind(sockets, &addr));
+                    if !udp && next(3) > 0 {
+                        ops.push(listen(sockets));
+                    }
+                    open.push((sockets, !udp));
+                    sockets += 1;
+                }
+                _ if !open.is_empty() => {
+                    let (sock, _) = open.swap_remove(next(open.len()));
+                    ops.push(Op::Close { sock });
+                }
+                _ => {}
+            }
+        }
+        ops.push(Op::Pause);
+        workers.push((
+            Worker::spawn(&cgroup.path, Some(&netns), &ops),
+            ops.len() - 1,
+        ));
+    }
+    for (worker, count) in &mut workers {
+        worker.results(*count);
+    }
+    let expected = ss_listeners(&netns);
+    let mine = |w: &Watcher| -> BTreeSet<(Protocol, IpAddr, u16)> {
+        w.map()
+            .listeners()
+            .filter(|e| e.facts.netns == ns)
+            .map(|e| {
+                let (_, protocol, _, address, port) = listener_key(&e.facts);
+                (protocol, address, port)
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + DEADLINE;
+    while mine(&watcher) != expected {
+        if Instant::now() > deadline {
+            let got = mine(&watcher);
+            panic!(
+                "the map differs from ss -tuln (seed {seed}):\nonly in the map: {:?}\nonly in ss: {:?}",
+                got.difference(&expected).collect::<Vec<_>>(),
+                expected.difference(&got).collect::<Vec<_>>()
+            );
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), watcher.step()).await;
+    }
+    assert_eq!(
+        watcher.reconcile().await.unwrap().total(),
+        0,
+        "no drift after the storm"
+    );
+    assert_eq!(watcher.stats().dropped, 0, "nothing was lost at this rate");
+    for (worker, _) in &mut workers {
+        worker.resume();
+    }
+}
