@@ -73,21 +73,41 @@ pub fn is_conflict(event: &PortEvent) -> bool {
         && event.errno == Some(Errno::EADDRINUSE)
 }
 
-/// Names the sockets that blocked `event`. `extra` are sockets the map does
-/// not keep (connections, TIME_WAIT) found on the same port at failure time.
-pub fn attribute(event: &PortEvent, map: &PortMap, extra: &[SocketFacts]) -> Vec<Blocker> {
+/// Names the sockets that blocked `event`, judged against what the map holds
+/// on that port.
+pub fn attribute(event: &PortEvent, map: &PortMap) -> Vec<Blocker> {
     if !is_conflict(event) {
         return Vec::new();
     }
     let request = request_of(event);
-    let mut existing = map.facts_on(request.netns, request.protocol, request.port);
-    existing.retain(|f| Some(f.cookie) != event.cookie);
-    existing.extend(
-        extra
-            .iter()
-            .filter(|f| Some(f.cookie) != event.cookie || f.cookie == 0)
-            .cloned(),
-    );
+    let existing = map.facts_on(request.netns, request.protocol, request.port);
+    attribute_against(event, existing, map)
+}
+
+/// Whether the map alone may not tell the whole story: nothing in it
+/// explains the conflict, or a blocker is a bound TCP socket that may have
+/// connected since (the map does not follow connections). sock_diag at
+/// failure time answers then.
+pub fn needs_diag(event: &PortEvent, blocked_by: &[Blocker]) -> bool {
+    is_conflict(event)
+        && (blocked_by.is_empty() || blocked_by.iter().any(|b| b.facts.state == SockState::Bound))
+}
+
+/// Names the sockets that blocked `event` among `existing` (the sockets on
+/// that netns, protocol and port: the map's, or sock_diag's at failure time,
+/// TIME_WAIT and connections included). `map` names their holders.
+pub fn attribute_against(
+    event: &PortEvent,
+    mut existing: Vec<SocketFacts>,
+    map: &PortMap,
+) -> Vec<Blocker> {
+    if !is_conflict(event) {
+        return Vec::new();
+    }
+    let request = request_of(event);
+    existing.retain(|f| f.cookie == 0 || Some(f.cookie) != event.cookie);
+    // The kernel walks sockets in bind order; cookies grow in that order.
+    existing.sort_by_key(|f| f.cookie);
     let verdict = match event.kind {
         EventKind::ListenFailed => {
             let me = SocketFacts {
@@ -112,9 +132,25 @@ pub fn attribute(event: &PortEvent, map: &PortMap, extra: &[SocketFacts]) -> Vec
         Verdict::Ok => Vec::new(),
         Verdict::Refused { blockers, .. } => blockers
             .into_iter()
-            .map(|b| describe(map.get(b.socket.cookie), b.socket, b.why.explanation()))
+            .map(|b| {
+                let entry = map.get(b.socket.cookie).filter(|_| b.socket.cookie != 0);
+                describe(entry, b.socket, b.why.explanation())
+            })
             .collect(),
     }
+}
+
+/// The holders a snapshot found for a socket the map does not keep.
+pub fn holders_of(seen: &crate::map::Observed) -> Vec<BlockerHolder> {
+    seen.holders
+        .iter()
+        .map(|h| BlockerHolder {
+            pid: h.pid,
+            process: h.process.clone(),
+            unit: seen.unit.clone(),
+            container: seen.container.clone(),
+        })
+        .collect()
 }
 
 fn describe(entry: Option<&Entry>, facts: SocketFacts, reason: impl Into<String>) -> Blocker {

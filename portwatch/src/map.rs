@@ -353,6 +353,21 @@ impl PortMap {
         self.entries.values().filter(|e| e.is_listener())
     }
 
+    /// Records where the socket's owner lives, where the map does not know yet.
+    pub fn set_place(
+        &mut self,
+        cookie: u64,
+        cgroup: Option<String>,
+        unit: Option<String>,
+        container: Option<String>,
+    ) {
+        if let Some(entry) = self.entries.get_mut(&cookie) {
+            entry.cgroup = entry.cgroup.take().or(cgroup);
+            entry.unit = entry.unit.take().or(unit);
+            entry.container = entry.container.take().or(container);
+        }
+    }
+
     /// The socket with this cookie, listener or not.
     pub fn get(&self, cookie: u64) -> Option<&Entry> {
         self.entries.get(&cookie)

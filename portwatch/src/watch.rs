@@ -18,7 +18,7 @@ use crate::{
     event::{BootClock, EventKind, PortEvent},
     explain::{self, PortExplanation},
     failures::{self, Failure, FailureLog},
-    map::{Drift, PortMap},
+    map::{Drift, Observed, PortMap},
     snapshot::{self, SnapshotConfig, SnapshotError},
     socket::{NetnsCookie, SockState},
 };
@@ -86,7 +86,17 @@ pub struct Watcher {
     config: WatchConfig,
     stats: WatchStats,
     next_reconcile: Instant,
+    /// Failures waiting for a sock_diag listing to be attributed.
+    /// With what the map said at failure time, kept if the listing (which
+    /// comes a little later) no longer shows the blocker.
+    unresolved: Vec<(SystemTime, PortEvent, Vec<failures::Blocker>)>,
+    last_diag: Instant,
+    cgroups: CgroupCache,
 }
+
+/// The shortest time between two sock_diag listings made to attribute
+/// failures.
+const DIAG_INTERVAL: Duration = Duration::from_millis(250);
 
 impl Watcher {
     /// Attaches the programs, then takes and merges the snapshot.
@@ -104,6 +114,9 @@ impl Watcher {
             next_reconcile: Instant::now() + config.reconcile_every,
             config,
             stats: WatchStats::default(),
+            unresolved: Vec::new(),
+            last_diag: Instant::now() - DIAG_INTERVAL,
+            cgroups: CgroupCache::default(),
         };
         let snapshot_config = watcher.config.snapshot;
         let snapshot =
@@ -134,7 +147,11 @@ impl Watcher {
     /// them, and returns them. Reconciles when due or after a drop.
     pub async fn step(&mut self) -> Result<Vec<PortEvent>, WatchError> {
         let mut events = Vec::new();
-        let deadline = tokio::time::Instant::from_std(self.next_reconcile);
+        let mut wake = self.next_reconcile;
+        if !self.unresolved.is_empty() {
+            wake = wake.min(self.last_diag + DIAG_INTERVAL);
+        }
+        let deadline = tokio::time::Instant::from_std(wake);
         tokio::select! {
             read = self.capture.read(|event| events.push(event)) => read?,
             _ = tokio::time::sleep_until(deadline) => {}
@@ -143,6 +160,7 @@ impl Watcher {
             self.apply(event);
         }
         self.stats.events += events.len() as u64;
+        self.resolve_failures().await?;
         let dropped = self.dropped_total();
         let lost_something = dropped > self.stats.dropped;
         self.stats.dropped = dropped;
@@ -156,7 +174,11 @@ impl Watcher {
         let at = self.clock.to_system_time(event.boot_ns);
         match event.kind {
             EventKind::BindFailed | EventKind::ListenFailed => {
-                let blocked_by = failures::attribute(event, &self.map, &[]);
+                let blocked_by = failures::attribute(event, &self.map);
+                if failures::needs_diag(event, &blocked_by) {
+                    self.unresolved.push((at, event.clone(), blocked_by));
+                    return;
+                }
                 self.failures.push(Failure {
                     time: at,
                     event: event.clone(),
@@ -169,8 +191,61 @@ impl Watcher {
                 // key it: a reconciliation, which does, picks it up now.
                 self.next_reconcile = Instant::now();
             }
-            _ => self.map.apply(event, at),
+            _ => {
+                self.map.apply(event, at);
+                if matches!(event.kind, EventKind::Bind | EventKind::Listen)
+                    && let Some(cookie) = event.cookie
+                {
+                    let place = self.cgroups.of(event.pid);
+                    self.map
+                        .set_place(cookie, place.cgroup, place.unit, place.container);
+                }
+            }
         }
+    }
+
+    /// Attributes the failures the map alone could not explain, against
+    /// sock_diag now (TIME_WAIT and connected sockets included). At most one
+    /// listing per [`DIAG_INTERVAL`], so an EADDRINUSE storm costs one listing
+    /// per interval, not one per failure.
+    async fn resolve_failures(&mut self) -> Result<(), WatchError> {
+        if self.unresolved.is_empty() || self.last_diag.elapsed() < DIAG_INTERVAL {
+            return Ok(());
+        }
+        self.last_diag = Instant::now();
+        let config = SnapshotConfig {
+            read_owners: true,
+            read_options: false,
+        };
+        let snapshot = tokio::task::spawn_blocking(move || snapshot::take(&config)).await??;
+        let observed = snapshot.observed();
+        for (time, event, from_map) in std::mem::take(&mut self.unresolved) {
+            let request = failures::request_of(&event);
+            let here: Vec<&Observed> = observed
+                .iter()
+                .filter(|o| {
+                    o.facts.netns == request.netns
+                        && o.facts.protocol == request.protocol
+                        && o.facts.port == request.port
+                })
+                .collect();
+            let existing = here.iter().map(|o| o.facts.clone()).collect();
+            let mut blocked_by = failures::attribute_against(&event, existing, &self.map);
+            for blocker in blocked_by.iter_mut().filter(|b| b.holders.is_empty()) {
+                if let Some(seen) = here.iter().find(|o| o.facts == blocker.facts) {
+                    blocker.holders = failures::holders_of(seen);
+                }
+            }
+            if blocked_by.is_empty() {
+                blocked_by = from_map;
+            }
+            self.failures.push(Failure {
+                time,
+                event,
+                blocked_by,
+            });
+        }
+        Ok(())
     }
 
     /// Applies every event already waiting in the ring, without waiting.
@@ -232,6 +307,11 @@ impl Watcher {
         self.failures.newest()
     }
 
+    /// Failures still waiting for a sock_diag listing to name their blockers.
+    pub fn unresolved_failures(&self) -> usize {
+        self.unresolved.len()
+    }
+
     /// The explanation of one port.
     pub fn explain(&self, port: u16) -> PortExplanation {
         explain::explain(
@@ -254,5 +334,48 @@ impl Watcher {
     /// The wall-clock time of a kernel timestamp.
     pub fn time_of(&self, boot_ns: u64) -> SystemTime {
         self.clock.to_system_time(boot_ns)
+    }
+}
+
+/// Where a process lives (cgroup path, systemd unit, container), remembered
+/// per pid so that a burst of binds reads `/proc/<pid>/cgroup` once.
+#[derive(Default)]
+struct CgroupCache {
+    known: std::collections::HashMap<u32, Place>,
+}
+
+#[derive(Clone, Default)]
+struct Place {
+    cgroup: Option<String>,
+    unit: Option<String>,
+    container: Option<String>,
+}
+
+impl CgroupCache {
+    /// Pids remembered at most; the cache starts over past this.
+    const CAPACITY: usize = 4096;
+
+    fn of(&mut self, pid: u32) -> Place {
+        if let Some(place) = self.known.get(&pid) {
+            return place.clone();
+        }
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let cgroup = snapshot::owners::cgroup_path(&text).map(str::to_owned);
+        let place = Place {
+            unit: cgroup
+                .as_deref()
+                .and_then(snapshot::owners::systemd_unit)
+                .map(str::to_owned),
+            container: cgroup
+                .as_deref()
+                .and_then(snapshot::owners::container_id)
+                .map(str::to_owned),
+            cgroup,
+        };
+        if self.known.len() >= Self::CAPACITY {
+            self.known.clear();
+        }
+        self.known.insert(pid, place.clone());
+        place
     }
 }

@@ -221,6 +221,77 @@ async fn the_same_address_twice_names_the_first_as_the_blocker() {
     second.wait();
 }
 
+/// Blockers the map does not keep are found through sock_diag at failure
+/// time: a connection's local port, and a port in TIME_WAIT.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+async fn connected_and_time_wait_blockers_are_named() {
+    let _serial = serial().await;
+    let (cgroup, netns) = (CgroupGuard::new("mapconn"), NetnsGuard::new("mapconn"));
+    let mut watcher = watcher(&cgroup).await;
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            // 0: a listener on :8000; 1: a client from :9000; 2: the server side.
+            Op::tcp(false),
+            Op::bind(0, "127.0.0.1:8000"),
+            listen(0),
+            Op::tcp(false),
+            Op::bind(1, "127.0.0.1:9000"),
+            Op::Connect {
+                sock: 1,
+                addr: "127.0.0.1:8000".parse().unwrap(),
+            },
+            Op::Accept { sock: 0 },
+            // 3 wants the client's port while the connection is up.
+            Op::tcp(false),
+            Op::bind(3, "127.0.0.1:9000"),
+            Op::Pause,
+            // The server closes first, so its :8000 goes to TIME_WAIT.
+            Op::Close { sock: 2 },
+            Op::Close { sock: 1 },
+            Op::Close { sock: 0 },
+            // 4 wants :8000 back.
+            Op::tcp(false),
+            Op::bind(4, "127.0.0.1:8000"),
+            Op::Pause,
+        ],
+    );
+    let results = worker.results(9);
+    assert_eq!(results[8], -i64::from(libc::EADDRINUSE), "{results:?}");
+    let pid = worker.pid;
+    let failed_on = move |w: &Watcher, port: u16| {
+        w.failures()
+            .find(|f| f.event.pid == pid && f.event.port == port)
+            .cloned()
+    };
+    until(&mut watcher, "the failure on :9000", |w| {
+        failed_on(w, 9000).is_some()
+    })
+    .await;
+    let connected = failed_on(&watcher, 9000).unwrap();
+    assert_eq!(connected.blocked_by.len(), 1, "{:?}", connected.blocked_by);
+    assert_eq!(connected.blocked_by[0].what, "connected socket");
+    assert_eq!(connected.blocked_by[0].holders[0].pid, worker.pid);
+
+    worker.resume();
+    let results = worker.results(6);
+    assert_eq!(results[5], -i64::from(libc::EADDRINUSE), "{results:?}");
+    until(&mut watcher, "the failure on :8000", |w| {
+        failed_on(w, 8000).is_some()
+    })
+    .await;
+    let time_wait = failed_on(&watcher, 8000).unwrap();
+    assert!(!time_wait.blocked_by.is_empty(), "{time_wait:?}");
+    assert!(
+        time_wait.blocked_by.iter().all(|b| b.what == "TIME_WAIT"),
+        "{:?}",
+        time_wait.blocked_by
+    );
+    worker.resume();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 async fn so_reuseport_twice_is_a_named_group() {

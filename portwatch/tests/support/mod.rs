@@ -281,6 +281,10 @@ pub enum Op {
     UringBind { sock: usize, addr: SocketAddr },
     /// listen(sock, backlog)
     Listen { sock: usize, backlog: i32 },
+    /// connect(sock, addr), blocking.
+    Connect { sock: usize, addr: SocketAddr },
+    /// accept(sock): the new socket takes the next number.
+    Accept { sock: usize },
     /// close(sock)
     Close { sock: usize },
     /// getsockname(sock): the result is the local port.
@@ -453,6 +457,9 @@ impl Prepared {
         }
         | Op::UringBind {
             addr: socket_addr, ..
+        }
+        | Op::Connect {
+            addr: socket_addr, ..
         } = op
         {
             match socket_addr {
@@ -564,6 +571,19 @@ unsafe fn child_main(
                     None => -i64::from(libc::EINVAL),
                 },
                 Op::Listen { sock, backlog } => ret(libc::listen(socks[sock], backlog) as i64),
+                Op::Connect { sock, .. } => ret(libc::connect(
+                    socks[sock],
+                    (&raw const prepared.addr).cast(),
+                    prepared.addr_len,
+                ) as i64),
+                Op::Accept { sock } => {
+                    let fd = libc::accept(socks[sock], std::ptr::null_mut(), std::ptr::null_mut());
+                    if fd >= 0 && count < socks.len() {
+                        socks[count] = fd;
+                        count += 1;
+                    }
+                    ret(fd as i64)
+                }
                 Op::Close { sock } => ret(libc::close(socks[sock]) as i64),
                 Op::LocalPort { sock } => {
                     let mut storage: libc::sockaddr_storage = std::mem::zeroed();
