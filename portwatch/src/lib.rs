@@ -4,6 +4,7 @@
 //! - [`event`]: decodes raw records into typed events (pure, no I/O);
 //! - [`explain`]: why a port's listeners coexist, flags, who `localhost` reaches (pure);
 //! - [`failures`]: failed binds with what blocked them (pure);
+//! - [`state`]: what the daemon knows: map, failures, counters (pure);
 //! - [`watch`]: the live pipeline keeping the map exact;
 //! - [`map`]: the live per-port map of listeners (pure);
 //! - [`snapshot`]: every socket holding a port in every netns, with its owners;
@@ -23,5 +24,6 @@ pub mod map;
 pub mod rules;
 pub mod snapshot;
 pub mod socket;
+pub mod state;
 pub mod trace;
 pub mod watch;

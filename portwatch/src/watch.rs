@@ -1,26 +1,31 @@
 //! The live pipeline: kernel events, the start-up snapshot and periodic
-//! reconciliation, kept in one [`PortMap`] with a [`FailureLog`].
+//! reconciliation, kept in one shared [`State`] that the HTTP API and the
+//! metrics read.
 //!
 //! Start-up has no race: the programs are attached first, then the snapshot
 //! is taken and merged; a socket that changes in between is seen by both, and
 //! merging never forgets what an event said. Reconciliation runs every
 //! `reconcile_every` and whenever the kernel counted a lost record.
+//!
+//! The state's lock is only held to apply a batch or to answer a reader;
+//! never across an await, a snapshot or a ring-buffer wait.
 
 use std::{
-    net::IpAddr,
+    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
     time::{Duration, Instant, SystemTime},
 };
 
-use serde::Serialize;
+use tokio::sync::broadcast;
 
 use crate::{
     capture::{Capture, CaptureConfig, CaptureError},
     event::{BootClock, EventKind, PortEvent},
-    explain::{self, PortExplanation},
-    failures::{self, Failure, FailureLog},
-    map::{Drift, Observed, PortMap},
+    explain,
+    failures::{self, Failure},
+    map::{Drift, Observed},
     snapshot::{self, SnapshotConfig, SnapshotError},
-    socket::{NetnsCookie, SockState},
+    socket::SockState,
+    state::State,
 };
 
 /// How the pipeline runs.
@@ -32,6 +37,9 @@ pub struct WatchConfig {
     pub reconcile_every: Duration,
     /// How many failures are kept (default 10,000).
     pub failure_log: usize,
+    /// How many distinct explicit ports the per-port failure counter keeps
+    /// before counting the rest as `other` (default 1,000).
+    pub port_label_cap: usize,
 }
 
 impl Default for WatchConfig {
@@ -41,6 +49,7 @@ impl Default for WatchConfig {
             snapshot: SnapshotConfig::default(),
             reconcile_every: Duration::from_secs(30),
             failure_log: 10_000,
+            port_label_cap: 1_000,
         }
     }
 }
@@ -59,61 +68,50 @@ pub enum WatchError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// Counters for metrics and tests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct WatchStats {
-    /// Events applied, by the time they were read.
-    pub events: u64,
-    /// Reconciliations run, and the drift they corrected in total.
-    pub reconciliations: u64,
-    pub drift: Drift,
-    /// What the last reconciliation corrected (0 once the map is exact).
-    pub last_drift: Drift,
-    /// Records the kernel lost (all hooks), as last read.
-    pub dropped: u64,
-    /// Cookies that could not be handed to the kernel's TRACKED map.
-    pub untracked: u64,
-}
+/// The state, shared between the pipeline and its readers.
+pub type SharedState = Arc<RwLock<State>>;
 
-/// The live map and everything that keeps it exact.
-pub struct Watcher {
-    capture: Capture,
-    map: PortMap,
-    failures: FailureLog,
-    clock: BootClock,
-    host_netns: NetnsCookie,
-    localhost: Vec<IpAddr>,
-    config: WatchConfig,
-    stats: WatchStats,
-    next_reconcile: Instant,
-    /// Failures waiting for a sock_diag listing to be attributed.
-    /// With what the map said at failure time, kept if the listing (which
-    /// comes a little later) no longer shows the blocker.
-    unresolved: Vec<(SystemTime, PortEvent, Vec<failures::Blocker>)>,
-    last_diag: Instant,
-    cgroups: CgroupCache,
-}
+/// How many events a slow live-stream subscriber may fall behind before it
+/// misses some (it is told how many).
+const EVENT_CHANNEL: usize = 4096;
 
 /// The shortest time between two sock_diag listings made to attribute
 /// failures.
 const DIAG_INTERVAL: Duration = Duration::from_millis(250);
 
+/// The pipeline: owns the kernel side, writes the shared state.
+pub struct Watcher {
+    capture: Capture,
+    state: SharedState,
+    events: broadcast::Sender<Arc<PortEvent>>,
+    clock: BootClock,
+    config: WatchConfig,
+    next_reconcile: Instant,
+    /// Failures waiting for a sock_diag listing to be attributed, with what
+    /// the map said at failure time (kept if the listing, which comes a
+    /// little later, no longer shows the blocker).
+    unresolved: Vec<(SystemTime, PortEvent, Vec<failures::Blocker>)>,
+    last_diag: Instant,
+    cgroups: CgroupCache,
+}
+
 impl Watcher {
-    /// Attaches the programs, then takes and merges the snapshot.
-    /// Must run inside a tokio runtime.
+    /// Attaches the programs, then takes and merges the snapshot; the state
+    /// is ready when this returns. Must run inside a tokio runtime.
     pub async fn start(config: WatchConfig) -> Result<Watcher, WatchError> {
         let capture = Capture::start(&config.capture)?;
-        let host_netns = snapshot::netns_cookie_of_current_thread().unwrap_or(0);
+        let mut state = State::new(config.failure_log, config.port_label_cap);
+        state.host_netns = snapshot::netns_cookie_of_current_thread().unwrap_or(0);
+        state.localhost = explain::localhost_order();
+        state.hooks = capture.hooks();
+        let (events, _) = broadcast::channel(EVENT_CHANNEL);
         let mut watcher = Watcher {
             capture,
-            map: PortMap::default(),
-            failures: FailureLog::new(config.failure_log),
+            state: Arc::new(RwLock::new(state)),
+            events,
             clock: BootClock::now(),
-            host_netns,
-            localhost: explain::localhost_order(),
             next_reconcile: Instant::now() + config.reconcile_every,
             config,
-            stats: WatchStats::default(),
             unresolved: Vec::new(),
             last_diag: Instant::now() - DIAG_INTERVAL,
             cgroups: CgroupCache::default(),
@@ -122,29 +120,70 @@ impl Watcher {
         let snapshot =
             tokio::task::spawn_blocking(move || snapshot::take(&snapshot_config)).await??;
         let observed = snapshot.observed();
+        let mut untracked = 0;
         for seen in &observed {
-            if matches!(seen.facts.state, SockState::Listening | SockState::Bound) {
-                watcher.track(seen.facts.cookie);
+            if matches!(seen.facts.state, SockState::Listening | SockState::Bound)
+                && watcher.capture.track(seen.facts.cookie).is_err()
+            {
+                untracked += 1;
             }
         }
-        watcher.map.merge(observed, snapshot.taken_at);
+        let mut state = watcher.write();
+        state.map.merge(observed, snapshot.taken_at);
+        state.stats.untracked += untracked;
+        state.ready = true;
         tracing::info!(
-            sockets = watcher.map.len(),
+            sockets = state.map.len(),
             namespaces = snapshot.namespaces.len(),
             elapsed = ?snapshot.elapsed,
             "start-up snapshot merged"
         );
+        drop(state);
         Ok(watcher)
     }
 
-    fn track(&mut self, cookie: u64) {
-        if self.capture.track(cookie).is_err() {
-            self.stats.untracked += 1;
+    /// The shared state, for readers (HTTP, metrics).
+    pub fn state(&self) -> SharedState {
+        self.state.clone()
+    }
+
+    /// A live stream of every event applied from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<PortEvent>> {
+        self.events.subscribe()
+    }
+
+    /// A sender for the live stream, to subscribe later.
+    pub fn event_sender(&self) -> broadcast::Sender<Arc<PortEvent>> {
+        self.events.clone()
+    }
+
+    /// Reads the state under its lock.
+    pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs the pipeline until `stop` resolves.
+    pub async fn run(mut self, stop: impl Future<Output = ()>) -> Result<(), WatchError> {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                step = self.step() => { step?; }
+                () = &mut stop => return Ok(()),
+            }
         }
     }
 
-    /// Waits for the next events (or the reconciliation deadline), applies
-    /// them, and returns them. Reconciles when due or after a drop.
+    /// Waits for the next events (or a deadline), applies them, and returns
+    /// them. Reconciles when due or after a drop.
     pub async fn step(&mut self) -> Result<Vec<PortEvent>, WatchError> {
         let mut events = Vec::new();
         let mut wake = self.next_reconcile;
@@ -156,30 +195,55 @@ impl Watcher {
             read = self.capture.read(|event| events.push(event)) => read?,
             _ = tokio::time::sleep_until(deadline) => {}
         }
-        for event in &events {
-            self.apply(event);
-        }
-        self.stats.events += events.len() as u64;
+        self.apply_all(&events);
         self.resolve_failures().await?;
-        let dropped = self.dropped_total();
-        let lost_something = dropped > self.stats.dropped;
-        self.stats.dropped = dropped;
+        let drops = self.capture.drops().unwrap_or_default();
+        let dropped: u64 = drops.iter().map(|(_, n)| n).sum();
+        let lost_something = {
+            let mut state = self.write();
+            let lost = dropped > state.stats.dropped;
+            state.stats.dropped = dropped;
+            state.drops = drops;
+            state.decode_errors = self.capture.stats().decode_errors;
+            lost
+        };
         if lost_something || Instant::now() >= self.next_reconcile {
             self.reconcile().await?;
         }
         Ok(events)
     }
 
-    fn apply(&mut self, event: &PortEvent) {
+    /// Applies a batch under one write lock, then publishes it.
+    fn apply_all(&mut self, events: &[PortEvent]) {
+        if events.is_empty() {
+            return;
+        }
+        let state = self.state.clone();
+        let mut state = state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for event in events {
+            self.apply(&mut state, event);
+        }
+        state.stats.events += events.len() as u64;
+        drop(state);
+        for event in events {
+            // No subscriber is not an error.
+            let _ = self.events.send(Arc::new(event.clone()));
+        }
+    }
+
+    fn apply(&mut self, state: &mut State, event: &PortEvent) {
         let at = self.clock.to_system_time(event.boot_ns);
+        state.counters.count(event);
         match event.kind {
             EventKind::BindFailed | EventKind::ListenFailed => {
-                let blocked_by = failures::attribute(event, &self.map);
+                let blocked_by = failures::attribute(event, &state.map);
                 if failures::needs_diag(event, &blocked_by) {
                     self.unresolved.push((at, event.clone(), blocked_by));
                     return;
                 }
-                self.failures.push(Failure {
+                state.failures.push(Failure {
                     time: at,
                     event: event.clone(),
                     blocked_by,
@@ -192,12 +256,13 @@ impl Watcher {
                 self.next_reconcile = Instant::now();
             }
             _ => {
-                self.map.apply(event, at);
+                state.map.apply(event, at);
                 if matches!(event.kind, EventKind::Bind | EventKind::Listen)
                     && let Some(cookie) = event.cookie
                 {
                     let place = self.cgroups.of(event.pid);
-                    self.map
+                    state
+                        .map
                         .set_place(cookie, place.cgroup, place.unit, place.container);
                 }
             }
@@ -219,7 +284,9 @@ impl Watcher {
         };
         let snapshot = tokio::task::spawn_blocking(move || snapshot::take(&config)).await??;
         let observed = snapshot.observed();
-        for (time, event, from_map) in std::mem::take(&mut self.unresolved) {
+        let unresolved = std::mem::take(&mut self.unresolved);
+        let mut state = self.write();
+        for (time, event, from_map) in unresolved {
             let request = failures::request_of(&event);
             let here: Vec<&Observed> = observed
                 .iter()
@@ -230,7 +297,7 @@ impl Watcher {
                 })
                 .collect();
             let existing = here.iter().map(|o| o.facts.clone()).collect();
-            let mut blocked_by = failures::attribute_against(&event, existing, &self.map);
+            let mut blocked_by = failures::attribute_against(&event, existing, &state.map);
             for blocker in blocked_by.iter_mut().filter(|b| b.holders.is_empty()) {
                 if let Some(seen) = here.iter().find(|o| o.facts == blocker.facts) {
                     blocker.holders = failures::holders_of(seen);
@@ -239,7 +306,7 @@ impl Watcher {
             if blocked_by.is_empty() {
                 blocked_by = from_map;
             }
-            self.failures.push(Failure {
+            state.failures.push(Failure {
                 time,
                 event,
                 blocked_by,
@@ -252,18 +319,8 @@ impl Watcher {
     pub fn apply_pending(&mut self) -> usize {
         let mut events = Vec::new();
         self.capture.read_now(|event| events.push(event));
-        for event in &events {
-            self.apply(event);
-        }
-        self.stats.events += events.len() as u64;
+        self.apply_all(&events);
         events.len()
-    }
-
-    fn dropped_total(&self) -> u64 {
-        self.capture
-            .drops()
-            .map(|drops| drops.iter().map(|(_, n)| n).sum())
-            .unwrap_or(self.stats.dropped)
     }
 
     /// Compares the map with a fresh sock_diag listing and corrects it.
@@ -277,19 +334,31 @@ impl Watcher {
         };
         let snapshot = tokio::task::spawn_blocking(move || snapshot::take(&config)).await??;
         let observed = snapshot.observed();
-        for seen in &observed {
-            if self.map.get(seen.facts.cookie).is_none()
-                && matches!(seen.facts.state, SockState::Listening | SockState::Bound)
-            {
-                self.track(seen.facts.cookie);
-            }
-        }
-        let drift = self.map.reconcile(observed, snapshot.taken_at);
-        self.stats.reconciliations += 1;
-        self.stats.last_drift = drift;
-        self.stats.drift.missing += drift.missing;
-        self.stats.drift.stale += drift.stale;
-        self.stats.drift.changed += drift.changed;
+        let fresh: Vec<u64> = {
+            let state = self.read_guard();
+            observed
+                .iter()
+                .filter(|seen| {
+                    state.map.get(seen.facts.cookie).is_none()
+                        && matches!(seen.facts.state, SockState::Listening | SockState::Bound)
+                })
+                .map(|seen| seen.facts.cookie)
+                .collect()
+        };
+        let untracked = fresh
+            .iter()
+            .filter(|cookie| self.capture.track(**cookie).is_err())
+            .count();
+        let mut state = self.write();
+        let drift = state.map.reconcile(observed, snapshot.taken_at);
+        let stats = &mut state.stats;
+        stats.untracked += untracked as u64;
+        stats.reconciliations += 1;
+        stats.last_drift = drift;
+        stats.drift.missing += drift.missing;
+        stats.drift.stale += drift.stale;
+        stats.drift.changed += drift.changed;
+        drop(state);
         self.next_reconcile = Instant::now() + self.config.reconcile_every;
         if drift.total() > 0 {
             tracing::info!(?drift, "reconciliation corrected the map");
@@ -297,14 +366,10 @@ impl Watcher {
         Ok(drift)
     }
 
-    /// The map.
-    pub fn map(&self) -> &PortMap {
-        &self.map
-    }
-
-    /// Recent failures, newest first.
-    pub fn failures(&self) -> impl Iterator<Item = &Failure> {
-        self.failures.newest()
+    fn read_guard(&self) -> RwLockReadGuard<'_, State> {
+        self.state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Failures still waiting for a sock_diag listing to name their blockers.
@@ -312,28 +377,9 @@ impl Watcher {
         self.unresolved.len()
     }
 
-    /// The explanation of one port.
-    pub fn explain(&self, port: u16) -> PortExplanation {
-        explain::explain(
-            port,
-            &self.map.listeners_on(port),
-            self.host_netns,
-            &self.localhost,
-        )
-    }
-
-    pub fn stats(&self) -> WatchStats {
-        self.stats
-    }
-
     /// The capture underneath (hook paths, drops).
     pub fn capture(&self) -> &Capture {
         &self.capture
-    }
-
-    /// The wall-clock time of a kernel timestamp.
-    pub fn time_of(&self, boot_ns: u64) -> SystemTime {
-        self.clock.to_system_time(boot_ns)
     }
 }
 

@@ -15,7 +15,8 @@ use std::{
 
 use portwatch::{
     capture::CaptureConfig,
-    explain::Flag,
+    explain::{Flag, PortExplanation},
+    failures::Failure,
     map::{Entry, listener_key},
     rules::CoexistReason,
     socket::{Family, Protocol},
@@ -54,22 +55,36 @@ async fn until(watcher: &mut Watcher, what: &str, done: impl Fn(&Watcher) -> boo
 
 /// Listeners on `port` in namespace `netns`.
 fn listeners(watcher: &Watcher, netns: u64, port: u16) -> Vec<Entry> {
-    watcher
-        .map()
-        .listeners_on(port)
-        .into_iter()
-        .filter(|e| e.facts.netns == netns)
-        .cloned()
-        .collect()
+    watcher.read(|state| {
+        state
+            .map
+            .listeners_on(port)
+            .into_iter()
+            .filter(|e| e.facts.netns == netns)
+            .cloned()
+            .collect()
+    })
+}
+
+/// Recent failures, newest first.
+fn failures(watcher: &Watcher) -> Vec<Failure> {
+    watcher.read(|state| state.failures.newest().cloned().collect())
+}
+
+fn explanation(watcher: &Watcher, port: u16) -> PortExplanation {
+    watcher.read(|state| state.explain(port))
 }
 
 fn flags(watcher: &Watcher, port: u16) -> Vec<&'static str> {
-    watcher.explain(port).flags.iter().map(Flag::name).collect()
+    explanation(watcher, port)
+        .flags
+        .iter()
+        .map(Flag::name)
+        .collect()
 }
 
 fn sharing(watcher: &Watcher, port: u16) -> Vec<CoexistReason> {
-    watcher
-        .explain(port)
+    explanation(watcher, port)
         .sharing
         .iter()
         .map(|s| s.kind)
@@ -205,11 +220,11 @@ async fn the_same_address_twice_names_the_first_as_the_blocker() {
     );
     assert_eq!(second.results(2)[1], -i64::from(libc::EADDRINUSE));
     until(&mut watcher, "the failure", |w| {
-        w.failures().any(|f| f.event.pid == second.pid)
+        failures(w).iter().any(|f| f.event.pid == second.pid)
     })
     .await;
-    let failure = watcher
-        .failures()
+    let failure = failures(&watcher)
+        .into_iter()
         .find(|f| f.event.pid == second.pid)
         .unwrap();
     assert_eq!(failure.blocked_by.len(), 1, "{:?}", failure.blocked_by);
@@ -262,9 +277,9 @@ async fn connected_and_time_wait_blockers_are_named() {
     assert_eq!(results[8], -i64::from(libc::EADDRINUSE), "{results:?}");
     let pid = worker.pid;
     let failed_on = move |w: &Watcher, port: u16| {
-        w.failures()
+        failures(w)
+            .into_iter()
             .find(|f| f.event.pid == pid && f.event.port == port)
-            .cloned()
     };
     until(&mut watcher, "the failure on :9000", |w| {
         failed_on(w, 9000).is_some()
@@ -314,7 +329,7 @@ async fn so_reuseport_twice_is_a_named_group() {
         listeners(w, ns, 8000).len() == 2
     })
     .await;
-    let explanation = watcher.explain(8000);
+    let explanation = explanation(&watcher, 8000);
     let group = explanation
         .flags
         .iter()
@@ -363,11 +378,11 @@ async fn the_wildcard_with_a_specific_address() {
     );
     assert_eq!(blocked.results(2)[1], -i64::from(libc::EADDRINUSE));
     until(&mut watcher, "the failure", |w| {
-        w.failures().any(|f| f.event.pid == blocked.pid)
+        failures(w).iter().any(|f| f.event.pid == blocked.pid)
     })
     .await;
-    let failure = watcher
-        .failures()
+    let failure = failures(&watcher)
+        .into_iter()
         .find(|f| f.event.pid == blocked.pid)
         .unwrap();
     assert_eq!(failure.blocked_by[0].endpoint, "0.0.0.0:8000");
@@ -474,7 +489,7 @@ async fn sigkill_leaves_nothing_stale() {
     unsafe { libc::kill(worker.pid as i32, libc::SIGKILL) };
     worker.wait();
     until(&mut watcher, "nothing left", |w| {
-        w.map().on_port(9100).all(|e| e.facts.netns != ns)
+        w.read(|state| state.map.on_port(9100).all(|e| e.facts.netns != ns))
     })
     .await;
     assert_eq!(
@@ -578,14 +593,17 @@ async fn after_ten_thousand_random_operations_the_map_equals_ss() {
     }
     let expected = ss_listeners(&netns);
     let mine = |w: &Watcher| -> BTreeSet<(Protocol, IpAddr, u16)> {
-        w.map()
-            .listeners()
-            .filter(|e| e.facts.netns == ns)
-            .map(|e| {
-                let (_, protocol, _, address, port) = listener_key(&e.facts);
-                (protocol, address, port)
-            })
-            .collect()
+        w.read(|state| {
+            state
+                .map
+                .listeners()
+                .filter(|e| e.facts.netns == ns)
+                .map(|e| {
+                    let (_, protocol, _, address, port) = listener_key(&e.facts);
+                    (protocol, address, port)
+                })
+                .collect()
+        })
     };
     let deadline = Instant::now() + DEADLINE;
     while mine(&watcher) != expected {
@@ -604,7 +622,11 @@ async fn after_ten_thousand_random_operations_the_map_equals_ss() {
         0,
         "no drift after the storm"
     );
-    assert_eq!(watcher.stats().dropped, 0, "nothing was lost at this rate");
+    assert_eq!(
+        watcher.read(|s| s.stats.dropped),
+        0,
+        "nothing was lost at this rate"
+    );
     for (worker, _) in &mut workers {
         worker.resume();
     }
