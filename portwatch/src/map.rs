@@ -69,6 +69,41 @@ impl Entry {
     }
 }
 
+impl Entry {
+    /// A socket first seen through `event`.
+    fn seen(
+        event: &PortEvent,
+        cookie: u64,
+        port: u16,
+        state: SockState,
+        options: ShareOptions,
+        at: SystemTime,
+    ) -> Entry {
+        Entry {
+            facts: SocketFacts {
+                cookie,
+                netns: event.netns.unwrap_or(0),
+                protocol: event.protocol,
+                family: event.family,
+                address: event.address,
+                port,
+                state,
+                options,
+                uid: event.sock_uid,
+                bound_dev_if: 0,
+            },
+            holders: vec![holder(event)],
+            inode: None,
+            cgroup_id: Some(event.cgroup_id),
+            cgroup: None,
+            unit: None,
+            container: None,
+            since: at,
+            since_exact: true,
+        }
+    }
+}
+
 /// What the map holds about one socket before it is known to the map, as a
 /// snapshot or reconciliation reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,33 +151,19 @@ impl PortMap {
                     // IP_BIND_ADDRESS_NO_PORT: no port reserved yet.
                     return;
                 };
-                let facts = SocketFacts {
-                    cookie,
-                    netns: event.netns.unwrap_or(0),
-                    protocol: event.protocol,
-                    family: event.family,
-                    address: event.address,
-                    port,
-                    state: SockState::Bound,
-                    options: ShareOptions {
-                        reuse_addr: event.options.reuse_addr,
-                        reuse_port: event.options.reuse_port,
-                        v6only: event.options.v6only,
-                    },
-                    uid: event.sock_uid,
-                    bound_dev_if: 0,
+                let options = ShareOptions {
+                    reuse_addr: event.options.reuse_addr,
+                    reuse_port: event.options.reuse_port,
+                    v6only: event.options.v6only,
                 };
-                self.insert(Entry {
-                    facts,
-                    holders: vec![holder(event)],
-                    inode: None,
-                    cgroup_id: Some(event.cgroup_id),
-                    cgroup: None,
-                    unit: None,
-                    container: None,
-                    since: at,
-                    since_exact: true,
-                });
+                self.insert(Entry::seen(
+                    event,
+                    cookie,
+                    port,
+                    SockState::Bound,
+                    options,
+                    at,
+                ));
             }
             EventKind::Listen => {
                 if let Some(entry) = self.entries.get_mut(&cookie) {
@@ -154,28 +175,15 @@ impl PortMap {
                     // Listening without a bind we saw: autobind at listen(),
                     // or bound before portwatch started.
                     let port = event.bound_port.unwrap_or(event.port);
-                    self.insert(Entry {
-                        facts: SocketFacts {
-                            cookie,
-                            netns: event.netns.unwrap_or(0),
-                            protocol: event.protocol,
-                            family: event.family,
-                            address: event.address,
-                            port,
-                            state: SockState::Listening,
-                            options: ShareOptions::default(),
-                            uid: event.sock_uid,
-                            bound_dev_if: 0,
-                        },
-                        holders: vec![holder(event)],
-                        inode: None,
-                        cgroup_id: Some(event.cgroup_id),
-                        cgroup: None,
-                        unit: None,
-                        container: None,
-                        since: at,
-                        since_exact: true,
-                    });
+                    let options = ShareOptions::default();
+                    self.insert(Entry::seen(
+                        event,
+                        cookie,
+                        port,
+                        SockState::Listening,
+                        options,
+                        at,
+                    ));
                 }
             }
             EventKind::ListenStop => {

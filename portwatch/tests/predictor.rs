@@ -34,8 +34,6 @@ use portwatch::{
 };
 use support::NetnsGuard;
 
-const ROOT: &str = "needs root, BTF and cgroup2; run by `cargo xtask test`";
-
 /// The fewest random scenarios a run must complete.
 const MIN_SCENARIOS: usize = 500;
 /// How many run unless `PORTWATCH_PREDICTOR_SCENARIOS` says otherwise.
@@ -1104,18 +1102,4 @@ fn time_wait_agrees_with_the_kernel() {
         println!("TIME_WAIT: {ok} binds ok, {refused} refused, all as predicted");
         assert!(ok > 0 && refused > 0);
     });
-}
-
-#[test]
-fn root_tests_are_marked_ignored_with_the_reason() {
-    // The convention of tests/trace.rs: every root test says why it is
-    // skipped when run without `cargo xtask test`.
-    let source = include_str!("predictor.rs");
-    let tests = source.matches("\n#[test]\n").count();
-    let ignored = source.matches(&format!("#[ignore = \"{ROOT}\"]")).count();
-    assert_eq!(
-        tests - 1,
-        ignored,
-        "every root test carries #[ignore = ROOT]"
-    );
 }

@@ -104,11 +104,7 @@ pub(crate) fn discover(
         source,
     })?;
     for entry in proc_entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Some(pid) = super::owners::pid_of(&entry) else {
             continue;
         };
         found.add_process(pid);

@@ -44,11 +44,7 @@ pub(crate) fn scan_fds(wanted: &HashSet<u64>) -> Result<FdScan, SnapshotError> {
     })?;
     let mut link = [0u8; 64];
     for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Some(pid) = pid_of(&entry) else {
             continue;
         };
         match scan_process(pid, wanted, &mut link, &mut scan.by_inode) {
@@ -125,6 +121,11 @@ pub(crate) fn process_info(pid: u32) -> io::Result<ProcInfo> {
         unit: systemd_unit(cgroup).map(str::to_owned),
         container: container_id(cgroup).map(str::to_owned),
     })
+}
+
+/// The pid a `/proc` directory entry names, if it names one.
+pub(super) fn pid_of(entry: &fs::DirEntry) -> Option<u32> {
+    entry.file_name().to_str()?.parse().ok()
 }
 
 /// The inode of a `/proc/<pid>/fd/N` link target `socket:[INODE]`.
