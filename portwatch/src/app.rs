@@ -6,7 +6,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     capture::{Capture, CaptureConfig, CaptureError},
-    cli::TraceArgs,
+    cli::{DaemonArgs, TraceArgs},
+    config::{Config, ConfigError, DEFAULT_CONFIG_PATH, Overrides},
+    daemon::{self, DaemonError},
     event::BootClock,
     trace::{self, SocketBook, TraceFilter},
 };
@@ -23,6 +25,46 @@ pub enum AppError {
     /// Installing a signal handler failed.
     #[error("installing the signal handler: {0}")]
     Signal(#[source] io::Error),
+    /// The daemon's configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The daemon stopped with an error.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+}
+
+/// The daemon's configuration: file, then environment, then flags.
+pub fn daemon_config(args: &DaemonArgs) -> Result<Config, ConfigError> {
+    let (path, required) = match &args.config {
+        Some(path) => (path.clone(), true),
+        None => (DEFAULT_CONFIG_PATH.into(), false),
+    };
+    let flags = Overrides {
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        cgroup: args.cgroup.clone(),
+    };
+    Config::load(&path, required)?
+        .apply_env(|name| std::env::var(name).ok())?
+        .apply_flags(&flags)
+}
+
+/// `portwatch daemon`.
+pub async fn daemon(args: DaemonArgs) -> Result<(), AppError> {
+    let config = daemon_config(&args)?;
+    if args.check_config {
+        println!(
+            "portwatch: configuration ok (listen {}, metrics_listen {}, reconcile every {:?})",
+            config.listen,
+            config
+                .metrics_listen
+                .map_or("none".to_owned(), |a| a.to_string()),
+            config.reconcile_interval
+        );
+        return Ok(());
+    }
+    daemon::run(config, || {}).await?;
+    Ok(())
 }
 
 /// `portwatch trace`: streams events until SIGINT/SIGTERM or until stdout

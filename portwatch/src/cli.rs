@@ -37,6 +37,128 @@ pub enum Command {
     /// Stream bind, listen and close events as they happen, like bindsnoop
     /// (needs root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN).
     Trace(TraceArgs),
+    /// Run the daemon: the live port map, its HTTP API and metrics (needs root).
+    Daemon(DaemonArgs),
+    /// Who listens on which port, like `ss -tuln` with owners and sharing.
+    Ports(PortsArgs),
+    /// In plain sentences: who is on PORT, why they coexist, where
+    /// `localhost:PORT` goes, and recent failures with their blockers.
+    Explain(ExplainArgs),
+    /// Recent failed binds and listens, newest first, with what blocked them.
+    Failures(FailuresArgs),
+    /// Follow bind, listen, close and failure events live.
+    Watch(WatchArgs),
+    /// Would this bind succeed? Exit code 0 yes, 1 no, 2 error.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Configuration file (TOML). Default /etc/portwatch/portwatch.toml;
+    /// a missing default file means the built-in defaults.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration (file, environment, flags) and exit.
+    #[arg(long)]
+    pub check_config: bool,
+    /// HTTP address of the API (default 127.0.0.1:7464).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// A second address serving only /metrics, /livez and /readyz.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Watch this cgroup (v2) subtree instead of the whole machine.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+}
+
+/// Where the client finds the daemon.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// The daemon's URL.
+    #[arg(long, global = true, env = "PORTWATCH_SERVER", default_value = DEFAULT_SERVER)]
+    pub server: String,
+}
+
+/// The daemon's default address, as a URL.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7464";
+
+/// Output format of the client commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// An aligned table (or sentences, for `explain`).
+    Table,
+    /// The API's JSON, as it came.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct PortsArgs {
+    /// Only this port.
+    #[arg(value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[arg(value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct FailuresArgs {
+    /// Only failures on this port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
+    /// Only failures with this errno (EADDRINUSE, EACCES, ...).
+    #[arg(long)]
+    pub errno: Option<String>,
+    /// At most this many (default 20).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub limit: u32,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Only events for this port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// tcp or udp.
+    #[arg(value_parser = ["tcp", "udp"])]
+    pub protocol: String,
+    /// The address and port to bind, as `0.0.0.0:8080` or `[::]:8080`.
+    pub endpoint: std::net::SocketAddr,
+    #[arg(long)]
+    pub reuse_port: bool,
+    #[arg(long)]
+    pub reuse_addr: bool,
+    #[arg(long)]
+    pub v6only: bool,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
 #[derive(Debug, Args)]
@@ -88,10 +210,32 @@ mod tests {
             "--failures-only",
         ])
         .unwrap();
-        let Command::Trace(args) = cli.command;
+        let Command::Trace(args) = cli.command else {
+            panic!("parsed as trace");
+        };
         assert!(args.json && args.failures_only);
         assert_eq!((args.port, args.pid), (Some(8080), Some(42)));
         assert_eq!(args.ring_size, DEFAULT_RING_BYTES);
+    }
+
+    #[test]
+    fn client_commands_parse() {
+        let cli =
+            Cli::try_parse_from(["portwatch", "check", "tcp", "[::]:8080", "--v6only"]).unwrap();
+        let Command::Check(check) = cli.command else {
+            panic!("check")
+        };
+        assert!(check.v6only && !check.reuse_port);
+        assert_eq!(check.endpoint.port(), 8080);
+        assert_eq!(check.server.server, DEFAULT_SERVER);
+        assert!(Cli::try_parse_from(["portwatch", "check", "sctp", "1.2.3.4:1"]).is_err());
+        assert!(Cli::try_parse_from(["portwatch", "check", "tcp", "8080"]).is_err());
+        let cli = Cli::try_parse_from(["portwatch", "ports", "8000", "-o", "json"]).unwrap();
+        let Command::Ports(ports) = cli.command else {
+            panic!("ports")
+        };
+        assert_eq!((ports.port, ports.output), (Some(8000), Output::Json));
+        assert!(Cli::try_parse_from(["portwatch", "failures", "--limit", "0"]).is_err());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! portwatch: who is bound to a port, who tried to bind and failed, and why.
 //!
+//! - [`api`]: the HTTP API: ports, failures, the predictor, live events, health;
 //! - [`capture`]: loads and attaches the kernel programs, streams raw records;
 //! - [`event`]: decodes raw records into typed events (pure, no I/O);
 //! - [`explain`]: why a port's listeners coexist, flags, who `localhost` reaches (pure);
@@ -7,20 +8,29 @@
 //! - [`state`]: what the daemon knows: map, failures, counters (pure);
 //! - [`watch`]: the live pipeline keeping the map exact;
 //! - [`map`]: the live per-port map of listeners (pure);
+//! - [`metrics`]: Prometheus metrics, read from the shared state at scrape;
 //! - [`snapshot`]: every socket holding a port in every netns, with its owners;
 //! - [`socket`]: what portwatch knows about one socket holding a port (pure);
 //! - [`rules`]: the kernel's port-sharing rules: would a bind succeed, who blocks it, why (pure);
 //! - [`trace`]: the `portwatch trace` output, filters and formatting (pure);
 //! - [`cli`]: command-line arguments;
+//! - [`client`]: the CLI client of a running daemon;
+//! - [`daemon`]: `portwatch daemon`: pipeline, HTTP API, metrics;
+//! - [`config`]: the daemon's configuration file, environment and flags;
 //! - [`app`]: what each command does.
 
+pub mod api;
 pub mod app;
 pub mod capture;
 pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
 pub mod event;
 pub mod explain;
 pub mod failures;
 pub mod map;
+pub mod metrics;
 pub mod rules;
 pub mod snapshot;
 pub mod socket;

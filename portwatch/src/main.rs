@@ -4,30 +4,47 @@ use clap::Parser;
 use portwatch::{
     app,
     cli::{Cli, Command, LogFormat},
+    client,
 };
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("portwatch: starting the async runtime: {err}");
-            return ExitCode::FAILURE;
+    let result = match cli.command {
+        Command::Trace(args) => run_async(app::trace(args)),
+        Command::Daemon(args) => run_async(app::daemon(args)),
+        Command::Ports(args) => client::ports(&args).map_err(Into::into),
+        Command::Explain(args) => client::explain(&args).map_err(Into::into),
+        Command::Failures(args) => client::failures(&args).map_err(Into::into),
+        Command::Watch(args) => client::watch(&args).map_err(Into::into),
+        // 0: the bind would succeed, 1: it would not, 2: no answer.
+        Command::Check(args) => {
+            return match client::check(&args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(err) => {
+                    eprintln!("portwatch: {}", error_chain(&err));
+                    ExitCode::from(2)
+                }
+            };
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Trace(args) => app::trace(args).await,
-        }
-    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("portwatch: {}", error_chain(&err));
+            eprintln!("portwatch: {}", error_chain(err.as_ref()));
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_async<E: std::error::Error + 'static>(
+    work: impl Future<Output = Result<(), E>>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime
+        .block_on(work)
+        .map_err(|err| Box::new(err) as Box<dyn std::error::Error>)
 }
 
 /// Logs go to stderr, filtered by RUST_LOG (default `info`).

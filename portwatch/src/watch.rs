@@ -195,7 +195,7 @@ impl Watcher {
             read = self.capture.read(|event| events.push(event)) => read?,
             _ = tokio::time::sleep_until(deadline) => {}
         }
-        self.apply_all(&events);
+        self.apply_all(&mut events);
         self.resolve_failures().await?;
         let drops = self.capture.drops().unwrap_or_default();
         let dropped: u64 = drops.iter().map(|(_, n)| n).sum();
@@ -213,8 +213,9 @@ impl Watcher {
         Ok(events)
     }
 
-    /// Applies a batch under one write lock, then publishes it.
-    fn apply_all(&mut self, events: &[PortEvent]) {
+    /// Applies a batch under one write lock, then publishes it (closes
+    /// filled in with the endpoint the map knew).
+    fn apply_all(&mut self, events: &mut [PortEvent]) {
         if events.is_empty() {
             return;
         }
@@ -222,12 +223,13 @@ impl Watcher {
         let mut state = state
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for event in events {
+        for event in events.iter_mut() {
+            fill_from_map(&state, event);
             self.apply(&mut state, event);
         }
         state.stats.events += events.len() as u64;
         drop(state);
-        for event in events {
+        for event in events.iter() {
             // No subscriber is not an error.
             let _ = self.events.send(Arc::new(event.clone()));
         }
@@ -319,7 +321,7 @@ impl Watcher {
     pub fn apply_pending(&mut self) -> usize {
         let mut events = Vec::new();
         self.capture.read_now(|event| events.push(event));
-        self.apply_all(&events);
+        self.apply_all(&mut events);
         events.len()
     }
 
@@ -380,6 +382,27 @@ impl Watcher {
     /// The capture underneath (hook paths, drops).
     pub fn capture(&self) -> &Capture {
         &self.capture
+    }
+}
+
+/// A close (or listen stop) carries only the socket's cookie; the map knows
+/// its endpoint, namespace and options.
+fn fill_from_map(state: &State, event: &mut PortEvent) {
+    if !matches!(event.kind, EventKind::Close | EventKind::ListenStop) {
+        return;
+    }
+    let Some(entry) = event.cookie.and_then(|cookie| state.map.get(cookie)) else {
+        return;
+    };
+    let facts = &entry.facts;
+    event.address = facts.address;
+    event.port = facts.port;
+    event.bound_port = Some(facts.port);
+    event.netns = event.netns.or(Some(facts.netns));
+    if event.options == crate::event::Options::default() {
+        event.options.reuse_addr = facts.options.reuse_addr;
+        event.options.reuse_port = facts.options.reuse_port;
+        event.options.v6only = facts.options.v6only;
     }
 }
 

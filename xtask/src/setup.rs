@@ -1,5 +1,6 @@
 //! `cargo xtask setup`: installs what a fresh Debian machine lacks to build
-//! portwatch's eBPF programs and to lint them, and nothing else. Idempotent:
+//! portwatch's eBPF programs, lint them and run the tests (promtool), and
+//! nothing else. Idempotent:
 //! each item is checked first and only a missing one is installed, with one
 //! line per item saying which.
 
@@ -34,10 +35,13 @@ enum Item {
 
 /// Everything setup manages, in install order: bpf-linker builds last, against
 /// the LLVM packages.
-const ITEMS: [Item; 8] = [
+const ITEMS: [Item; 9] = [
     Item::Apt("llvm-22-dev"),
     // LLVM 22 links against it; bpf-linker's build fails without it.
     Item::Apt("libzstd-dev"),
+    // `promtool check metrics` checks the daemon's /metrics output in the
+    // tests, and later `promtool check rules` the alert rules.
+    Item::Apt("prometheus"),
     Item::Nightly,
     // `-Z build-std=core`: there is no prebuilt core for the bpf targets.
     Item::NightlyComponent("rust-src"),
@@ -91,7 +95,9 @@ impl Item {
         match self {
             Item::Apt(package) => {
                 cmd = apt_get();
-                cmd.args(["install", "-y", package]);
+                // Recommends would add services (prometheus recommends the
+                // node exporter) that the project does not need.
+                cmd.args(["install", "-y", "--no-install-recommends", package]);
             }
             Item::Nightly => {
                 cmd = Command::new("rustup");
@@ -236,6 +242,9 @@ fn install(statuses: &[(Item, bool)]) -> Result<()> {
         println!("{}: installing ({})", item.name(), display(&install));
         cmd::run_unannounced(&mut install)
             .with_context(|| format!("installing {}", item.name()))?;
+        if let Item::Apt(package) = item {
+            stop_service_started_by(package);
+        }
         if !item.is_installed() {
             bail!(
                 "{}: still missing after `{}`{}",
@@ -246,6 +255,28 @@ fn install(statuses: &[(Item, bool)]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Debian starts the service a package ships (prometheus: a server on
+/// :9090) where systemd runs. portwatch only needs the package's tools, so
+/// the service is stopped and disabled again.
+fn stop_service_started_by(package: &str) {
+    const SERVICES: [(&str, &str); 1] = [("prometheus", "prometheus.service")];
+    let Some((_, service)) = SERVICES.iter().find(|(p, _)| *p == package) else {
+        return;
+    };
+    if !std::path::Path::new("/run/systemd/system").exists() {
+        return; // no systemd: nothing was started
+    }
+    let mut stop = Command::new("systemctl");
+    stop.args(["disable", "--now", service]);
+    println!(
+        "{package}: stopping the service it started ({})",
+        display(&stop)
+    );
+    if let Err(err) = cmd::run_unannounced(&mut stop) {
+        println!("{package}: could not stop {service}: {err:#}");
+    }
 }
 
 #[cfg(test)]

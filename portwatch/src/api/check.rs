@@ -1,0 +1,191 @@
+//! `GET /check`: would this bind succeed now? The conflict rules
+//! ([`rules::predict_bind`]) judged against the sockets the map holds on the
+//! port, which are listeners and bound sockets: connections and TIME_WAIT
+//! entries are not in the map, so a TCP answer of "ok" says so.
+
+use axum::{
+    Json,
+    extract::{RawQuery, State},
+};
+
+use super::{
+    Shared,
+    model::{BlockerView, CheckRequest, CheckResponse},
+    params::{self, Query},
+    problem::ApiError,
+};
+use crate::{
+    event::{Family, Protocol},
+    rules::{self, Verdict},
+    socket::{BindRequest, ShareOptions, SocketFacts},
+    state::State as DaemonState,
+};
+
+/// The predictor.
+#[utoipa::path(
+    get,
+    path = "/check",
+    operation_id = "check_bind",
+    tag = "check",
+    params(
+        ("protocol" = Option<String>, Query, description = "tcp (default), udp, udplite, sctp or mptcp"),
+        ("address" = String, Query, description = "the address to bind: 0.0.0.0, ::, 127.0.0.1, [::1]"),
+        ("port" = u16, Query, description = "1 to 65535", minimum = 1),
+        ("reuse_addr" = Option<bool>, Query, description = "SO_REUSEADDR (default false)"),
+        ("reuse_port" = Option<bool>, Query, description = "SO_REUSEPORT (default false)"),
+        ("v6only" = Option<bool>, Query, description = "IPV6_V6ONLY; unset leaves it to net.ipv6.bindv6only"),
+        ("netns" = Option<String>, Query, description = "network namespace cookie, or `host` (default)"),
+        ("uid" = Option<u32>, Query, description = "the socket owner's uid, which SO_REUSEPORT compares (default 0)"),
+    ),
+    responses(
+        (status = 200, description = "The predicted outcome", body = CheckResponse),
+        (status = 400, description = "A bad, missing or unknown parameter", body = super::problem::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn check(
+    State(shared): State<Shared>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<CheckResponse>, ApiError> {
+    let query = Query::parse(
+        raw.as_deref(),
+        &[
+            "protocol",
+            "address",
+            "port",
+            "reuse_addr",
+            "reuse_port",
+            "v6only",
+            "netns",
+            "uid",
+        ],
+    )?;
+    let host = shared.read(|state| state.host_netns);
+    let address = query.required("address", params::address)?;
+    let family = if address.is_ipv4() {
+        Family::Ipv4
+    } else {
+        Family::Ipv6
+    };
+    let request = BindRequest {
+        netns: query.opt("netns", params::netns(host))?.unwrap_or(host),
+        protocol: query
+            .opt("protocol", params::protocol)?
+            .unwrap_or(Protocol::Tcp),
+        family,
+        address,
+        port: query.required("port", params::port)?,
+        options: ShareOptions {
+            reuse_addr: Some(query.opt("reuse_addr", params::boolean)?.unwrap_or(false)),
+            reuse_port: Some(query.opt("reuse_port", params::boolean)?.unwrap_or(false)),
+            // Meaningless on IPv4; on IPv6 unset means the sysctl decides.
+            v6only: query
+                .opt("v6only", params::boolean)?
+                .filter(|_| family == Family::Ipv6),
+        },
+        uid: query.opt("uid", params::uid)?.unwrap_or(0),
+    };
+    Ok(Json(shared.read(|state| judge(state, request))))
+}
+
+/// Protocols that share one port space with `protocol` (TCP and MPTCP).
+fn same_space(protocol: Protocol) -> &'static [Protocol] {
+    match protocol {
+        Protocol::Tcp | Protocol::Mptcp => &[Protocol::Tcp, Protocol::Mptcp],
+        Protocol::Udp => &[Protocol::Udp],
+        Protocol::UdpLite => &[Protocol::UdpLite],
+        Protocol::Sctp => &[Protocol::Sctp],
+    }
+}
+
+fn judge(state: &DaemonState, request: BindRequest) -> CheckResponse {
+    let mut existing: Vec<SocketFacts> = same_space(request.protocol)
+        .iter()
+        .flat_map(|&p| state.map.facts_on(request.netns, p, request.port))
+        .collect();
+    // The rules want bind order, oldest first; cookies grow in that order.
+    existing.sort_by_key(|f| f.cookie);
+    let prediction = rules::predict_bind(None, &existing, &request);
+    let blocked_by: Vec<BlockerView> = prediction
+        .verdict
+        .blockers()
+        .iter()
+        .map(|b| BlockerView::of_prediction(b, &state.map))
+        .collect();
+    let endpoint = crate::event::endpoint(request.address, request.port);
+    let invalid = match &prediction.verdict {
+        Verdict::Refused { invalid, .. } => *invalid,
+        Verdict::Ok => None,
+    };
+    let mut explanation = match (prediction.verdict.errno(), invalid, blocked_by.first()) {
+        (None, _, _) => {
+            let mut text = format!(
+                "{endpoint} is free: no socket portwatch tracks on {} port {} conflicts with it",
+                request.protocol, request.port
+            );
+            if same_space(request.protocol).contains(&Protocol::Tcp) {
+                text.push_str(
+                    " (connections and TIME_WAIT are not tracked; without SO_REUSEADDR a TIME_WAIT on this address can still refuse it)",
+                );
+            }
+            text
+        }
+        (Some(errno), Some(invalid), _) => format!("{errno}: {}", invalid.explanation()),
+        (Some(errno), None, Some(first)) => {
+            let mut text = format!(
+                "{errno}: {} is held by a {}{}: {}",
+                first.endpoint,
+                first.what,
+                holders(first),
+                first.reason
+            );
+            if blocked_by.len() > 1 {
+                text.push_str(&format!(" (and {} more)", blocked_by.len() - 1));
+            }
+            text
+        }
+        (Some(errno), None, None) => format!("{errno}: {}", errno.description()),
+    };
+    if !prediction.confident {
+        explanation.push_str(
+            ". Not certain: an option or owner portwatch could not read, the kernel's SO_REUSEPORT memory of the port, SCTP or a crowded UDP port could change the answer",
+        );
+    }
+    CheckResponse {
+        ok: prediction.verdict.is_ok(),
+        errno: prediction.verdict.errno(),
+        errno_description: prediction
+            .verdict
+            .errno()
+            .map(|e| e.description().to_owned()),
+        confident: prediction.confident,
+        invalid,
+        blocked_by,
+        explanation,
+        request: CheckRequest {
+            protocol: request.protocol,
+            family: request.family,
+            address: request.address,
+            port: request.port,
+            endpoint,
+            netns: request.netns,
+            uid: request.uid,
+            reuse_addr: request.options.reuse_addr.unwrap_or(false),
+            reuse_port: request.options.reuse_port.unwrap_or(false),
+            v6only: request.options.v6only,
+        },
+    }
+}
+
+/// ` of node (pid 2001)`, ` of node (pid 1) and 2 more`, or nothing.
+fn holders(blocker: &BlockerView) -> String {
+    match blocker.holders.as_slice() {
+        [] => String::new(),
+        [one] => format!(" of {} (pid {})", one.process, one.pid),
+        [first, rest @ ..] => format!(
+            " of {} (pid {}) and {} more",
+            first.process,
+            first.pid,
+            rest.len()
+        ),
+    }
+}

@@ -1,0 +1,134 @@
+//! The operational endpoints: `/metrics`, `/livez`, `/readyz`,
+//! `/openapi.json`, and the landing page at `/`. They ignore query strings:
+//! scrapers and probes may add parameters of their own.
+
+use std::sync::LazyLock;
+
+use axum::{
+    extract::State,
+    http::{HeaderValue, header},
+    response::{Html, IntoResponse, Response},
+};
+use utoipa::OpenApi;
+
+use super::{
+    Shared,
+    problem::{ApiError, Problem},
+};
+
+/// The Prometheus text exposition format's media type.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The Prometheus text exposition format 0.0.4", content_type = "text/plain; version=0.0.4", body = String),
+    )
+)]
+pub async fn metrics(State(shared): State<Shared>) -> Response {
+    let text = (shared.metrics)();
+    let mut response = text.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(PROMETHEUS_TEXT),
+    );
+    response
+}
+
+/// Liveness: the HTTP server answers.
+#[utoipa::path(
+    get,
+    path = "/livez",
+    operation_id = "livez",
+    tag = "operations",
+    responses((status = 200, description = "`ok`", content_type = "text/plain", body = String))
+)]
+pub async fn livez() -> &'static str {
+    "ok"
+}
+
+/// Readiness: the kernel programs are attached and the start-up snapshot is
+/// merged, so answers are complete.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "`ready`", content_type = "text/plain", body = String),
+        (status = 503, description = "Not ready yet", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn readyz(State(shared): State<Shared>) -> Result<&'static str, ApiError> {
+    if shared.read(|state| state.ready) {
+        Ok("ready")
+    } else {
+        Err(ApiError::NotReady)
+    }
+}
+
+/// The OpenAPI document, built once.
+static OPENAPI: LazyLock<String> = LazyLock::new(|| {
+    super::ApiDoc::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|err| format!("{{\"error\":\"{err}\"}}"))
+});
+
+/// This API's OpenAPI 3.1 description.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "openapi",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object))
+)]
+pub async fn openapi() -> Response {
+    let mut response = OPENAPI.as_str().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// A page linking the endpoints, for a person with a browser.
+#[utoipa::path(
+    get,
+    path = "/",
+    operation_id = "landing_page",
+    tag = "operations",
+    responses((status = 200, description = "An HTML page linking the endpoints", content_type = "text/html", body = String))
+)]
+pub async fn landing() -> Html<&'static str> {
+    Html(LANDING)
+}
+
+const LANDING: &str = concat!(
+    r#"<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>portwatch</title>
+<style>body{font-family:system-ui,sans-serif;max-width:46em;margin:2em auto;padding:0 1em;line-height:1.5}code{background:#eee;padding:0 .2em}</style>
+</head>
+<body>
+<h1>portwatch "#,
+    env!("CARGO_PKG_VERSION"),
+    r#"</h1>
+<p>Who is bound to a port, who failed to bind, and why.</p>
+<ul>
+<li><a href="/ports">/ports</a>: every port with listeners (<code>?protocol=tcp|udp&amp;family=ipv4|ipv6&amp;netns=</code>)</li>
+<li><a href="/ports/8000">/ports/8000</a>: one port: listeners, why they coexist, flags, who <code>localhost</code> reaches, recent failures</li>
+<li><a href="/failures">/failures</a>: recent failed binds and listens (<code>?port=&amp;errno=&amp;since=&amp;limit=</code>)</li>
+<li><a href="/check?protocol=tcp&amp;address=0.0.0.0&amp;port=8000">/check</a>: would this bind succeed? (<code>?protocol=&amp;address=&amp;port=&amp;reuse_addr=&amp;reuse_port=&amp;v6only=</code>)</li>
+<li><a href="/events">/events</a>: live events as Server-Sent Events (<code>?port=</code>)</li>
+<li><a href="/metrics">/metrics</a>: Prometheus metrics</li>
+<li><a href="/livez">/livez</a> and <a href="/readyz">/readyz</a>: health</li>
+<li><a href="/openapi.json">/openapi.json</a>: this API described in OpenAPI</li>
+</ul>
+</body>
+</html>
+"#
+);

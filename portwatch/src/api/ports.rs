@@ -1,0 +1,183 @@
+//! `GET /ports` and `GET /ports/{port}`: who is bound, and why they coexist.
+
+use axum::{
+    Json,
+    extract::{Path, RawQuery, State, rejection::PathRejection},
+};
+
+use super::{
+    Shared,
+    model::{FailureView, Listener, LocalhostView, PortDetail, PortList, PortSummary},
+    params::{self, Query},
+    problem::ApiError,
+};
+use crate::{
+    event::{Family, Protocol},
+    explain,
+    failures::Failure,
+    map::Entry,
+    socket::NetnsCookie,
+    state,
+};
+
+/// How many failures `GET /ports/{port}` lists.
+pub const RECENT_FAILURES: usize = 20;
+
+/// The filters both endpoints take.
+const FILTERS: [&str; 3] = ["protocol", "family", "netns"];
+
+/// Which sockets a request is about; `None` matches everything.
+#[derive(Clone, Copy, Debug, Default)]
+struct Filter {
+    protocol: Option<Protocol>,
+    family: Option<Family>,
+    netns: Option<NetnsCookie>,
+}
+
+impl Filter {
+    fn parse(raw: Option<&str>, host_netns: NetnsCookie) -> Result<Filter, ApiError> {
+        let query = Query::parse(raw, &FILTERS)?;
+        Ok(Filter {
+            protocol: query.opt("protocol", params::protocol)?,
+            family: query.opt("family", params::family)?,
+            netns: query.opt("netns", params::netns(host_netns))?,
+        })
+    }
+
+    fn matches(&self, protocol: Protocol, family: Family, netns: Option<NetnsCookie>) -> bool {
+        self.protocol.is_none_or(|p| p == protocol)
+            && self.family.is_none_or(|f| f == family)
+            && self.netns.is_none_or(|n| Some(n) == netns)
+    }
+
+    fn entry(&self, entry: &Entry) -> bool {
+        let f = &entry.facts;
+        self.matches(f.protocol, f.family, Some(f.netns))
+    }
+
+    fn failure(&self, failure: &Failure) -> bool {
+        let ev = &failure.event;
+        self.matches(ev.protocol, ev.family, ev.netns)
+    }
+}
+
+/// The host network namespace, read before the query is parsed so that
+/// `netns=host` can be resolved.
+fn host_netns(shared: &Shared) -> NetnsCookie {
+    shared.read(|state| state.host_netns)
+}
+
+/// Every port with listeners.
+#[utoipa::path(
+    get,
+    path = "/ports",
+    operation_id = "list_ports",
+    tag = "ports",
+    params(
+        ("protocol" = Option<String>, Query, description = "tcp, udp, udplite, sctp or mptcp"),
+        ("family" = Option<String>, Query, description = "ipv4 or ipv6"),
+        ("netns" = Option<String>, Query, description = "network namespace cookie, or `host`"),
+    ),
+    responses(
+        (status = 200, description = "Every port with at least one matching listener, ascending", body = PortList),
+        (status = 400, description = "A bad or unknown parameter", body = super::problem::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list(
+    State(shared): State<Shared>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<PortList>, ApiError> {
+    let filter = Filter::parse(raw.as_deref(), host_netns(&shared))?;
+    let ports = shared.read(|state| {
+        state
+            .map
+            .ports()
+            .into_iter()
+            .filter_map(|port| {
+                let listeners: Vec<Listener> = state
+                    .map
+                    .listeners_on(port)
+                    .into_iter()
+                    .filter(|e| filter.entry(e))
+                    .map(Listener::of)
+                    .collect();
+                (!listeners.is_empty()).then_some(PortSummary {
+                    port,
+                    shared: listeners.len() > 1,
+                    listeners,
+                })
+            })
+            .collect()
+    });
+    Ok(Json(PortList { ports }))
+}
+
+/// One port: listeners, why they coexist, flags, who `localhost` reaches and
+/// recent failures. A port nobody holds is a 200 with empty lists.
+#[utoipa::path(
+    get,
+    path = "/ports/{port}",
+    operation_id = "get_port",
+    tag = "ports",
+    params(
+        ("port" = u16, Path, description = "1 to 65535", minimum = 1),
+        ("protocol" = Option<String>, Query, description = "tcp, udp, udplite, sctp or mptcp"),
+        ("family" = Option<String>, Query, description = "ipv4 or ipv6"),
+        ("netns" = Option<String>, Query, description = "network namespace cookie, or `host`"),
+    ),
+    responses(
+        (status = 200, description = "The port explained", body = PortDetail),
+        (status = 400, description = "A bad port or parameter", body = super::problem::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn detail(
+    State(shared): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<PortDetail>, ApiError> {
+    let port = match path {
+        Ok(Path(text)) => params::port("port", &text)?,
+        Err(rejection) => {
+            return Err(ApiError::BadParameter {
+                parameter: "port",
+                detail: format!("port: {}", rejection.body_text()),
+            });
+        }
+    };
+    let filter = Filter::parse(raw.as_deref(), host_netns(&shared))?;
+    Ok(Json(shared.read(|state| port_detail(state, port, &filter))))
+}
+
+fn port_detail(state: &state::State, port: u16, filter: &Filter) -> PortDetail {
+    let all = state.map.listeners_on(port);
+    let shown: Vec<&Entry> = all.iter().copied().filter(|e| filter.entry(e)).collect();
+    let explained = explain::explain(port, &shown, state.host_netns, &state.localhost);
+    // Who localhost reaches is a fact about the machine, not about the filter.
+    let reach = explain::explain(port, &all, state.host_netns, &state.localhost).localhost;
+    let recent_failures = state
+        .failures
+        .newest()
+        .filter(|f| {
+            (f.event.port == port || super::model::failure_port(f) == port) && filter.failure(f)
+        })
+        .take(RECENT_FAILURES)
+        .map(FailureView::of)
+        .collect();
+    PortDetail {
+        port,
+        listeners: shown.iter().copied().map(Listener::of).collect(),
+        shared: explained.shared,
+        sharing: explained.sharing,
+        flags: explained.flags.iter().map(explain::Flag::name).collect(),
+        flag_details: explained.flags,
+        localhost: LocalhostView {
+            reaches: reach
+                .reaches
+                .and_then(|cookie| all.iter().find(|e| e.facts.cookie == cookie))
+                .map(|e| Listener::of(e)),
+            via: reach.via,
+            order: reach.order,
+        },
+        recent_failures,
+    }
+}

@@ -1,0 +1,578 @@
+//! The command-line client: `portwatch ports|explain|failures|watch|check`
+//! ask a running daemon over its HTTP API and print tables or sentences.
+//! Pure formatting lives in the `render_*` functions, tested without a
+//! daemon.
+
+use std::{
+    fmt::Write as _,
+    io::{BufRead, BufReader, Write},
+    time::Duration,
+};
+
+use comfy_table::{CellAlignment, Table, presets::NOTHING};
+use serde_json::Value;
+
+use crate::cli::{CheckArgs, ExplainArgs, FailuresArgs, Output, PortsArgs, WatchArgs};
+
+/// Why a client command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing answers at the daemon's address.
+    #[error(
+        "no portwatch daemon answers at {server}: start it with `sudo portwatch daemon` (or `systemctl start portwatch`), or point --server at it"
+    )]
+    NotRunning { server: String },
+    /// The daemon refused the request (4xx/5xx with a problem body).
+    #[error("the daemon answered {status}: {detail}")]
+    Problem { status: u16, detail: String },
+    /// The request could not be made or read.
+    #[error("talking to {server}: {message}")]
+    Http { server: String, message: String },
+    /// The answer was not the JSON expected.
+    #[error("unexpected answer from the daemon: {0}")]
+    Decode(String),
+    /// Writing to stdout failed.
+    #[error("writing output: {0}")]
+    Output(#[source] std::io::Error),
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(3)))
+        .build()
+        .into()
+}
+
+/// GET `path` (with its query) and parse the JSON answer.
+fn get(server: &str, path: &str) -> Result<Value, ClientError> {
+    let url = format!("{}{path}", server.trim_end_matches('/'));
+    let mut response = agent()
+        .get(&url)
+        .config()
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .call()
+        .map_err(|err| connect_error(server, err))?;
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|err| ClientError::Http {
+            server: server.to_owned(),
+            message: err.to_string(),
+        })?;
+    let value: Value = serde_json::from_str(&body)
+        .map_err(|err| ClientError::Decode(format!("{err}: {body:.200}")))?;
+    if status >= 400 {
+        let detail = value["detail"]
+            .as_str()
+            .or(value["title"].as_str())
+            .unwrap_or("no detail");
+        return Err(ClientError::Problem {
+            status,
+            detail: detail.to_owned(),
+        });
+    }
+    Ok(value)
+}
+
+fn connect_error(server: &str, err: ureq::Error) -> ClientError {
+    match err {
+        ureq::Error::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            ) =>
+        {
+            ClientError::NotRunning {
+                server: server.to_owned(),
+            }
+        }
+        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => ClientError::NotRunning {
+            server: server.to_owned(),
+        },
+        other => ClientError::Http {
+            server: server.to_owned(),
+            message: other.to_string(),
+        },
+    }
+}
+
+fn print(text: &str) -> Result<(), ClientError> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(ClientError::Output)
+}
+
+fn pretty(value: &Value) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_default() + "\n"
+}
+
+/// `portwatch ports [PORT]`.
+pub fn ports(args: &PortsArgs) -> Result<(), ClientError> {
+    let value = match args.port {
+        Some(port) => get(&args.server.server, &format!("/ports/{port}"))?,
+        None => get(&args.server.server, "/ports")?,
+    };
+    match args.output {
+        Output::Json => print(&pretty(&value)),
+        Output::Table => {
+            let listeners: Vec<Value> = match args.port {
+                Some(_) => array(&value["listeners"]).to_vec(),
+                None => array(&value["ports"])
+                    .iter()
+                    .flat_map(|port| array(&port["listeners"]).to_vec())
+                    .collect(),
+            };
+            print(&render_listeners(&listeners))
+        }
+    }
+}
+
+fn array(value: &Value) -> &[Value] {
+    value.as_array().map_or(&[], Vec::as_slice)
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `1234/nginx,1240/nginx`.
+fn holders(listener: &Value) -> String {
+    let holders = array(&listener["holders"]);
+    if holders.is_empty() {
+        return "-".to_owned();
+    }
+    holders
+        .iter()
+        .map(|h| format!("{}/{}", text(&h["pid"]), text(&h["process"])))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn options(listener: &Value) -> String {
+    let mut set = Vec::new();
+    let mut unknown = false;
+    for (key, name) in [
+        ("reuse_addr", "reuseaddr"),
+        ("reuse_port", "reuseport"),
+        ("v6only", "v6only"),
+    ] {
+        match &listener[key] {
+            Value::Bool(true) => set.push(name),
+            Value::Null if !(key == "v6only" && listener["family"] == "ipv4") => unknown = true,
+            _ => {}
+        }
+    }
+    let mut cell = if set.is_empty() {
+        "-".to_owned()
+    } else {
+        set.join(",")
+    };
+    if unknown {
+        cell.push('?');
+    }
+    cell
+}
+
+/// The `ss`-style table: borderless, aligned.
+pub fn render_listeners(listeners: &[Value]) -> String {
+    let mut table = Table::new();
+    table.load_preset(NOTHING).set_header([
+        "PROTO", "LOCAL", "PROCESS", "UID", "UNIT", "OPTIONS", "NETNS", "SINCE",
+    ]);
+    for listener in listeners {
+        let unit = match (&listener["unit"], &listener["container"]) {
+            (Value::String(unit), _) => unit.clone(),
+            (_, Value::String(container)) => format!("container {:.12}", container),
+            _ => "-".to_owned(),
+        };
+        table.add_row([
+            text(&listener["protocol"]),
+            text(&listener["endpoint"]),
+            holders(listener),
+            text(&listener["uid"]),
+            unit,
+            options(listener),
+            text(&listener["netns"]),
+            since(listener),
+        ]);
+    }
+    // Like ss: no border, no leading space, two spaces between columns.
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    if let Some(column) = table.column_mut(3) {
+        column.set_cell_alignment(CellAlignment::Right);
+    }
+    let mut out = table.trim_fmt();
+    out.push('\n');
+    if listeners.is_empty() {
+        out.push_str("(no listeners)\n");
+    }
+    out
+}
+
+fn since(listener: &Value) -> String {
+    let time = text(&listener["since"]);
+    let short = time.get(..19).unwrap_or(&time).replace('T', " ");
+    if listener["since_exact"] == Value::Bool(false) {
+        format!("before {short}")
+    } else {
+        short
+    }
+}
+
+/// `portwatch explain PORT`.
+pub fn explain(args: &ExplainArgs) -> Result<(), ClientError> {
+    let value = get(&args.server.server, &format!("/ports/{}", args.port))?;
+    match args.output {
+        Output::Json => print(&pretty(&value)),
+        Output::Table => print(&render_explanation(&value)),
+    }
+}
+
+fn describe_listener(listener: &Value) -> String {
+    let mut line = format!(
+        "{} {}",
+        text(&listener["protocol"]),
+        text(&listener["endpoint"])
+    );
+    let opts = options(listener);
+    if opts != "-" {
+        let _ = write!(line, " ({opts})");
+    }
+    let owners = array(&listener["holders"]);
+    if owners.is_empty() {
+        line.push_str(", owner unknown");
+    } else {
+        let names: Vec<String> = owners
+            .iter()
+            .map(|h| format!("{} (pid {})", text(&h["process"]), text(&h["pid"])))
+            .collect();
+        let _ = write!(line, " held by {}", names.join(", "));
+    }
+    if let Value::String(unit) = &listener["unit"] {
+        let _ = write!(line, ", unit {unit}");
+    } else if let Value::String(container) = &listener["container"] {
+        let _ = write!(line, ", container {container:.12}");
+    }
+    line
+}
+
+/// The plain-sentence explanation of one port, from `/ports/{port}`.
+pub fn render_explanation(port: &Value) -> String {
+    let number = text(&port["port"]);
+    let listeners = array(&port["listeners"]);
+    let mut out = String::new();
+    match listeners.len() {
+        0 => {
+            let _ = writeln!(out, "Nothing listens on port {number}.");
+        }
+        1 => {
+            let _ = writeln!(out, "One service listens on port {number}:");
+        }
+        n => {
+            let _ = writeln!(out, "{n} services listen on port {number}:");
+        }
+    }
+    for listener in listeners {
+        let _ = writeln!(out, "  - {}", describe_listener(listener));
+    }
+    let sharing = array(&port["sharing"]);
+    if !sharing.is_empty() {
+        let _ = writeln!(out, "Why they can share the port:");
+        for reason in sharing {
+            let _ = writeln!(out, "  - {}", text(&reason["explanation"]));
+        }
+    }
+    for flag in array(&port["flag_details"]) {
+        let _ = writeln!(
+            out,
+            "Note ({}): {}.",
+            text(&flag["flag"]),
+            text(&flag["explanation"])
+        );
+    }
+    let localhost = &port["localhost"];
+    let order: Vec<String> = array(&localhost["order"]).iter().map(text).collect();
+    match &localhost["reaches"] {
+        Value::Null => {
+            let _ = writeln!(
+                out,
+                "localhost:{number} reaches nothing over TCP (this machine tries {}).",
+                order.join(", then ")
+            );
+        }
+        reaches => {
+            let _ = writeln!(
+                out,
+                "localhost:{number} reaches {} via {} (this machine tries {}).",
+                describe_listener(reaches),
+                text(&localhost["via"]),
+                order.join(", then ")
+            );
+        }
+    }
+    let failures = array(&port["recent_failures"]);
+    if !failures.is_empty() {
+        let _ = writeln!(out, "Recent failures:");
+        for failure in failures {
+            let _ = writeln!(out, "  - {}", describe_failure(failure));
+        }
+    }
+    out
+}
+
+fn describe_failure(failure: &Value) -> String {
+    let time = text(&failure["time"]);
+    let time = time.get(11..19).unwrap_or(&time).to_owned();
+    let mut line = format!(
+        "{time} {} (pid {}) could not {} {} {}: {}",
+        text(&failure["process"]),
+        text(&failure["pid"]),
+        if failure["kind"] == "listen_failed" {
+            "listen on"
+        } else {
+            "bind"
+        },
+        text(&failure["protocol"]),
+        text(&failure["endpoint"]),
+        text(&failure["errno"]),
+    );
+    let blockers = array(&failure["blocked_by"]);
+    for (i, blocker) in blockers.iter().enumerate() {
+        let owners: Vec<String> = array(&blocker["holders"])
+            .iter()
+            .map(|h| format!("{} (pid {})", text(&h["process"]), text(&h["pid"])))
+            .collect();
+        let owners = if owners.is_empty() {
+            "an unknown process".to_owned()
+        } else {
+            owners.join(", ")
+        };
+        let _ = write!(
+            line,
+            "{} a {} of {owners} on {}: {}",
+            if i == 0 { ", blocked by" } else { "; and by" },
+            text(&blocker["what"]),
+            text(&blocker["endpoint"]),
+            text(&blocker["reason"]),
+        );
+    }
+    line
+}
+
+/// `portwatch failures`.
+pub fn failures(args: &FailuresArgs) -> Result<(), ClientError> {
+    let mut path = format!("/failures?limit={}", args.limit);
+    if let Some(port) = args.port {
+        let _ = write!(path, "&port={port}");
+    }
+    if let Some(errno) = &args.errno {
+        let encoded: String = form_urlencoded::byte_serialize(errno.as_bytes()).collect();
+        let _ = write!(path, "&errno={encoded}");
+    }
+    let value = get(&args.server.server, &path)?;
+    match args.output {
+        Output::Json => print(&pretty(&value)),
+        Output::Table => {
+            let lines: String = array(&value["failures"])
+                .iter()
+                .map(|f| describe_failure(f) + "\n")
+                .collect();
+            print(if lines.is_empty() {
+                "(no failures)\n"
+            } else {
+                &lines
+            })
+        }
+    }
+}
+
+/// `portwatch watch`: follows `/events` until interrupted or the daemon stops.
+pub fn watch(args: &WatchArgs) -> Result<(), ClientError> {
+    let server = &args.server.server;
+    let mut url = format!("{}/events", server.trim_end_matches('/'));
+    if let Some(port) = args.port {
+        let _ = write!(url, "?port={port}");
+    }
+    let response = agent()
+        .get(&url)
+        .call()
+        .map_err(|err| connect_error(server, err))?;
+    if response.status().as_u16() >= 400 {
+        return Err(ClientError::Problem {
+            status: response.status().as_u16(),
+            detail: "the daemon refused the event stream".to_owned(),
+        });
+    }
+    let reader = BufReader::new(response.into_body().into_reader());
+    let mut out = std::io::stdout().lock();
+    let mut event_name = String::new();
+    for line in reader.lines() {
+        let line = line.map_err(|err| ClientError::Http {
+            server: server.clone(),
+            message: err.to_string(),
+        })?;
+        if let Some(name) = line.strip_prefix("event:") {
+            event_name = name.trim().to_owned();
+            continue;
+        }
+        let Some(data) = line.strip_prefix("data:") else {
+            continue;
+        };
+        let data = data.trim();
+        let text_line = if event_name == "lagged" {
+            format!("(missed events: {data})")
+        } else if args.json {
+            data.to_owned()
+        } else {
+            match serde_json::from_str::<Value>(data) {
+                Ok(event) => render_event(&event),
+                Err(_) => continue,
+            }
+        };
+        event_name.clear();
+        match writeln!(out, "{text_line}").and_then(|()| out.flush()) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(err) => return Err(ClientError::Output(err)),
+        }
+    }
+    Ok(())
+}
+
+/// One live event as a line: time, pid, process, kind, endpoint, result.
+pub fn render_event(event: &Value) -> String {
+    let time = text(&event["time"]);
+    let time = time.get(11..23).unwrap_or(&time).to_owned();
+    let result = match &event["errno"] {
+        Value::Null => "ok".to_owned(),
+        errno => text(errno),
+    };
+    format!(
+        "{time} {:>7} {:<15} {:<13} {:<5} {:<24} {result}",
+        text(&event["pid"]),
+        text(&event["process"]),
+        text(&event["kind"]),
+        text(&event["protocol"]),
+        text(&event["endpoint"]),
+    )
+}
+
+/// `portwatch check`: Ok(true) if the bind would succeed.
+pub fn check(args: &CheckArgs) -> Result<bool, ClientError> {
+    let path = format!(
+        "/check?protocol={}&address={}&port={}&reuse_port={}&reuse_addr={}&v6only={}",
+        args.protocol,
+        args.endpoint.ip(),
+        args.endpoint.port(),
+        args.reuse_port,
+        args.reuse_addr,
+        args.v6only,
+    );
+    let value = get(&args.server.server, &path)?;
+    match args.output {
+        Output::Json => print(&pretty(&value))?,
+        Output::Table => print(&(text(&value["explanation"]) + "\n"))?,
+    }
+    value["ok"]
+        .as_bool()
+        .ok_or_else(|| ClientError::Decode("no `ok` in the answer".to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn listener(pid: u32, endpoint: &str, family: &str, v6only: Value) -> Value {
+        json!({
+            "protocol": "tcp", "family": family, "endpoint": endpoint, "uid": 1000,
+            "holders": [{"pid": pid, "process": "node"}], "unit": "app.service",
+            "container": null, "reuse_addr": false, "reuse_port": false, "v6only": v6only,
+            "netns": 4026531840u64, "since": "2024-05-01T12:00:02.000000000Z", "since_exact": true
+        })
+    }
+
+    #[test]
+    fn the_table_is_aligned_and_names_owners() {
+        let rows = [
+            listener(2001, "0.0.0.0:8000", "ipv4", Value::Null),
+            listener(2002, "[::]:8000", "ipv6", Value::Bool(true)),
+        ];
+        let table = render_listeners(&rows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("PROTO"), "{table}");
+        assert!(
+            lines[1].contains("2001/node") && lines[2].contains("v6only"),
+            "{table}"
+        );
+        // Columns line up: LOCAL starts at the same place in every line.
+        let at = lines[0].find("LOCAL").unwrap();
+        assert_eq!(&lines[1][at..at + 7], "0.0.0.0");
+        assert_eq!(&lines[2][at..at + 4], "[::]");
+        assert!(
+            !lines[1].contains('?'),
+            "v6only is not unknown for IPv4: {table}"
+        );
+        assert!(render_listeners(&[]).ends_with("(no listeners)\n"));
+    }
+
+    #[test]
+    fn explanations_are_sentences() {
+        let port = json!({
+            "port": 8000,
+            "listeners": [listener(2001, "0.0.0.0:8000", "ipv4", Value::Null), listener(2002, "[::]:8000", "ipv6", Value::Bool(true))],
+            "sharing": [{"kind": "v6only_split", "explanation": "the IPv6 socket is v6only"}],
+            "flag_details": [{"flag": "dual_stack_split", "explanation": "IPv4 is served by pid 2001 and IPv6 by pid 2002"}],
+            "localhost": {"reaches": listener(2002, "[::]:8000", "ipv6", Value::Bool(true)), "via": "::1", "order": ["::1", "127.0.0.1"]},
+            "recent_failures": [{
+                "time": "2024-05-01T12:00:10.000000000Z", "kind": "bind_failed", "pid": 3003, "process": "python3",
+                "protocol": "tcp", "endpoint": "0.0.0.0:8000", "errno": "EADDRINUSE",
+                "blocked_by": [{"what": "listener", "endpoint": "0.0.0.0:8000", "reason": "same address",
+                                "holders": [{"pid": 2001, "process": "node"}]}]
+            }]
+        });
+        let text = render_explanation(&port);
+        assert!(
+            text.starts_with("2 services listen on port 8000:"),
+            "{text}"
+        );
+        assert!(
+            text.contains("localhost:8000 reaches tcp [::]:8000 (v6only) held by node (pid 2002)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("via ::1 (this machine tries ::1, then 127.0.0.1)"),
+            "{text}"
+        );
+        assert!(text.contains("Note (dual_stack_split)"), "{text}");
+        assert!(text.contains("python3 (pid 3003) could not bind tcp 0.0.0.0:8000: EADDRINUSE, blocked by a listener of node (pid 2001)"), "{text}");
+        let empty = render_explanation(
+            &json!({"port": 9, "listeners": [], "localhost": {"reaches": null, "order": ["::1"]}}),
+        );
+        assert!(empty.starts_with("Nothing listens on port 9."), "{empty}");
+        assert!(empty.contains("reaches nothing"), "{empty}");
+    }
+
+    #[test]
+    fn a_daemon_that_is_not_running_is_one_clear_line() {
+        // Port 1 on loopback: nothing listens there.
+        let err = get("http://127.0.0.1:1", "/ports").unwrap_err();
+        assert!(matches!(err, ClientError::NotRunning { .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(
+            message.contains("no portwatch daemon answers") && !message.contains('\n'),
+            "{message}"
+        );
+    }
+}

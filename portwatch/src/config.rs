@@ -1,0 +1,388 @@
+//! The daemon's configuration: a TOML file (`--config`, default
+//! `/etc/portwatch/portwatch.toml`; a missing file means defaults), then
+//! `PORTWATCH_*` environment variables, then flags, each overriding the one
+//! before. Every key and its default is documented here and in
+//! `deploy/portwatch.toml`.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{
+    capture::{CaptureConfig, DEFAULT_RING_BYTES, OutcomeChoice},
+    snapshot::SnapshotConfig,
+    watch::WatchConfig,
+};
+
+/// Where the daemon looks for its file when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/portwatch/portwatch.toml";
+
+/// The HTTP address when none is configured: loopback, on a port outside
+/// the 9100-9999 range that Prometheus exporters use by convention.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7464";
+
+/// The configuration file's contents. Unknown keys are errors, so a typo is
+/// not silently ignored.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The full HTTP API (ports, failures, check, events, metrics).
+    /// Default `127.0.0.1:7464`: loopback only, since it shows process details.
+    pub listen: SocketAddr,
+    /// An optional second listener serving only `/metrics`, `/livez` and
+    /// `/readyz`, to expose metrics to the network without the process
+    /// details. Default: none.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The cgroup v2 subtree to watch. Default: the root of the cgroup2
+    /// mount, i.e. the whole machine.
+    pub cgroup: Option<PathBuf>,
+    /// How often the map is checked against sock_diag. Default 30 s.
+    #[serde(with = "humantime_serde_compat")]
+    pub reconcile_interval: Duration,
+    /// How many recent failures `/failures` keeps. Default 10000.
+    pub failure_log: usize,
+    /// How many distinct ports `portwatch_port_bind_failures_total` names
+    /// before counting the rest as `port="other"`. Default 1000.
+    pub port_label_cap: usize,
+    /// Kernel ring buffer size in bytes, a power of two. Default 4 MiB.
+    pub ring_size: u32,
+    /// `auto` (fexit when the kernel allows it, else the syscall
+    /// tracepoints) or `tracepoint`. Default `auto`.
+    pub outcome: Outcome,
+    /// Read SO_REUSEADDR/SO_REUSEPORT of sockets that existed before
+    /// portwatch started (pidfd_getfd). Default true.
+    pub read_existing_options: bool,
+}
+
+/// [`OutcomeChoice`] as the file spells it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    #[default]
+    Auto,
+    Tracepoint,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.parse().expect("a valid default address"),
+            metrics_listen: None,
+            cgroup: None,
+            reconcile_interval: Duration::from_secs(30),
+            failure_log: 10_000,
+            port_label_cap: 1_000,
+            ring_size: DEFAULT_RING_BYTES,
+            outcome: Outcome::Auto,
+            read_existing_options: true,
+        }
+    }
+}
+
+/// What is wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but cannot be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// An environment variable holds a value that does not parse.
+    #[error("environment variable {name}={value:?}: {message}")]
+    Env {
+        name: &'static str,
+        value: String,
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Overrides from the command line (`None` = not given).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub cgroup: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads `path` (a missing file is the defaults, unless `required`).
+    pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, path),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !required => {
+                Ok(Config::default())
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    /// Parses the text of a configuration file.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: err.message().to_owned()
+                + &err
+                    .span()
+                    .map(|span| format!(" (at byte {})", span.start))
+                    .unwrap_or_default(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies `PORTWATCH_*` variables from `env` (name -> value).
+    pub fn apply_env(
+        mut self,
+        env: impl Fn(&'static str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        fn parsed<T: std::str::FromStr>(name: &'static str, value: String) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            value.parse().map_err(|err: T::Err| ConfigError::Env {
+                name,
+                message: err.to_string(),
+                value,
+            })
+        }
+        if let Some(v) = env("PORTWATCH_LISTEN") {
+            self.listen = parsed("PORTWATCH_LISTEN", v)?;
+        }
+        if let Some(v) = env("PORTWATCH_METRICS_LISTEN") {
+            self.metrics_listen = Some(parsed("PORTWATCH_METRICS_LISTEN", v)?);
+        }
+        if let Some(v) = env("PORTWATCH_CGROUP") {
+            self.cgroup = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("PORTWATCH_RECONCILE_INTERVAL") {
+            self.reconcile_interval =
+                humantime::parse_duration(&v).map_err(|err| ConfigError::Env {
+                    name: "PORTWATCH_RECONCILE_INTERVAL",
+                    message: err.to_string(),
+                    value: v,
+                })?;
+        }
+        if let Some(v) = env("PORTWATCH_FAILURE_LOG") {
+            self.failure_log = parsed("PORTWATCH_FAILURE_LOG", v)?;
+        }
+        if let Some(v) = env("PORTWATCH_PORT_LABEL_CAP") {
+            self.port_label_cap = parsed("PORTWATCH_PORT_LABEL_CAP", v)?;
+        }
+        if let Some(v) = env("PORTWATCH_RING_SIZE") {
+            self.ring_size = parsed("PORTWATCH_RING_SIZE", v)?;
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Applies command-line overrides.
+    pub fn apply_flags(mut self, flags: &Overrides) -> Result<Config, ConfigError> {
+        if let Some(listen) = flags.listen {
+            self.listen = listen;
+        }
+        if let Some(listen) = flags.metrics_listen {
+            self.metrics_listen = Some(listen);
+        }
+        if let Some(cgroup) = &flags.cgroup {
+            self.cgroup = Some(cgroup.clone());
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
+        if self.reconcile_interval < Duration::from_secs(1) {
+            return invalid("reconcile_interval", "must be at least 1s");
+        }
+        if !(1..=10_000_000).contains(&self.failure_log) {
+            return invalid("failure_log", "must be between 1 and 10000000");
+        }
+        if self.port_label_cap > 65_535 {
+            return invalid("port_label_cap", "must be at most 65535");
+        }
+        if self.ring_size < 4096 || !self.ring_size.is_power_of_two() {
+            return invalid("ring_size", "must be a power of two of at least 4096");
+        }
+        if self.metrics_listen == Some(self.listen) {
+            return invalid("metrics_listen", "must differ from listen");
+        }
+        Ok(())
+    }
+
+    /// The pipeline's configuration.
+    pub fn watch(&self) -> WatchConfig {
+        WatchConfig {
+            capture: CaptureConfig {
+                cgroup: self.cgroup.clone(),
+                ring_bytes: self.ring_size,
+                outcome: match self.outcome {
+                    Outcome::Auto => OutcomeChoice::Auto,
+                    Outcome::Tracepoint => OutcomeChoice::Tracepoint,
+                },
+            },
+            snapshot: SnapshotConfig {
+                read_owners: true,
+                read_options: self.read_existing_options,
+            },
+            reconcile_every: self.reconcile_interval,
+            failure_log: self.failure_log,
+            port_label_cap: self.port_label_cap,
+        }
+    }
+}
+
+/// `reconcile_interval = "30s"` (humantime) or a number of seconds.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Seconds(u64),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        match Raw::deserialize(deserializer)? {
+            Raw::Seconds(seconds) => Ok(Duration::from_secs(seconds)),
+            Raw::Text(text) => humantime::parse_duration(&text).map_err(|err| {
+                D::Error::custom(format!(
+                    "{text:?} is not a duration ({err}); write it like \"30s\" or \"2m\""
+                ))
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn an_empty_file_is_the_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        assert_eq!(Config::default().listen.to_string(), "127.0.0.1:7464");
+    }
+
+    #[test]
+    fn the_default_port_is_outside_the_exporter_range() {
+        let port = Config::default().listen.port();
+        assert!(!(9100..=9999).contains(&port));
+        assert!(Config::default().listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let config = parse(
+            r#"
+            listen = "127.0.0.1:8080"
+            metrics_listen = "0.0.0.0:8081"
+            cgroup = "/sys/fs/cgroup/unified/system.slice"
+            reconcile_interval = "1m 30s"
+            failure_log = 50
+            port_label_cap = 10
+            ring_size = 8192
+            outcome = "tracepoint"
+            read_existing_options = false
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 8080);
+        assert_eq!(config.metrics_listen.unwrap().port(), 8081);
+        assert_eq!(config.reconcile_interval, Duration::from_secs(90));
+        assert_eq!(config.outcome, Outcome::Tracepoint);
+        assert!(!config.watch().snapshot.read_options);
+        assert_eq!(
+            parse("reconcile_interval = 5").unwrap().reconcile_interval,
+            Duration::from_secs(5)
+        );
+    }
+
+    #[test]
+    fn bad_files_say_what_is_wrong() {
+        for (text, needle) in [
+            ("listen = 7", "invalid type"),
+            ("listen = \"nope\"", "invalid socket address"),
+            ("lisen = \"127.0.0.1:1\"", "unknown field `lisen`"),
+            ("ring_size = 5000", "power of two"),
+            ("reconcile_interval = \"0s\"", "at least 1s"),
+            (
+                "reconcile_interval = \"soon\"",
+                "\"soon\" is not a duration",
+            ),
+            ("failure_log = 0", "between 1"),
+            ("outcome = \"kprobe\"", "unknown variant"),
+            (
+                "listen = \"127.0.0.1:1\"\nmetrics_listen = \"127.0.0.1:1\"",
+                "must differ",
+            ),
+            ("[[[", "test.toml"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_the_defaults_unless_required() {
+        let path = Path::new("/nonexistent/portwatch.toml");
+        assert_eq!(Config::load(path, false).unwrap(), Config::default());
+        assert!(matches!(
+            Config::load(path, true),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn environment_then_flags_override_the_file() {
+        let file = parse("listen = \"127.0.0.1:1000\"\nfailure_log = 5").unwrap();
+        let env = |name: &str| match name {
+            "PORTWATCH_LISTEN" => Some("127.0.0.1:2000".to_owned()),
+            "PORTWATCH_RECONCILE_INTERVAL" => Some("10s".to_owned()),
+            _ => None,
+        };
+        let config = file.apply_env(env).unwrap();
+        assert_eq!(config.listen.port(), 2000);
+        assert_eq!(config.failure_log, 5, "untouched by the environment");
+        assert_eq!(config.reconcile_interval, Duration::from_secs(10));
+        let flags = Overrides {
+            listen: Some("127.0.0.1:3000".parse().unwrap()),
+            ..Overrides::default()
+        };
+        assert_eq!(config.apply_flags(&flags).unwrap().listen.port(), 3000);
+    }
+
+    #[test]
+    fn bad_environment_values_name_the_variable() {
+        let env = |name: &str| (name == "PORTWATCH_RING_SIZE").then(|| "lots".to_owned());
+        let err = Config::default().apply_env(env).unwrap_err().to_string();
+        assert!(err.contains("PORTWATCH_RING_SIZE=\"lots\""), "{err}");
+    }
+}

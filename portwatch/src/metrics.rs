@@ -1,0 +1,1061 @@
+//! Prometheus metrics: what the pipeline counted as events happened, and
+//! gauges computed from the live map when Prometheus scrapes.
+//!
+//! One custom collector reads the shared [`State`]: under the read lock it
+//! only copies the counters and the listeners' facts out (one pass); the
+//! per-port counts and the sharing reasons are worked out after the lock is
+//! released, and the families are built directly, not through the crate's
+//! metric vectors, which would hash every label set. The daemon's own
+//! `process_*` metrics come from the `prometheus` crate's process collector.
+//!
+//! No label carries a pid or a process name: every restart would start new
+//! series. The per-port failure counter is capped (see [`PortLabel`]);
+//! `portwatch_listeners` has one series per (port, protocol, family) that has
+//! listeners, so its size follows the machine's listening ports.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::IpAddr,
+    sync::PoisonError,
+};
+
+use prometheus::{
+    Registry, TextEncoder,
+    core::{Collector, Desc},
+    process_collector::ProcessCollector,
+    proto::{self, LabelPair, Metric, MetricFamily, MetricType},
+};
+
+use crate::{
+    event::{Errno, EventKind},
+    map::Drift,
+    rules::{self, CoexistReason},
+    socket::{Family, NetnsCookie, Protocol, SocketFacts},
+    state::{Counters, PortLabel, State, WatchStats},
+    watch::SharedState,
+};
+
+/// The `Content-Type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
+
+/// What `portwatch_build_info` says about this build and the machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildInfo {
+    pub version: String,
+    /// The git commit built from.
+    pub revision: String,
+    /// The running kernel's release (`uname -r`).
+    pub kernel: String,
+}
+
+impl BuildInfo {
+    /// This binary's version and revision, and the running kernel.
+    pub fn current() -> BuildInfo {
+        BuildInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            revision: env!("PORTWATCH_REVISION").to_owned(),
+            kernel: kernel_release(),
+        }
+    }
+}
+
+/// The release `uname -r` prints, which the kernel also publishes in procfs.
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|release| release.trim().to_owned())
+        .ok()
+        .filter(|release| !release.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Why the metrics could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The registry refused a collector: a metric name, help string or label
+    /// set that is invalid or collides with another.
+    #[error("registering the metrics")]
+    Register(#[from] prometheus::Error),
+}
+
+/// The daemon's metrics. Cheap to clone: clones share one registry.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+}
+
+impl Metrics {
+    /// Metrics that read `state` at every scrape.
+    pub fn new(state: SharedState, build: BuildInfo) -> Result<Metrics, MetricsError> {
+        let registry = Registry::new();
+        registry.register(Box::new(StateCollector::new(state, build)?))?;
+        registry.register(Box::new(ProcessCollector::for_self()))?;
+        Ok(Metrics { registry })
+    }
+
+    /// The text exposition format ([`CONTENT_TYPE`]). Holds the state's read
+    /// lock only to copy the counters and listeners out; the rest is CPU work
+    /// that grows with the listeners (about 150 ms for 100,000 in a release
+    /// build), which an async caller may hand to `spawn_blocking`.
+    pub fn render(&self) -> String {
+        let encoder = TextEncoder::new();
+        let mut text = String::new();
+        for family in self.registry.gather() {
+            // Only a malformed family fails (checked before anything is
+            // written); the others are still worth serving.
+            if let Err(err) = encoder.encode_utf8(std::slice::from_ref(&family), &mut text) {
+                tracing::error!(metric = family.name(), %err, "cannot encode a metric");
+            }
+        }
+        text
+    }
+
+    /// The registry, for collectors other subsystems add.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+/// Whether a metric only goes up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// One metric family the state collector produces.
+#[derive(Debug)]
+struct Spec {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+    kind: Kind,
+}
+
+const BIND_FAILURES: Spec = Spec {
+    name: "portwatch_bind_failures_total",
+    help: "Failed binds, by errno name, protocol and address family.",
+    labels: &["errno", "protocol", "family"],
+    kind: Kind::Counter,
+};
+const PORT_BIND_FAILURES: Spec = Spec {
+    name: "portwatch_port_bind_failures_total",
+    help: "Failed binds, by requested port, protocol and errno name. Ports past the \
+           configured number of distinct ports, and requests for an ephemeral port, \
+           count under port=other.",
+    labels: &["port", "protocol", "errno"],
+    kind: Kind::Counter,
+};
+const LISTEN_FAILURES: Spec = Spec {
+    name: "portwatch_listen_failures_total",
+    help: "Failed listen() calls, by errno name and protocol.",
+    labels: &["errno", "protocol"],
+    kind: Kind::Counter,
+};
+const BINDS: Spec = Spec {
+    name: "portwatch_binds_total",
+    help: "Successful binds, by protocol and address family.",
+    labels: &["protocol", "family"],
+    kind: Kind::Counter,
+};
+const EVENTS: Spec = Spec {
+    name: "portwatch_events_total",
+    help: "Socket events received from the kernel programs, by kind.",
+    labels: &["kind"],
+    kind: Kind::Counter,
+};
+const EVENTS_DROPPED: Spec = Spec {
+    name: "portwatch_events_dropped_total",
+    help: "Event records the kernel programs could not deliver, by hook. Each drop \
+           triggers a reconciliation of the map.",
+    labels: &["hook"],
+    kind: Kind::Counter,
+};
+const DECODE_ERRORS: Spec = Spec {
+    name: "portwatch_decode_errors_total",
+    help: "Event records from the kernel programs that did not decode.",
+    labels: &[],
+    kind: Kind::Counter,
+};
+const RECONCILE_DRIFT: Spec = Spec {
+    name: "portwatch_reconcile_drift_total",
+    help: "Differences between the map and the kernel's socket table that \
+           reconciliation corrected: missing (added), stale (removed), changed \
+           (state or address corrected).",
+    labels: &["kind"],
+    kind: Kind::Counter,
+};
+const RECONCILIATIONS: Spec = Spec {
+    name: "portwatch_reconciliations_total",
+    help: "Reconciliations of the map against the kernel's socket table.",
+    labels: &[],
+    kind: Kind::Counter,
+};
+const UNTRACKED: Spec = Spec {
+    name: "portwatch_untracked_sockets_total",
+    help: "Sockets the kernel programs could not be told to track: their close is \
+           found by the next reconciliation instead of an event.",
+    labels: &[],
+    kind: Kind::Counter,
+};
+const LISTENERS: Spec = Spec {
+    name: "portwatch_listeners",
+    help: "Listening sockets (TCP in LISTEN, bound unconnected UDP) in all network \
+           namespaces, by port, protocol and address family.",
+    labels: &["port", "protocol", "family"],
+    kind: Kind::Gauge,
+};
+const SHARED_PORTS: Spec = Spec {
+    name: "portwatch_shared_ports",
+    help: "Ports held by more than one listener.",
+    labels: &[],
+    kind: Kind::Gauge,
+};
+const PORT_SHARED: Spec = Spec {
+    name: "portwatch_port_shared",
+    help: "1 for each reason (kind) the listeners of a shared port coexist, as \
+           /ports/{port} explains them.",
+    labels: &["port", "protocol", "kind"],
+    kind: Kind::Gauge,
+};
+const PROGRAM_ATTACHED: Spec = Spec {
+    name: "portwatch_program_attached",
+    help: "1 for each hook and the kernel attach path it uses.",
+    labels: &["hook", "path"],
+    kind: Kind::Gauge,
+};
+const BUILD_INFO: Spec = Spec {
+    name: "portwatch_build_info",
+    help: "1, labelled with portwatch's version and git revision and the running \
+           kernel's release.",
+    labels: &["version", "revision", "kernel"],
+    kind: Kind::Gauge,
+};
+const READY: Spec = Spec {
+    name: "portwatch_ready",
+    help: "1 once the kernel programs are attached and the start-up snapshot is \
+           merged, else 0.",
+    labels: &[],
+    kind: Kind::Gauge,
+};
+
+/// Every family the state collector produces.
+const SPECS: [&Spec; 16] = [
+    &BIND_FAILURES,
+    &PORT_BIND_FAILURES,
+    &LISTEN_FAILURES,
+    &BINDS,
+    &EVENTS,
+    &EVENTS_DROPPED,
+    &DECODE_ERRORS,
+    &RECONCILE_DRIFT,
+    &RECONCILIATIONS,
+    &UNTRACKED,
+    &LISTENERS,
+    &SHARED_PORTS,
+    &PORT_SHARED,
+    &PROGRAM_ATTACHED,
+    &BUILD_INFO,
+    &READY,
+];
+
+/// Every event kind, so that each has a series from the first scrape.
+const EVENT_KINDS: [EventKind; 6] = [
+    EventKind::Bind,
+    EventKind::BindFailed,
+    EventKind::Listen,
+    EventKind::ListenFailed,
+    EventKind::ListenStop,
+    EventKind::Close,
+];
+
+/// The protocols and families whose bind series exist from the first scrape.
+const COMMON_PROTOCOLS: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
+const FAMILIES: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+
+/// The samples of one family, built at scrape. Each label set appears once.
+struct Samples {
+    spec: &'static Spec,
+    rows: Vec<(Vec<String>, u64)>,
+}
+
+impl Samples {
+    fn new(spec: &'static Spec) -> Samples {
+        Samples {
+            spec,
+            rows: Vec::new(),
+        }
+    }
+
+    /// One sample; `labels` in the order of `spec.labels`.
+    fn push(&mut self, labels: Vec<String>, value: u64) {
+        self.rows.push((labels, value));
+    }
+
+    fn of(spec: &'static Spec, rows: impl IntoIterator<Item = (Vec<String>, u64)>) -> Samples {
+        Samples {
+            spec,
+            rows: rows.into_iter().collect(),
+        }
+    }
+
+    /// The family, with each sample's labels sorted by name, as the
+    /// crate's own metrics have them. Names and labels were validated when
+    /// the collector registered their [`Desc`].
+    fn into_family(self) -> MetricFamily {
+        let spec = self.spec;
+        let metrics = self
+            .rows
+            .into_iter()
+            .map(|(values, value)| {
+                let mut labels: Vec<LabelPair> = spec
+                    .labels
+                    .iter()
+                    .zip(values)
+                    .map(|(&name, value)| {
+                        let mut pair = LabelPair::default();
+                        pair.set_name(name.to_owned());
+                        pair.set_value(value);
+                        pair
+                    })
+                    .collect();
+                labels.sort_by(|a, b| a.name().cmp(b.name()));
+                let mut metric = Metric::from_label(labels);
+                // Exact as f64 up to 2^53.
+                let value = value as f64;
+                match spec.kind {
+                    Kind::Counter => {
+                        let mut counter = proto::Counter::default();
+                        counter.set_value(value);
+                        metric.set_counter(counter);
+                    }
+                    Kind::Gauge => {
+                        let mut gauge = proto::Gauge::default();
+                        gauge.set_value(value);
+                        metric.set_gauge(gauge);
+                    }
+                }
+                metric
+            })
+            .collect();
+        let mut family = MetricFamily::default();
+        family.set_name(spec.name.to_owned());
+        family.set_help(spec.help.to_owned());
+        family.set_field_type(match spec.kind {
+            Kind::Counter => MetricType::COUNTER,
+            Kind::Gauge => MetricType::GAUGE,
+        });
+        family.set_metric(metrics);
+        family
+    }
+}
+
+/// Reads the shared state at each scrape.
+struct StateCollector {
+    state: SharedState,
+    build: BuildInfo,
+    descs: Vec<Desc>,
+}
+
+impl StateCollector {
+    fn new(state: SharedState, build: BuildInfo) -> prometheus::Result<StateCollector> {
+        let descs = SPECS
+            .iter()
+            .map(|spec| {
+                Desc::new(
+                    spec.name.to_owned(),
+                    spec.help.to_owned(),
+                    spec.labels.iter().map(|&label| label.to_owned()).collect(),
+                    HashMap::new(),
+                )
+            })
+            .collect::<prometheus::Result<_>>()?;
+        Ok(StateCollector {
+            state,
+            build,
+            descs,
+        })
+    }
+}
+
+impl Collector for StateCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let reading = {
+            let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+            Reading::of(&state)
+        };
+        reading
+            .samples(&self.build)
+            .into_iter()
+            .map(Samples::into_family)
+            .collect()
+    }
+}
+
+/// What one scrape needs from the state, copied under the read lock.
+struct Reading {
+    counters: Counters,
+    stats: WatchStats,
+    drops: Vec<(&'static str, u64)>,
+    decode_errors: u64,
+    hooks: Vec<(&'static str, &'static str)>,
+    ready: bool,
+    /// Every listener (a copy of a few dozen bytes each).
+    listeners: Vec<SocketFacts>,
+}
+
+impl Reading {
+    fn of(state: &State) -> Reading {
+        Reading {
+            counters: state.counters.clone(),
+            stats: state.stats,
+            drops: state.drops.clone(),
+            decode_errors: state.decode_errors,
+            hooks: state.hooks.clone(),
+            ready: state.ready,
+            listeners: state
+                .map
+                .listeners()
+                .map(|entry| entry.facts.clone())
+                .collect(),
+        }
+    }
+
+    fn samples(self, build: &BuildInfo) -> Vec<Samples> {
+        let Counters {
+            events,
+            binds,
+            bind_failures,
+            port_bind_failures,
+            listen_failures,
+            ..
+        } = self.counters;
+        let names = |protocol: Protocol, family: Family| {
+            (protocol.name().to_owned(), family.name().to_owned())
+        };
+
+        // The series alerts watch exist at 0 from the first scrape: a series
+        // that first appears at N hides those N from increase() and rate().
+        let mut bind_failures = bind_failures;
+        let mut binds = binds;
+        let in_use = Errno::EADDRINUSE.name().into_owned();
+        for protocol in COMMON_PROTOCOLS {
+            for family in FAMILIES {
+                bind_failures
+                    .entry((in_use.clone(), protocol, family))
+                    .or_insert(0);
+                binds.entry((protocol, family)).or_insert(0);
+            }
+        }
+        let mut events = events;
+        for kind in EVENT_KINDS {
+            events.entry(kind.name()).or_insert(0);
+        }
+
+        let bind_failures = Samples::of(
+            &BIND_FAILURES,
+            bind_failures
+                .into_iter()
+                .map(|((errno, protocol, family), n)| {
+                    let (protocol, family) = names(protocol, family);
+                    (vec![errno, protocol, family], n)
+                }),
+        );
+        let port_bind_failures = Samples::of(
+            &PORT_BIND_FAILURES,
+            port_bind_failures
+                .into_iter()
+                .map(|((port, protocol, errno), n)| {
+                    let port = match port {
+                        PortLabel::Port(port) => port.to_string(),
+                        PortLabel::Other => "other".to_owned(),
+                    };
+                    (vec![port, protocol.name().to_owned(), errno], n)
+                }),
+        );
+        let listen_failures = Samples::of(
+            &LISTEN_FAILURES,
+            listen_failures
+                .into_iter()
+                .map(|((errno, protocol), n)| (vec![errno, protocol.name().to_owned()], n)),
+        );
+        let binds = Samples::of(
+            &BINDS,
+            binds.into_iter().map(|((protocol, family), n)| {
+                let (protocol, family) = names(protocol, family);
+                (vec![protocol, family], n)
+            }),
+        );
+        let events = Samples::of(
+            &EVENTS,
+            events
+                .into_iter()
+                .map(|(kind, n)| (vec![kind.to_owned()], n)),
+        );
+        let mut drops: BTreeMap<&str, u64> = BTreeMap::new();
+        for (hook, n) in self.drops {
+            *drops.entry(hook).or_default() += n;
+        }
+        let dropped = Samples::of(
+            &EVENTS_DROPPED,
+            drops
+                .into_iter()
+                .map(|(hook, n)| (vec![hook.to_owned()], n)),
+        );
+        let Drift {
+            missing,
+            stale,
+            changed,
+        } = self.stats.drift;
+        let drift = Samples::of(
+            &RECONCILE_DRIFT,
+            [("missing", missing), ("stale", stale), ("changed", changed)]
+                .map(|(kind, n)| (vec![kind.to_owned()], n)),
+        );
+
+        let [listeners, shared_ports, port_shared] = listener_samples(self.listeners);
+        let hooks: BTreeSet<(&str, &str)> = self.hooks.into_iter().collect();
+        let attached = Samples::of(
+            &PROGRAM_ATTACHED,
+            hooks
+                .into_iter()
+                .map(|(hook, path)| (vec![hook.to_owned(), path.to_owned()], 1)),
+        );
+        let build_info = vec![
+            build.version.clone(),
+            build.revision.clone(),
+            build.kernel.clone(),
+        ];
+
+        vec![
+            bind_failures,
+            port_bind_failures,
+            listen_failures,
+            binds,
+            events,
+            dropped,
+            Samples::of(&DECODE_ERRORS, [(vec![], self.decode_errors)]),
+            drift,
+            Samples::of(&RECONCILIATIONS, [(vec![], self.stats.reconciliations)]),
+            Samples::of(&UNTRACKED, [(vec![], self.stats.untracked)]),
+            listeners,
+            shared_ports,
+            port_shared,
+            attached,
+            Samples::of(&BUILD_INFO, [(build_info, 1)]),
+            Samples::of(&READY, [(vec![], u64::from(self.ready))]),
+        ]
+    }
+}
+
+/// `portwatch_listeners`, `portwatch_shared_ports` and `portwatch_port_shared`
+/// from every listener, port by port.
+fn listener_samples(mut all: Vec<SocketFacts>) -> [Samples; 3] {
+    let mut listeners = Samples::new(&LISTENERS);
+    let mut shared_ports = 0;
+    let mut port_shared = Samples::new(&PORT_SHARED);
+    // Within a port, the order `explain` sees (`PortMap::listeners_on`).
+    all.sort_unstable_by_key(|f| (f.port, f.netns, f.protocol, f.family, f.address, f.cookie));
+    for on_port in all.chunk_by(|a, b| a.port == b.port) {
+        let port = on_port[0].port.to_string();
+        let mut counts: BTreeMap<(Protocol, Family), u64> = BTreeMap::new();
+        for facts in on_port {
+            *counts.entry((facts.protocol, facts.family)).or_default() += 1;
+        }
+        for ((protocol, family), n) in counts {
+            let labels = vec![
+                port.clone(),
+                protocol.name().to_owned(),
+                family.name().to_owned(),
+            ];
+            listeners.push(labels, n);
+        }
+        if on_port.len() > 1 {
+            shared_ports += 1;
+            for (protocol, kind) in sharing_kinds(on_port) {
+                let labels = vec![port.clone(), protocol.name().to_owned(), kind_name(kind)];
+                port_shared.push(labels, 1);
+            }
+        }
+    }
+    let shared_ports = Samples::of(&SHARED_PORTS, [(vec![], shared_ports)]);
+    [listeners, shared_ports, port_shared]
+}
+
+/// The reasons `explain` gives for the listeners of one port to coexist, with
+/// the protocols of the listeners each covers: the same set as its `sharing`
+/// list, without comparing every pair across network namespaces (any two
+/// listeners in different namespaces coexist for that reason alone), so that
+/// 500 containers on one port cost 500 steps, not 125,000 explanations.
+/// `listeners` must be in the map's order ([`crate::map::PortMap::listeners_on`]).
+fn sharing_kinds(listeners: &[SocketFacts]) -> HashSet<(Protocol, CoexistReason)> {
+    type GroupKey = (NetnsCookie, Protocol, Family, IpAddr);
+    let mut groups: BTreeMap<GroupKey, Vec<&SocketFacts>> = BTreeMap::new();
+    for facts in listeners {
+        groups
+            .entry((facts.netns, facts.protocol, facts.family, facts.address))
+            .or_default()
+            .push(facts);
+    }
+    let mut kinds = HashSet::new();
+    for group in groups.values().filter(|group| group.len() > 1) {
+        if let Some(kind) = rules::why_coexist(group[0], group[1]) {
+            kinds.insert((group[0].protocol, kind));
+        }
+    }
+    // Groups are ordered by namespace first: each one's peers in its own
+    // namespace follow it.
+    let firsts: Vec<&SocketFacts> = groups.values().map(|group| group[0]).collect();
+    for (i, a) in firsts.iter().enumerate() {
+        for b in firsts[i + 1..].iter().take_while(|b| b.netns == a.netns) {
+            if let Some(kind) = rules::why_coexist(a, b) {
+                kinds.insert((a.protocol, kind));
+                kinds.insert((b.protocol, kind));
+            }
+        }
+    }
+    if firsts.iter().any(|facts| facts.netns != firsts[0].netns) {
+        for facts in &firsts {
+            kinds.insert((facts.protocol, CoexistReason::DifferentNetns));
+        }
+    }
+    kinds
+}
+
+/// A reason's name as the HTTP API spells it (`reuse_port_group`).
+fn kind_name(kind: CoexistReason) -> String {
+    match serde_json::to_value(kind) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => format!("{kind:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{Ipv4Addr, Ipv6Addr},
+        sync::{Arc, RwLock},
+        time::SystemTime,
+    };
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{
+        event::{Options, PortEvent, SockType, Source},
+        explain,
+        map::{Entry, Holder},
+        socket::{ShareOptions, SockState},
+    };
+
+    const T0: SystemTime = SystemTime::UNIX_EPOCH;
+
+    fn build() -> BuildInfo {
+        BuildInfo {
+            version: "0.1.0".into(),
+            revision: "abc123".into(),
+            kernel: "6.1.0-test".into(),
+        }
+    }
+
+    fn event(
+        kind: EventKind,
+        cookie: u64,
+        protocol: Protocol,
+        address: IpAddr,
+        port: u16,
+    ) -> PortEvent {
+        PortEvent {
+            kind,
+            boot_ns: 1,
+            pid: 4242,
+            tid: 4242,
+            uid: 0,
+            sock_uid: Some(0),
+            process: "nginx".into(),
+            cgroup_id: 5,
+            netns: Some(1),
+            cookie: Some(cookie),
+            protocol,
+            family: if address.is_ipv4() {
+                Family::Ipv4
+            } else {
+                Family::Ipv6
+            },
+            sock_type: if protocol == Protocol::Udp {
+                SockType::Dgram
+            } else {
+                SockType::Stream
+            },
+            address,
+            port,
+            bound_port: Some(port),
+            errno: None,
+            options: Options::default(),
+            backlog: None,
+            source: Source::PostBind,
+        }
+    }
+
+    fn failed(port: u16, errno: Errno) -> PortEvent {
+        let mut failed = event(
+            EventKind::BindFailed,
+            99,
+            Protocol::Tcp,
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            port,
+        );
+        failed.errno = Some(errno);
+        failed.bound_port = None;
+        failed.source = Source::SyscallExit;
+        failed
+    }
+
+    /// Applies `event` the way the pipeline does for what these tests need.
+    fn apply(state: &mut State, event: &PortEvent) {
+        state.counters.count(event);
+        state.map.apply(event, T0);
+    }
+
+    /// A listener: a bind, then (for TCP) a listen.
+    fn listen(state: &mut State, mut bind: PortEvent) {
+        bind.kind = EventKind::Bind;
+        apply(state, &bind);
+        if bind.protocol != Protocol::Udp {
+            apply(
+                state,
+                &PortEvent {
+                    kind: EventKind::Listen,
+                    ..bind
+                },
+            );
+        }
+    }
+
+    fn render(state: State) -> String {
+        Metrics::new(Arc::new(RwLock::new(state)), build())
+            .expect("metrics")
+            .render()
+    }
+
+    fn has(text: &str, line: &str) -> bool {
+        text.lines().any(|l| l == line)
+    }
+
+    #[track_caller]
+    fn assert_line(text: &str, line: &str) {
+        assert!(has(text, line), "no line `{line}` in:\n{text}");
+    }
+
+    fn v4(octets: [u8; 4]) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(octets))
+    }
+
+    #[test]
+    fn n_failed_binds_count_exactly_n() {
+        let mut state = State::new(100, 1000);
+        for _ in 0..7 {
+            apply(&mut state, &failed(8000, Errno::EADDRINUSE));
+        }
+        apply(&mut state, &failed(80, Errno::EACCES));
+        let text = render(state);
+        for line in [
+            r#"portwatch_bind_failures_total{errno="EADDRINUSE",family="ipv4",protocol="tcp"} 7"#,
+            r#"portwatch_bind_failures_total{errno="EACCES",family="ipv4",protocol="tcp"} 1"#,
+            r#"portwatch_port_bind_failures_total{errno="EADDRINUSE",port="8000",protocol="tcp"} 7"#,
+            r#"portwatch_port_bind_failures_total{errno="EACCES",port="80",protocol="tcp"} 1"#,
+            r#"portwatch_events_total{kind="bind_failed"} 8"#,
+        ] {
+            assert_line(&text, line);
+        }
+    }
+
+    #[test]
+    fn alerting_series_start_at_zero() {
+        let text = render(State::new(100, 1000));
+        for line in [
+            r#"portwatch_bind_failures_total{errno="EADDRINUSE",family="ipv4",protocol="tcp"} 0"#,
+            r#"portwatch_bind_failures_total{errno="EADDRINUSE",family="ipv6",protocol="udp"} 0"#,
+            r#"portwatch_binds_total{family="ipv6",protocol="tcp"} 0"#,
+            r#"portwatch_events_total{kind="close"} 0"#,
+            r#"portwatch_reconcile_drift_total{kind="changed"} 0"#,
+            "portwatch_decode_errors_total 0",
+            "portwatch_shared_ports 0",
+            "portwatch_ready 0",
+        ] {
+            assert_line(&text, line);
+        }
+    }
+
+    #[test]
+    fn ports_past_the_cap_and_ephemeral_requests_count_as_other() {
+        let mut state = State::new(100, 1);
+        for port in [8000, 8001, 8002, 0] {
+            apply(&mut state, &failed(port, Errno::EADDRINUSE));
+        }
+        let text = render(state);
+        assert_line(
+            &text,
+            r#"portwatch_port_bind_failures_total{errno="EADDRINUSE",port="8000",protocol="tcp"} 1"#,
+        );
+        assert_line(
+            &text,
+            r#"portwatch_port_bind_failures_total{errno="EADDRINUSE",port="other",protocol="tcp"} 3"#,
+        );
+        assert!(!text.contains(r#"port="8001""#));
+    }
+
+    #[test]
+    fn listeners_are_counted_per_port_protocol_and_family() {
+        let mut state = State::new(100, 1000);
+        let wildcard4 = v4([0, 0, 0, 0]);
+        for cookie in [1, 2] {
+            let mut bind = event(EventKind::Bind, cookie, Protocol::Tcp, wildcard4, 8000);
+            bind.options.reuse_port = Some(true);
+            listen(&mut state, bind);
+        }
+        let mut v6 = event(
+            EventKind::Bind,
+            3,
+            Protocol::Tcp,
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            8000,
+        );
+        v6.options.v6only = Some(true);
+        listen(&mut state, v6);
+        listen(
+            &mut state,
+            event(EventKind::Bind, 4, Protocol::Udp, wildcard4, 8000),
+        );
+        listen(
+            &mut state,
+            event(EventKind::Bind, 5, Protocol::Tcp, wildcard4, 9000),
+        );
+        // Bound, not listening: holds the port but is no listener.
+        apply(
+            &mut state,
+            &event(EventKind::Bind, 6, Protocol::Tcp, wildcard4, 7000),
+        );
+        let text = render(state);
+        for line in [
+            r#"portwatch_listeners{family="ipv4",port="8000",protocol="tcp"} 2"#,
+            r#"portwatch_listeners{family="ipv6",port="8000",protocol="tcp"} 1"#,
+            r#"portwatch_listeners{family="ipv4",port="8000",protocol="udp"} 1"#,
+            r#"portwatch_listeners{family="ipv4",port="9000",protocol="tcp"} 1"#,
+            "portwatch_shared_ports 1",
+            r#"portwatch_port_shared{kind="reuse_port_group",port="8000",protocol="tcp"} 1"#,
+            r#"portwatch_port_shared{kind="v6only_split",port="8000",protocol="tcp"} 1"#,
+            r#"portwatch_port_shared{kind="different_protocol",port="8000",protocol="tcp"} 1"#,
+            r#"portwatch_port_shared{kind="different_protocol",port="8000",protocol="udp"} 1"#,
+            r#"portwatch_binds_total{family="ipv4",protocol="tcp"} 4"#,
+            r#"portwatch_binds_total{family="ipv6",protocol="tcp"} 1"#,
+            r#"portwatch_events_total{kind="listen"} 4"#,
+        ] {
+            assert_line(&text, line);
+        }
+        assert_eq!(text.matches("portwatch_port_shared{").count(), 4, "{text}");
+        assert!(!text.contains(r#"port="7000""#), "{text}");
+        assert!(!text.contains(r#"port="9000",protocol="tcp",kind"#));
+    }
+
+    #[test]
+    fn health_of_the_pipeline() {
+        let mut state = State::new(100, 1000);
+        state.drops = vec![("bind_outcome", 3), ("release", 0)];
+        state.decode_errors = 2;
+        state.hooks = vec![("bind_outcome", "tracepoint"), ("release", "cgroup_sock")];
+        state.stats.reconciliations = 4;
+        state.stats.untracked = 1;
+        state.stats.drift = Drift {
+            missing: 1,
+            stale: 2,
+            changed: 0,
+        };
+        state.ready = true;
+        let text = render(state);
+        for line in [
+            r#"portwatch_events_dropped_total{hook="bind_outcome"} 3"#,
+            r#"portwatch_events_dropped_total{hook="release"} 0"#,
+            "portwatch_decode_errors_total 2",
+            r#"portwatch_program_attached{hook="bind_outcome",path="tracepoint"} 1"#,
+            r#"portwatch_program_attached{hook="release",path="cgroup_sock"} 1"#,
+            "portwatch_reconciliations_total 4",
+            "portwatch_untracked_sockets_total 1",
+            r#"portwatch_reconcile_drift_total{kind="missing"} 1"#,
+            r#"portwatch_reconcile_drift_total{kind="stale"} 2"#,
+            r#"portwatch_reconcile_drift_total{kind="changed"} 0"#,
+            r#"portwatch_build_info{kernel="6.1.0-test",revision="abc123",version="0.1.0"} 1"#,
+            "portwatch_ready 1",
+        ] {
+            assert_line(&text, line);
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let build = BuildInfo {
+            revision: "a\"b\\c\nd".into(),
+            ..build()
+        };
+        let state = Arc::new(RwLock::new(State::new(100, 1000)));
+        let text = Metrics::new(state, build).unwrap().render();
+        assert_line(
+            &text,
+            r#"portwatch_build_info{kernel="6.1.0-test",revision="a\"b\\c\nd",version="0.1.0"} 1"#,
+        );
+    }
+
+    #[test]
+    fn no_label_names_a_process() {
+        let mut state = State::new(100, 1000);
+        listen(
+            &mut state,
+            event(EventKind::Bind, 1, Protocol::Tcp, v4([0, 0, 0, 0]), 8000),
+        );
+        apply(&mut state, &failed(8000, Errno::EADDRINUSE));
+        let text = render(state);
+        let samples = text.lines().filter(|line| !line.starts_with('#'));
+        for line in samples {
+            assert!(!line.contains("pid="), "{line}");
+            assert!(!line.contains("4242") && !line.contains("nginx"), "{line}");
+        }
+    }
+
+    #[test]
+    fn every_family_has_help_and_follows_the_naming_guide() {
+        let text = render(State::new(100, 1000));
+        let types: Vec<(&str, &str)> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|rest| rest.split_once(' '))
+            .collect();
+        assert!(types.len() >= SPECS.len(), "{text}");
+        for (name, kind) in types {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("# HELP {name} "))),
+                "{name} has no help"
+            );
+            assert_eq!(
+                kind == "counter",
+                name.ends_with("_total"),
+                "{name}: {kind}"
+            );
+            assert!(name.starts_with("portwatch_") || name.starts_with("process_"));
+        }
+    }
+
+    #[test]
+    fn each_scrape_reads_the_state_anew() {
+        let state = Arc::new(RwLock::new(State::new(100, 1000)));
+        let metrics = Metrics::new(state.clone(), build()).unwrap();
+        let series =
+            r#"portwatch_bind_failures_total{errno="EADDRINUSE",family="ipv4",protocol="tcp"}"#;
+        assert_line(&metrics.render(), &format!("{series} 0"));
+        for _ in 0..3 {
+            apply(
+                &mut state.write().unwrap(),
+                &failed(8000, Errno::EADDRINUSE),
+            );
+        }
+        assert_line(&metrics.render(), &format!("{series} 3"));
+    }
+
+    #[test]
+    fn kind_names_are_the_apis() {
+        assert_eq!(kind_name(CoexistReason::ReusePortGroup), "reuse_port_group");
+        assert_eq!(kind_name(CoexistReason::V6onlySplit), "v6only_split");
+    }
+
+    fn entry(facts: SocketFacts) -> Entry {
+        Entry {
+            facts,
+            holders: vec![Holder {
+                pid: 1,
+                process: "x".into(),
+            }],
+            inode: None,
+            cgroup_id: None,
+            cgroup: None,
+            unit: None,
+            container: None,
+            since: T0,
+            since_exact: true,
+        }
+    }
+
+    /// One listener on port 8000: (netns, protocol, address, reuse_addr,
+    /// reuse_port, v6only, uid).
+    fn listener() -> impl Strategy<Value = SocketFacts> {
+        let addresses = [
+            v4([0, 0, 0, 0]),
+            v4([127, 0, 0, 1]),
+            v4([10, 0, 0, 1]),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ];
+        let protocols = [Protocol::Tcp, Protocol::Udp, Protocol::Mptcp];
+        let flag = || proptest::option::of(any::<bool>());
+        (
+            1..4u64,
+            0..protocols.len(),
+            0..addresses.len(),
+            flag(),
+            flag(),
+            flag(),
+            0..2u32,
+        )
+            .prop_map(
+                move |(netns, protocol, address, reuse_addr, reuse_port, v6only, uid)| {
+                    let (protocol, address) = (protocols[protocol], addresses[address]);
+                    SocketFacts {
+                        cookie: 0,
+                        netns,
+                        protocol,
+                        family: if address.is_ipv4() {
+                            Family::Ipv4
+                        } else {
+                            Family::Ipv6
+                        },
+                        address,
+                        port: 8000,
+                        state: if protocol == Protocol::Udp {
+                            SockState::Bound
+                        } else {
+                            SockState::Listening
+                        },
+                        options: ShareOptions {
+                            reuse_addr,
+                            reuse_port,
+                            v6only: v6only.filter(|_| address.is_ipv6()),
+                        },
+                        uid: Some(uid),
+                        bound_dev_if: 0,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn sharing_kinds_are_what_explain_says(mut listeners in proptest::collection::vec(listener(), 0..12)) {
+            for (i, facts) in listeners.iter_mut().enumerate() {
+                facts.cookie = i as u64 + 1;
+            }
+            listeners.sort_by_key(|f| (f.netns, f.protocol, f.family, f.address, f.cookie));
+            let entries: Vec<Entry> = listeners.iter().cloned().map(entry).collect();
+            let refs: Vec<&Entry> = entries.iter().collect();
+            let explained = explain::explain(8000, &refs, 1, &[]);
+            let protocol_of = |cookie: u64| listeners.iter().find(|f| f.cookie == cookie).unwrap().protocol;
+            let expected: HashSet<(Protocol, CoexistReason)> = explained
+                .sharing
+                .iter()
+                .flat_map(|sharing| sharing.listeners.iter().map(|&c| (protocol_of(c), sharing.kind)))
+                .collect();
+            prop_assert_eq!(sharing_kinds(&listeners), expected);
+        }
+    }
+}
