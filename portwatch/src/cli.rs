@@ -155,6 +155,10 @@ pub struct CheckArgs {
     pub reuse_addr: bool,
     #[arg(long)]
     pub v6only: bool,
+    /// Network namespace (its cookie, as `ports` shows it); default: the
+    /// daemon's own.
+    #[arg(long, value_name = "COOKIE")]
+    pub netns: Option<u64>,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
     #[command(flatten)]

@@ -478,6 +478,10 @@ pub fn check(args: &CheckArgs) -> Result<bool, ClientError> {
         args.reuse_addr,
         args.v6only,
     );
+    let path = match args.netns {
+        Some(netns) => format!("{path}&netns={netns}"),
+        None => path,
+    };
     let value = get(&args.server.server, &path)?;
     match args.output {
         Output::Json => print(&pretty(&value))?,

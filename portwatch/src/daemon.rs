@@ -83,10 +83,13 @@ pub async fn run(config: Config, ready: impl FnOnce()) -> Result<(), DaemonError
     if let Some(listener) = metrics_listener {
         servers.spawn(serve(
             listener,
-            api::metrics_router(ctx),
+            api::metrics_router(ctx.clone()),
             stopped(stop_rx.clone()),
         ));
     }
+    // The routers keep only a weak handle on the event stream, so open
+    // `/events` streams end when the pipeline stops; no strong one may stay.
+    drop(ctx);
     tracing::info!(
         listen = %config.listen,
         metrics_listen = ?config.metrics_listen,

@@ -541,6 +541,7 @@ fn every_ignored_test_says_why_in_the_same_words() {
         ("map.rs", include_str!("map.rs")),
         ("snapshot.rs", include_str!("snapshot.rs")),
         ("predictor.rs", include_str!("predictor.rs")),
+        ("daemon.rs", include_str!("daemon.rs")),
     ] {
         let attributes: Vec<&str> = source
             .lines()

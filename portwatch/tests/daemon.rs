@@ -1,0 +1,443 @@
+//! End-to-end: the real `portwatch daemon` binary watching a private
+//! cgroup, the seed scenarios made with real sockets in a private network
+//! namespace, and everything checked the way a user would: HTTP requests,
+//! the metrics text, `promtool`, and the CLI with its exit codes.
+
+mod support;
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::TcpListener,
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use support::{CgroupGuard, DEADLINE, NetnsGuard, Op, Worker};
+
+/// A running daemon, stopped with SIGTERM on drop.
+struct Daemon {
+    child: Child,
+    server: String,
+    _config: tempfile_path::TempPath,
+}
+
+mod tempfile_path {
+    /// A file removed on drop.
+    pub struct TempPath(pub std::path::PathBuf);
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl Daemon {
+    fn start(cgroup: &CgroupGuard) -> Daemon {
+        // A free loopback port (released just before the daemon takes it).
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = std::env::temp_dir().join(format!("{}.toml", support::unique("daemon")));
+        std::fs::write(&config, "reconcile_interval = \"1h\"\n").unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_portwatch"))
+            .arg("daemon")
+            .arg("--config")
+            .arg(&config)
+            .arg("--cgroup")
+            .arg(&cgroup.path)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the daemon");
+        let daemon = Daemon {
+            child,
+            server: format!("http://127.0.0.1:{port}"),
+            _config: tempfile_path::TempPath(config),
+        };
+        let deadline = Instant::now() + DEADLINE;
+        while daemon.status("/readyz") != Some(200) {
+            assert!(Instant::now() < deadline, "the daemon did not become ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into()
+    }
+
+    fn status(&self, path: &str) -> Option<u16> {
+        Daemon::agent()
+            .get(&format!("{}{path}", self.server))
+            .call()
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+
+    fn text(&self, path: &str) -> (u16, String) {
+        let mut response = Daemon::agent()
+            .get(&format!("{}{path}", self.server))
+            .call()
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_string().unwrap())
+    }
+
+    fn json(&self, path: &str) -> Value {
+        let (status, body) = self.text(path);
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Polls `path` until `done` holds for its JSON.
+    fn json_until(&self, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let value = self.json(path);
+            if done(&value) {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {value}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_portwatch"))
+            .args(args)
+            .args(["--server", &self.server])
+            .output()
+            .expect("run the CLI")
+    }
+
+    /// SIGTERM, then the exit status and stderr.
+    fn stop(mut self) -> (Option<i32>, String) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait for the daemon");
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        (status.code(), stderr)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The value of one sample line of the metrics text, 0 if absent.
+fn sample(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+const EADDRINUSE_TCP4: &str =
+    "portwatch_bind_failures_total{errno=\"EADDRINUSE\",family=\"ipv4\",protocol=\"tcp\"}";
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn a_user_sees_the_seed_scenarios_over_http_metrics_and_the_cli() {
+    let (cgroup, netns) = (CgroupGuard::new("daemon"), NetnsGuard::new("daemon"));
+    let ns = netns.cookie();
+    let daemon = Daemon::start(&cgroup);
+    let before = sample(&daemon.text("/metrics").1, EADDRINUSE_TCP4);
+
+    // The seed article: IPv4 and IPv6 on :8000 from two processes, a UDP
+    // socket on the same port, and N binds that collide.
+    let mut four = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::bind(0, "0.0.0.0:8000"),
+            Op::Listen {
+                sock: 0,
+                backlog: 8,
+            },
+            Op::Pause,
+        ],
+    );
+    let mut six = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(true),
+            Op::v6only(0),
+            Op::bind(0, "[::]:8000"),
+            Op::Listen {
+                sock: 0,
+                backlog: 8,
+            },
+            Op::udp(false),
+            Op::bind(1, "0.0.0.0:8000"),
+            Op::Pause,
+        ],
+    );
+    assert!(four.results(3).iter().all(|r| *r >= 0));
+    assert!(six.results(6).iter().all(|r| *r >= 0));
+    const N: usize = 5;
+    let mut ops = Vec::new();
+    for sock in 0..N {
+        ops.extend([Op::tcp(false), Op::bind(sock, "127.0.0.1:8000")]);
+    }
+    let mut failing = Worker::spawn(&cgroup.path, Some(&netns), &ops);
+    let results = failing.results(ops.len());
+    assert!(
+        results
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .all(|r| *r == -i64::from(libc::EADDRINUSE))
+    );
+    failing.wait();
+
+    // /ports/8000, in that namespace.
+    let path = format!("/ports/8000?netns={ns}");
+    let port = daemon.json_until(&path, "three listeners", |v| {
+        v["listeners"].as_array().is_some_and(|l| l.len() == 3)
+    });
+    assert_eq!(port["shared"], true);
+    let flags: Vec<&str> = port["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(flags.contains(&"dual_stack_split"), "{port}");
+    let pids: Vec<u64> = port["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| {
+            l["pids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(Value::as_u64)
+        })
+        .collect();
+    assert!(
+        pids.contains(&u64::from(four.pid)) && pids.contains(&u64::from(six.pid)),
+        "{port}"
+    );
+
+    // /failures names the blocker of each of the N failures.
+    let failures = daemon.json_until("/failures?port=8000&errno=EADDRINUSE", "N failures", |v| {
+        v["failures"]
+            .as_array()
+            .is_some_and(|f| f.iter().filter(|x| x["pid"] == failing.pid).count() == N)
+    });
+    for failure in failures["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["pid"] == failing.pid)
+    {
+        let blocker = &failure["blocked_by"][0];
+        assert_eq!(blocker["endpoint"], "0.0.0.0:8000", "{failure}");
+        assert_eq!(blocker["holders"][0]["pid"], four.pid, "{failure}");
+    }
+
+    // The metric rose by exactly N; promtool accepts the text.
+    let metrics = daemon.text("/metrics").1;
+    assert_eq!(
+        sample(&metrics, EADDRINUSE_TCP4) - before,
+        N as f64,
+        "{metrics}"
+    );
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus): run `cargo xtask setup`");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    // /check: the predictor, in that namespace.
+    let check = daemon.json(&format!(
+        "/check?protocol=tcp&address=127.0.0.1&port=8000&netns={ns}"
+    ));
+    assert_eq!(
+        (check["ok"].clone(), check["errno"].clone()),
+        (Value::Bool(false), "EADDRINUSE".into())
+    );
+    let free = daemon.json(&format!(
+        "/check?protocol=tcp&address=127.0.0.1&port=8001&netns={ns}"
+    ));
+    assert_eq!(free["ok"], true);
+
+    // Bad input: a clear 4xx problem, never a 5xx.
+    for bad in [
+        "/ports/0",
+        "/ports/65536",
+        "/ports/abc",
+        "/ports/8000?protocol=icmp",
+        "/failures?limit=0",
+    ] {
+        let (status, body) = daemon.text(bad);
+        assert!((400..500).contains(&status), "{bad}: {status} {body}");
+        assert!(body.contains("\"detail\""), "{bad}: {body}");
+    }
+
+    // The CLI: table, JSON, sentences and exit codes.
+    let ns_arg = ns.to_string();
+    let table = daemon.cli(&["ports", "8000"]);
+    let table_text = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success(), "{table:?}");
+    assert!(
+        table_text.contains("0.0.0.0:8000") && table_text.contains("[::]:8000"),
+        "{table_text}"
+    );
+    let json = daemon.cli(&["ports", "8000", "-o", "json"]);
+    let parsed: Value = serde_json::from_slice(&json.stdout).expect("ports -o json is JSON");
+    assert_eq!(parsed["port"], 8000);
+    let explain = daemon.cli(&["explain", "8000"]);
+    let sentences = String::from_utf8_lossy(&explain.stdout);
+    assert!(
+        sentences.contains("listen on port 8000") && sentences.contains("EADDRINUSE"),
+        "{sentences}"
+    );
+    let refused = daemon.cli(&["check", "tcp", "127.0.0.1:8000", "--netns", &ns_arg]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let allowed = daemon.cli(&["check", "tcp", "127.0.0.1:8001", "--netns", &ns_arg]);
+    assert_eq!(allowed.status.code(), Some(0), "{allowed:?}");
+    let failures_cli = daemon.cli(&["failures", "--port", "8000", "--errno", "EADDRINUSE"]);
+    assert!(
+        String::from_utf8_lossy(&failures_cli.stdout).contains("blocked by a listener"),
+        "{failures_cli:?}"
+    );
+
+    four.resume();
+    six.resume();
+    let (code, stderr) = daemon.stop();
+    assert_eq!(code, Some(0), "a clean stop on SIGTERM: {stderr}");
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn events_stream_live_over_sse() {
+    let (cgroup, netns) = (CgroupGuard::new("sse"), NetnsGuard::new("sse"));
+    let daemon = Daemon::start(&cgroup);
+    let url = format!("{}/events?port=8123", daemon.server);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let response = Daemon::agent().get(&url).call().expect("open /events");
+        for line in BufReader::new(response.into_body().into_reader())
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(data) = line.strip_prefix("data:")
+                && tx.send(data.trim().to_owned()).is_err()
+            {
+                return;
+            }
+        }
+    });
+    // Give the stream a moment to be subscribed, then bind until it is seen.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mut worker = Worker::spawn(
+            &cgroup.path,
+            Some(&netns),
+            &[Op::tcp(false), Op::bind(0, "127.0.0.1:8123")],
+        );
+        worker.results(2);
+        worker.wait();
+        if let Ok(data) = rx.recv_timeout(Duration::from_millis(500)) {
+            let event: Value = serde_json::from_str(&data).expect("an event is JSON");
+            assert_eq!(event["port"], 8123, "{event}");
+            assert!(
+                event["kind"] == "bind" || event["kind"] == "close",
+                "{event}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no event arrived on /events");
+    }
+    daemon.stop();
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn check_config_validates_without_starting() {
+    let config = std::env::temp_dir().join(format!("{}.toml", support::unique("cfg")));
+    std::fs::write(&config, "listen = \"127.0.0.1:7999\"\n").unwrap();
+    let ok = Command::new(env!("CARGO_BIN_EXE_portwatch"))
+        .args(["daemon", "--check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("listen 127.0.0.1:7999"));
+    std::fs::write(&config, "listen = \"127.0.0.1:7999\"\nbogus = 1\n").unwrap();
+    let bad = Command::new(env!("CARGO_BIN_EXE_portwatch"))
+        .args(["daemon", "--check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    std::fs::remove_file(&config).unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("unknown field `bogus`") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_cli_says_when_no_daemon_runs() {
+    // Port 1 on loopback: nothing listens there.
+    for args in [&["ports"][..], &["explain", "80"], &["failures"]] {
+        let output = Command::new(env!("CARGO_BIN_EXE_portwatch"))
+            .args(args)
+            .args(["--server", "http://127.0.0.1:1"])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("no portwatch daemon answers") && stderr.contains("portwatch daemon"),
+            "{stderr}"
+        );
+    }
+    let check = Command::new(env!("CARGO_BIN_EXE_portwatch"))
+        .args([
+            "check",
+            "tcp",
+            "0.0.0.0:80",
+            "--server",
+            "http://127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(check.status.code(), Some(2), "check: 2 on error");
+}
