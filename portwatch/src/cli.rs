@@ -50,6 +50,13 @@ pub enum Command {
     Watch(WatchArgs),
     /// Would this bind succeed? Exit code 0 yes, 1 no, 2 error.
     Check(CheckArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `portwatch man > portwatch.1`.
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -240,6 +247,31 @@ mod tests {
         };
         assert_eq!((ports.port, ports.output), (Some(8000), Output::Json));
         assert!(Cli::try_parse_from(["portwatch", "failures", "--limit", "0"]).is_err());
+    }
+
+    #[test]
+    fn completions_and_man_page_are_generated() {
+        let mut out = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "portwatch",
+            &mut out,
+        );
+        let script = String::from_utf8(out).unwrap();
+        assert!(
+            script.contains("portwatch") && script.contains("explain"),
+            "bash completion"
+        );
+        let mut man = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut man)
+            .unwrap();
+        let man = String::from_utf8(man).unwrap();
+        assert!(
+            man.starts_with(".ie") || man.contains(".TH portwatch"),
+            "{man:.200}"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use portwatch::{
     app,
     cli::{Cli, Command, LogFormat},
@@ -17,6 +17,18 @@ fn main() -> ExitCode {
         Command::Explain(args) => client::explain(&args).map_err(Into::into),
         Command::Failures(args) => client::failures(&args).map_err(Into::into),
         Command::Watch(args) => client::watch(&args).map_err(Into::into),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "portwatch",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(Into::into),
         // 0: the bind would succeed, 1: it would not, 2: no answer.
         Command::Check(args) => {
             return match client::check(&args) {
@@ -31,6 +43,14 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`| head`): not an error for a CLI.
+        Err(err)
+            if err
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(err) => {
             eprintln!("portwatch: {}", error_chain(err.as_ref()));
             ExitCode::FAILURE
