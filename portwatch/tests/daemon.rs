@@ -335,6 +335,72 @@ fn a_user_sees_the_seed_scenarios_over_http_metrics_and_the_cli() {
         "{failures_cli:?}"
     );
 
+    // The other seed experiments, each on its own port: SO_REUSEPORT twice,
+    // two IPv4 addresses, and a wildcard beside a specific address.
+    let reuse = |addr: &str| {
+        let sock_ops = [
+            Op::tcp(false),
+            Op::reuseport(0),
+            Op::bind(0, addr),
+            Op::Listen {
+                sock: 0,
+                backlog: 8,
+            },
+        ];
+        sock_ops.to_vec()
+    };
+    let mut group = Vec::new();
+    for addr in [
+        "127.0.0.1:8002",
+        "127.0.0.1:8002",
+        "127.0.0.1:8003",
+        "127.0.0.2:8003",
+        "0.0.0.0:8004",
+        "127.0.0.1:8004",
+    ] {
+        let mut ops = reuse(addr);
+        ops.push(Op::Pause);
+        let mut worker = Worker::spawn(&cgroup.path, Some(&netns), &ops);
+        assert!(worker.results(4).iter().all(|r| *r >= 0), "{addr}");
+        group.push(worker);
+    }
+    let explained = |port: u16, what: &str| {
+        daemon.json_until(&format!("/ports/{port}?netns={ns}"), what, |v| {
+            v["listeners"].as_array().is_some_and(|l| l.len() == 2)
+        })
+    };
+    let kinds = |v: &Value| -> Vec<String> {
+        v["sharing"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["kind"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let names = |v: &Value| -> Vec<String> {
+        v["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let pair = explained(8002, "the reuseport pair");
+    assert!(
+        names(&pair).contains(&"reuseport_group".to_owned()),
+        "{pair}"
+    );
+    let two = explained(8003, "two addresses");
+    assert_eq!(kinds(&two), ["different_address"], "{two}");
+    let wild = explained(8004, "wildcard and specific");
+    assert!(
+        names(&wild).contains(&"wildcard_and_specific".to_owned()),
+        "{wild}"
+    );
+    for mut worker in group {
+        worker.resume();
+    }
+
     four.resume();
     six.resume();
     let (code, stderr) = daemon.stop();
