@@ -607,6 +607,17 @@ fn in_netns<T: Send>(netns: &NetnsGuard, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
+/// One test at a time. Each test spawns `ip` commands, and a spawned child
+/// holds a copy of every open descriptor until it execs (CLOEXEC ones too):
+/// a socket another test closes in that window stays bound, and the kernel
+/// then refuses a bind the predictor rightly allows.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn require_root() {
     assert!(
         support::is_root(),
@@ -618,6 +629,7 @@ fn require_root() {
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn predictions_agree_with_the_kernel() {
     require_root();
+    let _serial = serial();
     let seed = env_number("PORTWATCH_PREDICTOR_SEED").unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -710,6 +722,7 @@ type Case = (&'static str, Vec<Step>, Vec<Option<i32>>);
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn known_kernel_behaviour() {
     require_root();
+    let _serial = serial();
     use Step::{Bind, Close, Listen};
     const INUSE: Option<i32> = Some(libc::EADDRINUSE);
     let cases: Vec<Case> = vec![
@@ -1023,6 +1036,7 @@ fn has_time_wait(port: u16) -> bool {
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn time_wait_agrees_with_the_kernel() {
     require_root();
+    let _serial = serial();
     let netns = NetnsGuard::new("timewait");
     in_netns(&netns, || {
         let mut port = FIRST_PORT + PORTS as u16;
