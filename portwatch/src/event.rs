@@ -556,6 +556,54 @@ impl PortEvent {
     pub fn requested_endpoint(&self) -> String {
         endpoint(self.address, self.port)
     }
+
+    /// A plausible event built by hand, for tests and examples: `kind` of
+    /// socket `cookie` on `address:port`, by `example` (pid and tid 1000,
+    /// uid 0) in network namespace 1, options unknown. A failure carries
+    /// EADDRINUSE and no bound port. Override fields with `..`.
+    pub fn example(
+        kind: EventKind,
+        protocol: Protocol,
+        address: IpAddr,
+        port: u16,
+        cookie: u64,
+    ) -> PortEvent {
+        let failed = kind.is_failure();
+        PortEvent {
+            kind,
+            boot_ns: 1,
+            pid: 1000,
+            tid: 1000,
+            uid: 0,
+            sock_uid: Some(0),
+            process: "example".into(),
+            cgroup_id: 1,
+            netns: Some(1),
+            cookie: Some(cookie),
+            protocol,
+            family: if address.is_ipv4() {
+                Family::Ipv4
+            } else {
+                Family::Ipv6
+            },
+            sock_type: if protocol == Protocol::Udp {
+                SockType::Dgram
+            } else {
+                SockType::Stream
+            },
+            address,
+            port,
+            bound_port: (!failed && port != 0).then_some(port),
+            errno: failed.then_some(Errno::EADDRINUSE),
+            options: Options::default(),
+            backlog: None,
+            source: if failed {
+                Source::SyscallExit
+            } else {
+                Source::PostBind
+            },
+        }
+    }
 }
 
 impl TryFrom<&RawEvent> for PortEvent {

@@ -448,36 +448,17 @@ mod tests {
     };
 
     use super::*;
-    use crate::event::{Errno, Options, SockType, Source};
+    use crate::event::Errno;
 
     const T0: SystemTime = SystemTime::UNIX_EPOCH;
 
     fn event(kind: EventKind, cookie: u64, address: IpAddr, port: u16) -> PortEvent {
         PortEvent {
-            kind,
-            boot_ns: 1,
             pid: 100,
             tid: 100,
-            uid: 0,
-            sock_uid: Some(0),
             process: "nginx".into(),
             cgroup_id: 5,
-            netns: Some(1),
-            cookie: Some(cookie),
-            protocol: Protocol::Tcp,
-            family: if address.is_ipv4() {
-                Family::Ipv4
-            } else {
-                Family::Ipv6
-            },
-            sock_type: SockType::Stream,
-            address,
-            port,
-            bound_port: Some(port),
-            errno: None,
-            options: Options::default(),
-            backlog: None,
-            source: Source::PostBind,
+            ..PortEvent::example(kind, Protocol::Tcp, address, port, cookie)
         }
     }
 

@@ -645,7 +645,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        event::{Options, PortEvent, SockType, Source},
+        event::PortEvent,
         explain,
         map::{Entry, Holder},
         socket::{ShareOptions, SockState},
@@ -669,34 +669,11 @@ mod tests {
         port: u16,
     ) -> PortEvent {
         PortEvent {
-            kind,
-            boot_ns: 1,
             pid: 4242,
             tid: 4242,
-            uid: 0,
-            sock_uid: Some(0),
             process: "nginx".into(),
             cgroup_id: 5,
-            netns: Some(1),
-            cookie: Some(cookie),
-            protocol,
-            family: if address.is_ipv4() {
-                Family::Ipv4
-            } else {
-                Family::Ipv6
-            },
-            sock_type: if protocol == Protocol::Udp {
-                SockType::Dgram
-            } else {
-                SockType::Stream
-            },
-            address,
-            port,
-            bound_port: Some(port),
-            errno: None,
-            options: Options::default(),
-            backlog: None,
-            source: Source::PostBind,
+            ..PortEvent::example(kind, protocol, address, port, cookie)
         }
     }
 
@@ -709,8 +686,6 @@ mod tests {
             port,
         );
         failed.errno = Some(errno);
-        failed.bound_port = None;
-        failed.source = Source::SyscallExit;
         failed
     }
 

@@ -170,30 +170,12 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::event::{Options, SockType, Source};
 
     fn failed(port: u16, errno: Errno) -> PortEvent {
+        let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
         PortEvent {
-            kind: EventKind::BindFailed,
-            boot_ns: 1,
-            pid: 1,
-            tid: 1,
-            uid: 0,
-            sock_uid: Some(0),
-            process: "x".into(),
-            cgroup_id: 1,
-            netns: Some(1),
-            cookie: Some(1),
-            protocol: Protocol::Tcp,
-            family: Family::Ipv4,
-            sock_type: SockType::Stream,
-            address: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            port,
-            bound_port: None,
             errno: Some(errno),
-            options: Options::default(),
-            backlog: None,
-            source: Source::SyscallExit,
+            ..PortEvent::example(EventKind::BindFailed, Protocol::Tcp, localhost, port, 1)
         }
     }
 

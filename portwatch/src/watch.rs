@@ -229,8 +229,12 @@ impl Watcher {
         }
         state.stats.events += events.len() as u64;
         drop(state);
+        // Copies only for live streams that exist (this runs per event).
+        if self.events.receiver_count() == 0 {
+            return;
+        }
         for event in events.iter() {
-            // No subscriber is not an error.
+            // A subscriber that left in between is not an error.
             let _ = self.events.send(Arc::new(event.clone()));
         }
     }
@@ -372,11 +376,6 @@ impl Watcher {
         self.state
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Failures still waiting for a sock_diag listing to name their blockers.
-    pub fn unresolved_failures(&self) -> usize {
-        self.unresolved.len()
     }
 
     /// The capture underneath (hook paths, drops).

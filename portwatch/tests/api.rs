@@ -23,7 +23,7 @@ use axum::{
 use futures_util::StreamExt;
 use portwatch::{
     api::{self, ApiContext},
-    event::{BootClock, Errno, EventKind, Family, Options, PortEvent, Protocol, SockType, Source},
+    event::{BootClock, Errno, EventKind, Options, PortEvent, Protocol, Source},
     failures::{self, Failure},
     state::State,
     watch::SharedState,
@@ -60,13 +60,7 @@ struct Sock {
 impl Sock {
     fn event(&self, kind: EventKind, boot_secs: u64) -> PortEvent {
         let address: IpAddr = self.address.parse().unwrap();
-        let family = if address.is_ipv4() {
-            Family::Ipv4
-        } else {
-            Family::Ipv6
-        };
         PortEvent {
-            kind,
             boot_ns: boot_secs * 1_000_000_000,
             pid: self.pid,
             tid: self.pid,
@@ -75,18 +69,7 @@ impl Sock {
             process: self.process.into(),
             cgroup_id: 100 + u64::from(self.pid),
             netns: Some(HOST),
-            cookie: Some(self.cookie),
-            protocol: self.protocol,
-            family,
-            sock_type: if self.protocol == Protocol::Udp {
-                SockType::Dgram
-            } else {
-                SockType::Stream
-            },
-            address,
-            port: self.port,
             bound_port: Some(self.port),
-            errno: kind.is_failure().then_some(Errno::EADDRINUSE),
             options: Options {
                 reuse_addr: Some(false),
                 reuse_port: Some(self.reuse_port),
@@ -97,6 +80,7 @@ impl Sock {
             },
             backlog: kind.is_listen().then_some(511),
             source: Source::PostBind,
+            ..PortEvent::example(kind, self.protocol, address, self.port, self.cookie)
         }
     }
 }

@@ -15,7 +15,7 @@ use std::{
 };
 
 use portwatch::{
-    event::{Errno, EventKind, Family, Options, PortEvent, Protocol, SockType, Source},
+    event::{Errno, EventKind, PortEvent, Protocol},
     map::Drift,
     metrics::{BuildInfo, CONTENT_TYPE, Metrics},
     state::State,
@@ -29,34 +29,13 @@ fn event(
     port: u16,
 ) -> PortEvent {
     PortEvent {
-        kind,
-        boot_ns: 1,
         pid: 31337,
         tid: 31337,
         uid: 1000,
         sock_uid: Some(1000),
         process: "web \"server\"".into(),
         cgroup_id: 9,
-        netns: Some(1),
-        cookie: Some(cookie),
-        protocol,
-        family: if address.is_ipv4() {
-            Family::Ipv4
-        } else {
-            Family::Ipv6
-        },
-        sock_type: if protocol == Protocol::Udp {
-            SockType::Dgram
-        } else {
-            SockType::Stream
-        },
-        address,
-        port,
-        bound_port: Some(port),
-        errno: None,
-        options: Options::default(),
-        backlog: None,
-        source: Source::PostBind,
+        ..PortEvent::example(kind, protocol, address, port, cookie)
     }
 }
 

@@ -150,31 +150,11 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
-    use crate::event::{Family, Options, Protocol, SockType, Source};
+    use crate::event::Protocol;
 
     fn event(kind: EventKind, cookie: u64, port: u16) -> PortEvent {
-        PortEvent {
-            kind,
-            boot_ns: 1,
-            pid: 1,
-            tid: 1,
-            uid: 0,
-            sock_uid: Some(0),
-            process: "x".into(),
-            cgroup_id: 1,
-            netns: Some(1),
-            cookie: Some(cookie),
-            protocol: Protocol::Tcp,
-            family: Family::Ipv4,
-            sock_type: SockType::Stream,
-            address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            port,
-            bound_port: (port != 0).then_some(port),
-            errno: None,
-            options: Options::default(),
-            backlog: None,
-            source: Source::PostBind,
-        }
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        PortEvent::example(kind, Protocol::Tcp, any, port, cookie)
     }
 
     #[test]

@@ -142,7 +142,8 @@ pub struct CaptureStats {
 
 /// Attached programs and the stream of their records.
 pub struct Capture {
-    ebpf: Ebpf,
+    /// Owns the loaded programs and their links: dropping it detaches them.
+    _ebpf: Ebpf,
     ring: AsyncFd<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
     tracked: HashMap<MapData, u64, u8>,
@@ -236,7 +237,7 @@ impl Capture {
             "kernel programs attached"
         );
         Ok(Capture {
-            ebpf,
+            _ebpf: ebpf,
             ring,
             drops,
             tracked,
@@ -325,14 +326,6 @@ impl Capture {
             &mut self.logged_decode_errors,
             sink,
         );
-    }
-
-    /// Names of the loaded programs, for diagnostics.
-    pub fn program_names(&self) -> Vec<String> {
-        self.ebpf
-            .programs()
-            .map(|(name, _)| name.to_owned())
-            .collect()
     }
 }
 
