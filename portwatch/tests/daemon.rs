@@ -6,151 +6,17 @@
 mod support;
 
 use std::{
-    io::{BufRead, BufReader, Read},
-    net::TcpListener,
-    process::{Child, Command, Output, Stdio},
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use support::{CgroupGuard, DEADLINE, NetnsGuard, Op, Worker};
-
-/// A running daemon, stopped with SIGTERM on drop.
-struct Daemon {
-    child: Child,
-    server: String,
-    _config: tempfile_path::TempPath,
-}
-
-mod tempfile_path {
-    /// A file removed on drop.
-    pub struct TempPath(pub std::path::PathBuf);
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-}
-
-impl Daemon {
-    fn start(cgroup: &CgroupGuard) -> Daemon {
-        // A free loopback port (released just before the daemon takes it).
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let config = std::env::temp_dir().join(format!("{}.toml", support::unique("daemon")));
-        std::fs::write(&config, "reconcile_interval = \"1h\"\n").unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_portwatch"))
-            .arg("daemon")
-            .arg("--config")
-            .arg(&config)
-            .arg("--cgroup")
-            .arg(&cgroup.path)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the daemon");
-        let daemon = Daemon {
-            child,
-            server: format!("http://127.0.0.1:{port}"),
-            _config: tempfile_path::TempPath(config),
-        };
-        let deadline = Instant::now() + DEADLINE;
-        while daemon.status("/readyz") != Some(200) {
-            assert!(Instant::now() < deadline, "the daemon did not become ready");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        daemon
-    }
-
-    fn agent() -> ureq::Agent {
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into()
-    }
-
-    fn status(&self, path: &str) -> Option<u16> {
-        Daemon::agent()
-            .get(&format!("{}{path}", self.server))
-            .call()
-            .ok()
-            .map(|r| r.status().as_u16())
-    }
-
-    fn text(&self, path: &str) -> (u16, String) {
-        let mut response = Daemon::agent()
-            .get(&format!("{}{path}", self.server))
-            .call()
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.body_mut().read_to_string().unwrap())
-    }
-
-    fn json(&self, path: &str) -> Value {
-        let (status, body) = self.text(path);
-        assert_eq!(status, 200, "{path}: {body}");
-        serde_json::from_str(&body).unwrap()
-    }
-
-    /// Polls `path` until `done` holds for its JSON.
-    fn json_until(&self, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let value = self.json(path);
-            if done(&value) {
-                return value;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {value}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_portwatch"))
-            .args(args)
-            .args(["--server", &self.server])
-            .output()
-            .expect("run the CLI")
-    }
-
-    /// SIGTERM, then the exit status and stderr.
-    fn stop(mut self) -> (Option<i32>, String) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().expect("wait for the daemon");
-        let mut stderr = String::new();
-        if let Some(mut pipe) = self.child.stderr.take() {
-            let _ = pipe.read_to_string(&mut stderr);
-        }
-        (status.code(), stderr)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// The value of one sample line of the metrics text, 0 if absent.
-fn sample(metrics: &str, name_and_labels: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(name_and_labels)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
+use support::{
+    CgroupGuard, DEADLINE, NetnsGuard, Op, Worker,
+    daemon::{Daemon, sample},
+};
 
 const EADDRINUSE_TCP4: &str =
     "portwatch_bind_failures_total{errno=\"EADDRINUSE\",family=\"ipv4\",protocol=\"tcp\"}";

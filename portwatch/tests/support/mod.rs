@@ -21,6 +21,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod daemon;
+
 /// How long a test waits for something the kernel should report promptly.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 

@@ -1,0 +1,165 @@
+//! The real `portwatch daemon` binary, started for a test and stopped on
+//! drop, with helpers to read its HTTP API the way a user would.
+
+use std::{
+    io::Read,
+    net::TcpListener,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use super::{CgroupGuard, DEADLINE};
+
+/// A running daemon, stopped with SIGTERM on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub server: String,
+    _config: tempfile_path::TempPath,
+}
+
+mod tempfile_path {
+    /// A file removed on drop.
+    pub struct TempPath(pub std::path::PathBuf);
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl Daemon {
+    /// The daemon watching `cgroup`, with reconciliation effectively off.
+    pub fn start(cgroup: &CgroupGuard) -> Daemon {
+        Daemon::start_with(cgroup, "reconcile_interval = \"1h\"\n", &[])
+    }
+
+    /// The daemon watching `cgroup` with `config` as its file, started
+    /// through `wrapper` (a command and its arguments, such as `setpriv ...`)
+    /// when one is given; returns once `/readyz` answers 200.
+    pub fn start_with(cgroup: &CgroupGuard, config: &str, wrapper: &[&str]) -> Daemon {
+        // A free loopback port (released just before the daemon takes it).
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config_path = std::env::temp_dir().join(format!("{}.toml", super::unique("daemon")));
+        std::fs::write(&config_path, config).unwrap();
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(env!("CARGO_BIN_EXE_portwatch"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_portwatch")),
+        };
+        let child = command
+            .arg("daemon")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--cgroup")
+            .arg(&cgroup.path)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the daemon");
+        let daemon = Daemon {
+            child,
+            server: format!("http://127.0.0.1:{port}"),
+            _config: tempfile_path::TempPath(config_path),
+        };
+        let deadline = Instant::now() + DEADLINE;
+        while daemon.status("/readyz") != Some(200) {
+            assert!(Instant::now() < deadline, "the daemon did not become ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    pub fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into()
+    }
+
+    pub fn status(&self, path: &str) -> Option<u16> {
+        Daemon::agent()
+            .get(&format!("{}{path}", self.server))
+            .call()
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+
+    pub fn text(&self, path: &str) -> (u16, String) {
+        let mut response = Daemon::agent()
+            .get(&format!("{}{path}", self.server))
+            .call()
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_string().unwrap())
+    }
+
+    pub fn json(&self, path: &str) -> Value {
+        let (status, body) = self.text(path);
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Polls `path` until `done` holds for its JSON.
+    pub fn json_until(&self, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let value = self.json(path);
+            if done(&value) {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {value}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_portwatch"))
+            .args(args)
+            .args(["--server", &self.server])
+            .output()
+            .expect("run the CLI")
+    }
+
+    /// SIGTERM, then the exit status and stderr.
+    pub fn stop(mut self) -> (Option<i32>, String) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait for the daemon");
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        (status.code(), stderr)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The value of one sample line of the metrics text, 0 if absent.
+pub fn sample(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
