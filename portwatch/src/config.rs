@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::{
     capture::{CaptureConfig, DEFAULT_RING_BYTES, OutcomeChoice},
     snapshot::SnapshotConfig,
+    state::ExpectedListener,
     watch::WatchConfig,
 };
 
@@ -56,6 +57,12 @@ pub struct Config {
     /// Read SO_REUSEADDR/SO_REUSEPORT of sockets that existed before
     /// portwatch started (pidfd_getfd). Default true.
     pub read_existing_options: bool,
+    /// Ports that should always be listened on in the daemon's own network
+    /// namespace, as `"443/tcp"`: `portwatch_expected_listeners` reports
+    /// each one's listeners, 0 included, for the PortwatchListenerGone
+    /// alert. Default: none.
+    #[serde(deserialize_with = "expected_listeners")]
+    pub expected_listeners: Vec<ExpectedListener>,
 }
 
 /// [`OutcomeChoice`] as the file spells it.
@@ -79,6 +86,7 @@ impl Default for Config {
             ring_size: DEFAULT_RING_BYTES,
             outcome: Outcome::Auto,
             read_existing_options: true,
+            expected_listeners: Vec::new(),
         }
     }
 }
@@ -186,6 +194,18 @@ impl Config {
         if let Some(v) = env("PORTWATCH_RING_SIZE") {
             self.ring_size = parsed("PORTWATCH_RING_SIZE", v)?;
         }
+        if let Some(v) = env("PORTWATCH_EXPECTED_LISTENERS") {
+            self.expected_listeners = v
+                .split(',')
+                .filter(|item| !item.trim().is_empty())
+                .map(str::parse)
+                .collect::<Result<_, String>>()
+                .map_err(|message| ConfigError::Env {
+                    name: "PORTWATCH_EXPECTED_LISTENERS",
+                    message,
+                    value: v.clone(),
+                })?;
+        }
         self.validate()?;
         Ok(self)
     }
@@ -248,8 +268,19 @@ impl Config {
             reconcile_every: self.reconcile_interval,
             failure_log: self.failure_log,
             port_label_cap: self.port_label_cap,
+            expected: self.expected_listeners.clone(),
         }
     }
+}
+
+/// `expected_listeners = ["443/tcp", "53/udp"]`, each entry checked.
+fn expected_listeners<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<ExpectedListener>, D::Error> {
+    Vec::<String>::deserialize(deserializer)?
+        .iter()
+        .map(|text| text.parse().map_err(serde::de::Error::custom))
+        .collect()
 }
 
 /// `reconcile_interval = "30s"` (humantime) or a number of seconds.
@@ -311,6 +342,7 @@ mod tests {
             ring_size = 8192
             outcome = "tracepoint"
             read_existing_options = false
+            expected_listeners = ["22/tcp", "53/udp"]
             "#,
         )
         .unwrap();
@@ -319,6 +351,13 @@ mod tests {
         assert_eq!(config.reconcile_interval, Duration::from_secs(90));
         assert_eq!(config.outcome, Outcome::Tracepoint);
         assert!(!config.watch().snapshot.read_options);
+        let expected: Vec<String> = config
+            .watch()
+            .expected
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(expected, ["22/tcp", "53/udp"]);
         assert_eq!(
             parse("reconcile_interval = 5").unwrap().reconcile_interval,
             Duration::from_secs(5)
@@ -344,6 +383,11 @@ mod tests {
                 "must differ",
             ),
             ("[[[", "test.toml"),
+            (
+                "expected_listeners = [\"https\"]",
+                "write it like \"443/tcp\"",
+            ),
+            ("expected_listeners = \"443/tcp\"", "invalid type"),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
@@ -366,12 +410,14 @@ mod tests {
         let env = |name: &str| match name {
             "PORTWATCH_LISTEN" => Some("127.0.0.1:2000".to_owned()),
             "PORTWATCH_RECONCILE_INTERVAL" => Some("10s".to_owned()),
+            "PORTWATCH_EXPECTED_LISTENERS" => Some("22/tcp, 53/udp".to_owned()),
             _ => None,
         };
         let config = file.apply_env(env).unwrap();
         assert_eq!(config.listen.port(), 2000);
         assert_eq!(config.failure_log, 5, "untouched by the environment");
         assert_eq!(config.reconcile_interval, Duration::from_secs(10));
+        assert_eq!(config.expected_listeners.len(), 2);
         let flags = Overrides {
             listen: Some("127.0.0.1:3000".parse().unwrap()),
             ..Overrides::default()

@@ -166,6 +166,22 @@ impl Protocol {
             Self::Mptcp => "mptcp",
         }
     }
+
+    /// Every protocol portwatch reports.
+    pub const ALL: [Protocol; 5] = [
+        Protocol::Tcp,
+        Protocol::Udp,
+        Protocol::UdpLite,
+        Protocol::Sctp,
+        Protocol::Mptcp,
+    ];
+
+    /// The protocol [`Protocol::name`] spells `name`, in any case.
+    pub fn from_name(name: &str) -> Option<Protocol> {
+        Protocol::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(name))
+    }
 }
 
 impl TryFrom<u16> for Protocol {

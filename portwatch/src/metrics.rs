@@ -31,7 +31,7 @@ use crate::{
     map::Drift,
     rules::{self, CoexistReason},
     socket::{Family, NetnsCookie, Protocol, SocketFacts},
-    state::{Counters, PortLabel, State, WatchStats},
+    state::{Counters, ExpectedListener, PortLabel, State, WatchStats},
     watch::SharedState,
 };
 
@@ -238,8 +238,16 @@ const READY: Spec = Spec {
     kind: Kind::Gauge,
 };
 
+const EXPECTED_LISTENERS: Spec = Spec {
+    name: "portwatch_expected_listeners",
+    help: "Listeners in the daemon's own network namespace on each port the \
+           configuration's expected_listeners names, 0 included.",
+    labels: &["port", "protocol"],
+    kind: Kind::Gauge,
+};
+
 /// Every family the state collector produces.
-const SPECS: [&Spec; 16] = [
+const SPECS: [&Spec; 17] = [
     &BIND_FAILURES,
     &PORT_BIND_FAILURES,
     &LISTEN_FAILURES,
@@ -256,6 +264,7 @@ const SPECS: [&Spec; 16] = [
     &PROGRAM_ATTACHED,
     &BUILD_INFO,
     &READY,
+    &EXPECTED_LISTENERS,
 ];
 
 /// Every event kind, so that each has a series from the first scrape.
@@ -405,6 +414,7 @@ struct Reading {
     ready: bool,
     /// Every listener (a copy of a few dozen bytes each).
     listeners: Vec<SocketFacts>,
+    expected: Vec<(ExpectedListener, usize)>,
 }
 
 impl Reading {
@@ -421,6 +431,7 @@ impl Reading {
                 .listeners()
                 .map(|entry| entry.facts.clone())
                 .collect(),
+            expected: state.expected_counts(),
         }
     }
 
@@ -547,6 +558,16 @@ impl Reading {
             attached,
             Samples::of(&BUILD_INFO, [(build_info, 1)]),
             Samples::of(&READY, [(vec![], u64::from(self.ready))]),
+            Samples::of(
+                &EXPECTED_LISTENERS,
+                self.expected.into_iter().map(|(expected, n)| {
+                    let labels = vec![
+                        expected.port.to_string(),
+                        expected.protocol.name().to_owned(),
+                    ];
+                    (labels, n as u64)
+                }),
+            ),
         ]
     }
 }

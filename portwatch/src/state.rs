@@ -117,6 +117,38 @@ impl Counters {
     }
 }
 
+/// A port and protocol the operator expects to be listened on in the
+/// daemon's own network namespace (`expected_listeners = ["443/tcp"]`),
+/// written as in /etc/services. Its listener count is exported even at 0,
+/// so that an alert can say when the last listener went away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExpectedListener {
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl std::str::FromStr for ExpectedListener {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let wrong = || format!("{text:?} is not a port and protocol; write it like \"443/tcp\"");
+        let (port, protocol) = text.trim().split_once('/').ok_or_else(wrong)?;
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(wrong)?;
+        let protocol = Protocol::from_name(protocol).ok_or_else(wrong)?;
+        Ok(ExpectedListener { port, protocol })
+    }
+}
+
+impl std::fmt::Display for ExpectedListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.port, self.protocol.name())
+    }
+}
+
 /// Everything the daemon knows.
 #[derive(Debug)]
 pub struct State {
@@ -136,6 +168,8 @@ pub struct State {
     pub host_netns: NetnsCookie,
     /// The order in which this machine's clients try `localhost`.
     pub localhost: Vec<IpAddr>,
+    /// Ports that should always have a listener in `host_netns`.
+    pub expected: Vec<ExpectedListener>,
 }
 
 impl State {
@@ -151,7 +185,28 @@ impl State {
             ready: false,
             host_netns: 0,
             localhost: Vec::new(),
+            expected: Vec::new(),
         }
+    }
+
+    /// How many listeners each expected port has in `host_netns`.
+    pub fn expected_counts(&self) -> Vec<(ExpectedListener, usize)> {
+        self.expected
+            .iter()
+            .map(|&expected| {
+                let n = self
+                    .map
+                    .listeners_on(expected.port)
+                    .iter()
+                    .filter(|entry| {
+                        // An unknown own namespace (0) counts every one.
+                        entry.facts.protocol == expected.protocol
+                            && (self.host_netns == 0 || entry.facts.netns == self.host_netns)
+                    })
+                    .count();
+                (expected, n)
+            })
+            .collect()
     }
 
     /// The explanation of one port.
@@ -211,5 +266,41 @@ mod tests {
                 .keys()
                 .all(|(label, _, _)| *label == PortLabel::Other)
         );
+    }
+
+    #[test]
+    fn expected_listeners_parse_as_in_etc_services() {
+        let parsed: ExpectedListener = "443/TCP".parse().unwrap();
+        assert_eq!((parsed.port, parsed.protocol), (443, Protocol::Tcp));
+        assert_eq!(parsed.to_string(), "443/tcp");
+        for bad in ["443", "0/tcp", "70000/udp", "53/icmp", "/tcp", ""] {
+            let err = bad.parse::<ExpectedListener>().unwrap_err();
+            assert!(err.contains("443/tcp"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn expected_listeners_count_only_the_own_namespace_and_protocol() {
+        let mut state = State::new(10, 10);
+        state.host_netns = 1;
+        state.expected = vec!["8000/tcp".parse().unwrap(), "8000/udp".parse().unwrap()];
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let mut listen = |cookie, netns| {
+            let mut event = PortEvent::example(EventKind::Bind, Protocol::Tcp, any, 8000, cookie);
+            event.netns = Some(netns);
+            state.map.apply(&event, std::time::SystemTime::UNIX_EPOCH);
+            event.kind = EventKind::Listen;
+            state.map.apply(&event, std::time::SystemTime::UNIX_EPOCH);
+        };
+        listen(1, 1);
+        listen(2, 2);
+        let counts: Vec<usize> = state
+            .expected_counts()
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        assert_eq!(counts, [1, 0], "tcp in netns 1 only; no udp");
+        state.host_netns = 0;
+        assert_eq!(state.expected_counts()[0].1, 2, "unknown namespace: all");
     }
 }

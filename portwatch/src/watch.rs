@@ -25,7 +25,7 @@ use crate::{
     map::{Drift, Observed},
     snapshot::{self, SnapshotConfig, SnapshotError},
     socket::SockState,
-    state::State,
+    state::{ExpectedListener, State},
 };
 
 /// How the pipeline runs.
@@ -40,6 +40,8 @@ pub struct WatchConfig {
     /// How many distinct explicit ports the per-port failure counter keeps
     /// before counting the rest as `other` (default 1,000).
     pub port_label_cap: usize,
+    /// Ports whose listeners in the daemon's namespace are always reported.
+    pub expected: Vec<ExpectedListener>,
 }
 
 impl Default for WatchConfig {
@@ -50,6 +52,7 @@ impl Default for WatchConfig {
             reconcile_every: Duration::from_secs(30),
             failure_log: 10_000,
             port_label_cap: 1_000,
+            expected: Vec::new(),
         }
     }
 }
@@ -104,6 +107,7 @@ impl Watcher {
         state.host_netns = snapshot::netns_cookie_of_current_thread().unwrap_or(0);
         state.localhost = explain::localhost_order();
         state.hooks = capture.hooks();
+        state.expected = config.expected.clone();
         let (events, _) = broadcast::channel(EVENT_CHANNEL);
         let mut watcher = Watcher {
             capture,

@@ -93,6 +93,10 @@ fn busy_state() -> State {
         changed: 1,
     };
     state.ready = true;
+    state.host_netns = 1;
+    state.expected = ["8000/tcp", "53/udp", "443/tcp"]
+        .map(|text| text.parse().unwrap())
+        .to_vec();
     state
 }
 
@@ -149,6 +153,15 @@ fn promtool_accepts_a_busy_daemons_metrics() {
     assert!(text.contains("portwatch_port_shared{"), "{text}");
     assert!(text.contains(r#"port="other""#), "{text}");
     assert!(text.contains("process_cpu_seconds_total"), "{text}");
+    // Two reuseport listeners in netns 1; the IPv6 one is in netns 2.
+    for (labels, n) in [
+        (r#"port="8000",protocol="tcp""#, 2),
+        (r#"port="53",protocol="udp""#, 1),
+        (r#"port="443",protocol="tcp""#, 0),
+    ] {
+        let line = format!("portwatch_expected_listeners{{{labels}}} {n}\n");
+        assert!(text.contains(&line), "{line}: {text}");
+    }
     assert_promtool_accepts(&text);
 }
 

@@ -113,16 +113,7 @@ pub fn port(parameter: &'static str, value: &str) -> Result<u16, ApiError> {
 
 /// A protocol name: `tcp`, `udp`, `udplite`, `sctp` or `mptcp`, any case.
 pub fn protocol(parameter: &'static str, value: &str) -> Result<Protocol, ApiError> {
-    [
-        Protocol::Tcp,
-        Protocol::Udp,
-        Protocol::UdpLite,
-        Protocol::Sctp,
-        Protocol::Mptcp,
-    ]
-    .into_iter()
-    .find(|p| p.name().eq_ignore_ascii_case(value))
-    .ok_or_else(|| {
+    Protocol::from_name(value).ok_or_else(|| {
         bad(
             parameter,
             format!(
