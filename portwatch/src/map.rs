@@ -208,21 +208,32 @@ impl PortMap {
         }
     }
 
-    /// Makes the map equal to `truth` (a complete sock_diag listing of every
-    /// netns) and says what differed. Sockets in states that do not hold a
-    /// port for receiving (connections, TIME_WAIT) are ignored.
-    pub fn reconcile(&mut self, truth: Vec<Observed>, at: SystemTime) -> Drift {
+    /// Makes the map equal to `truth`, a complete sock_diag listing of the
+    /// namespaces in `listed`, and says what differed. Entries in namespaces
+    /// that could not be listed are left alone: the listing says nothing
+    /// about them. Sockets in states that do not hold a port for receiving
+    /// (connections, TIME_WAIT) are ignored.
+    pub fn reconcile(
+        &mut self,
+        truth: Vec<Observed>,
+        listed: &BTreeSet<NetnsCookie>,
+        at: SystemTime,
+    ) -> Drift {
         let mut drift = Drift::default();
         let truth: Vec<Observed> = truth
             .into_iter()
             .filter(|o| tracked_state(&o.facts))
             .collect();
         let present: BTreeSet<u64> = truth.iter().map(|o| o.facts.cookie).collect();
+        // An entry whose namespace is unknown (0) is judged by any listing.
         let gone: Vec<u64> = self
             .entries
-            .keys()
-            .copied()
-            .filter(|cookie| !present.contains(cookie))
+            .iter()
+            .filter(|(cookie, entry)| {
+                let netns = entry.facts.netns;
+                !present.contains(cookie) && (netns == 0 || listed.contains(&netns))
+            })
+            .map(|(cookie, _)| *cookie)
             .collect();
         for cookie in gone {
             self.remove(cookie);
@@ -613,7 +624,8 @@ mod tests {
             observed(3, Protocol::Udp, SockState::Bound, 5353), // missed
             observed(4, Protocol::Tcp, SockState::Connected, 5000), // ignored
         ];
-        let drift = map.reconcile(truth.clone(), T0);
+        let listed = BTreeSet::from([1]);
+        let drift = map.reconcile(truth.clone(), &listed, T0);
         assert_eq!(
             drift,
             Drift {
@@ -622,9 +634,27 @@ mod tests {
                 changed: 1
             }
         );
-        assert_eq!(map.reconcile(truth, T0).total(), 0, "drift returns to 0");
+        assert_eq!(
+            map.reconcile(truth, &listed, T0).total(),
+            0,
+            "drift returns to 0"
+        );
         assert_eq!(map.ports(), [5353]);
         assert!(map.get(4).is_none());
+    }
+
+    #[test]
+    fn reconcile_leaves_namespaces_it_could_not_list_alone() {
+        let mut map = PortMap::default();
+        let mut elsewhere = event(EventKind::Bind, 1, v4([0, 0, 0, 0]), 8000);
+        elsewhere.netns = Some(2);
+        map.apply(&elsewhere, T0);
+        map.apply(&event(EventKind::Bind, 2, v4([0, 0, 0, 0]), 8001), T0);
+        let drift = map.reconcile(Vec::new(), &BTreeSet::from([1]), T0);
+        assert_eq!(drift.stale, 1, "only the listed namespace's entry");
+        assert_eq!(map.ports(), [8000]);
+        let drift = map.reconcile(Vec::new(), &BTreeSet::from([1, 2]), T0);
+        assert_eq!((drift.stale, map.len()), (1, 0));
     }
 
     #[test]

@@ -11,7 +11,10 @@
 //! never across an await, a snapshot or a ring-buffer wait.
 
 use std::{
-    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    sync::{
+        Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -74,6 +77,49 @@ pub enum WatchError {
 /// The state, shared between the pipeline and its readers.
 pub type SharedState = Arc<RwLock<State>>;
 
+/// Whether the pipeline is making progress, for the systemd watchdog: it
+/// is either waiting for the kernel (healthy however long that lasts) or
+/// busy with one step since some instant. A step that never ends (a hung
+/// netlink call, a lock never released) shows as a growing [`stuck_for`].
+///
+/// [`stuck_for`]: Heartbeat::stuck_for
+#[derive(Debug)]
+pub struct Heartbeat {
+    origin: Instant,
+    /// Milliseconds after `origin` plus one when the current step began;
+    /// 0 while waiting.
+    busy_since: AtomicU64,
+}
+
+impl Heartbeat {
+    fn new() -> Heartbeat {
+        Heartbeat {
+            origin: Instant::now(),
+            busy_since: AtomicU64::new(0),
+        }
+    }
+
+    fn busy(&self) {
+        let ms = self.origin.elapsed().as_millis() as u64;
+        self.busy_since.store(ms + 1, Ordering::Relaxed);
+    }
+
+    fn idle(&self) {
+        self.busy_since.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the current step has run; zero while waiting for events.
+    pub fn stuck_for(&self) -> Duration {
+        match self.busy_since.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            since => self
+                .origin
+                .elapsed()
+                .saturating_sub(Duration::from_millis(since - 1)),
+        }
+    }
+}
+
 /// How many events a slow live-stream subscriber may fall behind before it
 /// misses some (it is told how many).
 const EVENT_CHANNEL: usize = 4096;
@@ -96,6 +142,7 @@ pub struct Watcher {
     unresolved: Vec<(SystemTime, PortEvent, Vec<failures::Blocker>)>,
     last_diag: Instant,
     cgroups: CgroupCache,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl Watcher {
@@ -119,6 +166,7 @@ impl Watcher {
             unresolved: Vec::new(),
             last_diag: Instant::now() - DIAG_INTERVAL,
             cgroups: CgroupCache::default(),
+            heartbeat: Arc::new(Heartbeat::new()),
         };
         let snapshot_config = watcher.config.snapshot;
         let snapshot =
@@ -142,6 +190,9 @@ impl Watcher {
             elapsed = ?snapshot.elapsed,
             "start-up snapshot merged"
         );
+        for limit in snapshot.limits() {
+            tracing::warn!("{limit}");
+        }
         drop(state);
         Ok(watcher)
     }
@@ -149,6 +200,11 @@ impl Watcher {
     /// The shared state, for readers (HTTP, metrics).
     pub fn state(&self) -> SharedState {
         self.state.clone()
+    }
+
+    /// The pipeline's progress, for the systemd watchdog.
+    pub fn heartbeat(&self) -> Arc<Heartbeat> {
+        self.heartbeat.clone()
     }
 
     /// A live stream of every event applied from now on.
@@ -199,6 +255,15 @@ impl Watcher {
             read = self.capture.read(|event| events.push(event)) => read?,
             _ = tokio::time::sleep_until(deadline) => {}
         }
+        self.heartbeat.busy();
+        let processed = self.process(events).await;
+        self.heartbeat.idle();
+        processed
+    }
+
+    /// One step's work once it woke: apply, attribute, count drops,
+    /// reconcile when due.
+    async fn process(&mut self, mut events: Vec<PortEvent>) -> Result<Vec<PortEvent>, WatchError> {
         self.apply_all(&mut events);
         self.resolve_failures().await?;
         let drops = self.capture.drops().unwrap_or_default();
@@ -360,7 +425,9 @@ impl Watcher {
             .filter(|cookie| self.capture.track(**cookie).is_err())
             .count();
         let mut state = self.write();
-        let drift = state.map.reconcile(observed, snapshot.taken_at);
+        let drift = state
+            .map
+            .reconcile(observed, &snapshot.listed_netns(), snapshot.taken_at);
         let stats = &mut state.stats;
         stats.untracked += untracked as u64;
         stats.reconciliations += 1;

@@ -34,6 +34,11 @@ pub enum EnvError {
         "tracefs is not mounted at {TRACEFS} and mounting it failed ({0}): run `mount -t tracefs nodev {TRACEFS}`"
     )]
     NoTracefs(#[source] std::io::Error),
+    /// tracefs is there but this process may not look into it.
+    #[error(
+        "cannot read {TRACEFS} (permission denied): outside root, the tracepoints need CAP_DAC_READ_SEARCH"
+    )]
+    TracefsDenied,
     /// No cgroup2 file system is mounted.
     #[error(
         "no cgroup2 mount found in /proc/self/mounts: mount one (`mount -t cgroup2 none /sys/fs/cgroup`) or pass --cgroup PATH"
@@ -96,8 +101,12 @@ pub fn parse_cap_eff(status: &str) -> Option<u64> {
 
 fn ensure_tracefs() -> Result<(), EnvError> {
     let events = Path::new(TRACEFS).join("events");
-    if events.is_dir() {
-        return Ok(());
+    match fs::metadata(&events) {
+        Ok(meta) if meta.is_dir() => return Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(EnvError::TracefsDenied);
+        }
+        _ => {}
     }
     nix::mount::mount(
         Some("nodev"),

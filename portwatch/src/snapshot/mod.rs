@@ -30,7 +30,7 @@ mod options;
 pub mod owners;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     io,
     num::NonZeroUsize,
     path::PathBuf,
@@ -109,6 +109,41 @@ pub struct Phases {
 }
 
 impl Snapshot {
+    /// The namespaces whose sockets this snapshot lists completely.
+    pub fn listed_netns(&self) -> BTreeSet<NetnsCookie> {
+        self.namespaces.iter().map(|ns| ns.cookie).collect()
+    }
+
+    /// What this snapshot could not see, one sentence each, with the
+    /// capability that would let it (empty when it saw everything).
+    pub fn limits(&self) -> Vec<String> {
+        let mut limits = Vec::new();
+        if let Some(first) = self.skipped_netns.first() {
+            limits.push(format!(
+                "{} network namespaces could not be listed (first: {}: {}); entering them \
+                 needs CAP_SYS_ADMIN, so their sockets are known only from live events",
+                self.skipped_netns.len(),
+                first.path.display(),
+                first.error
+            ));
+        }
+        if self.processes_unreadable > 0 {
+            limits.push(format!(
+                "{} processes' descriptors could not be read; owner lookup needs \
+                 CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH",
+                self.processes_unreadable
+            ));
+        }
+        if self.options_unreadable > 0 {
+            limits.push(format!(
+                "SO_REUSEADDR/SO_REUSEPORT of {} existing sockets stay unknown; reading them \
+                 needs CAP_SYS_PTRACE (pidfd_getfd)",
+                self.options_unreadable
+            ));
+        }
+        limits
+    }
+
     /// The snapshot in the form the per-port map merges and reconciles.
     pub fn observed(&self) -> Vec<Observed> {
         self.sockets.iter().cloned().map(Observed::from).collect()

@@ -83,8 +83,13 @@ fn scan_process(
                 link.len(),
             )
         };
-        // A descriptor closed meanwhile, or not a socket: skipped.
         let Ok(len) = usize::try_from(len) else {
+            let error = io::Error::last_os_error();
+            // Without ptrace access to the process, no link reads: the
+            // process is unreadable. Otherwise it closed meanwhile: skipped.
+            if matches!(error.raw_os_error(), Some(libc::EACCES | libc::EPERM)) {
+                return Err(io::Error::from(io::ErrorKind::PermissionDenied));
+            }
             continue;
         };
         if let Some(inode) = socket_inode(&link[..len])
