@@ -542,6 +542,7 @@ fn every_ignored_test_says_why_in_the_same_words() {
         ("snapshot.rs", include_str!("snapshot.rs")),
         ("predictor.rs", include_str!("predictor.rs")),
         ("daemon.rs", include_str!("daemon.rs")),
+        ("alerts.rs", include_str!("alerts.rs")),
     ] {
         let attributes: Vec<&str> = source
             .lines()
