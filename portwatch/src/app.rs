@@ -63,7 +63,7 @@ pub async fn daemon(args: DaemonArgs) -> Result<(), AppError> {
         );
         return Ok(());
     }
-    daemon::run(config, || {}).await?;
+    daemon::run(config).await?;
     Ok(())
 }
 

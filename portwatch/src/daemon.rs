@@ -15,6 +15,7 @@ use crate::{
     config::{Config, ConfigError},
     event::BootClock,
     metrics::{BuildInfo, Metrics, MetricsError},
+    service,
     watch::{WatchError, Watcher},
 };
 
@@ -45,9 +46,10 @@ pub enum DaemonError {
     Signal(#[source] std::io::Error),
 }
 
-/// Runs the daemon with `config` until SIGINT/SIGTERM. `ready` is called
-/// once the programs are attached, the snapshot is merged and HTTP is up.
-pub async fn run(config: Config, ready: impl FnOnce()) -> Result<(), DaemonError> {
+/// Runs the daemon with `config` until SIGINT/SIGTERM. systemd hears
+/// READY=1 once the programs are attached, the snapshot is merged and HTTP
+/// is up (see [`service`]).
+pub async fn run(config: Config) -> Result<(), DaemonError> {
     // Bind first: a taken port is a configuration error worth failing on
     // before anything is attached.
     let api_listener = bind(config.listen).await?;
@@ -63,6 +65,7 @@ pub async fn run(config: Config, ready: impl FnOnce()) -> Result<(), DaemonError
             _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
             _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
         }
+        service::stopping();
         let _ = stop_tx.send(true);
     });
 
@@ -95,7 +98,12 @@ pub async fn run(config: Config, ready: impl FnOnce()) -> Result<(), DaemonError
         metrics_listen = ?config.metrics_listen,
         "portwatch is ready"
     );
-    ready();
+    service::ready(&watcher.state());
+    tokio::spawn(service::supervise(
+        watcher.state(),
+        watcher.heartbeat(),
+        stopped(stop_rx.clone()),
+    ));
     let result = watcher.run(stopped(stop_rx)).await;
     while let Some(served) = servers.join_next().await {
         if let Ok(Err(err)) = served {

@@ -16,6 +16,7 @@
 //! - [`cli`]: command-line arguments;
 //! - [`client`]: the CLI client of a running daemon;
 //! - [`daemon`]: `portwatch daemon`: pipeline, HTTP API, metrics;
+//! - [`service`]: systemd readiness, status and watchdog (sd_notify);
 //! - [`config`]: the daemon's configuration file, environment and flags;
 //! - [`app`]: what each command does.
 
@@ -32,6 +33,7 @@ pub mod failures;
 pub mod map;
 pub mod metrics;
 pub mod rules;
+pub mod service;
 pub mod snapshot;
 pub mod socket;
 pub mod state;

@@ -543,6 +543,7 @@ fn every_ignored_test_says_why_in_the_same_words() {
         ("predictor.rs", include_str!("predictor.rs")),
         ("daemon.rs", include_str!("daemon.rs")),
         ("alerts.rs", include_str!("alerts.rs")),
+        ("service.rs", include_str!("service.rs")),
     ] {
         let attributes: Vec<&str> = source
             .lines()

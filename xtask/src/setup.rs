@@ -35,13 +35,16 @@ enum Item {
 
 /// Everything setup manages, in install order: bpf-linker builds last, against
 /// the LLVM packages.
-const ITEMS: [Item; 9] = [
+const ITEMS: [Item; 10] = [
     Item::Apt("llvm-22-dev"),
     // LLVM 22 links against it; bpf-linker's build fails without it.
     Item::Apt("libzstd-dev"),
     // `promtool check metrics` checks the daemon's /metrics output in the
     // tests, and later `promtool check rules` the alert rules.
     Item::Apt("prometheus"),
+    // tests/service.rs loads the systemd unit's system call filter with
+    // libseccomp to run the daemon as the unit would (Debian's python3).
+    Item::Apt("python3-seccomp"),
     Item::Nightly,
     // `-Z build-std=core`: there is no prebuilt core for the bpf targets.
     Item::NightlyComponent("rust-src"),

@@ -39,6 +39,17 @@ impl Daemon {
     /// through `wrapper` (a command and its arguments, such as `setpriv ...`)
     /// when one is given; returns once `/readyz` answers 200.
     pub fn start_with(cgroup: &CgroupGuard, config: &str, wrapper: &[&str]) -> Daemon {
+        Daemon::try_start_with(cgroup, config, wrapper)
+            .unwrap_or_else(|(code, stderr)| panic!("the daemon exited with {code:?}: {stderr}"))
+    }
+
+    /// [`Daemon::start_with`], or the exit code and stderr of a daemon that
+    /// stopped before it became ready.
+    pub fn try_start_with(
+        cgroup: &CgroupGuard,
+        config: &str,
+        wrapper: &[&str],
+    ) -> Result<Daemon, (Option<i32>, String)> {
         // A free loopback port (released just before the daemon takes it).
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -67,17 +78,20 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the daemon");
-        let daemon = Daemon {
+        let mut daemon = Daemon {
             child,
             server: format!("http://127.0.0.1:{port}"),
             _config: tempfile_path::TempPath(config_path),
         };
         let deadline = Instant::now() + DEADLINE;
         while daemon.status("/readyz") != Some(200) {
+            if let Ok(Some(_)) = daemon.child.try_wait() {
+                return Err(daemon.stop());
+            }
             assert!(Instant::now() < deadline, "the daemon did not become ready");
             std::thread::sleep(Duration::from_millis(50));
         }
-        daemon
+        Ok(daemon)
     }
 
     pub fn agent() -> ureq::Agent {
