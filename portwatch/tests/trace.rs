@@ -544,6 +544,7 @@ fn every_ignored_test_says_why_in_the_same_words() {
         ("daemon.rs", include_str!("daemon.rs")),
         ("alerts.rs", include_str!("alerts.rs")),
         ("service.rs", include_str!("service.rs")),
+        ("package.rs", include_str!("package.rs")),
     ] {
         let attributes: Vec<&str> = source
             .lines()

@@ -49,7 +49,7 @@ pub fn run(release: bool, args: &[OsString]) -> Result<()> {
 }
 
 /// Where cargo puts build output: the environment may move it.
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     ["CARGO_TARGET_DIR", "CARGO_BUILD_TARGET_DIR"]
         .into_iter()
         .find_map(std::env::var_os)

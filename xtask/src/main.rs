@@ -4,6 +4,7 @@
 mod build;
 mod cmd;
 mod lint;
+mod package;
 mod setup;
 mod test;
 
@@ -61,6 +62,10 @@ enum Task {
     },
     /// rustfmt check and clippy -D warnings on every crate and target.
     Lint,
+    /// Build the Debian package (target/debian/portwatch_<version>_<arch>.deb):
+    /// the binary, systemd unit, default config (a conffile), man page,
+    /// shell completions, alert rules and dashboard.
+    Package,
 }
 
 fn main() -> ExitCode {
@@ -71,6 +76,7 @@ fn main() -> ExitCode {
         Task::Run { release, args } => build::run(release, &args),
         Task::Test { args } => test::test(&args),
         Task::Lint => lint::lint(),
+        Task::Package => package::package().map(|_| ()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

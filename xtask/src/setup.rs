@@ -19,6 +19,9 @@ const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 /// machine's setup.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The cargo-deb release known to build with this machine's Rust (1.95).
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
 #[derive(Clone, Copy)]
 enum Item {
     /// A Debian package, installed with apt-get (needs root).
@@ -31,11 +34,13 @@ enum Item {
     HostComponent(&'static str),
     /// bpf-linker, which links the eBPF object.
     BpfLinker,
+    /// cargo-deb, which builds the .deb (`cargo xtask package`).
+    CargoDeb,
 }
 
 /// Everything setup manages, in install order: bpf-linker builds last, against
 /// the LLVM packages.
-const ITEMS: [Item; 10] = [
+const ITEMS: [Item; 11] = [
     Item::Apt("llvm-22-dev"),
     // LLVM 22 links against it; bpf-linker's build fails without it.
     Item::Apt("libzstd-dev"),
@@ -54,6 +59,7 @@ const ITEMS: [Item; 10] = [
     Item::HostComponent("rustfmt"),
     Item::HostComponent("clippy"),
     Item::BpfLinker,
+    Item::CargoDeb,
 ];
 
 impl Item {
@@ -64,6 +70,7 @@ impl Item {
             Item::NightlyComponent(component) => format!("{component} (nightly)"),
             Item::HostComponent(component) => component.to_owned(),
             Item::BpfLinker => "bpf-linker".to_owned(),
+            Item::CargoDeb => "cargo-deb".to_owned(),
         }
     }
 
@@ -90,6 +97,8 @@ impl Item {
             )
             .is_some_and(|list| lists_component(&list, component)),
             Item::BpfLinker => cmd::probe(Command::new("bpf-linker").arg("--version")).is_some(),
+            Item::CargoDeb => cmd::probe(Command::new("cargo-deb").arg("--version"))
+                .is_some_and(|version| version.contains(CARGO_DEB_VERSION)),
         }
     }
 
@@ -128,6 +137,16 @@ impl Item {
                     "llvm-22",
                 ]);
             }
+            Item::CargoDeb => {
+                cmd = cmd::cargo();
+                cmd.args([
+                    "install",
+                    "cargo-deb",
+                    "--locked",
+                    "--version",
+                    CARGO_DEB_VERSION,
+                ]);
+            }
         }
         Ok(cmd)
     }
@@ -135,7 +154,7 @@ impl Item {
     /// What to look at when the item is still missing after its install ran.
     fn hint(self) -> &'static str {
         match self {
-            Item::BpfLinker => {
+            Item::BpfLinker | Item::CargoDeb => {
                 "; cargo installs into $CARGO_HOME/bin (~/.cargo/bin): is that directory on PATH?"
             }
             _ => "",

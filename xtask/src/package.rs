@@ -1,0 +1,82 @@
+//! `cargo xtask package`: the Debian package, built by cargo-deb from the
+//! metadata in `portwatch/Cargo.toml`. The man page and shell completions
+//! come from the release binary itself (`portwatch man`, `portwatch
+//! completions`), so they match its arguments.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    build::{self, target_dir},
+    cmd::{self, display},
+};
+
+/// Generated files the package metadata lists under target/release.
+const ASSETS: &str = "deb-assets";
+
+/// `cargo xtask package`: builds the release binary, generates the man page
+/// and completions, then the .deb; prints and returns its path.
+pub fn package() -> Result<PathBuf> {
+    build::build(true)?;
+    let release = target_dir().join("release");
+    let binary = release.join("portwatch");
+    let assets = release.join(ASSETS);
+    if assets.exists() {
+        fs::remove_dir_all(&assets).with_context(|| format!("removing {}", assets.display()))?;
+    }
+    fs::create_dir_all(&assets).with_context(|| format!("creating {}", assets.display()))?;
+
+    let man = assets.join("portwatch.1");
+    fs::write(&man, output(Command::new(&binary).arg("man"))?)?;
+    // Debian's policy: man pages gzipped, without a timestamp (-n).
+    cmd::run(Command::new("gzip").args(["-9", "-n", "-f"]).arg(&man))?;
+    for (shell, file) in [
+        ("bash", "portwatch.bash"),
+        ("zsh", "_portwatch"),
+        ("fish", "portwatch.fish"),
+    ] {
+        let script = output(Command::new(&binary).args(["completions", shell]))?;
+        fs::write(assets.join(file), script)?;
+    }
+
+    let out_dir = target_dir().join("debian");
+    let mut deb = cmd::cargo();
+    deb.args(["deb", "-p", "portwatch", "--no-build", "--output"])
+        .arg(&out_dir)
+        .current_dir(cmd::workspace_root());
+    println!("$ {}", display(&deb));
+    let built = String::from_utf8_lossy(&output(&mut deb)?).into_owned();
+    // cargo-deb prints the package's path last.
+    let path = built
+        .lines()
+        .map(str::trim)
+        .rfind(|line| line.ends_with(".deb"))
+        .map(PathBuf::from)
+        .with_context(|| format!("cargo deb did not name the package it built: {built}"))?;
+    if !Path::new(&path).is_file() {
+        bail!("cargo deb named {} but it is not there", path.display());
+    }
+    println!("built {}", path.display());
+    Ok(path)
+}
+
+/// Runs `cmd`, failing unless it exits 0; its stdout.
+fn output(cmd: &mut Command) -> Result<Vec<u8>> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start `{}`", display(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}",
+            display(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out.stdout)
+}
