@@ -18,19 +18,12 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     io::ErrorKind,
-    net::{IpAddr, Ipv4Addr, TcpListener},
+    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::{Arc, RwLock},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
-use portwatch::{
-    event::{Errno, EventKind, PortEvent, Protocol},
-    map::Drift,
-    metrics::{BuildInfo, Metrics},
-    state::State,
-};
 use serde::Deserialize;
 use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
@@ -377,79 +370,12 @@ fn every_alert_links_its_runbook_section_and_says_how_bad_it_is() {
 
 // --- Metric names --------------------------------------------------------
 
-fn event(kind: EventKind, cookie: u64, protocol: Protocol, port: u16) -> PortEvent {
-    PortEvent::example(
-        kind,
-        protocol,
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        port,
-        cookie,
-    )
-}
-
-fn record(state: &mut State, event: &PortEvent) {
-    state.counters.count(event);
-    state.map.apply(event, SystemTime::UNIX_EPOCH);
-}
-
-/// A state in which every family the daemon exports has a sample (a family
-/// without samples is not rendered at all).
-fn state_with_every_family() -> State {
-    let mut state = State::new(100, 100);
-    for cookie in [1, 2] {
-        let mut bind = event(EventKind::Bind, cookie, Protocol::Tcp, 8000);
-        bind.options.reuse_port = Some(true);
-        bind.netns = Some(1);
-        record(&mut state, &bind);
-        bind.kind = EventKind::Listen;
-        record(&mut state, &bind);
-    }
-    let mut failed = event(EventKind::BindFailed, 3, Protocol::Tcp, 8000);
-    failed.errno = Some(Errno::EADDRINUSE);
-    record(&mut state, &failed);
-    let mut listen_failed = event(EventKind::ListenFailed, 4, Protocol::Tcp, 8001);
-    listen_failed.errno = Some(Errno::EADDRINUSE);
-    record(&mut state, &listen_failed);
-    state.drops = vec![("bind", 1)];
-    state.decode_errors = 1;
-    state.hooks = vec![("bind", "cgroup")];
-    state.stats.reconciliations = 1;
-    state.stats.untracked = 1;
-    state.stats.drift = Drift {
-        missing: 1,
-        stale: 1,
-        changed: 1,
-    };
-    state.expected = vec!["8000/tcp".parse().expect("a port and protocol")];
-    state.ready = true;
-    state
-}
-
 /// Each family `/metrics` serves, with the label names its samples carry.
 fn exported() -> BTreeMap<String, BTreeSet<String>> {
-    let text = Metrics::new(
-        Arc::new(RwLock::new(state_with_every_family())),
-        BuildInfo::current(),
-    )
-    .expect("metrics")
-    .render();
-    let mut families: BTreeMap<String, BTreeSet<String>> = text
-        .lines()
-        .filter_map(|line| line.strip_prefix("# TYPE "))
-        .map(|rest| {
-            (
-                rest.split(' ').next().expect("a name").to_owned(),
-                BTreeSet::new(),
-            )
-        })
-        .collect();
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let (name, labels) = selector(line);
-        if let Some(known) = families.get_mut(&name) {
-            known.extend(labels);
-        }
-    }
-    families
+    support::exported::exported()
+        .into_iter()
+        .map(|(name, family)| (name, family.labels))
+        .collect()
 }
 
 /// The metric name and label names of `name{a="x",b="y"} ...` (the series

@@ -16,25 +16,17 @@
 //! promtool comes from Debian's `prometheus` package, which `cargo xtask
 //! setup` installs; without it those tests fail rather than skip.
 
+mod support;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::ErrorKind,
-    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::Command,
-    sync::{
-        Arc, RwLock,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::SystemTime,
+    sync::atomic::{AtomicUsize, Ordering},
 };
 
-use portwatch::{
-    config::Config,
-    event::{EventKind, PortEvent, Protocol},
-    metrics::{BuildInfo, Metrics},
-    state::State,
-};
+use portwatch::config::Config;
 use serde::Deserialize as _;
 use serde_json::{Value as Json, json};
 use serde_yaml_ng::Value as Yaml;
@@ -55,41 +47,11 @@ fn read(relative: &str) -> String {
 // ---------------------------------------------------------------------------
 // What the daemon exports.
 
-fn record(state: &mut State, event: &PortEvent) {
-    state.counters.count(event);
-    state.map.apply(event, SystemTime::UNIX_EPOCH);
-}
-
-/// Every family the daemon serves, name -> type (`counter`, `gauge`), from
-/// the `# TYPE` lines of a state in which every family has a sample (the
-/// encoder leaves out a family with none): two SO_REUSEPORT listeners sharing
-/// a port, a failed bind and listen, a lost record, an attached hook.
+/// Every family the daemon serves, name -> type (`counter`, `gauge`).
 fn exported() -> BTreeMap<String, String> {
-    let mut state = State::new(100, 10);
-    let any4 = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-    for cookie in [1, 2] {
-        let mut bind = PortEvent::example(EventKind::Bind, Protocol::Tcp, any4, 8000, cookie);
-        bind.options.reuse_port = Some(true);
-        record(&mut state, &bind);
-        bind.kind = EventKind::Listen;
-        record(&mut state, &bind);
-    }
-    for kind in [EventKind::BindFailed, EventKind::ListenFailed] {
-        record(
-            &mut state,
-            &PortEvent::example(kind, Protocol::Tcp, any4, 8000, 3),
-        );
-    }
-    state.drops = vec![("bind_outcome", 1)];
-    state.hooks = vec![("bind_outcome", "fexit")];
-    state.ready = true;
-    let text = Metrics::new(Arc::new(RwLock::new(state)), BuildInfo::current())
-        .expect("metrics")
-        .render();
-    text.lines()
-        .filter_map(|line| line.strip_prefix("# TYPE "))
-        .filter_map(|rest| rest.split_once(' '))
-        .map(|(name, kind)| (name.to_owned(), kind.to_owned()))
+    support::exported::exported()
+        .into_iter()
+        .map(|(name, family)| (name, family.kind))
         .collect()
 }
 

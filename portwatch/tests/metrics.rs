@@ -6,99 +6,19 @@
 //! setup` installs; without it these tests fail rather than skip, so that a
 //! machine that lacks it is noticed.
 
+mod support;
+
 use std::{
     io::{ErrorKind, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     process::{Command, Stdio},
     sync::{Arc, RwLock},
-    time::SystemTime,
 };
 
 use portwatch::{
-    event::{Errno, EventKind, PortEvent, Protocol},
-    map::Drift,
     metrics::{BuildInfo, CONTENT_TYPE, Metrics},
     state::State,
 };
-
-fn event(
-    kind: EventKind,
-    cookie: u64,
-    protocol: Protocol,
-    address: IpAddr,
-    port: u16,
-) -> PortEvent {
-    PortEvent {
-        pid: 31337,
-        tid: 31337,
-        uid: 1000,
-        sock_uid: Some(1000),
-        process: "web \"server\"".into(),
-        cgroup_id: 9,
-        ..PortEvent::example(kind, protocol, address, port, cookie)
-    }
-}
-
-fn record(state: &mut State, event: &PortEvent) {
-    state.counters.count(event);
-    state.map.apply(event, SystemTime::UNIX_EPOCH);
-}
-
-/// A state with something in every family: listeners sharing ports for
-/// several reasons, failures past the per-port cap, drops, drift, hooks.
-fn busy_state() -> State {
-    let mut state = State::new(100, 2);
-    let any4 = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-    let any6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
-    let mut cookie = 0;
-    let mut listen = |state: &mut State, protocol, address, port, reuse_port, netns| {
-        cookie += 1;
-        let mut bind = event(EventKind::Bind, cookie, protocol, address, port);
-        bind.options.reuse_port = Some(reuse_port);
-        bind.netns = Some(netns);
-        record(state, &bind);
-        if protocol == Protocol::Tcp {
-            bind.kind = EventKind::Listen;
-            record(state, &bind);
-        }
-    };
-    listen(&mut state, Protocol::Tcp, any4, 8000, true, 1);
-    listen(&mut state, Protocol::Tcp, any4, 8000, true, 1);
-    listen(&mut state, Protocol::Tcp, any6, 8000, false, 2);
-    listen(&mut state, Protocol::Udp, any4, 53, false, 1);
-    listen(&mut state, Protocol::Tcp, any4, 53, false, 1);
-    listen(&mut state, Protocol::Tcp, any4, 22, false, 1);
-    for (port, errno) in [
-        (8000, Errno::EADDRINUSE),
-        (8000, Errno::EADDRINUSE),
-        (80, Errno::EACCES),
-        (9000, Errno::EADDRNOTAVAIL),
-        (0, Errno::EADDRINUSE),
-        (8081, Errno::UNKNOWN),
-    ] {
-        let mut failed = event(EventKind::BindFailed, 100, Protocol::Tcp, any4, port);
-        failed.errno = Some(errno);
-        record(&mut state, &failed);
-    }
-    let mut listen_failed = event(EventKind::ListenFailed, 101, Protocol::Tcp, any4, 8080);
-    listen_failed.errno = Some(Errno::EADDRINUSE);
-    record(&mut state, &listen_failed);
-    state.drops = vec![("bind_outcome", 5), ("release", 0)];
-    state.decode_errors = 1;
-    state.hooks = vec![("bind_outcome", "tracepoint"), ("release", "cgroup_sock")];
-    state.stats.reconciliations = 3;
-    state.stats.drift = Drift {
-        missing: 2,
-        stale: 1,
-        changed: 1,
-    };
-    state.ready = true;
-    state.host_netns = 1;
-    state.expected = ["8000/tcp", "53/udp", "443/tcp"]
-        .map(|text| text.parse().unwrap())
-        .to_vec();
-    state
-}
+use support::exported::{busy_state, exported, sample_labels};
 
 fn render(state: State, build: BuildInfo) -> String {
     Metrics::new(Arc::new(RwLock::new(state)), build)
@@ -188,4 +108,25 @@ fn build_info_is_this_build_on_this_kernel() {
 #[test]
 fn served_as_the_text_format() {
     assert_eq!(CONTENT_TYPE, "text/plain; version=0.0.4");
+}
+
+#[test]
+fn sample_labels_skip_escaped_quotes() {
+    let (name, labels) = sample_labels(r#"m_total{a="x\",b=\"y",c="z"} 1"#);
+    assert_eq!(
+        (name, labels),
+        ("m_total", vec!["a".to_owned(), "c".to_owned()])
+    );
+}
+
+#[test]
+fn the_busy_state_has_every_family() {
+    // The state collector's families, plus the crate's process_* ones.
+    let families = exported();
+    let ours = families
+        .keys()
+        .filter(|name| name.starts_with("portwatch_"));
+    assert_eq!(ours.count(), 17, "{families:?}");
+    assert!(families.values().all(|family| !family.kind.is_empty()));
+    assert!(families["portwatch_listeners"].labels.contains("port"));
 }

@@ -22,6 +22,7 @@ use std::{
 use serde_json::Value;
 
 pub mod daemon;
+pub mod exported;
 
 /// How long a test waits for something the kernel should report promptly.
 pub const DEADLINE: Duration = Duration::from_secs(20);
