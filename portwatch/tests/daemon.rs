@@ -373,3 +373,130 @@ fn the_cli_says_when_no_daemon_runs() {
         .unwrap();
     assert_eq!(check.status.code(), Some(2), "check: 2 on error");
 }
+
+/// Runs `bpftool -j ARGS` and parses its JSON (an empty answer is `[]`).
+fn bpftool(args: &[&str]) -> Value {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .expect("bpftool (Debian package bpftool): run `cargo xtask setup`");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        return Value::Array(Vec::new());
+    }
+    serde_json::from_str(&text).unwrap_or_else(|err| panic!("bpftool {args:?}: {err}: {text}"))
+}
+
+/// The ids of the BPF programs process `pid` holds, from its fdinfo.
+fn held_programs(pid: u32) -> std::collections::BTreeSet<u64> {
+    let mut ids = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let info = std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
+        ids.extend(info.lines().filter_map(|line| {
+            line.strip_prefix("prog_id:")
+                .and_then(|id| id.trim().parse::<u64>().ok())
+        }));
+    }
+    ids
+}
+
+/// What the user sees of the listeners in `netns`: (address, port,
+/// protocol, pids, reuse_port), sorted.
+fn listeners_in(daemon: &Daemon, netns: u64) -> Vec<String> {
+    let ports = daemon.json("/ports");
+    let mut seen: Vec<String> = ports["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["port"].as_u64())
+        .flat_map(|port| {
+            let detail = daemon.json(&format!("/ports/{port}?netns={netns}"));
+            detail["listeners"].as_array().cloned().unwrap_or_default()
+        })
+        .map(|l| {
+            format!(
+                "{} {} {} {} reuse_port={}",
+                l["protocol"], l["endpoint"], l["state"], l["pids"], l["reuse_port"]
+            )
+        })
+        .collect();
+    seen.sort();
+    seen
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn sigkill_leaves_nothing_attached_and_a_restart_rebuilds_the_map() {
+    let (cgroup, netns) = (CgroupGuard::new("sigkill"), NetnsGuard::new("sigkill"));
+    let mut holder = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::reuseport(0),
+            Op::bind(0, "0.0.0.0:7100"),
+            Op::Listen {
+                sock: 0,
+                backlog: 8,
+            },
+            Op::udp(true),
+            Op::bind(1, "[::]:7100"),
+            Op::Pause,
+        ],
+    );
+    assert!(holder.results(6).iter().all(|r| *r >= 0));
+
+    let daemon = Daemon::start(&cgroup);
+    let before = listeners_in(&daemon, netns.cookie());
+    assert_eq!(before.len(), 2, "{before:?}");
+    let programs = held_programs(daemon.child.id());
+    let attached = bpftool(&["cgroup", "show", cgroup.path.to_str().unwrap()]);
+    let attached: Vec<u64> = attached
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    assert!(
+        attached.len() >= 4 && attached.iter().all(|id| programs.contains(id)),
+        "the cgroup holds the daemon's programs: {attached:?} of {programs:?}"
+    );
+
+    // SIGKILL: no chance to detach anything itself.
+    let mut daemon = daemon;
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let left = bpftool(&["cgroup", "show", cgroup.path.to_str().unwrap()]);
+        let loaded: Vec<u64> = bpftool(&["prog", "show"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["id"].as_u64())
+            .filter(|id| programs.contains(id))
+            .collect();
+        if left.as_array().unwrap().is_empty() && loaded.is_empty() {
+            break;
+        }
+        // The kernel frees programs after an RCU grace period.
+        assert!(
+            Instant::now() < deadline,
+            "still attached after SIGKILL: {left}; still loaded: {loaded:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A new daemon finds the same listeners, owners and options.
+    let again = Daemon::start(&cgroup);
+    assert_eq!(listeners_in(&again, netns.cookie()), before);
+    holder.resume();
+    let (code, stderr) = again.stop();
+    assert_eq!(code, Some(0), "{stderr}");
+}

@@ -40,7 +40,7 @@ enum Item {
 
 /// Everything setup manages, in install order: bpf-linker builds last, against
 /// the LLVM packages.
-const ITEMS: [Item; 11] = [
+const ITEMS: [Item; 12] = [
     Item::Apt("llvm-22-dev"),
     // LLVM 22 links against it; bpf-linker's build fails without it.
     Item::Apt("libzstd-dev"),
@@ -50,6 +50,9 @@ const ITEMS: [Item; 11] = [
     // tests/service.rs loads the systemd unit's system call filter with
     // libseccomp to run the daemon as the unit would (Debian's python3).
     Item::Apt("python3-seccomp"),
+    // The robustness tests check the kernel's own lists of programs and
+    // cgroup attachments after the daemon is killed.
+    Item::Apt("bpftool"),
     Item::Nightly,
     // `-Z build-std=core`: there is no prebuilt core for the bpf targets.
     Item::NightlyComponent("rust-src"),
