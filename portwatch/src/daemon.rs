@@ -2,12 +2,17 @@
 //! SIGINT or SIGTERM. Stopping detaches every program (the links belong to
 //! this process); a crash or SIGKILL does too, as the kernel closes them.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+    service::TowerToHyperService,
+};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::{Semaphore, watch},
 };
 
 use crate::{
@@ -38,9 +43,6 @@ pub enum DaemonError {
     /// The metrics registry could not be built.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
-    /// Serving HTTP failed.
-    #[error("serving HTTP: {0}")]
-    Serve(#[source] std::io::Error),
     /// Installing a signal handler failed.
     #[error("installing the signal handlers: {0}")]
     Signal(#[source] std::io::Error),
@@ -105,11 +107,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         stopped(stop_rx.clone()),
     ));
     let result = watcher.run(stopped(stop_rx)).await;
-    while let Some(served) = servers.join_next().await {
-        if let Ok(Err(err)) = served {
-            tracing::warn!(error = %err, "HTTP server stopped with an error");
-        }
-    }
+    // Each server drains its requests in flight, for at most DRAIN_TIMEOUT.
+    while servers.join_next().await.is_some() {}
     tracing::info!("stopped; every program is detached");
     Ok(result?)
 }
@@ -120,15 +119,63 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, DaemonError> {
         .map_err(|source| DaemonError::Listen { addr, source })
 }
 
+/// How long a client may take to send a request's headers (the first
+/// request's, and each next one's on a kept-alive connection) before the
+/// connection is closed: slow or idle clients cannot pile up.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once per listener; more wait in the kernel's
+/// accept queue, so file descriptors stay bounded whatever clients do.
+const MAX_CONNECTIONS: usize = 256;
+
+/// How long shutdown waits for requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `router` on `listener` until `stop`: HTTP/1.1 with a header-read
+/// timeout and at most [`MAX_CONNECTIONS`] connections, then drains.
 async fn serve(
     listener: TcpListener,
     router: axum::Router,
     stop: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), DaemonError> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(stop)
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = &mut stop => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(err) => {
+                    // EMFILE and the like pass; do not spin on them.
+                    tracing::warn!(error = %err, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            // A client that hangs up or times out is its own business.
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
         .await
-        .map_err(DaemonError::Serve)
+        .is_err()
+    {
+        tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; closing them");
+    }
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).

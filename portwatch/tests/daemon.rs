@@ -500,3 +500,67 @@ fn sigkill_leaves_nothing_attached_and_a_restart_rebuilds_the_map() {
     let (code, stderr) = again.stop();
     assert_eq!(code, Some(0), "{stderr}");
 }
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn slow_clients_are_cut_off_and_cannot_starve_the_api() {
+    use std::{
+        io::{ErrorKind, Read as _, Write as _},
+        net::TcpStream,
+    };
+    let cgroup = CgroupGuard::new("slow");
+    let daemon = Daemon::start(&cgroup);
+    let addr = daemon.server.trim_start_matches("http://").to_owned();
+    // More clients than the daemon serves at once, each sending half a
+    // request and then nothing (slowloris).
+    const SLOW: usize = 300;
+    let started = Instant::now();
+    let mut slow: Vec<TcpStream> = (0..SLOW)
+        .map(|_| {
+            let mut stream = TcpStream::connect(&addr).expect("connect");
+            stream
+                .write_all(b"GET /livez HTTP/1.1\r\nHost: portwatch\r\n")
+                .unwrap();
+            stream
+        })
+        .collect();
+
+    // A well-behaved client is still answered, at worst once the slow ones
+    // ahead of it time out.
+    let mut good = TcpStream::connect(&addr).unwrap();
+    good.set_read_timeout(Some(Duration::from_secs(40)))
+        .unwrap();
+    good.write_all(b"GET /readyz HTTP/1.1\r\nHost: portwatch\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    good.read_to_string(&mut answer).expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Every slow connection is closed by the daemon (EOF or reset).
+    for stream in &mut slow {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(40)))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        loop {
+            match stream.read(&mut buf) {
+                Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    panic!(
+                        "a slow connection was held open for {:?}",
+                        started.elapsed()
+                    )
+                }
+                Ok(0) | Err(_) => break,
+                // A 408 before the close is fine too.
+                Ok(_) => continue,
+            }
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "slow connections were held for {:?}",
+        started.elapsed()
+    );
+    let (code, stderr) = daemon.stop();
+    assert_eq!(code, Some(0), "{stderr}");
+}
