@@ -5,8 +5,10 @@
 //!   for every bind on an AF_INET/AF_INET6 socket in the watched cgroup,
 //!   whether it came from bind(2) or io_uring's IORING_OP_BIND, before the
 //!   kernel looks for a conflict. They see the requested address and port,
-//!   and can read the socket options with `bpf_getsockopt`. The attempt is
-//!   parked in `PENDING_BIND` under the thread id; nothing is emitted yet.
+//!   read SO_REUSEADDR/SO_REUSEPORT with `bpf_getsockopt` (two calls per
+//!   bind) and the other options and the owner uid from the socket through
+//!   the BTF offsets. The attempt is parked in `PENDING_BIND` under the
+//!   thread id; nothing is emitted yet.
 //! - cgroup `post_bind4`/`post_bind6` (sock) run in `__inet_bind` right after
 //!   `get_port` succeeded: the bind can no longer fail, and `src_port` holds
 //!   the real port (an ephemeral one for port 0). They complete and emit the
@@ -41,21 +43,15 @@ use aya_log_ebpf::warn;
 use crate::{
     ALLOW,
     common::{
-        PENDING_BIND, TRACKED, count_drop, current_tid, emit, fill_from_sock,
-        fill_options_from_sock, fill_task, sock_event,
+        PENDING_BIND, TRACKED, count_drop, current_tid, emit, fill_options_from_sock, fill_task,
+        offsets, read_field, sock_event,
     },
 };
 
-// Socket option levels and names (uapi values, identical on every arch).
+// Socket option level and names (uapi values, identical on every arch).
 const SOL_SOCKET: i32 = 1;
-const SOL_IP: i32 = 0;
-const SOL_IPV6: i32 = 41;
 const SO_REUSEADDR: i32 = 2;
 const SO_REUSEPORT: i32 = 15;
-const IP_FREEBIND: i32 = 15;
-const IP_TRANSPARENT: i32 = 19;
-const IP_BIND_ADDRESS_NO_PORT: i32 = 24;
-const IPV6_V6ONLY: i32 = 26;
 
 #[cgroup_sock_addr(bind4)]
 pub fn bind4(ctx: SockAddrContext) -> i32 {
@@ -90,9 +86,7 @@ fn on_bind(ctx: &SockAddrContext, v6: bool) {
         if !v6 {
             event.addr[..4].copy_from_slice(&raw.user_ip4.to_ne_bytes());
         } else {
-            for (i, word) in raw.user_ip6.iter().enumerate() {
-                event.addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-            }
+            copy_ip6(&mut event.addr, &raw.user_ip6);
         }
         event.cookie = bpf_get_socket_cookie(sa.cast());
         event.netns_cookie = bpf_get_netns_cookie(sa.cast());
@@ -119,29 +113,21 @@ fn on_bind(ctx: &SockAddrContext, v6: bool) {
     }
 }
 
-/// Reads the options in force: `bpf_getsockopt` first, then the socket's own
-/// bits for whatever that helper refuses on this kernel.
+/// Reads the options in force and the socket's owner uid.
+///
+/// `bpf_getsockopt` answers only SO_REUSEADDR and SO_REUSEPORT of these
+/// (`sol_socket_sockopt` in net/core/filter.c; at SOL_IP/SOL_IPV6 it takes
+/// only IP_TOS, IPV6_TCLASS and IPV6_AUTOFLOWLABEL), so the IP-level options
+/// come straight from the socket's own bits through the BTF offsets, as do
+/// the two SOL_SOCKET ones on a kernel whose helper refuses them.
 fn read_options(ctx: &SockAddrContext, event: &mut Event) {
-    let v6 = event.family == AF_INET6;
-    let ip_level = if v6 { SOL_IPV6 } else { SOL_IP };
-    let mut wanted = opt::REUSEADDR
-        | opt::REUSEPORT
-        | opt::FREEBIND
-        | opt::TRANSPARENT
-        | opt::BIND_ADDRESS_NO_PORT;
-    if v6 {
-        wanted |= opt::V6ONLY;
-    }
-    let mut try_opt = |bit: u32, level: i32, name: i32| {
-        if wanted & bit == 0 {
-            return;
-        }
+    let mut try_opt = |bit: u32, name: i32| {
         let mut value: i32 = 0;
         // SAFETY: `value` is a 4-byte stack buffer whose length we pass.
         let ret = unsafe {
             bpf_getsockopt(
                 ctx.sock_addr.cast(),
-                level,
+                SOL_SOCKET,
                 name,
                 (&raw mut value).cast(),
                 4,
@@ -154,30 +140,30 @@ fn read_options(ctx: &SockAddrContext, event: &mut Event) {
             }
         }
     };
-    try_opt(opt::REUSEADDR, SOL_SOCKET, SO_REUSEADDR);
-    try_opt(opt::REUSEPORT, SOL_SOCKET, SO_REUSEPORT);
-    try_opt(opt::V6ONLY, SOL_IPV6, IPV6_V6ONLY);
-    try_opt(opt::FREEBIND, ip_level, IP_FREEBIND);
-    try_opt(opt::TRANSPARENT, ip_level, IP_TRANSPARENT);
-    try_opt(opt::BIND_ADDRESS_NO_PORT, SOL_IP, IP_BIND_ADDRESS_NO_PORT);
+    try_opt(opt::REUSEADDR, SO_REUSEADDR);
+    try_opt(opt::REUSEPORT, SO_REUSEPORT);
 
-    let missing = wanted & !event.options_known;
-    if missing != 0 {
-        // `struct bpf_sock_addr_kern` starts with `struct sock *sk`.
-        // SAFETY: probe read of one pointer from the kernel context.
-        if let Ok(sk) = unsafe { bpf_probe_read_kernel(ctx.sock_addr as *const u64) } {
-            fill_options_from_sock(event, sk, missing);
-            fill_from_sock_uid(event, sk);
+    let mut from_sock = opt::FREEBIND | opt::TRANSPARENT | opt::BIND_ADDRESS_NO_PORT;
+    if event.family == AF_INET6 {
+        from_sock |= opt::V6ONLY;
+    }
+    from_sock |= (opt::REUSEADDR | opt::REUSEPORT) & !event.options_known;
+    // `struct bpf_sock_addr_kern` starts with `struct sock *sk`.
+    // SAFETY: probe read of one pointer from the kernel context.
+    if let Ok(sk) = unsafe { bpf_probe_read_kernel(ctx.sock_addr as *const u64) } {
+        fill_options_from_sock(event, sk, from_sock);
+        if let Some(uid) = read_field::<u32>(sk, offsets().sk_uid) {
+            event.sock_uid = uid;
         }
     }
 }
 
-fn fill_from_sock_uid(event: &mut Event, sk: u64) {
-    let (cookie, netns) = (event.cookie, event.netns_cookie);
-    fill_from_sock(event, sk);
-    // The helpers' values are authoritative; keep them.
-    event.cookie = cookie;
-    event.netns_cookie = netns;
+/// Copies an IPv6 address held as four 32-bit words in network byte order.
+#[inline(always)]
+fn copy_ip6(addr: &mut [u8; 16], words: &[u32; 4]) {
+    for (i, word) in words.iter().enumerate() {
+        addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
 }
 
 #[cgroup_sock(post_bind4)]
@@ -208,7 +194,6 @@ fn on_post_bind(ctx: &SockContext, v6: bool) {
         // SAFETY: map value pointer from a successful lookup.
         Some(pending) if unsafe { (*pending).cookie } == cookie => {
             let event = unsafe { &mut *pending };
-            event.kind = kind::BIND;
             event.bound_port = bound_port;
             event.errno = 0;
             event.source = source::POST_BIND;
@@ -224,9 +209,7 @@ fn on_post_bind(ctx: &SockContext, v6: bool) {
                 if !v6 {
                     event.addr[..4].copy_from_slice(&sk.src_ip4.to_ne_bytes());
                 } else {
-                    for (i, word) in sk.src_ip6.iter().enumerate() {
-                        event.addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-                    }
+                    copy_ip6(&mut event.addr, &sk.src_ip6);
                 }
                 event.netns_cookie = bpf_get_netns_cookie(ctx.sock.cast());
             }
@@ -251,12 +234,11 @@ fn finish_bind(ret: i64, src: u8) {
     };
     // SAFETY: map value pointer from a successful lookup.
     let event = unsafe { &mut *pending };
-    event.kind = kind::BIND;
     // ret 0 without post_bind: IP_BIND_ADDRESS_NO_PORT with port 0, so the
     // address is set but no port is reserved yet.
     event.errno = if ret < 0 { (-ret) as i32 } else { 0 };
     event.source = src;
-    emit(event, hook::BIND_EXIT);
+    emit(event, hook::BIND_OUTCOME);
     let _ = PENDING_BIND.remove(tid);
 }
 

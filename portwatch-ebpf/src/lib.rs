@@ -68,20 +68,23 @@ pub mod opt {
 pub mod hook {
     pub const BIND: u32 = 0;
     pub const POST_BIND: u32 = 1;
-    pub const BIND_EXIT: u32 = 2;
+    /// The bind outcome, from fexit or the sys_exit_bind tracepoint.
+    pub const BIND_OUTCOME: u32 = 2;
     pub const LISTEN: u32 = 3;
-    pub const LISTEN_EXIT: u32 = 4;
+    /// The listen outcome, from fexit or the sys_exit_listen tracepoint.
+    pub const LISTEN_OUTCOME: u32 = 4;
     pub const LISTEN_STOP: u32 = 5;
     pub const RELEASE: u32 = 6;
     /// Number of slots.
     pub const COUNT: u32 = 7;
-    /// Names, indexed by slot, as they appear in logs and metrics.
+    /// Names, indexed by slot, as they appear in logs and metrics (the
+    /// `hook` label of both the drop counter and `portwatch_program_attached`).
     pub const NAMES: [&str; COUNT as usize] = [
         "bind",
         "post_bind",
-        "bind_exit",
+        "bind_outcome",
         "listen",
-        "listen_exit",
+        "listen_outcome",
         "listen_stop",
         "release",
     ];

@@ -174,7 +174,7 @@ fn flush(pending: &mut PendingListen, ret: Option<i64>, src: u8) {
     let hook = if src == source::UNRESOLVED {
         hook::LISTEN
     } else {
-        hook::LISTEN_EXIT
+        hook::LISTEN_OUTCOME
     };
     emit(event, hook);
     let tid = event.tid;

@@ -149,7 +149,7 @@ impl Config {
                     .map(|span| format!(" (at byte {})", span.start))
                     .unwrap_or_default(),
         })?;
-        config.validate()?;
+        config.validate_values()?;
         Ok(config)
     }
 
@@ -206,11 +206,12 @@ impl Config {
                     value: v.clone(),
                 })?;
         }
-        self.validate()?;
+        self.validate_values()?;
         Ok(self)
     }
 
-    /// Applies command-line overrides.
+    /// Applies command-line overrides, the last layer: the result is checked
+    /// as a whole (values, and how they go together).
     pub fn apply_flags(mut self, flags: &Overrides) -> Result<Config, ConfigError> {
         if let Some(listen) = flags.listen {
             self.listen = listen;
@@ -226,6 +227,20 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_values()?;
+        if self.metrics_listen == Some(self.listen) {
+            return Err(ConfigError::Invalid {
+                key: "metrics_listen",
+                message: "must differ from listen".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Each value on its own. A later layer replaces a value as a whole,
+    /// so a bad one is wrong in its own layer; how values go together is
+    /// checked once, on the final configuration ([`Config::apply_flags`]).
+    fn validate_values(&self) -> Result<(), ConfigError> {
         let invalid = |key, message: &str| {
             Err(ConfigError::Invalid {
                 key,
@@ -244,9 +259,6 @@ impl Config {
         if self.ring_size < 4096 || !self.ring_size.is_power_of_two() {
             return invalid("ring_size", "must be a power of two of at least 4096");
         }
-        if self.metrics_listen == Some(self.listen) {
-            return invalid("metrics_listen", "must differ from listen");
-        }
         Ok(())
     }
 
@@ -264,6 +276,8 @@ impl Config {
             snapshot: SnapshotConfig {
                 read_owners: true,
                 read_options: self.read_existing_options,
+                // The map keeps only listeners and bound sockets.
+                holders_only: true,
             },
             reconcile_every: self.reconcile_interval,
             failure_log: self.failure_log,
@@ -312,8 +326,9 @@ mod humantime_serde_compat {
 mod tests {
     use super::*;
 
+    /// A file with nothing on top, checked as the daemon checks it.
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(text, Path::new("test.toml"))
+        Config::parse(text, Path::new("test.toml"))?.apply_flags(&Overrides::default())
     }
 
     #[test]
@@ -423,6 +438,24 @@ mod tests {
             ..Overrides::default()
         };
         assert_eq!(config.apply_flags(&flags).unwrap().listen.port(), 3000);
+    }
+
+    #[test]
+    fn how_values_go_together_is_checked_on_the_final_configuration() {
+        // The file's metrics_listen is the default listen address, which
+        // the flag moves away: a valid result.
+        let file = Config::parse(
+            "metrics_listen = \"127.0.0.1:7464\"",
+            Path::new("test.toml"),
+        )
+        .unwrap();
+        let flags = Overrides {
+            listen: Some("127.0.0.1:7000".parse().unwrap()),
+            ..Overrides::default()
+        };
+        assert!(file.clone().apply_flags(&flags).is_ok());
+        let err = file.apply_flags(&Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("must differ"), "{err}");
     }
 
     #[test]

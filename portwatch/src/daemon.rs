@@ -17,8 +17,7 @@ use tokio::{
 
 use crate::{
     api::{self, ApiContext},
-    config::{Config, ConfigError},
-    event::BootClock,
+    config::Config,
     metrics::{BuildInfo, Metrics, MetricsError},
     service,
     watch::{WatchError, Watcher},
@@ -27,9 +26,6 @@ use crate::{
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// The configuration is invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
     /// An HTTP address could not be bound.
     #[error("cannot listen on {addr}: {source} (set `listen` in the config or pass --listen)")]
     Listen {
@@ -77,7 +73,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         state: watcher.state(),
         events: watcher.event_sender(),
         metrics: Arc::new(move || metrics.render()),
-        clock: BootClock::now(),
+        clock: watcher.clock(),
     };
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(serve(

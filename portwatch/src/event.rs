@@ -111,6 +111,16 @@ impl EventKind {
         }
     }
 
+    /// Every kind of event.
+    pub const ALL: [EventKind; 6] = [
+        EventKind::Bind,
+        EventKind::BindFailed,
+        EventKind::Listen,
+        EventKind::ListenFailed,
+        EventKind::ListenStop,
+        EventKind::Close,
+    ];
+
     /// Whether this is a failed bind or listen.
     pub fn is_failure(self) -> bool {
         matches!(self, Self::BindFailed | Self::ListenFailed)
@@ -216,6 +226,14 @@ pub enum Family {
 }
 
 impl Family {
+    /// The family of an address (an IPv4-mapped IPv6 address is IPv6).
+    pub fn of(address: IpAddr) -> Family {
+        match address {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        }
+    }
+
     /// The name used in text and JSON output (`ipv4`, `ipv6`).
     pub fn name(self) -> &'static str {
         match self {
@@ -573,6 +591,12 @@ impl PortEvent {
         endpoint(self.address, self.port)
     }
 
+    /// Whether the event is about port `port`: the one asked for or the one
+    /// bound.
+    pub fn concerns_port(&self, port: u16) -> bool {
+        self.port == port || self.bound_port == Some(port)
+    }
+
     /// A plausible event built by hand, for tests and examples: `kind` of
     /// socket `cookie` on `address:port`, by `example` (pid and tid 1000,
     /// uid 0) in network namespace 1, options unknown. A failure carries
@@ -597,11 +621,7 @@ impl PortEvent {
             netns: Some(1),
             cookie: Some(cookie),
             protocol,
-            family: if address.is_ipv4() {
-                Family::Ipv4
-            } else {
-                Family::Ipv6
-            },
+            family: Family::of(address),
             sock_type: if protocol == Protocol::Udp {
                 SockType::Dgram
             } else {
@@ -711,11 +731,6 @@ impl BootClock {
     /// A clock with a fixed offset (wall time minus boot time, nanoseconds).
     pub const fn from_offset_ns(offset_ns: i128) -> Self {
         Self { offset_ns }
-    }
-
-    /// Wall time minus boot time, in nanoseconds.
-    pub const fn offset_ns(&self) -> i128 {
-        self.offset_ns
     }
 
     /// The wall-clock time of a CLOCK_BOOTTIME timestamp. Saturates at the
@@ -1291,25 +1306,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_event_concerns_the_requested_and_the_bound_port() {
+        let ev = decoded(RawEvent {
+            port: 0,
+            bound_port: 43210,
+            ..bind_v4()
+        });
+        assert!(ev.concerns_port(0) && ev.concerns_port(43210));
+        assert!(!ev.concerns_port(8000));
+    }
+
+    #[test]
     fn serde_names_match_name_methods() {
         let name = |v: serde_json::Value| v.as_str().unwrap().to_owned();
-        for k in [
-            EventKind::Bind,
-            EventKind::BindFailed,
-            EventKind::Listen,
-            EventKind::ListenFailed,
-            EventKind::ListenStop,
-            EventKind::Close,
-        ] {
+        for k in EventKind::ALL {
             assert_eq!(name(serde_json::to_value(k).unwrap()), k.name());
         }
-        for p in [
-            Protocol::Tcp,
-            Protocol::Udp,
-            Protocol::UdpLite,
-            Protocol::Sctp,
-            Protocol::Mptcp,
-        ] {
+        for p in Protocol::ALL {
             assert_eq!(name(serde_json::to_value(p).unwrap()), p.name());
         }
         for f in [Family::Ipv4, Family::Ipv6] {

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::{
     map::Entry,
-    rules::{self, CoexistReason},
+    rules::{self, CoexistReason, Fill, Overlap},
     socket::{Family, NetnsCookie, Protocol, SocketFacts},
 };
 
@@ -233,7 +233,7 @@ fn flags(listeners: &[&Entry]) -> Vec<Flag> {
         let (wild, specific): (Vec<&Entry>, Vec<&Entry>) = scope
             .iter()
             .copied()
-            .partition(|e| e.facts.address.is_unspecified());
+            .partition(|e| rules::is_wildcard(e.facts.address));
         let overlapping: Vec<&Entry> = specific
             .into_iter()
             .filter(|s| wild.iter().any(|w| covers(&w.facts, s.facts.address)))
@@ -264,32 +264,23 @@ fn join(pids: &[u32]) -> String {
         .join(", ")
 }
 
-/// Whether a listener bound to `facts.address` accepts connections to `to`.
+/// Whether a listener bound to `facts.address` accepts connections to `to`:
+/// the same address (`::ffff:a.b.c.d` is `a.b.c.d`), the wildcard of its
+/// family, or `[::]` without IPV6_V6ONLY (taken as unset when unknown) for
+/// IPv4.
 fn covers(facts: &SocketFacts, to: IpAddr) -> bool {
-    let to = canonical(to);
-    match (canonical(facts.address), to) {
-        (IpAddr::V4(bound), IpAddr::V4(to)) => bound.is_unspecified() || bound == to,
-        (IpAddr::V6(bound), IpAddr::V6(to)) => bound.is_unspecified() || bound == to,
-        // A dual-stack `::` listener also takes IPv4.
-        (IpAddr::V6(bound), IpAddr::V4(_)) => {
-            bound.is_unspecified() && facts.options.v6only != Some(true)
-        }
-        (IpAddr::V4(_), IpAddr::V6(_)) => false,
-    }
-}
-
-/// `::ffff:a.b.c.d` is the IPv4 address a.b.c.d for matching purposes.
-fn canonical(addr: IpAddr) -> IpAddr {
-    match addr {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
-        v4 => v4,
-    }
+    let bound = rules::endpoint(facts.address, facts.options.v6only, Fill::Unset);
+    let to = rules::endpoint(to, None, Fill::Unset);
+    matches!(
+        rules::overlap(to, bound),
+        Some(Overlap::SameAddress | Overlap::ExistingWildcard | Overlap::ExistingDualStack)
+    )
 }
 
 /// The first address of `order` some TCP listener in `netns` accepts, and
 /// that listener: a specific address beats a wildcard, as in the kernel's
 /// lookup.
-fn reach(listeners: &[&Entry], netns: NetnsCookie, order: &[IpAddr]) -> Localhost {
+pub(crate) fn reach(listeners: &[&Entry], netns: NetnsCookie, order: &[IpAddr]) -> Localhost {
     let tcp: Vec<&Entry> = listeners
         .iter()
         .copied()
@@ -303,8 +294,8 @@ fn reach(listeners: &[&Entry], netns: NetnsCookie, order: &[IpAddr]) -> Localhos
             .collect();
         accepting.sort_by_key(|e| {
             (
-                e.facts.address.is_unspecified(),
-                e.facts.family != family_of(*addr),
+                rules::is_wildcard(e.facts.address),
+                e.facts.family != Family::of(*addr),
             )
         });
         if let Some(first) = accepting.first() {
@@ -319,14 +310,6 @@ fn reach(listeners: &[&Entry], netns: NetnsCookie, order: &[IpAddr]) -> Localhos
         reaches: None,
         via: None,
         order: order.to_vec(),
-    }
-}
-
-fn family_of(addr: IpAddr) -> Family {
-    if addr.is_ipv4() {
-        Family::Ipv4
-    } else {
-        Family::Ipv6
     }
 }
 
@@ -353,7 +336,7 @@ mod tests {
                 cookie,
                 netns: 1,
                 protocol: Protocol::Tcp,
-                family: family_of(address),
+                family: Family::of(address),
                 address,
                 port: 8000,
                 state: SockState::Listening,
@@ -475,6 +458,23 @@ mod tests {
     fn mapped_addresses_match_their_ipv4_form() {
         let mapped = entry(1, 1, "::ffff:127.0.0.1", Some(false), false);
         assert!(covers(&mapped.facts, LOCALHOST[1]));
+    }
+
+    #[test]
+    fn a_mapped_ipv4_wildcard_is_a_wildcard() {
+        // `::ffff:0.0.0.0` on an IPv6 socket is the IPv4 wildcard.
+        let wild = entry(1, 1, "::ffff:0.0.0.0", Some(false), false);
+        let lo = entry(2, 1, "127.0.0.1", None, false);
+        let found = explain(8000, &[&wild, &lo], 1, &[LOCALHOST[1]]);
+        assert_eq!(found.localhost.reaches, Some(2), "specific beats wildcard");
+        match &found.flags[..] {
+            [
+                Flag::WildcardAndSpecific {
+                    wildcard, specific, ..
+                },
+            ] => assert_eq!((&wildcard[..], &specific[..]), (&[1][..], &[2][..])),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

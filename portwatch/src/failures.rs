@@ -5,12 +5,13 @@
 use std::{collections::VecDeque, time::SystemTime};
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::{
     event::{Errno, EventKind, PortEvent},
-    map::{Entry, PortMap},
+    map::{Holder, Observed, PortMap},
     rules::{self, Verdict},
-    socket::{BindRequest, ShareOptions, SockState, SocketFacts},
+    socket::{BindRequest, SockState, SocketFacts},
 };
 
 /// A socket that blocked a bind, as users need to see it.
@@ -31,7 +32,8 @@ pub struct Blocker {
 }
 
 /// A process holding a blocking socket.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+// The API serves this type as it is (`BlockerView::holders`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
 pub struct BlockerHolder {
     pub pid: u32,
     pub process: String,
@@ -58,23 +60,20 @@ pub fn request_of(event: &PortEvent) -> BindRequest {
         family: event.family,
         address: event.address,
         port: event.port,
-        options: ShareOptions {
-            reuse_addr: event.options.reuse_addr,
-            reuse_port: event.options.reuse_port,
-            v6only: event.options.v6only,
-        },
+        options: event.options.into(),
         uid: event.sock_uid.unwrap_or(event.uid),
     }
 }
 
 /// Whether a failure is a port conflict worth attributing.
-pub fn is_conflict(event: &PortEvent) -> bool {
+fn is_conflict(event: &PortEvent) -> bool {
     matches!(event.kind, EventKind::BindFailed | EventKind::ListenFailed)
         && event.errno == Some(Errno::EADDRINUSE)
 }
 
 /// Names the sockets that blocked `event`, judged against what the map holds
-/// on that port.
+/// on that port (in its protocol's port space: an MPTCP listener blocks a TCP
+/// bind).
 pub fn attribute(event: &PortEvent, map: &PortMap) -> Vec<Blocker> {
     if !is_conflict(event) {
         return Vec::new();
@@ -94,7 +93,7 @@ pub fn needs_diag(event: &PortEvent, blocked_by: &[Blocker]) -> bool {
 }
 
 /// Names the sockets that blocked `event` among `existing` (the sockets on
-/// that netns, protocol and port: the map's, or sock_diag's at failure time,
+/// that netns, port space and port: the map's, or sock_diag's at failure time,
 /// TIME_WAIT and connections included). `map` names their holders.
 pub fn attribute_against(
     event: &PortEvent,
@@ -132,54 +131,62 @@ pub fn attribute_against(
         Verdict::Ok => Vec::new(),
         Verdict::Refused { blockers, .. } => blockers
             .into_iter()
-            .map(|b| {
-                let entry = map.get(b.socket.cookie).filter(|_| b.socket.cookie != 0);
-                describe(entry, b.socket, b.why.explanation())
-            })
+            .map(|b| describe(b.socket, b.why.explanation(), map))
             .collect(),
     }
 }
 
 /// The holders a snapshot found for a socket the map does not keep.
-pub fn holders_of(seen: &crate::map::Observed) -> Vec<BlockerHolder> {
-    seen.holders
-        .iter()
-        .map(|h| BlockerHolder {
-            pid: h.pid,
-            process: h.process.clone(),
-            unit: seen.unit.clone(),
-            container: seen.container.clone(),
-        })
-        .collect()
+pub fn holders_of(seen: &Observed) -> Vec<BlockerHolder> {
+    blocker_holders(
+        &seen.holders,
+        seen.unit.as_deref(),
+        seen.container.as_deref(),
+    )
 }
 
-fn describe(entry: Option<&Entry>, facts: SocketFacts, reason: impl Into<String>) -> Blocker {
-    let what = match facts.state {
+/// `facts` as a blocker, for the `reason` the rules gave, with its holders
+/// from `map` (none for TIME_WAIT, which has no socket).
+pub fn describe(facts: SocketFacts, reason: impl Into<String>, map: &PortMap) -> Blocker {
+    let holders = map
+        .get(facts.cookie)
+        .filter(|_| facts.cookie != 0)
+        .map(|e| blocker_holders(&e.holders, e.unit.as_deref(), e.container.as_deref()))
+        .unwrap_or_default();
+    Blocker {
+        endpoint: crate::event::endpoint(facts.address, facts.port),
+        what: what(facts.state),
+        facts,
+        holders,
+        reason: reason.into(),
+    }
+}
+
+/// What a socket in `state` is, for people.
+fn what(state: SockState) -> &'static str {
+    match state {
         SockState::Listening => "listener",
         SockState::Bound => "bound socket (not listening)",
         SockState::Connected => "connected socket",
         SockState::TimeWait => "TIME_WAIT",
-    };
-    let holders = entry
-        .map(|e| {
-            e.holders
-                .iter()
-                .map(|h| BlockerHolder {
-                    pid: h.pid,
-                    process: h.process.clone(),
-                    unit: e.unit.clone(),
-                    container: e.container.clone(),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    Blocker {
-        endpoint: crate::event::endpoint(facts.address, facts.port),
-        facts,
-        what,
-        holders,
-        reason: reason.into(),
     }
+}
+
+/// `holders` of a socket whose owner lives in `unit` and `container`.
+fn blocker_holders(
+    holders: &[Holder],
+    unit: Option<&str>,
+    container: Option<&str>,
+) -> Vec<BlockerHolder> {
+    holders
+        .iter()
+        .map(|h| BlockerHolder {
+            pid: h.pid,
+            process: h.process.clone(),
+            unit: unit.map(str::to_owned),
+            container: container.map(str::to_owned),
+        })
+        .collect()
 }
 
 /// The most recent failures, bounded.
@@ -215,5 +222,60 @@ impl FailureLog {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::event::Protocol;
+
+    const ANY: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+
+    /// A map with one `protocol` listener on 0.0.0.0:8000 (cookie 1).
+    fn listening(protocol: Protocol) -> PortMap {
+        let mut map = PortMap::default();
+        for kind in [EventKind::Bind, EventKind::Listen] {
+            let event = PortEvent::example(kind, protocol, ANY, 8000, 1);
+            map.apply(&event, SystemTime::UNIX_EPOCH);
+        }
+        map
+    }
+
+    fn blockers(event: &PortEvent, map: &PortMap) -> Vec<u64> {
+        attribute(event, map)
+            .iter()
+            .map(|b| b.facts.cookie)
+            .collect()
+    }
+
+    #[test]
+    fn tcp_and_mptcp_block_each_other() {
+        let tcp = PortEvent::example(EventKind::BindFailed, Protocol::Tcp, ANY, 8000, 2);
+        let mptcp = PortEvent {
+            protocol: Protocol::Mptcp,
+            ..tcp.clone()
+        };
+        assert_eq!(blockers(&tcp, &listening(Protocol::Mptcp)), [1]);
+        assert_eq!(blockers(&mptcp, &listening(Protocol::Tcp)), [1]);
+        let blocker = &attribute(&tcp, &listening(Protocol::Mptcp))[0];
+        assert_eq!(
+            (blocker.what, blocker.endpoint.as_str()),
+            ("listener", "0.0.0.0:8000")
+        );
+        assert_eq!(blocker.holders.len(), 1);
+    }
+
+    #[test]
+    fn other_port_spaces_do_not_block() {
+        let tcp = PortEvent::example(EventKind::BindFailed, Protocol::Tcp, ANY, 8000, 2);
+        for protocol in [Protocol::Udp, Protocol::UdpLite, Protocol::Sctp] {
+            assert!(
+                blockers(&tcp, &listening(protocol)).is_empty(),
+                "{protocol}"
+            );
+        }
     }
 }

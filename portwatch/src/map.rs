@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::{
     event::{EventKind, PortEvent},
+    rules,
     socket::{Family, NetnsCookie, Protocol, ShareOptions, SockState, SocketFacts},
 };
 
@@ -59,7 +60,7 @@ pub struct Entry {
 
 impl Entry {
     /// Whether this socket counts as a listener.
-    pub fn is_listener(&self) -> bool {
+    fn is_listener(&self) -> bool {
         match (self.facts.protocol, self.facts.state) {
             (Protocol::Tcp | Protocol::Mptcp | Protocol::Sctp, state) => {
                 state == SockState::Listening
@@ -151,17 +152,12 @@ impl PortMap {
                     // IP_BIND_ADDRESS_NO_PORT: no port reserved yet.
                     return;
                 };
-                let options = ShareOptions {
-                    reuse_addr: event.options.reuse_addr,
-                    reuse_port: event.options.reuse_port,
-                    v6only: event.options.v6only,
-                };
                 self.insert(Entry::seen(
                     event,
                     cookie,
                     port,
                     SockState::Bound,
-                    options,
+                    event.options.into(),
                     at,
                 ));
             }
@@ -392,10 +388,13 @@ impl PortMap {
         self.entries.get(&cookie)
     }
 
-    /// Sockets of `protocol` on `port` in `netns`, as the conflict rules see them.
+    /// Sockets on `port` in `netns` that share `protocol`'s port space (TCP
+    /// and MPTCP share one), as the conflict rules see them.
     pub fn facts_on(&self, netns: NetnsCookie, protocol: Protocol, port: u16) -> Vec<SocketFacts> {
         self.on_port(port)
-            .filter(|e| e.facts.netns == netns && e.facts.protocol == protocol)
+            .filter(|e| {
+                e.facts.netns == netns && rules::same_port_space(e.facts.protocol, protocol)
+            })
             .map(|e| e.facts.clone())
             .collect()
     }
@@ -424,7 +423,7 @@ pub fn listener_key(facts: &SocketFacts) -> (NetnsCookie, Protocol, Family, IpAd
 
 /// Sockets the map keeps: listeners and bound-but-not-listening ones.
 fn tracked_state(facts: &SocketFacts) -> bool {
-    matches!(facts.state, SockState::Listening | SockState::Bound)
+    facts.state.is_listening_or_bound()
 }
 
 /// Known option values win over unknown ones; a value read later (snapshot

@@ -35,9 +35,6 @@ use crate::{
     watch::SharedState,
 };
 
-/// The `Content-Type` of [`Metrics::render`]'s output.
-pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
-
 /// What `portwatch_build_info` says about this build and the machine.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BuildInfo {
@@ -92,7 +89,7 @@ impl Metrics {
         Ok(Metrics { registry })
     }
 
-    /// The text exposition format ([`CONTENT_TYPE`]). Holds the state's read
+    /// The text exposition format. Holds the state's read
     /// lock only to copy the counters and listeners out; the rest is CPU work
     /// that grows with the listeners (about 150 ms for 100,000 in a release
     /// build), which an async caller may hand to `spawn_blocking`.
@@ -267,15 +264,11 @@ const SPECS: [&Spec; 17] = [
     &EXPECTED_LISTENERS,
 ];
 
-/// Every event kind, so that each has a series from the first scrape.
-const EVENT_KINDS: [EventKind; 6] = [
-    EventKind::Bind,
-    EventKind::BindFailed,
-    EventKind::Listen,
-    EventKind::ListenFailed,
-    EventKind::ListenStop,
-    EventKind::Close,
-];
+/// The names of the families the state collector produces. The process
+/// collector's `process_*` families come on top.
+pub fn family_names() -> impl Iterator<Item = &'static str> {
+    SPECS.iter().map(|spec| spec.name)
+}
 
 /// The protocols and families whose bind series exist from the first scrape.
 const COMMON_PROTOCOLS: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
@@ -462,7 +455,8 @@ impl Reading {
             }
         }
         let mut events = events;
-        for kind in EVENT_KINDS {
+        // Every kind has a series from the first scrape.
+        for kind in EventKind::ALL {
             events.entry(kind.name()).or_insert(0);
         }
 

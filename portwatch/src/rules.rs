@@ -587,6 +587,13 @@ pub fn why_coexist(a: &SocketFacts, b: &SocketFacts) -> Option<CoexistReason> {
 /// may be the case.
 const UDP_HASH2_THRESHOLD: usize = 10;
 
+/// Whether sockets of protocols `a` and `b` number their ports in one space
+/// and so may collide: TCP and MPTCP share one (an MPTCP socket binds
+/// through a TCP subflow); UDP, UDP-Lite and SCTP each have their own.
+pub fn same_port_space(a: Protocol, b: Protocol) -> bool {
+    Space::of(a) == Space::of(b)
+}
+
 /// A port numbering space: sockets in different ones never collide.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Space {
@@ -613,7 +620,7 @@ impl Space {
 
 /// How unknown (`None`) options and owners are filled in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fill {
+pub(crate) enum Fill {
     /// Options not set, owners different: the kernel defaults, and the answer
     /// reported.
     Unset,
@@ -637,7 +644,7 @@ fn same_owner(a: Option<u32>, b: Option<u32>, fill: Fill) -> bool {
 
 /// A bound address as the conflict rules see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Endpoint {
+pub(crate) enum Endpoint {
     /// An IPv4 address, from an IPv4 socket or an IPv4-mapped IPv6 one.
     V4(Ipv4Addr),
     /// `[::]`.
@@ -646,7 +653,7 @@ enum Endpoint {
     V6(Ipv6Addr),
 }
 
-fn endpoint(address: IpAddr, v6only: Option<bool>, fill: Fill) -> Endpoint {
+pub(crate) fn endpoint(address: IpAddr, v6only: Option<bool>, fill: Fill) -> Endpoint {
     match address {
         IpAddr::V4(v4) => Endpoint::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -667,7 +674,7 @@ fn known_endpoint(address: IpAddr, v6only: Option<bool>) -> Option<Endpoint> {
 
 /// How `new`'s address overlaps `old`'s, if at all (`inet_rcv_saddr_equal`
 /// with wildcards matching on both sides).
-fn overlap(new: Endpoint, old: Endpoint) -> Option<Overlap> {
+pub(crate) fn overlap(new: Endpoint, old: Endpoint) -> Option<Overlap> {
     use Endpoint::{V4, V6, V6Any};
     match (new, old) {
         (V4(n), V4(o)) if n == o => Some(Overlap::SameAddress),
@@ -764,7 +771,7 @@ fn invalid_bind(req: &BindRequest, fill: Fill) -> Option<InvalidRequest> {
 }
 
 /// `0.0.0.0`, `[::]` or `::ffff:0.0.0.0` (`inet_use_hash2_on_bind` is false).
-fn is_wildcard(address: IpAddr) -> bool {
+pub(crate) fn is_wildcard(address: IpAddr) -> bool {
     match endpoint(address, None, Fill::Unset) {
         Endpoint::V4(v4) => v4.is_unspecified(),
         Endpoint::V6Any { .. } => true,

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
+use crate::event::Options;
 pub use crate::event::{Family, Protocol};
 
 /// A network namespace, named by its cookie (`SO_NETNS_COOKIE`, the same
@@ -28,6 +29,16 @@ pub enum SockState {
     TimeWait,
 }
 
+impl SockState {
+    /// Listening or bound and not connected: the states in which a socket
+    /// holds its port for receiving, which are the ones the map keeps and
+    /// whose sharing options matter. Connections and TIME_WAIT also hold the
+    /// port, but only against binds.
+    pub fn is_listening_or_bound(self) -> bool {
+        matches!(self, SockState::Listening | SockState::Bound)
+    }
+}
+
 /// Socket options that decide whether sockets may share a port. `None` is
 /// "unknown" (never guessed).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
@@ -36,6 +47,29 @@ pub struct ShareOptions {
     pub reuse_port: Option<bool>,
     /// Only meaningful for IPv6 sockets.
     pub v6only: Option<bool>,
+}
+
+/// The sharing options among the options an event read.
+impl From<Options> for ShareOptions {
+    fn from(options: Options) -> ShareOptions {
+        ShareOptions {
+            reuse_addr: options.reuse_addr,
+            reuse_port: options.reuse_port,
+            v6only: options.v6only,
+        }
+    }
+}
+
+/// Event options with only the sharing ones known.
+impl From<ShareOptions> for Options {
+    fn from(options: ShareOptions) -> Options {
+        Options {
+            reuse_addr: options.reuse_addr,
+            reuse_port: options.reuse_port,
+            v6only: options.v6only,
+            ..Options::default()
+        }
+    }
 }
 
 /// One socket holding a local port.

@@ -21,13 +21,9 @@ use crate::{
 /// Counters for metrics and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct WatchStats {
-    /// Events applied.
-    pub events: u64,
     /// Reconciliations run, and the drift they corrected in total.
     pub reconciliations: u64,
     pub drift: Drift,
-    /// What the last reconciliation corrected (0 once the map is exact).
-    pub last_drift: Drift,
     /// Records the kernel lost (all hooks), as last read.
     pub dropped: u64,
     /// Cookies that could not be handed to the kernel's TRACKED map.

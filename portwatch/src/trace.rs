@@ -27,8 +27,7 @@ pub struct TraceFilter {
 impl TraceFilter {
     /// Whether `ev` passes every condition that is set.
     pub fn matches(&self, ev: &PortEvent) -> bool {
-        self.port
-            .is_none_or(|port| ev.port == port || ev.bound_port == Some(port))
+        self.port.is_none_or(|port| ev.concerns_port(port))
             && self.pid.is_none_or(|pid| ev.pid == pid)
             && (!self.failures_only || ev.kind.is_failure())
     }
@@ -325,7 +324,7 @@ impl<'a> JsonLine<'a> {
     /// The JSON view of `ev`, with its time converted by `clock`.
     pub fn new(ev: &'a PortEvent, clock: &BootClock) -> Self {
         Self {
-            time: format!("{:.9}", timestamp(clock.to_system_time(ev.boot_ns))),
+            time: rfc3339(clock.to_system_time(ev.boot_ns)),
             boot_ns: ev.boot_ns,
             kind: ev.kind,
             pid: ev.pid,
@@ -360,6 +359,13 @@ impl<'a> JsonLine<'a> {
 pub fn json_line(ev: &PortEvent, clock: &BootClock) -> String {
     serde_json::to_string(&JsonLine::new(ev, clock))
         .expect("a JsonLine holds only strings, numbers, booleans and nulls")
+}
+
+/// `time` as RFC 3339 in UTC with nanoseconds (`2024-05-01T12:34:56.000000000Z`),
+/// as `trace --json` and the HTTP API write times; saturating as
+/// [`timestamp`] does.
+pub fn rfc3339(time: SystemTime) -> String {
+    format!("{:.9}", timestamp(time))
 }
 
 /// `time` as a jiff timestamp, saturating at jiff's range (years -9999 to

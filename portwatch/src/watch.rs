@@ -26,8 +26,8 @@ use crate::{
     explain,
     failures::{self, Failure},
     map::{Drift, Observed},
+    rules,
     snapshot::{self, SnapshotConfig, SnapshotError},
-    socket::SockState,
     state::{ExpectedListener, State},
 };
 
@@ -174,7 +174,7 @@ impl Watcher {
         let observed = snapshot.observed();
         let mut untracked = 0;
         for seen in &observed {
-            if matches!(seen.facts.state, SockState::Listening | SockState::Bound)
+            if seen.facts.state.is_listening_or_bound()
                 && watcher.capture.track(seen.facts.cookie).is_err()
             {
                 untracked += 1;
@@ -207,9 +207,9 @@ impl Watcher {
         self.heartbeat.clone()
     }
 
-    /// A live stream of every event applied from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<PortEvent>> {
-        self.events.subscribe()
+    /// The clock that turns the events' boot times into wall time.
+    pub fn clock(&self) -> BootClock {
+        self.clock
     }
 
     /// A sender for the live stream, to subscribe later.
@@ -296,7 +296,6 @@ impl Watcher {
             fill_from_map(&state, event);
             self.apply(&mut state, event);
         }
-        state.stats.events += events.len() as u64;
         drop(state);
         // Copies only for live streams that exist (this runs per event).
         if self.events.receiver_count() == 0 {
@@ -353,9 +352,11 @@ impl Watcher {
             return Ok(());
         }
         self.last_diag = Instant::now();
+        // Connections and TIME_WAIT block binds too: the whole table.
         let config = SnapshotConfig {
             read_owners: true,
             read_options: false,
+            holders_only: false,
         };
         let snapshot = tokio::task::spawn_blocking(move || snapshot::take(&config)).await??;
         let observed = snapshot.observed();
@@ -367,7 +368,7 @@ impl Watcher {
                 .iter()
                 .filter(|o| {
                     o.facts.netns == request.netns
-                        && o.facts.protocol == request.protocol
+                        && rules::same_port_space(o.facts.protocol, request.protocol)
                         && o.facts.port == request.port
                 })
                 .collect();
@@ -406,6 +407,7 @@ impl Watcher {
         let config = SnapshotConfig {
             read_owners: true,
             read_options: false,
+            holders_only: true,
         };
         let snapshot = tokio::task::spawn_blocking(move || snapshot::take(&config)).await??;
         let observed = snapshot.observed();
@@ -415,7 +417,7 @@ impl Watcher {
                 .iter()
                 .filter(|seen| {
                     state.map.get(seen.facts.cookie).is_none()
-                        && matches!(seen.facts.state, SockState::Listening | SockState::Bound)
+                        && seen.facts.state.is_listening_or_bound()
                 })
                 .map(|seen| seen.facts.cookie)
                 .collect()
@@ -431,7 +433,6 @@ impl Watcher {
         let stats = &mut state.stats;
         stats.untracked += untracked as u64;
         stats.reconciliations += 1;
-        stats.last_drift = drift;
         stats.drift.missing += drift.missing;
         stats.drift.stale += drift.stale;
         stats.drift.changed += drift.changed;
@@ -447,11 +448,6 @@ impl Watcher {
         self.state
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The capture underneath (hook paths, drops).
-    pub fn capture(&self) -> &Capture {
-        &self.capture
     }
 }
 
@@ -470,9 +466,7 @@ fn fill_from_map(state: &State, event: &mut PortEvent) {
     event.bound_port = Some(facts.port);
     event.netns = event.netns.or(Some(facts.netns));
     if event.options == crate::event::Options::default() {
-        event.options.reuse_addr = facts.options.reuse_addr;
-        event.options.reuse_port = facts.options.reuse_port;
-        event.options.v6only = facts.options.v6only;
+        event.options = facts.options.into();
     }
 }
 

@@ -17,10 +17,9 @@ mod support;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
-    io::ErrorKind,
     net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -133,45 +132,15 @@ fn unit_tests() -> Vec<(PathBuf, TestFile)> {
         .collect()
 }
 
-/// A directory under the temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> TempDir {
-        let path = std::env::temp_dir().join(support::unique(label));
-        std::fs::create_dir(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Runs promtool; panics with the setup command if it is not installed.
+/// Runs promtool in `deploy/`; panics with the setup command if it is not
+/// installed.
 fn promtool(args: &[&Path]) -> (bool, String) {
-    let out = Command::new("promtool")
-        .args(args)
-        .current_dir(deploy())
-        .output();
-    let out = match out {
-        Ok(out) => out,
-        Err(err) if err.kind() == ErrorKind::NotFound => panic!(
-            "promtool is not installed (Debian package `prometheus`): run `cargo xtask setup`"
-        ),
-        Err(err) => panic!("cannot run promtool: {err}"),
-    };
-    (out.status.success(), said(&out))
-}
-
-fn said(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    let out = support::run_tool(
+        Command::new("promtool").args(args).current_dir(deploy()),
+        "prometheus",
+        b"",
+    );
+    (out.status.success(), support::said(&out))
 }
 
 #[test]
@@ -203,7 +172,7 @@ fn promtool_passes_the_unit_tests() {
 /// eval_time where nothing happens.
 #[test]
 fn each_firing_case_really_fires() {
-    let dir = TempDir::new("alert-mutants");
+    let dir = support::TempDir::new("alert-mutants");
     let mut mutants = 0;
     for path in test_files() {
         let original: Yaml = serde_yaml_ng::from_str(&read(&path)).expect("YAML");
@@ -226,7 +195,7 @@ fn each_firing_case_really_fires() {
                 .to_owned();
             mutant["tests"][group]["alert_rule_test"][case]["exp_alerts"] =
                 Yaml::Sequence(Vec::new());
-            let file = dir.0.join(format!("mutant-{mutants}.yml"));
+            let file = dir.path.join(format!("mutant-{mutants}.yml"));
             std::fs::write(&file, serde_yaml_ng::to_string(&mutant).expect("YAML"))
                 .expect("write mutant");
             mutants += 1;
@@ -652,12 +621,12 @@ struct Prometheus {
     child: Child,
     url: String,
     /// Config, log and data; removed after `drop` has killed the child.
-    dir: TempDir,
+    dir: support::TempDir,
 }
 
 impl Prometheus {
     fn start(target: &str) -> Prometheus {
-        let dir = TempDir::new("prometheus");
+        let dir = support::TempDir::new("prometheus");
         let rule_files: String = RULE_FILES
             .iter()
             .map(|name| format!("  - {}\n", deploy().join(name).display()))
@@ -669,31 +638,26 @@ impl Prometheus {
              rule_files:\n{rule_files}\
              scrape_configs:\n  - job_name: portwatch\n    static_configs:\n      - targets: ['{target}']\n"
         );
-        let config_path = dir.0.join("prometheus.yml");
+        let config_path = dir.path.join("prometheus.yml");
         std::fs::write(&config_path, config).expect("write prometheus.yml");
-        let log = File::create(dir.0.join("prometheus.log")).expect("create the log");
+        let log = File::create(dir.path.join("prometheus.log")).expect("create the log");
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.0.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn();
-        let child = match child {
-            Ok(child) => child,
-            Err(err) if err.kind() == ErrorKind::NotFound => panic!(
-                "prometheus is not installed (Debian package `prometheus`): run `cargo xtask setup`"
-            ),
-            Err(err) => panic!("cannot run prometheus: {err}"),
-        };
+        let child = support::spawn_tool(
+            Command::new("prometheus")
+                .arg(format!("--config.file={}", config_path.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path.join("data").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log),
+            "prometheus",
+        );
         let mut prometheus = Prometheus {
             child,
             url: format!("http://127.0.0.1:{port}"),
@@ -758,7 +722,7 @@ impl Prometheus {
 
     /// The end of its log, for failure messages.
     fn log(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.0.join("prometheus.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(self.dir.path.join("prometheus.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }

@@ -7,7 +7,7 @@ mod support;
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    process::Command,
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -132,20 +132,8 @@ fn a_user_sees_the_seed_scenarios_over_http_metrics_and_the_cli() {
         N as f64,
         "{metrics}"
     );
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus): run `cargo xtask setup`");
-    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool: {}",
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    let (ok, said) = support::promtool(&["check", "metrics"], metrics.as_bytes());
+    assert!(ok, "promtool: {said}");
 
     // /check: the predictor, in that namespace.
     let check = daemon.json(&format!(
@@ -317,11 +305,11 @@ fn events_stream_live_over_sse() {
     daemon.stop();
 }
 
+/// No root needed: the configuration is only read and checked.
 #[test]
-#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn check_config_validates_without_starting() {
-    let config = std::env::temp_dir().join(format!("{}.toml", support::unique("cfg")));
-    std::fs::write(&config, "listen = \"127.0.0.1:7999\"\n").unwrap();
+    let dir = support::TempDir::new("cfg");
+    let config = dir.file("portwatch.toml", "listen = \"127.0.0.1:7999\"\n");
     let ok = Command::new(env!("CARGO_BIN_EXE_portwatch"))
         .args(["daemon", "--check-config", "--config"])
         .arg(&config)
@@ -335,7 +323,6 @@ fn check_config_validates_without_starting() {
         .arg(&config)
         .output()
         .unwrap();
-    std::fs::remove_file(&config).unwrap();
     assert_eq!(bad.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(
@@ -376,11 +363,7 @@ fn the_cli_says_when_no_daemon_runs() {
 
 /// Runs `bpftool -j ARGS` and parses its JSON (an empty answer is `[]`).
 fn bpftool(args: &[&str]) -> Value {
-    let out = Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .expect("bpftool (Debian package bpftool): run `cargo xtask setup`");
+    let out = support::run_tool(Command::new("bpftool").arg("-j").args(args), "bpftool", b"");
     assert!(
         out.status.success(),
         "bpftool {args:?}: {}",

@@ -12,7 +12,7 @@ use std::{
     process::{Command, Output},
 };
 
-use support::CgroupGuard;
+use support::{CgroupGuard, DEADLINE, Tracer};
 
 fn portwatch() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_portwatch"));
@@ -20,15 +20,31 @@ fn portwatch() -> Command {
     command
 }
 
-/// Runs `portwatch trace ARGS` inside a private mount namespace after `setup`
-/// (shell commands that break something there). Stopped with SIGTERM after 5 s.
-fn trace_in_private_mounts(setup: &str, args: &str) -> Output {
-    let script = format!(
-        "set -e; {setup}; exec timeout --preserve-status --signal=TERM 5 {} trace {args}",
-        env!("CARGO_BIN_EXE_portwatch")
-    );
-    Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+/// A command line that runs `setup` (shell commands that break something)
+/// in a private mount namespace, then execs the command appended to it.
+fn private_mounts(setup: &str) -> Vec<String> {
+    let mut wrapper: Vec<String> = ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+        .map(str::to_owned)
+        .to_vec();
+    wrapper.push(format!("set -e; {setup}; exec \"$0\" \"$@\""));
+    wrapper
+}
+
+/// Runs `portwatch trace ARGS`, which is expected to fail at start-up, after
+/// `setup` in [`private_mounts`]. Should it still run at the deadline, it is
+/// stopped with SIGTERM (a clean exit, which `one_line` then rejects).
+fn trace_in_private_mounts(setup: &str) -> Output {
+    let wrapper = private_mounts(setup);
+    Command::new(&wrapper[0])
+        .args(&wrapper[1..])
+        .args([
+            "timeout",
+            "--preserve-status",
+            "--signal=TERM",
+            &DEADLINE.as_secs().to_string(),
+            env!("CARGO_BIN_EXE_portwatch"),
+            "trace",
+        ])
         .env("RUST_LOG", "error")
         .output()
         .expect("run unshare")
@@ -64,7 +80,7 @@ fn without_privileges_it_names_the_missing_capability() {
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn without_btf_it_says_which_kernel_option_is_needed() {
-    let output = trace_in_private_mounts("mount -t tmpfs none /sys/kernel/btf", "");
+    let output = trace_in_private_mounts("mount -t tmpfs none /sys/kernel/btf");
     let line = one_line(&output);
     assert!(line.contains("no BTF at /sys/kernel/btf/vmlinux"), "{line}");
     assert!(line.contains("CONFIG_DEBUG_INFO_BTF"), "{line}");
@@ -75,7 +91,7 @@ fn without_btf_it_says_which_kernel_option_is_needed() {
 fn without_cgroup2_it_says_how_to_mount_one() {
     let cgroup2 = support::cgroup2_root();
     let setup = format!("umount -l {}", cgroup2.display());
-    let output = trace_in_private_mounts(&setup, "");
+    let output = trace_in_private_mounts(&setup);
     let line = one_line(&output);
     assert!(line.contains("no cgroup2 mount"), "{line}");
     assert!(line.contains("--cgroup"), "{line}");
@@ -85,15 +101,16 @@ fn without_cgroup2_it_says_how_to_mount_one() {
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn without_tracefs_it_mounts_tracefs_and_attaches() {
     let cgroup = CgroupGuard::new("notracefs");
-    // Hide tracefs; portwatch must mount it again. `--port 1` keeps the
-    // output empty; the timeout's TERM is the clean stop.
-    let args = format!("--json --port 1 --cgroup {}", cgroup.path.display());
-    let output = trace_in_private_mounts("mount -t tmpfs none /sys/kernel/tracing", &args);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    // Hide tracefs; portwatch must mount it again. It says so once attached
+    // (start_with waits for that line); `--port 1` keeps the output empty.
+    let wrapper = private_mounts("mount -t tmpfs none /sys/kernel/tracing");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let tracer = Tracer::start_with(&wrapper, &cgroup.path, &["--port", "1"]);
+    let (status, stderr) = tracer.stop_with_status();
     assert!(stderr.contains("portwatch: tracing binds"), "{stderr}");
     assert!(
-        output.status.success(),
-        "SIGTERM is a clean stop: {output:?}"
+        status.is_some_and(|status| status.success()),
+        "SIGTERM is a clean stop: {status:?}; stderr:\n{stderr}"
     );
 }
 

@@ -20,13 +20,10 @@ mod support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::ErrorKind,
     path::{Path, PathBuf},
-    process::Command,
-    sync::atomic::{AtomicUsize, Ordering},
 };
 
-use portwatch::config::Config;
+use portwatch::config::{Config, Overrides};
 use serde::Deserialize as _;
 use serde_json::{Value as Json, json};
 use serde_yaml_ng::Value as Yaml;
@@ -53,33 +50,6 @@ fn exported() -> BTreeMap<String, String> {
         .into_iter()
         .map(|(name, family)| (name, family.kind))
         .collect()
-}
-
-#[test]
-fn the_populated_state_exports_every_family() {
-    let exported = exported();
-    for name in [
-        "portwatch_bind_failures_total",
-        "portwatch_port_bind_failures_total",
-        "portwatch_listen_failures_total",
-        "portwatch_binds_total",
-        "portwatch_events_total",
-        "portwatch_events_dropped_total",
-        "portwatch_decode_errors_total",
-        "portwatch_reconcile_drift_total",
-        "portwatch_reconciliations_total",
-        "portwatch_untracked_sockets_total",
-        "portwatch_listeners",
-        "portwatch_shared_ports",
-        "portwatch_port_shared",
-        "portwatch_program_attached",
-        "portwatch_build_info",
-        "portwatch_ready",
-        "process_cpu_seconds_total",
-        "process_resident_memory_bytes",
-    ] {
-        assert!(exported.contains_key(name), "{name} not in {exported:?}");
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -449,34 +419,6 @@ fn substitute_variables(expr: &str) -> String {
     out
 }
 
-/// Runs `promtool` with `args`; its exit status and what it said.
-fn promtool(args: &[&str]) -> (bool, String) {
-    let out = match Command::new("promtool").args(args).output() {
-        Ok(out) => out,
-        Err(err) if err.kind() == ErrorKind::NotFound => panic!(
-            "promtool is not installed (Debian package `prometheus`): run `cargo xtask setup`"
-        ),
-        Err(err) => panic!("cannot run promtool: {err}"),
-    };
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), said)
-}
-
-/// A new file under cargo's per-test-target scratch directory, unique to
-/// this call (tests run in parallel).
-fn scratch(name: &str, text: &str) -> PathBuf {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let path = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("manifests-{}-{n}-{name}", std::process::id()));
-    std::fs::write(&path, text).expect("write a scratch file");
-    path
-}
-
 /// Each panel query as a recording rule, which `promtool check rules`
 /// parses with Prometheus's own PromQL parser.
 fn promtool_check_queries(queries: &[Query]) -> (bool, String) {
@@ -490,10 +432,12 @@ fn promtool_check_queries(queries: &[Query]) -> (bool, String) {
         .collect();
     // JSON is YAML.
     let file = json!({"groups": [{"name": "dashboard", "rules": rules}]});
-    let path = scratch("dashboard-rules.yml", &file.to_string());
-    let result = promtool(&["check", "rules", path.to_str().expect("a UTF-8 path")]);
-    let _ = std::fs::remove_file(path);
-    result
+    let dir = support::TempDir::new("dashboard");
+    let path = dir.file("dashboard-rules.yml", file.to_string());
+    support::promtool(
+        &["check", "rules", path.to_str().expect("a UTF-8 path")],
+        b"",
+    )
 }
 
 #[test]
@@ -639,6 +583,7 @@ fn configmap_config() -> Config {
     let configmap = object("ConfigMap");
     let toml = text(&configmap, &["data", "portwatch.toml"]);
     Config::parse(toml, Path::new("deploy/kubernetes/configmap.yml"))
+        .and_then(|config| config.apply_flags(&Overrides::default()))
         .unwrap_or_else(|err| panic!("the ConfigMap's portwatch.toml: {err}"))
 }
 
@@ -1015,8 +960,11 @@ fn promtool_accepts_the_scrape_job() {
         job.insert("static_configs".into(), static_configs);
     }
     let text = serde_yaml_ng::to_string(&config).expect("YAML");
-    let path = scratch("prometheus.yml", &text);
-    let (ok, said) = promtool(&["check", "config", path.to_str().expect("a UTF-8 path")]);
-    let _ = std::fs::remove_file(path);
+    let dir = support::TempDir::new("scrape");
+    let path = dir.file("prometheus.yml", &text);
+    let (ok, said) = support::promtool(
+        &["check", "config", path.to_str().expect("a UTF-8 path")],
+        b"",
+    );
     assert!(ok, "promtool: {said}\n{text}");
 }

@@ -9,16 +9,23 @@
 mod support;
 
 use std::{
-    io::{ErrorKind, Write as _},
-    process::{Command, Stdio},
+    collections::BTreeSet,
+    process::Command,
     sync::{Arc, RwLock},
 };
 
+use axum::{
+    body::Body,
+    http::{Request, StatusCode, header},
+};
 use portwatch::{
-    metrics::{BuildInfo, CONTENT_TYPE, Metrics},
+    api::{self, ApiContext},
+    event::BootClock,
+    metrics::{self, BuildInfo, Metrics},
     state::State,
 };
 use support::exported::{busy_state, exported, sample_labels};
+use tower::ServiceExt as _;
 
 fn render(state: State, build: BuildInfo) -> String {
     Metrics::new(Arc::new(RwLock::new(state)), build)
@@ -28,32 +35,7 @@ fn render(state: State, build: BuildInfo) -> String {
 
 /// Runs `promtool check metrics` on `text`: its exit code and what it said.
 fn promtool_check(text: &str) -> (bool, String) {
-    let child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(child) => child,
-        Err(err) if err.kind() == ErrorKind::NotFound => panic!(
-            "promtool is not installed (Debian package `prometheus`): run `cargo xtask setup`"
-        ),
-        Err(err) => panic!("cannot run promtool: {err}"),
-    };
-    child
-        .stdin
-        .take()
-        .expect("promtool's stdin")
-        .write_all(text.as_bytes())
-        .expect("write to promtool");
-    let out = child.wait_with_output().expect("wait for promtool");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), said)
+    support::promtool(&["check", "metrics"], text.as_bytes())
 }
 
 #[track_caller]
@@ -105,9 +87,43 @@ fn build_info_is_this_build_on_this_kernel() {
     assert_eq!(build.kernel, String::from_utf8_lossy(&uname.stdout).trim());
 }
 
-#[test]
-fn served_as_the_text_format() {
-    assert_eq!(CONTENT_TYPE, "text/plain; version=0.0.4");
+/// What the API's `/metrics` serves, rendered by the real [`Metrics`]:
+/// the header Prometheus reads the format from, and the text.
+#[tokio::test]
+async fn served_as_the_text_format() {
+    let state = Arc::new(RwLock::new(busy_state()));
+    let metrics = Metrics::new(state.clone(), BuildInfo::current()).expect("metrics");
+    let (events, _) = tokio::sync::broadcast::channel(1);
+    let router = api::metrics_router(ApiContext {
+        state,
+        events,
+        metrics: Arc::new(move || metrics.render()),
+        clock: BootClock::now(),
+    });
+    let response = router
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .expect("infallible");
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()[header::CONTENT_TYPE]
+        .to_str()
+        .expect("an ASCII header")
+        .to_owned();
+    // The text exposition format 0.0.4, in UTF-8 (which its label values use).
+    let mut parts = content_type.split(';').map(str::trim);
+    assert_eq!(parts.next(), Some("text/plain"), "{content_type}");
+    let parameters: BTreeSet<String> = parts.map(str::to_ascii_lowercase).collect();
+    assert_eq!(
+        parameters,
+        BTreeSet::from(["version=0.0.4".to_owned(), "charset=utf-8".to_owned()]),
+        "{content_type}"
+    );
+    let body = axum::body::to_bytes(response.into_body(), 1 << 22)
+        .await
+        .expect("body");
+    let text = std::str::from_utf8(&body).expect("UTF-8");
+    assert!(text.contains("portwatch_build_info{"), "{text}");
+    assert_promtool_accepts(text);
 }
 
 #[test]
@@ -121,12 +137,21 @@ fn sample_labels_skip_escaped_quotes() {
 
 #[test]
 fn the_busy_state_has_every_family() {
-    // The state collector's families, plus the crate's process_* ones.
+    // Every family the state collector produces has samples in the busy
+    // state, which the tests of shipped files check queries against; so do
+    // the crate's process_* ones. No family of ours is unaccounted for.
     let families = exported();
-    let ours = families
+    let specs: BTreeSet<&str> = metrics::family_names().collect();
+    assert!(!specs.is_empty());
+    let ours: BTreeSet<&str> = families
         .keys()
-        .filter(|name| name.starts_with("portwatch_"));
-    assert_eq!(ours.count(), 17, "{families:?}");
+        .map(String::as_str)
+        .filter(|name| name.starts_with("portwatch_"))
+        .collect();
+    assert_eq!(ours, specs, "{families:?}");
+    for name in ["process_cpu_seconds_total", "process_resident_memory_bytes"] {
+        assert!(families.contains_key(name), "{name} not in {families:?}");
+    }
     assert!(families.values().all(|family| !family.kind.is_empty()));
     assert!(families["portwatch_listeners"].labels.contains("port"));
 }

@@ -21,9 +21,7 @@ mod support;
 
 use std::{
     fmt::Write as _,
-    fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::AsRawFd,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -593,18 +591,7 @@ fn in_netns<T: Send>(netns: &NetnsGuard, f: impl FnOnce() -> T + Send) -> T {
         "link", "add", "pwv0", "type", "veth", "peer", "name", "pwv1",
     ]);
     netns.ip(&["link", "set", "pwv0", "up"]);
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let file = File::open(netns.path()).expect("open the netns");
-                // SAFETY: moves only this thread into the test's namespace.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns: {}", last_errno());
-                f()
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+    netns.run_in(f)
 }
 
 /// One test at a time. Each test spawns `ip` commands, and a spawned child

@@ -20,15 +20,15 @@ mod support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    os::unix::{fs::PermissionsExt, net::UnixDatagram},
+    os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
 
-use portwatch::config::Config;
+use portwatch::config::{Config, ConfigError, Overrides};
 use serde_json::Value;
-use support::{CgroupGuard, DEADLINE, NetnsGuard, Op, Worker, daemon::Daemon};
+use support::{CgroupGuard, DEADLINE, NetnsGuard, Op, TempDir, Worker, daemon::Daemon};
 
 const UNIT: &str = include_str!("../../deploy/systemd/portwatch.service");
 const DEFAULT_CONFIG: &str = include_str!("../../deploy/portwatch.toml");
@@ -96,25 +96,6 @@ fn systemd_analyze(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(label: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(support::unique(label));
-        std::fs::create_dir_all(&dir).unwrap();
-        // Readable by the unprivileged user the sandboxed daemon runs as.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The shipped unit with its binary paths pointing at the one under test
 /// (verify checks that ExecStart= exists).
 fn unit_for_this_build(dir: &Path) -> PathBuf {
@@ -127,14 +108,14 @@ fn unit_for_this_build(dir: &Path) -> PathBuf {
 
 #[test]
 fn systemd_analyze_verify_accepts_the_unit() {
-    let scratch = Scratch::new("unit");
-    let unit = unit_for_this_build(&scratch.0);
+    let scratch = TempDir::new("unit");
+    let unit = unit_for_this_build(&scratch.path);
     // The man page is checked where it is installed (tests/package.rs).
     let (ok, out, err) = systemd_analyze(&["verify", "--man=no", unit.to_str().unwrap()]);
     assert!(ok && out.is_empty() && err.is_empty(), "{out}{err}");
 
     // verify is not lenient: a bad value is reported.
-    let bad = scratch.0.join("bad.service");
+    let bad = scratch.path.join("bad.service");
     let text = std::fs::read_to_string(&unit).unwrap();
     std::fs::write(&bad, text.replace("WatchdogSec=30s", "WatchdogSec=often")).unwrap();
     let (_, out, err) = systemd_analyze(&["verify", "--man=no", bad.to_str().unwrap()]);
@@ -167,8 +148,8 @@ fn the_unit_is_sandboxed_as_the_issue_asks() {
     assert!(settings.contains_key("WatchdogSec"));
 
     // systemd's own score of the sandbox (0 = locked down, 10 = exposed).
-    let scratch = Scratch::new("unit");
-    let unit = unit_for_this_build(&scratch.0);
+    let scratch = TempDir::new("unit");
+    let unit = unit_for_this_build(&scratch.path);
     let (_, out, err) = systemd_analyze(&["security", "--offline=true", unit.to_str().unwrap()]);
     let exposure: f64 = out
         .lines()
@@ -182,8 +163,12 @@ fn the_unit_is_sandboxed_as_the_issue_asks() {
 #[test]
 fn the_default_config_documents_every_key_commented_out() {
     let path = Path::new("deploy/portwatch.toml");
+    // As the daemon reads it: the file, checked whole.
+    let parse = |text: &str| -> Result<Config, ConfigError> {
+        Config::parse(text, path)?.apply_flags(&Overrides::default())
+    };
     assert_eq!(
-        Config::parse(DEFAULT_CONFIG, path).unwrap(),
+        parse(DEFAULT_CONFIG).unwrap(),
         Config::default(),
         "everything commented out: the defaults"
     );
@@ -197,13 +182,11 @@ fn the_default_config_documents_every_key_commented_out() {
         })
         .map(|line| format!("{line}\n"))
         .collect();
-    let config = Config::parse(&uncommented, path).unwrap_or_else(|err| panic!("{err}"));
+    let config = parse(&uncommented).unwrap_or_else(|err| panic!("{err}"));
     assert_ne!(config, Config::default());
     // Every key the parser knows is in the file: the parser names them all
     // when it rejects an unknown one.
-    let err = Config::parse("no_such_key = 1", path)
-        .unwrap_err()
-        .to_string();
+    let err = parse("no_such_key = 1").unwrap_err().to_string();
     let known: Vec<&str> = err.split('`').skip(3).step_by(2).collect();
     assert!(known.len() >= 10, "{err}");
     let documented: BTreeSet<&str> = uncommented
@@ -280,17 +263,17 @@ fn the_syscall_filter_expands_to_what_the_daemon_needs() {
 /// `caps` (ambient, inheritable and bounding), no new privileges, then the
 /// system call filter `allowed` with `errno` for everything else.
 struct Sandbox {
-    _scratch: Scratch,
+    _scratch: TempDir,
     wrapper: Vec<String>,
 }
 
 impl Sandbox {
     fn new(caps: &[String], allowed: &BTreeSet<String>, errno: &str) -> Sandbox {
-        let scratch = Scratch::new("sandbox");
-        let names = scratch.0.join("syscalls");
+        let scratch = TempDir::new("sandbox");
+        let names = scratch.path.join("syscalls");
         let joined: Vec<&str> = allowed.iter().map(String::as_str).collect();
         std::fs::write(&names, joined.join("\n")).unwrap();
-        let script = scratch.0.join("seccomp_exec.py");
+        let script = scratch.path.join("seccomp_exec.py");
         std::fs::write(&script, include_str!("support/seccomp_exec.py")).unwrap();
         let set = format!(
             "-all{}",
@@ -468,8 +451,12 @@ fn every_capability_and_added_syscall_is_needed() {
             &expand_syscall_filter(&filter),
             &errno,
         ));
+        let name = format!("CAP_{}", cap.to_uppercase());
+        // A refusal must say why: the capability it found missing.
+        let refused_for = |why: &str| seen.refused.as_ref().is_some_and(|s| s.contains(why));
         let lost = match cap.as_str() {
-            "bpf" | "perfmon" | "net_admin" | "dac_read_search" => seen.refused.is_some(),
+            "bpf" | "perfmon" | "net_admin" => refused_for(&format!("missing capability {name}")),
+            "dac_read_search" => refused_for(&format!("need {name}")),
             "sys_ptrace" => {
                 seen.refused.is_none()
                     && !seen.holder_found
@@ -482,14 +469,20 @@ fn every_capability_and_added_syscall_is_needed() {
             }
             other => panic!("no expectation for CAP_{other}: add one here"),
         };
-        assert!(lost, "without CAP_{}: {seen:?}", cap.to_uppercase());
+        assert!(lost, "without {name}: {seen:?}");
     }
-    // Each system call added to @system-service, and what is lost.
+    // Each system call added to @system-service, and what is lost. A refused
+    // call fails with the unit's errno, which the refusal must carry.
+    assert_eq!(errno, "EPERM", "the refusals below look for EPERM's text");
+    let eperm = std::io::Error::from_raw_os_error(libc::EPERM).to_string();
     for call in filter.iter().filter(|f| !f.starts_with('@')) {
         let fewer: Vec<String> = filter.iter().filter(|f| *f != call).cloned().collect();
         let seen = run_in(&Sandbox::new(&caps, &expand_syscall_filter(&fewer), &errno));
         let lost = match call.as_str() {
-            "bpf" | "perf_event_open" => seen.refused.is_some(),
+            "bpf" | "perf_event_open" => seen
+                .refused
+                .as_ref()
+                .is_some_and(|stderr| stderr.contains(&eperm)),
             "pidfd_getfd" => seen.refused.is_none() && seen.holder_found && !seen.reuse_port_read,
             other => panic!("no expectation for {other}: add one here"),
         };
@@ -501,8 +494,8 @@ fn every_capability_and_added_syscall_is_needed() {
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn systemd_hears_ready_watchdog_and_stopping() {
     let _serial = serial();
-    let scratch = Scratch::new("notify");
-    let path = scratch.0.join("notify.sock");
+    let scratch = TempDir::new("notify");
+    let path = scratch.path.join("notify.sock");
     let socket = UnixDatagram::bind(&path).unwrap();
     socket.set_read_timeout(Some(DEADLINE)).unwrap();
     let cgroup = CgroupGuard::new("notify");

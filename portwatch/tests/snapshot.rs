@@ -5,13 +5,12 @@
 //! owners, and checked against `ss`.
 //!
 //! They need root (setns, pidfd_getfd, cgroups), so they are `#[ignore]`d
-//! and `cargo xtask test` runs them (`--include-ignored`) where it can.
+//! and `cargo xtask test` runs them (`--ignored`) where it can.
 
 mod support;
 
 use std::{
     collections::HashSet,
-    fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener},
     os::{fd::AsRawFd, unix::process::CommandExt},
     process::{Command, Stdio},
@@ -30,28 +29,6 @@ use support::{CgroupGuard, DEADLINE, NetnsGuard, Op, Worker};
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Runs `f` on a thread inside `netns` (setns moves only that thread).
-fn in_netns<T: Send>(netns: &NetnsGuard, f: impl FnOnce() -> T + Send) -> T {
-    let file = File::open(netns.path()).expect("open netns");
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: moves only this short-lived thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .expect("netns thread")
-    })
-}
-
-fn netns_cookie(netns: &NetnsGuard) -> NetnsCookie {
-    in_netns(netns, || {
-        snapshot::netns_cookie_of_current_thread().expect("netns cookie")
-    })
 }
 
 fn sockets_in(snapshot: &Snapshot, netns: NetnsCookie) -> Vec<&SnapshotSocket> {
@@ -224,7 +201,7 @@ fn snapshot_lists_a_private_netns_with_states_options_and_owners() {
         .collect();
 
     let host = snapshot::netns_cookie_of_current_thread().expect("host cookie");
-    let private = netns_cookie(&netns);
+    let private = netns.cookie();
     assert_ne!(private, host);
 
     let snap = snapshot::take(&SnapshotConfig::default()).expect("snapshot");
@@ -306,6 +283,7 @@ fn snapshot_lists_a_private_netns_with_states_options_and_owners() {
     let quick = snapshot::take(&SnapshotConfig {
         read_owners: true,
         read_options: false,
+        holders_only: false,
     })
     .expect("snapshot without options");
     let inside = sockets_in(&quick, private);
@@ -325,10 +303,8 @@ fn snapshot_lists_a_private_netns_with_states_options_and_owners() {
 fn a_socket_held_by_two_processes_lists_both() {
     let _serial = serial();
     let netns = NetnsGuard::new("shared");
-    let private = netns_cookie(&netns);
-    let listener = in_netns(&netns, || {
-        TcpListener::bind("127.0.0.1:8080").expect("bind")
-    });
+    let private = netns.cookie();
+    let listener = netns.run_in(|| TcpListener::bind("127.0.0.1:8080").expect("bind"));
     let fd = listener.as_raw_fd();
     // A child inherits it, as with systemd socket activation or a fork.
     let mut command = Command::new("sleep");
@@ -438,13 +414,13 @@ fn snapshot_finds_every_one_of_many_listeners() {
     let _serial = serial();
     let count = listener_count();
     let netns = NetnsGuard::new("many");
-    let private = netns_cookie(&netns);
+    let private = netns.cookie();
     let mut holders = Holders(Vec::new());
     let mut held: HashSet<(u32, i32)> = HashSet::new();
     let mut made = 0;
     while made < count {
         let batch = PER_HOLDER.min(count - made);
-        let listeners: Vec<TcpListener> = in_netns(&netns, || {
+        let listeners: Vec<TcpListener> = netns.run_in(|| {
             (made..made + batch)
                 .map(|i| {
                     // 127.0.0.0/8 is all local: spread over addresses.
@@ -463,6 +439,7 @@ fn snapshot_finds_every_one_of_many_listeners() {
     let listing = snapshot::take(&SnapshotConfig {
         read_owners: false,
         read_options: false,
+        holders_only: false,
     })
     .expect("listing");
     let listing_time = started.elapsed();
@@ -470,6 +447,7 @@ fn snapshot_finds_every_one_of_many_listeners() {
     let owners_only = snapshot::take(&SnapshotConfig {
         read_owners: true,
         read_options: false,
+        holders_only: false,
     })
     .expect("listing with owners");
     let owners_time = started.elapsed();
@@ -512,4 +490,67 @@ fn snapshot_finds_every_one_of_many_listeners() {
         assert!(seen.insert((owner.pid, owner.fd)), "two sockets, one fd");
     }
     drop(holders);
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn holders_only_lists_listeners_and_bound_sockets_but_no_connections() {
+    let _serial = serial();
+    let cgroup = CgroupGuard::new("holders");
+    let netns = NetnsGuard::new("holders");
+    let addr: std::net::SocketAddr = "127.0.0.1:9000".parse().unwrap();
+    let ops = [
+        // 0: a TCP listener; 1: a client connected to it; 2: the accepted end.
+        Op::tcp(false),
+        Op::bind(0, "127.0.0.1:9000"),
+        Op::Listen {
+            sock: 0,
+            backlog: 4,
+        },
+        Op::tcp(false),
+        Op::Connect { sock: 1, addr },
+        Op::Accept { sock: 0 },
+        // 3: a bound UDP socket; 4: a connected one.
+        Op::udp(false),
+        Op::bind(3, "127.0.0.1:9001"),
+        Op::udp(false),
+        Op::Connect {
+            sock: 4,
+            addr: "127.0.0.1:9001".parse().unwrap(),
+        },
+        Op::Pause,
+    ];
+    let mut worker = Worker::spawn(&cgroup.path, Some(&netns), &ops);
+    let results = worker.results(ops.len() - 1);
+    assert!(results.iter().all(|&r| r >= 0), "ops failed: {results:?}");
+
+    let private = netns.cookie();
+    let config = |holders_only| SnapshotConfig {
+        holders_only,
+        ..SnapshotConfig::default()
+    };
+    let full = snapshot::take(&config(false)).expect("full snapshot");
+    let holders = snapshot::take(&config(true)).expect("holders-only snapshot");
+    let states = |snap: &Snapshot| {
+        let mut seen: Vec<(Protocol, SockState, usize)> = sockets_in(snap, private)
+            .iter()
+            .map(|s| (s.facts.protocol, s.facts.state, s.owners.len()))
+            .collect();
+        seen.sort_by_key(|&(protocol, state, _)| (protocol, state as u8));
+        seen
+    };
+    let full_states = states(&full);
+    assert_eq!(full_states.len(), 5, "{full_states:?}");
+    // Exactly the full listing's listening and bound sockets, owners and all.
+    let expected: Vec<_> = full_states
+        .iter()
+        .copied()
+        .filter(|(_, state, _)| state.is_listening_or_bound())
+        .collect();
+    assert_eq!(expected.len(), 2, "{full_states:?}");
+    assert_eq!(states(&holders), expected);
+    assert!(expected.iter().all(|&(_, _, owners)| owners == 1));
+
+    worker.resume();
+    assert_eq!(worker.wait(), 0, "worker exit status");
 }

@@ -17,7 +17,7 @@ use super::{
 use crate::{
     event::{Family, Protocol},
     rules::{self, Verdict},
-    socket::{BindRequest, ShareOptions, SocketFacts},
+    socket::{BindRequest, ShareOptions},
     state::State as DaemonState,
 };
 
@@ -61,11 +61,7 @@ pub async fn check(
     )?;
     let host = shared.read(|state| state.host_netns);
     let address = query.required("address", params::address)?;
-    let family = if address.is_ipv4() {
-        Family::Ipv4
-    } else {
-        Family::Ipv6
-    };
+    let family = Family::of(address);
     let request = BindRequest {
         netns: query.opt("netns", params::netns(host))?.unwrap_or(host),
         protocol: query
@@ -87,21 +83,11 @@ pub async fn check(
     Ok(Json(shared.read(|state| judge(state, request))))
 }
 
-/// Protocols that share one port space with `protocol` (TCP and MPTCP).
-fn same_space(protocol: Protocol) -> &'static [Protocol] {
-    match protocol {
-        Protocol::Tcp | Protocol::Mptcp => &[Protocol::Tcp, Protocol::Mptcp],
-        Protocol::Udp => &[Protocol::Udp],
-        Protocol::UdpLite => &[Protocol::UdpLite],
-        Protocol::Sctp => &[Protocol::Sctp],
-    }
-}
-
 fn judge(state: &DaemonState, request: BindRequest) -> CheckResponse {
-    let mut existing: Vec<SocketFacts> = same_space(request.protocol)
-        .iter()
-        .flat_map(|&p| state.map.facts_on(request.netns, p, request.port))
-        .collect();
+    // TCP and MPTCP sockets alike: they share one port space.
+    let mut existing = state
+        .map
+        .facts_on(request.netns, request.protocol, request.port);
     // The rules want bind order, oldest first; cookies grow in that order.
     existing.sort_by_key(|f| f.cookie);
     let prediction = rules::predict_bind(None, &existing, &request);
@@ -122,7 +108,7 @@ fn judge(state: &DaemonState, request: BindRequest) -> CheckResponse {
                 "{endpoint} is free: no socket portwatch tracks on {} port {} conflicts with it",
                 request.protocol, request.port
             );
-            if same_space(request.protocol).contains(&Protocol::Tcp) {
+            if rules::same_port_space(request.protocol, Protocol::Tcp) {
                 text.push_str(
                     " (connections and TIME_WAIT are not tracked; without SO_REUSEADDR a TIME_WAIT on this address can still refuse it)",
                 );

@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     event::{BootClock, EventKind, PortEvent},
-    trace::{self, TraceFilter},
+    trace,
 };
 
 /// How often an idle stream sends a comment, so that proxies and clients
@@ -95,11 +95,7 @@ struct PortFilter {
 impl PortFilter {
     fn pass(&mut self, event: &PortEvent) -> bool {
         let Some(port) = self.port else { return true };
-        let on_port = TraceFilter {
-            port: Some(port),
-            ..TraceFilter::default()
-        }
-        .matches(event);
+        let on_port = event.concerns_port(port);
         match (event.kind, event.cookie) {
             (EventKind::Bind | EventKind::Listen, Some(cookie)) if on_port => {
                 if self.followed.len() < MAX_FOLLOWED {

@@ -7,7 +7,7 @@ use axum::{
 
 use super::{
     Shared,
-    model::{FailureList, FailureView, failure_port},
+    model::{FailureList, FailureView},
     params::{self, Query},
     problem::ApiError,
 };
@@ -56,7 +56,7 @@ pub async fn list(
             .newest()
             .filter(|f| {
                 let ev = &f.event;
-                port.is_none_or(|p| ev.port == p || failure_port(f) == p)
+                port.is_none_or(|p| ev.concerns_port(p))
                     && errno.is_none_or(|e| ev.errno == Some(e))
                     && since.is_none_or(|t| f.time >= t)
                     && protocol.is_none_or(|p| ev.protocol == p)

@@ -3,32 +3,21 @@
 //! internal types. Unknown values are `null`, never guessed; times are RFC
 //! 3339 in UTC with nanoseconds, as in `portwatch trace --json`.
 
-use std::{net::IpAddr, time::SystemTime};
+use std::net::IpAddr;
 
 use serde::Serialize;
 use utoipa::ToSchema;
 
+pub use crate::failures::BlockerHolder;
 use crate::{
     event::{Errno, EventKind, Family, Protocol},
     explain::{Flag, Sharing},
     failures::{self, Failure},
     map::{Entry, PortMap},
     rules::{self, ConflictReason, InvalidRequest, Overlap},
-    socket::{SockState, SocketFacts},
+    socket::SockState,
+    trace::rfc3339,
 };
-
-/// `time` as RFC 3339 in UTC with nanoseconds (`2024-05-01T12:34:56.000000000Z`),
-/// saturating at jiff's range, which only nonsense times leave.
-pub fn rfc3339(time: SystemTime) -> String {
-    let stamp = jiff::Timestamp::try_from(time).unwrap_or_else(|_| {
-        if time > SystemTime::UNIX_EPOCH {
-            jiff::Timestamp::MAX
-        } else {
-            jiff::Timestamp::MIN
-        }
-    });
-    format!("{stamp:.9}")
-}
 
 /// A process holding a socket.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
@@ -211,15 +200,6 @@ pub struct LocalhostView {
     pub order: Vec<IpAddr>,
 }
 
-/// A process holding a blocking socket.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
-pub struct BlockerHolder {
-    pub pid: u32,
-    pub process: String,
-    pub unit: Option<String>,
-    pub container: Option<String>,
-}
-
 /// A socket that blocks (or blocked) a bind, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
 pub struct BlockerView {
@@ -259,22 +239,14 @@ pub struct BlockerView {
     pub holders: Vec<BlockerHolder>,
 }
 
-/// What a socket in `state` is, for people.
-fn what(state: SockState) -> &'static str {
-    match state {
-        SockState::Listening => "listener",
-        SockState::Bound => "bound socket (not listening)",
-        SockState::Connected => "connected socket",
-        SockState::TimeWait => "TIME_WAIT",
-    }
-}
-
 impl BlockerView {
-    fn new(facts: &SocketFacts, reason: String, holders: Vec<BlockerHolder>) -> BlockerView {
+    /// A blocker recorded with a failure.
+    pub fn of_failure(blocker: &failures::Blocker) -> BlockerView {
+        let facts = &blocker.facts;
         BlockerView {
-            endpoint: crate::event::endpoint(facts.address, facts.port),
-            what: what(facts.state).to_owned(),
-            reason,
+            endpoint: blocker.endpoint.clone(),
+            what: blocker.what.to_owned(),
+            reason: blocker.reason.clone(),
             conflict: None,
             overlap: None,
             protocol: facts.protocol,
@@ -288,54 +260,18 @@ impl BlockerView {
             reuse_addr: facts.options.reuse_addr,
             reuse_port: facts.options.reuse_port,
             v6only: facts.options.v6only,
-            holders,
+            holders: blocker.holders.clone(),
         }
-    }
-
-    /// A blocker recorded with a failure.
-    pub fn of_failure(blocker: &failures::Blocker) -> BlockerView {
-        let holders = blocker
-            .holders
-            .iter()
-            .map(|h| BlockerHolder {
-                pid: h.pid,
-                process: h.process.clone(),
-                unit: h.unit.clone(),
-                container: h.container.clone(),
-            })
-            .collect();
-        let mut view = BlockerView::new(&blocker.facts, blocker.reason.clone(), holders);
-        view.endpoint.clone_from(&blocker.endpoint);
-        view.what = blocker.what.to_owned();
-        view
     }
 
     /// A blocker the predictor names, with its holders from the map.
     pub fn of_prediction(blocker: &rules::Blocker, map: &PortMap) -> BlockerView {
-        let entry = map
-            .get(blocker.socket.cookie)
-            .filter(|_| blocker.cookie() != 0);
-        let holders = entry
-            .map(|e| {
-                e.holders
-                    .iter()
-                    .map(|h| BlockerHolder {
-                        pid: h.pid,
-                        process: h.process.clone(),
-                        unit: e.unit.clone(),
-                        container: e.container.clone(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut view = BlockerView::new(
-            &blocker.socket,
-            blocker.why.explanation().to_owned(),
-            holders,
-        );
-        view.conflict = Some(blocker.why);
-        view.overlap = Some(blocker.overlap);
-        view
+        let described = failures::describe(blocker.socket.clone(), blocker.why.explanation(), map);
+        BlockerView {
+            conflict: Some(blocker.why),
+            overlap: Some(blocker.overlap),
+            ..BlockerView::of_failure(&described)
+        }
     }
 }
 

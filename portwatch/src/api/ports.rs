@@ -153,13 +153,11 @@ fn port_detail(state: &state::State, port: u16, filter: &Filter) -> PortDetail {
     let shown: Vec<&Entry> = all.iter().copied().filter(|e| filter.entry(e)).collect();
     let explained = explain::explain(port, &shown, state.host_netns, &state.localhost);
     // Who localhost reaches is a fact about the machine, not about the filter.
-    let reach = explain::explain(port, &all, state.host_netns, &state.localhost).localhost;
+    let reach = explain::reach(&all, state.host_netns, &state.localhost);
     let recent_failures = state
         .failures
         .newest()
-        .filter(|f| {
-            (f.event.port == port || super::model::failure_port(f) == port) && filter.failure(f)
-        })
+        .filter(|f| f.event.concerns_port(port) && filter.failure(f))
         .take(RECENT_FAILURES)
         .map(FailureView::of)
         .collect();

@@ -164,7 +164,7 @@ impl Capture {
         if ring_bytes < 4096 || !ring_bytes.is_power_of_two() {
             return Err(CaptureError::RingSize(ring_bytes));
         }
-        check_tracepoint_formats()?;
+        check_set_state_format()?;
 
         let (offsets, missing) = btf::kernel_offsets(Path::new(system::VMLINUX_BTF))?;
         if !missing.is_empty() {
@@ -261,13 +261,15 @@ impl Capture {
 
     /// Every attached hook and the path it uses, for logs and metrics.
     pub fn hooks(&self) -> Vec<(&'static str, &'static str)> {
+        // Named as the drop counters are; listen_stop is the listen program.
+        let name = |slot: u32| hook::NAMES[slot as usize];
         vec![
-            ("bind", "cgroup"),
-            ("post_bind", "cgroup"),
-            ("bind_outcome", self.outcome.name()),
-            ("listen", "tracepoint"),
-            ("listen_outcome", self.outcome.name()),
-            ("release", "cgroup"),
+            (name(hook::BIND), "cgroup"),
+            (name(hook::POST_BIND), "cgroup"),
+            (name(hook::BIND_OUTCOME), self.outcome.name()),
+            (name(hook::LISTEN), "tracepoint"),
+            (name(hook::LISTEN_OUTCOME), self.outcome.name()),
+            (name(hook::RELEASE), "cgroup"),
         ]
     }
 
@@ -367,6 +369,7 @@ fn attach_outcome_hooks(
             ),
         }
     }
+    check_sys_exit_formats()?;
     attach_tracepoint(ebpf, "sys_exit_bind", "syscalls", "sys_exit_bind")?;
     attach_tracepoint(ebpf, "sys_exit_listen", "syscalls", "sys_exit_listen")?;
     Ok(OutcomePath::Tracepoint)
@@ -446,13 +449,20 @@ where
     M::try_from(map).map_err(|source| CaptureError::Map { name, source })
 }
 
-/// Checks that the tracepoint records hold the fields where the programs
-/// read them.
-fn check_tracepoint_formats() -> Result<(), CaptureError> {
+/// Checks that `sock/inet_sock_set_state` records hold the fields where the
+/// programs read them. That tracepoint is attached on every kernel.
+fn check_set_state_format() -> Result<(), CaptureError> {
     let set_state = read_format("sock", "inet_sock_set_state")?;
     for (field, offset, size) in tracepoint::SET_STATE_FIELDS {
         check_field("sock/inet_sock_set_state", &set_state, field, offset, size)?;
     }
+    Ok(())
+}
+
+/// Checks that `syscalls/sys_exit_bind` and `sys_exit_listen` hold `ret`
+/// where the programs read it. Only the tracepoint fallback needs them: a
+/// kernel that allows fexit may lack syscall tracepoints altogether.
+fn check_sys_exit_formats() -> Result<(), CaptureError> {
     for event in ["sys_exit_bind", "sys_exit_listen"] {
         let format = read_format("syscalls", event)?;
         check_field(
@@ -496,7 +506,7 @@ fn check_field(
 /// (offset, size) of `field` in the text of a tracefs `format` file.
 /// Lines look like `field:__u8 saddr[4]; offset:32; size:4; signed:0;`,
 /// separated by tabs.
-pub fn format_field(format: &str, field: &str) -> Option<(usize, usize)> {
+fn format_field(format: &str, field: &str) -> Option<(usize, usize)> {
     format.lines().find_map(|line| {
         let mut parts = line.trim().split(';').map(str::trim);
         let declaration = parts.next()?.strip_prefix("field:")?;

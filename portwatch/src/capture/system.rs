@@ -76,7 +76,7 @@ fn check_capabilities() -> Result<(), EnvError> {
 
 /// The first required capability absent from `effective`. CAP_SYS_ADMIN
 /// stands in for CAP_BPF and CAP_PERFMON, as it does in the kernel.
-pub fn missing_capability(effective: u64) -> Option<&'static str> {
+fn missing_capability(effective: u64) -> Option<&'static str> {
     let has = |cap: u32| effective & (1 << cap) != 0;
     let admin = has(CAP_SYS_ADMIN);
     if !(has(CAP_BPF) || admin) {
@@ -92,7 +92,7 @@ pub fn missing_capability(effective: u64) -> Option<&'static str> {
 }
 
 /// The `CapEff:` mask from the text of `/proc/<pid>/status`.
-pub fn parse_cap_eff(status: &str) -> Option<u64> {
+fn parse_cap_eff(status: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|line| line.strip_prefix("CapEff:"))

@@ -97,14 +97,18 @@ impl Diag {
         super::netns::socket_netns_cookie(fd).map_err(SnapshotError::Cookie)
     }
 
-    /// Appends every TCP and UDP socket of the namespace to `out`.
+    /// Appends every TCP and UDP socket of the namespace to `out`; with
+    /// `holders_only`, TCP sockets only if listening or bound (connections
+    /// are not asked for).
     pub fn dump_all(
         &mut self,
         netns: NetnsCookie,
+        holders_only: bool,
         out: &mut Vec<DiagSocket>,
     ) -> Result<(), SnapshotError> {
         for (protocol, family) in DUMPS {
-            self.dump(protocol, family, netns, out)?;
+            let tcp = tcp_states(holders_only);
+            self.dump(protocol, family, tcp, netns, out)?;
         }
         Ok(())
     }
@@ -113,11 +117,12 @@ impl Diag {
         &mut self,
         protocol: Protocol,
         family: Family,
+        tcp: StateFlags,
         netns: NetnsCookie,
         out: &mut Vec<DiagSocket>,
     ) -> Result<(), SnapshotError> {
         self.sequence = self.sequence.wrapping_add(1);
-        let request = dump_request(protocol, family, self.sequence);
+        let request = dump_request(protocol, family, tcp, self.sequence);
         self.socket
             .send(&request, 0)
             .map_err(SnapshotError::NetlinkSend)?;
@@ -170,22 +175,26 @@ fn refused(protocol: Protocol, family: Family, code: i32) -> SnapshotError {
     }
 }
 
-/// The TCP states dumped (see the module comment).
-fn tcp_states() -> StateFlags {
-    StateFlags::from_bits_retain(
-        (StateFlags::all().bits() & !(1 << TCP_SYN_RECV)) | (1 << TCP_BOUND_INACTIVE),
-    )
+/// The TCP states dumped (see the module comment); `holders_only`: only
+/// listening and bound-but-inactive sockets.
+fn tcp_states(holders_only: bool) -> StateFlags {
+    let bits = if holders_only {
+        (1 << TCP_LISTEN) | (1 << TCP_CLOSE)
+    } else {
+        StateFlags::all().bits() & !(1 << TCP_SYN_RECV)
+    };
+    StateFlags::from_bits_retain(bits | (1 << TCP_BOUND_INACTIVE))
 }
 
 /// A serialized dump request for one protocol and family.
-fn dump_request(protocol: Protocol, family: Family, sequence: u32) -> Vec<u8> {
+fn dump_request(protocol: Protocol, family: Family, tcp: StateFlags, sequence: u32) -> Vec<u8> {
     let (family, socket_id) = match family {
         Family::Ipv4 => (AF_INET, SocketId::new_v4()),
         Family::Ipv6 => (AF_INET6, SocketId::new_v6()),
     };
     let (protocol, states) = match protocol {
         Protocol::Udp => (IPPROTO_UDP, StateFlags::all()),
-        _ => (IPPROTO_TCP, tcp_states()),
+        _ => (IPPROTO_TCP, tcp),
     };
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
@@ -342,17 +351,22 @@ mod tests {
 
     #[test]
     fn tcp_dump_asks_for_bound_inactive_and_not_request_sockets() {
-        let states = tcp_states().bits();
+        let states = tcp_states(false).bits();
         assert_ne!(states & 1 << TCP_BOUND_INACTIVE, 0);
         assert_ne!(states & 1 << TCP_LISTEN, 0);
         assert_ne!(states & 1 << TCP_CLOSE, 0);
         assert_ne!(states & 1 << TCP_TIME_WAIT, 0);
         assert_eq!(states & 1 << TCP_SYN_RECV, 0);
+        let holders = tcp_states(true).bits();
+        assert_eq!(
+            holders,
+            1 << TCP_LISTEN | 1 << TCP_CLOSE | 1 << TCP_BOUND_INACTIVE
+        );
     }
 
     #[test]
     fn dump_request_is_an_inet_diag_req_v2() {
-        let bytes = dump_request(Protocol::Tcp, Family::Ipv6, 9);
+        let bytes = dump_request(Protocol::Tcp, Family::Ipv6, tcp_states(false), 9);
         // nlmsghdr (16) + inet_diag_req_v2 (56).
         assert_eq!(bytes.len(), 72);
         assert_eq!(u32::from_ne_bytes(bytes[0..4].try_into().unwrap()), 72);
@@ -367,7 +381,7 @@ mod tests {
         assert_eq!(bytes[18], 0, "no extensions");
         assert_eq!(
             u32::from_ne_bytes(bytes[20..24].try_into().unwrap()),
-            tcp_states().bits()
+            tcp_states(false).bits()
         );
     }
 

@@ -49,7 +49,7 @@ use self::{
 };
 use crate::{
     map::{Holder, Observed},
-    socket::{NetnsCookie, SockState, SocketFacts},
+    socket::{NetnsCookie, SocketFacts},
 };
 
 /// What a snapshot reads beyond the sock_diag listing.
@@ -63,6 +63,11 @@ pub struct SnapshotConfig {
     /// Read SO_REUSEADDR/SO_REUSEPORT of listening and bound sockets through
     /// `pidfd_getfd`. Default true; needs `read_owners`.
     pub read_options: bool,
+    /// Only sockets that hold a port for receiving (listening, or bound and
+    /// unconnected), which is all the map keeps: connections and TIME_WAIT
+    /// are neither listed nor looked up in `/proc`. Default false; failure
+    /// attribution needs the connections too.
+    pub holders_only: bool,
 }
 
 impl Default for SnapshotConfig {
@@ -70,6 +75,7 @@ impl Default for SnapshotConfig {
         SnapshotConfig {
             read_owners: true,
             read_options: true,
+            holders_only: false,
         }
     }
 }
@@ -274,7 +280,8 @@ pub fn take(config: &SnapshotConfig) -> Result<Snapshot, SnapshotError> {
 
     let mut namespaces = Vec::with_capacity(found.len());
     let mut listed = Vec::new();
-    for (ns, dump) in found.iter().zip(dump_namespaces(&found, own)?) {
+    let dumps = dump_namespaces(&found, own, config.holders_only)?;
+    for (ns, dump) in found.iter().zip(dumps) {
         match dump {
             Ok(dump) => {
                 namespaces.push(NetnsInfo {
@@ -296,6 +303,8 @@ pub fn take(config: &SnapshotConfig) -> Result<Snapshot, SnapshotError> {
 
     let mut sockets: Vec<SnapshotSocket> = listed
         .into_iter()
+        // UDP is dumped whole; its connected sockets go here.
+        .filter(|diag| !config.holders_only || diag.facts.state.is_listening_or_bound())
         .map(|DiagSocket { facts, inode }| SnapshotSocket {
             facts,
             inode,
@@ -350,6 +359,7 @@ const MAX_WORKERS: usize = 8;
 fn dump_namespaces(
     namespaces: &[Namespace],
     own: NetnsKey,
+    holders_only: bool,
 ) -> Result<Vec<Result<NetnsDump, SnapshotError>>, SnapshotError> {
     let workers = thread::available_parallelism()
         .map_or(1, NonZeroUsize::get)
@@ -364,7 +374,7 @@ fn dump_namespaces(
         for _ in 0..workers {
             let spawned = thread::Builder::new()
                 .name("portwatch-netns".into())
-                .spawn_scoped(scope, || netns_worker(namespaces, own, &next));
+                .spawn_scoped(scope, || netns_worker(namespaces, own, holders_only, &next));
             match spawned {
                 Ok(handle) => handles.push(handle),
                 Err(error) => {
@@ -402,6 +412,7 @@ fn dump_namespaces(
 fn netns_worker(
     namespaces: &[Namespace],
     own: NetnsKey,
+    holders_only: bool,
     next: &AtomicUsize,
 ) -> Vec<(usize, Result<NetnsDump, SnapshotError>)> {
     let mut here = own;
@@ -419,7 +430,7 @@ fn netns_worker(
             let mut diag = Diag::open()?;
             let cookie = diag.netns_cookie()?;
             let mut sockets = Vec::new();
-            diag.dump_all(cookie, &mut sockets)?;
+            diag.dump_all(cookie, holders_only, &mut sockets)?;
             Ok(NetnsDump { cookie, sockets })
         })();
         done.push((index, result));
@@ -466,7 +477,7 @@ fn attach_owners(sockets: &mut [SnapshotSocket]) -> Result<u64, SnapshotError> {
 
 /// Sockets whose sharing options matter to binds.
 fn wants_options(socket: &SnapshotSocket) -> bool {
-    matches!(socket.facts.state, SockState::Listening | SockState::Bound)
+    socket.facts.state.is_listening_or_bound()
 }
 
 /// Fills in SO_REUSEADDR/SO_REUSEPORT; returns how many stayed unknown.
@@ -515,7 +526,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
-    use crate::socket::{Family, Protocol, ShareOptions};
+    use crate::socket::{Family, Protocol, ShareOptions, SockState};
 
     fn socket(owners: Vec<Owner>, inode: u64) -> SnapshotSocket {
         SnapshotSocket {

@@ -10,23 +10,14 @@ use std::{
 
 use serde_json::Value;
 
-use super::{CgroupGuard, DEADLINE};
+use super::{CgroupGuard, DEADLINE, TempDir};
 
 /// A running daemon, stopped with SIGTERM on drop.
 pub struct Daemon {
     pub child: Child,
     pub server: String,
-    _config: tempfile_path::TempPath,
-}
-
-mod tempfile_path {
-    /// A file removed on drop.
-    pub struct TempPath(pub std::path::PathBuf);
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+    /// Holds the configuration file.
+    _dir: TempDir,
 }
 
 impl Daemon {
@@ -56,8 +47,8 @@ impl Daemon {
             .local_addr()
             .unwrap()
             .port();
-        let config_path = std::env::temp_dir().join(format!("{}.toml", super::unique("daemon")));
-        std::fs::write(&config_path, config).unwrap();
+        let dir = TempDir::new("daemon");
+        let config_path = dir.file("portwatch.toml", config);
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);
@@ -81,7 +72,7 @@ impl Daemon {
         let mut daemon = Daemon {
             child,
             server: format!("http://127.0.0.1:{port}"),
-            _config: tempfile_path::TempPath(config_path),
+            _dir: dir,
         };
         let deadline = Instant::now() + DEADLINE;
         while daemon.status("/readyz") != Some(200) {

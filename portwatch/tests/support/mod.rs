@@ -7,11 +7,14 @@
 
 use std::{
     ffi::CString,
-    io::{BufRead, BufReader, Read},
+    io::{BufRead, BufReader, ErrorKind, Read, Write as _},
     net::SocketAddr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::fs::PermissionsExt,
+    },
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, Output, Stdio},
     sync::{
         atomic::{AtomicU32, Ordering},
         mpsc,
@@ -33,6 +36,87 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 pub fn unique(label: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("portwatch-test-{}-{n}-{label}", std::process::id())
+}
+
+/// A directory under the temp dir with a [`unique`] name, readable by
+/// everyone (a sandboxed daemon runs as `nobody`), removed with everything
+/// in it on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        let path = std::env::temp_dir().join(unique(label));
+        std::fs::create_dir(&path).unwrap_or_else(|err| panic!("mkdir {}: {err}", path.display()));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|err| panic!("chmod {}: {err}", path.display()));
+        TempDir { path }
+    }
+
+    /// Writes `contents` to the file `name` in this directory; its path.
+    pub fn file(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let path = self.path.join(name);
+        std::fs::write(&path, contents)
+            .unwrap_or_else(|err| panic!("write {}: {err}", path.display()));
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Spawns `command`, whose program `cargo xtask setup` installs from the
+/// Debian package `package`; panics saying so if it is not installed.
+pub fn spawn_tool(command: &mut Command, package: &str) -> Child {
+    match command.spawn() {
+        Ok(child) => child,
+        Err(err) if err.kind() == ErrorKind::NotFound => panic!(
+            "{} is not installed (Debian package `{package}`): run `cargo xtask setup`",
+            command.get_program().display()
+        ),
+        Err(err) => panic!("cannot run {}: {err}", command.get_program().display()),
+    }
+}
+
+/// Runs such a tool (see [`spawn_tool`]) to the end with `stdin` as its
+/// input; its output.
+pub fn run_tool(command: &mut Command, package: &str, stdin: &[u8]) -> Output {
+    let mut child = spawn_tool(
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+        package,
+    );
+    let program = command.get_program().display().to_string();
+    child
+        .stdin
+        .take()
+        .expect("the tool's stdin")
+        .write_all(stdin)
+        .unwrap_or_else(|err| panic!("write to {program}: {err}"));
+    child
+        .wait_with_output()
+        .unwrap_or_else(|err| panic!("wait for {program}: {err}"))
+}
+
+/// What a command said: its stdout, then its stderr.
+pub fn said(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// `promtool args...` with `stdin`: whether it succeeded, and what it said.
+pub fn promtool(args: &[&str], stdin: &[u8]) -> (bool, String) {
+    let output = run_tool(Command::new("promtool").args(args), "prometheus", stdin);
+    (output.status.success(), said(&output))
 }
 
 pub fn cgroup2_root() -> PathBuf {
@@ -94,6 +178,12 @@ impl NetnsGuard {
 
     /// The namespace's cookie, the value events and the map carry.
     pub fn cookie(&self) -> u64 {
+        self.run_in(|| portwatch::snapshot::netns_cookie_of_current_thread().expect("netns cookie"))
+    }
+
+    /// Runs `f` on a short-lived thread inside this namespace (setns moves
+    /// only the calling thread); a panic in `f` goes on in the caller.
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let file = std::fs::File::open(self.path()).expect("open netns");
         std::thread::scope(|scope| {
             scope
@@ -101,10 +191,10 @@ impl NetnsGuard {
                     // SAFETY: moves only this short-lived thread.
                     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
                     assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                    portwatch::snapshot::netns_cookie_of_current_thread().expect("netns cookie")
+                    f()
                 })
                 .join()
-                .expect("netns thread")
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
 
@@ -142,7 +232,21 @@ pub struct Tracer {
 impl Tracer {
     /// Starts the tracer and waits until it says the programs are attached.
     pub fn start(cgroup: &Path, extra: &[&str]) -> Tracer {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_portwatch"))
+        Tracer::start_with(&[], cgroup, extra)
+    }
+
+    /// [`Tracer::start`] through `wrapper` (a command and its arguments, to
+    /// which the tracer's command line is appended), which must exec it.
+    pub fn start_with(wrapper: &[&str], cgroup: &Path, extra: &[&str]) -> Tracer {
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(env!("CARGO_BIN_EXE_portwatch"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_portwatch")),
+        };
+        let mut child = command
             .args(["trace", "--json", "--cgroup"])
             .arg(cgroup)
             .args(extra)
@@ -166,15 +270,17 @@ impl Tracer {
         let sink = stderr_text.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                {
+                    let mut text = sink
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+                // After the line is kept, so that `stop` returns it.
                 if line.starts_with("portwatch: tracing") {
                     let _ = ready_tx.send(());
                 }
-                sink.lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push_str(&line);
-                sink.lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push('\n');
             }
         });
         let mut tracer = Tracer {
@@ -194,17 +300,25 @@ impl Tracer {
 
     /// The next event matching `pred`, skipping others; panics at the deadline.
     pub fn expect(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.expect_after(what, pred).1
+    }
+
+    /// Like [`Tracer::expect`], and also every event received before the
+    /// match (since the previous `expect`, `drain` or the start).
+    pub fn expect_after(&self, what: &str, pred: impl Fn(&Value) -> bool) -> (Vec<Value>, Value) {
         let deadline = Instant::now() + DEADLINE;
         let mut seen = Vec::new();
+        let mut before = Vec::new();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     let event: Value = serde_json::from_str(&line)
                         .unwrap_or_else(|err| panic!("not JSON ({err}): {line}"));
                     if pred(&event) {
-                        return event;
+                        return (before, event);
                     }
                     seen.push(line);
+                    before.push(event);
                 }
                 Err(_) => break,
             }
@@ -234,26 +348,35 @@ impl Tracer {
     }
 
     /// Stops the tracer with SIGTERM and returns its stderr.
-    pub fn stop(mut self) -> String {
-        self.terminate();
-        self.stderr
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+    pub fn stop(self) -> String {
+        self.stop_with_status().1
     }
 
-    fn terminate(&mut self) {
+    /// Stops the tracer with SIGTERM: how it exited (`None` if it had to be
+    /// killed), and its stderr.
+    pub fn stop_with_status(mut self) -> (Option<std::process::ExitStatus>, String) {
+        let status = self.terminate();
+        let stderr = self
+            .stderr
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        (status, stderr)
+    }
+
+    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        None
     }
 }
 
