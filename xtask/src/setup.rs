@@ -1,6 +1,6 @@
 //! `cargo xtask setup`: installs what a fresh Debian machine lacks to build
-//! portwatch's eBPF programs, lint them and run the tests (promtool), and
-//! nothing else. Idempotent:
+//! portwatch's eBPF programs, lint them, run the tests (promtool) and the
+//! benchmarks (wrk, bpftrace), and nothing else. Idempotent:
 //! each item is checked first and only a missing one is installed, with one
 //! line per item saying which.
 
@@ -40,7 +40,7 @@ enum Item {
 
 /// Everything setup manages, in install order: bpf-linker builds last, against
 /// the LLVM packages.
-const ITEMS: [Item; 12] = [
+const ITEMS: [Item; 14] = [
     Item::Apt("llvm-22-dev"),
     // LLVM 22 links against it; bpf-linker's build fails without it.
     Item::Apt("libzstd-dev"),
@@ -53,6 +53,10 @@ const ITEMS: [Item; 12] = [
     // The robustness tests check the kernel's own lists of programs and
     // cgroup attachments after the daemon is killed.
     Item::Apt("bpftool"),
+    // `cargo xtask bench`: the HTTP load generator, and the bindsnoop-style
+    // tool portwatch's bind path is compared with.
+    Item::Apt("wrk"),
+    Item::Apt("bpftrace"),
     Item::Nightly,
     // `-Z build-std=core`: there is no prebuilt core for the bpf targets.
     Item::NightlyComponent("rust-src"),
