@@ -74,6 +74,8 @@ pub async fn trace(args: TraceArgs) -> Result<(), AppError> {
         cgroup: args.cgroup.clone(),
         ring_bytes: args.ring_size,
         outcome: args.outcome,
+        // Map capacities are daemon settings; a trace uses the defaults.
+        ..CaptureConfig::default()
     };
     let mut capture = Capture::start(&config)?;
     let filter = TraceFilter {

@@ -13,7 +13,10 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    capture::{CaptureConfig, DEFAULT_RING_BYTES, OutcomeChoice},
+    capture::{
+        CaptureConfig, DEFAULT_IN_FLIGHT_CALLS, DEFAULT_RING_BYTES, DEFAULT_TRACKED_SOCKETS,
+        OutcomeChoice,
+    },
     snapshot::SnapshotConfig,
     state::ExpectedListener,
     watch::WatchConfig,
@@ -25,6 +28,10 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/portwatch/portwatch.toml";
 /// The HTTP address when none is configured: loopback, on a port outside
 /// the 9100-9999 range that Prometheus exporters use by convention.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7464";
+
+/// The most threads that can be in a bind or listen at once: Linux's
+/// `PID_MAX_LIMIT`, above which no thread id exists.
+const MAX_IN_FLIGHT_CALLS: u32 = 4 * 1024 * 1024;
 
 /// The configuration file's contents. Unknown keys are errors, so a typo is
 /// not silently ignored.
@@ -51,6 +58,16 @@ pub struct Config {
     pub port_label_cap: usize,
     /// Kernel ring buffer size in bytes, a power of two. Default 4 MiB.
     pub ring_size: u32,
+    /// How many sockets the kernel programs can track at once to report
+    /// their close (listeners and bound sockets). Past it, a close is found
+    /// by the next reconciliation instead, and the miss is counted in
+    /// `portwatch_events_dropped_total`. Default 262144.
+    pub tracked_sockets: u32,
+    /// How many binds and how many listens can be in progress at once (one
+    /// per thread). Past it, the call still goes ahead and the miss is
+    /// counted in `portwatch_events_dropped_total`. Default 16384; at most
+    /// 4194304, the most thread ids Linux has.
+    pub in_flight_calls: u32,
     /// `auto` (fexit when the kernel allows it, else the syscall
     /// tracepoints) or `tracepoint`. Default `auto`.
     pub outcome: Outcome,
@@ -84,6 +101,8 @@ impl Default for Config {
             failure_log: 10_000,
             port_label_cap: 1_000,
             ring_size: DEFAULT_RING_BYTES,
+            tracked_sockets: DEFAULT_TRACKED_SOCKETS,
+            in_flight_calls: DEFAULT_IN_FLIGHT_CALLS,
             outcome: Outcome::Auto,
             read_existing_options: true,
             expected_listeners: Vec::new(),
@@ -194,6 +213,12 @@ impl Config {
         if let Some(v) = env("PORTWATCH_RING_SIZE") {
             self.ring_size = parsed("PORTWATCH_RING_SIZE", v)?;
         }
+        if let Some(v) = env("PORTWATCH_TRACKED_SOCKETS") {
+            self.tracked_sockets = parsed("PORTWATCH_TRACKED_SOCKETS", v)?;
+        }
+        if let Some(v) = env("PORTWATCH_IN_FLIGHT_CALLS") {
+            self.in_flight_calls = parsed("PORTWATCH_IN_FLIGHT_CALLS", v)?;
+        }
         if let Some(v) = env("PORTWATCH_EXPECTED_LISTENERS") {
             self.expected_listeners = v
                 .split(',')
@@ -259,6 +284,12 @@ impl Config {
         if self.ring_size < 4096 || !self.ring_size.is_power_of_two() {
             return invalid("ring_size", "must be a power of two of at least 4096");
         }
+        if self.tracked_sockets == 0 {
+            return invalid("tracked_sockets", "must be at least 1");
+        }
+        if !(1..=MAX_IN_FLIGHT_CALLS).contains(&self.in_flight_calls) {
+            return invalid("in_flight_calls", "must be between 1 and 4194304");
+        }
         Ok(())
     }
 
@@ -268,6 +299,8 @@ impl Config {
             capture: CaptureConfig {
                 cgroup: self.cgroup.clone(),
                 ring_bytes: self.ring_size,
+                tracked_sockets: self.tracked_sockets,
+                in_flight_calls: self.in_flight_calls,
                 outcome: match self.outcome {
                     Outcome::Auto => OutcomeChoice::Auto,
                     Outcome::Tracepoint => OutcomeChoice::Tracepoint,
@@ -355,6 +388,8 @@ mod tests {
             failure_log = 50
             port_label_cap = 10
             ring_size = 8192
+            tracked_sockets = 1
+            in_flight_calls = 4194304
             outcome = "tracepoint"
             read_existing_options = false
             expected_listeners = ["22/tcp", "53/udp"]
@@ -365,6 +400,15 @@ mod tests {
         assert_eq!(config.metrics_listen.unwrap().port(), 8081);
         assert_eq!(config.reconcile_interval, Duration::from_secs(90));
         assert_eq!(config.outcome, Outcome::Tracepoint);
+        let capture = config.watch().capture;
+        assert_eq!(
+            (
+                capture.ring_bytes,
+                capture.tracked_sockets,
+                capture.in_flight_calls
+            ),
+            (8192, 1, 4_194_304)
+        );
         assert!(!config.watch().snapshot.read_options);
         let expected: Vec<String> = config
             .watch()
@@ -392,6 +436,13 @@ mod tests {
                 "\"soon\" is not a duration",
             ),
             ("failure_log = 0", "between 1"),
+            ("tracked_sockets = 0", "tracked_sockets: must be at least 1"),
+            ("tracked_sockets = -1", "invalid value"),
+            ("in_flight_calls = 0", "in_flight_calls: must be between 1"),
+            (
+                "in_flight_calls = 4194305",
+                "in_flight_calls: must be between 1",
+            ),
             ("outcome = \"kprobe\"", "unknown variant"),
             (
                 "listen = \"127.0.0.1:1\"\nmetrics_listen = \"127.0.0.1:1\"",
@@ -426,9 +477,12 @@ mod tests {
             "PORTWATCH_LISTEN" => Some("127.0.0.1:2000".to_owned()),
             "PORTWATCH_RECONCILE_INTERVAL" => Some("10s".to_owned()),
             "PORTWATCH_EXPECTED_LISTENERS" => Some("22/tcp, 53/udp".to_owned()),
+            "PORTWATCH_TRACKED_SOCKETS" => Some("64".to_owned()),
+            "PORTWATCH_IN_FLIGHT_CALLS" => Some("8".to_owned()),
             _ => None,
         };
         let config = file.apply_env(env).unwrap();
+        assert_eq!((config.tracked_sockets, config.in_flight_calls), (64, 8));
         assert_eq!(config.listen.port(), 2000);
         assert_eq!(config.failure_log, 5, "untouched by the environment");
         assert_eq!(config.reconcile_interval, Duration::from_secs(10));

@@ -6,11 +6,7 @@
 
 mod support;
 
-use std::{
-    net::IpAddr,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use portwatch::{
     capture::CaptureConfig,
@@ -21,7 +17,10 @@ use portwatch::{
     socket::{Family, Protocol},
     watch::{WatchConfig, Watcher},
 };
-use support::{CgroupGuard, DEADLINE, NetnsGuard, Op, Worker};
+use support::{
+    CgroupGuard, DEADLINE, NetnsGuard, Op, Worker,
+    churn::{Churn, Listing, Rng, difference, random_ops, ss_listeners},
+};
 
 /// One test at a time: workers are forked from this process and would hold
 /// copies of sockets other tests' threads have open.
@@ -498,53 +497,6 @@ async fn sigkill_leaves_nothing_stale() {
     );
 }
 
-/// One listener as `ss` shows it.
-type Listing = (Protocol, IpAddr, u16);
-
-/// `ss -tulnH` in `netns`, one (protocol, address, port) per socket, sorted:
-/// a multiset, so that two sockets on one address count twice.
-fn ss_listeners(netns: &NetnsGuard) -> Vec<Listing> {
-    let output = Command::new("ip")
-        .args(["netns", "exec", &netns.name, "ss", "-tulnH"])
-        .output()
-        .expect("run ss");
-    assert!(output.status.success(), "{output:?}");
-    let mut listing: Vec<Listing> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let protocol = match *fields.first()? {
-                "tcp" => Protocol::Tcp,
-                "udp" => Protocol::Udp,
-                _ => return None,
-            };
-            let local = fields.get(4)?;
-            let (address, port) = local.rsplit_once(':')?;
-            let address = address.trim_start_matches('[').trim_end_matches(']');
-            let address = if address == "*" { "::" } else { address };
-            let address = address.split('%').next()?;
-            Some((protocol, address.parse().ok()?, port.parse().ok()?))
-        })
-        .collect();
-    listing.sort_unstable();
-    listing
-}
-
-/// What `a` has more often than `b` (both sorted).
-fn excess(a: &[Listing], b: &[Listing]) -> Vec<Listing> {
-    let mut rest = b.to_vec();
-    a.iter()
-        .filter(|item| match rest.binary_search(item) {
-            Ok(i) => {
-                rest.remove(i);
-                false
-            }
-            Err(_) => true,
-        })
-        .copied()
-        .collect()
-}
-
 /// 10,000 random binds, listens and closes from several processes; then the
 /// map equals `ss -tuln` in that namespace, and reconciliation finds nothing.
 #[tokio::test(flavor = "multi_thread")]
@@ -557,52 +509,17 @@ async fn after_ten_thousand_random_operations_the_map_equals_ss() {
     let (cgroup, netns) = (CgroupGuard::new("mapdrift"), NetnsGuard::new("mapdrift"));
     let ns = netns.cookie();
     let mut watcher = watcher(&cgroup).await;
-    let seed = std::env::var("PORTWATCH_DRIFT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::process::id() as u64);
-    println!("drift seed {seed} (PORTWATCH_DRIFT_SEED to replay)");
-    let mut rng = seed;
-    let mut next = move |n: usize| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng % n as u64) as usize
+    let mut rng = Rng::from_env("PORTWATCH_DRIFT_SEED");
+    let seed = rng.seed();
+    let churn = Churn {
+        ops: OPS_PER_WORKER,
+        first_port: 20000,
+        ports: 40,
+        sharing_options: false,
     };
     let mut workers = Vec::new();
     for _ in 0..WORKERS {
-        let mut ops = Vec::new();
-        let mut open: Vec<(usize, bool)> = Vec::new(); // (socket, is_tcp)
-        let mut sockets = 0;
-        while ops.len() < OPS_PER_WORKER {
-            match next(4) {
-                0 | 1 if open.len() < 64 => {
-                    let (v6, udp) = (next(2) == 1, next(2) == 1);
-                    ops.push(Op::Socket { v6, udp });
-                    if next(2) == 1 {
-                        ops.push(Op::reuseaddr(sockets));
-                    }
-                    let port = 20000 + next(40);
-                    let addr = match (v6, next(2)) {
-                        (false, 0) => format!("127.0.0.1:{port}"),
-                        (false, _) => format!("0.0.0.0:{port}"),
-                        (true, 0) => format!("[::1]:{port}"),
-                        (true, _) => format!("[::]:{port}"),
-                    };
-                    ops.push(Op::bind(sockets, &addr));
-                    if !udp && next(3) > 0 {
-                        ops.push(listen(sockets));
-                    }
-                    open.push((sockets, !udp));
-                    sockets += 1;
-                }
-                _ if !open.is_empty() => {
-                    let (sock, _) = open.swap_remove(next(open.len()));
-                    ops.push(Op::Close { sock });
-                }
-                _ => {}
-            }
-        }
+        let mut ops = random_ops(&mut rng, &churn);
         ops.push(Op::Pause);
         workers.push((
             Worker::spawn(&cgroup.path, Some(&netns), &ops),
@@ -639,9 +556,8 @@ async fn after_ten_thousand_random_operations_the_map_equals_ss() {
         if Instant::now() > deadline {
             let got = mine(&watcher);
             panic!(
-                "the map differs from ss -tuln (seed {seed}):\nonly in the map: {:?}\nonly in ss: {:?}",
-                excess(&got, &expected),
-                excess(&expected, &got)
+                "the map differs from ss -tuln (seed {seed}):\n{}",
+                difference(&got, &expected)
             );
         }
         let _ = tokio::time::timeout(Duration::from_millis(200), watcher.step()).await;

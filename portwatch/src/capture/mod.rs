@@ -34,6 +34,16 @@ static EBPF_OBJECT: &[u8] =
 /// Default size of the ring buffer: 4 MiB holds about 37,000 records.
 pub const DEFAULT_RING_BYTES: u32 = 4 * 1024 * 1024;
 
+/// Default capacity of `TRACKED`, the sockets whose release is reported: a
+/// busy host's listeners and bound sockets with room to spare, at about
+/// 100 bytes per socket actually tracked (the map is not preallocated).
+pub const DEFAULT_TRACKED_SOCKETS: u32 = 262_144;
+
+/// Default capacity of `PENDING_BIND` and `PENDING_LISTEN`, the binds and
+/// listens in progress, one per thread: more than a host runs at once.
+/// Both maps are preallocated, about 3 MiB each at this size.
+pub const DEFAULT_IN_FLIGHT_CALLS: u32 = 16_384;
+
 /// How bind and listen outcomes (the errno) reach portwatch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -74,6 +84,16 @@ pub struct CaptureConfig {
     pub ring_bytes: u32,
     /// Outcome path preference.
     pub outcome: OutcomeChoice,
+    /// Capacity of `TRACKED`: a socket that does not fit has its close
+    /// found by the next reconciliation instead of an event (counted as a
+    /// drop of the hook that tried to track it).
+    pub tracked_sockets: u32,
+    /// Capacity of `PENDING_BIND` and of `PENDING_LISTEN`: a call that does
+    /// not fit is still allowed, and counted as a drop; a successful bind is
+    /// then reported by `post_bind` alone, a failed bind is missing from the
+    /// failure log, and a listen is found by the reconciliation the drop
+    /// triggers.
+    pub in_flight_calls: u32,
 }
 
 impl Default for CaptureConfig {
@@ -82,6 +102,8 @@ impl Default for CaptureConfig {
             cgroup: None,
             ring_bytes: DEFAULT_RING_BYTES,
             outcome: OutcomeChoice::Auto,
+            tracked_sockets: DEFAULT_TRACKED_SOCKETS,
+            in_flight_calls: DEFAULT_IN_FLIGHT_CALLS,
         }
     }
 }
@@ -98,6 +120,9 @@ pub enum CaptureError {
     /// The ring buffer size is not usable.
     #[error("ring buffer size {0} is not a power of two of at least 4096 bytes")]
     RingSize(u32),
+    /// A map was given no room (the kernel refuses empty maps).
+    #[error("{what} must be at least 1")]
+    Capacity { what: &'static str },
     /// Loading the object into the kernel failed.
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
@@ -164,6 +189,14 @@ impl Capture {
         if ring_bytes < 4096 || !ring_bytes.is_power_of_two() {
             return Err(CaptureError::RingSize(ring_bytes));
         }
+        for (what, capacity) in [
+            ("tracked_sockets", config.tracked_sockets),
+            ("in_flight_calls", config.in_flight_calls),
+        ] {
+            if capacity == 0 {
+                return Err(CaptureError::Capacity { what });
+            }
+        }
         check_set_state_format()?;
 
         let (offsets, missing) = btf::kernel_offsets(Path::new(system::VMLINUX_BTF))?;
@@ -177,6 +210,9 @@ impl Capture {
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .map_max_entries("EVENTS", ring_bytes)
+            .map_max_entries("TRACKED", config.tracked_sockets)
+            .map_max_entries("PENDING_BIND", config.in_flight_calls)
+            .map_max_entries("PENDING_LISTEN", config.in_flight_calls)
             .load(EBPF_OBJECT)?;
         let logger = start_kernel_logger(&mut ebpf);
 

@@ -8,9 +8,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use portwatch::socket::Protocol;
 use serde_json::Value;
 
-use super::{CgroupGuard, DEADLINE, TempDir};
+use super::{
+    CgroupGuard, DEADLINE, NetnsGuard, TempDir,
+    churn::{Listing, difference, ss_listeners},
+};
 
 /// A running daemon, stopped with SIGTERM on drop.
 pub struct Daemon {
@@ -126,6 +130,76 @@ impl Daemon {
             assert!(
                 Instant::now() < deadline,
                 "timed out waiting for {what}: {value}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The listeners `/ports` shows in the namespace with cookie `netns`,
+    /// as `/ports` has them.
+    pub fn listeners(&self, netns: u64) -> Vec<Value> {
+        let ports = self.json(&format!("/ports?netns={netns}"));
+        ports["ports"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no ports in {ports}"))
+            .iter()
+            .flat_map(|port| port["listeners"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
+    /// [`Daemon::listeners`] in `ss` terms: (protocol, address, port), sorted.
+    pub fn listing(&self, netns: u64) -> Vec<Listing> {
+        let mut listing: Vec<Listing> = self
+            .listeners(netns)
+            .iter()
+            .map(|l| {
+                let protocol = l["protocol"].as_str().and_then(Protocol::from_name);
+                let address = l["address"].as_str().and_then(|a| a.parse().ok());
+                let port = l["port"].as_u64().and_then(|p| u16::try_from(p).ok());
+                match (protocol, address, port) {
+                    (Some(protocol), Some(address), Some(port)) => (protocol, address, port),
+                    _ => panic!("a listener without protocol, address or port: {l}"),
+                }
+            })
+            .collect();
+        listing.sort_unstable();
+        listing
+    }
+
+    /// Waits until the daemon lists exactly what `ss -tuln` lists in
+    /// `netns` (a multiset); that listing. Panics with the difference, and
+    /// `context` (such as a seed), at the deadline.
+    pub fn until_listing_is_ss(&self, netns: &NetnsGuard, context: &str) -> Vec<Listing> {
+        let cookie = netns.cookie();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let expected = ss_listeners(netns);
+            let got = self.listing(cookie);
+            if got == expected {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon's listing in {} differs from ss -tuln ({context}):\n{}",
+                netns.name,
+                difference(&got, &expected)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Polls the metrics text until `done` holds for it; that text.
+    pub fn metrics_until(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let (status, metrics) = self.text("/metrics");
+            assert_eq!(status, 200, "/metrics: {metrics}");
+            if done(&metrics) {
+                return metrics;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; metrics:\n{metrics}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }

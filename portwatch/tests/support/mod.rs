@@ -24,6 +24,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod churn;
 pub mod daemon;
 pub mod exported;
 
@@ -31,6 +32,17 @@ pub mod exported;
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// One test at a time, for a test binary whose tests fork workers: a worker
+/// holds a copy of every descriptor open in the test process when it forks,
+/// such as another test's worker pipes, and would keep that test's paused
+/// worker from ever seeing its pipe close.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// A name no other test or run uses: `portwatch-test-<pid>-<n>-<label>`.
 pub fn unique(label: &str) -> String {
