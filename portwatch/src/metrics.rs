@@ -17,6 +17,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     sync::PoisonError,
+    time::Duration,
 };
 
 use prometheus::{
@@ -235,6 +236,14 @@ const READY: Spec = Spec {
     kind: Kind::Gauge,
 };
 
+const SNAPSHOT_DURATION: Spec = Spec {
+    name: "portwatch_snapshot_duration_seconds",
+    help: "How long the last sock_diag snapshot and its merge into the map took: \
+           at start-up (kind=startup) and at the latest reconciliation \
+           (kind=reconcile). Each series appears once its snapshot has run.",
+    labels: &["kind"],
+    kind: Kind::Gauge,
+};
 const EXPECTED_LISTENERS: Spec = Spec {
     name: "portwatch_expected_listeners",
     help: "Listeners in the daemon's own network namespace on each port the \
@@ -244,7 +253,7 @@ const EXPECTED_LISTENERS: Spec = Spec {
 };
 
 /// Every family the state collector produces.
-const SPECS: [&Spec; 17] = [
+const SPECS: [&Spec; 18] = [
     &BIND_FAILURES,
     &PORT_BIND_FAILURES,
     &LISTEN_FAILURES,
@@ -261,6 +270,7 @@ const SPECS: [&Spec; 17] = [
     &PROGRAM_ATTACHED,
     &BUILD_INFO,
     &READY,
+    &SNAPSHOT_DURATION,
     &EXPECTED_LISTENERS,
 ];
 
@@ -277,7 +287,7 @@ const FAMILIES: [Family; 2] = [Family::Ipv4, Family::Ipv6];
 /// The samples of one family, built at scrape. Each label set appears once.
 struct Samples {
     spec: &'static Spec,
-    rows: Vec<(Vec<String>, u64)>,
+    rows: Vec<(Vec<String>, f64)>,
 }
 
 impl Samples {
@@ -290,13 +300,29 @@ impl Samples {
 
     /// One sample; `labels` in the order of `spec.labels`.
     fn push(&mut self, labels: Vec<String>, value: u64) {
-        self.rows.push((labels, value));
+        // Exact as f64 up to 2^53.
+        self.rows.push((labels, value as f64));
     }
 
     fn of(spec: &'static Spec, rows: impl IntoIterator<Item = (Vec<String>, u64)>) -> Samples {
+        let mut samples = Samples::new(spec);
+        for (labels, value) in rows {
+            samples.push(labels, value);
+        }
+        samples
+    }
+
+    /// Durations, in seconds.
+    fn of_durations(
+        spec: &'static Spec,
+        rows: impl IntoIterator<Item = (Vec<String>, Duration)>,
+    ) -> Samples {
         Samples {
             spec,
-            rows: rows.into_iter().collect(),
+            rows: rows
+                .into_iter()
+                .map(|(labels, took)| (labels, took.as_secs_f64()))
+                .collect(),
         }
     }
 
@@ -322,8 +348,6 @@ impl Samples {
                     .collect();
                 labels.sort_by(|a, b| a.name().cmp(b.name()));
                 let mut metric = Metric::from_label(labels);
-                // Exact as f64 up to 2^53.
-                let value = value as f64;
                 match spec.kind {
                     Kind::Counter => {
                         let mut counter = proto::Counter::default();
@@ -534,6 +558,12 @@ impl Reading {
             build.revision.clone(),
             build.kernel.clone(),
         ];
+        let snapshot_durations = [
+            ("startup", self.stats.startup_snapshot),
+            ("reconcile", self.stats.reconcile_snapshot),
+        ]
+        .into_iter()
+        .filter_map(|(kind, took)| Some((vec![kind.to_owned()], took?)));
 
         vec![
             bind_failures,
@@ -552,6 +582,7 @@ impl Reading {
             attached,
             Samples::of(&BUILD_INFO, [(build_info, 1)]),
             Samples::of(&READY, [(vec![], u64::from(self.ready))]),
+            Samples::of_durations(&SNAPSHOT_DURATION, snapshot_durations),
             Samples::of(
                 &EXPECTED_LISTENERS,
                 self.expected.into_iter().map(|(expected, n)| {
@@ -885,6 +916,30 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_durations_appear_once_measured() {
+        let fresh = render(State::new(100, 1000));
+        assert!(
+            !fresh.contains("portwatch_snapshot_duration_seconds{"),
+            "{fresh}"
+        );
+        let mut state = State::new(100, 1000);
+        state.stats.startup_snapshot = Some(Duration::from_millis(1250));
+        let started = render(state);
+        assert_line(
+            &started,
+            r#"portwatch_snapshot_duration_seconds{kind="startup"} 1.25"#,
+        );
+        assert!(!started.contains(r#"kind="reconcile""#), "{started}");
+        let mut state = State::new(100, 1000);
+        state.stats.startup_snapshot = Some(Duration::from_millis(1250));
+        state.stats.reconcile_snapshot = Some(Duration::from_micros(40));
+        assert_line(
+            &render(state),
+            r#"portwatch_snapshot_duration_seconds{kind="reconcile"} 0.00004"#,
+        );
+    }
+
+    #[test]
     fn label_values_are_escaped() {
         let build = BuildInfo {
             revision: "a\"b\\c\nd".into(),
@@ -916,7 +971,10 @@ mod tests {
 
     #[test]
     fn every_family_has_help_and_follows_the_naming_guide() {
-        let text = render(State::new(100, 1000));
+        let mut state = State::new(100, 1000);
+        state.stats.startup_snapshot = Some(Duration::from_millis(1));
+        state.stats.reconcile_snapshot = Some(Duration::from_millis(1));
+        let text = render(state);
         let types: Vec<(&str, &str)> = text
             .lines()
             .filter_map(|line| line.strip_prefix("# TYPE "))

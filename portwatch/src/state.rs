@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
+    time::Duration,
 };
 
 use serde::Serialize;
@@ -28,6 +29,11 @@ pub struct WatchStats {
     pub dropped: u64,
     /// Cookies that could not be handed to the kernel's TRACKED map.
     pub untracked: u64,
+    /// How long the start-up snapshot and its merge into the map took.
+    pub startup_snapshot: Option<Duration>,
+    /// How long the latest reconciliation's snapshot and merge took (none
+    /// before the first).
+    pub reconcile_snapshot: Option<Duration>,
 }
 
 /// A port label of the per-port failure counter: explicit ports up to a cap,

@@ -169,6 +169,7 @@ impl Watcher {
             heartbeat: Arc::new(Heartbeat::new()),
         };
         let snapshot_config = watcher.config.snapshot;
+        let started = Instant::now();
         let snapshot =
             tokio::task::spawn_blocking(move || snapshot::take(&snapshot_config)).await??;
         let observed = snapshot.observed();
@@ -182,18 +183,24 @@ impl Watcher {
         }
         let mut state = watcher.write();
         state.map.merge(observed, snapshot.taken_at);
+        let took = started.elapsed();
         state.stats.untracked += untracked;
+        state.stats.startup_snapshot = Some(took);
         state.ready = true;
         tracing::info!(
             sockets = state.map.len(),
             namespaces = snapshot.namespaces.len(),
-            elapsed = ?snapshot.elapsed,
+            snapshot = ?snapshot.elapsed,
+            phases = ?snapshot.phases,
+            with_merge = ?took,
             "start-up snapshot merged"
         );
         for limit in snapshot.limits() {
             tracing::warn!("{limit}");
         }
         drop(state);
+        drop(snapshot);
+        release_freed_memory();
         Ok(watcher)
     }
 
@@ -409,6 +416,7 @@ impl Watcher {
             read_options: false,
             holders_only: true,
         };
+        let started = Instant::now();
         let snapshot = tokio::task::spawn_blocking(move || snapshot::take(&config)).await??;
         let observed = snapshot.observed();
         let fresh: Vec<u64> = {
@@ -431,12 +439,15 @@ impl Watcher {
             .map
             .reconcile(observed, &snapshot.listed_netns(), snapshot.taken_at);
         let stats = &mut state.stats;
+        stats.reconcile_snapshot = Some(started.elapsed());
         stats.untracked += untracked as u64;
         stats.reconciliations += 1;
         stats.drift.missing += drift.missing;
         stats.drift.stale += drift.stale;
         stats.drift.changed += drift.changed;
         drop(state);
+        drop(snapshot);
+        release_freed_memory();
         self.next_reconcile = Instant::now() + self.config.reconcile_every;
         if drift.total() > 0 {
             tracing::info!(?drift, "reconciliation corrected the map");
@@ -449,6 +460,16 @@ impl Watcher {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// Returns the memory freed by a snapshot (and, at start-up, by loading the
+/// programs and parsing the kernel's BTF) to the system. glibc otherwise
+/// keeps freed chunks in its arenas: an idle daemon measured 72 MiB resident,
+/// 55 MiB of it heap, until it trimmed.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks glibc's own free lists; no pointers of
+    // ours are involved.
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// A close (or listen stop) carries only the socket's cookie; the map knows

@@ -7,7 +7,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, RwLock},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use portwatch::{
@@ -83,6 +83,8 @@ pub fn busy_state() -> State {
     state.decode_errors = 1;
     state.hooks = vec![("bind_outcome", "tracepoint"), ("release", "cgroup_sock")];
     state.stats.reconciliations = 3;
+    state.stats.startup_snapshot = Some(Duration::from_millis(840));
+    state.stats.reconcile_snapshot = Some(Duration::from_millis(310));
     state.stats.drift = Drift {
         missing: 2,
         stale: 1,
