@@ -221,7 +221,11 @@ impl Capture {
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
-            .override_global("WAKEUP_BYTES", &(u64::from(ring_bytes) / WAKEUP_FRACTION), true)
+            .override_global(
+                "WAKEUP_BYTES",
+                &(u64::from(ring_bytes) / WAKEUP_FRACTION),
+                true,
+            )
             .map_max_entries("EVENTS", ring_bytes)
             .map_max_entries("TRACKED", config.tracked_sockets)
             .map_max_entries("PENDING_BIND", config.in_flight_calls)
