@@ -513,6 +513,7 @@ impl Worker {
                     wants_uring,
                     results_write.as_raw_fd(),
                     control_read.as_raw_fd(),
+                    control_write.as_raw_fd(),
                 )
             }
         }
@@ -652,9 +653,13 @@ unsafe fn child_main(
     wants_uring: bool,
     results: i32,
     control: i32,
+    control_parent_end: i32,
 ) -> ! {
     // SAFETY (whole body): raw system calls on pre-fork memory.
     unsafe {
+        // Without this the child holds the pipe's write end itself, and a
+        // pause would not end when the parent closes its end (`wait`).
+        libc::close(control_parent_end);
         let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
         // "0" means "the writing process".
         if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
