@@ -1,6 +1,7 @@
 //! portwatch's development tasks, run as `cargo xtask <task>` (an alias in
 //! `.cargo/config.toml`). Every external command is printed before it runs.
 
+mod bench;
 mod build;
 mod cmd;
 mod lint;
@@ -66,6 +67,29 @@ enum Task {
     /// the binary, systemd unit, default config (a conffile), man page,
     /// shell completions, alert rules and dashboard.
     Package,
+    /// Measure what portwatch costs: the bind path and the syscall tax with
+    /// the daemon attached vs detached (and vs bpftrace), the ingest rate,
+    /// the start-up snapshot vs `ss`, and the HTTP API under wrk (needs
+    /// root). Prints a markdown table; writes it and JSON to target/bench.
+    Bench {
+        /// Few rounds and small sizes: checks that every figure can be
+        /// taken (CI); the numbers are not worth quoting.
+        #[arg(long)]
+        quick: bool,
+        /// Also replace the performance table in README.md.
+        #[arg(long)]
+        write_readme: bool,
+        /// Only the figures whose name contains this (repeatable): "bind
+        /// path", "syscall tax", "ingest", "snapshot", "API".
+        #[arg(long)]
+        only: Vec<String>,
+    },
+    /// A bench load process (run by `cargo xtask bench`, not by hand).
+    #[command(hide = true)]
+    BenchWorker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,6 +101,18 @@ fn main() -> ExitCode {
         Task::Test { args } => test::test(&args),
         Task::Lint => lint::lint(),
         Task::Package => package::package().map(|_| ()),
+        Task::Bench {
+            quick,
+            write_readme,
+            only,
+        } => bench::bench(bench::Options {
+            quick,
+            write_readme,
+            only,
+        }),
+        Task::BenchWorker { args } => {
+            bench::Cgroup::join_from_env().and_then(|()| bench::worker(&args))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

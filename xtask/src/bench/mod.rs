@@ -1,0 +1,148 @@
+//! `cargo xtask bench`: what portwatch costs, measured side by side.
+//!
+//! This machine is noisy (a 2-core VM), so no figure is an absolute time
+//! taken once. Each comparison alternates "with" and "without" in one run,
+//! repeats, and reports the ratio of each pair as min/median/max; the goal
+//! is checked against the median. Timings never fail the command: it fails
+//! only when a measurement could not be taken.
+//!
+//! The figures, one module each:
+//! 1. [`bindpath`]: socket+bind(0)+listen+close with the daemon attached vs
+//!    detached, and vs bpftrace on the same tracepoints;
+//! 2. [`tax`]: a getppid loop attached vs detached, per hook path;
+//! 3. [`ingest`]: the highest bind rate absorbed with 0 drops, and what
+//!    happens above it;
+//! 4. [`snapshot`]: the start-up snapshot of 100k listeners vs `ss -tlnH`;
+//! 5. [`api`]: `GET /ports/{p}` latency and rate with wrk, and daemon RSS,
+//!    with 100k listeners.
+//!
+//! The daemon under test is the release build, watching a cgroup created for
+//! the run (`portwatch-bench-<pid>` under the cgroup2 mount); the load runs
+//! inside that cgroup as `cargo xtask bench-worker` child processes. Only
+//! loopback and a network namespace made for the run are used.
+
+mod api;
+mod bindpath;
+mod ingest;
+mod report;
+mod rig;
+mod snapshot;
+mod tax;
+
+use std::{fs, path::PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+
+pub use report::{Goal, Row, Stats};
+pub use rig::{BenchDaemon, Cgroup, Worker, alternate};
+
+use crate::{build, cmd, setup};
+
+/// `cargo xtask bench` options.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Fewer rounds and smaller sizes: checks that every figure can be
+    /// taken, in well under 3 minutes (CI).
+    pub quick: bool,
+    /// Replace the table between the markers in README.md.
+    pub write_readme: bool,
+    /// Only the figures whose name contains one of these (all when empty).
+    pub only: Vec<String>,
+}
+
+/// What every figure needs: the daemon binary, the cgroup the load runs in,
+/// and how hard to try.
+pub struct Ctx {
+    pub quick: bool,
+    /// The release build of portwatch.
+    pub portwatch: PathBuf,
+    /// The cgroup the daemon watches and the workers run in.
+    pub cgroup: Cgroup,
+    /// Alternating rounds per comparison (each round runs "with" and
+    /// "without" once).
+    pub rounds: usize,
+    /// Where results and daemon logs go (`target/bench`).
+    pub out_dir: PathBuf,
+}
+
+impl Ctx {
+    /// `full` normally, `quick` with `--quick`.
+    pub fn pick<T>(&self, full: T, quick: T) -> T {
+        if self.quick { quick } else { full }
+    }
+}
+
+/// One figure: its rows, or why it could not be taken.
+type Figure = fn(&mut Ctx) -> Result<Vec<Row>>;
+
+/// `cargo xtask bench [--quick] [--write-readme] [--only <figure>]...`.
+pub fn bench(options: Options) -> Result<()> {
+    if !cmd::is_root() {
+        bail!(
+            "the benchmarks load eBPF programs and create cgroups and network namespaces: run `cargo xtask bench` as root"
+        );
+    }
+    setup::ensure()?;
+    build::build(true)?;
+    let portwatch = build::target_dir().join("release/portwatch");
+    let out_dir = build::target_dir().join("bench");
+    fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+
+    let mut ctx = Ctx {
+        quick: options.quick,
+        portwatch,
+        cgroup: Cgroup::create()?,
+        rounds: if options.quick { 2 } else { 7 },
+        out_dir,
+    };
+    let figures: [(&str, Figure); 5] = [
+        ("bind path", bindpath::run),
+        ("syscall tax", tax::run),
+        ("ingest", ingest::run),
+        ("snapshot", snapshot::run),
+        ("API", api::run),
+    ];
+    let mut rows = Vec::new();
+    for (name, figure) in figures {
+        if !options.only.is_empty() && !options.only.iter().any(|only| name.contains(only.as_str()))
+        {
+            continue;
+        }
+        println!("\n== bench: {name} ==");
+        let taken = figure(&mut ctx).with_context(|| format!("bench: {name}"))?;
+        for row in &taken {
+            println!("{}", row.one_line());
+        }
+        rows.extend(taken);
+    }
+
+    let table = report::markdown(&rows, &report::Machine::describe(options.quick));
+    println!("\n{table}");
+    let md = ctx.out_dir.join("results.md");
+    let json = ctx.out_dir.join("results.json");
+    fs::write(&md, &table).with_context(|| format!("writing {}", md.display()))?;
+    fs::write(&json, report::json(&rows, options.quick)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    println!("bench: wrote {} and {}", md.display(), json.display());
+    if options.write_readme && options.only.is_empty() {
+        report::write_readme(&cmd::workspace_root().join("README.md"), &table)?;
+        println!("bench: README.md's performance table updated");
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench-worker <kind> <args>`: the load, in its own process so
+/// that it can run inside the bench cgroup (and, for the listeners, inside
+/// its own network namespace). Not meant to be run by hand.
+pub fn worker(args: &[String]) -> Result<()> {
+    let Some((kind, rest)) = args.split_first() else {
+        bail!("bench-worker: which worker?");
+    };
+    match kind.as_str() {
+        "bind-loop" => bindpath::worker(rest),
+        "getppid-loop" => tax::worker(rest),
+        "bind-storm" => ingest::worker(rest),
+        "hold-listeners" => snapshot::worker(rest),
+        other => bail!("bench-worker: unknown worker {other:?}"),
+    }
+}
