@@ -48,6 +48,23 @@ fn status(cmd: &mut Command) -> Result<ExitStatus> {
         .with_context(|| format!("could not start `{}`", display(cmd)))
 }
 
+/// Runs `cmd` with its output captured, failing unless it exits 0 (naming
+/// it, with its stderr); its stdout.
+pub fn output(cmd: &mut Command) -> Result<Vec<u8>> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start `{}`", display(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}",
+            display(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out.stdout)
+}
+
 /// Runs `cmd` quietly; its stdout if it started and exited 0, else `None`.
 pub fn probe(cmd: &mut Command) -> Option<String> {
     let out = cmd

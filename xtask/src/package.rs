@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     build::{self, target_dir},
-    cmd::{self, display},
+    cmd::{self, display, output},
 };
 
 /// Generated files the package metadata lists under target/release.
@@ -47,8 +47,7 @@ pub fn package() -> Result<PathBuf> {
     let out_dir = target_dir().join("debian");
     let mut deb = cmd::cargo();
     deb.args(["deb", "-p", "portwatch", "--no-build", "--output"])
-        .arg(&out_dir)
-        .current_dir(cmd::workspace_root());
+        .arg(&out_dir);
     println!("$ {}", display(&deb));
     let built = String::from_utf8_lossy(&output(&mut deb)?).into_owned();
     // cargo-deb prints the package's path last.
@@ -63,20 +62,4 @@ pub fn package() -> Result<PathBuf> {
     }
     println!("built {}", path.display());
     Ok(path)
-}
-
-/// Runs `cmd`, failing unless it exits 0; its stdout.
-fn output(cmd: &mut Command) -> Result<Vec<u8>> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("could not start `{}`", display(cmd)))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            display(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(out.stdout)
 }

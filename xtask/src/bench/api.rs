@@ -20,7 +20,7 @@ const WRK_THREADS: u32 = 2;
 const WRK_CONNECTIONS: u32 = 16;
 
 /// `cargo xtask bench --only API`.
-pub fn run(ctx: &mut Ctx) -> Result<Vec<Row>> {
+pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     let count = ctx.pick(100_000, 10_000);
     let seconds = ctx.pick(10, 3);
     let listeners = Listeners::hold(ctx, count)?;
@@ -33,12 +33,15 @@ pub fn run(ctx: &mut Ctx) -> Result<Vec<Row>> {
     let url = format!("http://{}{path}", daemon.addr());
     let (mut p50, mut p99, mut rate, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut requests = 0;
-    for round in 1..=ctx.rounds {
+    for round in 1..=ctx.rounds() {
         let run = wrk(&url, seconds)?;
         let resident = daemon.rss_bytes()? as f64 / f64::from(1 << 20);
         println!(
             "  round {round}/{}: p50 {:.3} ms, p99 {:.3} ms, {:.0} req/s, RSS {resident:.1} MiB",
-            ctx.rounds, run.p50_ms, run.p99_ms, run.requests_per_second
+            ctx.rounds(),
+            run.p50_ms,
+            run.p99_ms,
+            run.requests_per_second
         );
         p50.push(run.p50_ms);
         p99.push(run.p99_ms);

@@ -12,13 +12,16 @@
 //! (seen + dropped = issued), so the comparison is with a daemon that really
 //! did the work; each bpftrace sample checks that bpftrace printed.
 
-use std::{io, mem::size_of, net::Ipv4Addr};
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use anyhow::{Context as _, Result, bail};
 
 use super::{
     BenchDaemon, Ctx, Goal, Row, Stats, Worker,
-    rig::{Bpftrace, ns_per_op, output_field, ratios, rotate, worker_arg},
+    rig::{Bpftrace, ns_per_op, output_field, rotate, tcp_socket, worker_arg},
 };
 
 /// The sides, in the order of `rotate`'s indices.
@@ -27,15 +30,15 @@ const PORTWATCH: usize = 1;
 const BPFTRACE: usize = 2;
 const SIDES: usize = 3;
 
-pub fn run(ctx: &mut Ctx) -> Result<Vec<Row>> {
+pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     let iterations: u64 = ctx.pick(100_000, 10_000);
     let script = bpftrace_script(&ctx.cgroup.path().display().to_string());
     let mut bpftrace_lines = Vec::new();
     println!(
         "bind path: {} rounds of {iterations} socket+bind(0)+listen+close cycles: detached, portwatch, bpftrace",
-        ctx.rounds
+        ctx.rounds()
     );
-    let samples = rotate(ctx.rounds, SIDES, |side| {
+    let samples = rotate(ctx.rounds(), SIDES, |side| {
         let args = ["bind-loop", &iterations.to_string()];
         let (output, side_name) = match side {
             PORTWATCH => {
@@ -70,30 +73,30 @@ pub fn run(ctx: &mut Ctx) -> Result<Vec<Row>> {
         Ok(ns)
     })?;
 
-    let median = |side: usize| Stats::of(samples[side].clone()).map(|stats| stats.median);
+    let median = |side: usize| Stats::median_of(&samples[side]);
     let (detached, portwatch, bpftrace) =
         (median(DETACHED)?, median(PORTWATCH)?, median(BPFTRACE)?);
     let (printed, issued) = bpftrace_lines
         .iter()
         .fold((0, 0), |(lines, ops), &(l, o)| (lines + l, ops + o));
     Ok(vec![
-        Row::new(
+        Row::ratio(
             "bind path: attached / detached",
-            "×",
-            Stats::of(ratios(&samples[PORTWATCH], &samples[DETACHED]))?,
+            &samples[PORTWATCH],
+            &samples[DETACHED],
             Goal::AtMost(1.10),
-        )
+        )?
         .detail(format!(
             "{} → {} µs per socket+bind(0)+listen+close (medians); the daemon accounted for every bind (seen + dropped = issued)",
             micros(detached),
             micros(portwatch)
         )),
-        Row::new(
+        Row::ratio(
             "bind path: portwatch / bpftrace",
-            "×",
-            Stats::of(ratios(&samples[PORTWATCH], &samples[BPFTRACE]))?,
+            &samples[PORTWATCH],
+            &samples[BPFTRACE],
             Goal::AtMost(1.0),
-        )
+        )?
         .detail(format!(
             "{} vs {} µs (medians). bpftrace 0.17 on sys_enter/exit_bind and _listen, filtered to \
              the bench cgroup, printing pid, tid, comm, uid, family, address, port, backlog and \
@@ -159,39 +162,9 @@ pub fn worker(args: &[String]) -> Result<()> {
 /// One cycle on a fresh TCP socket: bind 127.0.0.1:0, `listen` if asked,
 /// close. Raw libc calls, so the cycle is exactly these syscalls.
 pub fn bind_cycle(listen: bool) -> io::Result<()> {
-    // SAFETY: plain syscalls on a descriptor this function owns; the address
-    // is a valid sockaddr_in whose size we pass.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let mut result = if libc::bind(
-            fd,
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        ) < 0
-        {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        };
-        if result.is_ok() && listen && libc::listen(fd, 128) < 0 {
-            result = Err(io::Error::last_os_error());
-        }
-        if libc::close(fd) < 0 && result.is_ok() {
-            result = Err(io::Error::last_os_error());
-        }
-        result
-    }
+    let endpoint = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0);
+    // Dropping the socket closes it.
+    tcp_socket(endpoint, listen.then_some(128)).map(drop)
 }
 
 #[cfg(test)]

@@ -118,7 +118,7 @@ fn highest_clean(steps: &[Step]) -> Option<f64> {
         .reduce(f64::max)
 }
 
-pub fn run(ctx: &mut Ctx) -> Result<Vec<Row>> {
+pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     let threads = thread::available_parallelism().map_or(2, usize::from);
     let plan = ctx.pick(
         Plan {

@@ -19,7 +19,10 @@
 //! The daemon under test is the release build, watching a cgroup created for
 //! the run (`portwatch-bench-<pid>` under the cgroup2 mount); the load runs
 //! inside that cgroup as `cargo xtask bench-worker` child processes. Only
-//! loopback and a network namespace made for the run are used.
+//! loopback and a network namespace made for the run are used. The daemon's
+//! configuration and log and bpftrace's output go to `target/bench/run-<pid>`,
+//! so that two runs do not overwrite each other's; it is removed when the run
+//! succeeds.
 
 mod api;
 mod bindpath;
@@ -58,11 +61,9 @@ pub struct Ctx {
     pub portwatch: PathBuf,
     /// The cgroup the daemon watches and the workers run in.
     pub cgroup: Cgroup,
-    /// Alternating rounds per comparison (each round runs "with" and
-    /// "without" once).
-    pub rounds: usize,
-    /// Where results and daemon logs go (`target/bench`).
-    pub out_dir: PathBuf,
+    /// This run's daemon configuration and log, and bpftrace's output
+    /// (`target/bench/run-<pid>`).
+    pub run_dir: PathBuf,
 }
 
 impl Ctx {
@@ -70,10 +71,15 @@ impl Ctx {
     pub fn pick<T>(&self, full: T, quick: T) -> T {
         if self.quick { quick } else { full }
     }
+
+    /// Rounds per comparison (each round runs every side once).
+    pub fn rounds(&self) -> usize {
+        self.pick(7, 2)
+    }
 }
 
 /// One figure: its rows, or why it could not be taken.
-type Figure = fn(&mut Ctx) -> Result<Vec<Row>>;
+type Figure = fn(&Ctx) -> Result<Vec<Row>>;
 
 /// `cargo xtask bench [--quick] [--write-readme] [--only <figure>]...`.
 pub fn bench(options: Options) -> Result<()> {
@@ -86,14 +92,14 @@ pub fn bench(options: Options) -> Result<()> {
     build::build(true)?;
     let portwatch = build::target_dir().join("release/portwatch");
     let out_dir = build::target_dir().join("bench");
-    fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let run_dir = out_dir.join(format!("run-{}", std::process::id()));
+    fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
 
-    let mut ctx = Ctx {
+    let ctx = Ctx {
         quick: options.quick,
         portwatch,
         cgroup: Cgroup::create()?,
-        rounds: if options.quick { 2 } else { 7 },
-        out_dir,
+        run_dir,
     };
     let figures: [(&str, Figure); 5] = [
         ("bind path", bindpath::run),
@@ -109,17 +115,26 @@ pub fn bench(options: Options) -> Result<()> {
             continue;
         }
         println!("\n== bench: {name} ==");
-        let taken = figure(&mut ctx).with_context(|| format!("bench: {name}"))?;
+        let taken = figure(&ctx).with_context(|| {
+            format!(
+                "bench: {name} (daemon log and bpftrace output in {})",
+                ctx.run_dir.display()
+            )
+        })?;
         for row in &taken {
             println!("{}", row.one_line());
         }
         rows.extend(taken);
     }
 
+    if let Err(err) = fs::remove_dir_all(&ctx.run_dir) {
+        eprintln!("bench: could not remove {}: {err}", ctx.run_dir.display());
+    }
+
     let table = report::markdown(&rows, &report::Machine::describe(options.quick));
     println!("\n{table}");
-    let md = ctx.out_dir.join("results.md");
-    let json = ctx.out_dir.join("results.json");
+    let md = out_dir.join("results.md");
+    let json = out_dir.join("results.json");
     fs::write(&md, &table).with_context(|| format!("writing {}", md.display()))?;
     fs::write(&json, report::json(&rows, options.quick)?)
         .with_context(|| format!("writing {}", json.display()))?;

@@ -44,6 +44,16 @@ impl Stats {
             samples,
         })
     }
+
+    /// The per-round ratios `with[i] / without[i]`.
+    pub fn of_ratios(with: &[f64], without: &[f64]) -> Result<Stats> {
+        Stats::of(with.iter().zip(without).map(|(w, wo)| w / wo).collect())
+    }
+
+    /// The median of `samples`.
+    pub fn median_of(samples: &[f64]) -> Result<f64> {
+        Stats::of(samples.to_vec()).map(|stats| stats.median)
+    }
 }
 
 /// What a figure should be; checked against the median.
@@ -88,6 +98,21 @@ impl Row {
             goal,
             detail: String::new(),
         }
+    }
+
+    /// A comparison: the per-round ratios of paired samples, as "×".
+    pub fn ratio(
+        figure: impl Into<String>,
+        with: &[f64],
+        without: &[f64],
+        goal: Goal,
+    ) -> Result<Row> {
+        Ok(Row::new(
+            figure,
+            "×",
+            Stats::of_ratios(with, without)?,
+            goal,
+        ))
     }
 
     pub fn detail(mut self, detail: impl Into<String>) -> Row {
@@ -259,6 +284,9 @@ mod tests {
         assert_eq!((stats.min, stats.median, stats.max), (1.0, 2.5, 10.0));
         assert!(Stats::of(vec![]).is_err());
         assert!(Stats::of(vec![1.0, f64::NAN]).is_err());
+        let ratios = Stats::of_ratios(&[2.0, 3.0, 8.0], &[1.0, 2.0, 2.0]).unwrap();
+        assert_eq!(ratios.samples, [2.0, 1.5, 4.0]);
+        assert_eq!(Stats::median_of(&[5.0, 1.0, 3.0]).unwrap(), 3.0);
     }
 
     #[test]

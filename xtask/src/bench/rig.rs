@@ -3,8 +3,9 @@
 
 use std::{
     fs,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::{self, Read as _, Write as _},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::{FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     str::FromStr,
@@ -15,6 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::Ctx;
+use crate::cmd;
 
 /// The environment variable that tells a bench worker which cgroup to join.
 pub const CGROUP_ENV: &str = "PORTWATCH_BENCH_CGROUP";
@@ -74,7 +76,7 @@ impl Drop for Cgroup {
 }
 
 /// The daemon under test: the release build, watching the bench cgroup,
-/// serving HTTP on a free loopback port, its log in `target/bench`.
+/// serving HTTP on a free loopback port, its log in the run's directory.
 pub struct BenchDaemon {
     child: Child,
     addr: SocketAddr,
@@ -86,7 +88,7 @@ impl BenchDaemon {
     /// such as `ring_size = 4096`) and waits until `/readyz` says ready.
     pub fn start(ctx: &Ctx, extra: &str) -> Result<BenchDaemon> {
         let addr = free_loopback_port()?;
-        let config = ctx.out_dir.join("daemon.toml");
+        let config = ctx.run_dir.join("daemon.toml");
         fs::write(
             &config,
             format!(
@@ -95,7 +97,7 @@ impl BenchDaemon {
             ),
         )
         .with_context(|| format!("writing {}", config.display()))?;
-        let log = ctx.out_dir.join("daemon.log");
+        let log = ctx.run_dir.join("daemon.log");
         let log_file =
             fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new(&ctx.portwatch)
@@ -142,14 +144,19 @@ impl BenchDaemon {
         http_get(self.addr, path)
     }
 
-    /// The sum of every sample of metric `name` whose labels include all of
-    /// `labels` (as `key="value"`).
-    pub fn metric(&self, name: &str, labels: &[&str]) -> Result<f64> {
+    /// `GET /metrics`: the text exposition.
+    pub fn metrics(&self) -> Result<String> {
         let (status, text) = self.get("/metrics")?;
         if status != 200 {
             bail!("/metrics answered {status}");
         }
-        Ok(sum_metric(&text, name, labels))
+        Ok(text)
+    }
+
+    /// The sum of every sample of metric `name` whose labels include all of
+    /// `labels` (as `key="value"`).
+    pub fn metric(&self, name: &str, labels: &[&str]) -> Result<f64> {
+        Ok(sum_metric(&self.metrics()?, name, labels))
     }
 
     /// The daemon's resident memory (VmRSS), in bytes.
@@ -181,11 +188,7 @@ impl BenchDaemon {
 
     /// How many of the workers' successful binds the daemon has counted, now.
     pub fn bind_counts(&self) -> Result<BindCounts> {
-        let (status, text) = self.get("/metrics")?;
-        if status != 200 {
-            bail!("/metrics answered {status}");
-        }
-        Ok(BindCounts::from_metrics(&text))
+        Ok(BindCounts::from_metrics(&self.metrics()?))
     }
 
     /// [`BenchDaemon::bind_counts`] once the daemon has caught up: when they
@@ -283,7 +286,7 @@ impl BindCounts {
 
 /// bpftrace running a script (the comparison on the bind path, and empty
 /// programs that isolate what one tracepoint costs). Its output goes to
-/// `target/bench/<name>.out`; it is interrupted on drop.
+/// `<name>.out` in the run's directory; it is interrupted on drop.
 pub struct Bpftrace {
     child: Child,
     output: PathBuf,
@@ -293,8 +296,8 @@ impl Bpftrace {
     /// Starts `bpftrace -e <script>` and waits until it has attached its
     /// probes (it prints "Attaching N probes..." then).
     pub fn start(ctx: &Ctx, name: &str, script: &str) -> Result<Bpftrace> {
-        let output = ctx.out_dir.join(format!("{name}.out"));
-        let errors = ctx.out_dir.join(format!("{name}.err"));
+        let output = ctx.run_dir.join(format!("{name}.out"));
+        let errors = ctx.run_dir.join(format!("{name}.err"));
         let create = |path: &Path| {
             fs::File::create(path).with_context(|| format!("creating {}", path.display()))
         };
@@ -424,34 +427,70 @@ pub fn sum_metric(text: &str, name: &str, labels: &[&str]) -> f64 {
 pub struct Worker;
 
 impl Worker {
-    pub fn command(ctx: &Ctx, args: &[&str]) -> Result<Command> {
+    /// A worker started by the bench: it joins the bench cgroup first.
+    pub fn command(ctx: &Ctx, args: &[&str]) -> Command {
+        let mut command = Self::nested(args);
+        command.env(CGROUP_ENV, ctx.cgroup.path());
+        command
+    }
+
+    /// A worker started by a worker, which it inherits the cgroup (and
+    /// [`CGROUP_ENV`]) and network namespace from.
+    pub fn nested(args: &[&str]) -> Command {
         // The running binary itself, not its path: another build in the
         // shared target directory may replace target/debug/xtask mid-run.
         let mut command = Command::new("/proc/self/exe");
+        command.arg("bench-worker").args(args).stdin(Stdio::null());
         command
-            .arg("bench-worker")
-            .args(args)
-            .env(CGROUP_ENV, ctx.cgroup.path())
-            .stdin(Stdio::null());
-        Ok(command)
     }
 
     /// Runs a worker to its end; its stdout.
     pub fn run(ctx: &Ctx, args: &[&str]) -> Result<String> {
-        let out = Self::command(ctx, args)?
-            .stderr(Stdio::piped())
-            .output()
-            .with_context(|| format!("starting bench-worker {}", args.join(" ")))?;
-        if !out.status.success() {
-            bail!(
-                "bench-worker {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let out = cmd::output(&mut Self::command(ctx, args))?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
     }
+}
+
+/// A TCP socket bound to `endpoint`, listening with `backlog` if one is
+/// given. Raw libc calls, so a timed loop makes exactly these syscalls.
+pub fn tcp_socket(endpoint: SocketAddrV4, backlog: Option<i32>) -> io::Result<OwnedFd> {
+    let fail = |call: &str| {
+        let err = io::Error::last_os_error();
+        io::Error::new(err.kind(), format!("{call}: {err}"))
+    };
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(fail("socket"));
+    }
+    // SAFETY: a descriptor socket(2) just returned, owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let address = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: endpoint.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*endpoint.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: bind(2) reads `address`, a valid sockaddr_in of the given size.
+    let bound = unsafe {
+        libc::bind(
+            fd,
+            (&raw const address).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if bound != 0 {
+        return Err(fail("bind"));
+    }
+    // SAFETY: listen(2) on a socket we own.
+    if let Some(backlog) = backlog
+        && unsafe { libc::listen(fd, backlog) } != 0
+    {
+        return Err(fail("listen"));
+    }
+    Ok(socket)
 }
 
 /// `rounds` rounds of `measure(true)` ("with") and `measure(false)`
@@ -534,11 +573,6 @@ pub fn output_field(output: &str, key: &str) -> Result<f64> {
         .with_context(|| format!("`{key}` in the worker's output is {value:?}, not a number"))
 }
 
-/// Per-round ratios `with[i] / without[i]`.
-pub fn ratios(with: &[f64], without: &[f64]) -> Vec<f64> {
-    with.iter().zip(without).map(|(w, wo)| w / wo).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -564,7 +598,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(order, [true, false, false, true, true, false]);
-        assert_eq!(ratios(&with, &without), [2.0, 2.0, 2.0]);
+        assert_eq!((with, without), (vec![2.0; 3], vec![1.0; 3]));
     }
 
     #[test]

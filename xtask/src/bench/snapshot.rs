@@ -19,7 +19,6 @@ use std::{
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4},
     ops::Range,
-    os::fd::{FromRawFd as _, OwnedFd},
     process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
@@ -28,7 +27,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{BenchDaemon, Ctx, Goal, Row, Stats, Worker, alternate, rig::ratios};
+use super::{BenchDaemon, Ctx, Goal, Row, Stats, Worker, alternate, rig::tcp_socket};
+use crate::cmd;
 
 /// The first port of every address's range.
 const FIRST_PORT: u16 = 10_000;
@@ -47,11 +47,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const BACKLOG: i32 = 16;
 
 /// `cargo xtask bench --only snapshot`.
-pub fn run(ctx: &mut Ctx) -> Result<Vec<Row>> {
+pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     let count = ctx.pick(100_000, 10_000);
     let listeners = Listeners::hold(ctx, count)?;
     let mut with_owners = Vec::new();
-    let (portwatch, ss) = alternate(ctx.rounds, |with| {
+    let (portwatch, ss) = alternate(ctx.rounds(), |with| {
         if with {
             let daemon = BenchDaemon::start(ctx, "")?;
             let took = startup_snapshot_seconds(&daemon)?;
@@ -74,25 +74,25 @@ pub fn run(ctx: &mut Ctx) -> Result<Vec<Row>> {
             Ok(plain)
         }
     })?;
-    let [portwatch_ms, ss_ms, ss_owners_ms] =
-        [&portwatch, &ss, &with_owners].map(|samples| median(samples) * 1e3);
+    let ms = |samples: &[f64]| Stats::median_of(samples).map(|median| median * 1e3);
+    let (portwatch_ms, ss_ms, ss_owners_ms) = (ms(&portwatch)?, ms(&ss)?, ms(&with_owners)?);
     Ok(vec![
-        Row::new(
+        Row::ratio(
             format!("snapshot: portwatch start-up / `ss -tlnH` ({count} listeners)"),
-            "×",
-            Stats::of(ratios(&portwatch, &ss))?,
+            &portwatch,
+            &ss,
             Goal::AtMost(1.5),
-        )
+        )?
         .detail(format!(
             "medians: portwatch {portwatch_ms:.0} ms (every namespace, owners, SO_REUSE* \
              options, merge), ss {ss_ms:.0} ms (one namespace, no owners)"
         )),
-        Row::new(
+        Row::ratio(
             format!("snapshot: portwatch start-up / `ss -tlnpH` ({count} listeners)"),
-            "×",
-            Stats::of(ratios(&portwatch, &with_owners))?,
+            &portwatch,
+            &with_owners,
             Goal::None,
-        )
+        )?
         .detail(format!(
             "medians: portwatch {portwatch_ms:.0} ms, ss with owners {ss_owners_ms:.0} ms"
         )),
@@ -106,10 +106,6 @@ fn startup_snapshot_seconds(daemon: &BenchDaemon) -> Result<f64> {
         bail!("the daemon reports no portwatch_snapshot_duration_seconds{{kind=\"startup\"}}");
     }
     Ok(seconds)
-}
-
-fn median(samples: &[f64]) -> f64 {
-    Stats::of(samples.to_vec()).map_or(f64::NAN, |stats| stats.median)
 }
 
 /// Where listener number `index` of a holder listens: `PORTS_PER_ADDRESS`
@@ -171,7 +167,7 @@ impl Listeners {
         let layout = Layout::new(count)?;
         println!("  opening {count} TCP listeners in a private network namespace");
         let started = Instant::now();
-        let mut child = Worker::command(ctx, &["hold-listeners", &count.to_string()])?
+        let mut child = Worker::command(ctx, &["hold-listeners", &count.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -228,11 +224,7 @@ impl Listeners {
     /// Fails unless the daemon's map has every listener: the sum of
     /// `portwatch_listeners` over the bench's ports.
     pub fn check_seen_by(&self, daemon: &BenchDaemon) -> Result<()> {
-        let (status, text) = daemon.get("/metrics")?;
-        if status != 200 {
-            bail!("/metrics answered {status}");
-        }
-        let seen = tcp4_listeners_on(&text, self.layout.ports());
+        let seen = tcp4_listeners_on(&daemon.metrics()?, self.layout.ports());
         if seen < u64::from(self.layout.count) {
             bail!(
                 "the daemon's map has {seen} IPv4 TCP listeners on ports {:?}, not {}",
@@ -332,24 +324,14 @@ fn hold_in_new_netns(layout: Layout) -> Result<()> {
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         bail!("unshare(CLONE_NEWNET): {}", io::Error::last_os_error());
     }
-    let status = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status()
-        .context("running ip link set lo up")?;
-    if !status.success() {
-        bail!("ip link set lo up failed ({status})");
-    }
+    cmd::run_unannounced(Command::new("ip").args(["link", "set", "lo", "up"]))?;
     let per_process = raise_fd_limit(layout.count)?;
-    // This very binary even if cargo has replaced the file meanwhile (the
-    // target directory is shared), which `current_exe()` would not find.
-    let exe = "/proc/self/exe";
     // Each part inherits this namespace and closes its listeners when its
     // stdin (held here) closes, including when this process dies.
     let mut parts = Vec::new();
     for (first, count) in split(layout.count, per_process) {
-        let part = Command::new(exe)
-            .args(["bench-worker", "hold-listeners", "--part"])
-            .args([first.to_string(), count.to_string()])
+        let (first, count) = (first.to_string(), count.to_string());
+        let part = Worker::nested(&["hold-listeners", "--part", &first, &count])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -376,7 +358,10 @@ fn hold_in_new_netns(layout: Layout) -> Result<()> {
 fn hold_part(layout: Layout, indices: Range<u32>) -> Result<()> {
     let mut held = Vec::with_capacity(indices.len());
     for index in indices {
-        held.push(listen(layout.endpoint(index))?);
+        let endpoint = layout.endpoint(index);
+        let listener = tcp_socket(endpoint, Some(BACKLOG))
+            .with_context(|| format!("listening on {endpoint}"))?;
+        held.push(listener);
     }
     let mut stdout = io::stdout();
     writeln!(stdout, "ready {}", held.len())?;
@@ -384,42 +369,6 @@ fn hold_part(layout: Layout, indices: Range<u32>) -> Result<()> {
     wait_for_stdin_to_close(HOLD_LIMIT)?;
     drop(held);
     Ok(())
-}
-
-/// socket + bind + listen, raw: the cheapest way to a listener.
-fn listen(endpoint: SocketAddrV4) -> Result<OwnedFd> {
-    let fail = |call| format!("{call} {endpoint}: {}", io::Error::last_os_error());
-    // SAFETY: socket(2) with constant arguments.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        bail!(fail("socket"));
-    }
-    // SAFETY: a descriptor socket(2) just returned, owned by nothing else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let address = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: endpoint.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*endpoint.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: bind(2) reads `address`, a valid sockaddr_in of the given size.
-    let bound = unsafe {
-        libc::bind(
-            fd,
-            (&raw const address).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if bound != 0 {
-        bail!(fail("bind"));
-    }
-    // SAFETY: listen(2) on a socket we own.
-    if unsafe { libc::listen(fd, BACKLOG) } != 0 {
-        bail!(fail("listen"));
-    }
-    Ok(socket)
 }
 
 /// Raises RLIMIT_NOFILE (inherited by the parts) as far as allowed: to

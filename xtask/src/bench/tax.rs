@@ -11,17 +11,15 @@
 //! tracepoint `sock/inet_sock_set_state` that portwatch also uses (which
 //! should cost nothing outside socket state changes).
 
-use std::{
-    collections::BTreeSet,
-    process::{Command, Stdio},
-};
+use std::{collections::BTreeSet, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
 use super::{
     BenchDaemon, Ctx, Goal, Row, Stats, Worker,
-    rig::{Bpftrace, ns_per_op, output_field, ratios, rotate, worker_arg},
+    rig::{Bpftrace, ns_per_op, output_field, rotate, worker_arg},
 };
+use crate::cmd;
 
 /// What runs during a sample.
 #[derive(Clone, Copy, Debug)]
@@ -92,16 +90,9 @@ fn outcome_path(daemon: &BenchDaemon) -> Result<Option<&'static str>> {
 /// The processes that have a BPF program on a syscall tracepoint now
 /// (`bpftool perf list`): while one does, "nothing attached" is not true.
 fn syscall_tracepoint_holders() -> Result<Vec<u32>> {
-    let out = Command::new("bpftool")
-        .args(["-j", "perf", "list"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .context("running `bpftool -j perf list` (`cargo xtask setup` installs bpftool)")?;
-    if !out.status.success() {
-        bail!("`bpftool -j perf list` failed ({})", out.status);
-    }
-    syscall_holders_in(&String::from_utf8_lossy(&out.stdout))
+    let out = cmd::output(Command::new("bpftool").args(["-j", "perf", "list"]))
+        .context("`cargo xtask setup` installs bpftool")?;
+    syscall_holders_in(&String::from_utf8_lossy(&out))
 }
 
 /// The pids in `bpftool -j perf list` output whose program sits on a
@@ -158,7 +149,7 @@ fn offered_loads(ctx: &Ctx) -> Result<(Vec<Load>, String)> {
         }
         Some(_) => format!(
             "fexit is not offered by this kernel ({}), so the daemon's only path is the tracepoints",
-            fexit_refusal(&log).unwrap_or("see target/bench/daemon.log")
+            fexit_refusal(&log).unwrap_or("its log gave no reason")
         ),
         None => bail!("the daemon reported no bind outcome hook in portwatch_program_attached"),
     };
@@ -171,12 +162,12 @@ fn offered_loads(ctx: &Ctx) -> Result<(Vec<Load>, String)> {
     Ok((loads, fexit_note))
 }
 
-pub fn run(ctx: &mut Ctx) -> Result<Vec<Row>> {
+pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     let iterations: u64 = ctx.pick(3_000_000, 500_000);
     let (loads, fexit_note) = offered_loads(ctx)?;
     println!(
         "syscall tax: {} rounds of {iterations} getppid calls with: {}",
-        ctx.rounds,
+        ctx.rounds(),
         loads
             .iter()
             .map(|load| load.name())
@@ -185,13 +176,19 @@ pub fn run(ctx: &mut Ctx) -> Result<Vec<Row>> {
     );
     let mut tainted_baselines = 0;
     let mut foreign_pids = BTreeSet::new();
-    let samples = rotate(ctx.rounds, loads.len(), |side| {
+    let samples = rotate(ctx.rounds(), loads.len(), |side| {
         let load = loads[side];
-        let before = syscall_tracepoint_holders()?;
+        // Only the baseline must run with no syscall tracepoint held.
+        let baseline = matches!(load, Load::Nothing);
+        let before = if baseline {
+            syscall_tracepoint_holders()?
+        } else {
+            Vec::new()
+        };
         let ns = load
             .measure(ctx, iterations)
             .with_context(|| format!("getppid with {}", load.name()))?;
-        if matches!(load, Load::Nothing) {
+        if baseline {
             let holders: BTreeSet<u32> = before
                 .into_iter()
                 .chain(syscall_tracepoint_holders()?)
@@ -205,48 +202,45 @@ pub fn run(ctx: &mut Ctx) -> Result<Vec<Row>> {
         Ok(ns)
     })?;
 
-    let median = |side: usize| Stats::of(samples[side].clone()).map(|stats| stats.median);
-    let nothing = median(0)?;
+    let nothing = Stats::median_of(&samples[0])?;
     let empty_syscall_tracepoint = loads
         .iter()
         .position(|load| matches!(load, Load::EmptyProgram(tp) if tp.starts_with("syscalls:")))
         .context("no empty syscall tracepoint load")?;
-    let isolated = Stats::of(ratios(&samples[empty_syscall_tracepoint], &samples[0]))?.median;
+    let isolated = Stats::of_ratios(&samples[empty_syscall_tracepoint], &samples[0])?.median;
     let baseline_note = if tainted_baselines == 0 {
         "no other process held a syscall tracepoint during the baseline".to_owned()
     } else {
         format!(
             "in {tainted_baselines} of {} baseline samples other processes (pids {foreign_pids:?}) held syscall tracepoints, so the baseline paid the tax too",
-            ctx.rounds
+            ctx.rounds()
         )
     };
     let mut rows = Vec::new();
     for (side, load) in loads.iter().enumerate().skip(1) {
-        let ratio = Stats::of(ratios(&samples[side], &samples[0]))?;
+        let (figure, goal, why) = match *load {
+            Load::Nothing => continue,
+            Load::Daemon { path, .. } => (
+                format!("syscall tax: daemon, outcomes via {path}"),
+                Goal::AtMost(1.05),
+                format!(
+                    "an empty sys_exit_bind program alone costs {isolated:.3}× (below); {fexit_note}"
+                ),
+            ),
+            Load::EmptyProgram(tracepoint) => (
+                format!("syscall tax: one empty {tracepoint} program"),
+                Goal::None,
+                "bpftrace, to isolate the cause".to_owned(),
+            ),
+        };
         let absolute = format!(
             "{nothing:.1} → {:.1} ns per getppid (medians; {baseline_note})",
-            median(side)?
+            Stats::median_of(&samples[side])?
         );
-        let row = match *load {
-            Load::Nothing => continue,
-            Load::Daemon { path, .. } => Row::new(
-                format!("syscall tax: daemon, outcomes via {path}"),
-                "×",
-                ratio,
-                Goal::AtMost(1.05),
-            )
-            .detail(format!(
-                "{absolute}; an empty sys_exit_bind program alone costs {isolated:.3}× (below); {fexit_note}"
-            )),
-            Load::EmptyProgram(tracepoint) => Row::new(
-                format!("syscall tax: one empty {tracepoint} program"),
-                "×",
-                ratio,
-                Goal::None,
-            )
-            .detail(format!("{absolute}; bpftrace, to isolate the cause")),
-        };
-        rows.push(row);
+        rows.push(
+            Row::ratio(figure, &samples[side], &samples[0], goal)?
+                .detail(format!("{absolute}; {why}")),
+        );
     }
     Ok(rows)
 }
