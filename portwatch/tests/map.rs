@@ -23,7 +23,8 @@ use support::{
 };
 
 /// One test at a time: workers are forked from this process and would hold
-/// copies of sockets other tests' threads have open.
+/// copies of sockets other tests' threads have open. ([`support::serial`]
+/// with a tokio mutex, whose guard may be held across `.await`.)
 async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     SERIAL.lock().await
@@ -93,6 +94,46 @@ fn listen(sock: usize) -> Op {
     Op::Listen { sock, backlog: 16 }
 }
 
+/// A worker in `netns` listening on TCP `addr` until resumed.
+fn tcp_listener(cgroup: &CgroupGuard, netns: &NetnsGuard, addr: &str) -> Worker {
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(netns),
+        &[Op::tcp(false), Op::bind(0, addr), listen(0), Op::Pause],
+    );
+    assert_eq!(worker.results(3)[1..], [0, 0], "bind and listen on {addr}");
+    worker
+}
+
+/// A worker in `netns` whose TCP bind to `addr` is refused with EADDRINUSE.
+fn refused_bind(cgroup: &CgroupGuard, netns: &NetnsGuard, addr: &str) -> Worker {
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(netns),
+        &[Op::tcp(false), Op::bind(0, addr)],
+    );
+    assert_eq!(
+        worker.results(2)[1],
+        -i64::from(libc::EADDRINUSE),
+        "bind to {addr}"
+    );
+    worker
+}
+
+/// Runs the pipeline until it has recorded a failure that `which` picks;
+/// that failure. Panics with `what` at the deadline.
+async fn failure_where(
+    watcher: &mut Watcher,
+    what: &str,
+    which: impl Fn(&Failure) -> bool,
+) -> Failure {
+    until(watcher, what, |w| failures(w).iter().any(&which)).await;
+    failures(watcher)
+        .into_iter()
+        .find(which)
+        .expect("the failure `until` saw")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 async fn ipv4_and_ipv6_on_one_port_from_two_processes() {
@@ -100,16 +141,7 @@ async fn ipv4_and_ipv6_on_one_port_from_two_processes() {
     let (cgroup, netns) = (CgroupGuard::new("map46"), NetnsGuard::new("map46"));
     let ns = netns.cookie();
     let mut watcher = watcher(&cgroup).await;
-    let mut four = Worker::spawn(
-        &cgroup.path,
-        Some(&netns),
-        &[
-            Op::tcp(false),
-            Op::bind(0, "0.0.0.0:8000"),
-            listen(0),
-            Op::Pause,
-        ],
-    );
+    let mut four = tcp_listener(&cgroup, &netns, "0.0.0.0:8000");
     let mut six = Worker::spawn(
         &cgroup.path,
         Some(&netns),
@@ -121,7 +153,6 @@ async fn ipv4_and_ipv6_on_one_port_from_two_processes() {
             Op::Pause,
         ],
     );
-    assert_eq!(four.results(3)[1..], [0, 0]);
     assert!(six.results(4)[1..].iter().all(|r| *r == 0));
     until(&mut watcher, "two listeners", |w| {
         listeners(w, ns, 8000).len() == 2
@@ -200,31 +231,9 @@ async fn the_same_address_twice_names_the_first_as_the_blocker() {
     let _serial = serial().await;
     let (cgroup, netns) = (CgroupGuard::new("mapinuse"), NetnsGuard::new("mapinuse"));
     let mut watcher = watcher(&cgroup).await;
-    let mut first = Worker::spawn(
-        &cgroup.path,
-        Some(&netns),
-        &[
-            Op::tcp(false),
-            Op::bind(0, "127.0.0.1:8000"),
-            listen(0),
-            Op::Pause,
-        ],
-    );
-    assert_eq!(first.results(3)[1..], [0, 0]);
-    let mut second = Worker::spawn(
-        &cgroup.path,
-        Some(&netns),
-        &[Op::tcp(false), Op::bind(0, "127.0.0.1:8000")],
-    );
-    assert_eq!(second.results(2)[1], -i64::from(libc::EADDRINUSE));
-    until(&mut watcher, "the failure", |w| {
-        failures(w).iter().any(|f| f.event.pid == second.pid)
-    })
-    .await;
-    let failure = failures(&watcher)
-        .into_iter()
-        .find(|f| f.event.pid == second.pid)
-        .unwrap();
+    let mut first = tcp_listener(&cgroup, &netns, "127.0.0.1:8000");
+    let mut second = refused_bind(&cgroup, &netns, "127.0.0.1:8000");
+    let failure = failure_where(&mut watcher, "the failure", |f| f.event.pid == second.pid).await;
     assert_eq!(failure.blocked_by.len(), 1, "{:?}", failure.blocked_by);
     let blocker = &failure.blocked_by[0];
     assert_eq!(blocker.holders[0].pid, first.pid, "{blocker:?}");
@@ -274,16 +283,8 @@ async fn connected_and_time_wait_blockers_are_named() {
     let results = worker.results(9);
     assert_eq!(results[8], -i64::from(libc::EADDRINUSE), "{results:?}");
     let pid = worker.pid;
-    let failed_on = move |w: &Watcher, port: u16| {
-        failures(w)
-            .into_iter()
-            .find(|f| f.event.pid == pid && f.event.port == port)
-    };
-    until(&mut watcher, "the failure on :9000", |w| {
-        failed_on(w, 9000).is_some()
-    })
-    .await;
-    let connected = failed_on(&watcher, 9000).unwrap();
+    let on = |port: u16| move |f: &Failure| f.event.pid == pid && f.event.port == port;
+    let connected = failure_where(&mut watcher, "the failure on :9000", on(9000)).await;
     assert_eq!(connected.blocked_by.len(), 1, "{:?}", connected.blocked_by);
     assert_eq!(connected.blocked_by[0].what, "connected socket");
     assert_eq!(connected.blocked_by[0].holders[0].pid, worker.pid);
@@ -291,11 +292,7 @@ async fn connected_and_time_wait_blockers_are_named() {
     worker.resume();
     let results = worker.results(6);
     assert_eq!(results[5], -i64::from(libc::EADDRINUSE), "{results:?}");
-    until(&mut watcher, "the failure on :8000", |w| {
-        failed_on(w, 8000).is_some()
-    })
-    .await;
-    let time_wait = failed_on(&watcher, 8000).unwrap();
+    let time_wait = failure_where(&mut watcher, "the failure on :8000", on(8000)).await;
     assert!(!time_wait.blocked_by.is_empty(), "{time_wait:?}");
     assert!(
         time_wait.blocked_by.iter().all(|b| b.what == "TIME_WAIT"),
@@ -358,31 +355,9 @@ async fn the_wildcard_with_a_specific_address() {
     let ns = netns.cookie();
     let mut watcher = watcher(&cgroup).await;
     // Without sharing options the wildcard blocks the specific address...
-    let mut wild = Worker::spawn(
-        &cgroup.path,
-        Some(&netns),
-        &[
-            Op::tcp(false),
-            Op::bind(0, "0.0.0.0:8000"),
-            listen(0),
-            Op::Pause,
-        ],
-    );
-    assert_eq!(wild.results(3)[1..], [0, 0]);
-    let mut blocked = Worker::spawn(
-        &cgroup.path,
-        Some(&netns),
-        &[Op::tcp(false), Op::bind(0, "127.0.0.1:8000")],
-    );
-    assert_eq!(blocked.results(2)[1], -i64::from(libc::EADDRINUSE));
-    until(&mut watcher, "the failure", |w| {
-        failures(w).iter().any(|f| f.event.pid == blocked.pid)
-    })
-    .await;
-    let failure = failures(&watcher)
-        .into_iter()
-        .find(|f| f.event.pid == blocked.pid)
-        .unwrap();
+    let mut wild = tcp_listener(&cgroup, &netns, "0.0.0.0:8000");
+    let mut blocked = refused_bind(&cgroup, &netns, "127.0.0.1:8000");
+    let failure = failure_where(&mut watcher, "the failure", |f| f.event.pid == blocked.pid).await;
     assert_eq!(failure.blocked_by[0].endpoint, "0.0.0.0:8000");
     assert!(
         failure.blocked_by[0].reason.contains("wildcard"),

@@ -16,13 +16,18 @@
 //! These tests need root (a network namespace, `setns`, `setfsuid`), so they
 //! are `#[ignore]`d with the project's root reason and `cargo xtask test`
 //! runs them.
+//!
+//! They run one at a time ([`support::serial`]): each spawns `ip` commands,
+//! and a spawned child holds a copy of every open descriptor until it execs
+//! (CLOEXEC ones too), so a socket another test closes in that window stays
+//! bound and the kernel refuses a bind the predictor rightly allows.
 
 mod support;
 
 use std::{
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    net::{IpAddr, Ipv4Addr},
+    time::{Duration, Instant},
 };
 
 use portwatch::{
@@ -30,7 +35,7 @@ use portwatch::{
     rules::{self, PortHistory, Prediction},
     socket::{BindRequest, Family, Protocol, ShareOptions, SockState, SocketFacts},
 };
-use support::NetnsGuard;
+use support::{NetnsGuard, churn::Rng, serial};
 
 /// The fewest random scenarios a run must complete.
 const MIN_SCENARIOS: usize = 500;
@@ -89,6 +94,16 @@ enum Step {
     Close {
         sock: usize,
     },
+}
+
+impl Step {
+    /// Binds socket `sock` to `addr`, of either family.
+    fn bind(sock: usize, addr: &str) -> Step {
+        Step::Bind {
+            sock,
+            addr: addr.parse().expect("address"),
+        }
+    }
 }
 
 /// One socket of a scenario.
@@ -402,9 +417,9 @@ fn set_flag(fd: i32, level: i32, name: i32, on: bool) {
     assert_eq!(rc, 0, "setsockopt({level}, {name}): {}", last_errno());
 }
 
-/// `bind()` with a sockaddr of the address's own family, whatever the
-/// socket's: that is how an IPv6 address meets an IPv4 socket.
-fn bind(fd: i32, addr: IpAddr, port: u16) -> Result<(), Errno> {
+/// A sockaddr of the address's own family, whatever the socket's (that is
+/// how an IPv6 address meets an IPv4 socket), and its length.
+fn sockaddr(addr: IpAddr, port: u16) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match addr {
@@ -425,8 +440,13 @@ fn bind(fd: i32, addr: IpAddr, port: u16) -> Result<(), Errno> {
             size_of::<libc::sockaddr_in6>()
         }
     };
+    (storage, len as libc::socklen_t)
+}
+
+fn bind(fd: i32, addr: IpAddr, port: u16) -> Result<(), Errno> {
+    let (storage, len) = sockaddr(addr, port);
     // SAFETY: the address lives on this stack frame for the call.
-    let rc = unsafe { libc::bind(fd, (&raw const storage).cast(), len as libc::socklen_t) };
+    let rc = unsafe { libc::bind(fd, (&raw const storage).cast(), len) };
     if rc == 0 { Ok(()) } else { Err(last_errno()) }
 }
 
@@ -459,32 +479,6 @@ fn listen(fd: i32) -> Result<(), Errno> {
 fn close(fd: i32) {
     // SAFETY: closing a socket this test opened, once.
     unsafe { libc::close(fd) };
-}
-
-/// SplitMix64: small, seedable, good enough to pick test cases.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// 0..n
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn chance(&mut self, p: f64) -> bool {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
 }
 
 /// One random scenario on `port`, run as it is drawn (what comes next depends
@@ -594,17 +588,6 @@ fn in_netns<T: Send>(netns: &NetnsGuard, f: impl FnOnce() -> T + Send) -> T {
     netns.run_in(f)
 }
 
-/// One test at a time. Each test spawns `ip` commands, and a spawned child
-/// holds a copy of every open descriptor until it execs (CLOEXEC ones too):
-/// a socket another test closes in that window stays bound, and the kernel
-/// then refuses a bind the predictor rightly allows.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 fn require_root() {
     assert!(
         support::is_root(),
@@ -617,19 +600,13 @@ fn require_root() {
 fn predictions_agree_with_the_kernel() {
     require_root();
     let _serial = serial();
-    let seed = env_number("PORTWATCH_PREDICTOR_SEED").unwrap_or_else(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_nanos() as u64
-    });
+    let mut rng = Rng::from_env("PORTWATCH_PREDICTOR_SEED");
+    let seed = rng.seed();
     let wanted = env_number("PORTWATCH_PREDICTOR_SCENARIOS")
         .map_or(DEFAULT_SCENARIOS, |n| n as usize)
         .max(MIN_SCENARIOS);
-    println!("predictor seed {seed} (replay: PORTWATCH_PREDICTOR_SEED={seed})");
     let netns = NetnsGuard::new("predictor");
     let (ran, total, elapsed) = in_netns(&netns, || {
-        let mut rng = Rng(seed);
         let mut total = Tally::default();
         let start = Instant::now();
         let mut ran = 0;
@@ -672,10 +649,6 @@ fn v4(a: &str) -> IpAddr {
     IpAddr::V4(a.parse::<Ipv4Addr>().expect("IPv4 address"))
 }
 
-fn v6(a: &str) -> IpAddr {
-    IpAddr::V6(a.parse::<Ipv6Addr>().expect("IPv6 address"))
-}
-
 /// Open a socket: (v6, SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY, owner).
 fn open(
     udp: bool,
@@ -710,22 +683,16 @@ type Case = (&'static str, Vec<Step>, Vec<Option<i32>>);
 fn known_kernel_behaviour() {
     require_root();
     let _serial = serial();
-    use Step::{Bind, Close, Listen};
+    use Step::{Close, Listen};
     const INUSE: Option<i32> = Some(libc::EADDRINUSE);
     let cases: Vec<Case> = vec![
         (
             "two SO_REUSEADDR sockets bind one address; the second listen fails",
             vec![
                 tcp_open(false, true, false, false, 0),
-                Bind {
-                    sock: 0,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(0, "127.0.0.1"),
                 tcp_open(false, true, false, false, 0),
-                Bind {
-                    sock: 1,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(1, "127.0.0.1"),
                 Listen { sock: 0 },
                 Listen { sock: 1 },
             ],
@@ -735,20 +702,11 @@ fn known_kernel_behaviour() {
             "SO_REUSEPORT shortcut: the bucket remembers X and lets C skip the check against A",
             vec![
                 tcp_open(false, true, false, false, 0),
-                Bind {
-                    sock: 0,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(0, "127.0.0.1"),
                 tcp_open(false, true, true, false, 0),
-                Bind {
-                    sock: 1,
-                    addr: v4("0.0.0.0"),
-                },
+                Step::bind(1, "0.0.0.0"),
                 tcp_open(false, false, true, false, 0),
-                Bind {
-                    sock: 2,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(2, "127.0.0.1"),
             ],
             vec![None, None, None],
         ),
@@ -756,21 +714,12 @@ fn known_kernel_behaviour() {
             "SO_REUSEPORT shortcut outlives the socket it remembers",
             vec![
                 tcp_open(false, true, false, false, 0),
-                Bind {
-                    sock: 0,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(0, "127.0.0.1"),
                 tcp_open(false, true, true, false, 0),
-                Bind {
-                    sock: 1,
-                    addr: v4("0.0.0.0"),
-                },
+                Step::bind(1, "0.0.0.0"),
                 Close { sock: 1 },
                 tcp_open(false, false, true, false, 0),
-                Bind {
-                    sock: 2,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(2, "127.0.0.1"),
             ],
             vec![None, None, None],
         ),
@@ -778,15 +727,9 @@ fn known_kernel_behaviour() {
             "without the shortcut the same bind is refused",
             vec![
                 tcp_open(false, true, false, false, 0),
-                Bind {
-                    sock: 0,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(0, "127.0.0.1"),
                 tcp_open(false, false, true, false, 0),
-                Bind {
-                    sock: 1,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(1, "127.0.0.1"),
             ],
             vec![None, INUSE],
         ),
@@ -794,20 +737,11 @@ fn known_kernel_behaviour() {
             "UDP walks newest first: B (SO_REUSEADDR) after A blocks C",
             vec![
                 udp_open(false, true, true, false, 0),
-                Bind {
-                    sock: 0,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(0, "127.0.0.1"),
                 udp_open(false, true, false, false, 0),
-                Bind {
-                    sock: 1,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(1, "127.0.0.1"),
                 udp_open(false, false, true, false, 0),
-                Bind {
-                    sock: 2,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(2, "127.0.0.1"),
             ],
             vec![None, None, INUSE],
         ),
@@ -815,20 +749,11 @@ fn known_kernel_behaviour() {
             "UDP walks newest first: A (SO_REUSEPORT) after B lets C in",
             vec![
                 udp_open(false, true, false, false, 0),
-                Bind {
-                    sock: 0,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(0, "127.0.0.1"),
                 udp_open(false, true, true, false, 0),
-                Bind {
-                    sock: 1,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(1, "127.0.0.1"),
                 udp_open(false, false, true, false, 0),
-                Bind {
-                    sock: 2,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(2, "127.0.0.1"),
             ],
             vec![None, None, None],
         ),
@@ -836,25 +761,13 @@ fn known_kernel_behaviour() {
             "SO_REUSEPORT needs one owner",
             vec![
                 tcp_open(false, false, true, false, 0),
-                Bind {
-                    sock: 0,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(0, "127.0.0.1"),
                 tcp_open(false, false, true, false, OTHER_UID),
-                Bind {
-                    sock: 1,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(1, "127.0.0.1"),
                 udp_open(false, false, true, false, 0),
-                Bind {
-                    sock: 2,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(2, "127.0.0.1"),
                 udp_open(false, false, true, false, OTHER_UID),
-                Bind {
-                    sock: 3,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(3, "127.0.0.1"),
             ],
             vec![None, INUSE, None, INUSE],
         ),
@@ -862,25 +775,13 @@ fn known_kernel_behaviour() {
             "[::] with v6only leaves IPv4 free; without, it takes it",
             vec![
                 tcp_open(true, false, false, true, 0),
-                Bind {
-                    sock: 0,
-                    addr: v6("::"),
-                },
+                Step::bind(0, "::"),
                 tcp_open(false, false, false, false, 0),
-                Bind {
-                    sock: 1,
-                    addr: v4("0.0.0.0"),
-                },
+                Step::bind(1, "0.0.0.0"),
                 udp_open(true, false, false, false, 0),
-                Bind {
-                    sock: 2,
-                    addr: v6("::"),
-                },
+                Step::bind(2, "::"),
                 udp_open(false, false, false, false, 0),
-                Bind {
-                    sock: 3,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(3, "127.0.0.1"),
             ],
             vec![None, None, None, INUSE],
         ),
@@ -888,25 +789,13 @@ fn known_kernel_behaviour() {
             "mapped addresses are IPv4 addresses; v6only cannot bind them",
             vec![
                 tcp_open(false, false, false, false, 0),
-                Bind {
-                    sock: 0,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(0, "127.0.0.1"),
                 tcp_open(true, false, false, false, 0),
-                Bind {
-                    sock: 1,
-                    addr: v6("::ffff:127.0.0.1"),
-                },
+                Step::bind(1, "::ffff:127.0.0.1"),
                 tcp_open(true, false, false, true, 0),
-                Bind {
-                    sock: 2,
-                    addr: v6("::ffff:127.0.0.2"),
-                },
+                Step::bind(2, "::ffff:127.0.0.2"),
                 tcp_open(true, false, false, false, 0),
-                Bind {
-                    sock: 3,
-                    addr: v6("::ffff:0.0.0.0"),
-                },
+                Step::bind(3, "::ffff:0.0.0.0"),
             ],
             vec![None, INUSE, Some(libc::EINVAL), INUSE],
         ),
@@ -914,15 +803,9 @@ fn known_kernel_behaviour() {
             "family mismatches",
             vec![
                 tcp_open(false, false, false, false, 0),
-                Bind {
-                    sock: 0,
-                    addr: v6("::1"),
-                },
+                Step::bind(0, "::1"),
                 udp_open(true, false, false, false, 0),
-                Bind {
-                    sock: 1,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(1, "127.0.0.1"),
             ],
             vec![Some(libc::EAFNOSUPPORT), Some(libc::EINVAL)],
         ),
@@ -930,10 +813,7 @@ fn known_kernel_behaviour() {
             "UDP cannot listen",
             vec![
                 udp_open(false, false, false, false, 0),
-                Bind {
-                    sock: 0,
-                    addr: v4("127.0.0.1"),
-                },
+                Step::bind(0, "127.0.0.1"),
                 Listen { sock: 0 },
             ],
             vec![None, Some(libc::EOPNOTSUPP)],
@@ -984,25 +864,9 @@ fn time_wait_on(port: u16, reuse_addr: bool, reuse_port: bool) {
 }
 
 fn connect(fd: i32, addr: IpAddr, port: u16) {
-    let IpAddr::V4(v4) = addr else {
-        panic!("IPv4 only")
-    };
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(v4.octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: a sockaddr_in on this stack frame for the call.
-    let rc = unsafe {
-        libc::connect(
-            fd,
-            (&raw const sin).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
+    let (storage, len) = sockaddr(addr, port);
+    // SAFETY: the address lives on this stack frame for the call.
+    let rc = unsafe { libc::connect(fd, (&raw const storage).cast(), len) };
     assert_eq!(rc, 0, "connect: {}", last_errno());
 }
 

@@ -14,7 +14,6 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener},
     os::{fd::AsRawFd, unix::process::CommandExt},
     process::{Command, Stdio},
-    sync::{Mutex, MutexGuard, PoisonError},
     time::Instant,
 };
 
@@ -22,14 +21,11 @@ use portwatch::{
     snapshot::{self, Snapshot, SnapshotConfig, SnapshotSocket},
     socket::{Family, NetnsCookie, Protocol, SockState},
 };
-use support::{CgroupGuard, DEADLINE, NetnsGuard, Op, Worker};
-
-/// One test at a time: a worker is forked without exec, so it would hold a
-/// copy of every socket another test has open, and owners would not be exact.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
+use support::{
+    CgroupGuard, DEADLINE, NetnsGuard, Op, Worker,
+    churn::{Listing, ss_listeners},
+    serial,
+};
 
 fn sockets_in(snapshot: &Snapshot, netns: NetnsCookie) -> Vec<&SnapshotSocket> {
     snapshot
@@ -39,40 +35,18 @@ fn sockets_in(snapshot: &Snapshot, netns: NetnsCookie) -> Vec<&SnapshotSocket> {
         .collect()
 }
 
-/// Local addresses of `ss -tlnH` run inside `netns`, sorted.
-fn ss_listeners(netns: &NetnsGuard) -> Vec<(IpAddr, u16)> {
-    let output = Command::new("ip")
-        .args(["netns", "exec", &netns.name, "ss", "-tlnH"])
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run ss");
-    assert!(output.status.success(), "ss failed: {}", output.status);
-    let mut listeners: Vec<(IpAddr, u16)> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.split_whitespace().nth(3))
-        .map(|local| {
-            let (address, port) = local.rsplit_once(':').expect("address:port");
-            let address = address.trim_start_matches('[').trim_end_matches(']');
-            // `127.0.0.1%lo`: bound to a device.
-            let address = address.split('%').next().unwrap_or(address);
-            let address = match address {
-                "*" => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                other => other.parse().expect("ss address"),
-            };
-            (address, port.parse().expect("ss port"))
-        })
-        .collect();
-    listeners.sort();
-    listeners
-}
-
-fn snapshot_listeners(sockets: &[&SnapshotSocket]) -> Vec<(IpAddr, u16)> {
-    let mut listeners: Vec<(IpAddr, u16)> = sockets
+/// The listeners among `sockets` as `ss -tuln` counts them (TCP listening,
+/// UDP bound), sorted.
+fn snapshot_listeners(sockets: &[&SnapshotSocket]) -> Vec<Listing> {
+    let mut listeners: Vec<Listing> = sockets
         .iter()
-        .filter(|s| s.facts.protocol == Protocol::Tcp && s.facts.state == SockState::Listening)
-        .map(|s| (s.facts.address, s.facts.port))
+        .filter(|s| match s.facts.protocol {
+            Protocol::Udp => s.facts.state == SockState::Bound,
+            _ => s.facts.state == SockState::Listening,
+        })
+        .map(|s| (s.facts.protocol, s.facts.address, s.facts.port))
         .collect();
-    listeners.sort();
+    listeners.sort_unstable();
     listeners
 }
 
@@ -276,7 +250,7 @@ fn snapshot_lists_a_private_netns_with_states_options_and_owners() {
     let distinct: HashSet<u64> = inside.iter().map(|s| s.facts.cookie).collect();
     assert_eq!(distinct.len(), inside.len(), "one cookie per socket");
 
-    // The same listeners as ss shows for that namespace.
+    // The same listeners as ss shows for that namespace, UDP included.
     assert_eq!(snapshot_listeners(&inside), ss_listeners(&netns));
 
     // Without option reads, options stay unknown rather than guessed.
@@ -467,7 +441,7 @@ fn snapshot_finds_every_one_of_many_listeners() {
     let ss_processes_time = started.elapsed();
     eprintln!(
         "{count} listeners: listing {listing_time:?}, + owners {owners_time:?}, \
-         + options {full_time:?} ({:?}); `ip netns exec .. ss -tlnH` {ss_time:?}, \
+         + options {full_time:?} ({:?}); `ip netns exec .. ss -tulnH` {ss_time:?}, \
          `ss -tlnpH` {ss_processes_time:?}",
         full.phases
     );

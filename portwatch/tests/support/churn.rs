@@ -1,7 +1,8 @@
-//! Random socket churn and what `ss` says afterwards: a seeded generator of
-//! worker operations, and the listeners of a namespace as a multiset, so that
-//! the map tests (in-process watcher) and the robustness tests (the daemon
-//! over HTTP) compare against the kernel in one way.
+//! Random socket churn and what `ss` says afterwards: a seeded generator
+//! (the predictor draws from it too), worker operations drawn from it, and
+//! the listeners of a namespace as a multiset, so that the map tests
+//! (in-process watcher) and the robustness tests (the daemon over HTTP)
+//! compare against the kernel in one way.
 
 use std::{net::IpAddr, process::Command};
 
@@ -36,12 +37,26 @@ impl Rng {
         self.seed
     }
 
-    /// A number below `n`.
-    pub fn below(&mut self, n: usize) -> usize {
+    fn next(&mut self) -> u64 {
         self.state ^= self.state << 13;
         self.state ^= self.state >> 7;
         self.state ^= self.state << 17;
-        (self.state % n as u64) as usize
+        self.state
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+
+    /// One of `items`.
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
     }
 }
 
