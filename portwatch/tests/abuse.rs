@@ -109,10 +109,7 @@ fn abuse_gets_only_2xx_and_4xx_and_memory_stays_bounded() {
         &[
             Op::tcp(false),
             Op::bind(0, "127.0.0.1:0"),
-            Op::Listen {
-                sock: 0,
-                backlog: 8,
-            },
+            Op::listen(0),
             Op::LocalPort { sock: 0 },
             Op::Pause,
         ],

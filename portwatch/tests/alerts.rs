@@ -28,7 +28,8 @@ use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
 use support::{
     CgroupGuard, DEADLINE, NetnsGuard, Op, Worker,
-    daemon::{Daemon, sample},
+    daemon::{Daemon, EADDRINUSE_TCP4, sample},
+    until,
 };
 
 /// Where every runbook_url points, up to the `#`.
@@ -735,21 +736,7 @@ impl Drop for Prometheus {
     }
 }
 
-/// Polls `f` until it returns Some, for up to `limit`.
-fn poll<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = f() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 const STORM_ALERT: &str = "PortwatchEaddrinuseStorm";
-const EADDRINUSE_TCP4: &str =
-    "portwatch_bind_failures_total{errno=\"EADDRINUSE\",family=\"ipv4\",protocol=\"tcp\"}";
 
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
@@ -771,8 +758,12 @@ fn prometheus_fires_the_storm_alert_on_a_real_eaddrinuse_storm() {
     // shipped alert, evaluates each without error, and the recorded
     // EADDRINUSE rate exists (it needs two scrapes) and is below threshold.
     let rate = "instance_errno:portwatch_bind_failures:rate2m{errno=\"EADDRINUSE\"}";
-    let quiet = poll(DEADLINE, "a recorded EADDRINUSE rate", || {
-        prometheus.query(rate).into_iter().next()
+    let quiet = until("a recorded EADDRINUSE rate", || {
+        prometheus
+            .query(rate)
+            .into_iter()
+            .next()
+            .ok_or("no sample yet")
     });
     let value: f64 = quiet["value"][1]
         .as_str()
@@ -780,7 +771,7 @@ fn prometheus_fires_the_storm_alert_on_a_real_eaddrinuse_storm() {
         .expect("a sample value");
     assert!(value < 1.0, "a storm before the storm: {quiet}");
     assert_eq!(quiet["metric"]["job"], "portwatch", "{quiet}");
-    let loaded = poll(DEADLINE, "every rule evaluated", || {
+    let loaded = until("every rule evaluated", || {
         let data = prometheus.api("/api/v1/rules", &[]);
         let rules: Vec<Json> = data["groups"]
             .as_array()
@@ -788,10 +779,11 @@ fn prometheus_fires_the_storm_alert_on_a_real_eaddrinuse_storm() {
             .iter()
             .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
             .collect();
-        rules
-            .iter()
-            .all(|r| r["health"] != "unknown")
-            .then_some(rules)
+        if rules.iter().all(|r| r["health"] != "unknown") {
+            Ok(rules)
+        } else {
+            Err(data)
+        }
     });
     for rule in &loaded {
         assert_eq!(rule["health"], "ok", "{rule}\n{}", prometheus.log());
@@ -822,10 +814,7 @@ fn prometheus_fires_the_storm_alert_on_a_real_eaddrinuse_storm() {
     let mut ops = vec![
         Op::tcp(false),
         Op::bind(0, ADDRESS),
-        Op::Listen {
-            sock: 0,
-            backlog: 8,
-        },
+        Op::listen(0),
         Op::tcp(false),
     ];
     for _ in 0..BATCHES {
@@ -895,10 +884,14 @@ fn prometheus_fires_the_storm_alert_on_a_real_eaddrinuse_storm() {
     );
     // The daemon counted every failure the worker saw.
     let failed = (batches * BATCH) as f64;
-    poll(DEADLINE, "the daemon to count every failure", || {
+    until("the daemon to count every failure", || {
         let counted = sample(&daemon.text("/metrics").1, EADDRINUSE_TCP4) - before_storm;
         assert!(counted <= failed, "counted {counted} of {failed}");
-        (counted == failed).then_some(())
+        if counted == failed {
+            Ok(())
+        } else {
+            Err(format!("counted {counted} of {failed}"))
+        }
     });
     eprintln!(
         "{STORM_ALERT} pending after {pending_after:?}, firing after {elapsed:?}, \

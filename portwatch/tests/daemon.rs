@@ -15,11 +15,8 @@ use std::{
 use serde_json::Value;
 use support::{
     CgroupGuard, DEADLINE, NetnsGuard, Op, Worker,
-    daemon::{Daemon, sample},
+    daemon::{Daemon, EADDRINUSE_TCP4, sample},
 };
-
-const EADDRINUSE_TCP4: &str =
-    "portwatch_bind_failures_total{errno=\"EADDRINUSE\",family=\"ipv4\",protocol=\"tcp\"}";
 
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
@@ -37,10 +34,7 @@ fn a_user_sees_the_seed_scenarios_over_http_metrics_and_the_cli() {
         &[
             Op::tcp(false),
             Op::bind(0, "0.0.0.0:8000"),
-            Op::Listen {
-                sock: 0,
-                backlog: 8,
-            },
+            Op::listen(0),
             Op::Pause,
         ],
     );
@@ -51,10 +45,7 @@ fn a_user_sees_the_seed_scenarios_over_http_metrics_and_the_cli() {
             Op::tcp(true),
             Op::v6only(0),
             Op::bind(0, "[::]:8000"),
-            Op::Listen {
-                sock: 0,
-                backlog: 8,
-            },
+            Op::listen(0),
             Op::udp(false),
             Op::bind(1, "0.0.0.0:8000"),
             Op::Pause,
@@ -191,18 +182,6 @@ fn a_user_sees_the_seed_scenarios_over_http_metrics_and_the_cli() {
 
     // The other seed experiments, each on its own port: SO_REUSEPORT twice,
     // two IPv4 addresses, and a wildcard beside a specific address.
-    let reuse = |addr: &str| {
-        let sock_ops = [
-            Op::tcp(false),
-            Op::reuseport(0),
-            Op::bind(0, addr),
-            Op::Listen {
-                sock: 0,
-                backlog: 8,
-            },
-        ];
-        sock_ops.to_vec()
-    };
     let mut group = Vec::new();
     for addr in [
         "127.0.0.1:8002",
@@ -212,8 +191,13 @@ fn a_user_sees_the_seed_scenarios_over_http_metrics_and_the_cli() {
         "0.0.0.0:8004",
         "127.0.0.1:8004",
     ] {
-        let mut ops = reuse(addr);
-        ops.push(Op::Pause);
+        let ops = [
+            Op::tcp(false),
+            Op::reuseport(0),
+            Op::bind(0, addr),
+            Op::listen(0),
+            Op::Pause,
+        ];
         let mut worker = Worker::spawn(&cgroup.path, Some(&netns), &ops);
         assert!(worker.results(4).iter().all(|r| *r >= 0), "{addr}");
         group.push(worker);
@@ -424,10 +408,7 @@ fn sigkill_leaves_nothing_attached_and_a_restart_rebuilds_the_map() {
             Op::tcp(false),
             Op::reuseport(0),
             Op::bind(0, "0.0.0.0:7100"),
-            Op::Listen {
-                sock: 0,
-                backlog: 8,
-            },
+            Op::listen(0),
             Op::udp(true),
             Op::bind(1, "[::]:7100"),
             Op::Pause,
@@ -455,8 +436,8 @@ fn sigkill_leaves_nothing_attached_and_a_restart_rebuilds_the_map() {
     let mut daemon = daemon;
     daemon.child.kill().unwrap();
     daemon.child.wait().unwrap();
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    // The kernel frees programs after an RCU grace period.
+    support::until("nothing attached or loaded after SIGKILL", || {
         let left = bpftool(&["cgroup", "show", cgroup.path.to_str().unwrap()]);
         let loaded: Vec<u64> = bpftool(&["prog", "show"])
             .as_array()
@@ -466,15 +447,11 @@ fn sigkill_leaves_nothing_attached_and_a_restart_rebuilds_the_map() {
             .filter(|id| programs.contains(id))
             .collect();
         if left.as_array().unwrap().is_empty() && loaded.is_empty() {
-            break;
+            Ok(())
+        } else {
+            Err(format!("still attached: {left}; still loaded: {loaded:?}"))
         }
-        // The kernel frees programs after an RCU grace period.
-        assert!(
-            Instant::now() < deadline,
-            "still attached after SIGKILL: {left}; still loaded: {loaded:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
 
     // A new daemon finds the same listeners, owners and options.
     let again = Daemon::start(&cgroup);

@@ -28,7 +28,7 @@ use std::{
 
 use portwatch::config::{Config, ConfigError, Overrides};
 use serde_json::Value;
-use support::{CgroupGuard, DEADLINE, NetnsGuard, Op, TempDir, Worker, daemon::Daemon};
+use support::{CgroupGuard, DEADLINE, NetnsGuard, Op, TempDir, Worker, daemon::Daemon, serial};
 
 const UNIT: &str = include_str!("../../deploy/systemd/portwatch.service");
 const DEFAULT_CONFIG: &str = include_str!("../../deploy/portwatch.toml");
@@ -334,10 +334,7 @@ fn run_in(sandbox: &Sandbox) -> Seen {
             Op::tcp(false),
             Op::reuseport(0),
             Op::bind(0, "0.0.0.0:7070"),
-            Op::Listen {
-                sock: 0,
-                backlog: 8,
-            },
+            Op::listen(0),
             Op::Pause,
         ],
     );
@@ -392,13 +389,6 @@ fn run_in(sandbox: &Sandbox) -> Seen {
     assert_eq!(code, Some(0), "a clean stop: {stderr}");
     seen.stderr = stderr;
     seen
-}
-
-/// The root tests start daemons and workers: one at a time.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[test]

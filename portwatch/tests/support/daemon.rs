@@ -14,7 +14,12 @@ use serde_json::Value;
 use super::{
     CgroupGuard, DEADLINE, NetnsGuard, TempDir,
     churn::{Listing, difference, ss_listeners},
+    portwatch_command, until,
 };
+
+/// The metric sample of TCP/IPv4 binds refused with EADDRINUSE.
+pub const EADDRINUSE_TCP4: &str =
+    "portwatch_bind_failures_total{errno=\"EADDRINUSE\",family=\"ipv4\",protocol=\"tcp\"}";
 
 /// A running daemon, stopped with SIGTERM on drop.
 pub struct Daemon {
@@ -53,15 +58,7 @@ impl Daemon {
             .port();
         let dir = TempDir::new("daemon");
         let config_path = dir.file("portwatch.toml", config);
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg(env!("CARGO_BIN_EXE_portwatch"));
-                command
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_portwatch")),
-        };
-        let child = command
+        let child = portwatch_command(wrapper)
             .arg("daemon")
             .arg("--config")
             .arg(&config_path)
@@ -121,18 +118,10 @@ impl Daemon {
 
     /// Polls `path` until `done` holds for its JSON.
     pub fn json_until(&self, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
+        until(what, || {
             let value = self.json(path);
-            if done(&value) {
-                return value;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {value}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            if done(&value) { Ok(value) } else { Err(value) }
+        })
     }
 
     /// The listeners `/ports` shows in the namespace with cookie `netns`,
@@ -171,38 +160,32 @@ impl Daemon {
     /// `context` (such as a seed), at the deadline.
     pub fn until_listing_is_ss(&self, netns: &NetnsGuard, context: &str) -> Vec<Listing> {
         let cookie = netns.cookie();
-        let deadline = Instant::now() + DEADLINE;
-        loop {
+        let what = format!(
+            "the daemon's listing in {} to be ss -tuln's ({context})",
+            netns.name
+        );
+        until(&what, || {
             let expected = ss_listeners(netns);
             let got = self.listing(cookie);
             if got == expected {
-                return got;
+                Ok(got)
+            } else {
+                Err(format!("it differs:\n{}", difference(&got, &expected)))
             }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon's listing in {} differs from ss -tuln ({context}):\n{}",
-                netns.name,
-                difference(&got, &expected)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        })
     }
 
     /// Polls the metrics text until `done` holds for it; that text.
     pub fn metrics_until(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
+        until(what, || {
             let (status, metrics) = self.text("/metrics");
             assert_eq!(status, 200, "/metrics: {metrics}");
             if done(&metrics) {
-                return metrics;
+                Ok(metrics)
+            } else {
+                Err(format!("metrics:\n{metrics}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; metrics:\n{metrics}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {

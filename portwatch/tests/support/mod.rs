@@ -44,6 +44,21 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Calls `attempt` every 50 ms until it returns `Ok`; at [`DEADLINE`],
+/// panics naming `what` with the last `Err` (what was there instead).
+pub fn until<T, E: std::fmt::Display>(what: &str, mut attempt: impl FnMut() -> Result<T, E>) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match attempt() {
+            Ok(value) => return value,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {DEADLINE:?} waiting for {what}: {last}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 /// A name no other test or run uses: `portwatch-test-<pid>-<n>-<label>`.
 pub fn unique(label: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -234,6 +249,20 @@ fn run(program: &str, args: &[&str]) {
     assert!(status.success(), "{program} {args:?} failed: {status}");
 }
 
+/// The portwatch binary under test as a command, run through `wrapper` (a
+/// command and its arguments, such as `setpriv ...`, to which portwatch's
+/// command line is appended, and which must exec it) when one is given.
+pub fn portwatch_command(wrapper: &[&str]) -> Command {
+    match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(env!("CARGO_BIN_EXE_portwatch"));
+            command
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_portwatch")),
+    }
+}
+
 /// `portwatch trace --json` watching one cgroup, stopped on drop.
 pub struct Tracer {
     child: Child,
@@ -247,18 +276,9 @@ impl Tracer {
         Tracer::start_with(&[], cgroup, extra)
     }
 
-    /// [`Tracer::start`] through `wrapper` (a command and its arguments, to
-    /// which the tracer's command line is appended), which must exec it.
+    /// [`Tracer::start`] through `wrapper` (see [`portwatch_command`]).
     pub fn start_with(wrapper: &[&str], cgroup: &Path, extra: &[&str]) -> Tracer {
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg(env!("CARGO_BIN_EXE_portwatch"));
-                command
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_portwatch")),
-        };
-        let mut child = command
+        let mut child = portwatch_command(wrapper)
             .args(["trace", "--json", "--cgroup"])
             .arg(cgroup)
             .args(extra)
@@ -445,6 +465,10 @@ impl Op {
             sock,
             addr: addr.parse().expect("socket address"),
         }
+    }
+    /// listen(sock, 8): a backlog no test looks at.
+    pub fn listen(sock: usize) -> Op {
+        Op::Listen { sock, backlog: 8 }
     }
     pub fn reuseport(sock: usize) -> Op {
         Op::SetOpt {
