@@ -15,7 +15,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::IpAddr,
     sync::PoisonError,
     time::Duration,
 };
@@ -31,7 +30,7 @@ use crate::{
     event::{Errno, EventKind},
     map::Drift,
     rules::{self, CoexistReason},
-    socket::{Family, NetnsCookie, Protocol, SocketFacts},
+    socket::{Family, Protocol, SocketFacts},
     state::{Counters, ExpectedListener, PortLabel, State, WatchStats},
     watch::SharedState,
 };
@@ -331,22 +330,22 @@ impl Samples {
     /// the collector registered their [`Desc`].
     fn into_family(self) -> MetricFamily {
         let spec = self.spec;
+        // The positions of the label values, in the order of their names.
+        let mut by_name: Vec<usize> = (0..spec.labels.len()).collect();
+        by_name.sort_by_key(|&i| spec.labels[i]);
         let metrics = self
             .rows
             .into_iter()
-            .map(|(values, value)| {
-                let mut labels: Vec<LabelPair> = spec
-                    .labels
+            .map(|(mut values, value)| {
+                let labels: Vec<LabelPair> = by_name
                     .iter()
-                    .zip(values)
-                    .map(|(&name, value)| {
+                    .map(|&i| {
                         let mut pair = LabelPair::default();
-                        pair.set_name(name.to_owned());
-                        pair.set_value(value);
+                        pair.set_name(spec.labels[i].to_owned());
+                        pair.set_value(std::mem::take(&mut values[i]));
                         pair
                     })
                     .collect();
-                labels.sort_by(|a, b| a.name().cmp(b.name()));
                 let mut metric = Metric::from_label(labels);
                 match spec.kind {
                     Kind::Counter => {
@@ -638,23 +637,19 @@ fn listener_samples(mut all: Vec<SocketFacts>) -> [Samples; 3] {
 /// 500 containers on one port cost 500 steps, not 125,000 explanations.
 /// `listeners` must be in the map's order ([`crate::map::PortMap::listeners_on`]).
 fn sharing_kinds(listeners: &[SocketFacts]) -> HashSet<(Protocol, CoexistReason)> {
-    type GroupKey = (NetnsCookie, Protocol, Family, IpAddr);
-    let mut groups: BTreeMap<GroupKey, Vec<&SocketFacts>> = BTreeMap::new();
-    for facts in listeners {
-        groups
-            .entry((facts.netns, facts.protocol, facts.family, facts.address))
-            .or_default()
-            .push(facts);
-    }
+    // In the map's order, the listeners of one (netns, protocol, family,
+    // address) are adjacent, oldest first: `explain`'s groups.
+    let key = |f: &SocketFacts| (f.netns, f.protocol, f.family, f.address);
+    let groups = || listeners.chunk_by(|a, b| key(a) == key(b));
     let mut kinds = HashSet::new();
-    for group in groups.values().filter(|group| group.len() > 1) {
-        if let Some(kind) = rules::why_coexist(group[0], group[1]) {
+    for group in groups().filter(|group| group.len() > 1) {
+        if let Some(kind) = rules::why_coexist(&group[0], &group[1]) {
             kinds.insert((group[0].protocol, kind));
         }
     }
     // Groups are ordered by namespace first: each one's peers in its own
     // namespace follow it.
-    let firsts: Vec<&SocketFacts> = groups.values().map(|group| group[0]).collect();
+    let firsts: Vec<&SocketFacts> = groups().map(|group| &group[0]).collect();
     for (i, a) in firsts.iter().enumerate() {
         for b in firsts[i + 1..].iter().take_while(|b| b.netns == a.netns) {
             if let Some(kind) = rules::why_coexist(a, b) {
@@ -682,7 +677,7 @@ fn kind_name(kind: CoexistReason) -> String {
 #[cfg(test)]
 mod tests {
     use std::{
-        net::{Ipv4Addr, Ipv6Addr},
+        net::{IpAddr, Ipv4Addr, Ipv6Addr},
         sync::{Arc, RwLock},
         time::SystemTime,
     };

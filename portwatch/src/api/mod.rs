@@ -43,7 +43,7 @@ use axum::{
     middleware,
     routing::get,
 };
-use tokio::sync::broadcast;
+use tokio::sync::{Semaphore, broadcast};
 use tower_http::{
     catch_panic::CatchPanicLayer, limit::RequestBodyLimitLayer, timeout::TimeoutLayer,
 };
@@ -82,6 +82,9 @@ struct Shared {
     state: SharedState,
     events: broadcast::WeakSender<Arc<PortEvent>>,
     metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    /// One `/metrics` rendering at a time: each takes a blocking thread and
+    /// memory that grows with the listeners, so a flood of scrapes queues.
+    rendering: Arc<Semaphore>,
     clock: BootClock,
 }
 
@@ -91,6 +94,7 @@ impl Shared {
             state: ctx.state,
             events: ctx.events.downgrade(),
             metrics: ctx.metrics,
+            rendering: Arc::new(Semaphore::new(1)),
             clock: ctx.clock,
         }
     }

@@ -61,12 +61,6 @@ impl Filter {
     }
 }
 
-/// The host network namespace, read before the query is parsed so that
-/// `netns=host` can be resolved.
-fn host_netns(shared: &Shared) -> NetnsCookie {
-    shared.read(|state| state.host_netns)
-}
-
 /// Every port with listeners.
 #[utoipa::path(
     get,
@@ -87,28 +81,11 @@ pub async fn list(
     State(shared): State<Shared>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<PortList>, ApiError> {
-    let filter = Filter::parse(raw.as_deref(), host_netns(&shared))?;
+    // One read: the query needs the host namespace to resolve `netns=host`.
     let ports = shared.read(|state| {
-        state
-            .map
-            .ports()
-            .into_iter()
-            .filter_map(|port| {
-                let listeners: Vec<Listener> = state
-                    .map
-                    .listeners_on(port)
-                    .into_iter()
-                    .filter(|e| filter.entry(e))
-                    .map(Listener::of)
-                    .collect();
-                (!listeners.is_empty()).then_some(PortSummary {
-                    port,
-                    shared: listeners.len() > 1,
-                    listeners,
-                })
-            })
-            .collect()
-    });
+        let filter = Filter::parse(raw.as_deref(), state.host_netns)?;
+        Ok::<_, ApiError>(port_list(state, &filter))
+    })?;
     Ok(Json(PortList { ports }))
 }
 
@@ -144,16 +121,47 @@ pub async fn detail(
             });
         }
     };
-    let filter = Filter::parse(raw.as_deref(), host_netns(&shared))?;
-    Ok(Json(shared.read(|state| port_detail(state, port, &filter))))
+    let detail = shared.read(|state| {
+        let filter = Filter::parse(raw.as_deref(), state.host_netns)?;
+        Ok::<_, ApiError>(port_detail(state, port, &filter))
+    })?;
+    Ok(Json(detail))
+}
+
+fn port_list(state: &state::State, filter: &Filter) -> Vec<PortSummary> {
+    state
+        .map
+        .ports()
+        .into_iter()
+        .filter_map(|port| {
+            let listeners: Vec<Listener> = state
+                .map
+                .listeners_on(port)
+                .into_iter()
+                .filter(|e| filter.entry(e))
+                .map(Listener::of)
+                .collect();
+            (!listeners.is_empty()).then_some(PortSummary {
+                port,
+                shared: listeners.len() > 1,
+                listeners,
+            })
+        })
+        .collect()
 }
 
 fn port_detail(state: &state::State, port: u16, filter: &Filter) -> PortDetail {
     let all = state.map.listeners_on(port);
     let shown: Vec<&Entry> = all.iter().copied().filter(|e| filter.entry(e)).collect();
     let explained = explain::explain(port, &shown, state.host_netns, &state.localhost);
-    // Who localhost reaches is a fact about the machine, not about the filter.
-    let reach = explain::reach(&all, state.host_netns, &state.localhost);
+    // Who localhost reaches is a fact about the machine, not about the
+    // filter: `explain` judged it over every listener when the filter kept
+    // them all (a filter only removes).
+    let reach = if shown.len() == all.len() {
+        explained.localhost
+    } else {
+        explain::reach(&all, state.host_netns, &state.localhost)
+    };
     let recent_failures = state
         .failures
         .newest()
@@ -171,8 +179,8 @@ fn port_detail(state: &state::State, port: u16, filter: &Filter) -> PortDetail {
         localhost: LocalhostView {
             reaches: reach
                 .reaches
-                .and_then(|cookie| all.iter().find(|e| e.facts.cookie == cookie))
-                .map(|e| Listener::of(e)),
+                .and_then(|cookie| state.map.get(cookie))
+                .map(Listener::of),
             via: reach.via,
             order: reach.order,
         },
