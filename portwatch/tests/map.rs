@@ -90,16 +90,12 @@ fn sharing(watcher: &Watcher, port: u16) -> Vec<CoexistReason> {
         .collect()
 }
 
-fn listen(sock: usize) -> Op {
-    Op::Listen { sock, backlog: 16 }
-}
-
 /// A worker in `netns` listening on TCP `addr` until resumed.
 fn tcp_listener(cgroup: &CgroupGuard, netns: &NetnsGuard, addr: &str) -> Worker {
     let mut worker = Worker::spawn(
         &cgroup.path,
         Some(netns),
-        &[Op::tcp(false), Op::bind(0, addr), listen(0), Op::Pause],
+        &[Op::tcp(false), Op::bind(0, addr), Op::listen(0), Op::Pause],
     );
     assert_eq!(worker.results(3)[1..], [0, 0], "bind and listen on {addr}");
     worker
@@ -149,7 +145,7 @@ async fn ipv4_and_ipv6_on_one_port_from_two_processes() {
             Op::tcp(true),
             Op::v6only(0),
             Op::bind(0, "[::]:8000"),
-            listen(0),
+            Op::listen(0),
             Op::Pause,
         ],
     );
@@ -189,12 +185,12 @@ async fn tcp_and_udp_on_one_port_and_two_ipv4_addresses() {
         &[
             Op::tcp(false),
             Op::bind(0, "127.0.0.1:8000"),
-            listen(0),
+            Op::listen(0),
             Op::udp(false),
             Op::bind(1, "127.0.0.1:8000"),
             Op::tcp(false),
             Op::bind(2, "127.0.0.2:8000"),
-            listen(2),
+            Op::listen(2),
             Op::Pause,
         ],
     );
@@ -258,7 +254,7 @@ async fn connected_and_time_wait_blockers_are_named() {
             // 0: a listener on :8000; 1: a client from :9000; 2: the server side.
             Op::tcp(false),
             Op::bind(0, "127.0.0.1:8000"),
-            listen(0),
+            Op::listen(0),
             Op::tcp(false),
             Op::bind(1, "127.0.0.1:9000"),
             Op::Connect {
@@ -313,7 +309,7 @@ async fn so_reuseport_twice_is_a_named_group() {
         Op::tcp(false),
         Op::reuseport(0),
         Op::bind(0, "127.0.0.1:8000"),
-        listen(0),
+        Op::listen(0),
         Op::Pause,
     ];
     let mut a = Worker::spawn(&cgroup.path, Some(&netns), &ops);
@@ -374,11 +370,11 @@ async fn the_wildcard_with_a_specific_address() {
             Op::tcp(false),
             Op::reuseport(0),
             Op::bind(0, "0.0.0.0:8001"),
-            listen(0),
+            Op::listen(0),
             Op::tcp(false),
             Op::reuseport(1),
             Op::bind(1, "127.0.0.1:8001"),
-            listen(1),
+            Op::listen(1),
             Op::Pause,
         ],
     );
@@ -404,7 +400,7 @@ async fn a_listener_from_before_start_appears_with_its_owner_and_goes_when_close
             Op::tcp(false),
             Op::reuseaddr(0),
             Op::bind(0, "127.0.0.1:9000"),
-            listen(0),
+            Op::listen(0),
             Op::Pause,
             Op::Close { sock: 0 },
             Op::Pause,
@@ -447,7 +443,7 @@ async fn sigkill_leaves_nothing_stale() {
         &[
             Op::tcp(false),
             Op::bind(0, "127.0.0.1:9100"),
-            listen(0),
+            Op::listen(0),
             Op::udp(true),
             Op::bind(1, "[::1]:9100"),
             Op::Pause,

@@ -22,10 +22,6 @@ use support::{
     serial,
 };
 
-fn listen(sock: usize) -> Op {
-    Op::Listen { sock, backlog: 16 }
-}
-
 /// `name{label="value"}` in a metrics text (0 when absent).
 fn counter(metrics: &str, name: &str, label: &str, value: &str) -> u64 {
     sample(metrics, &format!("{name}{{{label}=\"{value}\"}}")) as u64
@@ -150,16 +146,16 @@ fn a_storm_beyond_the_ring_is_counted_exactly_and_reconciled() {
     let holder_ops = [
         Op::tcp(false),
         Op::bind(0, "127.0.0.1:7200"),
-        listen(0),
+        Op::listen(0),
         Op::tcp(true),
         Op::v6only(1),
         Op::bind(1, "[::1]:7200"),
-        listen(1),
+        Op::listen(1),
         Op::udp(false),
         Op::bind(2, "127.0.0.1:7201"),
         Op::tcp(false),
         Op::bind(3, "127.0.0.1:7202"),
-        listen(3),
+        Op::listen(3),
         Op::udp(true),
         Op::bind(4, "[::]:7203"),
         Op::Pause,
@@ -184,11 +180,11 @@ fn a_storm_beyond_the_ring_is_counted_exactly_and_reconciled() {
     let late_ops = [
         Op::tcp(false),
         Op::bind(0, "127.0.0.1:7204"),
-        listen(0),
+        Op::listen(0),
         Op::tcp(true),
         Op::v6only(1),
         Op::bind(1, "[::]:7204"),
-        listen(1),
+        Op::listen(1),
         Op::udp(true),
         Op::bind(2, "[::1]:7205"),
         Op::Pause,
@@ -374,7 +370,7 @@ impl Contest {
         vec![
             Op::tcp(false),
             Op::bind(0, "127.0.0.1:7300"),
-            listen(0),
+            Op::listen(0),
             Op::udp(true),
             Op::bind(1, "[::]:7301"), // dual-stack: covers 127.0.0.1:7301 too
             Op::Pause,
@@ -402,7 +398,7 @@ impl Contest {
                     Op::tcp(false),
                     Op::reuseport(s),
                     Op::bind(s, &v4),
-                    listen(s),
+                    Op::listen(s),
                 ]);
             }
             // ...which a third socket without it cannot join.
@@ -413,7 +409,12 @@ impl Contest {
             ops.extend([Op::udp(false), Op::bind(s, &v4)]);
             // IPv6 only does not overlap IPv4...
             let s = next();
-            ops.extend([Op::tcp(true), Op::v6only(s), Op::bind(s, &v6), listen(s)]);
+            ops.extend([
+                Op::tcp(true),
+                Op::v6only(s),
+                Op::bind(s, &v6),
+                Op::listen(s),
+            ]);
             // ...a dual-stack wildcard does.
             let s = next();
             ops.extend([Op::tcp(true), Op::bind(s, &any6), Op::Close { sock: s }]);

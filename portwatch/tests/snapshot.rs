@@ -70,17 +70,16 @@ fn snapshot_lists_a_private_netns_with_states_options_and_owners() {
     let _serial = serial();
     let cgroup = CgroupGuard::new("snap");
     let netns = NetnsGuard::new("snap");
-    let listen = |sock| Op::Listen { sock, backlog: 16 };
     let ops = [
         // 0: TCP 127.0.0.1:8000, listening.
         Op::tcp(false),
         Op::bind(0, "127.0.0.1:8000"),
-        listen(0),
+        Op::listen(0),
         // 1: TCP [::]:8000 v6only, listening.
         Op::tcp(true),
         Op::v6only(1),
         Op::bind(1, "[::]:8000"),
-        listen(1),
+        Op::listen(1),
         // 2: UDP 0.0.0.0:8000.
         Op::udp(false),
         Op::bind(2, "0.0.0.0:8000"),
@@ -91,11 +90,11 @@ fn snapshot_lists_a_private_netns_with_states_options_and_owners() {
         Op::tcp(false),
         Op::reuseport(4),
         Op::bind(4, "127.0.0.1:8002"),
-        listen(4),
+        Op::listen(4),
         Op::tcp(false),
         Op::reuseport(5),
         Op::bind(5, "127.0.0.1:8002"),
-        listen(5),
+        Op::listen(5),
         // 6: UDP [::]:8003, dual-stack.
         Op::udp(true),
         Op::bind(6, "[::]:8003"),
@@ -103,7 +102,7 @@ fn snapshot_lists_a_private_netns_with_states_options_and_owners() {
         Op::tcp(false),
         Op::reuseaddr(7),
         Op::bind(7, "127.0.0.1:8004"),
-        listen(7),
+        Op::listen(7),
         Op::Pause,
     ];
     let v4 = |a, b, c, d| IpAddr::V4(Ipv4Addr::new(a, b, c, d));
