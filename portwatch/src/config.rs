@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::{
     capture::{
         CaptureConfig, DEFAULT_IN_FLIGHT_CALLS, DEFAULT_RING_BYTES, DEFAULT_TRACKED_SOCKETS,
-        OutcomeChoice,
+        OutcomeChoice, ring_size_ok,
     },
     snapshot::SnapshotConfig,
     state::ExpectedListener,
@@ -281,7 +281,7 @@ impl Config {
         if self.port_label_cap > 65_535 {
             return invalid("port_label_cap", "must be at most 65535");
         }
-        if self.ring_size < 4096 || !self.ring_size.is_power_of_two() {
+        if !ring_size_ok(self.ring_size) {
             return invalid("ring_size", "must be a power of two of at least 4096");
         }
         if self.tracked_sockets == 0 {

@@ -27,7 +27,7 @@ use crate::{
     failures::{self, Failure},
     map::{Drift, Observed},
     rules,
-    snapshot::{self, SnapshotConfig, SnapshotError},
+    snapshot::{self, SnapshotConfig, SnapshotError, owners::Place},
     state::{ExpectedListener, State},
 };
 
@@ -128,6 +128,10 @@ const EVENT_CHANNEL: usize = 4096;
 /// failures.
 const DIAG_INTERVAL: Duration = Duration::from_millis(250);
 
+/// How often the kernel's drop counters are read when no records arrive
+/// (a batch of records reads them at once), as `portwatch trace` does.
+const DROP_CHECK: Duration = Duration::from_secs(1);
+
 /// The pipeline: owns the kernel side, writes the shared state.
 pub struct Watcher {
     capture: Capture,
@@ -136,6 +140,7 @@ pub struct Watcher {
     clock: BootClock,
     config: WatchConfig,
     next_reconcile: Instant,
+    next_drop_check: Instant,
     /// Failures waiting for a sock_diag listing to be attributed, with what
     /// the map said at failure time (kept if the listing, which comes a
     /// little later, no longer shows the blocker).
@@ -162,6 +167,7 @@ impl Watcher {
             events,
             clock: BootClock::now(),
             next_reconcile: Instant::now() + config.reconcile_every,
+            next_drop_check: Instant::now(),
             config,
             unresolved: Vec::new(),
             last_diag: Instant::now() - DIAG_INTERVAL,
@@ -180,6 +186,10 @@ impl Watcher {
             {
                 untracked += 1;
             }
+        }
+        if watcher.update_drops() {
+            // Lost while the listing was taken: check the merge at once.
+            watcher.next_reconcile = Instant::now();
         }
         let mut state = watcher.write();
         state.map.merge(observed, snapshot.taken_at);
@@ -253,7 +263,7 @@ impl Watcher {
     /// them. Reconciles when due or after a drop.
     pub async fn step(&mut self) -> Result<Vec<PortEvent>, WatchError> {
         let mut events = Vec::new();
-        let mut wake = self.next_reconcile;
+        let mut wake = self.next_reconcile.min(self.next_drop_check);
         if !self.unresolved.is_empty() {
             wake = wake.min(self.last_diag + DIAG_INTERVAL);
         }
@@ -273,20 +283,38 @@ impl Watcher {
     async fn process(&mut self, mut events: Vec<PortEvent>) -> Result<Vec<PortEvent>, WatchError> {
         self.apply_all(&mut events);
         self.resolve_failures().await?;
-        let drops = self.capture.drops().unwrap_or_default();
-        let dropped: u64 = drops.iter().map(|(_, n)| n).sum();
-        let lost_something = {
-            let mut state = self.write();
-            let lost = dropped > state.stats.dropped;
-            state.stats.dropped = dropped;
-            state.drops = drops;
-            state.decode_errors = self.capture.stats().decode_errors;
-            lost
-        };
-        if lost_something || Instant::now() >= self.next_reconcile {
+        let now = Instant::now();
+        // Records arrive with the drops of a full ring; other drops (a full
+        // bookkeeping map) may come alone, so the counters are also read on
+        // a slow timer.
+        let lost_something =
+            (!events.is_empty() || now >= self.next_drop_check) && self.update_drops();
+        if lost_something || now >= self.next_reconcile {
             self.reconcile().await?;
         }
         Ok(events)
+    }
+
+    /// Copies the kernel's drop counters and the decode errors into the
+    /// state (taking the write lock only when they changed); true when the
+    /// kernel lost records since the last look.
+    fn update_drops(&mut self) -> bool {
+        self.next_drop_check = Instant::now() + DROP_CHECK;
+        let drops = self.capture.drops().unwrap_or_default();
+        let decode_errors = self.capture.stats().decode_errors;
+        {
+            let state = self.read_guard();
+            if state.drops == drops && state.decode_errors == decode_errors {
+                return false;
+            }
+        }
+        let dropped: u64 = drops.iter().map(|(_, n)| n).sum();
+        let mut state = self.write();
+        let lost = dropped > state.stats.dropped;
+        state.stats.dropped = dropped;
+        state.drops = drops;
+        state.decode_errors = decode_errors;
+        lost
     }
 
     /// Applies a batch under one write lock, then publishes it (closes
@@ -498,13 +526,6 @@ struct CgroupCache {
     known: std::collections::HashMap<u32, Place>,
 }
 
-#[derive(Clone, Default)]
-struct Place {
-    cgroup: Option<String>,
-    unit: Option<String>,
-    container: Option<String>,
-}
-
 impl CgroupCache {
     /// Pids remembered at most; the cache starts over past this.
     const CAPACITY: usize = 4096;
@@ -514,18 +535,7 @@ impl CgroupCache {
             return place.clone();
         }
         let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        let cgroup = snapshot::owners::cgroup_path(&text).map(str::to_owned);
-        let place = Place {
-            unit: cgroup
-                .as_deref()
-                .and_then(snapshot::owners::systemd_unit)
-                .map(str::to_owned),
-            container: cgroup
-                .as_deref()
-                .and_then(snapshot::owners::container_id)
-                .map(str::to_owned),
-            cgroup,
-        };
+        let place = Place::from_cgroups(&text);
         if self.known.len() >= Self::CAPACITY {
             self.known.clear();
         }

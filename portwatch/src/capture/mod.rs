@@ -56,6 +56,12 @@ pub const DEFAULT_TRACKED_SOCKETS: u32 = 262_144;
 /// Both maps are preallocated, about 3 MiB each at this size.
 pub const DEFAULT_IN_FLIGHT_CALLS: u32 = 16_384;
 
+/// Whether the kernel takes `bytes` as a ring buffer size: a power of two
+/// and at least a page.
+pub fn ring_size_ok(bytes: u32) -> bool {
+    bytes >= 4096 && bytes.is_power_of_two()
+}
+
 /// How bind and listen outcomes (the errno) reach portwatch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -132,9 +138,6 @@ pub enum CaptureError {
     /// The ring buffer size is not usable.
     #[error("ring buffer size {0} is not a power of two of at least 4096 bytes")]
     RingSize(u32),
-    /// A map was given no room (the kernel refuses empty maps).
-    #[error("{what} must be at least 1")]
-    Capacity { what: &'static str },
     /// Loading the object into the kernel failed.
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
@@ -197,17 +200,12 @@ impl Capture {
     pub fn start(config: &CaptureConfig) -> Result<Capture, CaptureError> {
         system::check()?;
         let cgroup = system::cgroup_root(config.cgroup.as_deref())?;
+        // `portwatch trace --ring-size` comes here unchecked; the daemon's
+        // values (the ring and the map capacities) were checked with its
+        // configuration.
         let ring_bytes = config.ring_bytes;
-        if ring_bytes < 4096 || !ring_bytes.is_power_of_two() {
+        if !ring_size_ok(ring_bytes) {
             return Err(CaptureError::RingSize(ring_bytes));
-        }
-        for (what, capacity) in [
-            ("tracked_sockets", config.tracked_sockets),
-            ("in_flight_calls", config.in_flight_calls),
-        ] {
-            if capacity == 0 {
-                return Err(CaptureError::Capacity { what });
-            }
         }
         check_set_state_format()?;
 
@@ -362,46 +360,57 @@ impl Capture {
     /// ring is empty. Records that fail to decode are counted, and each kind
     /// of failure is logged once.
     ///
-    /// Returns after at most [`POLL_INTERVAL`] even when nothing woke it:
-    /// the programs write most records without waking the reader (see
-    /// [`WAKEUP_FRACTION`]), so they are collected on this tick.
-    pub async fn read(&mut self, sink: impl FnMut(PortEvent)) -> Result<(), CaptureError> {
-        match tokio::time::timeout(POLL_INTERVAL, self.ring.readable_mut()).await {
-            Ok(guard) => {
-                let mut guard = guard.map_err(CaptureError::Ring)?;
-                drain(
-                    guard.get_inner_mut(),
-                    &mut self.stats,
-                    &mut self.logged_decode_errors,
-                    sink,
-                );
-                guard.clear_ready();
+    /// The programs write most records without waking the reader (see
+    /// [`WAKEUP_FRACTION`]), so the ring is also looked at every
+    /// [`POLL_INTERVAL`]; a look that finds nothing keeps waiting, so an idle
+    /// machine costs the caller nothing. Cancel-safe: records stay in the
+    /// ring until a drain hands them over.
+    pub async fn read(&mut self, mut sink: impl FnMut(PortEvent)) -> Result<(), CaptureError> {
+        loop {
+            let records = match tokio::time::timeout(POLL_INTERVAL, self.ring.readable_mut()).await
+            {
+                Ok(guard) => {
+                    let mut guard = guard.map_err(CaptureError::Ring)?;
+                    let records = drain(
+                        guard.get_inner_mut(),
+                        &mut self.stats,
+                        &mut self.logged_decode_errors,
+                        &mut sink,
+                    );
+                    guard.clear_ready();
+                    records
+                }
+                Err(_tick) => self.read_now(&mut sink),
+            };
+            if records > 0 {
+                return Ok(());
             }
-            Err(_tick) => self.read_now(sink),
         }
-        Ok(())
     }
 
-    /// Hands every record already in the ring to `sink`, without waiting.
-    pub fn read_now(&mut self, sink: impl FnMut(PortEvent)) {
+    /// Hands every record already in the ring to `sink`, without waiting;
+    /// returns how many records there were (decoded or not).
+    pub fn read_now(&mut self, sink: impl FnMut(PortEvent)) -> usize {
         drain(
             self.ring.get_mut(),
             &mut self.stats,
             &mut self.logged_decode_errors,
             sink,
-        );
+        )
     }
 }
 
 /// Decodes every record in `ring` into `sink`; failures are counted, and
-/// each kind of failure is logged once.
+/// each kind of failure is logged once. Returns how many records there were.
 fn drain(
     ring: &mut RingBuf<MapData>,
     stats: &mut CaptureStats,
     logged: &mut HashSet<std::mem::Discriminant<DecodeError>>,
     mut sink: impl FnMut(PortEvent),
-) {
+) -> usize {
+    let mut records = 0;
     while let Some(record) = ring.next() {
+        records += 1;
         match decode(&record) {
             Ok(event) => sink(event),
             Err(err) => {
@@ -415,6 +424,7 @@ fn drain(
             }
         }
     }
+    records
 }
 
 /// Tries fexit (unless told not to), falling back to the syscall tracepoints.

@@ -464,9 +464,9 @@ fn attach_owners(sockets: &mut [SnapshotSocket]) -> Result<u64, SnapshotError> {
                     process: info.process.clone(),
                     uid: info.uid,
                     fd: holder.fd,
-                    cgroup: info.cgroup.clone(),
-                    unit: info.unit.clone(),
-                    container: info.container.clone(),
+                    cgroup: info.place.cgroup.clone().unwrap_or_default(),
+                    unit: info.place.unit.clone(),
+                    container: info.place.container.clone(),
                 });
             }
         }

@@ -13,7 +13,6 @@ use std::{
     collections::HashMap,
     fs::{self, File},
     io,
-    mem::size_of,
     os::{
         fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
         unix::fs::MetadataExt,
@@ -213,22 +212,7 @@ pub(crate) fn enter(ns: &Namespace) -> Result<(), SnapshotError> {
 
 /// The cookie of the namespace a socket lives in.
 pub(crate) fn socket_netns_cookie(fd: BorrowedFd<'_>) -> io::Result<NetnsCookie> {
-    let mut cookie: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `cookie`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
+    super::options::socket_option(fd, SO_NETNS_COOKIE)
 }
 
 /// The cookie of the calling thread's network namespace (the value the kernel

@@ -12,7 +12,7 @@ use std::{
     collections::HashMap,
     io,
     mem::size_of,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
 /// What was read from one socket.
@@ -91,15 +91,18 @@ fn owned(fd: libc::c_long) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// An integer SOL_SOCKET option (`c_int` flags, the u64 cookie).
-fn socket_option<T: Default + Copy>(socket: &OwnedFd, name: libc::c_int) -> io::Result<T> {
+/// An integer SOL_SOCKET option (`c_int` flags, the u64 cookies).
+pub(super) fn socket_option<T: Default + Copy>(
+    socket: impl AsFd,
+    name: libc::c_int,
+) -> io::Result<T> {
     let mut value = T::default();
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into `value`, and only
     // integers are asked for (any bit pattern is valid).
     let rc = unsafe {
         libc::getsockopt(
-            socket.as_raw_fd(),
+            socket.as_fd().as_raw_fd(),
             libc::SOL_SOCKET,
             name,
             (&raw mut value).cast(),

@@ -106,9 +106,28 @@ fn scan_process(
 pub(crate) struct ProcInfo {
     pub process: String,
     pub uid: u32,
-    pub cgroup: String,
+    pub place: Place,
+}
+
+/// Where a process lives: its cgroup v2 path, and the systemd unit and
+/// container found in that path.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Place {
+    pub cgroup: Option<String>,
     pub unit: Option<String>,
     pub container: Option<String>,
+}
+
+impl Place {
+    /// The place `/proc/<pid>/cgroup` (its text, `cgroups`) names.
+    pub fn from_cgroups(cgroups: &str) -> Place {
+        let cgroup = cgroup_path(cgroups);
+        Place {
+            cgroup: cgroup.map(str::to_owned),
+            unit: cgroup.and_then(systemd_unit).map(str::to_owned),
+            container: cgroup.and_then(container_id).map(str::to_owned),
+        }
+    }
 }
 
 /// Reads `comm`, `status` and `cgroup` of a process.
@@ -118,13 +137,10 @@ pub(crate) fn process_info(pid: u32) -> io::Result<ProcInfo> {
     let uid = effective_uid(&status)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no Uid line in status"))?;
     let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
-    let cgroup = cgroup_path(&cgroups).unwrap_or_default();
     Ok(ProcInfo {
         process: comm.trim_end_matches('\n').to_owned(),
         uid,
-        cgroup: cgroup.to_owned(),
-        unit: systemd_unit(cgroup).map(str::to_owned),
-        container: container_id(cgroup).map(str::to_owned),
+        place: Place::from_cgroups(&cgroups),
     })
 }
 
