@@ -621,7 +621,11 @@ fn listener_samples(mut all: Vec<SocketFacts>) -> [Samples; 3] {
         if on_port.len() > 1 {
             shared_ports += 1;
             for (protocol, kind) in sharing_kinds(on_port) {
-                let labels = vec![port.clone(), protocol.name().to_owned(), kind_name(kind)];
+                let labels = vec![
+                    port.clone(),
+                    protocol.name().to_owned(),
+                    kind.name().to_owned(),
+                ];
                 port_shared.push(labels, 1);
             }
         }
@@ -664,14 +668,6 @@ fn sharing_kinds(listeners: &[SocketFacts]) -> HashSet<(Protocol, CoexistReason)
         }
     }
     kinds
-}
-
-/// A reason's name as the HTTP API spells it (`reuse_port_group`).
-fn kind_name(kind: CoexistReason) -> String {
-    match serde_json::to_value(kind) {
-        Ok(serde_json::Value::String(name)) => name,
-        _ => format!("{kind:?}"),
-    }
 }
 
 #[cfg(test)]
@@ -1009,8 +1005,13 @@ mod tests {
 
     #[test]
     fn kind_names_are_the_apis() {
-        assert_eq!(kind_name(CoexistReason::ReusePortGroup), "reuse_port_group");
-        assert_eq!(kind_name(CoexistReason::V6onlySplit), "v6only_split");
+        for kind in CoexistReason::ALL {
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::Value::from(kind.name()),
+                "{kind:?}"
+            );
+        }
     }
 
     fn entry(facts: SocketFacts) -> Entry {

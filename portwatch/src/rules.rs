@@ -308,6 +308,36 @@ pub enum CoexistReason {
 }
 
 impl CoexistReason {
+    /// Every reason.
+    pub const ALL: [CoexistReason; 10] = [
+        Self::DifferentNetns,
+        Self::DifferentProtocol,
+        Self::DifferentPort,
+        Self::DifferentAddress,
+        Self::V6onlySplit,
+        Self::DifferentFamilyNoOverlap,
+        Self::ReusePortGroup,
+        Self::UdpReuseAddr,
+        Self::TcpReuseAddrNotListening,
+        Self::BoundToDifferentDevices,
+    ];
+
+    /// The name the HTTP API (serde) and the metrics' `kind` label use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::DifferentNetns => "different_netns",
+            Self::DifferentProtocol => "different_protocol",
+            Self::DifferentPort => "different_port",
+            Self::DifferentAddress => "different_address",
+            Self::V6onlySplit => "v6only_split",
+            Self::DifferentFamilyNoOverlap => "different_family_no_overlap",
+            Self::ReusePortGroup => "reuse_port_group",
+            Self::UdpReuseAddr => "udp_reuse_addr",
+            Self::TcpReuseAddrNotListening => "tcp_reuse_addr_not_listening",
+            Self::BoundToDifferentDevices => "bound_to_different_devices",
+        }
+    }
+
     /// One plain sentence.
     pub fn explanation(self) -> &'static str {
         match self {
