@@ -194,7 +194,7 @@ pub struct TraceArgs {
     pub ring_size: u32,
     /// How bind/listen outcomes are captured: `auto` probes for fexit and
     /// falls back to the syscall tracepoints.
-    #[arg(long, value_enum, default_value_t = OutcomeChoice::Auto)]
+    #[arg(long, value_enum, env = "PORTWATCH_OUTCOME", default_value_t = OutcomeChoice::Auto)]
     pub outcome: OutcomeChoice,
 }
 

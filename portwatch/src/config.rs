@@ -219,6 +219,19 @@ impl Config {
         if let Some(v) = env("PORTWATCH_IN_FLIGHT_CALLS") {
             self.in_flight_calls = parsed("PORTWATCH_IN_FLIGHT_CALLS", v)?;
         }
+        if let Some(v) = env("PORTWATCH_OUTCOME") {
+            self.outcome = match v.as_str() {
+                "auto" => Outcome::Auto,
+                "tracepoint" => Outcome::Tracepoint,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "PORTWATCH_OUTCOME",
+                        message: "expected `auto` or `tracepoint`".to_owned(),
+                        value: v,
+                    });
+                }
+            };
+        }
         if let Some(v) = env("PORTWATCH_EXPECTED_LISTENERS") {
             self.expected_listeners = v
                 .split(',')
@@ -517,5 +530,16 @@ mod tests {
         let env = |name: &str| (name == "PORTWATCH_RING_SIZE").then(|| "lots".to_owned());
         let err = Config::default().apply_env(env).unwrap_err().to_string();
         assert!(err.contains("PORTWATCH_RING_SIZE=\"lots\""), "{err}");
+    }
+
+    #[test]
+    fn the_outcome_path_can_be_forced_from_the_environment() {
+        let env = |value: &'static str| {
+            move |name: &str| (name == "PORTWATCH_OUTCOME").then(|| value.to_owned())
+        };
+        let config = Config::default().apply_env(env("tracepoint")).unwrap();
+        assert_eq!(config.outcome, Outcome::Tracepoint);
+        let err = Config::default().apply_env(env("fexit")).unwrap_err();
+        assert!(err.to_string().contains("PORTWATCH_OUTCOME"), "{err}");
     }
 }

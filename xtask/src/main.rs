@@ -6,8 +6,10 @@ mod build;
 mod cmd;
 mod lint;
 mod package;
+mod readme;
 mod setup;
 mod test;
+mod vm;
 
 use std::{ffi::OsString, process::ExitCode};
 
@@ -84,6 +86,30 @@ enum Task {
         #[arg(long)]
         only: Vec<String>,
     },
+    /// Boot stock Debian kernels (5.10, 6.1, 6.12) under QEMU and run the
+    /// root test suites inside each: trace, map, the predictor, the storm
+    /// and one-entry-map robustness tests, and the daemon's seed scenarios.
+    /// Ends with a table per kernel: the hook paths, what is unknown there,
+    /// and the tests passed, failed and skipped.
+    Vm {
+        /// A kernel of the matrix (repeatable): 5.10, 6.1, 6.12 or all.
+        /// `all` (the default) adds a run on 6.12 with the tracepoint path
+        /// forced.
+        #[arg(long = "kernel", value_name = "KERNEL")]
+        kernels: Vec<String>,
+        /// Force the outcome path in every run.
+        #[arg(long, value_enum)]
+        outcome: Option<vm::Outcome>,
+        /// CPU: KVM if a trial boot works, else TCG (auto), or either.
+        #[arg(long, value_enum, default_value_t = vm::Accel::Auto)]
+        accel: vm::Accel,
+        /// Also replace the supported-kernels table in README.md.
+        #[arg(long)]
+        write_readme: bool,
+        /// Minutes one VM may run before it is stopped and counted failed.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+    },
     /// A bench load process (run by `cargo xtask bench`, not by hand).
     #[command(hide = true)]
     BenchWorker {
@@ -109,6 +135,19 @@ fn main() -> ExitCode {
             quick,
             write_readme,
             only,
+        }),
+        Task::Vm {
+            kernels,
+            outcome,
+            accel,
+            write_readme,
+            minutes,
+        } => vm::vm(&vm::Options {
+            kernels,
+            outcome,
+            accel,
+            write_readme,
+            limit: std::time::Duration::from_secs(minutes * 60),
         }),
         Task::BenchWorker { args } => {
             bench::Cgroup::join_from_env().and_then(|()| bench::worker(&args))

@@ -40,7 +40,7 @@ enum Item {
 
 /// Everything setup manages, in install order: bpf-linker builds last, against
 /// the LLVM packages.
-const ITEMS: [Item; 14] = [
+const ITEMS: [Item; 16] = [
     Item::Apt("llvm-22-dev"),
     // LLVM 22 links against it; bpf-linker's build fails without it.
     Item::Apt("libzstd-dev"),
@@ -57,6 +57,10 @@ const ITEMS: [Item; 14] = [
     // tool portwatch's bind path is compared with.
     Item::Apt("wrk"),
     Item::Apt("bpftrace"),
+    // `cargo xtask vm`: stock kernels under QEMU, and the guest's shell and
+    // core tools (static, so the initramfs needs no libraries for them).
+    Item::Apt("qemu-system-x86"),
+    Item::Apt("busybox-static"),
     Item::Nightly,
     // `-Z build-std=core`: there is no prebuilt core for the bpf targets.
     Item::NightlyComponent("rust-src"),

@@ -137,16 +137,26 @@ fn run_counting(test: &mut Command, failures: &mut Vec<String>) -> Result<Totals
 
 /// Sums of libtest's `test result:` lines, one per test binary or doc-test run.
 #[derive(Debug, Default, PartialEq)]
-struct Totals {
-    runs: u64,
-    passed: u64,
-    failed: u64,
-    ignored: u64,
+pub struct Totals {
+    pub runs: u64,
+    pub passed: u64,
+    pub failed: u64,
+    /// Ignored tests, and those that skipped themselves.
+    pub ignored: u64,
+    /// Skip lines seen since the last `test result:` line.
+    skipped_since_result: u64,
 }
+
+/// What a test that skips itself prints (tests/support: `SKIP_MARK`).
+pub const SKIP_MARK: &str = "PORTWATCH-SKIP:";
 
 impl Totals {
     /// Adds `test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; ...`.
-    fn add_line(&mut self, line: &str) {
+    pub fn add_line(&mut self, line: &str) {
+        if line.contains(SKIP_MARK) {
+            self.skipped_since_result += 1;
+            return;
+        }
         let Some(result) = line.trim().strip_prefix("test result: ") else {
             return;
         };
@@ -167,6 +177,10 @@ impl Totals {
                 _ => {}
             }
         }
+        // libtest counted the tests that skipped themselves as passed.
+        let skipped = std::mem::take(&mut self.skipped_since_result);
+        self.passed = self.passed.saturating_sub(skipped);
+        self.ignored += skipped;
     }
 }
 
@@ -189,7 +203,23 @@ mod tests {
             passed: 4,
             failed: 2,
             ignored: 1,
+            skipped_since_result: 0,
         };
         assert_eq!(totals, expected);
+    }
+
+    #[test]
+    fn a_test_that_skips_itself_counts_as_skipped() {
+        let mut totals = Totals::default();
+        for line in [
+            "test result: ok. 2 passed; 0 failed; 0 ignored;",
+            "test uring ... ",
+            "PORTWATCH-SKIP: uring: io_uring bind (Linux 6.11+)",
+            "ok",
+            "test result: ok. 3 passed; 0 failed; 1 ignored;",
+        ] {
+            totals.add_line(line);
+        }
+        assert_eq!((totals.passed, totals.failed, totals.ignored), (4, 0, 2));
     }
 }

@@ -59,6 +59,19 @@ pub fn until<T, E: std::fmt::Display>(what: &str, mut attempt: impl FnMut() -> R
     }
 }
 
+/// What a skipped test prints, on a line of its own, before it returns:
+/// `cargo xtask test` and `cargo xtask vm` count such a test as skipped,
+/// not passed. Written straight to stdout, past libtest's capture, so it is
+/// seen whether or not the run shows test output.
+pub const SKIP_MARK: &str = "PORTWATCH-SKIP:";
+
+/// Ends a test that cannot run here because the kernel lacks `feature`
+/// (say which, and since when): the caller returns right after.
+pub fn skip(test: &str, feature: &str) {
+    let line = format!("\n{SKIP_MARK} {test}: {feature}\n");
+    let _ = std::io::stdout().write_all(line.as_bytes());
+}
+
 /// A name no other test or run uses: `portwatch-test-<pid>-<n>-<label>`.
 pub fn unique(label: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);

@@ -260,18 +260,7 @@ pub fn json(rows: &[Row], quick: bool) -> Result<String> {
 
 /// Replaces the text between the README's bench markers with `table`.
 pub fn write_readme(readme: &Path, table: &str) -> Result<()> {
-    let text =
-        fs::read_to_string(readme).with_context(|| format!("reading {}", readme.display()))?;
-    let (Some(begin), Some(end)) = (text.find(README_BEGIN), text.find(README_END)) else {
-        bail!(
-            "{} has no `{README_BEGIN}` ... `{README_END}` markers",
-            readme.display()
-        );
-    };
-    let head = &text[..begin + README_BEGIN.len()];
-    let tail = &text[end..];
-    let updated = format!("{head}\n{table}{tail}");
-    fs::write(readme, updated).with_context(|| format!("writing {}", readme.display()))
+    crate::readme::replace_section(readme, README_BEGIN, README_END, table)
 }
 
 #[cfg(test)]
