@@ -533,11 +533,8 @@ async fn after_ten_thousand_random_operations_the_map_equals_ss() {
         }
         let _ = tokio::time::timeout(Duration::from_millis(200), watcher.step()).await;
     }
-    assert_eq!(
-        watcher.reconcile().await.unwrap().total(),
-        0,
-        "no drift after the storm"
-    );
+    let drift = watcher.reconcile().await.unwrap();
+    assert_eq!(drift.total(), 0, "no drift after the storm: {drift:?}");
     assert_eq!(
         watcher.read(|s| s.stats.dropped),
         0,

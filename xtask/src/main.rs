@@ -109,6 +109,10 @@ enum Task {
         /// Minutes one VM may run before it is stopped and counted failed.
         #[arg(long, default_value_t = 30)]
         minutes: u64,
+        /// Only the suites whose name contains this (repeatable): trace,
+        /// map, predictor, robustness, daemon.
+        #[arg(long = "suite", value_name = "NAME")]
+        suites: Vec<String>,
     },
     /// A bench load process (run by `cargo xtask bench`, not by hand).
     #[command(hide = true)]
@@ -142,12 +146,14 @@ fn main() -> ExitCode {
             accel,
             write_readme,
             minutes,
+            suites,
         } => vm::vm(&vm::Options {
             kernels,
             outcome,
             accel,
             write_readme,
             limit: std::time::Duration::from_secs(minutes * 60),
+            suites,
         }),
         Task::BenchWorker { args } => {
             bench::Cgroup::join_from_env().and_then(|()| bench::worker(&args))

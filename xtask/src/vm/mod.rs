@@ -113,6 +113,8 @@ pub struct Options {
     pub write_readme: bool,
     /// The most one VM may run before it is stopped and failed.
     pub limit: Duration,
+    /// Only the suites whose name contains one of these; all if empty.
+    pub suites: Vec<String>,
 }
 
 /// One VM run of the plan.
@@ -133,9 +135,13 @@ impl Pass {
 pub fn vm(options: &Options) -> Result<()> {
     setup::ensure()?;
     let passes = plan(&options.kernels, options.outcome)?;
+    let suites = select(&options.suites)?;
+    if options.write_readme && suites.len() != SUITES.len() {
+        bail!("--write-readme needs every suite: leave out --suite");
+    }
     let cache = target_dir().join("vm");
     fs::create_dir_all(&cache)?;
-    let binaries = build_test_binaries()?;
+    let binaries = build_test_binaries(&suites)?;
     let accel = choose_accel(options.accel, &cache, &passes[0].kernel)?;
 
     let mut rows = Vec::new();
@@ -147,7 +153,7 @@ pub fn vm(options: &Options) -> Result<()> {
         let _ = fs::remove_dir_all(&work);
         fs::create_dir_all(&work)?;
         let initrd = work.join("initramfs.cpio");
-        let image = guest_image(&binaries, &unpacked.modules, pass.outcome, &work)?;
+        let image = guest_image(&binaries, &suites, &unpacked.modules, pass.outcome, &work)?;
         let size = image.write(&initrd)?;
         println!("vm: initramfs {} MiB", size >> 20);
         let vm = qemu::Vm {
@@ -160,7 +166,7 @@ pub fn vm(options: &Options) -> Result<()> {
             echo: Some(format!("[{label}] ")),
         };
         let boot = vm.run(options.limit)?;
-        let expected: Vec<&str> = SUITES.iter().map(|s| s.name).collect();
+        let expected: Vec<&str> = suites.iter().map(|s| s.name).collect();
         let mut report = PassReport::parse(&boot.console, &expected);
         if boot.timed_out {
             report
@@ -259,6 +265,25 @@ fn plan(names: &[String], outcome: Option<Outcome>) -> Result<Vec<Pass>> {
     Ok(passes)
 }
 
+/// The suites `--suite` names.
+fn select(names: &[String]) -> Result<Vec<&'static Suite>> {
+    if names.is_empty() {
+        return Ok(SUITES.iter().collect());
+    }
+    let chosen: Vec<&Suite> = SUITES
+        .iter()
+        .filter(|suite| names.iter().any(|n| suite.name.contains(n.as_str())))
+        .collect();
+    if chosen.is_empty() {
+        let known: Vec<&str> = SUITES.iter().map(|s| s.name).collect();
+        bail!(
+            "no suite matches {names:?}; the suites: {}",
+            known.join(", ")
+        );
+    }
+    Ok(chosen)
+}
+
 /// The built test binaries, by cargo target name, and the portwatch binary
 /// they run (whose absolute path is compiled into them).
 struct Binaries {
@@ -266,7 +291,7 @@ struct Binaries {
     portwatch: PathBuf,
 }
 
-fn build_test_binaries() -> Result<Binaries> {
+fn build_test_binaries(suites: &[&Suite]) -> Result<Binaries> {
     let mut build = cmd::cargo();
     build.args([
         "test",
@@ -275,7 +300,7 @@ fn build_test_binaries() -> Result<Binaries> {
         "--no-run",
         "--message-format=json-render-diagnostics",
     ]);
-    for suite in SUITES {
+    for suite in suites {
         build.args(["--test", suite.target]);
     }
     println!("$ {}", cmd::display(&build));
@@ -301,14 +326,14 @@ fn build_test_binaries() -> Result<Binaries> {
         let name = message["target"]["name"].as_str().unwrap_or_default();
         let is_test = message["profile"]["test"].as_bool().unwrap_or(false);
         if is_test {
-            if let Some(suite) = SUITES.iter().find(|s| s.target == name) {
+            if let Some(suite) = suites.iter().find(|s| s.target == name) {
                 tests.push((suite.target, PathBuf::from(executable)));
             }
         } else if name == "portwatch" {
             portwatch = Some(PathBuf::from(executable));
         }
     }
-    for suite in SUITES {
+    for suite in suites {
         if !tests.iter().any(|(target, _)| *target == suite.target) {
             bail!("cargo built no test binary for `{}`", suite.target);
         }
@@ -376,6 +401,7 @@ fn busybox() -> Result<PathBuf> {
 /// The whole guest for one VM run.
 fn guest_image(
     binaries: &Binaries,
+    suites: &[&Suite],
     modules: &Path,
     outcome: Outcome,
     work: &Path,
@@ -406,13 +432,17 @@ fn guest_image(
     }
     image.bytes("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", false);
     image.bytes("/etc/group", "root:x:0:\n", false);
-    image.bytes("/init", init_script(&binaries.portwatch, outcome), true);
+    image.bytes(
+        "/init",
+        init_script(&binaries.portwatch, suites, outcome),
+        true,
+    );
     Ok(image)
 }
 
 /// The guest's `/init`: mounts, modules, the daemon's hook report, each
 /// suite between markers, power off.
-fn init_script(portwatch: &Path, outcome: Outcome) -> String {
+fn init_script(portwatch: &Path, suites: &[&Suite], outcome: Outcome) -> String {
     let mut script = String::from(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -463,10 +493,10 @@ grep ' WARN ' /tmp/daemon.log | sed 's/^.* WARN [^ ]* //' | while read -r line; 
 "#,
         portwatch = portwatch.display()
     );
-    for suite in SUITES {
+    for suite in suites {
         let _ = write!(
             script,
-            "\nmark BEGIN {name}\n/tests/{target} --ignored --test-threads=1{exact} {filters} 2>&1\nmark END {name} $?\n",
+            "\nmark BEGIN '{name}'\n/tests/{target} --ignored --test-threads=1{exact} {filters} 2>&1\nmark END '{name}' $?\n",
             name = suite.name,
             target = suite.target,
             exact = if suite.filters.is_empty() {
@@ -511,17 +541,26 @@ mod tests {
 
     #[test]
     fn the_init_script_runs_every_suite_between_markers() {
-        let script = init_script(Path::new("/w/target/debug/portwatch"), Outcome::Tracepoint);
+        let all: Vec<&Suite> = SUITES.iter().collect();
+        let script = init_script(
+            Path::new("/w/target/debug/portwatch"),
+            &all,
+            Outcome::Tracepoint,
+        );
         assert!(script.contains("export PORTWATCH_OUTCOME=tracepoint"));
         assert!(script.contains("/w/target/debug/portwatch daemon"));
         for suite in SUITES {
-            assert!(script.contains(&format!("mark BEGIN {}\n", suite.name)));
-            assert!(script.contains(&format!("mark END {} $?\n", suite.name)));
+            assert!(script.contains(&format!("mark BEGIN '{}'\n", suite.name)));
+            assert!(script.contains(&format!("mark END '{}' $?\n", suite.name)));
         }
         assert!(script.contains(
             "/tests/daemon --ignored --test-threads=1 --exact a_user_sees_the_seed_scenarios_over_http_metrics_and_the_cli 2>&1"
         ));
         assert!(script.ends_with("mark DONE\npoweroff -f\n"));
-        assert!(!init_script(Path::new("/p"), Outcome::Auto).contains("PORTWATCH_OUTCOME"));
+        assert!(!init_script(Path::new("/p"), &all, Outcome::Auto).contains("PORTWATCH_OUTCOME"));
+        let some = select(&["robustness".to_owned()]).unwrap();
+        assert_eq!(some.len(), 1);
+        assert!(!init_script(Path::new("/p"), &some, Outcome::Auto).contains("/tests/map"));
+        assert!(select(&["nothing".to_owned()]).is_err());
     }
 }
