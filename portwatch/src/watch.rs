@@ -347,7 +347,7 @@ impl Watcher {
         state.counters.count(event);
         match event.kind {
             EventKind::BindFailed | EventKind::ListenFailed => {
-                let blocked_by = failures::attribute(event, &state.map);
+                let blocked_by = failures::attribute(state.kernel, event, &state.map);
                 if failures::needs_diag(event, &blocked_by) {
                     self.unresolved.push((at, event.clone(), blocked_by));
                     return;
@@ -408,7 +408,8 @@ impl Watcher {
                 })
                 .collect();
             let existing = here.iter().map(|o| o.facts.clone()).collect();
-            let mut blocked_by = failures::attribute_against(&event, existing, &state.map);
+            let mut blocked_by =
+                failures::attribute_against(state.kernel, &event, existing, &state.map);
             for blocker in blocked_by.iter_mut().filter(|b| b.holders.is_empty()) {
                 if let Some(seen) = here.iter().find(|o| o.facts == blocker.facts) {
                     blocker.holders = failures::holders_of(seen);

@@ -35,13 +35,21 @@
 //!     owner uid.
 //!   - UDP (`udp_lib_get_port`, `udp_lib_lport_inuse`): not when both set
 //!     `SO_REUSEADDR`; not when both set `SO_REUSEPORT` with the same owner.
-//!     The kernel walks the port's list of sockets and stops at the first
-//!     overlapping one that both-`SO_REUSEADDR` does not skip: a
-//!     `SO_REUSEPORT` match there lets the bind through even when a socket
-//!     further down would refuse it. The list has the newest socket first,
-//!     except that IPv6 sockets with `SO_REUSEPORT` are appended at its end
-//!     (`sk_add_node_rcu`). **So `existing` must be in bind order, oldest
-//!     first.**
+//!     Kernels differ in how they walk the port's list of sockets
+//!     ([`UdpWalk`], probed at start by [`crate::kernel_probe`]), so the
+//!     walk is an input ([`KernelRules`]):
+//!     - [`UdpWalk::FirstMatch`] (upstream Linux; measured on
+//!       6.18.44-fc-v657): the kernel stops at the first overlapping socket
+//!       that both-`SO_REUSEADDR` does not skip: a `SO_REUSEPORT` match
+//!       there lets the bind through even when a socket further down would
+//!       refuse it. The list has the newest socket first, except that IPv6
+//!       sockets with `SO_REUSEPORT` are appended at its end
+//!       (`sk_add_node_rcu`). **So `existing` must be in bind order, oldest
+//!       first.**
+//!     - [`UdpWalk::EveryMatch`] (measured on 6.18.44-fc-v1252): every such
+//!       socket must allow the bind; the order does not matter.
+//!     - [`UdpWalk::Unknown`]: an answer is confident only when both walks
+//!       give it.
 //! - **listen** (`inet_csk_listen_start` runs `inet_csk_get_port` again with
 //!   the socket already in LISTEN): the TCP rules again, the listening socket
 //!   being the requester. Two `SO_REUSEADDR` sockets on one address both bind,
@@ -75,6 +83,9 @@
 //!   (and owners being equal) would change the answer.
 //! - Port 0: the kernel picks a free port. Predicted Ok, not confident.
 //! - SCTP has rules of its own: judged by the TCP rules, not confident.
+//! - Which UDP walk the kernel takes, when it was not probed
+//!   ([`UdpWalk::Unknown`]): the stricter [`UdpWalk::EveryMatch`] answer is
+//!   reported, confident only when [`UdpWalk::FirstMatch`] agrees.
 //! - UDP binds of a specific address when the kernel's hash slot for the port
 //!   (which it shares with other ports and namespaces) holds more than 10
 //!   sockets: the kernel then looks only at that address's and the wildcard's
@@ -100,12 +111,12 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 pub(crate) use self::address::{Endpoint, endpoint, is_wildcard, overlap};
-pub use self::tcp::PortHistory;
 use self::{
     address::split_reason,
     tcp::{shortcut_applies, tcp_blocker},
-    udp::{UDP_HASH2_THRESHOLD, udp_blocker},
+    udp::{UDP_HASH2_THRESHOLD, udp_blockers},
 };
+pub use self::{tcp::PortHistory, udp::UdpWalk};
 use crate::{
     event::Errno,
     socket::{BindRequest, Family, Protocol, SockState, SocketFacts},
@@ -185,8 +196,28 @@ pub struct Prediction {
     /// False when something the inputs do not show could change the answer:
     /// an unknown option or owner, TCP's `SO_REUSEPORT` shortcut without a
     /// [`PortHistory`], port 0, SCTP, a crowded UDP port (see the module
-    /// documentation).
+    /// documentation), or a UDP walk that was not probed.
     pub confident: bool,
+    /// Whether the two UDP walks kernels take ([`UdpWalk::KNOWN`]) answer
+    /// differently here, so that the answer rests on
+    /// [`KernelRules::udp_walk`]. Always false outside UDP.
+    pub udp_walk_decides: bool,
+}
+
+/// What the running kernel does where kernels are known to differ, as
+/// [`crate::kernel_probe`] found it at start. The default knows nothing:
+/// answers that depend on it are not confident.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct KernelRules {
+    /// How UDP binds are judged against the port's sockets.
+    pub udp_walk: UdpWalk,
+}
+
+impl KernelRules {
+    /// Nothing probed.
+    pub const UNKNOWN: KernelRules = KernelRules {
+        udp_walk: UdpWalk::Unknown,
+    };
 }
 
 /// A socket that blocks a bind, and why.
@@ -433,20 +464,21 @@ impl InvalidRequest {
 /// Would `req` bind, given the sockets in `existing` (any port, protocol and
 /// namespace: the ones that matter are picked out)? `existing` in bind order,
 /// oldest first. Without a [`PortHistory`]; see [`predict_bind`].
-pub fn can_bind(existing: &[SocketFacts], req: &BindRequest) -> Verdict {
-    predict_bind(None, existing, req).verdict
+pub fn can_bind(kernel: KernelRules, existing: &[SocketFacts], req: &BindRequest) -> Verdict {
+    predict_bind(kernel, None, existing, req).verdict
 }
 
 /// Would `listen` on `sock` (bound, not yet listening) succeed, given the
 /// other sockets in `existing` (`sock` itself may be among them)? Without a
 /// [`PortHistory`]; see [`predict_listen`].
-pub fn can_listen(existing: &[SocketFacts], sock: &SocketFacts) -> Verdict {
-    predict_listen(None, existing, sock).verdict
+pub fn can_listen(kernel: KernelRules, existing: &[SocketFacts], sock: &SocketFacts) -> Verdict {
+    predict_listen(kernel, None, existing, sock).verdict
 }
 
 /// [`can_bind`] with the port's [`PortHistory`] when there is one, and
 /// whether the answer is certain.
 pub fn predict_bind(
+    kernel: KernelRules,
     history: Option<&PortHistory>,
     existing: &[SocketFacts],
     req: &BindRequest,
@@ -456,7 +488,7 @@ pub fn predict_bind(
         .iter()
         .filter(|f| f.netns == req.netns && Space::of(f.protocol) == space && f.port == req.port)
         .collect();
-    let judge = |fill| {
+    let judge = |fill, walk| {
         if let Some(invalid) = invalid_bind(req, fill) {
             return Verdict::invalid(invalid);
         }
@@ -464,23 +496,20 @@ pub fn predict_bind(
             return Verdict::Ok;
         }
         let new = View::of_request(req, fill);
-        judge(space, history, &new, &holders, fill)
+        judge(space, walk, history, &new, &holders, fill)
     };
-    let verdict = judge(Fill::Unset);
     // A specific UDP address on a crowded port may take the kernel's other
     // walk (udp_lib_lport_inuse2), whose order this does not model.
     let udp_hash2 =
         space.is_udp() && holders.len() >= UDP_HASH2_THRESHOLD && !is_wildcard(req.address);
     let knowable = req.port != 0 && space != Space::Sctp && !udp_hash2;
-    Prediction {
-        confident: knowable && verdict.same_answer(&judge(Fill::Set)),
-        verdict,
-    }
+    predict(space, kernel, knowable, judge)
 }
 
 /// [`can_listen`] with the port's [`PortHistory`] when there is one, and
 /// whether the answer is certain.
 pub fn predict_listen(
+    kernel: KernelRules,
     history: Option<&PortHistory>,
     existing: &[SocketFacts],
     sock: &SocketFacts,
@@ -495,7 +524,7 @@ pub fn predict_listen(
                 && !is_same_socket(f, sock)
         })
         .collect();
-    let judge = |fill| {
+    let judge = |fill, walk| {
         if space.is_udp() {
             return Verdict::invalid(InvalidRequest::ListenOnDatagramSocket);
         }
@@ -511,21 +540,56 @@ pub fn predict_listen(
             return Verdict::Ok;
         }
         let new = View::of_socket(sock, fill);
-        judge(space, history, &new, &holders, fill)
+        judge(space, walk, history, &new, &holders, fill)
     };
-    let verdict = judge(Fill::Unset);
+    let knowable = space != Space::Sctp && sock.port != 0;
+    predict(space, kernel, knowable, judge)
+}
+
+/// The reported answer (unknowns unset, the walk [`UdpWalk::reported`]),
+/// confident when `knowable` and the same whatever the unknowns are (both
+/// fills, every walk the kernel may take).
+fn predict(
+    space: Space,
+    kernel: KernelRules,
+    knowable: bool,
+    judge: impl Fn(Fill, UdpWalk) -> Verdict,
+) -> Prediction {
+    let walk = kernel.udp_walk;
+    let verdict = judge(Fill::Unset, walk.reported());
+    // The walk only matters for UDP: elsewhere one is as good as another.
+    let walks: &[UdpWalk] = if space.is_udp() {
+        walk.possible()
+    } else {
+        &[UdpWalk::EveryMatch]
+    };
+    let confident = knowable
+        && walks.iter().all(|&w| {
+            [Fill::Unset, Fill::Set]
+                .into_iter()
+                .all(|fill| verdict.same_answer(&judge(fill, w)))
+        });
+    let udp_walk_decides = space.is_udp()
+        && !judge(Fill::Unset, UdpWalk::FirstMatch)
+            .same_answer(&judge(Fill::Unset, UdpWalk::EveryMatch));
     Prediction {
-        confident: space != Space::Sctp && sock.port != 0 && verdict.same_answer(&judge(Fill::Set)),
         verdict,
+        confident,
+        udp_walk_decides,
     }
 }
 
-/// Why `a` and `b`, which both hold a port, may do so; `None` if the rules
-/// say they may not (an inconsistent model, or one of the history effects the
-/// module documentation describes: TCP's `SO_REUSEPORT` shortcut, UDP's
-/// walk that stops at the first overlapping socket). Unknown options are first taken as not set and, if that
-/// finds no reason, as set: the kernel let both in, so that is the likelier
-/// story. Symmetric in `a` and `b`.
+/// Why `a` and `b`, which both hold a port, may do so: a reason that holds
+/// for the pair alone, whatever else holds the port. `None` if there is none:
+/// an inconsistent model, or one of the history effects the module
+/// documentation describes (TCP's `SO_REUSEPORT` shortcut;
+/// [`UdpWalk::FirstMatch`], under which a socket can join past one it does
+/// not share with when its walk stops at an earlier one). Under
+/// [`UdpWalk::EveryMatch`] every UDP bind is checked against each holder
+/// alone, so two UDP sockets that hold a port always have a reason here.
+/// Unknown options are first taken as not set and, if that finds no reason,
+/// as set: the kernel let both in, so that is the likelier story. Symmetric
+/// in `a` and `b`.
 pub fn why_coexist(a: &SocketFacts, b: &SocketFacts) -> Option<CoexistReason> {
     if a.netns != b.netns {
         return Some(CoexistReason::DifferentNetns);
@@ -682,6 +746,7 @@ fn is_same_socket(a: &SocketFacts, b: &SocketFacts) -> bool {
 /// The conflict check of one bind or listen against the port's holders.
 fn judge(
     space: Space,
+    walk: UdpWalk,
     history: Option<&PortHistory>,
     new: &View,
     holders: &[&SocketFacts],
@@ -691,9 +756,7 @@ fn judge(
         return Verdict::Ok;
     }
     match space {
-        Space::Udp | Space::UdpLite => {
-            Verdict::conflict(udp_blocker(new, holders, fill).into_iter().collect())
-        }
+        Space::Udp | Space::UdpLite => Verdict::conflict(udp_blockers(walk, new, holders, fill)),
         Space::Tcp | Space::Sctp => {
             if space == Space::Tcp && shortcut_applies(history, new, fill) {
                 return Verdict::Ok;

@@ -8,6 +8,7 @@ use super::{
     blocker, devices_compatible, same_owner,
 };
 use crate::socket::{Family, SocketFacts};
+
 /// What the kernel remembers about one TCP port between binds: the
 /// `SO_REUSEPORT` shortcut of its bind bucket (`tb->fastreuseport`, `fastuid`,
 /// `fast_rcv_saddr`, ...). Keep one per (network namespace, TCP port), feed it

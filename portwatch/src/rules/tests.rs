@@ -10,6 +10,16 @@ use crate::socket::{NetnsCookie, ShareOptions};
 
 const PORT: u16 = 8080;
 
+/// The kernel the seed experiments ran on (6.18.44-fc-v657).
+const FIRST: KernelRules = KernelRules {
+    udp_walk: UdpWalk::FirstMatch,
+};
+/// The kernel that refuses what any overlapping UDP socket refuses
+/// (6.18.44-fc-v1252).
+const EVERY: KernelRules = KernelRules {
+    udp_walk: UdpWalk::EveryMatch,
+};
+
 fn family_of(address: IpAddr) -> Family {
     match address {
         IpAddr::V4(_) => Family::Ipv4,
@@ -143,8 +153,20 @@ enum Expect {
     InUse(&'static [(u64, ConflictReason)]),
 }
 
+/// [`check_on`] the kernel of the seed experiments.
 fn check(name: &str, existing: &[SocketFacts], req: &BindRequest, expect: Expect) {
-    let prediction = predict_bind(Some(&history_of(existing)), existing, req);
+    check_on(FIRST, name, existing, req, expect);
+}
+
+/// Checks a confident prediction on `kernel` against what a test expects.
+fn check_on(
+    kernel: KernelRules,
+    name: &str,
+    existing: &[SocketFacts],
+    req: &BindRequest,
+    expect: Expect,
+) {
+    let prediction = predict_bind(kernel, Some(&history_of(existing)), existing, req);
     assert!(
         prediction.confident,
         "{name}: not confident: {prediction:?}"
@@ -318,7 +340,7 @@ fn addresses_overlap_as_the_kernel_compares_them() {
     for &(old, new, v6only, want_overlap) in cases {
         let mut existing = tcp(1, old);
         existing.options.v6only = Some(v6only);
-        let verdict = can_bind(&[existing], &want(Protocol::Tcp, new));
+        let verdict = can_bind(FIRST, &[existing], &want(Protocol::Tcp, new));
         let got = verdict.blockers().first().map(|b| b.overlap);
         assert_eq!(got, want_overlap, "{old} (v6only {v6only}) then {new}");
     }
@@ -461,13 +483,25 @@ fn different_devices_netns_ports_and_spaces_never_collide() {
     // At listen the socket's device is known: other devices never
     // collide, no device collides with every device.
     let on_dev3 = tcp(9, "127.0.0.1").device(3);
-    assert!(can_listen(&[tcp(1, "127.0.0.1").device(2).listening()], &on_dev3).is_ok());
+    assert!(
+        can_listen(
+            FIRST,
+            &[tcp(1, "127.0.0.1").device(2).listening()],
+            &on_dev3
+        )
+        .is_ok()
+    );
     assert_eq!(
-        can_listen(&[tcp(1, "127.0.0.1").listening()], &on_dev3).errno(),
+        can_listen(FIRST, &[tcp(1, "127.0.0.1").listening()], &on_dev3).errno(),
         Some(Errno::EADDRINUSE)
     );
     assert_eq!(
-        can_listen(&[tcp(1, "127.0.0.1").device(3).listening()], &on_dev3).errno(),
+        can_listen(
+            FIRST,
+            &[tcp(1, "127.0.0.1").device(3).listening()],
+            &on_dev3
+        )
+        .errno(),
         Some(Errno::EADDRINUSE)
     );
 }
@@ -504,7 +538,11 @@ fn tcp_names_every_blocker() {
 
 #[test]
 fn invalid_requests_fail_whatever_holds_the_port() {
-    let verdict = can_bind(&[], &want(Protocol::Tcp, "::ffff:127.0.0.1").v6only());
+    let verdict = can_bind(
+        FIRST,
+        &[],
+        &want(Protocol::Tcp, "::ffff:127.0.0.1").v6only(),
+    );
     assert_eq!(
         verdict,
         Verdict::Refused {
@@ -516,20 +554,26 @@ fn invalid_requests_fail_whatever_holds_the_port() {
     let mut v4_with_v6 = want(Protocol::Tcp, "::1");
     v4_with_v6.family = Family::Ipv4;
     assert_eq!(
-        can_bind(&[], &v4_with_v6).errno(),
+        can_bind(FIRST, &[], &v4_with_v6).errno(),
         Some(Errno(libc::EAFNOSUPPORT))
     );
     let mut v6_with_v4 = want(Protocol::Udp, "127.0.0.1");
     v6_with_v4.family = Family::Ipv6;
-    assert_eq!(can_bind(&[], &v6_with_v4).errno(), Some(Errno::EINVAL));
     assert_eq!(
-        can_listen(&[], &udp(1, "127.0.0.1")).errno(),
+        can_bind(FIRST, &[], &v6_with_v4).errno(),
+        Some(Errno::EINVAL)
+    );
+    assert_eq!(
+        can_listen(FIRST, &[], &udp(1, "127.0.0.1")).errno(),
         Some(Errno(libc::EOPNOTSUPP))
     );
     let mut connected = tcp(1, "127.0.0.1");
     connected.state = SockState::Connected;
-    assert_eq!(can_listen(&[], &connected).errno(), Some(Errno::EINVAL));
-    assert!(can_listen(&[], &tcp(1, "127.0.0.1").listening()).is_ok());
+    assert_eq!(
+        can_listen(FIRST, &[], &connected).errno(),
+        Some(Errno::EINVAL)
+    );
+    assert!(can_listen(FIRST, &[], &tcp(1, "127.0.0.1").listening()).is_ok());
 }
 
 // Two SO_REUSEADDR sockets bind one address; the second listen fails
@@ -538,9 +582,9 @@ fn invalid_requests_fail_whatever_holds_the_port() {
 fn second_reuse_addr_listener_fails_at_listen() {
     let a = tcp(1, "127.0.0.1").reuse_addr();
     let b = tcp(2, "127.0.0.1").reuse_addr();
-    assert!(can_bind(std::slice::from_ref(&a), &request_of(&b)).is_ok());
-    assert!(can_listen(&[a.clone(), b.clone()], &a).is_ok());
-    let verdict = can_listen(&[a.clone().listening(), b.clone()], &b);
+    assert!(can_bind(FIRST, std::slice::from_ref(&a), &request_of(&b)).is_ok());
+    assert!(can_listen(FIRST, &[a.clone(), b.clone()], &a).is_ok());
+    let verdict = can_listen(FIRST, &[a.clone().listening(), b.clone()], &b);
     assert_eq!(verdict.errno(), Some(Errno::EADDRINUSE));
     assert_eq!(verdict.blockers()[0].why, R::ReuseAddrButListening);
     assert_eq!(verdict.blockers()[0].cookie(), 1);
@@ -558,37 +602,44 @@ fn reuse_port_shortcut_remembers_the_last_reuseport_socket() {
     let mut history = PortHistory::new();
     history.record(&a);
     assert!(
-        predict_bind(Some(&history), std::slice::from_ref(&a), &request_of(&x))
-            .verdict
-            .is_ok()
+        predict_bind(
+            FIRST,
+            Some(&history),
+            std::slice::from_ref(&a),
+            &request_of(&x)
+        )
+        .verdict
+        .is_ok()
     );
     history.record(&x);
-    let with_x = predict_bind(Some(&history), &[a.clone(), x.clone()], &c);
+    let with_x = predict_bind(FIRST, Some(&history), &[a.clone(), x.clone()], &c);
     assert_eq!(
         with_x,
         Prediction {
             verdict: Verdict::Ok,
-            confident: true
+            confident: true,
+            udp_walk_decides: false,
         }
     );
     // X has closed: the bucket still remembers it.
-    let after_x = predict_bind(Some(&history), std::slice::from_ref(&a), &c);
+    let after_x = predict_bind(FIRST, Some(&history), std::slice::from_ref(&a), &c);
     assert_eq!(
         after_x,
         Prediction {
             verdict: Verdict::Ok,
-            confident: true
+            confident: true,
+            udp_walk_decides: false,
         }
     );
     // Without a history the rules refuse, but cannot be sure.
-    let blind = predict_bind(None, std::slice::from_ref(&a), &c);
+    let blind = predict_bind(FIRST, None, std::slice::from_ref(&a), &c);
     assert_eq!(blind.verdict.errno(), Some(Errno::EADDRINUSE));
     assert!(!blind.confident);
     // Another owner does not match the shortcut.
     let mut other = c.clone();
     other.uid = 1000;
     assert_eq!(
-        predict_bind(Some(&history), std::slice::from_ref(&a), &other)
+        predict_bind(FIRST, Some(&history), std::slice::from_ref(&a), &other)
             .verdict
             .errno(),
         Some(Errno::EADDRINUSE)
@@ -596,7 +647,9 @@ fn reuse_port_shortcut_remembers_the_last_reuseport_socket() {
     // A socket without SO_REUSEPORT turns the shortcut off.
     history.record(&tcp(3, "127.0.0.2"));
     assert_eq!(
-        predict_bind(Some(&history), &[a], &c).verdict.errno(),
+        predict_bind(FIRST, Some(&history), &[a], &c)
+            .verdict
+            .errno(),
         Some(Errno::EADDRINUSE)
     );
 }
@@ -610,12 +663,12 @@ fn reuse_port_shortcut_also_applies_at_listen() {
     let history = history_of(&[a.clone(), x.clone()]);
     let existing = [a.clone().listening(), x.clone()];
     assert!(
-        predict_listen(Some(&history), &existing, &x)
+        predict_listen(FIRST, Some(&history), &existing, &x)
             .verdict
             .is_ok()
     );
     assert_eq!(
-        predict_listen(Some(&PortHistory::new()), &existing, &x)
+        predict_listen(FIRST, Some(&PortHistory::new()), &existing, &x)
             .verdict
             .errno(),
         Some(Errno::EADDRINUSE)
@@ -702,11 +755,133 @@ fn udp_ipv6_reuseport_sockets_are_walked_last() {
     );
 }
 
+// The same two orders on 6.18.44-fc-v1252, measured: C is refused in both,
+// as every overlapping socket that both-SO_REUSEADDR does not skip must
+// share SO_REUSEPORT with it.
+#[test]
+fn udp_every_match_refuses_what_any_holder_refuses() {
+    let a = udp(1, "127.0.0.1").reuse_addr().reuse_port();
+    let b = udp(2, "127.0.0.1").reuse_addr();
+    let c = want(Protocol::Udp, "127.0.0.1").reuse_port();
+    check_on(
+        EVERY,
+        "A then B",
+        &[a.clone(), b.clone()],
+        &c,
+        Expect::InUse(&[(2, R::ReusePortNotSetOnBoth)]),
+    );
+    check_on(
+        EVERY,
+        "B then A",
+        &[b.clone(), a.clone()],
+        &c,
+        Expect::InUse(&[(2, R::ReusePortNotSetOnBoth)]),
+    );
+    // Each refusing holder alone is enough: all are named, in bind order.
+    check_on(
+        EVERY,
+        "B, A, then a wildcard with SO_REUSEADDR",
+        &[b.clone(), a.clone(), udp(3, "0.0.0.0").reuse_addr()],
+        &c,
+        Expect::InUse(&[(2, R::ReusePortNotSetOnBoth), (3, R::ReusePortNotSetOnBoth)]),
+    );
+    // A holder that shares, or that SO_REUSEADDR on both skips, lets it by.
+    check_on(
+        EVERY,
+        "every holder shares",
+        &[a.clone(), udp(3, "0.0.0.0").reuse_port()],
+        &c,
+        Expect::Ok,
+    );
+    check_on(
+        EVERY,
+        "B skipped by SO_REUSEADDR on both",
+        &[b, a],
+        &c.reuse_addr(),
+        Expect::Ok,
+    );
+    // The IPv4 group the first walk meets first does not help here.
+    check_on(
+        EVERY,
+        "IPv4 group",
+        &[
+            udp(1, "127.0.0.1").reuse_addr(),
+            udp(2, "0.0.0.0").reuse_addr().reuse_port(),
+        ],
+        &want(Protocol::Udp, "127.0.0.1").reuse_port(),
+        Expect::InUse(&[(1, R::ReusePortNotSetOnBoth)]),
+    );
+    // Where the first walk's IPv6 tail order decided, the answer is the same.
+    check_on(
+        EVERY,
+        "[::] after ::1, 0.0.0.0, fd00::1",
+        &[
+            udp(2, "::1").reuse_port(),
+            udp(3, "0.0.0.0").owner(4242),
+            udp(4, "fd00::1").reuse_addr().reuse_port(),
+        ],
+        &want(Protocol::Udp, "::").reuse_port(),
+        Expect::InUse(&[(3, R::ReusePortNotSetOnBoth)]),
+    );
+}
+
+#[test]
+fn an_unprobed_udp_walk_is_confident_only_where_both_walks_agree() {
+    let a = udp(1, "127.0.0.1").reuse_addr().reuse_port();
+    let b = udp(2, "127.0.0.1").reuse_addr();
+    let c = want(Protocol::Udp, "127.0.0.1").reuse_port();
+    // B then A, then C: the first walk lets C in, the other refuses it.
+    let ambiguous = [b.clone(), a.clone()];
+    let p = predict_bind(KernelRules::UNKNOWN, None, &ambiguous, &c);
+    assert!(!p.confident, "{p:?}");
+    assert!(p.udp_walk_decides, "{p:?}");
+    // The stricter answer is reported, with the holder that refuses.
+    assert_eq!(p.verdict.errno(), Some(Errno::EADDRINUSE));
+    assert_eq!(p.verdict.blockers()[0].cookie(), 2);
+    // A probed walk answers with confidence, and says the walk decided.
+    for (kernel, errno) in [(FIRST, None), (EVERY, Some(Errno::EADDRINUSE))] {
+        let p = predict_bind(kernel, None, &ambiguous, &c);
+        assert!(p.confident && p.udp_walk_decides, "{kernel:?}: {p:?}");
+        assert_eq!(p.verdict.errno(), errno, "{kernel:?}");
+    }
+    // A then B: both walks refuse, so not knowing the walk does not matter.
+    let p = predict_bind(KernelRules::UNKNOWN, None, &[a, b], &c);
+    assert_eq!(p.verdict.errno(), Some(Errno::EADDRINUSE));
+    assert!(p.confident && !p.udp_walk_decides, "{p:?}");
+    // Nor does it for TCP or for a UDP listen.
+    let p = predict_bind(
+        KernelRules::UNKNOWN,
+        None,
+        &[tcp(1, "127.0.0.1").reuse_port()],
+        &want(Protocol::Tcp, "127.0.0.1").reuse_port(),
+    );
+    assert!(
+        p.verdict.is_ok() && p.confident && !p.udp_walk_decides,
+        "{p:?}"
+    );
+    let p = predict_listen(KernelRules::UNKNOWN, None, &[], &udp(1, "127.0.0.1"));
+    assert_eq!(p.verdict.errno(), Some(Errno(libc::EOPNOTSUPP)));
+    assert!(p.confident && !p.udp_walk_decides, "{p:?}");
+}
+
+#[test]
+fn udp_walks_have_stable_names() {
+    let names: Vec<&str> = UdpWalk::ALL.iter().map(|w| w.name()).collect();
+    assert_eq!(names, ["first_match", "every_match", "unknown"]);
+    for walk in UdpWalk::ALL {
+        assert_eq!(serde_json::to_value(walk).unwrap(), walk.name());
+        assert_eq!(walk.to_string(), walk.name());
+        assert!(!walk.description().ends_with('.'));
+    }
+    assert_eq!(KernelRules::default(), KernelRules::UNKNOWN);
+}
+
 #[test]
 fn unknown_options_make_a_prediction_uncertain_only_when_they_matter() {
     let existing = [tcp(1, "127.0.0.1").unknown()];
     let history = PortHistory::new();
     let p = predict_bind(
+        FIRST,
         Some(&history),
         &existing,
         &want(Protocol::Tcp, "127.0.0.1").reuse_addr(),
@@ -714,19 +889,31 @@ fn unknown_options_make_a_prediction_uncertain_only_when_they_matter() {
     assert_eq!(p.verdict.errno(), Some(Errno::EADDRINUSE));
     assert!(!p.confident);
     // Another address: the options cannot matter.
-    let p = predict_bind(Some(&history), &existing, &want(Protocol::Tcp, "127.0.0.2"));
+    let p = predict_bind(
+        FIRST,
+        Some(&history),
+        &existing,
+        &want(Protocol::Tcp, "127.0.0.2"),
+    );
     assert_eq!(
         p,
         Prediction {
             verdict: Verdict::Ok,
-            confident: true
+            confident: true,
+            udp_walk_decides: false,
         }
     );
     // The request has no SO_REUSEADDR: the existing socket's can't help.
-    let p = predict_bind(Some(&history), &existing, &want(Protocol::Tcp, "127.0.0.1"));
+    let p = predict_bind(
+        FIRST,
+        Some(&history),
+        &existing,
+        &want(Protocol::Tcp, "127.0.0.1"),
+    );
     assert!(p.confident, "{p:?}");
     // Unknown v6only on [::] decides the IPv4 side.
     let p = predict_bind(
+        FIRST,
         Some(&history),
         &[tcp(1, "::").unknown()],
         &want(Protocol::Tcp, "0.0.0.0"),
@@ -737,6 +924,7 @@ fn unknown_options_make_a_prediction_uncertain_only_when_they_matter() {
     let mut anon = tcp(1, "127.0.0.1").reuse_port();
     anon.uid = None;
     let p = predict_bind(
+        FIRST,
         Some(&history),
         &[anon],
         &want(Protocol::Tcp, "127.0.0.1").reuse_port(),
@@ -745,6 +933,7 @@ fn unknown_options_make_a_prediction_uncertain_only_when_they_matter() {
     assert!(!p.confident);
     // Unknown v6only on a mapped request: it may be EINVAL.
     let p = predict_bind(
+        FIRST,
         Some(&history),
         &[],
         &want(Protocol::Tcp, "::ffff:127.0.0.1").unknown(),
@@ -759,13 +948,15 @@ fn what_cannot_be_known_is_not_confident() {
     let mut any_port = want(Protocol::Tcp, "127.0.0.1");
     any_port.port = 0;
     assert_eq!(
-        predict_bind(Some(&history), &[tcp(1, "127.0.0.1")], &any_port),
+        predict_bind(FIRST, Some(&history), &[tcp(1, "127.0.0.1")], &any_port),
         Prediction {
             verdict: Verdict::Ok,
-            confident: false
+            confident: false,
+            udp_walk_decides: false,
         }
     );
     let sctp = predict_bind(
+        FIRST,
         None,
         &[sock(1, Protocol::Sctp, "127.0.0.1")],
         &want(Protocol::Sctp, "127.0.0.1"),
@@ -773,12 +964,22 @@ fn what_cannot_be_known_is_not_confident() {
     assert_eq!(sctp.verdict.errno(), Some(Errno::EADDRINUSE));
     assert!(!sctp.confident);
     let crowd: Vec<SocketFacts> = (1..=10).map(|c| udp(c, "0.0.0.0").reuse_port()).collect();
-    let p = predict_bind(None, &crowd, &want(Protocol::Udp, "127.0.0.1").reuse_port());
+    let p = predict_bind(
+        FIRST,
+        None,
+        &crowd,
+        &want(Protocol::Udp, "127.0.0.1").reuse_port(),
+    );
     assert!(p.verdict.is_ok());
     assert!(!p.confident);
     // Wildcards always take the walk modelled here.
     for wildcard in ["0.0.0.0", "::", "::ffff:0.0.0.0"] {
-        let p = predict_bind(None, &crowd, &want(Protocol::Udp, wildcard).reuse_port());
+        let p = predict_bind(
+            FIRST,
+            None,
+            &crowd,
+            &want(Protocol::Udp, wildcard).reuse_port(),
+        );
         assert!(p.confident, "{wildcard}: {p:?}");
     }
 }
@@ -919,6 +1120,7 @@ fn reasons_explain_themselves_and_serialize_in_snake_case() {
         "v6only_split"
     );
     let verdict = can_bind(
+        FIRST,
         &[tcp(1, "127.0.0.1").listening()],
         &want(Protocol::Tcp, "127.0.0.1"),
     );
@@ -1037,10 +1239,10 @@ proptest! {
             history.record(s);
         }
         let req = request_of(&sock);
-        let _ = predict_bind(Some(&history), &existing, &req);
-        let _ = predict_bind(None, &existing, &req);
-        let _ = predict_listen(Some(&history), &existing, &sock);
-        let _ = can_listen(&existing, &sock);
+        let _ = predict_bind(FIRST, Some(&history), &existing, &req);
+        let _ = predict_bind(FIRST, None, &existing, &req);
+        let _ = predict_listen(FIRST, Some(&history), &existing, &sock);
+        let _ = can_listen(FIRST, &existing, &sock);
         for other in &existing {
             let _ = why_coexist(other, &sock);
         }
@@ -1053,7 +1255,7 @@ proptest! {
     ) {
         let req = request_of(&sock);
         // A bind request has no device yet; a listening socket has its own.
-        for (verdict, dev) in [(can_bind(&existing, &req), 0), (can_listen(&existing, &sock), sock.bound_dev_if)] {
+        for (verdict, dev) in [(can_bind(FIRST, &existing, &req), 0), (can_listen(FIRST, &existing, &sock), sock.bound_dev_if)] {
             for b in verdict.blockers() {
                 prop_assert_eq!(b.socket.netns, req.netns);
                 prop_assert_eq!(Space::of(b.socket.protocol), Space::of(req.protocol));
@@ -1085,13 +1287,69 @@ proptest! {
         let mut as_bound = new.clone();
         as_bound.state = SockState::Bound;
         as_bound.bound_dev_if = 0;
-        let prediction = predict_bind(Some(&PortHistory::new()), std::slice::from_ref(&old), &req);
+        let prediction = predict_bind(FIRST, Some(&PortHistory::new()), std::slice::from_ref(&old), &req);
         prop_assert!(prediction.confident);
         prop_assert_eq!(
             prediction.verdict.is_ok(),
             why_coexist(&old, &as_bound).is_some(),
             "{:?} then {:?}: {:?}", old, req, prediction
         );
+    }
+
+    /// With the walk unknown, a confident answer is both walks' answer; the
+    /// first walk refuses only what the other refuses too, naming a holder
+    /// the other names.
+    #[test]
+    fn an_unknown_walk_is_confident_only_when_both_walks_agree(
+        existing in prop::collection::vec(arb_socket(), 0..6),
+        sock in arb_socket(),
+    ) {
+        let req = request_of(&sock);
+        let unknown = predict_bind(KernelRules::UNKNOWN, None, &existing, &req);
+        let first = predict_bind(FIRST, None, &existing, &req);
+        let every = predict_bind(EVERY, None, &existing, &req);
+        prop_assert_eq!(&unknown.verdict, &every.verdict);
+        prop_assert_eq!(unknown.udp_walk_decides, first.udp_walk_decides);
+        prop_assert_eq!(unknown.udp_walk_decides, every.udp_walk_decides);
+        prop_assert_eq!(
+            unknown.udp_walk_decides,
+            first.verdict.errno() != every.verdict.errno()
+        );
+        if unknown.confident {
+            prop_assert!(first.confident && every.confident);
+            prop_assert!(!unknown.udp_walk_decides);
+            prop_assert_eq!(first.verdict.errno(), unknown.verdict.errno());
+        }
+        if first.verdict.errno() == Some(Errno::EADDRINUSE) {
+            prop_assert_eq!(every.verdict.errno(), Some(Errno::EADDRINUSE));
+            for b in first.verdict.blockers() {
+                prop_assert!(every.verdict.blockers().contains(b), "{:?} not in {:?}", b, every.verdict);
+            }
+        }
+    }
+
+    /// Under the every-match walk each UDP bind is judged against each holder
+    /// alone, so whatever it let in coexists pairwise.
+    #[test]
+    fn every_match_holders_coexist_pairwise(
+        candidates in prop::collection::vec(arb_known_socket(), 1..8),
+    ) {
+        let mut holders: Vec<SocketFacts> = Vec::new();
+        for mut sock in candidates {
+            sock.netns = 1;
+            sock.protocol = Protocol::Udp;
+            sock.port = PORT;
+            sock.state = SockState::Bound;
+            sock.bound_dev_if = 0;
+            if predict_bind(EVERY, None, &holders, &request_of(&sock)).verdict.is_ok() {
+                holders.push(sock);
+            }
+        }
+        for (i, a) in holders.iter().enumerate() {
+            for b in &holders[i + 1..] {
+                prop_assert!(why_coexist(a, b).is_some(), "{:?} / {:?} in {:?}", a, b, holders);
+            }
+        }
     }
 
     /// The order of TCP holders never matters without the shortcut.
@@ -1105,8 +1363,8 @@ proptest! {
         let mut reversed = existing.clone();
         reversed.reverse();
         let history = PortHistory::new();
-        let a = predict_bind(Some(&history), &existing, &req);
-        let b = predict_bind(Some(&history), &reversed, &req);
+        let a = predict_bind(FIRST, Some(&history), &existing, &req);
+        let b = predict_bind(FIRST, Some(&history), &reversed, &req);
         prop_assert_eq!(a.verdict.errno(), b.verdict.errno());
         prop_assert_eq!(a.verdict.blockers().len(), b.verdict.blockers().len());
     }
