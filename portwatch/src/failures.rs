@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use crate::{
     event::{Errno, EventKind, PortEvent},
     map::{Holder, Observed, PortMap},
-    rules::{self, Verdict},
+    rules::{self, KernelRules, UdpWalk, Verdict},
     socket::{BindRequest, SockState, SocketFacts},
 };
 
@@ -74,13 +74,13 @@ fn is_conflict(event: &PortEvent) -> bool {
 /// Names the sockets that blocked `event`, judged against what the map holds
 /// on that port (in its protocol's port space: an MPTCP listener blocks a TCP
 /// bind).
-pub fn attribute(event: &PortEvent, map: &PortMap) -> Vec<Blocker> {
+pub fn attribute(kernel: KernelRules, event: &PortEvent, map: &PortMap) -> Vec<Blocker> {
     if !is_conflict(event) {
         return Vec::new();
     }
     let request = request_of(event);
     let existing = map.facts_on(request.netns, request.protocol, request.port);
-    attribute_against(event, existing, map)
+    attribute_against(kernel, event, existing, map)
 }
 
 /// Whether the map alone may not tell the whole story: nothing in it
@@ -94,8 +94,11 @@ pub fn needs_diag(event: &PortEvent, blocked_by: &[Blocker]) -> bool {
 
 /// Names the sockets that blocked `event` among `existing` (the sockets on
 /// that netns, port space and port: the map's, or sock_diag's at failure time,
-/// TIME_WAIT and connections included). `map` names their holders.
+/// TIME_WAIT and connections included) under the `kernel`'s rules. `map`
+/// names their holders. When the kernel's UDP walk was not probed, the
+/// stricter walk names every socket either walk could have stopped at.
 pub fn attribute_against(
+    kernel: KernelRules,
     event: &PortEvent,
     mut existing: Vec<SocketFacts>,
     map: &PortMap,
@@ -107,7 +110,7 @@ pub fn attribute_against(
     existing.retain(|f| f.cookie == 0 || Some(f.cookie) != event.cookie);
     // The kernel walks sockets in bind order; cookies grow in that order.
     existing.sort_by_key(|f| f.cookie);
-    let verdict = match event.kind {
+    let prediction = match event.kind {
         EventKind::ListenFailed => {
             let me = SocketFacts {
                 cookie: event.cookie.unwrap_or(0),
@@ -123,16 +126,36 @@ pub fn attribute_against(
                 uid: event.sock_uid,
                 bound_dev_if: 0,
             };
-            rules::can_listen(&existing, &me)
+            rules::predict_listen(kernel, None, &existing, &me)
         }
-        _ => rules::can_bind(&existing, &request),
+        _ => rules::predict_bind(kernel, None, &existing, &request),
     };
-    match verdict {
+    let walk = prediction
+        .udp_walk_decides
+        .then(|| udp_walk_note(kernel.udp_walk));
+    match prediction.verdict {
         Verdict::Ok => Vec::new(),
         Verdict::Refused { blockers, .. } => blockers
             .into_iter()
-            .map(|b| describe(b.socket, b.why.explanation(), map))
+            .map(|b| {
+                let reason = match &walk {
+                    Some(note) => format!("{} ({note})", b.why.explanation()),
+                    None => b.why.explanation().to_owned(),
+                };
+                describe(b.socket, reason, map)
+            })
             .collect(),
+    }
+}
+
+/// Why a UDP blocker counts only on some kernels, for its reason.
+fn udp_walk_note(walk: UdpWalk) -> String {
+    match walk {
+        UdpWalk::Unknown => "a kernel that stops at the first overlapping UDP socket might have let the bind through; how this one walks them was not probed".to_owned(),
+        known => format!(
+            "this kernel {} (udp_walk = {known}, probed at start); a kernel that walks otherwise would have answered differently",
+            known.description()
+        ),
     }
 }
 
@@ -245,7 +268,7 @@ mod tests {
     }
 
     fn blockers(event: &PortEvent, map: &PortMap) -> Vec<u64> {
-        attribute(event, map)
+        attribute(KernelRules::UNKNOWN, event, map)
             .iter()
             .map(|b| b.facts.cookie)
             .collect()
@@ -260,7 +283,7 @@ mod tests {
         };
         assert_eq!(blockers(&tcp, &listening(Protocol::Mptcp)), [1]);
         assert_eq!(blockers(&mptcp, &listening(Protocol::Tcp)), [1]);
-        let blocker = &attribute(&tcp, &listening(Protocol::Mptcp))[0];
+        let blocker = &attribute(KernelRules::UNKNOWN, &tcp, &listening(Protocol::Mptcp))[0];
         assert_eq!(
             (blocker.what, blocker.endpoint.as_str()),
             ("listener", "0.0.0.0:8000")

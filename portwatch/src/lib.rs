@@ -12,6 +12,7 @@
 //! - [`snapshot`]: every socket holding a port in every netns, with its owners;
 //! - [`socket`]: what portwatch knows about one socket holding a port (pure);
 //! - [`rules`]: the kernel's port-sharing rules: would a bind succeed, who blocks it, why (pure);
+//! - [`kernel_probe`]: what this kernel's rules do where kernels differ, tried at start;
 //! - [`trace`]: the `portwatch trace` output, filters and formatting (pure);
 //! - [`cli`]: command-line arguments;
 //! - [`client`]: the CLI client of a running daemon;
@@ -30,6 +31,7 @@ pub mod daemon;
 pub mod event;
 pub mod explain;
 pub mod failures;
+pub mod kernel_probe;
 pub mod map;
 pub mod metrics;
 pub mod rules;

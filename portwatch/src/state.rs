@@ -16,6 +16,7 @@ use crate::{
     explain::{self, PortExplanation},
     failures::FailureLog,
     map::{Drift, PortMap},
+    rules::KernelRules,
     socket::NetnsCookie,
 };
 
@@ -172,6 +173,9 @@ pub struct State {
     pub localhost: Vec<IpAddr>,
     /// Ports that should always have a listener in `host_netns`.
     pub expected: Vec<ExpectedListener>,
+    /// What the kernel's conflict rules do where kernels differ, as probed
+    /// at start (unknown until then, and when the probe cannot tell).
+    pub kernel: KernelRules,
 }
 
 impl State {
@@ -188,6 +192,7 @@ impl State {
             host_netns: 0,
             localhost: Vec::new(),
             expected: Vec::new(),
+            kernel: KernelRules::UNKNOWN,
         }
     }
 

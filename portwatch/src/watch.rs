@@ -25,8 +25,9 @@ use crate::{
     event::{BootClock, EventKind, PortEvent},
     explain,
     failures::{self, Failure},
+    kernel_probe,
     map::{Drift, Observed},
-    rules,
+    rules::{self, KernelRules},
     snapshot::{self, SnapshotConfig, SnapshotError, owners::Place},
     state::{ExpectedListener, State},
 };
@@ -155,7 +156,10 @@ impl Watcher {
     /// is ready when this returns. Must run inside a tokio runtime.
     pub async fn start(config: WatchConfig) -> Result<Watcher, WatchError> {
         let capture = Capture::start(&config.capture)?;
+        // Bounded (kernel_probe::TIMEOUT), on a thread of its own.
+        let probed = tokio::task::spawn_blocking(kernel_probe::probe).await;
         let mut state = State::new(config.failure_log, config.port_label_cap);
+        state.kernel = probed.map_or(KernelRules::UNKNOWN, |report| report.rules);
         state.host_netns = snapshot::netns_cookie_of_current_thread().unwrap_or(0);
         state.localhost = explain::localhost_order();
         state.hooks = capture.hooks();
@@ -347,7 +351,7 @@ impl Watcher {
         state.counters.count(event);
         match event.kind {
             EventKind::BindFailed | EventKind::ListenFailed => {
-                let blocked_by = failures::attribute(event, &state.map);
+                let blocked_by = failures::attribute(state.kernel, event, &state.map);
                 if failures::needs_diag(event, &blocked_by) {
                     self.unresolved.push((at, event.clone(), blocked_by));
                     return;
@@ -408,7 +412,8 @@ impl Watcher {
                 })
                 .collect();
             let existing = here.iter().map(|o| o.facts.clone()).collect();
-            let mut blocked_by = failures::attribute_against(&event, existing, &state.map);
+            let mut blocked_by =
+                failures::attribute_against(state.kernel, &event, existing, &state.map);
             for blocker in blocked_by.iter_mut().filter(|b| b.holders.is_empty()) {
                 if let Some(seen) = here.iter().find(|o| o.facts == blocker.facts) {
                     blocker.holders = failures::holders_of(seen);

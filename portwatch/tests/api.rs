@@ -170,7 +170,7 @@ fn fixture() -> State {
     );
     let mut in_use = PYTHON.event(EventKind::BindFailed, 10);
     in_use.bound_port = None;
-    let blocked_by = failures::attribute(&in_use, &state.map);
+    let blocked_by = failures::attribute(state.kernel, &in_use, &state.map);
     assert_eq!(blocked_by.len(), 1, "node's IPv4 listener blocks python3");
     state.failures.push(Failure {
         time: at(10),

@@ -1,7 +1,9 @@
 //! `GET /check`: would this bind succeed now? The conflict rules
 //! ([`rules::predict_bind`]) judged against the sockets the map holds on the
 //! port, which are listeners and bound sockets: connections and TIME_WAIT
-//! entries are not in the map, so a TCP answer of "ok" says so.
+//! entries are not in the map, so a TCP answer of "ok" says so. Where the
+//! answer rests on how this kernel walks a UDP port's sockets, the
+//! explanation says so, and which walk the start-up probe found.
 
 use axum::{
     Json,
@@ -16,7 +18,7 @@ use super::{
 };
 use crate::{
     event::{Family, Protocol},
-    rules::{self, Verdict},
+    rules::{self, UdpWalk, Verdict},
     socket::{BindRequest, ShareOptions},
     state::State as DaemonState,
 };
@@ -90,7 +92,8 @@ fn judge(state: &DaemonState, request: BindRequest) -> CheckResponse {
         .facts_on(request.netns, request.protocol, request.port);
     // The rules want bind order, oldest first; cookies grow in that order.
     existing.sort_by_key(|f| f.cookie);
-    let prediction = rules::predict_bind(None, &existing, &request);
+    let walk = state.kernel.udp_walk;
+    let prediction = rules::predict_bind(state.kernel, None, &existing, &request);
     let blocked_by: Vec<BlockerView> = prediction
         .verdict
         .blockers()
@@ -131,9 +134,20 @@ fn judge(state: &DaemonState, request: BindRequest) -> CheckResponse {
         }
         (Some(errno), None, None) => format!("{errno}: {}", errno.description()),
     };
+    if prediction.udp_walk_decides {
+        explanation.push_str(&match walk {
+            UdpWalk::Unknown => format!(
+                ". The answer depends on how the kernel walks the UDP sockets on a port, and this one was not probed (udp_walk = {walk}): a kernel that stops at the first overlapping socket would let this bind through, one that checks every overlapping socket refuses it"
+            ),
+            known => format!(
+                ". The answer depends on how the kernel walks the UDP sockets on a port: this one {} (udp_walk = {known}, probed at start)",
+                known.description()
+            ),
+        });
+    }
     if !prediction.confident {
         explanation.push_str(
-            ". Not certain: an option or owner portwatch could not read, the kernel's SO_REUSEPORT memory of the port, SCTP or a crowded UDP port could change the answer",
+            ". Not certain: an option or owner portwatch could not read, the kernel's SO_REUSEPORT memory of the port, SCTP, a crowded UDP port or an unprobed UDP walk could change the answer",
         );
     }
     CheckResponse {
