@@ -208,11 +208,15 @@ impl PortMap {
     /// namespaces in `listed`, and says what differed. Entries in namespaces
     /// that could not be listed are left alone: the listing says nothing
     /// about them. Sockets in states that do not hold a port for receiving
-    /// (connections, TIME_WAIT) are ignored.
+    /// (connections, TIME_WAIT) are ignored. Without `bound_tcp_listed` (a
+    /// kernel before 6.7, whose sock_diag cannot list TCP sockets that are
+    /// bound but not listening) the listing says nothing about such entries
+    /// either: they stay, and their close comes from the release hook.
     pub fn reconcile(
         &mut self,
         truth: Vec<Observed>,
         listed: &BTreeSet<NetnsCookie>,
+        bound_tcp_listed: bool,
         at: SystemTime,
     ) -> Drift {
         let mut drift = Drift::default();
@@ -227,7 +231,10 @@ impl PortMap {
             .iter()
             .filter(|(cookie, entry)| {
                 let netns = entry.facts.netns;
-                !present.contains(cookie) && (netns == 0 || listed.contains(&netns))
+                let unlistable = !bound_tcp_listed
+                    && entry.facts.state == SockState::Bound
+                    && rules::same_port_space(entry.facts.protocol, Protocol::Tcp);
+                !present.contains(cookie) && !unlistable && (netns == 0 || listed.contains(&netns))
             })
             .map(|(cookie, _)| *cookie)
             .collect();
@@ -624,7 +631,7 @@ mod tests {
             observed(4, Protocol::Tcp, SockState::Connected, 5000), // ignored
         ];
         let listed = BTreeSet::from([1]);
-        let drift = map.reconcile(truth.clone(), &listed, T0);
+        let drift = map.reconcile(truth.clone(), &listed, true, T0);
         assert_eq!(
             drift,
             Drift {
@@ -634,7 +641,7 @@ mod tests {
             }
         );
         assert_eq!(
-            map.reconcile(truth, &listed, T0).total(),
+            map.reconcile(truth, &listed, true, T0).total(),
             0,
             "drift returns to 0"
         );
@@ -649,10 +656,29 @@ mod tests {
         elsewhere.netns = Some(2);
         map.apply(&elsewhere, T0);
         map.apply(&event(EventKind::Bind, 2, v4([0, 0, 0, 0]), 8001), T0);
-        let drift = map.reconcile(Vec::new(), &BTreeSet::from([1]), T0);
+        let drift = map.reconcile(Vec::new(), &BTreeSet::from([1]), true, T0);
         assert_eq!(drift.stale, 1, "only the listed namespace's entry");
         assert!(map.get(1).is_some() && map.get(2).is_none());
-        let drift = map.reconcile(Vec::new(), &BTreeSet::from([1, 2]), T0);
+        let drift = map.reconcile(Vec::new(), &BTreeSet::from([1, 2]), true, T0);
+        assert_eq!((drift.stale, map.len()), (1, 0));
+    }
+
+    #[test]
+    fn a_listing_that_cannot_see_bound_tcp_sockets_keeps_them() {
+        let mut map = PortMap::default();
+        map.apply(&event(EventKind::Bind, 1, v4([0, 0, 0, 0]), 8000), T0);
+        map.apply(&event(EventKind::Bind, 2, v4([0, 0, 0, 0]), 8001), T0);
+        map.apply(&event(EventKind::Listen, 2, v4([0, 0, 0, 0]), 8001), T0);
+        let mut udp = event(EventKind::Bind, 3, v4([0, 0, 0, 0]), 5353);
+        udp.protocol = Protocol::Udp;
+        map.apply(&udp, T0);
+        // A kernel before 6.7 lists none of them: only the bound TCP socket
+        // is beyond what its listing can tell.
+        let drift = map.reconcile(Vec::new(), &BTreeSet::from([1]), false, T0);
+        assert_eq!(drift.stale, 2, "the listener and the UDP socket are gone");
+        assert!(map.get(1).is_some() && map.get(2).is_none() && map.get(3).is_none());
+        // A kernel that lists them: its silence means closed.
+        let drift = map.reconcile(Vec::new(), &BTreeSet::from([1]), true, T0);
         assert_eq!((drift.stale, map.len()), (1, 0));
     }
 

@@ -149,6 +149,9 @@ pub struct Watcher {
     last_diag: Instant,
     cgroups: CgroupCache,
     heartbeat: Arc<Heartbeat>,
+    /// Whether sock_diag lists TCP sockets that are bound but not listening
+    /// (Linux 6.7+); without it, reconciliation leaves those entries alone.
+    bound_tcp_listed: bool,
 }
 
 impl Watcher {
@@ -177,6 +180,9 @@ impl Watcher {
             last_diag: Instant::now() - DIAG_INTERVAL,
             cgroups: CgroupCache::default(),
             heartbeat: Arc::new(Heartbeat::new()),
+            bound_tcp_listed: tokio::task::spawn_blocking(probe_bound_tcp_listing)
+                .await
+                .unwrap_or(false),
         };
         let snapshot_config = watcher.config.snapshot;
         let started = Instant::now();
@@ -468,9 +474,12 @@ impl Watcher {
             .filter(|cookie| self.capture.track(**cookie).is_err())
             .count();
         let mut state = self.write();
-        let drift = state
-            .map
-            .reconcile(observed, &snapshot.listed_netns(), snapshot.taken_at);
+        let drift = state.map.reconcile(
+            observed,
+            &snapshot.listed_netns(),
+            self.bound_tcp_listed,
+            snapshot.taken_at,
+        );
         let stats = &mut state.stats;
         stats.reconcile_snapshot = Some(started.elapsed());
         stats.untracked += untracked as u64;
@@ -546,5 +555,28 @@ impl CgroupCache {
         }
         self.known.insert(pid, place.clone());
         place
+    }
+}
+
+/// Whether this kernel's sock_diag lists TCP sockets that are bound but not
+/// listening, logged once. Not knowing counts as "no": then reconciliation
+/// never removes such a socket for being absent from a listing, and only
+/// the release hook reports its close.
+fn probe_bound_tcp_listing() -> bool {
+    match snapshot::bound_only_tcp_listed() {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::warn!(
+                "this kernel's sock_diag does not list TCP sockets that are bound but not listening (TCP_BOUND_INACTIVE needs Linux 6.7): the start-up snapshot cannot see such sockets made before portwatch started, and reconciliation keeps the ones events reported"
+            );
+            false
+        }
+        Err(err) => {
+            tracing::warn!(
+                error = %err,
+                "cannot tell whether sock_diag lists TCP sockets that are bound but not listening; reconciliation keeps the ones events reported"
+            );
+            false
+        }
     }
 }

@@ -20,7 +20,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
 };
 
 use netlink_packet_core::{
@@ -184,6 +184,62 @@ fn tcp_states(holders_only: bool) -> StateFlags {
         StateFlags::all().bits() & !(1 << TCP_SYN_RECV)
     };
     StateFlags::from_bits_retain(bits | (1 << TCP_BOUND_INACTIVE))
+}
+
+/// Whether this kernel's sock_diag lists TCP sockets that are bound but
+/// neither listening nor connected (the TCP_BOUND_INACTIVE pseudo-state,
+/// Linux 6.7+; older kernels ignore the bit and list none of them). Found by
+/// trying, on a thread of its own that moves into a new, empty network
+/// namespace (the caller's is never touched; it needs CAP_SYS_ADMIN): a TCP
+/// socket bound to 0.0.0.0:0 there, then a TCP dump of that namespace.
+pub fn bound_only_tcp_listed() -> Result<bool, SnapshotError> {
+    std::thread::Builder::new()
+        .name("diag-probe".into())
+        .spawn(bound_only_tcp_listed_here)
+        .map_err(SnapshotError::Probe)?
+        .join()
+        .unwrap_or_else(|_| {
+            Err(SnapshotError::Probe(io::Error::other(
+                "the probe thread panicked",
+            )))
+        })
+}
+
+fn bound_only_tcp_listed_here() -> Result<bool, SnapshotError> {
+    let last = || SnapshotError::Probe(io::Error::last_os_error());
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|err| SnapshotError::Probe(err.into()))?;
+    // SAFETY: plain socket(2); the descriptor is owned right away.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(last());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: all-zero is 0.0.0.0:0 with the family set below.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    addr.sin_family = libc::AF_INET as libc::sa_family_t;
+    let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: `addr` is a sockaddr_in of the length passed.
+    if unsafe { libc::bind(sock.as_raw_fd(), (&raw const addr).cast(), len) } != 0 {
+        return Err(last());
+    }
+    // SAFETY: as above; the kernel writes at most `len` bytes.
+    if unsafe { libc::getsockname(sock.as_raw_fd(), (&raw mut addr).cast(), &raw mut len) } != 0 {
+        return Err(last());
+    }
+    let port = u16::from_be(addr.sin_port);
+    let mut diag = Diag::open()?;
+    let netns = diag.netns_cookie()?;
+    let mut found = Vec::new();
+    diag.dump(
+        Protocol::Tcp,
+        Family::Ipv4,
+        tcp_states(true),
+        netns,
+        &mut found,
+    )?;
+    Ok(found.iter().any(|s| s.facts.port == port))
 }
 
 /// A serialized dump request for one protocol and family.

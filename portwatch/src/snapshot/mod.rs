@@ -41,7 +41,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use self::netns::netns_cookie_of_current_thread;
+pub use self::{diag::bound_only_tcp_listed, netns::netns_cookie_of_current_thread};
 use self::{
     diag::{Diag, DiagSocket},
     netns::{Namespace, NetnsKey},
@@ -234,6 +234,10 @@ pub enum SnapshotError {
     /// Reading SO_NETNS_COOKIE failed (it needs Linux 5.14 or later).
     #[error("reading the network namespace cookie: {0}")]
     Cookie(#[source] io::Error),
+    /// Trying what the kernel's sock_diag lists, in a namespace of its own,
+    /// failed (creating the namespace needs CAP_SYS_ADMIN).
+    #[error("probing sock_diag in a private network namespace: {0}")]
+    Probe(#[source] io::Error),
     /// Opening a NETLINK_SOCK_DIAG socket failed.
     #[error("opening a sock_diag netlink socket: {0}")]
     NetlinkOpen(#[source] io::Error),
