@@ -46,6 +46,20 @@ pub mod source {
     pub const UNRESOLVED: u8 = 6;
 }
 
+/// What fexit on `inet_csk_get_port` saw of a TCP bind or listen. Stored in
+/// [`Event::port_alloc`].
+pub mod port_alloc {
+    /// The hook is not attached, did not run for this call (UDP, an
+    /// IP_BIND_ADDRESS_NO_PORT bind, a failure before the port check), or
+    /// could not match the socket.
+    pub const NOT_SEEN: u8 = 0;
+    /// `inet_csk_get_port` returned 0: the port is this socket's.
+    pub const ALLOCATED: u8 = 1;
+    /// `inet_csk_get_port` returned nonzero (1 or -EADDRINUSE, depending on
+    /// the kernel): the port conflict check refused the socket.
+    pub const REFUSED: u8 = 2;
+}
+
 /// `errno` value of a bind whose failure was seen but whose error code was not.
 pub const ERRNO_UNKNOWN: i32 = -1;
 
@@ -237,7 +251,10 @@ pub struct Event {
     pub sock_type: u8,
     /// A [`source`] constant.
     pub source: u8,
-    pub _pad: [u8; 5],
+    /// A [`port_alloc`] constant: what the kernel's TCP port allocation
+    /// (`inet_csk_get_port`) said during this bind or listen.
+    pub port_alloc: u8,
+    pub _pad: [u8; 4],
     /// Local address, network byte order; IPv4 uses the first 4 bytes.
     pub addr: [u8; 16],
     /// `comm` of the calling task, NUL-padded.
@@ -267,7 +284,8 @@ impl Event {
         kind: 0,
         sock_type: 0,
         source: 0,
-        _pad: [0; 5],
+        port_alloc: port_alloc::NOT_SEEN,
+        _pad: [0; 4],
         addr: [0; 16],
         comm: [0; 16],
     };
