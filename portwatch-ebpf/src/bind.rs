@@ -5,10 +5,27 @@
 //!   for every bind on an AF_INET/AF_INET6 socket in the watched cgroup,
 //!   whether it came from bind(2) or io_uring's IORING_OP_BIND, before the
 //!   kernel looks for a conflict. They see the requested address and port,
-//!   read SO_REUSEADDR/SO_REUSEPORT with `bpf_getsockopt` (two calls per
-//!   bind) and the other options and the owner uid from the socket through
-//!   the BTF offsets. The attempt is parked in `PENDING_BIND` under the
-//!   thread id; nothing is emitted yet.
+//!   the socket options in force and the owner uid. The attempt is parked in
+//!   `PENDING_BIND` under the thread id; nothing is emitted yet.
+//!
+//!   Each comes in two variants, and the loader keeps the first the kernel
+//!   accepts:
+//!   - `bind4`/`bind6` read SO_REUSEADDR/SO_REUSEPORT with `bpf_getsockopt`
+//!     (two calls per bind). Preferred: the helper is a stable ABI and needs
+//!     no struct offsets. cgroup bind hooks got it only after 5.10 (there
+//!     only the connect hooks have it): 5.10's verifier refuses the program
+//!     with "unknown func bpf_getsockopt#57"; Debian's 6.1 and 6.12 take it.
+//!   - `bind4_sk`/`bind6_sk` read both from `sock_common`'s `skc_reuse:4` and
+//!     `skc_reuseport:1` through the BTF offsets. `sock_getsockopt` returns
+//!     exactly those fields (`sk->sk_reuse`, `sk->sk_reuseport` are macros
+//!     for them), so the answers are the same; `trace`'s root test
+//!     `options_from_sock_bits_match_getsockopt` checks that on every option
+//!     combination it makes. The only difference is when the kernel's BTF
+//!     lacks those fields: then this variant leaves them unknown (null).
+//!
+//!   In both, IPV6_V6ONLY and the IP-level options (IP_FREEBIND,
+//!   IP_TRANSPARENT, IP_BIND_ADDRESS_NO_PORT) come from the socket's own bits:
+//!   `bpf_getsockopt` does not answer them at any level.
 //! - cgroup `post_bind4`/`post_bind6` (sock) run in `__inet_bind` right after
 //!   `get_port` succeeded: the bind can no longer fail, and `src_port` holds
 //!   the real port (an ephemeral one for port 0). They complete and emit the
@@ -55,20 +72,35 @@ const SO_REUSEPORT: i32 = 15;
 
 #[cgroup_sock_addr(bind4)]
 pub fn bind4(ctx: SockAddrContext) -> i32 {
-    on_bind(&ctx, false);
+    on_bind(&ctx, false, true);
     ALLOW
 }
 
 #[cgroup_sock_addr(bind6)]
 pub fn bind6(ctx: SockAddrContext) -> i32 {
-    on_bind(&ctx, true);
+    on_bind(&ctx, true, true);
+    ALLOW
+}
+
+/// `bind4` for kernels whose bind hooks lack `bpf_getsockopt`.
+#[cgroup_sock_addr(bind4)]
+pub fn bind4_sk(ctx: SockAddrContext) -> i32 {
+    on_bind(&ctx, false, false);
+    ALLOW
+}
+
+/// `bind6` for kernels whose bind hooks lack `bpf_getsockopt`.
+#[cgroup_sock_addr(bind6)]
+pub fn bind6_sk(ctx: SockAddrContext) -> i32 {
+    on_bind(&ctx, true, false);
     ALLOW
 }
 
 /// `v6` is a constant per program: bind4 may read only `user_ip4`, bind6
-/// only `user_ip6`.
+/// only `user_ip6`. `getsockopt` too: a program whose kernel lacks the
+/// helper must not contain the call at all.
 #[inline(always)]
-fn on_bind(ctx: &SockAddrContext, v6: bool) {
+fn on_bind(ctx: &SockAddrContext, v6: bool, getsockopt: bool) {
     let sa = ctx.sock_addr;
     let mut event = Event::ZERO;
     event.kind = kind::BIND;
@@ -91,7 +123,7 @@ fn on_bind(ctx: &SockAddrContext, v6: bool) {
         event.cookie = bpf_get_socket_cookie(sa.cast());
         event.netns_cookie = bpf_get_netns_cookie(sa.cast());
     }
-    read_options(ctx, &mut event);
+    read_options(ctx, &mut event, getsockopt);
 
     let tid = event.tid;
     if let Some(stale) = PENDING_BIND.get_ptr_mut(tid) {
@@ -113,14 +145,34 @@ fn on_bind(ctx: &SockAddrContext, v6: bool) {
     }
 }
 
-/// Reads the options in force and the socket's owner uid.
-///
-/// `bpf_getsockopt` answers only SO_REUSEADDR and SO_REUSEPORT of these
-/// (`sol_socket_sockopt` in net/core/filter.c; at SOL_IP/SOL_IPV6 it takes
-/// only IP_TOS, IPV6_TCLASS and IPV6_AUTOFLOWLABEL), so the IP-level options
-/// come straight from the socket's own bits through the BTF offsets, as do
-/// the two SOL_SOCKET ones on a kernel whose helper refuses them.
-fn read_options(ctx: &SockAddrContext, event: &mut Event) {
+/// Reads the options in force and the socket's owner uid: SO_REUSEADDR and
+/// SO_REUSEPORT with `bpf_getsockopt` when `getsockopt` (see the header),
+/// everything else, and those two on a kernel whose helper refuses them,
+/// from the socket's own bits.
+#[inline(always)]
+fn read_options(ctx: &SockAddrContext, event: &mut Event, getsockopt: bool) {
+    if getsockopt {
+        getsockopt_reuse(ctx, event);
+    }
+    let mut from_sock = opt::FREEBIND | opt::TRANSPARENT | opt::BIND_ADDRESS_NO_PORT;
+    if event.family == AF_INET6 {
+        from_sock |= opt::V6ONLY;
+    }
+    from_sock |= (opt::REUSEADDR | opt::REUSEPORT) & !event.options_known;
+    // `struct bpf_sock_addr_kern` starts with `struct sock *sk`.
+    // SAFETY: probe read of one pointer from the kernel context.
+    if let Ok(sk) = unsafe { bpf_probe_read_kernel(ctx.sock_addr as *const u64) } {
+        fill_options_from_sock(event, sk, from_sock);
+        if let Some(uid) = read_field::<u32>(sk, offsets().sk_uid) {
+            event.sock_uid = uid;
+        }
+    }
+}
+
+/// SO_REUSEADDR and SO_REUSEPORT through `bpf_getsockopt` (not in 5.10's
+/// bind hooks); an option the helper refuses stays unknown here.
+#[inline(always)]
+fn getsockopt_reuse(ctx: &SockAddrContext, event: &mut Event) {
     let mut try_opt = |bit: u32, name: i32| {
         let mut value: i32 = 0;
         // SAFETY: `value` is a 4-byte stack buffer whose length we pass.
@@ -142,20 +194,6 @@ fn read_options(ctx: &SockAddrContext, event: &mut Event) {
     };
     try_opt(opt::REUSEADDR, SO_REUSEADDR);
     try_opt(opt::REUSEPORT, SO_REUSEPORT);
-
-    let mut from_sock = opt::FREEBIND | opt::TRANSPARENT | opt::BIND_ADDRESS_NO_PORT;
-    if event.family == AF_INET6 {
-        from_sock |= opt::V6ONLY;
-    }
-    from_sock |= (opt::REUSEADDR | opt::REUSEPORT) & !event.options_known;
-    // `struct bpf_sock_addr_kern` starts with `struct sock *sk`.
-    // SAFETY: probe read of one pointer from the kernel context.
-    if let Ok(sk) = unsafe { bpf_probe_read_kernel(ctx.sock_addr as *const u64) } {
-        fill_options_from_sock(event, sk, from_sock);
-        if let Some(uid) = read_field::<u32>(sk, offsets().sk_uid) {
-            event.sock_uid = uid;
-        }
-    }
 }
 
 /// Copies an IPv6 address held as four 32-bit words in network byte order.

@@ -11,7 +11,7 @@ use aya_ebpf::{
     maps::{CgroupArray, HashMap, PerCpuArray, RingBuf},
     programs::SockContext,
 };
-use portwatch_ebpf::{Event, KernelOffsets, hook, opt};
+use portwatch_ebpf::{Event, FlagBit, KernelOffsets, hook, opt};
 
 /// The one ring buffer every hook writes to. Userspace may resize it.
 #[map]
@@ -63,11 +63,9 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     reuseport_shift: 0,
     ipv6only_shift: 0,
     _pad0: 0,
-    inet_flags: 0,
-    freebind_bit: 0,
-    transparent_bit: 0,
-    bind_address_no_port_bit: 0,
-    _pad1: 0,
+    freebind: FlagBit::at_bit(0),
+    transparent: FlagBit::at_bit(0),
+    bind_address_no_port: FlagBit::at_bit(0),
     sk_num: 0,
 };
 
@@ -194,9 +192,11 @@ pub fn fill_from_sock(event: &mut Event, sk: u64) {
     }
 }
 
-/// Options that `bpf_getsockopt` cannot read, taken from the socket's own
-/// bits: SO_REUSEADDR/SO_REUSEPORT/IPV6_V6ONLY live in `sock_common`,
-/// IP_FREEBIND/IP_TRANSPARENT/IP_BIND_ADDRESS_NO_PORT in `inet_flags`.
+/// Options read from the socket's own bits through the BTF offsets:
+/// SO_REUSEADDR/SO_REUSEPORT/IPV6_V6ONLY live in `sock_common`,
+/// IP_FREEBIND/IP_TRANSPARENT/IP_BIND_ADDRESS_NO_PORT in `inet_sock` (bits
+/// of `inet_flags` from Linux 6.6, bitfields before). Only the `wanted` bits
+/// are filled; a bit whose location is unknown stays unknown.
 #[inline(always)]
 pub fn fill_options_from_sock(event: &mut Event, sk: u64, wanted: u32) {
     let off = offsets();
@@ -208,25 +208,25 @@ pub fn fill_options_from_sock(event: &mut Event, sk: u64, wanted: u32) {
         set_opt(event, wanted, opt::REUSEPORT, reuseport != 0);
         set_opt(event, wanted, opt::V6ONLY, v6only != 0);
     }
-    if let Some(flags) = read_field::<u64>(sk, off.inet_flags) {
-        set_opt(
-            event,
-            wanted,
-            opt::FREEBIND,
-            flags >> off.freebind_bit & 1 != 0,
-        );
-        set_opt(
-            event,
-            wanted,
-            opt::TRANSPARENT,
-            flags >> off.transparent_bit & 1 != 0,
-        );
-        set_opt(
-            event,
-            wanted,
-            opt::BIND_ADDRESS_NO_PORT,
-            flags >> off.bind_address_no_port_bit & 1 != 0,
-        );
+    fill_flag(event, sk, wanted, opt::FREEBIND, off.freebind);
+    fill_flag(event, sk, wanted, opt::TRANSPARENT, off.transparent);
+    fill_flag(
+        event,
+        sk,
+        wanted,
+        opt::BIND_ADDRESS_NO_PORT,
+        off.bind_address_no_port,
+    );
+}
+
+/// Reads the one byte that holds `flag` and records option `bit` from it.
+#[inline(always)]
+fn fill_flag(event: &mut Event, sk: u64, wanted: u32, bit: u32, flag: FlagBit) {
+    if wanted & bit == 0 {
+        return;
+    }
+    if let Some(byte) = read_field::<u8>(sk, flag.byte) {
+        set_opt(event, wanted, bit, (byte >> (flag.shift & 7)) & 1 != 0);
     }
 }
 

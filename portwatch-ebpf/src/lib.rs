@@ -46,6 +46,20 @@ pub mod source {
     pub const UNRESOLVED: u8 = 6;
 }
 
+/// What fexit on `inet_csk_get_port` saw of a TCP bind or listen. Stored in
+/// [`Event::port_alloc`].
+pub mod port_alloc {
+    /// The hook is not attached, did not run for this call (UDP, an
+    /// IP_BIND_ADDRESS_NO_PORT bind, a failure before the port check), or
+    /// could not match the socket.
+    pub const NOT_SEEN: u8 = 0;
+    /// `inet_csk_get_port` returned 0: the port is this socket's.
+    pub const ALLOCATED: u8 = 1;
+    /// `inet_csk_get_port` returned nonzero (1 or -EADDRINUSE, depending on
+    /// the kernel): the port conflict check refused the socket.
+    pub const REFUSED: u8 = 2;
+}
+
 /// `errno` value of a bind whose failure was seen but whose error code was not.
 pub const ERRNO_UNKNOWN: i32 = -1;
 
@@ -121,6 +135,42 @@ pub mod tracepoint {
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
+/// Where one single-bit socket flag lives: the byte of `struct sock` (or of
+/// the `struct inet_sock` that begins with it) that holds the bit, and the
+/// bit's position in that byte. `byte` 0 means "unknown": no flag lives in
+/// the first byte of `struct sock`.
+///
+/// The programs read the one byte: a flag kept as a bit of an `unsigned
+/// long` (`inet_flags`, Linux 6.6+) and one kept as a C bitfield (`freebind:1`
+/// before 6.6) are found the same way, without knowing which it is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlagBit {
+    pub byte: u32,
+    pub shift: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlagBit>() == 8);
+
+impl FlagBit {
+    /// The flag at bit `bits` counted from the start of the struct, on a
+    /// little-endian machine (every bpf target portwatch builds is bpfel):
+    /// bit n of a word is bit n % 8 of its byte n / 8, and BTF numbers
+    /// bitfield members the same way.
+    pub const fn at_bit(bits: u32) -> FlagBit {
+        FlagBit {
+            byte: bits / 8,
+            shift: (bits % 8) as u8,
+            _pad: [0; 3],
+        }
+    }
+
+    /// Whether the flag's location was found.
+    pub const fn known(&self) -> bool {
+        self.byte != 0
+    }
+}
+
 /// Kernel struct offsets the programs need but cannot know at compile time
 /// (Rust eBPF has no CO-RE). The daemon reads them from the kernel's BTF and
 /// writes them into the `OFFSETS` global before loading. A zero offset means
@@ -145,19 +195,17 @@ pub struct KernelOffsets {
     pub reuseport_shift: u8,
     pub ipv6only_shift: u8,
     pub _pad0: u8,
-    /// `struct inet_sock` -> `inet_flags` (an unsigned long of bits).
-    pub inet_flags: u32,
-    /// Bit numbers inside `inet_flags`.
-    pub freebind_bit: u8,
-    pub transparent_bit: u8,
-    pub bind_address_no_port_bit: u8,
-    pub _pad1: u8,
+    /// IP_FREEBIND, IP_TRANSPARENT and IP_BIND_ADDRESS_NO_PORT: bits of
+    /// `inet_sock.inet_flags` on Linux 6.6+, bitfields of `inet_sock` before.
+    pub freebind: FlagBit,
+    pub transparent: FlagBit,
+    pub bind_address_no_port: FlagBit,
     /// `struct sock` -> `__sk_common.skc_num` (the local port, host order):
     /// a listen() that autobinds gets its port only after the LISTEN
     /// transition, so the port is read again when listen() returns.
     pub sk_num: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 40);
+const _: () = assert!(size_of::<KernelOffsets>() == 56);
 
 /// One record in the `EVENTS` ring buffer. Every kind uses the same layout;
 /// fields a kind does not fill are zero.
@@ -203,7 +251,10 @@ pub struct Event {
     pub sock_type: u8,
     /// A [`source`] constant.
     pub source: u8,
-    pub _pad: [u8; 5],
+    /// A [`port_alloc`] constant: what the kernel's TCP port allocation
+    /// (`inet_csk_get_port`) said during this bind or listen.
+    pub port_alloc: u8,
+    pub _pad: [u8; 4],
     /// Local address, network byte order; IPv4 uses the first 4 bytes.
     pub addr: [u8; 16],
     /// `comm` of the calling task, NUL-padded.
@@ -233,7 +284,8 @@ impl Event {
         kind: 0,
         sock_type: 0,
         source: 0,
-        _pad: [0; 5],
+        port_alloc: port_alloc::NOT_SEEN,
+        _pad: [0; 4],
         addr: [0; 16],
         comm: [0; 16],
     };

@@ -4,6 +4,9 @@
 //! - `bind.rs`: cgroup `bind4`/`bind6` (the attempt), `post_bind4`/`post_bind6`
 //!   (success and the real port), and the outcome with its errno from fexit on
 //!   `inet_bind`/`inet6_bind` or, where fexit is refused, `sys_exit_bind`;
+//!   the bind hooks come in a `bpf_getsockopt` and a socket-bits variant;
+//! - `get_port.rs`: fexit on `inet_csk_get_port`, TCP's port allocation, where
+//!   fexit is allowed;
 //! - `listen.rs`: `sock/inet_sock_set_state` for LISTEN and LISTEN -> CLOSE,
 //!   with fexit on `inet_listen` or `sys_exit_listen` for the outcome;
 //! - `release.rs`: cgroup `sock_release`, to forget sockets that go away.
@@ -16,6 +19,8 @@
 mod bind;
 #[cfg(target_arch = "bpf")]
 mod common;
+#[cfg(target_arch = "bpf")]
+mod get_port;
 #[cfg(target_arch = "bpf")]
 mod listen;
 #[cfg(target_arch = "bpf")]

@@ -74,6 +74,7 @@ pub async fn trace(args: TraceArgs) -> Result<(), AppError> {
         cgroup: args.cgroup.clone(),
         ring_bytes: args.ring_size,
         outcome: args.outcome,
+        options: args.socket_options,
         // Map capacities are daemon settings; a trace uses the defaults.
         ..CaptureConfig::default()
     };
@@ -91,9 +92,11 @@ pub async fn trace(args: TraceArgs) -> Result<(), AppError> {
     let mut dropped_before = 0;
 
     eprintln!(
-        "portwatch: tracing binds in cgroup {} (outcomes via {}); Ctrl-C to stop",
+        "portwatch: tracing binds in cgroup {} (outcomes via {}, socket options via {}, port allocation via {}); Ctrl-C to stop",
         capture.cgroup().display(),
-        capture.outcome_path().name()
+        capture.outcome_path().name(),
+        capture.options_path().name(),
+        capture.port_alloc_path().name()
     );
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::capture::{DEFAULT_RING_BYTES, OutcomeChoice};
+use crate::capture::{DEFAULT_RING_BYTES, OptionsChoice, OutcomeChoice};
 
 /// Version and git revision, as `--version` prints them.
 pub const VERSION: &str = concat!(
@@ -196,6 +196,10 @@ pub struct TraceArgs {
     /// falls back to the syscall tracepoints.
     #[arg(long, value_enum, env = "PORTWATCH_OUTCOME", default_value_t = OutcomeChoice::Auto)]
     pub outcome: OutcomeChoice,
+    /// Where the bind hooks read SO_REUSEADDR/SO_REUSEPORT: `auto` tries
+    /// `bpf_getsockopt` and falls back to the socket's own bits.
+    #[arg(long, value_enum, default_value_t = OptionsChoice::Auto)]
+    pub socket_options: OptionsChoice,
 }
 
 #[cfg(test)]

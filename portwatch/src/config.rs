@@ -318,6 +318,8 @@ impl Config {
                     Outcome::Auto => OutcomeChoice::Auto,
                     Outcome::Tracepoint => OutcomeChoice::Tracepoint,
                 },
+                // The bind hooks probe; only `portwatch trace` can force one.
+                ..CaptureConfig::default()
             },
             snapshot: SnapshotConfig {
                 read_owners: true,

@@ -18,7 +18,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use portwatch_ebpf::{AF_INET, AF_INET6, ERRNO_UNKNOWN, Event as RawEvent, kind, opt, source};
+use portwatch_ebpf::{
+    AF_INET, AF_INET6, ERRNO_UNKNOWN, Event as RawEvent, kind, opt, port_alloc, source,
+};
 use serde::{Serialize, Serializer};
 
 /// Why a raw record could not be decoded.
@@ -48,6 +50,10 @@ pub enum DecodeError {
     /// `source` is not one of the [`portwatch_ebpf::source`] constants.
     #[error("unknown event source {0}")]
     Source(u8),
+    /// `port_alloc` is not one of the [`portwatch_ebpf::port_alloc`]
+    /// constants.
+    #[error("unknown port allocation verdict {0}")]
+    PortAlloc(u8),
 }
 
 /// Decodes one record from the ring buffer.
@@ -373,6 +379,46 @@ impl fmt::Display for Source {
     }
 }
 
+/// What TCP's port allocation (`inet_csk_get_port`) said during a bind or
+/// listen, seen by fexit on it. Absent (`None` on [`PortEvent`]) when that
+/// hook is not attached or did not run for the call: UDP, an
+/// IP_BIND_ADDRESS_NO_PORT bind, a failure decided before the port check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortAlloc {
+    /// The port was given to the socket.
+    Allocated,
+    /// The port conflict check refused the socket: an EADDRINUSE that
+    /// follows comes from a conflict for certain.
+    Refused,
+}
+
+impl PortAlloc {
+    /// Decodes [`RawEvent::port_alloc`]; `None` for "not seen".
+    fn from_raw(raw: u8) -> Result<Option<Self>, DecodeError> {
+        Ok(match raw {
+            port_alloc::NOT_SEEN => None,
+            port_alloc::ALLOCATED => Some(Self::Allocated),
+            port_alloc::REFUSED => Some(Self::Refused),
+            other => return Err(DecodeError::PortAlloc(other)),
+        })
+    }
+
+    /// The name used in text and JSON output (`allocated`, `refused`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Allocated => "allocated",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+impl fmt::Display for PortAlloc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Error number of a failed bind or listen: positive as in `errno(3)`, or
 /// [`Errno::UNKNOWN`] when the failure was seen but its code was not.
 ///
@@ -577,6 +623,8 @@ pub struct PortEvent {
     pub backlog: Option<u32>,
     /// Which kernel hook reported the outcome.
     pub source: Source,
+    /// TCP's port allocation verdict; `None` when not seen.
+    pub port_alloc: Option<PortAlloc>,
 }
 
 impl PortEvent {
@@ -638,6 +686,7 @@ impl PortEvent {
             } else {
                 Source::PostBind
             },
+            port_alloc: None,
         }
     }
 }
@@ -691,6 +740,7 @@ impl TryFrom<&RawEvent> for PortEvent {
             options,
             backlog: (kind.is_listen() && raw.backlog != 0).then_some(raw.backlog),
             source: Source::try_from(raw.source)?,
+            port_alloc: PortAlloc::from_raw(raw.port_alloc)?,
         })
     }
 }
@@ -802,17 +852,21 @@ pub(crate) mod tests {
             prop::sample::select(vec![6u16, 17, 136, 132, 262]),
             prop::sample::select(vec![1u8, 2, 3, 4, 5, 6, 10]),
             1..=6u8,
+            0..=2u8,
         )
-            .prop_map(|(mut bytes, kind, family, protocol, sock_type, source)| {
-                bytes[offset_of!(RawEvent, kind)] = kind;
-                bytes[offset_of!(RawEvent, sock_type)] = sock_type;
-                bytes[offset_of!(RawEvent, source)] = source;
-                let family_at = offset_of!(RawEvent, family);
-                bytes[family_at..family_at + 2].copy_from_slice(&family.to_ne_bytes());
-                let protocol_at = offset_of!(RawEvent, protocol);
-                bytes[protocol_at..protocol_at + 2].copy_from_slice(&protocol.to_ne_bytes());
-                bytes
-            })
+            .prop_map(
+                |(mut bytes, kind, family, protocol, sock_type, source, alloc)| {
+                    bytes[offset_of!(RawEvent, kind)] = kind;
+                    bytes[offset_of!(RawEvent, port_alloc)] = alloc;
+                    bytes[offset_of!(RawEvent, sock_type)] = sock_type;
+                    bytes[offset_of!(RawEvent, source)] = source;
+                    let family_at = offset_of!(RawEvent, family);
+                    bytes[family_at..family_at + 2].copy_from_slice(&family.to_ne_bytes());
+                    let protocol_at = offset_of!(RawEvent, protocol);
+                    bytes[protocol_at..protocol_at + 2].copy_from_slice(&protocol.to_ne_bytes());
+                    bytes
+                },
+            )
     }
 
     /// The record's bytes, as the ring buffer would hand them over.
@@ -903,6 +957,7 @@ pub(crate) mod tests {
                 options: Options::default(),
                 backlog: None,
                 source: Source::PostBind,
+                port_alloc: None,
             }
         );
         assert_eq!(ev.endpoint(), "127.0.0.1:8000");
@@ -1040,6 +1095,25 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn every_port_alloc_verdict_decodes() {
+        let cases = [
+            (port_alloc::NOT_SEEN, None),
+            (port_alloc::ALLOCATED, Some(PortAlloc::Allocated)),
+            (port_alloc::REFUSED, Some(PortAlloc::Refused)),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(
+                decoded(RawEvent {
+                    port_alloc: raw,
+                    ..bind_v4()
+                })
+                .port_alloc,
+                want
+            );
+        }
+    }
+
+    #[test]
     fn every_protocol_decodes() {
         let cases = [
             (6, Protocol::Tcp),
@@ -1107,6 +1181,13 @@ pub(crate) mod tests {
             ),
             (RawEvent { source: 0, ..raw }, DecodeError::Source(0)),
             (RawEvent { source: 7, ..raw }, DecodeError::Source(7)),
+            (
+                RawEvent {
+                    port_alloc: 3,
+                    ..raw
+                },
+                DecodeError::PortAlloc(3),
+            ),
         ];
         for (bad, want) in cases {
             assert_eq!(decode(&bytes_of(&bad)), Err(want));

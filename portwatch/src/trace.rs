@@ -10,7 +10,7 @@ use jiff::{Timestamp, tz::TimeZone};
 use serde::Serialize;
 
 use crate::event::{
-    BootClock, Errno, EventKind, Family, Options, PortEvent, Protocol, SockType, Source,
+    BootClock, Errno, EventKind, Family, Options, PortAlloc, PortEvent, Protocol, SockType, Source,
 };
 
 /// Which events `portwatch trace` shows. The default shows everything.
@@ -318,6 +318,9 @@ pub struct JsonLine<'a> {
     pub backlog: Option<u32>,
     /// Kernel hook that reported the outcome.
     pub source: Source,
+    /// TCP's port allocation verdict (`allocated`, `refused`); null when
+    /// fexit on `inet_csk_get_port` is not attached or did not run (UDP).
+    pub port_alloc: Option<PortAlloc>,
 }
 
 impl<'a> JsonLine<'a> {
@@ -351,6 +354,7 @@ impl<'a> JsonLine<'a> {
             bind_address_no_port: ev.options.bind_address_no_port,
             backlog: ev.backlog,
             source: ev.source,
+            port_alloc: ev.port_alloc,
         }
     }
 }
@@ -421,6 +425,7 @@ mod tests {
             },
             backlog: None,
             source: Source::Fexit,
+            port_alloc: Some(PortAlloc::Refused),
         }
     }
 
@@ -436,6 +441,7 @@ mod tests {
             options: Options::default(),
             backlog: Some(511),
             source: Source::State,
+            port_alloc: Some(PortAlloc::Allocated),
             process: "nginx".into(),
             pid: 77,
             ..failed_v6()
@@ -459,6 +465,7 @@ mod tests {
             ("endpoint", "[::1]:8000"),
             ("errno", "EADDRINUSE"),
             ("source", "fexit"),
+            ("port_alloc", "refused"),
         ];
         for (key, want) in strings {
             assert_eq!(obj[key].as_str(), Some(want), "{key}");
@@ -491,7 +498,7 @@ mod tests {
         }
         assert!(obj["bound_port"].is_null());
         assert!(obj["backlog"].is_null());
-        assert_eq!(obj.len(), 27, "{line}");
+        assert_eq!(obj.len(), 28, "{line}");
     }
 
     #[test]
@@ -506,7 +513,8 @@ mod tests {
                 r#""address":"0.0.0.0","port":8080,"bound_port":8080,"#,
                 r#""endpoint":"0.0.0.0:8080","errno":null,"reuse_addr":null,"#,
                 r#""reuse_port":null,"v6only":null,"freebind":null,"transparent":null,"#,
-                r#""bind_address_no_port":null,"backlog":511,"source":"state"}"#
+                r#""bind_address_no_port":null,"backlog":511,"source":"state","#,
+                r#""port_alloc":"allocated"}"#
             )
         );
     }

@@ -24,6 +24,22 @@ fn is_bind_of(event: &Value, kind: &str, pid: u32, address: &str, port: u16) -> 
     is(event, kind, pid) && event["address"] == address && event["port"] == port
 }
 
+/// What `port_alloc` must say for a TCP bind or listen whose allocation ran
+/// with `verdict`: the verdict where the tracer attached fexit on
+/// `inet_csk_get_port`, null where it did not (this machine refuses fexit).
+fn expected_port_alloc(tracer: &Tracer, verdict: &str) -> Value {
+    let stderr = tracer.stderr.lock().expect("stderr").clone();
+    if stderr.contains("port allocation via fexit") {
+        Value::from(verdict)
+    } else {
+        assert!(
+            stderr.contains("port allocation via post_bind"),
+            "the tracer names its port allocation path: {stderr}"
+        );
+        Value::Null
+    }
+}
+
 fn assert_common(event: &Value, worker: &Worker) {
     assert_eq!(event["pid"], worker.pid, "{event}");
     assert_eq!(event["uid"], 0, "{event}");
@@ -141,6 +157,14 @@ fn eaddrinuse_keeps_the_requested_address_and_port() {
     assert_eq!(failed["bound_port"], Value::Null);
     assert_eq!(failed["endpoint"], "127.0.0.1:8000");
     assert_ne!(failed["cookie"], first["cookie"]);
+    assert_eq!(
+        first["port_alloc"],
+        expected_port_alloc(&tracer, "allocated")
+    );
+    assert_eq!(
+        failed["port_alloc"],
+        expected_port_alloc(&tracer, "refused")
+    );
     // The two records came from different sockets in one network namespace.
     assert_eq!(failed["netns"], first["netns"]);
     worker.wait();
@@ -328,6 +352,93 @@ fn listen_without_bind_reports_the_port_it_got() {
     assert_eq!(listen["bound_port"], port, "{listen}");
     assert_eq!(listen["port"], port, "{listen}");
     assert_eq!(listen["address"], "0.0.0.0");
+    assert_eq!(
+        listen["port_alloc"],
+        expected_port_alloc(&tracer, "allocated")
+    );
+    worker.wait();
+}
+
+/// The two bind hook variants (`portwatch-ebpf/src/bind.rs`) report the same
+/// options: one tracer loads the `bpf_getsockopt` one, the other the one
+/// that reads the socket's bits, and both watch the same binds, each made
+/// with a different set of options. Every option is known in both.
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn options_from_sock_bits_match_getsockopt() {
+    let cgroup = CgroupGuard::new("optvariants");
+    let auto = Tracer::start(&cgroup.path, &[]);
+    let sock_bits = Tracer::start(&cgroup.path, &["--socket-options", "sock-bits"]);
+    let auto_path = auto.stderr.lock().expect("stderr").clone();
+    assert!(
+        auto_path.contains("socket options via getsockopt")
+            || auto_path.contains("socket options via sock_bits"),
+        "{auto_path}"
+    );
+    let forced = sock_bits.stderr.lock().expect("stderr").clone();
+    assert!(forced.contains("socket options via sock_bits"), "{forced}");
+    let ip = |sock, name| Op::SetOpt {
+        sock,
+        level: libc::IPPROTO_IP,
+        name,
+        value: 1,
+    };
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        None,
+        &[
+            Op::tcp(false),
+            Op::reuseaddr(0),
+            ip(0, libc::IP_FREEBIND),
+            Op::bind(0, "127.0.0.1:0"),
+            Op::tcp(false),
+            Op::reuseport(1),
+            ip(1, libc::IP_TRANSPARENT),
+            Op::bind(1, "127.0.0.1:0"),
+            Op::udp(true),
+            Op::v6only(2),
+            Op::reuseaddr(2),
+            Op::reuseport(2),
+            Op::bind(2, "[::1]:0"),
+            Op::tcp(false),
+            ip(3, libc::IP_BIND_ADDRESS_NO_PORT),
+            Op::bind(3, "127.0.0.1:0"),
+            Op::tcp(true),
+            Op::bind(4, "[::1]:0"),
+        ],
+    );
+    let results = worker.results(18);
+    assert!(results.iter().all(|r| *r >= 0), "{results:?}");
+    // (reuse_addr, reuse_port, v6only, freebind, transparent, no_port)
+    let expected = [
+        [true, false, false, true, false, false],
+        [false, true, false, false, true, false],
+        [true, true, true, false, false, false],
+        [false, false, false, false, false, true],
+        [false, false, false, false, false, false],
+    ];
+    const KEYS: [&str; 6] = [
+        "reuse_addr",
+        "reuse_port",
+        "v6only",
+        "freebind",
+        "transparent",
+        "bind_address_no_port",
+    ];
+    for tracer in [&auto, &sock_bits] {
+        for (i, want) in expected.iter().enumerate() {
+            let bind = tracer.expect("a bind", |e| is(e, "bind", worker.pid));
+            let ipv4 = bind["family"] == "ipv4";
+            for (key, want) in KEYS.iter().zip(want) {
+                let want = if *key == "v6only" && ipv4 {
+                    Value::Null
+                } else {
+                    Value::from(*want)
+                };
+                assert_eq!(bind[key], want, "bind {i}, {key}: {bind}");
+            }
+        }
+    }
     worker.wait();
 }
 
@@ -371,6 +482,15 @@ fn listen_failure_after_two_reuseaddr_binds() {
         "options are read at bind, not listen"
     );
     assert_ne!(failed["cookie"], listen["cookie"]);
+    // Both binds got the port; the listen's second look refused it.
+    assert_eq!(
+        listen["port_alloc"],
+        expected_port_alloc(&tracer, "allocated")
+    );
+    assert_eq!(
+        failed["port_alloc"],
+        expected_port_alloc(&tracer, "refused")
+    );
     // The failed listen is not also reported as a listener going away:
     // neither as it falls back to CLOSE, before its outcome, nor after.
     let (after_failed, _) = tracer.expect_after("the marker", |e| {

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use btfparse::{Offset, TypeInformation, TypeVariant};
-use portwatch_ebpf::KernelOffsets;
+use portwatch_ebpf::{FlagBit, KernelOffsets};
 
 /// Why the offsets could not be computed at all.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +76,6 @@ impl Resolver<'_> {
             net_cookie: self.bytes("net", "net_cookie"),
             sk_max_ack_backlog: self.bytes("sock", "sk_max_ack_backlog"),
             sk_uid: self.bytes("sock", "sk_uid"),
-            inet_flags: self.bytes("inet_sock", "inet_flags"),
             sk_num: self.bytes("sock", "__sk_common.skc_num"),
             ..KernelOffsets::default()
         };
@@ -96,19 +95,33 @@ impl Resolver<'_> {
                     .push("sock_common reuse bits (not in one byte)");
             }
         }
-        let freebind = self.enum_value("INET_FLAGS_FREEBIND");
-        let transparent = self.enum_value("INET_FLAGS_TRANSPARENT");
-        let no_port = self.enum_value("INET_FLAGS_BIND_ADDRESS_NO_PORT");
-        match (freebind, transparent, no_port) {
-            (Some(freebind), Some(transparent), Some(no_port)) => {
-                off.freebind_bit = freebind;
-                off.transparent_bit = transparent;
-                off.bind_address_no_port_bit = no_port;
-            }
-            // Without the bit numbers the flags word is useless.
-            _ => off.inet_flags = 0,
-        }
+        [off.freebind, off.transparent, off.bind_address_no_port] = self.inet_flag_bits();
         (off, self.missing)
+    }
+
+    /// Where IP_FREEBIND, IP_TRANSPARENT and IP_BIND_ADDRESS_NO_PORT live.
+    /// Linux 6.6 moved them from bitfields of `struct inet_sock` into bits
+    /// of its `unsigned long inet_flags`, numbered by `enum inet_flags`;
+    /// either layout gives each flag a byte and a bit in it.
+    fn inet_flag_bits(&mut self) -> [FlagBit; 3] {
+        const FLAGS: [(&str, &str); 3] = [
+            ("INET_FLAGS_FREEBIND", "freebind"),
+            ("INET_FLAGS_TRANSPARENT", "transparent"),
+            ("INET_FLAGS_BIND_ADDRESS_NO_PORT", "bind_address_no_port"),
+        ];
+        if let Some(Offset::ByteOffset(word)) = self.offset("inet_sock", "inet_flags") {
+            return FLAGS.map(|(enumerator, _)| match self.enum_value(enumerator) {
+                Some(bit) => flag_location(FlagLayout::WordBit { word, bit }),
+                None => FlagBit::default(),
+            });
+        }
+        FLAGS.map(|(_, member)| match self.offset("inet_sock", member) {
+            Some(Offset::BitOffsetAndSize(bits, 1)) => flag_location(FlagLayout::Bitfield { bits }),
+            _ => {
+                self.missing.push(member);
+                FlagBit::default()
+            }
+        })
     }
 
     /// Byte offset of `path` in struct `ty`, or 0 (unknown).
@@ -165,6 +178,27 @@ impl Resolver<'_> {
     }
 }
 
+/// How the kernel stores a one-bit socket flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlagLayout {
+    /// Bit `bit` of the `unsigned long` at byte `word` of the struct
+    /// (`inet_sock.inet_flags`, Linux 6.6+).
+    WordBit { word: u32, bit: u8 },
+    /// A one-bit bitfield at bit `bits` of the struct, as BTF counts it
+    /// (`inet_sock.freebind:1` and friends, before 6.6).
+    Bitfield { bits: u32 },
+}
+
+/// The byte and bit the programs read for a flag stored as `layout`.
+/// Little-endian, as every bpf target portwatch builds (bpfel): bit n of a
+/// word is in its byte n / 8.
+fn flag_location(layout: FlagLayout) -> FlagBit {
+    match layout {
+        FlagLayout::WordBit { word, bit } => FlagBit::at_bit(word * 8 + u32::from(bit)),
+        FlagLayout::Bitfield { bits } => FlagBit::at_bit(bits),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,7 +217,6 @@ mod tests {
             ("sk_max_ack_backlog", off.sk_max_ack_backlog),
             ("sk_uid", off.sk_uid),
             ("sk_reuse_byte", off.sk_reuse_byte),
-            ("inet_flags", off.inet_flags),
             ("sk_num", off.sk_num),
         ] {
             assert_ne!(value, 0, "{name} not found");
@@ -191,7 +224,46 @@ mod tests {
         // The three bits live side by side: reuse:4, reuseport:1, ipv6only:1.
         assert_eq!(off.reuseport_shift, off.reuse_shift + 4);
         assert_eq!(off.ipv6only_shift, off.reuseport_shift + 1);
-        assert_ne!(off.freebind_bit, off.transparent_bit);
+        for (name, flag) in [
+            ("freebind", off.freebind),
+            ("transparent", off.transparent),
+            ("bind_address_no_port", off.bind_address_no_port),
+        ] {
+            assert!(flag.known(), "{name} not found");
+            assert!(flag.shift < 8, "{name}: {flag:?}");
+        }
+        assert_ne!(off.freebind, off.transparent);
+    }
+
+    #[test]
+    fn a_bit_of_inet_flags_is_found_in_its_byte() {
+        // This machine's 6.18: `inet_flags` at byte 800 (bit 6400),
+        // INET_FLAGS_FREEBIND = 11, _TRANSPARENT = 15, _BIND_ADDRESS_NO_PORT = 18.
+        let at = |bit| {
+            let flag = flag_location(FlagLayout::WordBit { word: 800, bit });
+            (flag.byte, flag.shift)
+        };
+        assert_eq!(at(11), (801, 3));
+        assert_eq!(at(15), (801, 7));
+        assert_eq!(at(18), (802, 2));
+        assert_eq!(at(0), (800, 0));
+        let high = flag_location(FlagLayout::WordBit { word: 760, bit: 63 });
+        assert_eq!((high.byte, high.shift), (767, 7));
+    }
+
+    #[test]
+    fn a_bitfield_is_found_by_its_bit_offset() {
+        // Before 6.6: `__u8 recverr:1, is_icsk:1, freebind:1, ...`; with
+        // that byte at 978, BTF puts freebind at bit offset 978 * 8 + 2.
+        let freebind = flag_location(FlagLayout::Bitfield { bits: 978 * 8 + 2 });
+        assert_eq!((freebind.byte, freebind.shift), (978, 2));
+        let first = flag_location(FlagLayout::Bitfield { bits: 979 * 8 });
+        assert_eq!((first.byte, first.shift), (979, 0));
+        // Both layouts agree on the same bit.
+        assert_eq!(
+            flag_location(FlagLayout::WordBit { word: 8, bit: 13 }),
+            flag_location(FlagLayout::Bitfield { bits: 8 * 8 + 13 })
+        );
     }
 
     #[test]

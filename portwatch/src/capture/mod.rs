@@ -23,7 +23,7 @@ use aya::{
     maps::{CgroupArray, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, FExit, ProgramError, TracePoint},
 };
-use portwatch_ebpf::{hook, tracepoint};
+use portwatch_ebpf::{KernelOffsets, hook, tracepoint};
 use tokio::io::unix::AsyncFd;
 
 use crate::event::{DecodeError, PortEvent, decode};
@@ -83,6 +83,60 @@ impl OutcomePath {
     }
 }
 
+/// Where the bind hooks read SO_REUSEADDR and SO_REUSEPORT from (see the
+/// header of `portwatch-ebpf/src/bind.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptionsPath {
+    /// `bpf_getsockopt`, where the kernel gives it to cgroup bind hooks
+    /// (not in 5.10).
+    Getsockopt,
+    /// The socket's own `skc_reuse`/`skc_reuseport` bits, through the BTF
+    /// offsets.
+    SockBits,
+}
+
+impl OptionsPath {
+    /// The name used in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            OptionsPath::Getsockopt => "getsockopt",
+            OptionsPath::SockBits => "sock_bits",
+        }
+    }
+}
+
+/// Which bind hook variant to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OptionsChoice {
+    /// Try the `bpf_getsockopt` variant, fall back to the socket's bits when
+    /// the kernel refuses to load it.
+    #[default]
+    Auto,
+    /// Read the socket's bits without trying `bpf_getsockopt`.
+    SockBits,
+}
+
+/// Where TCP's port allocation verdict (`port_alloc`) comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortAllocPath {
+    /// fexit on `inet_csk_get_port`.
+    Fexit,
+    /// Not attached: `post_bind` and the outcome hooks alone, and
+    /// `port_alloc` is unknown.
+    PostBind,
+}
+
+impl PortAllocPath {
+    /// The name used in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            PortAllocPath::Fexit => "fexit",
+            PortAllocPath::PostBind => "post_bind",
+        }
+    }
+}
+
 /// Which outcome path to use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutcomeChoice {
@@ -102,6 +156,8 @@ pub struct CaptureConfig {
     pub ring_bytes: u32,
     /// Outcome path preference.
     pub outcome: OutcomeChoice,
+    /// Bind hook variant preference.
+    pub options: OptionsChoice,
     /// Capacity of `TRACKED`: a socket that does not fit has its close
     /// found by the next reconciliation instead of an event (counted as a
     /// drop of the hook that tried to track it).
@@ -120,6 +176,7 @@ impl Default for CaptureConfig {
             cgroup: None,
             ring_bytes: DEFAULT_RING_BYTES,
             outcome: OutcomeChoice::Auto,
+            options: OptionsChoice::Auto,
             tracked_sockets: DEFAULT_TRACKED_SOCKETS,
             in_flight_calls: DEFAULT_IN_FLIGHT_CALLS,
         }
@@ -189,6 +246,8 @@ pub struct Capture {
     tracked: HashMap<MapData, u64, u8>,
     cgroup: PathBuf,
     outcome: OutcomePath,
+    options: OptionsPath,
+    port_alloc: PortAllocPath,
     stats: CaptureStats,
     logged_decode_errors: HashSet<std::mem::Discriminant<DecodeError>>,
     _logger: Option<tokio::task::JoinHandle<()>>,
@@ -246,7 +305,7 @@ impl Capture {
         // the array stays alive with the object.
         std::mem::forget(watched);
 
-        let outcome = attach_outcome_hooks(&mut ebpf, config.outcome)?;
+        let (outcome, port_alloc) = attach_outcome_hooks(&mut ebpf, config.outcome)?;
         attach_tracepoint(
             &mut ebpf,
             "inet_sock_set_state",
@@ -265,11 +324,17 @@ impl Capture {
                 .attach(&cgroup_file, mode)
                 .map_err(|source| CaptureError::Program { name, source })?;
         }
-        for name in ["bind4", "bind6"] {
+        let options = load_bind_hooks(&mut ebpf, config.options)?;
+        let unknown = unknown_options(&offsets, options);
+        if !unknown.is_empty() {
+            tracing::warn!(
+                ?unknown,
+                options = options.name(),
+                "this kernel's BTF does not locate these socket options; they will be reported as null"
+            );
+        }
+        for name in bind_programs(options) {
             let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| CaptureError::Program { name, source })?;
             program
                 .attach(&cgroup_file, mode)
                 .map_err(|source| CaptureError::Program { name, source })?;
@@ -285,6 +350,8 @@ impl Capture {
         tracing::info!(
             cgroup = %cgroup.display(),
             outcome = outcome.name(),
+            options = options.name(),
+            port_alloc = port_alloc.name(),
             "kernel programs attached"
         );
         Ok(Capture {
@@ -294,6 +361,8 @@ impl Capture {
             tracked,
             cgroup,
             outcome,
+            options,
+            port_alloc,
             stats: CaptureStats::default(),
             logged_decode_errors: HashSet::new(),
             _logger: logger,
@@ -310,12 +379,26 @@ impl Capture {
         self.outcome
     }
 
+    /// Where the bind hooks read SO_REUSEADDR and SO_REUSEPORT.
+    pub fn options_path(&self) -> OptionsPath {
+        self.options
+    }
+
+    /// Where TCP's port allocation verdict comes from, if anywhere.
+    pub fn port_alloc_path(&self) -> PortAllocPath {
+        self.port_alloc
+    }
+
     /// Every attached hook and the path it uses, for logs and metrics.
     pub fn hooks(&self) -> Vec<(&'static str, &'static str)> {
         // Named as the drop counters are; listen_stop is the listen program.
+        // `options` and `get_port` have no drop slot: they only amend
+        // records other hooks send.
         let name = |slot: u32| hook::NAMES[slot as usize];
         vec![
             (name(hook::BIND), "cgroup"),
+            ("options", self.options.name()),
+            ("get_port", self.port_alloc.name()),
             (name(hook::POST_BIND), "cgroup"),
             (name(hook::BIND_OUTCOME), self.outcome.name()),
             (name(hook::LISTEN), "tracepoint"),
@@ -427,32 +510,35 @@ fn drain(
     records
 }
 
-/// Tries fexit (unless told not to), falling back to the syscall tracepoints.
+/// Tries fexit (unless told not to), falling back to the syscall
+/// tracepoints; with fexit, also tries fexit on `inet_csk_get_port`.
 fn attach_outcome_hooks(
     ebpf: &mut Ebpf,
     choice: OutcomeChoice,
-) -> Result<OutcomePath, CaptureError> {
+) -> Result<(OutcomePath, PortAllocPath), CaptureError> {
     if choice == OutcomeChoice::Auto {
-        match attach_fexit(ebpf) {
-            Ok(()) => return Ok(OutcomePath::Fexit),
+        match Btf::from_sys_fs() {
+            Ok(btf) => match attach_fexit(ebpf, &btf) {
+                Ok(()) => return Ok((OutcomePath::Fexit, attach_get_port(ebpf, &btf))),
+                Err(err) => tracing::info!(
+                    reason = %err,
+                    "fexit is not available; bind and listen outcomes come from the syscalls/sys_exit_* tracepoints"
+                ),
+            },
             Err(err) => tracing::info!(
                 reason = %err,
-                "fexit is not available; bind and listen outcomes come from the syscalls/sys_exit_* tracepoints"
+                "kernel BTF is not readable for fexit; bind and listen outcomes come from the syscalls/sys_exit_* tracepoints"
             ),
         }
     }
     check_sys_exit_formats()?;
     attach_tracepoint(ebpf, "sys_exit_bind", "syscalls", "sys_exit_bind")?;
     attach_tracepoint(ebpf, "sys_exit_listen", "syscalls", "sys_exit_listen")?;
-    Ok(OutcomePath::Tracepoint)
+    Ok((OutcomePath::Tracepoint, PortAllocPath::PostBind))
 }
 
 /// Loads and attaches the three fexit programs, or none of them.
-fn attach_fexit(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
-    let btf = Btf::from_sys_fs().map_err(|err| CaptureError::TracepointFormat {
-        tracepoint: "fexit",
-        problem: err.to_string(),
-    })?;
+fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), CaptureError> {
     let targets = [
         ("fexit_inet_bind", "inet_bind"),
         ("fexit_inet6_bind", "inet6_bind"),
@@ -462,7 +548,7 @@ fn attach_fexit(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
     for (name, function) in targets {
         let program: &mut FExit = program_mut(ebpf, name)?;
         let attached = program
-            .load(function, &btf)
+            .load(function, btf)
             .and_then(|()| program.attach().map(drop));
         if let Err(source) = attached {
             result = Err(CaptureError::Program { name, source });
@@ -477,6 +563,138 @@ fn attach_fexit(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
         }
     }
     result
+}
+
+/// fexit on `inet_csk_get_port`, once the other fexit programs are in. It
+/// only adds `port_alloc` to records, so a kernel that refuses it (the
+/// function renamed or inlined) keeps the rest and says so once.
+fn attach_get_port(ebpf: &mut Ebpf, btf: &Btf) -> PortAllocPath {
+    const NAME: &str = "fexit_inet_csk_get_port";
+    let attached = program_mut::<FExit>(ebpf, NAME).and_then(|program| {
+        program
+            .load("inet_csk_get_port", btf)
+            .and_then(|()| program.attach().map(drop))
+            .map_err(|source| {
+                let _ = program.unload();
+                CaptureError::Program { name: NAME, source }
+            })
+    });
+    match attached {
+        Ok(()) => PortAllocPath::Fexit,
+        Err(err) => {
+            tracing::warn!(
+                reason = short_reason(&err),
+                "fexit on inet_csk_get_port is not available; port_alloc will be null and TCP binds are reported by post_bind alone"
+            );
+            tracing::debug!(error = %err, "the get_port program's full load error");
+            PortAllocPath::PostBind
+        }
+    }
+}
+
+/// The bind programs of each variant, IPv4 then IPv6.
+fn bind_programs(options: OptionsPath) -> [&'static str; 2] {
+    match options {
+        OptionsPath::Getsockopt => ["bind4", "bind6"],
+        OptionsPath::SockBits => ["bind4_sk", "bind6_sk"],
+    }
+}
+
+/// Loads the `bpf_getsockopt` bind programs (unless told not to), or, when
+/// the kernel refuses them, the variant that reads the socket's bits.
+/// Nothing is attached yet.
+fn load_bind_hooks(ebpf: &mut Ebpf, choice: OptionsChoice) -> Result<OptionsPath, CaptureError> {
+    if choice == OptionsChoice::Auto {
+        match load_pair(ebpf, bind_programs(OptionsPath::Getsockopt)) {
+            Ok(()) => return Ok(OptionsPath::Getsockopt),
+            Err(err) => {
+                tracing::warn!(
+                    reason = short_reason(&err),
+                    "cgroup bind programs cannot call bpf_getsockopt on this kernel; SO_REUSEADDR and SO_REUSEPORT are read from the socket's own bits"
+                );
+                tracing::debug!(error = %err, "the getsockopt bind program's full load error");
+            }
+        }
+    }
+    load_pair(ebpf, bind_programs(OptionsPath::SockBits))?;
+    Ok(OptionsPath::SockBits)
+}
+
+/// Loads both programs, or neither.
+fn load_pair(ebpf: &mut Ebpf, names: [&'static str; 2]) -> Result<(), CaptureError> {
+    let mut result = Ok(());
+    for name in names {
+        let program: &mut CgroupSockAddr = program_mut(ebpf, name)?;
+        if let Err(source) = program.load() {
+            result = Err(CaptureError::Program { name, source });
+            break;
+        }
+    }
+    if result.is_err() {
+        for name in names {
+            if let Ok(program) = program_mut::<CgroupSockAddr>(ebpf, name) {
+                let _ = program.unload();
+            }
+        }
+    }
+    result
+}
+
+/// `err` in one line: a load error keeps the verifier's verdict (its last
+/// line before the statistics) instead of the whole log, which runs to
+/// hundreds of lines.
+fn short_reason(err: &CaptureError) -> String {
+    match err {
+        CaptureError::Program {
+            name,
+            source:
+                ProgramError::LoadError {
+                    io_error,
+                    verifier_log,
+                },
+        } => load_error_line(name, io_error, &verifier_log.to_string()),
+        other => other.to_string(),
+    }
+}
+
+/// A program load error in one line: the errno and the verifier's verdict.
+fn load_error_line(name: &str, io_error: &std::io::Error, verifier_log: &str) -> String {
+    match verifier_verdict(verifier_log) {
+        Some(verdict) => format!("program {name}: {io_error}: {verdict}"),
+        None => format!("program {name}: {io_error}"),
+    }
+}
+
+/// The last line of a verifier log that is not one of the statistics it
+/// ends with.
+fn verifier_verdict(log: &str) -> Option<&str> {
+    const STATISTICS: [&str; 3] = ["verification time", "stack depth", "processed "];
+    log.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .rfind(|line| !STATISTICS.iter().any(|stat| line.starts_with(stat)))
+}
+
+/// The socket options no bind record will carry, given the offsets found and
+/// the bind variant loaded: each is then null in every event.
+pub fn unknown_options(offsets: &KernelOffsets, options: OptionsPath) -> Vec<&'static str> {
+    let mut unknown = Vec::new();
+    if offsets.sk_reuse_byte == 0 {
+        if options == OptionsPath::SockBits {
+            unknown.extend(["reuse_addr", "reuse_port"]);
+        }
+        unknown.push("v6only");
+    }
+    for (name, flag) in [
+        ("freebind", offsets.freebind),
+        ("transparent", offsets.transparent),
+        ("bind_address_no_port", offsets.bind_address_no_port),
+    ] {
+        if !flag.known() {
+            unknown.push(name);
+        }
+    }
+    unknown
 }
 
 fn attach_tracepoint(
@@ -650,6 +868,72 @@ format:
         assert_eq!(format_field(SET_STATE, "common_type"), Some((0, 2)));
         assert_eq!(format_field("", "skaddr"), None);
         assert_eq!(format_field("field:int x;\toffset:zz;\tsize:4;", "x"), None);
+    }
+
+    #[test]
+    fn the_verifier_verdict_is_its_last_line_before_the_statistics() {
+        // The end of Debian 5.10's log for the getsockopt bind4.
+        let log = "95: (85) call bpf_getsockopt#57
+unknown func bpf_getsockopt#57
+verification time 4837 usec
+stack depth 240+0+0
+processed 178 insns (limit 1000000) max_states_per_insn 1 total_states 7 peak_states 7 mark_read 6
+
+";
+        assert_eq!(
+            verifier_verdict(log),
+            Some("unknown func bpf_getsockopt#57")
+        );
+        assert_eq!(verifier_verdict(""), None);
+        let einval = std::io::Error::from_raw_os_error(libc::EINVAL);
+        let reason = load_error_line("bind4", &einval, log);
+        assert!(
+            reason.starts_with("program bind4: Invalid argument"),
+            "{reason}"
+        );
+        assert!(
+            reason.ends_with(": unknown func bpf_getsockopt#57"),
+            "{reason}"
+        );
+        assert!(!load_error_line("bind4", &einval, "").contains("\n"));
+    }
+
+    #[test]
+    fn unknown_options_follow_the_offsets_and_the_variant() {
+        let all = KernelOffsets {
+            sk_reuse_byte: 13,
+            freebind: portwatch_ebpf::FlagBit::at_bit(801 * 8 + 3),
+            transparent: portwatch_ebpf::FlagBit::at_bit(801 * 8 + 7),
+            bind_address_no_port: portwatch_ebpf::FlagBit::at_bit(802 * 8 + 2),
+            ..KernelOffsets::default()
+        };
+        for path in [OptionsPath::Getsockopt, OptionsPath::SockBits] {
+            assert!(unknown_options(&all, path).is_empty());
+        }
+        let none = KernelOffsets::default();
+        assert_eq!(
+            unknown_options(&none, OptionsPath::Getsockopt),
+            ["v6only", "freebind", "transparent", "bind_address_no_port"]
+        );
+        assert_eq!(
+            unknown_options(&none, OptionsPath::SockBits),
+            [
+                "reuse_addr",
+                "reuse_port",
+                "v6only",
+                "freebind",
+                "transparent",
+                "bind_address_no_port"
+            ]
+        );
+        let no_freebind = KernelOffsets {
+            freebind: portwatch_ebpf::FlagBit::default(),
+            ..all
+        };
+        assert_eq!(
+            unknown_options(&no_freebind, OptionsPath::SockBits),
+            ["freebind"]
+        );
     }
 
     #[test]
