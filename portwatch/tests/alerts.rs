@@ -664,7 +664,7 @@ impl Prometheus {
             url: format!("http://127.0.0.1:{port}"),
             dir,
         };
-        let deadline = Instant::now() + DEADLINE;
+        let deadline = Instant::now() + *DEADLINE;
         while prometheus.status("/-/ready") != Some(200) {
             let exited = prometheus.child.try_wait().ok().flatten();
             assert!(

@@ -266,7 +266,7 @@ fn events_stream_live_over_sse() {
         }
     });
     // Give the stream a moment to be subscribed, then bind until it is seen.
-    let deadline = Instant::now() + DEADLINE;
+    let deadline = Instant::now() + *DEADLINE;
     loop {
         let mut worker = Worker::spawn(
             &cgroup.path,

@@ -45,7 +45,7 @@ async fn watcher(cgroup: &CgroupGuard) -> Watcher {
 
 /// Runs the pipeline until `done` holds; panics with `what` at the deadline.
 async fn until(watcher: &mut Watcher, what: &str, done: impl Fn(&Watcher) -> bool) {
-    let deadline = Instant::now() + DEADLINE;
+    let deadline = Instant::now() + *DEADLINE;
     while !done(watcher) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         let _ = tokio::time::timeout(Duration::from_millis(200), watcher.step()).await;
@@ -522,7 +522,7 @@ async fn after_ten_thousand_random_operations_the_map_equals_ss() {
         listing.sort_unstable();
         listing
     };
-    let deadline = Instant::now() + DEADLINE;
+    let deadline = Instant::now() + *DEADLINE;
     while mine(&watcher) != expected {
         if Instant::now() > deadline {
             let got = mine(&watcher);

@@ -965,7 +965,7 @@ fn time_wait_on(port: u16, reuse_addr: bool, reuse_port: bool) {
     close(server); // the active close: TIME_WAIT lands on this side
     close(client);
     close(listener);
-    let deadline = Instant::now() + support::DEADLINE;
+    let deadline = Instant::now() + *support::DEADLINE;
     while !has_time_wait(port) {
         assert!(Instant::now() < deadline, "no TIME_WAIT on port {port}");
         std::thread::sleep(Duration::from_millis(5));

@@ -374,7 +374,7 @@ fn run_in(sandbox: &Sandbox) -> Seen {
     );
     assert_eq!(failing.results(2)[1], -i64::from(libc::EADDRINUSE));
     failing.wait();
-    let deadline = Instant::now() + DEADLINE;
+    let deadline = Instant::now() + *DEADLINE;
     while Instant::now() < deadline && !seen.failure_attributed {
         let failures = daemon.json("/failures?port=7070");
         seen.failure_attributed = failures["failures"].as_array().is_some_and(|all| {
@@ -487,7 +487,7 @@ fn systemd_hears_ready_watchdog_and_stopping() {
     let scratch = TempDir::new("notify");
     let path = scratch.path.join("notify.sock");
     let socket = UnixDatagram::bind(&path).unwrap();
-    socket.set_read_timeout(Some(DEADLINE)).unwrap();
+    socket.set_read_timeout(Some(*DEADLINE)).unwrap();
     let cgroup = CgroupGuard::new("notify");
     // As systemd sets them: the socket, and a 1 s watchdog for this pid
     // (the shell's, which exec keeps).

@@ -295,7 +295,7 @@ fn a_socket_held_by_two_processes_lists_both() {
     }
     let mut child = command.spawn().expect("spawn sleep");
     let child_pid = child.id();
-    let deadline = Instant::now() + DEADLINE;
+    let deadline = Instant::now() + *DEADLINE;
     while std::fs::read_to_string(format!("/proc/{child_pid}/comm"))
         .ok()
         .as_deref()

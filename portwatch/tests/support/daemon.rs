@@ -75,7 +75,7 @@ impl Daemon {
             server: format!("http://127.0.0.1:{port}"),
             _dir: dir,
         };
-        let deadline = Instant::now() + DEADLINE;
+        let deadline = Instant::now() + *DEADLINE;
         while daemon.status("/readyz") != Some(200) {
             if let Ok(Some(_)) = daemon.child.try_wait() {
                 return Err(daemon.stop());

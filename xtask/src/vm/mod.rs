@@ -447,6 +447,9 @@ fn init_script(portwatch: &Path, suites: &[&Suite], outcome: Outcome) -> String 
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1
+# An emulated CPU loads and verifies programs many times slower: the tests
+# wait longer for what must happen (never a speed goal).
+export PORTWATCH_TEST_DEADLINE_SECS=120
 mark() { echo "PWVM-$*"; }
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
