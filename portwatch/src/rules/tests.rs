@@ -950,7 +950,7 @@ fn the_v4_mapped_wildcard_is_not_confident_on_tcp() {
     let req = want(Protocol::Tcp, "::ffff:127.0.0.2")
         .reuse_addr()
         .reuse_port();
-    let p = predict_bind(EVERY, None, &[mapped_any.clone()], &req);
+    let p = predict_bind(EVERY, None, std::slice::from_ref(&mapped_any), &req);
     assert_eq!(p.verdict.errno(), Some(Errno::EADDRINUSE), "as 6.18 does");
     assert!(!p.confident, "6.1 lets it in");
     let p = predict_bind(
