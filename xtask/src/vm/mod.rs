@@ -61,6 +61,8 @@ struct Suite {
     target: &'static str,
     /// Only the root tests whose names contain one of these; all if empty.
     filters: &'static [&'static str],
+    /// Show what passing tests printed (the predictor's agreement line).
+    show_output: bool,
 }
 
 const SUITES: &[Suite] = &[
@@ -68,16 +70,19 @@ const SUITES: &[Suite] = &[
         name: "trace",
         target: "trace",
         filters: &[],
+        show_output: false,
     },
     Suite {
         name: "map",
         target: "map",
         filters: &[],
+        show_output: false,
     },
     Suite {
         name: "predictor",
         target: "predictor",
         filters: &[],
+        show_output: true,
     },
     Suite {
         name: "robustness (storm, one-entry maps)",
@@ -86,11 +91,13 @@ const SUITES: &[Suite] = &[
             "a_storm_beyond_the_ring_is_counted_exactly_and_reconciled",
             "every_bind_has_its_outcome_with_one_entry_maps",
         ],
+        show_output: false,
     },
     Suite {
         name: "daemon (seed scenarios over HTTP)",
         target: "daemon",
         filters: &["a_user_sees_the_seed_scenarios_over_http_metrics_and_the_cli"],
+        show_output: false,
     },
 ];
 
@@ -499,9 +506,14 @@ grep ' WARN ' /tmp/daemon.log | sed 's/^.* WARN [^ ]* //' | while read -r line; 
     for suite in suites {
         let _ = write!(
             script,
-            "\nmark BEGIN '{name}'\n/tests/{target} --ignored --test-threads=1{exact} {filters} 2>&1\nmark END '{name}' $?\n",
+            "\nmark BEGIN '{name}'\n/tests/{target} --ignored --test-threads=1{show}{exact} {filters} 2>&1\nmark END '{name}' $?\n",
             name = suite.name,
             target = suite.target,
+            show = if suite.show_output {
+                " --show-output"
+            } else {
+                ""
+            },
             exact = if suite.filters.is_empty() {
                 ""
             } else {

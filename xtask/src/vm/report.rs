@@ -53,6 +53,9 @@ pub struct PassReport {
     pub problems: Vec<String>,
     /// The guest reached its last marker.
     pub finished: bool,
+    /// The predictor's agreement lines (`predictor: kernel ..., agreement
+    /// .../..., confident .../...`), one per differential run.
+    pub predictor: Vec<String>,
 }
 
 impl PassReport {
@@ -66,6 +69,11 @@ impl PassReport {
                     totals.add_line(line);
                     if let Some((_, skip)) = line.split_once(SKIP_MARK) {
                         suite.skips.push(skip.trim().to_owned());
+                    }
+                    if let Some(at) = line.find("predictor: kernel ") {
+                        report
+                            .predictor
+                            .push(line[at + "predictor: ".len()..].trim().to_owned());
                     }
                     if let Some(name) = failed_test(line) {
                         suite.failures.push(name);
@@ -176,7 +184,7 @@ pub struct Row {
 /// The markdown table: one row per VM run.
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| kernel | `uname -r` | hooks that are not cgroup programs (hook: path) | unknown there | passed | failed | skipped | result |\n|---|---|---|---|---|---|---|---|\n",
+        "| kernel | `uname -r` | hooks that are not cgroup programs (hook: path) | what the daemon warned about at start | passed | failed | skipped | result |\n|---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
         let report = &row.report;
@@ -186,7 +194,7 @@ pub fn markdown(rows: &[Row]) -> String {
             .filter(|(_, path)| path != "cgroup")
             .map(|(hook, path)| format!("{hook}: {path}"))
             .collect();
-        let unknown = if report.warnings.is_empty() {
+        let warned = if report.warnings.is_empty() {
             "nothing".to_owned()
         } else {
             report.warnings.join("; ").replace('|', "\\|")
@@ -218,8 +226,24 @@ pub fn markdown(rows: &[Row]) -> String {
             } else {
                 hooks.join(", ")
             },
-            unknown,
+            warned,
         );
+    }
+    let runs: Vec<String> = rows
+        .iter()
+        .flat_map(|row| {
+            row.report
+                .predictor
+                .iter()
+                .map(move |line| format!("- {}: {line}", row.label))
+        })
+        .collect();
+    if !runs.is_empty() {
+        out.push_str("\nThe predictor's differential runs (a confident prediction the kernel contradicts fails the run):\n\n");
+        for run in runs {
+            out.push_str(&run);
+            out.push('\n');
+        }
     }
     out
 }
@@ -245,6 +269,7 @@ test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 3 filtered out; 
 
 PWVM-END trace 101
 PWVM-BEGIN map
+predictor: kernel 6.1.0-50-cloud-amd64, udp_walk=first_match, 3000 scenarios
 test uring ... 
 PORTWATCH-SKIP: uring: io_uring bind (Linux 6.11+)
 ok
@@ -325,7 +350,11 @@ PWVM-END map 0
             report: PassReport::parse(CONSOLE, &["trace", "map"]),
         };
         let table = markdown(&[row]);
-        assert_eq!(table.lines().count(), 3, "{table}");
+        assert_eq!(table.lines().count(), 7, "{table}");
+        assert!(
+            table.contains("- 6.1: kernel 6.1.0-50-cloud-amd64, udp_walk=first_match"),
+            "{table}"
+        );
         assert!(table.contains("bind_outcome: fexit"), "{table}");
         assert!(!table.contains("bind: cgroup"), "{table}");
         assert!(
