@@ -92,10 +92,6 @@
 //!   sockets (`udp_lib_lport_inuse2`), which can change which socket the walk
 //!   meets first. With 10 or more sockets on the port, not confident; a slot
 //!   crowded by other ports is invisible here.
-//! - TCP and the IPv4-mapped wildcard `::ffff:0.0.0.0`: Debian 12's 6.1
-//!   lets a v4-mapped address bind beside it, newer kernels refuse (found
-//!   by `tests/predictor.rs` in `cargo xtask vm`). Not confident whenever it
-//!   is involved.
 //! - A [`BindRequest`] names no device: a socket that set `SO_BINDTODEVICE`
 //!   before its bind is judged as bound to none (more conflicts than real).
 //! - VRFs: sockets bound to devices under different L3 master devices live in
@@ -110,7 +106,7 @@ mod tcp;
 mod tests;
 mod udp;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use serde::Serialize;
 
@@ -506,10 +502,7 @@ pub fn predict_bind(
     // walk (udp_lib_lport_inuse2), whose order this does not model.
     let udp_hash2 =
         space.is_udp() && holders.len() >= UDP_HASH2_THRESHOLD && !is_wildcard(req.address);
-    let knowable = req.port != 0
-        && space != Space::Sctp
-        && !udp_hash2
-        && !mapped_any_on_tcp(space, req.address, &holders);
+    let knowable = req.port != 0 && space != Space::Sctp && !udp_hash2;
     predict(space, kernel, knowable, judge)
 }
 
@@ -549,19 +542,8 @@ pub fn predict_listen(
         let new = View::of_socket(sock, fill);
         judge(space, walk, history, &new, &holders, fill)
     };
-    let knowable =
-        space != Space::Sctp && sock.port != 0 && !mapped_any_on_tcp(space, sock.address, &holders);
+    let knowable = space != Space::Sctp && sock.port != 0;
     predict(space, kernel, knowable, judge)
-}
-
-/// Whether a TCP check involves the IPv4-mapped wildcard `::ffff:0.0.0.0`,
-/// on the requesting side or among the holders. Kernels disagree on it:
-/// 6.1's bind hash (bhash2, new in 6.1) files such a socket as a specific
-/// address, so Debian 12's kernel lets `::ffff:127.0.0.2` bind beside it,
-/// where 6.18 refuses. Such answers are not confident.
-fn mapped_any_on_tcp(space: Space, address: IpAddr, holders: &[&SocketFacts]) -> bool {
-    let mapped_any = |a: IpAddr| a == IpAddr::V6(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped());
-    space == Space::Tcp && (mapped_any(address) || holders.iter().any(|h| mapped_any(h.address)))
 }
 
 /// The reported answer (unknowns unset, the walk [`UdpWalk::reported`]),

@@ -942,34 +942,6 @@ fn unknown_options_make_a_prediction_uncertain_only_when_they_matter() {
     assert!(!p.confident);
 }
 
-// Found by tests/predictor.rs on Debian 12's 6.1 (cargo xtask vm): a TCP
-// socket on ::ffff:0.0.0.0, then ::ffff:127.0.0.2 binds there; 6.18 refuses.
-#[test]
-fn the_v4_mapped_wildcard_is_not_confident_on_tcp() {
-    let mapped_any = tcp(1, "::ffff:0.0.0.0");
-    let req = want(Protocol::Tcp, "::ffff:127.0.0.2")
-        .reuse_addr()
-        .reuse_port();
-    let p = predict_bind(EVERY, None, std::slice::from_ref(&mapped_any), &req);
-    assert_eq!(p.verdict.errno(), Some(Errno::EADDRINUSE), "as 6.18 does");
-    assert!(!p.confident, "6.1 lets it in");
-    let p = predict_bind(
-        EVERY,
-        None,
-        &[tcp(1, "127.0.0.2")],
-        &want(Protocol::Tcp, "::ffff:0.0.0.0"),
-    );
-    assert!(!p.confident, "the other way round too");
-    // UDP is judged by its own walk, untouched by this.
-    let p = predict_bind(
-        EVERY,
-        None,
-        &[udp(1, "::ffff:0.0.0.0")],
-        &want(Protocol::Udp, "::ffff:127.0.0.2"),
-    );
-    assert!(p.confident);
-}
-
 #[test]
 fn what_cannot_be_known_is_not_confident() {
     let history = PortHistory::new();
@@ -1316,10 +1288,7 @@ proptest! {
         as_bound.state = SockState::Bound;
         as_bound.bound_dev_if = 0;
         let prediction = predict_bind(FIRST, Some(&PortHistory::new()), std::slice::from_ref(&old), &req);
-        let mapped_any = |a: IpAddr| a == "::ffff:0.0.0.0".parse::<IpAddr>().unwrap();
-        let kernels_differ = Space::of(new.protocol) == Space::Tcp
-            && (mapped_any(old.address) || mapped_any(new.address));
-        prop_assert!(prediction.confident || kernels_differ);
+        prop_assert!(prediction.confident);
         prop_assert_eq!(
             prediction.verdict.is_ok(),
             why_coexist(&old, &as_bound).is_some(),
