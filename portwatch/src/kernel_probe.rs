@@ -27,7 +27,7 @@ use std::{
 
 use crate::{
     event::Errno,
-    rules::{self, KernelRules, UdpWalk},
+    rules::{self, KernelRules, MappedAny, UdpWalk},
     socket::{BindRequest, Family, Protocol, ShareOptions, SockState, SocketFacts},
 };
 
@@ -130,7 +130,11 @@ pub fn probe() -> ProbeReport {
     };
     let udp_walk = seen.as_ref().map_or(UdpWalk::Unknown, classify_udp_walk);
     let report = ProbeReport {
-        rules: KernelRules { udp_walk },
+        rules: KernelRules {
+            udp_walk,
+            // Not probed yet.
+            mapped_any: MappedAny::Unknown,
+        },
         seen,
         error,
         took: started.elapsed(),
@@ -197,7 +201,10 @@ fn predicts(walk: UdpWalk, scenario: &[ProbeSocket], outcomes: &Outcomes) -> boo
     if outcomes.len() != scenario.len() {
         return false;
     }
-    let kernel = KernelRules { udp_walk: walk };
+    let kernel = KernelRules {
+        udp_walk: walk,
+        ..KernelRules::UNKNOWN
+    };
     let mut holders: Vec<SocketFacts> = Vec::new();
     for (n, (sock, outcome)) in scenario.iter().zip(outcomes).enumerate() {
         let options = ShareOptions {

@@ -1,6 +1,11 @@
-//! TCP's conflict check (`inet_bind_conflict`) and what its bind bucket
+//! TCP's conflict check (`inet_bind_conflict`), what its bind bucket
 //! remembers between binds (`sk_reuseport_match`,
-//! `inet_csk_update_fastreuse`).
+//! `inet_csk_update_fastreuse`), and where kernels differ in it
+//! ([`MappedAny`]).
+
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
 
 use super::{
     Blocker, Fill, Space, View,
@@ -8,6 +13,106 @@ use super::{
     blocker, devices_compatible, same_owner,
 };
 use crate::socket::{Family, SocketFacts};
+
+/// How the kernel's TCP check treats an IPv6 socket bound to the IPv4-mapped
+/// wildcard `::ffff:0.0.0.0`. Measured with two TCP sockets, no sharing
+/// option, both orders, against every other kind of address (IPv4, mapped,
+/// `[::]` with and without `IPV6_V6ONLY`, `::1`), then `listen` on each:
+/// Debian's 6.1.176 differs from 5.10.223, 6.12.111 and 6.18.44-fc-v1252 in
+/// exactly one place, which [`MappedAny::Quirk`] describes.
+/// [`crate::kernel_probe`] finds out which one the running kernel does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MappedAny {
+    /// `::ffff:0.0.0.0` is the IPv4 wildcard for every check: it covers
+    /// every IPv4 address, mapped or not (measured on 5.10.223, 6.12.111
+    /// and 6.18.44-fc-v1252).
+    Wildcard,
+    /// Linux 6.1's bhash2 (measured on Debian's 6.1.176): an IPv6 socket
+    /// that binds, or listens on, a specific IPv4-mapped address
+    /// `::ffff:a.b.c.d` does not see the IPv6 sockets on `::ffff:0.0.0.0`,
+    /// whatever their options (its check looks for wildcards through
+    /// bhash2, the (address, port) table added in 6.1, which does not take
+    /// the mapped wildcard for one).
+    /// Every other check still sees them as the IPv4 wildcard: an IPv4
+    /// socket's, and that of the `::ffff:0.0.0.0` socket itself against the
+    /// mapped one (which walks the port's list of sockets), so the order
+    /// decides: mapped address after the mapped wildcard binds, the
+    /// reverse is refused, and the wildcard's own `listen` then fails.
+    /// Upstream later fixed this ("bind() regression for v4-mapped-v6
+    /// wildcard address").
+    Quirk,
+    /// Not probed, or the probe saw neither: an answer is confident only
+    /// when both give it.
+    #[default]
+    Unknown,
+}
+
+impl MappedAny {
+    /// Every value.
+    pub const ALL: [MappedAny; 3] = [Self::Wildcard, Self::Quirk, Self::Unknown];
+
+    /// The behaviours that are known to exist.
+    pub const KNOWN: [MappedAny; 2] = [Self::Wildcard, Self::Quirk];
+
+    /// The name logs and the API use (`wildcard`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Wildcard => "wildcard",
+            Self::Quirk => "quirk",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// What the kernel does, in a few words that complete "the kernel ...".
+    pub fn description(self) -> &'static str {
+        match self {
+            Self::Wildcard => {
+                "treats a TCP socket on ::ffff:0.0.0.0 as the IPv4 wildcard, which covers every IPv4 address, mapped or not"
+            }
+            Self::Quirk => {
+                "does not see a TCP socket on ::ffff:0.0.0.0 when an IPv6 socket binds or listens on a specific IPv4-mapped address (Linux 6.1's bhash2), though every other bind still treats it as the IPv4 wildcard"
+            }
+            Self::Unknown => "was not probed for how it treats a TCP socket on ::ffff:0.0.0.0",
+        }
+    }
+
+    /// The behaviour whose answer is reported: itself when known; when not,
+    /// [`MappedAny::Wildcard`], whose blockers include the quirk's (what
+    /// the quirk refuses, the wildcard refuses too).
+    pub(super) fn reported(self) -> MappedAny {
+        match self {
+            Self::Unknown => Self::Wildcard,
+            known => known,
+        }
+    }
+
+    /// The behaviours the kernel may have.
+    pub(super) fn possible(self) -> &'static [MappedAny] {
+        match self {
+            Self::Wildcard => &[Self::Wildcard],
+            Self::Quirk => &[Self::Quirk],
+            Self::Unknown => &Self::KNOWN,
+        }
+    }
+}
+
+impl std::fmt::Display for MappedAny {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Whether `mapped_any` keeps `old` out of `new`'s check: under
+/// [`MappedAny::Quirk`], an IPv6 socket on a specific IPv4-mapped address
+/// does not meet the IPv6 sockets on `::ffff:0.0.0.0`.
+pub(super) fn mapped_any_hides(mapped_any: MappedAny, new: &View, old: &View) -> bool {
+    mapped_any == MappedAny::Quirk
+        && new.family == Family::Ipv6
+        && old.family == Family::Ipv6
+        && matches!(new.end, Endpoint::V4(a) if !a.is_unspecified())
+        && old.end == Endpoint::V4(Ipv4Addr::UNSPECIFIED)
+}
 
 /// What the kernel remembers about one TCP port between binds: the
 /// `SO_REUSEPORT` shortcut of its bind bucket (`tb->fastreuseport`, `fastuid`,
@@ -110,10 +215,16 @@ pub(super) fn shortcut_applies(history: Option<&PortHistory>, new: &View, fill: 
     }
 }
 
-/// `inet_bind_conflict` (relaxed, reuseport allowed) for one existing socket.
-pub(super) fn tcp_blocker(new: &View, old_facts: &SocketFacts, fill: Fill) -> Option<Blocker> {
+/// `inet_bind_conflict` (relaxed, reuseport allowed) for one existing socket,
+/// if the check meets it at all ([`MappedAny`]).
+pub(super) fn tcp_blocker(
+    mapped_any: MappedAny,
+    new: &View,
+    old_facts: &SocketFacts,
+    fill: Fill,
+) -> Option<Blocker> {
     let old = View::of_socket(old_facts, fill);
-    if !devices_compatible(new.dev, old.dev) {
+    if !devices_compatible(new.dev, old.dev) || mapped_any_hides(mapped_any, new, &old) {
         return None;
     }
     let overlap = overlap(new.end, old.end)?;
