@@ -33,7 +33,9 @@
 //!   - [`MappedAny::Quirk`] (measured on Debian's 6.1.176): an IPv6 socket
 //!     binding or listening on a specific mapped address `::ffff:a.b.c.d`
 //!     does not see IPv6 sockets on `::ffff:0.0.0.0`; every other check
-//!     does.
+//!     does. While one holds the port, whether that check sees the other
+//!     wildcards is not known (one case was seen where it did not): such
+//!     answers are not confident.
 //!   - [`MappedAny::Unknown`]: an answer is confident only when both give it.
 //! - **No sharing option lets them through**:
 //!   - TCP (`inet_bind_conflict` as `inet_csk_get_port` calls it for an
@@ -124,7 +126,7 @@ use serde::Serialize;
 pub(crate) use self::address::{Endpoint, endpoint, is_wildcard, overlap};
 use self::{
     address::split_reason,
-    tcp::{shortcut_applies, tcp_blocker},
+    tcp::{MappedCheck, shortcut_applies, tcp_blocker},
     udp::{UDP_HASH2_THRESHOLD, udp_blockers},
 };
 pub use self::{
@@ -241,41 +243,50 @@ impl KernelRules {
         mapped_any: MappedAny::Unknown,
     };
 
-    /// The rules whose answer is reported: the known ones, and the stricter
-    /// choice where something is unknown.
-    fn reported(self) -> KernelRules {
-        KernelRules {
+    /// The kernel whose answer is reported: the known behaviours, and the
+    /// stricter choice where something is unknown.
+    fn reported(self) -> Judged {
+        Judged {
             udp_walk: self.udp_walk.reported(),
-            mapped_any: self.mapped_any.reported(),
+            mapped_check: self.mapped_any.reported_check(),
         }
     }
 
-    /// Every fully known kernel these rules may be, varying only what
-    /// `space` depends on (the others as [`KernelRules::reported`]).
-    fn possible(self, space: Space) -> Vec<KernelRules> {
+    /// Every kernel these rules may be, varying only what `space` depends
+    /// on (the rest as [`KernelRules::reported`]).
+    fn possible(self, space: Space) -> Vec<Judged> {
         let reported = self.reported();
         match space {
             Space::Udp | Space::UdpLite => self
                 .udp_walk
                 .possible()
                 .iter()
-                .map(|&udp_walk| KernelRules {
+                .map(|&udp_walk| Judged {
                     udp_walk,
                     ..reported
                 })
                 .collect(),
             Space::Tcp => self
                 .mapped_any
-                .possible()
+                .checks()
                 .iter()
-                .map(|&mapped_any| KernelRules {
-                    mapped_any,
+                .map(|&mapped_check| Judged {
+                    mapped_check,
                     ..reported
                 })
                 .collect(),
             Space::Sctp => vec![reported],
         }
     }
+}
+
+/// One kernel, as completely as the rules judge by it: [`KernelRules`]
+/// with nothing unknown, and TCP's check of a mapped address spelt out
+/// ([`MappedCheck`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Judged {
+    udp_walk: UdpWalk,
+    mapped_check: MappedCheck,
 }
 
 /// A socket that blocks a bind, and why.
@@ -611,7 +622,7 @@ fn predict(
     space: Space,
     kernel: KernelRules,
     knowable: bool,
-    judge: impl Fn(Fill, KernelRules) -> Verdict,
+    judge: impl Fn(Fill, Judged) -> Verdict,
 ) -> Prediction {
     let reported = kernel.reported();
     let verdict = judge(Fill::Unset, reported);
@@ -633,12 +644,12 @@ fn predict(
     let udp_walk_decides = space.is_udp()
         && differ(KernelRules {
             udp_walk: UdpWalk::Unknown,
-            ..reported
+            ..kernel
         });
     let mapped_any_decides = space == Space::Tcp
         && differ(KernelRules {
             mapped_any: MappedAny::Unknown,
-            ..reported
+            ..kernel
         });
     Prediction {
         verdict,
@@ -821,7 +832,7 @@ fn is_same_socket(a: &SocketFacts, b: &SocketFacts) -> bool {
 /// The conflict check of one bind or listen against the port's holders.
 fn judge(
     space: Space,
-    rules: KernelRules,
+    rules: Judged,
     history: Option<&PortHistory>,
     new: &View,
     holders: &[&SocketFacts],
@@ -839,14 +850,14 @@ fn judge(
                 return Verdict::Ok;
             }
             // SCTP is only judged by TCP's rules, not its quirks.
-            let mapped_any = match space {
-                Space::Tcp => rules.mapped_any,
-                _ => MappedAny::Wildcard,
+            let check = match space {
+                Space::Tcp => rules.mapped_check,
+                _ => MappedCheck::Everyone,
             };
             Verdict::conflict(
                 holders
                     .iter()
-                    .filter_map(|old| tcp_blocker(mapped_any, new, old, fill))
+                    .filter_map(|old| tcp_blocker(check, new, old, holders, fill))
                     .collect(),
             )
         }

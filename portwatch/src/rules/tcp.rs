@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use serde::Serialize;
 
 use super::{
-    Blocker, Fill, Space, View,
+    Blocker, Fill, Overlap, Space, View,
     address::{Endpoint, known_endpoint, overlap},
     blocker, devices_compatible, same_owner,
 };
@@ -39,7 +39,10 @@ pub enum MappedAny {
     /// mapped one (which walks the port's list of sockets), so the order
     /// decides: mapped address after the mapped wildcard binds, the
     /// reverse is refused, and the wildcard's own `listen` then fails.
-    /// Upstream later fixed this ("bind() regression for v4-mapped-v6
+    /// With `::ffff:0.0.0.0` and `0.0.0.0` both held, the mapped address
+    /// was seen to bind past `0.0.0.0` too, which alone refuses it: which
+    /// other wildcards the check then skips is not pinned down, and those
+    /// answers are not confident ([`MappedCheck`]). Upstream later fixed this ("bind() regression for v4-mapped-v6
     /// wildcard address").
     Quirk,
     /// Not probed, or the probe saw neither: an answer is confident only
@@ -77,24 +80,47 @@ impl MappedAny {
         }
     }
 
-    /// The behaviour whose answer is reported: itself when known; when not,
-    /// [`MappedAny::Wildcard`], whose blockers include the quirk's (what
-    /// the quirk refuses, the wildcard refuses too).
-    pub(super) fn reported(self) -> MappedAny {
+    /// The check whose answer is reported: the wildcard's, or the quirk's
+    /// as measured with `::ffff:0.0.0.0` the only wildcard on the port;
+    /// when unknown, [`MappedCheck::Everyone`], whose blockers include the
+    /// quirk's (what the quirk refuses, the wildcard refuses too).
+    pub(super) fn reported_check(self) -> MappedCheck {
         match self {
-            Self::Unknown => Self::Wildcard,
-            known => known,
+            Self::Quirk => MappedCheck::SkipMappedAny,
+            Self::Wildcard | Self::Unknown => MappedCheck::Everyone,
         }
     }
 
-    /// The behaviours the kernel may have.
-    pub(super) fn possible(self) -> &'static [MappedAny] {
+    /// The checks the kernel may make.
+    pub(super) fn checks(self) -> &'static [MappedCheck] {
         match self {
-            Self::Wildcard => &[Self::Wildcard],
-            Self::Quirk => &[Self::Quirk],
-            Self::Unknown => &Self::KNOWN,
+            Self::Wildcard => &[MappedCheck::Everyone],
+            Self::Quirk => &[MappedCheck::SkipMappedAny, MappedCheck::SkipWildcards],
+            Self::Unknown => &[
+                MappedCheck::Everyone,
+                MappedCheck::SkipMappedAny,
+                MappedCheck::SkipWildcards,
+            ],
         }
     }
+}
+
+/// Which of the port's TCP sockets the check of an IPv6 socket on a
+/// specific IPv4-mapped address meets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum MappedCheck {
+    /// All of them ([`MappedAny::Wildcard`]).
+    Everyone,
+    /// All but the IPv6 sockets on `::ffff:0.0.0.0` ([`MappedAny::Quirk`],
+    /// as measured with those the only wildcard on the port).
+    SkipMappedAny,
+    /// When an IPv6 socket on `::ffff:0.0.0.0` holds the port, none that
+    /// cover the address as a wildcard either ([`MappedAny::Quirk`] as
+    /// Debian's 6.1.176 was also seen to do: with `::ffff:0.0.0.0` and
+    /// `0.0.0.0` held, `::ffff:127.0.0.2` bound, though `0.0.0.0` alone
+    /// refuses it). When which of the two 6.1 does is not known, answers
+    /// that depend on it are not confident.
+    SkipWildcards,
 }
 
 impl std::fmt::Display for MappedAny {
@@ -103,15 +129,34 @@ impl std::fmt::Display for MappedAny {
     }
 }
 
-/// Whether `mapped_any` keeps `old` out of `new`'s check: under
-/// [`MappedAny::Quirk`], an IPv6 socket on a specific IPv4-mapped address
-/// does not meet the IPv6 sockets on `::ffff:0.0.0.0`.
-pub(super) fn mapped_any_hides(mapped_any: MappedAny, new: &View, old: &View) -> bool {
-    mapped_any == MappedAny::Quirk
-        && new.family == Family::Ipv6
-        && old.family == Family::Ipv6
-        && matches!(new.end, Endpoint::V4(a) if !a.is_unspecified())
-        && old.end == Endpoint::V4(Ipv4Addr::UNSPECIFIED)
+/// Whether `view` is an IPv6 socket on `::ffff:0.0.0.0`.
+fn is_mapped_any(view: &View) -> bool {
+    view.family == Family::Ipv6 && view.end == Endpoint::V4(Ipv4Addr::UNSPECIFIED)
+}
+
+/// Whether `check` keeps `old` (overlapping as `overlap`) out of `new`'s
+/// check, `holders` being the port's sockets ([`MappedCheck`]).
+fn hidden(
+    check: MappedCheck,
+    new: &View,
+    old: &View,
+    overlap: Overlap,
+    holders: &[&SocketFacts],
+    fill: Fill,
+) -> bool {
+    let mapped_request =
+        new.family == Family::Ipv6 && matches!(new.end, Endpoint::V4(a) if !a.is_unspecified());
+    match check {
+        MappedCheck::Everyone => false,
+        MappedCheck::SkipMappedAny => mapped_request && is_mapped_any(old),
+        MappedCheck::SkipWildcards => {
+            mapped_request
+                && overlap != Overlap::SameAddress
+                && holders
+                    .iter()
+                    .any(|h| is_mapped_any(&View::of_socket(h, fill)))
+        }
+    }
 }
 
 /// What the kernel remembers about one TCP port between binds: the
@@ -215,19 +260,23 @@ pub(super) fn shortcut_applies(history: Option<&PortHistory>, new: &View, fill: 
     }
 }
 
-/// `inet_bind_conflict` (relaxed, reuseport allowed) for one existing socket,
-/// if the check meets it at all ([`MappedAny`]).
+/// `inet_bind_conflict` (relaxed, reuseport allowed) for one existing socket
+/// of `holders`, if the check meets it at all ([`MappedCheck`]).
 pub(super) fn tcp_blocker(
-    mapped_any: MappedAny,
+    check: MappedCheck,
     new: &View,
     old_facts: &SocketFacts,
+    holders: &[&SocketFacts],
     fill: Fill,
 ) -> Option<Blocker> {
     let old = View::of_socket(old_facts, fill);
-    if !devices_compatible(new.dev, old.dev) || mapped_any_hides(mapped_any, new, &old) {
+    if !devices_compatible(new.dev, old.dev) {
         return None;
     }
     let overlap = overlap(new.end, old.end)?;
+    if hidden(check, new, &old, overlap, holders, fill) {
+        return None;
+    }
     if new.reuse_addr && old.reuse_addr && !old.listening {
         return None;
     }
