@@ -61,6 +61,9 @@ struct Suite {
     target: &'static str,
     /// Only the root tests whose names contain one of these; all if empty.
     filters: &'static [&'static str],
+    /// Whether passing tests' output reaches the console too
+    /// (`--nocapture`): the predictor's tally lines are its result.
+    nocapture: bool,
 }
 
 const SUITES: &[Suite] = &[
@@ -68,16 +71,19 @@ const SUITES: &[Suite] = &[
         name: "trace",
         target: "trace",
         filters: &[],
+        nocapture: false,
     },
     Suite {
         name: "map",
         target: "map",
         filters: &[],
+        nocapture: false,
     },
     Suite {
         name: "predictor",
         target: "predictor",
         filters: &[],
+        nocapture: true,
     },
     Suite {
         name: "robustness (storm, one-entry maps)",
@@ -86,11 +92,13 @@ const SUITES: &[Suite] = &[
             "a_storm_beyond_the_ring_is_counted_exactly_and_reconciled",
             "every_bind_has_its_outcome_with_one_entry_maps",
         ],
+        nocapture: false,
     },
     Suite {
         name: "daemon (seed scenarios over HTTP)",
         target: "daemon",
         filters: &["a_user_sees_the_seed_scenarios_over_http_metrics_and_the_cli"],
+        nocapture: false,
     },
 ];
 
@@ -496,9 +504,10 @@ grep ' WARN ' /tmp/daemon.log | sed 's/^.* WARN [^ ]* //' | while read -r line; 
     for suite in suites {
         let _ = write!(
             script,
-            "\nmark BEGIN '{name}'\n/tests/{target} --ignored --test-threads=1{exact} {filters} 2>&1\nmark END '{name}' $?\n",
+            "\nmark BEGIN '{name}'\n/tests/{target} --ignored --test-threads=1{nocapture}{exact} {filters} 2>&1\nmark END '{name}' $?\n",
             name = suite.name,
             target = suite.target,
+            nocapture = if suite.nocapture { " --nocapture" } else { "" },
             exact = if suite.filters.is_empty() {
                 ""
             } else {
@@ -556,6 +565,7 @@ mod tests {
         assert!(script.contains(
             "/tests/daemon --ignored --test-threads=1 --exact a_user_sees_the_seed_scenarios_over_http_metrics_and_the_cli 2>&1"
         ));
+        assert!(script.contains("/tests/predictor --ignored --test-threads=1 --nocapture  2>&1"));
         assert!(script.ends_with("mark DONE\npoweroff -f\n"));
         assert!(!init_script(Path::new("/p"), &all, Outcome::Auto).contains("PORTWATCH_OUTCOME"));
         let some = select(&["robustness".to_owned()]).unwrap();
