@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use crate::{
     event::{Errno, EventKind, PortEvent},
     map::{Holder, Observed, PortMap},
-    rules::{self, KernelRules, UdpWalk, Verdict},
+    rules::{self, KernelRules, MappedAny, UdpWalk, Verdict},
     socket::{BindRequest, SockState, SocketFacts},
 };
 
@@ -130,9 +130,13 @@ pub fn attribute_against(
         }
         _ => rules::predict_bind(kernel, None, &existing, &request),
     };
-    let walk = prediction
-        .udp_walk_decides
-        .then(|| udp_walk_note(kernel.udp_walk));
+    let walk = if prediction.udp_walk_decides {
+        Some(udp_walk_note(kernel.udp_walk))
+    } else if prediction.mapped_any_decides {
+        Some(mapped_any_note(kernel.mapped_any))
+    } else {
+        None
+    };
     match prediction.verdict {
         Verdict::Ok => Vec::new(),
         Verdict::Refused { blockers, .. } => blockers
@@ -154,6 +158,18 @@ fn udp_walk_note(walk: UdpWalk) -> String {
         UdpWalk::Unknown => "a kernel that stops at the first overlapping UDP socket might have let the bind through; how this one walks them was not probed".to_owned(),
         known => format!(
             "this kernel {} (udp_walk = {known}, probed at start); a kernel that walks otherwise would have answered differently",
+            known.description()
+        ),
+    }
+}
+
+/// Why a TCP blocker on `::ffff:0.0.0.0` counts only on some kernels, for
+/// its reason.
+fn mapped_any_note(mapped_any: MappedAny) -> String {
+    match mapped_any {
+        MappedAny::Unknown => "Linux 6.1 would have let an IPv6 socket bind this IPv4-mapped address past a socket on ::ffff:0.0.0.0; how this kernel treats it was not probed".to_owned(),
+        known => format!(
+            "this kernel {} (mapped_any = {known}, probed at start); a kernel that treats it otherwise would have answered differently",
             known.description()
         ),
     }

@@ -1,25 +1,31 @@
 //! Finds out, at start, what the running kernel's conflict rules do where
 //! kernels are known to differ ([`KernelRules`]), by trying it: kernels that
 //! report the same release have been measured to walk a UDP port's sockets
-//! differently (`KERNEL.md`, "Machines of this kind differ"), so nothing is
-//! assumed from the version string.
+//! differently (`KERNEL.md`, "Machines of this kind differ"), and Linux
+//! 6.1's TCP treats `::ffff:0.0.0.0` differently from older and newer
+//! kernels ([`MappedAny`]), a bug stable updates may or may not fix, so
+//! nothing is assumed from the version string.
 //!
 //! The probe runs on a thread of its own that moves itself into a new,
 //! empty network namespace (`unshare(CLONE_NEWNET)` moves only the calling
 //! thread; the caller's namespace is never touched), brings `lo` up there
-//! with an ioctl, binds the two UDP scenarios of [`UDP_WALK_SCENARIOS`] on
-//! 127.0.0.1, and exits; the namespace goes with the thread's last socket.
-//! It takes a few milliseconds; [`TIMEOUT`] bounds it. It needs
-//! `CAP_SYS_ADMIN` for the namespace; without it, or on any error, the walk
-//! is [`UdpWalk::Unknown`] and answers that depend on it are not confident.
+//! with an ioctl, binds the UDP scenarios of [`UDP_WALK_SCENARIOS`] and the
+//! TCP ones of [`MAPPED_ANY_SCENARIOS`] on 127.0.0.1, and exits; the
+//! namespace goes with the thread's last socket. It takes a few
+//! milliseconds; [`TIMEOUT`] bounds it. It needs `CAP_SYS_ADMIN` for the
+//! namespace; without it, or on any error, what it could not find out is
+//! unknown ([`UdpWalk::Unknown`], [`MappedAny::Unknown`]) and answers that
+//! depend on it are not confident. Without IPv6 only the TCP question stays
+//! unknown.
 //!
 //! What the scenarios mean is decided by the rules themselves
-//! ([`classify_udp_walk`], pure): the walk whose predictions match every
-//! observation, if exactly one does.
+//! ([`classify_udp_walk`], [`classify_mapped_any`], pure): the kernel
+//! behaviour whose predictions match every observation, if exactly one
+//! does.
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::mpsc,
     time::{Duration, Instant},
@@ -27,7 +33,7 @@ use std::{
 
 use crate::{
     event::Errno,
-    rules::{self, KernelRules, UdpWalk},
+    rules::{self, KernelRules, MappedAny, UdpWalk},
     socket::{BindRequest, Family, Protocol, ShareOptions, SockState, SocketFacts},
 };
 
@@ -59,103 +65,183 @@ pub enum ProbeError {
     Lost,
 }
 
-/// One socket of a probe scenario: which sharing options it sets.
+/// One socket of a probe scenario: its protocol and family, the sharing
+/// options it sets and the address it binds. `IPV6_V6ONLY` is off on IPv6
+/// ones; all belong to the probe's owner.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProbeSocket {
     /// How the log names it.
     pub name: &'static str,
+    pub protocol: Protocol,
+    pub family: Family,
+    pub address: IpAddr,
     pub reuse_addr: bool,
     pub reuse_port: bool,
 }
 
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// A UDP socket on 127.0.0.1 with these options.
+const fn udp(name: &'static str, reuse_addr: bool, reuse_port: bool) -> ProbeSocket {
+    ProbeSocket {
+        name,
+        protocol: Protocol::Udp,
+        family: Family::Ipv4,
+        address: LOOPBACK,
+        reuse_addr,
+        reuse_port,
+    }
+}
+
+/// A TCP socket of `family` on `address`, no sharing option.
+const fn tcp(name: &'static str, family: Family, address: IpAddr) -> ProbeSocket {
+    ProbeSocket {
+        name,
+        protocol: Protocol::Tcp,
+        family,
+        address,
+        reuse_addr: false,
+        reuse_port: false,
+    }
+}
+
 /// `SO_REUSEADDR` only.
-const RA: ProbeSocket = ProbeSocket {
-    name: "RA",
-    reuse_addr: true,
-    reuse_port: false,
-};
+const RA: ProbeSocket = udp("RA", true, false);
 /// `SO_REUSEADDR` and `SO_REUSEPORT`.
-const BOTH: ProbeSocket = ProbeSocket {
-    name: "BOTH",
-    reuse_addr: true,
-    reuse_port: true,
-};
+const BOTH: ProbeSocket = udp("BOTH", true, true);
 /// `SO_REUSEPORT` only.
-const RP: ProbeSocket = ProbeSocket {
-    name: "RP",
-    reuse_addr: false,
-    reuse_port: true,
-};
+const RP: ProbeSocket = udp("RP", false, true);
+
+/// An IPv6 TCP socket on `::ffff:0.0.0.0`.
+const MAPPED_ANY: ProbeSocket = tcp(
+    "M0",
+    Family::Ipv6,
+    IpAddr::V6(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped()),
+);
+/// An IPv6 TCP socket on `::ffff:127.0.0.1`.
+const MAPPED_ONE: ProbeSocket = tcp(
+    "M1",
+    Family::Ipv6,
+    IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0x7f00, 1)),
+);
+/// An IPv4 TCP socket on 127.0.0.1.
+const V4_ONE: ProbeSocket = tcp("V1", Family::Ipv4, LOOPBACK);
 
 /// UDP sockets bound one after the other on 127.0.0.1, one port per
-/// scenario, all of one owner. The first two always bind (`SO_REUSEADDR` on
-/// both); whether the last one does depends on the walk.
-pub const UDP_WALK_SCENARIOS: [[ProbeSocket; 3]; 2] = [[RA, BOTH, RP], [BOTH, RA, RP]];
+/// scenario. The first two always bind (`SO_REUSEADDR` on both); whether
+/// the last one does depends on the walk.
+pub const UDP_WALK_SCENARIOS: &[&[ProbeSocket]] = &[&[RA, BOTH, RP], &[BOTH, RA, RP]];
+
+/// TCP sockets without sharing options, one port per scenario. The second
+/// bind of the first one depends on [`MappedAny`]; the other two are refused
+/// on every kernel measured, and a kernel that lets them through is neither.
+pub const MAPPED_ANY_SCENARIOS: &[&[ProbeSocket]] = &[
+    &[MAPPED_ANY, MAPPED_ONE],
+    &[MAPPED_ONE, MAPPED_ANY],
+    &[MAPPED_ANY, V4_ONE],
+];
 
 /// What each bind of one scenario returned, in order.
 pub type Outcomes = Vec<Result<(), Errno>>;
+
+/// What the scenarios gave, one [`Outcomes`] per scenario.
+#[derive(Debug)]
+pub struct Seen {
+    /// [`UDP_WALK_SCENARIOS`].
+    pub udp_walk: Vec<Outcomes>,
+    /// [`MAPPED_ANY_SCENARIOS`], or why they could not run (no IPv6).
+    pub mapped_any: Result<Vec<Outcomes>, ProbeError>,
+}
 
 /// What the probe found.
 #[derive(Debug)]
 pub struct ProbeReport {
     /// The rules to judge by: what was found, unknown where nothing was.
     pub rules: KernelRules,
-    /// What each scenario of [`UDP_WALK_SCENARIOS`] gave, when it ran.
-    pub seen: Option<[Outcomes; 2]>,
+    /// What the scenarios gave, when the probe ran.
+    pub seen: Option<Seen>,
     /// Why it could not run.
     pub error: Option<ProbeError>,
     pub took: Duration,
 }
 
 impl ProbeReport {
-    /// `RA ok, BOTH ok, RP EADDRINUSE; BOTH ok, RA ok, RP EADDRINUSE`, or the
-    /// error.
-    pub fn seen_text(&self) -> String {
+    /// What the UDP walk scenarios gave (`RA ok, BOTH ok, RP EADDRINUSE;
+    /// BOTH ok, RA ok, RP EADDRINUSE`), or the error.
+    pub fn udp_walk_text(&self) -> String {
         match (&self.seen, &self.error) {
-            (Some(seen), _) => describe(seen),
+            (Some(seen), _) => describe(UDP_WALK_SCENARIOS, &seen.udp_walk),
             (None, Some(err)) => err.to_string(),
             (None, None) => "nothing".to_owned(),
         }
     }
+
+    /// What the mapped wildcard scenarios gave (`M0 ok, M1 EADDRINUSE;
+    /// ...`), or the error.
+    pub fn mapped_any_text(&self) -> String {
+        match (&self.seen, &self.error) {
+            (Some(seen), _) => match &seen.mapped_any {
+                Ok(outcomes) => describe(MAPPED_ANY_SCENARIOS, outcomes),
+                Err(err) => err.to_string(),
+            },
+            (None, Some(err)) => err.to_string(),
+            (None, None) => "nothing".to_owned(),
+        }
+    }
+
+    /// Both, as the log line has them: `udp_walk = every_match (...),
+    /// mapped_any = wildcard (...)`.
+    pub fn summary(&self) -> String {
+        format!(
+            "udp_walk = {} ({}), mapped_any = {} ({})",
+            self.rules.udp_walk,
+            self.udp_walk_text(),
+            self.rules.mapped_any,
+            self.mapped_any_text()
+        )
+    }
 }
 
 /// Probes the running kernel, logs what it found (one info line, or a
-/// warning when it could not tell) and returns it. Blocks for at most
-/// [`TIMEOUT`]; never fails: what it cannot find out stays unknown.
+/// warning when it could not tell something) and returns it. Blocks for at
+/// most [`TIMEOUT`]; never fails: what it cannot find out stays unknown.
 pub fn probe() -> ProbeReport {
     let started = Instant::now();
     let (seen, error) = match run(TIMEOUT) {
         Ok(seen) => (Some(seen), None),
         Err(err) => (None, Some(err)),
     };
-    let udp_walk = seen.as_ref().map_or(UdpWalk::Unknown, classify_udp_walk);
+    let rules = seen.as_ref().map_or(KernelRules::UNKNOWN, classify);
     let report = ProbeReport {
-        rules: KernelRules { udp_walk },
+        rules,
         seen,
         error,
         took: started.elapsed(),
     };
-    let text = report.seen_text();
-    if udp_walk == UdpWalk::Unknown {
+    let summary = report.summary();
+    let (udp_walk, mapped_any) = (rules.udp_walk, rules.mapped_any);
+    if udp_walk == UdpWalk::Unknown || mapped_any == MappedAny::Unknown {
         tracing::warn!(
             udp_walk = %udp_walk,
+            mapped_any = %mapped_any,
             took = ?report.took,
-            "kernel probe: udp_walk = {udp_walk} ({text}); UDP answers that depend on it are not confident"
+            "kernel probe: {summary}; answers that depend on what is unknown are not confident"
         );
     } else {
         tracing::info!(
             udp_walk = %udp_walk,
+            mapped_any = %mapped_any,
             took = ?report.took,
-            "kernel probe: udp_walk = {udp_walk} ({text})"
+            "kernel probe: {summary}"
         );
     }
     report
 }
 
-/// Runs [`UDP_WALK_SCENARIOS`] in a private network namespace on a thread
-/// of its own; gives up after `timeout` (the thread is then left to end by
-/// itself, in its own namespace).
-pub fn run(timeout: Duration) -> Result<[Outcomes; 2], ProbeError> {
+/// Runs [`UDP_WALK_SCENARIOS`] and [`MAPPED_ANY_SCENARIOS`] in a private
+/// network namespace on a thread of its own; gives up after `timeout` (the
+/// thread is then left to end by itself, in its own namespace).
+pub fn run(timeout: Duration) -> Result<Seen, ProbeError> {
     let (tx, rx) = mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("kernel-probe".into())
@@ -171,46 +257,85 @@ pub fn run(timeout: Duration) -> Result<[Outcomes; 2], ProbeError> {
     }
 }
 
-/// Which walk explains what the scenarios gave: the one whose predictions
-/// match every bind, if exactly one does. A scenario whose setup binds
-/// failed, or results neither walk (or both) predicts, say nothing.
-pub fn classify_udp_walk(seen: &[Outcomes; 2]) -> UdpWalk {
-    let matching: Vec<UdpWalk> = UdpWalk::KNOWN
-        .into_iter()
-        .filter(|&walk| {
-            UDP_WALK_SCENARIOS
-                .iter()
-                .zip(seen)
-                .all(|(scenario, outcomes)| predicts(walk, scenario, outcomes))
-        })
-        .collect();
-    match matching.as_slice() {
-        [walk] => *walk,
-        _ => UdpWalk::Unknown,
+/// The rules the scenarios show, unknown where they do not tell.
+pub fn classify(seen: &Seen) -> KernelRules {
+    KernelRules {
+        udp_walk: classify_udp_walk(&seen.udp_walk),
+        mapped_any: seen
+            .mapped_any
+            .as_ref()
+            .map_or(MappedAny::Unknown, |outcomes| classify_mapped_any(outcomes)),
     }
 }
 
-/// Whether the rules under `walk` predict each bind of `scenario` as
+/// Which walk explains what [`UDP_WALK_SCENARIOS`] gave: the one whose
+/// predictions match every bind, if exactly one does. A scenario whose
+/// setup binds failed, or results neither walk (or both) predicts, say
+/// nothing.
+pub fn classify_udp_walk(seen: &[Outcomes]) -> UdpWalk {
+    let explains = |udp_walk| {
+        let kernel = KernelRules {
+            udp_walk,
+            ..KernelRules::UNKNOWN
+        };
+        predicts_all(kernel, UDP_WALK_SCENARIOS, seen)
+    };
+    match only(UdpWalk::KNOWN.into_iter().filter(|&walk| explains(walk))) {
+        Some(walk) => walk,
+        None => UdpWalk::Unknown,
+    }
+}
+
+/// Which treatment of `::ffff:0.0.0.0` explains what
+/// [`MAPPED_ANY_SCENARIOS`] gave, as [`classify_udp_walk`] decides.
+pub fn classify_mapped_any(seen: &[Outcomes]) -> MappedAny {
+    let explains = |mapped_any| {
+        let kernel = KernelRules {
+            mapped_any,
+            ..KernelRules::UNKNOWN
+        };
+        predicts_all(kernel, MAPPED_ANY_SCENARIOS, seen)
+    };
+    match only(MappedAny::KNOWN.into_iter().filter(|&m| explains(m))) {
+        Some(mapped_any) => mapped_any,
+        None => MappedAny::Unknown,
+    }
+}
+
+/// The one item, if there is exactly one.
+fn only<T>(mut items: impl Iterator<Item = T>) -> Option<T> {
+    let first = items.next()?;
+    items.next().is_none().then_some(first)
+}
+
+/// Whether `kernel`'s rules predict every scenario as `seen` has it.
+fn predicts_all(kernel: KernelRules, scenarios: &[&[ProbeSocket]], seen: &[Outcomes]) -> bool {
+    scenarios.len() == seen.len()
+        && scenarios
+            .iter()
+            .zip(seen)
+            .all(|(scenario, outcomes)| predicts(kernel, scenario, outcomes))
+}
+
+/// Whether the rules of `kernel` predict each bind of `scenario` as
 /// `outcomes` has it, every prediction confident.
-fn predicts(walk: UdpWalk, scenario: &[ProbeSocket], outcomes: &Outcomes) -> bool {
+fn predicts(kernel: KernelRules, scenario: &[ProbeSocket], outcomes: &Outcomes) -> bool {
     const PORT: u16 = 1;
     if outcomes.len() != scenario.len() {
         return false;
     }
-    let kernel = KernelRules { udp_walk: walk };
     let mut holders: Vec<SocketFacts> = Vec::new();
     for (n, (sock, outcome)) in scenario.iter().zip(outcomes).enumerate() {
         let options = ShareOptions {
             reuse_addr: Some(sock.reuse_addr),
             reuse_port: Some(sock.reuse_port),
-            v6only: None,
+            v6only: (sock.family == Family::Ipv6).then_some(false),
         };
-        let address = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let request = BindRequest {
             netns: 1,
-            protocol: Protocol::Udp,
-            family: Family::Ipv4,
-            address,
+            protocol: sock.protocol,
+            family: sock.family,
+            address: sock.address,
             port: PORT,
             options,
             uid: 0,
@@ -223,9 +348,9 @@ fn predicts(walk: UdpWalk, scenario: &[ProbeSocket], outcomes: &Outcomes) -> boo
             holders.push(SocketFacts {
                 cookie: n as u64 + 1,
                 netns: 1,
-                protocol: Protocol::Udp,
-                family: Family::Ipv4,
-                address,
+                protocol: sock.protocol,
+                family: sock.family,
+                address: sock.address,
                 port: PORT,
                 state: SockState::Bound,
                 options,
@@ -238,8 +363,8 @@ fn predicts(walk: UdpWalk, scenario: &[ProbeSocket], outcomes: &Outcomes) -> boo
 }
 
 /// `RA ok, BOTH ok, RP EADDRINUSE; BOTH ok, ...`.
-fn describe(seen: &[Outcomes; 2]) -> String {
-    UDP_WALK_SCENARIOS
+fn describe(scenarios: &[&[ProbeSocket]], seen: &[Outcomes]) -> String {
+    scenarios
         .iter()
         .zip(seen)
         .map(|(scenario, outcomes)| {
@@ -260,19 +385,33 @@ fn describe(seen: &[Outcomes; 2]) -> String {
 /// On the probe's own thread: leaves the process's network namespace for a
 /// new one, and runs the scenarios there. The thread must end afterwards
 /// (it never returns to the old namespace).
-fn in_private_netns() -> Result<[Outcomes; 2], ProbeError> {
+fn in_private_netns() -> Result<Seen, ProbeError> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(ProbeError::Unshare)?;
     loopback_up()?;
-    let mut seen: [Outcomes; 2] = Default::default();
-    for (n, (scenario, outcomes)) in UDP_WALK_SCENARIOS.iter().zip(&mut seen).enumerate() {
-        // The namespace is new and empty: any port is free; one each.
-        let port = 40000 + n as u16;
+    // The namespace is new and empty: any port is free; one per scenario.
+    Ok(Seen {
+        udp_walk: run_scenarios(UDP_WALK_SCENARIOS, 40000)?,
+        mapped_any: run_scenarios(MAPPED_ANY_SCENARIOS, 40100),
+    })
+}
+
+/// Binds each scenario's sockets in order on a port of its own from
+/// `first_port` on, keeping them open until the scenario ends.
+fn run_scenarios(
+    scenarios: &[&[ProbeSocket]],
+    first_port: u16,
+) -> Result<Vec<Outcomes>, ProbeError> {
+    let mut seen = Vec::with_capacity(scenarios.len());
+    for (n, scenario) in scenarios.iter().enumerate() {
+        let port = first_port + n as u16;
         let mut open = Vec::with_capacity(scenario.len());
-        for sock in scenario {
-            let fd = udp_socket(sock)?;
-            outcomes.push(bind_loopback(&fd, port));
+        let mut outcomes = Outcomes::with_capacity(scenario.len());
+        for sock in *scenario {
+            let fd = probe_socket(sock)?;
+            outcomes.push(bind_to(&fd, sock.address, port));
             open.push(fd);
         }
+        seen.push(outcomes);
     }
     Ok(seen)
 }
@@ -311,33 +450,53 @@ fn loopback_up() -> Result<(), ProbeError> {
     Ok(())
 }
 
-/// An IPv4 UDP socket with `sock`'s options.
-fn udp_socket(sock: &ProbeSocket) -> Result<OwnedFd, ProbeError> {
+/// A socket of `sock`'s protocol and family with its options
+/// (`IPV6_V6ONLY` off on IPv6, whatever `net.ipv6.bindv6only` says).
+fn probe_socket(sock: &ProbeSocket) -> Result<OwnedFd, ProbeError> {
+    let domain = match sock.family {
+        Family::Ipv4 => libc::AF_INET,
+        Family::Ipv6 => libc::AF_INET6,
+    };
+    let kind = match sock.protocol {
+        Protocol::Udp => libc::SOCK_DGRAM,
+        _ => libc::SOCK_STREAM,
+    };
     // SAFETY: plain socket(2); the descriptor is owned right away.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    let raw = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
         return Err(last_error("socket"));
     }
     // SAFETY: a fresh descriptor nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    for (name, call, on) in [
+    let mut options = vec![
         (
+            libc::SOL_SOCKET,
             libc::SO_REUSEADDR,
             "setsockopt SO_REUSEADDR",
             sock.reuse_addr,
         ),
         (
+            libc::SOL_SOCKET,
             libc::SO_REUSEPORT,
             "setsockopt SO_REUSEPORT",
             sock.reuse_port,
         ),
-    ] {
+    ];
+    if sock.family == Family::Ipv6 {
+        options.push((
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            "setsockopt IPV6_V6ONLY",
+            false,
+        ));
+    }
+    for (level, name, call, on) in options {
         let value = libc::c_int::from(on);
         // SAFETY: a 4-byte int option on our own socket.
         let rc = unsafe {
             libc::setsockopt(
                 fd.as_raw_fd(),
-                libc::SOL_SOCKET,
+                level,
                 name,
                 (&raw const value).cast(),
                 size_of::<libc::c_int>() as libc::socklen_t,
@@ -350,22 +509,35 @@ fn udp_socket(sock: &ProbeSocket) -> Result<OwnedFd, ProbeError> {
     Ok(fd)
 }
 
-/// bind(2) to 127.0.0.1:`port`; the kernel's answer is the observation.
-fn bind_loopback(fd: &OwnedFd, port: u16) -> Result<(), Errno> {
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(Ipv4Addr::LOCALHOST.octets()),
-        },
-        sin_zero: [0; 8],
+/// bind(2) to `address`:`port` (an IPv4 address as such, an IPv6 one as
+/// such); the kernel's answer is the observation.
+fn bind_to(fd: &OwnedFd, address: IpAddr, port: u16) -> Result<(), Errno> {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match address {
+        IpAddr::V4(v4) => {
+            // SAFETY: sockaddr_storage is large and aligned enough.
+            let sin = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = port.to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(v4.octets());
+            size_of::<libc::sockaddr_in>()
+        }
+        IpAddr::V6(v6) => {
+            // SAFETY: as above.
+            let sin6 = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = port.to_be();
+            sin6.sin6_addr.s6_addr = v6.octets();
+            size_of::<libc::sockaddr_in6>()
+        }
     };
     // SAFETY: the address lives on this stack frame for the call.
     let rc = unsafe {
         libc::bind(
             fd.as_raw_fd(),
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            (&raw const storage).cast(),
+            len as libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -394,34 +566,89 @@ mod tests {
         assert_eq!(classify_udp_walk(&first), UdpWalk::FirstMatch);
         // Anything else is neither.
         for odd in [
-            [vec![OK, OK, INUSE], vec![OK, OK, OK]],
-            [vec![OK, OK, OK], vec![OK, OK, OK]],
-            [vec![OK, INUSE, INUSE], vec![OK, OK, INUSE]],
-            [vec![OK, OK, Err(Errno::EINVAL)], vec![OK, OK, INUSE]],
-            [vec![OK, OK], vec![OK, OK, INUSE]],
-            [vec![], vec![]],
+            vec![vec![OK, OK, INUSE], vec![OK, OK, OK]],
+            vec![vec![OK, OK, OK], vec![OK, OK, OK]],
+            vec![vec![OK, INUSE, INUSE], vec![OK, OK, INUSE]],
+            vec![vec![OK, OK, Err(Errno::EINVAL)], vec![OK, OK, INUSE]],
+            vec![vec![OK, OK], vec![OK, OK, INUSE]],
+            vec![vec![], vec![]],
+            vec![vec![OK, OK, INUSE]],
         ] {
             assert_eq!(classify_udp_walk(&odd), UdpWalk::Unknown, "{odd:?}");
         }
     }
 
     #[test]
+    fn the_rules_decide_what_the_mapped_wildcard_scenarios_mean() {
+        // 5.10.223, 6.12.111, 6.18.44-fc-v1252: the mapped wildcard covers
+        // every IPv4 address, in either order.
+        let wildcard = [vec![OK, INUSE], vec![OK, INUSE], vec![OK, INUSE]];
+        assert_eq!(classify_mapped_any(&wildcard), MappedAny::Wildcard);
+        // Debian's 6.1.176: the mapped address after the mapped wildcard
+        // binds; the rest is refused.
+        let quirk = [vec![OK, OK], vec![OK, INUSE], vec![OK, INUSE]];
+        assert_eq!(classify_mapped_any(&quirk), MappedAny::Quirk);
+        // Anything else is neither.
+        for odd in [
+            vec![vec![OK, OK], vec![OK, OK], vec![OK, INUSE]],
+            vec![vec![OK, INUSE], vec![OK, OK], vec![OK, INUSE]],
+            vec![vec![OK, OK], vec![OK, INUSE], vec![OK, OK]],
+            vec![vec![INUSE, INUSE], vec![OK, INUSE], vec![OK, INUSE]],
+            vec![vec![OK, OK], vec![OK, INUSE]],
+            vec![],
+        ] {
+            assert_eq!(classify_mapped_any(&odd), MappedAny::Unknown, "{odd:?}");
+        }
+        // A kernel without IPv6 leaves the TCP question open, not the UDP one.
+        let seen = Seen {
+            udp_walk: vec![vec![OK, OK, INUSE], vec![OK, OK, INUSE]],
+            mapped_any: Err(ProbeError::Timeout(TIMEOUT)),
+        };
+        assert_eq!(
+            classify(&seen),
+            KernelRules {
+                udp_walk: UdpWalk::EveryMatch,
+                mapped_any: MappedAny::Unknown,
+            }
+        );
+    }
+
+    #[test]
     fn what_it_saw_reads_as_a_list() {
         let report = ProbeReport {
-            rules: KernelRules::UNKNOWN,
-            seen: Some([vec![OK, OK, INUSE], vec![OK, OK, OK]]),
+            rules: KernelRules {
+                udp_walk: UdpWalk::Unknown,
+                mapped_any: MappedAny::Quirk,
+            },
+            seen: Some(Seen {
+                udp_walk: vec![vec![OK, OK, INUSE], vec![OK, OK, OK]],
+                mapped_any: Ok(vec![vec![OK, OK], vec![OK, INUSE], vec![OK, INUSE]]),
+            }),
             error: None,
             took: Duration::ZERO,
         };
         assert_eq!(
-            report.seen_text(),
+            report.udp_walk_text(),
             "RA ok, BOTH ok, RP EADDRINUSE; BOTH ok, RA ok, RP ok"
+        );
+        assert_eq!(
+            report.mapped_any_text(),
+            "M0 ok, M1 ok; M1 ok, M0 EADDRINUSE; M0 ok, V1 EADDRINUSE"
+        );
+        assert_eq!(
+            report.summary(),
+            "udp_walk = unknown (RA ok, BOTH ok, RP EADDRINUSE; BOTH ok, RA ok, RP ok), \
+             mapped_any = quirk (M0 ok, M1 ok; M1 ok, M0 EADDRINUSE; M0 ok, V1 EADDRINUSE)"
         );
         let failed = ProbeReport {
             seen: None,
             error: Some(ProbeError::Timeout(TIMEOUT)),
             ..report
         };
-        assert_eq!(failed.seen_text(), "cannot probe: no answer within 2s");
+        assert_eq!(failed.udp_walk_text(), "cannot probe: no answer within 2s");
+        assert_eq!(
+            failed.mapped_any_text(),
+            "cannot probe: no answer within 2s"
+        );
     }
 }

@@ -8,8 +8,9 @@
 //! port's [`PortHistory`]), and every confident prediction must equal what
 //! the kernel then does; unconfident ones are counted. The rules judge by
 //! what `portwatch::kernel_probe` finds this kernel does where kernels differ
-//! (the UDP walk), as the daemon does; a second run judges with nothing
-//! probed, and must not be confidently wrong either. A disagreement prints
+//! (the UDP walk, TCP's treatment of `::ffff:0.0.0.0`), as the daemon does; a
+//! second run judges with nothing probed, and must not be confidently wrong
+//! either. A disagreement prints
 //! the whole scenario so it can become a unit test in `src/rules/tests.rs`.
 //!
 //! The seed is printed; `PORTWATCH_PREDICTOR_SEED=<n>` replays a run and
@@ -36,7 +37,7 @@ use std::{
 use portwatch::{
     event::Errno,
     kernel_probe,
-    rules::{self, KernelRules, PortHistory, Prediction, UdpWalk},
+    rules::{self, KernelRules, MappedAny, PortHistory, Prediction, UdpWalk},
     socket::{BindRequest, Family, Protocol, ShareOptions, SockState, SocketFacts},
 };
 use support::{NetnsGuard, churn::Rng, serial};
@@ -157,6 +158,8 @@ struct Tally {
     confident: usize,
     /// Checks whose answer the UDP walk decided (the two walks differ).
     walk_decided: usize,
+    /// Checks whose answer TCP's treatment of `::ffff:0.0.0.0` decided.
+    mapped_any_decided: usize,
     /// (errno name, count) of every refusal.
     errnos: std::collections::BTreeMap<String, usize>,
 }
@@ -171,6 +174,7 @@ impl Tally {
         self.agreed += other.agreed;
         self.confident += other.confident;
         self.walk_decided += other.walk_decided;
+        self.mapped_any_decided += other.mapped_any_decided;
         for (name, n) in &other.errnos {
             *self.errnos.entry(name.clone()).or_default() += n;
         }
@@ -349,6 +353,7 @@ impl Lab {
         self.tally.agreed += usize::from(agrees);
         self.tally.confident += usize::from(predicted.confident);
         self.tally.walk_decided += usize::from(predicted.udp_walk_decides);
+        self.tally.mapped_any_decided += usize::from(predicted.mapped_any_decides);
         // Hand-written scenarios want every answer right and sure; random
         // ones only the sure answers right.
         let wrong = if self.require_confident {
@@ -367,8 +372,8 @@ impl Lab {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "DISAGREEMENT on port {} at {what} (udp_walk {}):",
-            self.port, self.kernel.udp_walk
+            "DISAGREEMENT on port {} at {what} (udp_walk {}, mapped_any {}):",
+            self.port, self.kernel.udp_walk, self.kernel.mapped_any
         );
         let _ = writeln!(out, "  kernel:    {}", show(real));
         let _ = writeln!(out, "  predicted: {predicted:?}");
@@ -638,12 +643,7 @@ fn require_root() {
 /// would judge by.
 fn probed() -> KernelRules {
     let report = kernel_probe::probe();
-    println!(
-        "kernel probe: udp_walk={} in {:?} ({})",
-        report.rules.udp_walk,
-        report.took,
-        report.seen_text()
-    );
+    println!("kernel probe in {:?}: {}", report.took, report.summary());
     report.rules
 }
 
@@ -683,19 +683,21 @@ fn random_scenarios(label: &str, kernel: KernelRules, wanted: usize) {
     });
     let checks = total.checks();
     println!(
-        "{ran} scenarios in {elapsed:.1?}: binds {} ok / {} refused, listens {} ok / {} refused; {} decided by the port's history, {} by the UDP walk; refusals {:?}",
+        "{ran} scenarios in {elapsed:.1?}: binds {} ok / {} refused, listens {} ok / {} refused; {} decided by the port's history, {} by the UDP walk, {} by TCP's treatment of ::ffff:0.0.0.0; refusals {:?}",
         total.binds_ok,
         total.binds_refused,
         total.listens_ok,
         total.listens_refused,
         total.history_decided,
         total.walk_decided,
+        total.mapped_any_decided,
         total.errnos
     );
     println!(
-        "predictor: kernel {}, udp_walk={}, {ran} scenarios, {checks} checks, agreement {}/{checks} ({:.1}%), confident {}/{checks} ({:.1}%)",
+        "predictor: kernel {}, udp_walk={}, mapped_any={}, {ran} scenarios, {checks} checks, agreement {}/{checks} ({:.1}%), confident {}/{checks} ({:.1}%)",
         kernel_release(),
         kernel.udp_walk,
+        kernel.mapped_any,
         total.agreed,
         percent(total.agreed, checks),
         total.confident,
@@ -728,8 +730,9 @@ fn predictions_agree_with_the_kernel() {
     random_scenarios("predictor", kernel, wanted);
 }
 
-/// With nothing probed, answers that depend on the UDP walk must not be
-/// confident: no confident prediction may be wrong on any kernel.
+/// With nothing probed, answers that depend on the UDP walk or on TCP's
+/// treatment of `::ffff:0.0.0.0` must not be confident: no confident
+/// prediction may be wrong on any kernel.
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn unprobed_predictions_are_never_confidently_wrong() {
@@ -778,13 +781,19 @@ fn known_kernel_behaviour() {
     let _serial = serial();
     use Step::{Close, Listen};
     const INUSE: Option<i32> = Some(libc::EADDRINUSE);
-    // Kernels differ in their UDP walk; the probe must tell which this is.
+    // Kernels differ in their UDP walk and in how TCP treats ::ffff:0.0.0.0;
+    // the probe must tell which this is.
     let kernel = probed();
     let walk = kernel.udp_walk;
     assert_ne!(
         walk,
         UdpWalk::Unknown,
         "the probe could not tell this kernel's UDP walk"
+    );
+    assert_ne!(
+        kernel.mapped_any,
+        MappedAny::Unknown,
+        "the probe could not tell how this kernel's TCP treats ::ffff:0.0.0.0"
     );
     // C (SO_REUSEPORT) after A (SO_REUSEADDR) and B (both) joined in that
     // order: the first-match walk meets B first and lets C in; the
@@ -793,7 +802,53 @@ fn known_kernel_behaviour() {
         UdpWalk::FirstMatch => None,
         UdpWalk::EveryMatch | UdpWalk::Unknown => INUSE,
     };
+    // An IPv6 socket on ::ffff:127.0.0.2 after one on ::ffff:0.0.0.0: 6.1
+    // lets it in (and then the wildcard's own listen fails, the mapped one's
+    // does not); other kernels refuse it.
+    let mapped_after_mapped_any = match kernel.mapped_any {
+        MappedAny::Quirk => (
+            vec![
+                tcp_open(true, false, false, false, 0),
+                Step::bind(0, "::ffff:0.0.0.0"),
+                tcp_open(true, true, true, false, OTHER_UID),
+                Step::bind(1, "::ffff:127.0.0.2"),
+                Listen { sock: 0 },
+                Listen { sock: 1 },
+            ],
+            vec![None, None, INUSE, None],
+        ),
+        MappedAny::Wildcard | MappedAny::Unknown => (
+            vec![
+                tcp_open(true, false, false, false, 0),
+                Step::bind(0, "::ffff:0.0.0.0"),
+                tcp_open(true, true, true, false, OTHER_UID),
+                Step::bind(1, "::ffff:127.0.0.2"),
+                Listen { sock: 0 },
+            ],
+            vec![None, INUSE, None],
+        ),
+    };
     let cases: Vec<Case> = vec![
+        (
+            "::ffff:127.0.0.2 after ::ffff:0.0.0.0 binds only where TCP has 6.1's quirk",
+            mapped_after_mapped_any.0,
+            mapped_after_mapped_any.1,
+        ),
+        (
+            "::ffff:0.0.0.0 blocks 127.0.0.2 and is blocked by ::ffff:127.0.0.2 on every kernel",
+            vec![
+                tcp_open(true, false, false, false, 0),
+                Step::bind(0, "::ffff:0.0.0.0"),
+                tcp_open(false, false, false, false, 0),
+                Step::bind(1, "127.0.0.2"),
+                Close { sock: 0 },
+                tcp_open(true, false, false, false, 0),
+                Step::bind(2, "::ffff:127.0.0.2"),
+                tcp_open(true, false, false, false, 0),
+                Step::bind(3, "::ffff:0.0.0.0"),
+            ],
+            vec![None, INUSE, None, INUSE],
+        ),
         (
             "two SO_REUSEADDR sockets bind one address; the second listen fails",
             vec![

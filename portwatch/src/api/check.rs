@@ -2,8 +2,9 @@
 //! ([`rules::predict_bind`]) judged against the sockets the map holds on the
 //! port, which are listeners and bound sockets: connections and TIME_WAIT
 //! entries are not in the map, so a TCP answer of "ok" says so. Where the
-//! answer rests on how this kernel walks a UDP port's sockets, the
-//! explanation says so, and which walk the start-up probe found.
+//! answer rests on how this kernel walks a UDP port's sockets, or on how its
+//! TCP treats `::ffff:0.0.0.0`, the explanation says so, and what the
+//! start-up probe found.
 
 use axum::{
     Json,
@@ -18,7 +19,7 @@ use super::{
 };
 use crate::{
     event::{Family, Protocol},
-    rules::{self, UdpWalk, Verdict},
+    rules::{self, MappedAny, UdpWalk, Verdict},
     socket::{BindRequest, ShareOptions},
     state::State as DaemonState,
 };
@@ -93,6 +94,7 @@ fn judge(state: &DaemonState, request: BindRequest) -> CheckResponse {
     // The rules want bind order, oldest first; cookies grow in that order.
     existing.sort_by_key(|f| f.cookie);
     let walk = state.kernel.udp_walk;
+    let mapped_any = state.kernel.mapped_any;
     let prediction = rules::predict_bind(state.kernel, None, &existing, &request);
     let blocked_by: Vec<BlockerView> = prediction
         .verdict
@@ -145,9 +147,20 @@ fn judge(state: &DaemonState, request: BindRequest) -> CheckResponse {
             ),
         });
     }
+    if prediction.mapped_any_decides {
+        explanation.push_str(&match mapped_any {
+            MappedAny::Unknown => format!(
+                ". The answer depends on how the kernel treats a TCP socket on ::ffff:0.0.0.0, and this one was not probed (mapped_any = {mapped_any}): Linux 6.1 lets an IPv6 socket bind a specific ::ffff:a.b.c.d address past it, other kernels refuse that"
+            ),
+            known => format!(
+                ". The answer depends on how the kernel treats a TCP socket on ::ffff:0.0.0.0: this one {} (mapped_any = {known}, probed at start)",
+                known.description()
+            ),
+        });
+    }
     if !prediction.confident {
         explanation.push_str(
-            ". Not certain: an option or owner portwatch could not read, the kernel's SO_REUSEPORT memory of the port, SCTP, a crowded UDP port or an unprobed UDP walk could change the answer",
+            ". Not certain: an option or owner portwatch could not read, the kernel's SO_REUSEPORT memory of the port, SCTP, a crowded UDP port, an unprobed UDP walk or an unprobed treatment of ::ffff:0.0.0.0 could change the answer",
         );
     }
     CheckResponse {
@@ -187,5 +200,121 @@ fn holders(blocker: &BlockerView) -> String {
             first.pid,
             rest.len()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::IpAddr, time::SystemTime};
+
+    use super::*;
+    use crate::{
+        map::Observed,
+        rules::KernelRules,
+        socket::{SockState, SocketFacts},
+    };
+
+    /// A daemon state whose map holds one IPv6 TCP socket on
+    /// `[::ffff:0.0.0.0]:8080`, judging by `kernel`.
+    fn state_with_mapped_any(kernel: KernelRules) -> DaemonState {
+        let mut state = DaemonState::new(8, 8);
+        state.kernel = kernel;
+        state.host_netns = 1;
+        let facts = SocketFacts {
+            cookie: 1,
+            netns: 1,
+            protocol: Protocol::Tcp,
+            family: Family::Ipv6,
+            address: "::ffff:0.0.0.0".parse().unwrap(),
+            port: 8080,
+            state: SockState::Bound,
+            options: ShareOptions {
+                reuse_addr: Some(false),
+                reuse_port: Some(false),
+                v6only: Some(false),
+            },
+            uid: Some(0),
+            bound_dev_if: 0,
+        };
+        let observed = Observed {
+            facts,
+            holders: Vec::new(),
+            inode: None,
+            cgroup: None,
+            unit: None,
+            container: None,
+        };
+        state.map.merge(vec![observed], SystemTime::now());
+        state
+    }
+
+    fn mapped_request() -> BindRequest {
+        let address: IpAddr = "::ffff:127.0.0.2".parse().unwrap();
+        BindRequest {
+            netns: 1,
+            protocol: Protocol::Tcp,
+            family: Family::Ipv6,
+            address,
+            port: 8080,
+            options: ShareOptions {
+                reuse_addr: Some(false),
+                reuse_port: Some(false),
+                v6only: Some(false),
+            },
+            uid: 0,
+        }
+    }
+
+    #[test]
+    fn the_explanation_says_when_the_mapped_wildcard_decided() {
+        let quirk = KernelRules {
+            mapped_any: MappedAny::Quirk,
+            ..KernelRules::UNKNOWN
+        };
+        let answer = judge(&state_with_mapped_any(quirk), mapped_request());
+        assert!(answer.ok && answer.confident, "{}", answer.explanation);
+        assert!(
+            answer
+                .explanation
+                .contains("(mapped_any = quirk, probed at start)"),
+            "{}",
+            answer.explanation
+        );
+        let wildcard = KernelRules {
+            mapped_any: MappedAny::Wildcard,
+            ..KernelRules::UNKNOWN
+        };
+        let answer = judge(&state_with_mapped_any(wildcard), mapped_request());
+        assert!(!answer.ok && answer.confident, "{}", answer.explanation);
+        assert!(
+            answer
+                .explanation
+                .contains("(mapped_any = wildcard, probed at start)"),
+            "{}",
+            answer.explanation
+        );
+        let answer = judge(
+            &state_with_mapped_any(KernelRules::UNKNOWN),
+            mapped_request(),
+        );
+        assert!(!answer.ok && !answer.confident, "{}", answer.explanation);
+        assert!(
+            answer
+                .explanation
+                .contains("this one was not probed (mapped_any = unknown)"),
+            "{}",
+            answer.explanation
+        );
+        // An IPv4 request does not depend on it: no note.
+        let mut v4 = mapped_request();
+        v4.family = Family::Ipv4;
+        v4.address = "127.0.0.2".parse().unwrap();
+        let answer = judge(&state_with_mapped_any(KernelRules::UNKNOWN), v4);
+        assert!(!answer.ok && answer.confident, "{}", answer.explanation);
+        assert!(
+            !answer.explanation.contains("mapped_any"),
+            "{}",
+            answer.explanation
+        );
     }
 }

@@ -27,6 +27,16 @@
 //!   `::ffff:0.0.0.0` the IPv4 wildcard). `[::]` with `IPV6_V6ONLY` covers no
 //!   IPv4 address, and a specific IPv6 address never overlaps IPv4
 //!   (`__inet6_bind` turns `IPV6_V6ONLY` on for such sockets itself).
+//!   Linux 6.1's TCP does not always see `::ffff:0.0.0.0` as the wildcard
+//!   ([`MappedAny`], probed at start by [`crate::kernel_probe`]):
+//!   - [`MappedAny::Wildcard`] (5.10, 6.12, 6.18): as above.
+//!   - [`MappedAny::Quirk`] (measured on Debian's 6.1.176): an IPv6 socket
+//!     binding or listening on a specific mapped address `::ffff:a.b.c.d`
+//!     does not see IPv6 sockets on `::ffff:0.0.0.0`; every other check
+//!     does. While one holds the port, whether that check sees the other
+//!     wildcards is not known (one case was seen where it did not): such
+//!     answers are not confident.
+//!   - [`MappedAny::Unknown`]: an answer is confident only when both give it.
 //! - **No sharing option lets them through**:
 //!   - TCP (`inet_bind_conflict` as `inet_csk_get_port` calls it for an
 //!     explicit port, `relax` and `reuseport_ok` set): not when both set
@@ -85,7 +95,10 @@
 //! - SCTP has rules of its own: judged by the TCP rules, not confident.
 //! - Which UDP walk the kernel takes, when it was not probed
 //!   ([`UdpWalk::Unknown`]): the stricter [`UdpWalk::EveryMatch`] answer is
-//!   reported, confident only when [`UdpWalk::FirstMatch`] agrees.
+//!   reported, confident only when [`UdpWalk::FirstMatch`] agrees. Likewise
+//!   how TCP treats `::ffff:0.0.0.0` ([`MappedAny::Unknown`]): the
+//!   [`MappedAny::Wildcard`] answer, confident only when
+//!   [`MappedAny::Quirk`] agrees.
 //! - UDP binds of a specific address when the kernel's hash slot for the port
 //!   (which it shares with other ports and namespaces) holds more than 10
 //!   sockets: the kernel then looks only at that address's and the wildcard's
@@ -113,10 +126,13 @@ use serde::Serialize;
 pub(crate) use self::address::{Endpoint, endpoint, is_wildcard, overlap};
 use self::{
     address::split_reason,
-    tcp::{shortcut_applies, tcp_blocker},
+    tcp::{MappedCheck, shortcut_applies, tcp_blocker},
     udp::{UDP_HASH2_THRESHOLD, udp_blockers},
 };
-pub use self::{tcp::PortHistory, udp::UdpWalk};
+pub use self::{
+    tcp::{MappedAny, PortHistory},
+    udp::UdpWalk,
+};
 use crate::{
     event::Errno,
     socket::{BindRequest, Family, Protocol, SockState, SocketFacts},
@@ -196,12 +212,17 @@ pub struct Prediction {
     /// False when something the inputs do not show could change the answer:
     /// an unknown option or owner, TCP's `SO_REUSEPORT` shortcut without a
     /// [`PortHistory`], port 0, SCTP, a crowded UDP port (see the module
-    /// documentation), or a UDP walk that was not probed.
+    /// documentation), or a UDP walk or TCP treatment of `::ffff:0.0.0.0`
+    /// that was not probed and matters here.
     pub confident: bool,
     /// Whether the two UDP walks kernels take ([`UdpWalk::KNOWN`]) answer
     /// differently here, so that the answer rests on
     /// [`KernelRules::udp_walk`]. Always false outside UDP.
     pub udp_walk_decides: bool,
+    /// Whether the two ways kernels treat a TCP socket on `::ffff:0.0.0.0`
+    /// ([`MappedAny::KNOWN`]) answer differently here, so that the answer
+    /// rests on [`KernelRules::mapped_any`]. Always false outside TCP.
+    pub mapped_any_decides: bool,
 }
 
 /// What the running kernel does where kernels are known to differ, as
@@ -211,13 +232,61 @@ pub struct Prediction {
 pub struct KernelRules {
     /// How UDP binds are judged against the port's sockets.
     pub udp_walk: UdpWalk,
+    /// Whether TCP sees `::ffff:0.0.0.0` as the IPv4 wildcard everywhere.
+    pub mapped_any: MappedAny,
 }
 
 impl KernelRules {
     /// Nothing probed.
     pub const UNKNOWN: KernelRules = KernelRules {
         udp_walk: UdpWalk::Unknown,
+        mapped_any: MappedAny::Unknown,
     };
+
+    /// The kernel whose answer is reported: the known behaviours, and the
+    /// stricter choice where something is unknown.
+    fn reported(self) -> Judged {
+        Judged {
+            udp_walk: self.udp_walk.reported(),
+            mapped_check: self.mapped_any.reported_check(),
+        }
+    }
+
+    /// Every kernel these rules may be, varying only what `space` depends
+    /// on (the rest as [`KernelRules::reported`]).
+    fn possible(self, space: Space) -> Vec<Judged> {
+        let reported = self.reported();
+        match space {
+            Space::Udp | Space::UdpLite => self
+                .udp_walk
+                .possible()
+                .iter()
+                .map(|&udp_walk| Judged {
+                    udp_walk,
+                    ..reported
+                })
+                .collect(),
+            Space::Tcp => self
+                .mapped_any
+                .checks()
+                .iter()
+                .map(|&mapped_check| Judged {
+                    mapped_check,
+                    ..reported
+                })
+                .collect(),
+            Space::Sctp => vec![reported],
+        }
+    }
+}
+
+/// One kernel, as completely as the rules judge by it: [`KernelRules`]
+/// with nothing unknown, and TCP's check of a mapped address spelt out
+/// ([`MappedCheck`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Judged {
+    udp_walk: UdpWalk,
+    mapped_check: MappedCheck,
 }
 
 /// A socket that blocks a bind, and why.
@@ -488,7 +557,7 @@ pub fn predict_bind(
         .iter()
         .filter(|f| f.netns == req.netns && Space::of(f.protocol) == space && f.port == req.port)
         .collect();
-    let judge = |fill, walk| {
+    let judge = |fill, rules| {
         if let Some(invalid) = invalid_bind(req, fill) {
             return Verdict::invalid(invalid);
         }
@@ -496,7 +565,7 @@ pub fn predict_bind(
             return Verdict::Ok;
         }
         let new = View::of_request(req, fill);
-        judge(space, walk, history, &new, &holders, fill)
+        judge(space, rules, history, &new, &holders, fill)
     };
     // A specific UDP address on a crowded port may take the kernel's other
     // walk (udp_lib_lport_inuse2), whose order this does not model.
@@ -524,7 +593,7 @@ pub fn predict_listen(
                 && !is_same_socket(f, sock)
         })
         .collect();
-    let judge = |fill, walk| {
+    let judge = |fill, rules| {
         if space.is_udp() {
             return Verdict::invalid(InvalidRequest::ListenOnDatagramSocket);
         }
@@ -540,42 +609,53 @@ pub fn predict_listen(
             return Verdict::Ok;
         }
         let new = View::of_socket(sock, fill);
-        judge(space, walk, history, &new, &holders, fill)
+        judge(space, rules, history, &new, &holders, fill)
     };
     let knowable = space != Space::Sctp && sock.port != 0;
     predict(space, kernel, knowable, judge)
 }
 
-/// The reported answer (unknowns unset, the walk [`UdpWalk::reported`]),
-/// confident when `knowable` and the same whatever the unknowns are (both
-/// fills, every walk the kernel may take).
+/// The reported answer (unknowns unset, the rules
+/// [`KernelRules::reported`]), confident when `knowable` and the same
+/// whatever the unknowns are (both fills, every kernel the rules may be).
 fn predict(
     space: Space,
     kernel: KernelRules,
     knowable: bool,
-    judge: impl Fn(Fill, UdpWalk) -> Verdict,
+    judge: impl Fn(Fill, Judged) -> Verdict,
 ) -> Prediction {
-    let walk = kernel.udp_walk;
-    let verdict = judge(Fill::Unset, walk.reported());
-    // The walk only matters for UDP: elsewhere one is as good as another.
-    let walks: &[UdpWalk] = if space.is_udp() {
-        walk.possible()
-    } else {
-        &[UdpWalk::EveryMatch]
-    };
+    let reported = kernel.reported();
+    let verdict = judge(Fill::Unset, reported);
     let confident = knowable
-        && walks.iter().all(|&w| {
+        && kernel.possible(space).into_iter().all(|rules| {
             [Fill::Unset, Fill::Set]
                 .into_iter()
-                .all(|fill| verdict.same_answer(&judge(fill, w)))
+                .all(|fill| verdict.same_answer(&judge(fill, rules)))
         });
+    // Whether the known kinds of kernel differ here, whichever this one is.
+    let differ = |possible: KernelRules| {
+        let answers: Vec<Verdict> = possible
+            .possible(space)
+            .into_iter()
+            .map(|rules| judge(Fill::Unset, rules))
+            .collect();
+        answers.windows(2).any(|w| !w[0].same_answer(&w[1]))
+    };
     let udp_walk_decides = space.is_udp()
-        && !judge(Fill::Unset, UdpWalk::FirstMatch)
-            .same_answer(&judge(Fill::Unset, UdpWalk::EveryMatch));
+        && differ(KernelRules {
+            udp_walk: UdpWalk::Unknown,
+            ..kernel
+        });
+    let mapped_any_decides = space == Space::Tcp
+        && differ(KernelRules {
+            mapped_any: MappedAny::Unknown,
+            ..kernel
+        });
     Prediction {
         verdict,
         confident,
         udp_walk_decides,
+        mapped_any_decides,
     }
 }
 
@@ -584,7 +664,10 @@ fn predict(
 /// an inconsistent model, or one of the history effects the module
 /// documentation describes (TCP's `SO_REUSEPORT` shortcut;
 /// [`UdpWalk::FirstMatch`], under which a socket can join past one it does
-/// not share with when its walk stops at an earlier one). Under
+/// not share with when its walk stops at an earlier one;
+/// [`MappedAny::Quirk`], under which an IPv6 TCP socket on `::ffff:a.b.c.d`
+/// joins one on `::ffff:0.0.0.0` that would have refused it the other way
+/// round). Under
 /// [`UdpWalk::EveryMatch`] every UDP bind is checked against each holder
 /// alone, so two UDP sockets that hold a port always have a reason here.
 /// Unknown options are first taken as not set and, if that finds no reason,
@@ -682,6 +765,7 @@ fn same_owner(a: Option<u32>, b: Option<u32>, fill: Fill) -> bool {
 /// One socket as the rules see it, unknowns filled in.
 #[derive(Clone, Copy, Debug)]
 struct View {
+    family: Family,
     end: Endpoint,
     reuse_addr: bool,
     reuse_port: bool,
@@ -694,6 +778,7 @@ struct View {
 impl View {
     fn of_socket(facts: &SocketFacts, fill: Fill) -> View {
         View {
+            family: facts.family,
             end: endpoint(facts.address, facts.options.v6only, fill),
             reuse_addr: fill.flag(facts.options.reuse_addr),
             reuse_port: fill.flag(facts.options.reuse_port),
@@ -706,6 +791,7 @@ impl View {
 
     fn of_request(req: &BindRequest, fill: Fill) -> View {
         View {
+            family: req.family,
             end: endpoint(req.address, req.options.v6only, fill),
             reuse_addr: fill.flag(req.options.reuse_addr),
             reuse_port: fill.flag(req.options.reuse_port),
@@ -746,7 +832,7 @@ fn is_same_socket(a: &SocketFacts, b: &SocketFacts) -> bool {
 /// The conflict check of one bind or listen against the port's holders.
 fn judge(
     space: Space,
-    walk: UdpWalk,
+    rules: Judged,
     history: Option<&PortHistory>,
     new: &View,
     holders: &[&SocketFacts],
@@ -756,15 +842,22 @@ fn judge(
         return Verdict::Ok;
     }
     match space {
-        Space::Udp | Space::UdpLite => Verdict::conflict(udp_blockers(walk, new, holders, fill)),
+        Space::Udp | Space::UdpLite => {
+            Verdict::conflict(udp_blockers(rules.udp_walk, new, holders, fill))
+        }
         Space::Tcp | Space::Sctp => {
             if space == Space::Tcp && shortcut_applies(history, new, fill) {
                 return Verdict::Ok;
             }
+            // SCTP is only judged by TCP's rules, not its quirks.
+            let check = match space {
+                Space::Tcp => rules.mapped_check,
+                _ => MappedCheck::Everyone,
+            };
             Verdict::conflict(
                 holders
                     .iter()
-                    .filter_map(|old| tcp_blocker(new, old, fill))
+                    .filter_map(|old| tcp_blocker(check, new, old, holders, fill))
                     .collect(),
             )
         }
