@@ -512,34 +512,9 @@ fn probe_socket(sock: &ProbeSocket) -> Result<OwnedFd, ProbeError> {
 /// bind(2) to `address`:`port` (an IPv4 address as such, an IPv6 one as
 /// such); the kernel's answer is the observation.
 fn bind_to(fd: &OwnedFd, address: IpAddr, port: u16) -> Result<(), Errno> {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match address {
-        IpAddr::V4(v4) => {
-            // SAFETY: sockaddr_storage is large and aligned enough.
-            let sin = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in>() };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = port.to_be();
-            sin.sin_addr.s_addr = u32::from_ne_bytes(v4.octets());
-            size_of::<libc::sockaddr_in>()
-        }
-        IpAddr::V6(v6) => {
-            // SAFETY: as above.
-            let sin6 = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in6>() };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = port.to_be();
-            sin6.sin6_addr.s6_addr = v6.octets();
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
+    let (storage, len) = crate::socket::sockaddr(address, port);
     // SAFETY: the address lives on this stack frame for the call.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw const storage).cast(),
-            len as libc::socklen_t,
-        )
-    };
+    let rc = unsafe { libc::bind(fd.as_raw_fd(), (&raw const storage).cast(), len) };
     if rc == 0 {
         Ok(())
     } else {

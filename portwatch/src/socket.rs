@@ -102,3 +102,31 @@ pub struct BindRequest {
     pub options: ShareOptions,
     pub uid: u32,
 }
+
+/// `address`:`port` as the C socket calls take it: a `sockaddr_in` for an
+/// IPv4 address, a `sockaddr_in6` for an IPv6 one (whatever the socket's
+/// family: that is how an IPv6 address meets an IPv4 socket), in a
+/// `sockaddr_storage`, and its length. Pure encoding; no call is made.
+pub fn sockaddr(address: IpAddr, port: u16) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match address {
+        IpAddr::V4(v4) => {
+            // SAFETY: sockaddr_storage is large and aligned enough.
+            let sin = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = port.to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(v4.octets());
+            size_of::<libc::sockaddr_in>()
+        }
+        IpAddr::V6(v6) => {
+            // SAFETY: as above.
+            let sin6 = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = port.to_be();
+            sin6.sin6_addr.s6_addr = v6.octets();
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}

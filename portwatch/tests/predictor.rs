@@ -461,34 +461,8 @@ fn set_flag(fd: i32, level: i32, name: i32, on: bool) {
     assert_eq!(rc, 0, "setsockopt({level}, {name}): {}", last_errno());
 }
 
-/// A sockaddr of the address's own family, whatever the socket's (that is
-/// how an IPv6 address meets an IPv4 socket), and its length.
-fn sockaddr(addr: IpAddr, port: u16) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        IpAddr::V4(v4) => {
-            // SAFETY: sockaddr_storage is large and aligned enough.
-            let sin = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in>() };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = port.to_be();
-            sin.sin_addr.s_addr = u32::from_ne_bytes(v4.octets());
-            size_of::<libc::sockaddr_in>()
-        }
-        IpAddr::V6(v6) => {
-            // SAFETY: as above.
-            let sin6 = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in6>() };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = port.to_be();
-            sin6.sin6_addr.s6_addr = v6.octets();
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
-}
-
 fn bind(fd: i32, addr: IpAddr, port: u16) -> Result<(), Errno> {
-    let (storage, len) = sockaddr(addr, port);
+    let (storage, len) = portwatch::socket::sockaddr(addr, port);
     // SAFETY: the address lives on this stack frame for the call.
     let rc = unsafe { libc::bind(fd, (&raw const storage).cast(), len) };
     if rc == 0 { Ok(()) } else { Err(last_errno()) }
@@ -1028,7 +1002,7 @@ fn time_wait_on(port: u16, reuse_addr: bool, reuse_port: bool) {
 }
 
 fn connect(fd: i32, addr: IpAddr, port: u16) {
-    let (storage, len) = sockaddr(addr, port);
+    let (storage, len) = portwatch::socket::sockaddr(addr, port);
     // SAFETY: the address lives on this stack frame for the call.
     let rc = unsafe { libc::connect(fd, (&raw const storage).cast(), len) };
     assert_eq!(rc, 0, "connect: {}", last_errno());

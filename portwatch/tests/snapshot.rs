@@ -158,6 +158,14 @@ fn snapshot_lists_a_private_netns_with_states_options_and_owners() {
         },
         tcp4(7, 8004, SockState::Listening, true, false),
     ];
+    // A kernel before 6.7 cannot list a TCP socket that is only bound; the
+    // probe the daemon trusts for that must agree with this real listing.
+    let bound_listed = snapshot::bound_only_tcp_listed().expect("the sock_diag probe runs");
+    println!("sock_diag lists bound-only TCP sockets: {bound_listed}");
+    let expected: Vec<Expected> = expected
+        .into_iter()
+        .filter(|e| bound_listed || !(e.protocol == Protocol::Tcp && e.state == SockState::Bound))
+        .collect();
 
     // The worker is forked from this thread, so it starts with its name.
     let comm = std::fs::read_to_string("/proc/thread-self/comm").expect("comm");

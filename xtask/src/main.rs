@@ -87,8 +87,9 @@ enum Task {
         only: Vec<String>,
     },
     /// Boot stock Debian kernels (5.10, 6.1, 6.12) under QEMU and run the
-    /// root test suites inside each: trace, map, the predictor, the storm
-    /// and one-entry-map robustness tests, and the daemon's seed scenarios.
+    /// root test suites inside each: trace, map, the predictor, a private
+    /// namespace's snapshot, the storm and one-entry-map robustness tests,
+    /// and the daemon's seed scenarios.
     /// Ends with a table per kernel: the hook paths, what is unknown there,
     /// and the tests passed, failed and skipped.
     Vm {
@@ -110,7 +111,7 @@ enum Task {
         #[arg(long, default_value_t = 30)]
         minutes: u64,
         /// Only the suites whose name contains this (repeatable): trace,
-        /// map, predictor, robustness, daemon.
+        /// map, predictor, snapshot, robustness, daemon.
         #[arg(long = "suite", value_name = "NAME")]
         suites: Vec<String>,
     },

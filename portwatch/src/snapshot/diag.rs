@@ -216,11 +216,9 @@ fn bound_only_tcp_listed_here() -> Result<bool, SnapshotError> {
     }
     // SAFETY: a fresh descriptor nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: all-zero is 0.0.0.0:0 with the family set below.
-    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    addr.sin_family = libc::AF_INET as libc::sa_family_t;
-    let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: `addr` is a sockaddr_in of the length passed.
+    let (mut addr, mut len) =
+        crate::socket::sockaddr(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+    // SAFETY: `addr` holds a sockaddr_in of the length passed.
     if unsafe { libc::bind(sock.as_raw_fd(), (&raw const addr).cast(), len) } != 0 {
         return Err(last());
     }
@@ -228,7 +226,8 @@ fn bound_only_tcp_listed_here() -> Result<bool, SnapshotError> {
     if unsafe { libc::getsockname(sock.as_raw_fd(), (&raw mut addr).cast(), &raw mut len) } != 0 {
         return Err(last());
     }
-    let port = u16::from_be(addr.sin_port);
+    // SAFETY: getsockname wrote a sockaddr_in (an AF_INET socket).
+    let port = u16::from_be(unsafe { (*(&raw const addr).cast::<libc::sockaddr_in>()).sin_port });
     let mut diag = Diag::open()?;
     let netns = diag.netns_cookie()?;
     let mut found = Vec::new();

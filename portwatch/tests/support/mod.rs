@@ -636,38 +636,13 @@ struct Prepared {
 
 impl Prepared {
     fn new(op: &Op) -> Prepared {
-        // SAFETY: all-zero is a valid sockaddr_storage.
-        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let mut addr_len = 0;
-        if let Op::Bind {
-            addr: socket_addr, ..
-        }
-        | Op::UringBind {
-            addr: socket_addr, ..
-        }
-        | Op::Connect {
-            addr: socket_addr, ..
-        } = op
-        {
-            match socket_addr {
-                SocketAddr::V4(v4) => {
-                    // SAFETY: sockaddr_storage is large and aligned enough.
-                    let sin = unsafe { &mut *(&raw mut addr).cast::<libc::sockaddr_in>() };
-                    sin.sin_family = libc::AF_INET as libc::sa_family_t;
-                    sin.sin_port = v4.port().to_be();
-                    sin.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
-                    addr_len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-                }
-                SocketAddr::V6(v6) => {
-                    // SAFETY: as above.
-                    let sin6 = unsafe { &mut *(&raw mut addr).cast::<libc::sockaddr_in6>() };
-                    sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-                    sin6.sin6_port = v6.port().to_be();
-                    sin6.sin6_addr.s6_addr = v6.ip().octets();
-                    addr_len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-                }
+        let (addr, addr_len) = match op {
+            Op::Bind { addr, .. } | Op::UringBind { addr, .. } | Op::Connect { addr, .. } => {
+                portwatch::socket::sockaddr(addr.ip(), addr.port())
             }
-        }
+            // SAFETY: all-zero is a valid sockaddr_storage; unused.
+            _ => (unsafe { std::mem::zeroed() }, 0),
+        };
         Prepared {
             op: op.clone(),
             addr,

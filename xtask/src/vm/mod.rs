@@ -85,6 +85,12 @@ const SUITES: &[Suite] = &[
         show_output: true,
     },
     Suite {
+        name: "snapshot (a private namespace listed)",
+        target: "snapshot",
+        filters: &["snapshot_lists_a_private_netns_with_states_options_and_owners"],
+        show_output: false,
+    },
+    Suite {
         name: "robustness (storm, one-entry maps)",
         target: "robustness",
         filters: &[
