@@ -152,6 +152,9 @@ pub struct Watcher {
     /// Whether sock_diag lists TCP sockets that are bound but not listening
     /// (Linux 6.7+); without it, reconciliation leaves those entries alone.
     bound_tcp_listed: bool,
+    /// Why the last sock_diag listing failed, while listings fail: said
+    /// once, until it changes or listings work again.
+    listing_failed: Option<String>,
 }
 
 impl Watcher {
@@ -183,11 +186,20 @@ impl Watcher {
             bound_tcp_listed: tokio::task::spawn_blocking(probe_bound_tcp_listing)
                 .await
                 .unwrap_or(false),
+            listing_failed: None,
         };
         let snapshot_config = watcher.config.snapshot;
         let started = Instant::now();
         let snapshot =
-            tokio::task::spawn_blocking(move || snapshot::take(&snapshot_config)).await??;
+            match tokio::task::spawn_blocking(move || snapshot::take(&snapshot_config)).await? {
+                Ok(snapshot) => snapshot,
+                Err(err) => {
+                    // Live events still work: say what is missing and go on.
+                    watcher.listing_failed(&err);
+                    watcher.write().ready = true;
+                    return Ok(watcher);
+                }
+            };
         let observed = snapshot.observed();
         let mut untracked = 0;
         for seen in &observed {
@@ -300,9 +312,39 @@ impl Watcher {
         let lost_something =
             (!events.is_empty() || now >= self.next_drop_check) && self.update_drops();
         if lost_something || now >= self.next_reconcile {
-            self.reconcile().await?;
+            match self.reconcile().await {
+                Err(WatchError::Snapshot(err)) => {
+                    self.listing_failed(&err);
+                    self.next_reconcile = Instant::now() + self.config.reconcile_every;
+                }
+                other => {
+                    other?;
+                }
+            }
         }
         Ok(events)
+    }
+
+    /// A sock_diag listing failed (no SO_NETNS_COOKIE before Linux 5.14, the
+    /// diag modules not loaded, ...): the map goes on from live events
+    /// alone, and the next listing is tried when it is due. Said once per
+    /// distinct reason.
+    fn listing_failed(&mut self, err: &SnapshotError) {
+        let reason = err.to_string();
+        if self.listing_failed.as_deref() != Some(reason.as_str()) {
+            tracing::warn!(
+                error = %reason,
+                "the sock_diag listing failed: portwatch goes on with live events alone, so sockets made before it started are not listed and the map is not checked against the kernel; it tries again every reconcile_interval"
+            );
+            self.listing_failed = Some(reason);
+        }
+    }
+
+    /// A listing worked: says so if earlier ones had failed.
+    fn listing_works(&mut self) {
+        if self.listing_failed.take().is_some() {
+            tracing::info!("the sock_diag listing works again; the map is checked against it");
+        }
     }
 
     /// Copies the kernel's drop counters and the decode errors into the
@@ -403,7 +445,24 @@ impl Watcher {
             read_options: false,
             holders_only: false,
         };
-        let snapshot = tokio::task::spawn_blocking(move || snapshot::take(&config)).await??;
+        let snapshot = match tokio::task::spawn_blocking(move || snapshot::take(&config)).await? {
+            Ok(snapshot) => snapshot,
+            Err(err) => {
+                // Attributed from the map alone, rather than lost.
+                self.listing_failed(&err);
+                let unresolved = std::mem::take(&mut self.unresolved);
+                let mut state = self.write();
+                for (time, event, blocked_by) in unresolved {
+                    state.failures.push(Failure {
+                        time,
+                        event,
+                        blocked_by,
+                    });
+                }
+                return Ok(());
+            }
+        };
+        self.listing_works();
         let observed = snapshot.observed();
         let unresolved = std::mem::take(&mut self.unresolved);
         let mut state = self.write();
@@ -457,6 +516,7 @@ impl Watcher {
         };
         let started = Instant::now();
         let snapshot = tokio::task::spawn_blocking(move || snapshot::take(&config)).await??;
+        self.listing_works();
         let observed = snapshot.observed();
         let fresh: Vec<u64> = {
             let state = self.read_guard();
