@@ -61,7 +61,7 @@ use crate::{
     ALLOW,
     common::{
         PENDING_BIND, TRACKED, count_drop, current_tid, emit, fill_options_from_sock, fill_task,
-        offsets, read_field, sock_event,
+        netns_by_inode, netns_id, offsets, read_field, sock_event,
     },
 };
 
@@ -121,7 +121,15 @@ fn on_bind(ctx: &SockAddrContext, v6: bool, getsockopt: bool) {
             copy_ip6(&mut event.addr, &raw.user_ip6);
         }
         event.cookie = bpf_get_socket_cookie(sa.cast());
-        event.netns_cookie = bpf_get_netns_cookie(sa.cast());
+        event.netns_cookie = if netns_by_inode() {
+            // `struct bpf_sock_addr_kern` starts with `struct sock *sk`.
+            bpf_probe_read_kernel(sa as *const u64)
+                .ok()
+                .and_then(netns_id)
+                .unwrap_or(0)
+        } else {
+            bpf_get_netns_cookie(sa.cast())
+        };
     }
     read_options(ctx, &mut event, getsockopt);
 
@@ -249,7 +257,12 @@ fn on_post_bind(ctx: &SockContext, v6: bool) {
                 } else {
                     copy_ip6(&mut event.addr, &sk.src_ip6);
                 }
-                event.netns_cookie = bpf_get_netns_cookie(ctx.sock.cast());
+                event.netns_cookie = if netns_by_inode() {
+                    // A cgroup sock program's context is the `struct sock`.
+                    netns_id(ctx.sock as u64).unwrap_or(0)
+                } else {
+                    bpf_get_netns_cookie(ctx.sock.cast())
+                };
             }
             event.cookie = cookie;
             event.port = bound_port;

@@ -67,6 +67,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     transparent: FlagBit::at_bit(0),
     bind_address_no_port: FlagBit::at_bit(0),
     sk_num: 0,
+    net_ns_inum: 0,
 };
 
 #[inline(always)]
@@ -182,13 +183,31 @@ pub fn fill_from_sock(event: &mut Event, sk: u64) {
     if let Some(cookie) = read_field::<u64>(sk, off.sk_cookie) {
         event.cookie = cookie;
     }
-    if let Some(net) = read_field::<u64>(sk, off.sk_net)
-        && let Some(cookie) = read_field::<u64>(net, off.net_cookie)
-    {
-        event.netns_cookie = cookie;
+    if let Some(netns) = netns_id(sk) {
+        event.netns_cookie = netns;
     }
     if let Some(uid) = read_field::<u32>(sk, off.sk_uid) {
         event.sock_uid = uid;
+    }
+}
+
+/// Whether network namespaces are named by inode number rather than cookie
+/// (see `KernelOffsets::net_ns_inum`).
+#[inline(always)]
+pub fn netns_by_inode() -> bool {
+    offsets().net_ns_inum != 0
+}
+
+/// The id of the network namespace of a `struct sock *`: its cookie, or its
+/// inode number where namespaces are named so.
+#[inline(always)]
+pub fn netns_id(sk: u64) -> Option<u64> {
+    let off = offsets();
+    let net = read_field::<u64>(sk, off.sk_net)?;
+    if off.net_ns_inum != 0 {
+        read_field::<u32>(net, off.net_ns_inum).map(u64::from)
+    } else {
+        read_field::<u64>(net, off.net_cookie)
     }
 }
 

@@ -204,8 +204,13 @@ pub struct KernelOffsets {
     /// a listen() that autobinds gets its port only after the LISTEN
     /// transition, so the port is read again when listen() returns.
     pub sk_num: u32,
+    /// `struct net` -> `ns.inum`, set only where userspace names network
+    /// namespaces by inode number: a kernel before 5.14 has no
+    /// SO_NETNS_COOKIE, so userspace cannot learn the cookies the programs
+    /// would report. Then the programs report this instead of the cookie.
+    pub net_ns_inum: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 56);
+const _: () = assert!(size_of::<KernelOffsets>() == 60);
 
 /// One record in the `EVENTS` ring buffer. Every kind uses the same layout;
 /// fields a kind does not fill are zero.

@@ -21,9 +21,6 @@ use support::{
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn a_user_sees_the_seed_scenarios_over_http_metrics_and_the_cli() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     let (cgroup, netns) = (CgroupGuard::new("daemon"), NetnsGuard::new("daemon"));
     let ns = netns.cookie();
     let daemon = Daemon::start(&cgroup);
@@ -251,9 +248,6 @@ fn a_user_sees_the_seed_scenarios_over_http_metrics_and_the_cli() {
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn events_stream_live_over_sse() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     let (cgroup, netns) = (CgroupGuard::new("sse"), NetnsGuard::new("sse"));
     let daemon = Daemon::start(&cgroup);
     let url = format!("{}/events?port=8123", daemon.server);
@@ -406,9 +400,6 @@ fn listeners_in(daemon: &Daemon, netns: u64) -> Vec<String> {
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn sigkill_leaves_nothing_attached_and_a_restart_rebuilds_the_map() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     let (cgroup, netns) = (CgroupGuard::new("sigkill"), NetnsGuard::new("sigkill"));
     let mut holder = Worker::spawn(
         &cgroup.path,
@@ -473,9 +464,6 @@ fn sigkill_leaves_nothing_attached_and_a_restart_rebuilds_the_map() {
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn slow_clients_are_cut_off_and_cannot_starve_the_api() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     use std::{
         io::{ErrorKind, Read as _, Write as _},
         net::TcpStream,

@@ -133,9 +133,6 @@ async fn failure_where(
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 async fn ipv4_and_ipv6_on_one_port_from_two_processes() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     let _serial = serial().await;
     let (cgroup, netns) = (CgroupGuard::new("map46"), NetnsGuard::new("map46"));
     let ns = netns.cookie();
@@ -178,9 +175,6 @@ async fn ipv4_and_ipv6_on_one_port_from_two_processes() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 async fn tcp_and_udp_on_one_port_and_two_ipv4_addresses() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     let _serial = serial().await;
     let (cgroup, netns) = (CgroupGuard::new("mapproto"), NetnsGuard::new("mapproto"));
     let ns = netns.cookie();
@@ -230,9 +224,6 @@ async fn tcp_and_udp_on_one_port_and_two_ipv4_addresses() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 async fn the_same_address_twice_names_the_first_as_the_blocker() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     let _serial = serial().await;
     let (cgroup, netns) = (CgroupGuard::new("mapinuse"), NetnsGuard::new("mapinuse"));
     let mut watcher = watcher(&cgroup).await;
@@ -253,9 +244,6 @@ async fn the_same_address_twice_names_the_first_as_the_blocker() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 async fn connected_and_time_wait_blockers_are_named() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     let _serial = serial().await;
     let (cgroup, netns) = (CgroupGuard::new("mapconn"), NetnsGuard::new("mapconn"));
     let mut watcher = watcher(&cgroup).await;
@@ -313,9 +301,6 @@ async fn connected_and_time_wait_blockers_are_named() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 async fn so_reuseport_twice_is_a_named_group() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     let _serial = serial().await;
     let (cgroup, netns) = (CgroupGuard::new("mapreuse"), NetnsGuard::new("mapreuse"));
     let ns = netns.cookie();
@@ -361,9 +346,6 @@ async fn so_reuseport_twice_is_a_named_group() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 async fn the_wildcard_with_a_specific_address() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     let _serial = serial().await;
     let (cgroup, netns) = (CgroupGuard::new("mapwild"), NetnsGuard::new("mapwild"));
     let ns = netns.cookie();
@@ -408,9 +390,6 @@ async fn the_wildcard_with_a_specific_address() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 async fn a_listener_from_before_start_appears_with_its_owner_and_goes_when_closed() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     let _serial = serial().await;
     let (cgroup, netns) = (CgroupGuard::new("mapbefore"), NetnsGuard::new("mapbefore"));
     let ns = netns.cookie();
@@ -454,9 +433,6 @@ async fn a_listener_from_before_start_appears_with_its_owner_and_goes_when_close
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 async fn sigkill_leaves_nothing_stale() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     let _serial = serial().await;
     let (cgroup, netns) = (CgroupGuard::new("mapkill"), NetnsGuard::new("mapkill"));
     let ns = netns.cookie();
@@ -497,9 +473,6 @@ async fn sigkill_leaves_nothing_stale() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 async fn after_ten_thousand_random_operations_the_map_equals_ss() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     const WORKERS: usize = 4;
     const OPS_PER_WORKER: usize = 2500;
     const MIN_LISTENERS: usize = 10;

@@ -129,9 +129,6 @@ fn after_two_reconciliations(daemon: &Daemon, netns: u64) -> Vec<Value> {
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn a_storm_beyond_the_ring_is_counted_exactly_and_reconciled() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     const STORM_WORKERS: usize = 4;
     const STORM_SOCKETS: usize = 250;
     let _serial = serial();
@@ -291,9 +288,6 @@ fn a_storm_beyond_the_ring_is_counted_exactly_and_reconciled() {
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn random_churn_across_processes_and_namespaces_matches_ss() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     const NAMESPACES: usize = 3;
     const WORKERS_PER_NAMESPACE: usize = 2;
     const OPS_PER_WORKER: usize = 1500;
@@ -512,9 +506,6 @@ impl Contest {
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn every_bind_has_its_outcome_with_one_entry_maps() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     let _serial = serial();
     let cgroup = CgroupGuard::new("tiny");
     let (alone, watched) = (NetnsGuard::new("tinyalone"), NetnsGuard::new("tinywatch"));

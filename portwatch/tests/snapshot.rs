@@ -67,9 +67,6 @@ struct Expected {
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn snapshot_lists_a_private_netns_with_states_options_and_owners() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     let _serial = serial();
     let cgroup = CgroupGuard::new("snap");
     let netns = NetnsGuard::new("snap");
@@ -285,9 +282,6 @@ fn snapshot_lists_a_private_netns_with_states_options_and_owners() {
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn a_socket_held_by_two_processes_lists_both() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     let _serial = serial();
     let netns = NetnsGuard::new("shared");
     let private = netns.cookie();
@@ -398,9 +392,6 @@ fn hand_over(listeners: Vec<TcpListener>, holders: &mut Holders) -> (u32, Vec<i3
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn snapshot_finds_every_one_of_many_listeners() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     let _serial = serial();
     let count = listener_count();
     let netns = NetnsGuard::new("many");
@@ -485,9 +476,6 @@ fn snapshot_finds_every_one_of_many_listeners() {
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn holders_only_lists_listeners_and_bound_sockets_but_no_connections() {
-    if support::skip_without_netns_cookies() {
-        return;
-    }
     let _serial = serial();
     let cgroup = CgroupGuard::new("holders");
     let netns = NetnsGuard::new("holders");

@@ -77,6 +77,7 @@ impl Resolver<'_> {
             sk_max_ack_backlog: self.bytes("sock", "sk_max_ack_backlog"),
             sk_uid: self.bytes("sock", "sk_uid"),
             sk_num: self.bytes("sock", "__sk_common.skc_num"),
+            net_ns_inum: self.bytes("net", "ns.inum"),
             ..KernelOffsets::default()
         };
         // The reuse bits share one byte of `sock_common`; locate each bit.
@@ -213,6 +214,7 @@ mod tests {
         for (name, value) in [
             ("sk_cookie", off.sk_cookie),
             ("sk_net", off.sk_net),
+            ("net_ns_inum", off.net_ns_inum),
             ("net_cookie", off.net_cookie),
             ("sk_max_ack_backlog", off.sk_max_ack_backlog),
             ("sk_uid", off.sk_uid),

@@ -268,7 +268,16 @@ impl Capture {
         }
         check_set_state_format()?;
 
-        let (offsets, missing) = btf::kernel_offsets(Path::new(system::VMLINUX_BTF))?;
+        let (mut offsets, missing) = btf::kernel_offsets(Path::new(system::VMLINUX_BTF))?;
+        // Namespaces are named by the ids userspace can read too: cookies
+        // where SO_NETNS_COOKIE exists (Linux 5.14+), else inode numbers.
+        if crate::snapshot::netns_named_by_inode() {
+            tracing::info!(
+                "this kernel has no SO_NETNS_COOKIE (Linux 5.14): network namespaces are named by their inode number (as in /proc/<pid>/ns/net), not their cookie"
+            );
+        } else {
+            offsets.net_ns_inum = 0;
+        }
         if !missing.is_empty() {
             tracing::warn!(
                 ?missing,

@@ -210,9 +210,47 @@ pub(crate) fn enter(ns: &Namespace) -> Result<(), SnapshotError> {
     Ok(())
 }
 
-/// The cookie of the namespace a socket lives in.
+/// `SIOCGSKNS` from `linux/sockios.h`: a descriptor of the socket's
+/// network namespace (Linux 4.9+).
+const SIOCGSKNS: libc::c_ulong = 0x894C;
+
+/// The id of the namespace a socket lives in: its cookie (SO_NETNS_COOKIE,
+/// Linux 5.14+), or on an older kernel its inode number (the namespace
+/// file's, through SIOCGSKNS), which the kernel programs then report too
+/// (`KernelOffsets::net_ns_inum`).
 pub(crate) fn socket_netns_cookie(fd: BorrowedFd<'_>) -> io::Result<NetnsCookie> {
-    super::options::socket_option(fd, SO_NETNS_COOKIE)
+    match super::options::socket_option(fd, SO_NETNS_COOKIE) {
+        Err(err) if err.raw_os_error() == Some(libc::ENOPROTOOPT) => socket_netns_inode(fd),
+        other => other,
+    }
+}
+
+/// The inode number of the namespace a socket lives in.
+fn socket_netns_inode(fd: BorrowedFd<'_>) -> io::Result<NetnsCookie> {
+    // SAFETY: SIOCGSKNS takes no argument and returns a new descriptor.
+    let ns = unsafe { libc::ioctl(fd.as_raw_fd(), SIOCGSKNS as _) };
+    if ns < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let ns = File::from(unsafe { OwnedFd::from_raw_fd(ns) });
+    Ok(ns.metadata()?.ino())
+}
+
+/// Whether this kernel names network namespaces by inode number for
+/// portwatch: it has no SO_NETNS_COOKIE (before Linux 5.14).
+pub fn netns_named_by_inode() -> bool {
+    // SAFETY: socket(2) has no memory preconditions.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    matches!(
+        super::options::socket_option::<u64>(socket.as_fd(), SO_NETNS_COOKIE),
+        Err(err) if err.raw_os_error() == Some(libc::ENOPROTOOPT)
+    )
 }
 
 /// The cookie of the calling thread's network namespace (the value the kernel
@@ -231,6 +269,23 @@ pub fn netns_cookie_of_current_thread() -> Result<NetnsCookie, SnapshotError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fallback of kernels before 5.14, tried on any kernel: a socket's
+    /// namespace inode is the thread's namespace file's.
+    #[test]
+    #[ignore = "needs CAP_NET_ADMIN (SIOCGSKNS); run by `cargo xtask test`"]
+    fn a_sockets_namespace_inode_is_the_namespace_files() {
+        // SAFETY: socket(2) has no memory preconditions.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor nobody else owns.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        let inode = socket_netns_inode(socket.as_fd()).expect("SIOCGSKNS");
+        assert_eq!(inode, fs::metadata(THREAD_NETNS).expect("ns file").ino());
+        // This kernel has cookies, so they name namespaces here.
+        assert!(!netns_named_by_inode());
+        assert_ne!(socket_netns_cookie(socket.as_fd()).unwrap(), inode);
+    }
 
     #[test]
     fn own_namespace_comes_first_and_has_a_cookie() {

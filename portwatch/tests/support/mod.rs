@@ -81,24 +81,6 @@ pub fn skip(test: &str, feature: &str) {
     let _ = std::io::stdout().write_all(line.as_bytes());
 }
 
-/// Skips the calling test, with [`skip`], on a kernel that cannot name a
-/// network namespace by its cookie (SO_NETNS_COOKIE, Linux 5.14+): the map,
-/// the daemon and these tests key namespaces by it. True when skipped; the
-/// test returns then. The test's name is its thread's, as libtest names it.
-pub fn skip_without_netns_cookies() -> bool {
-    match portwatch::snapshot::netns_cookie_of_current_thread() {
-        Ok(_) => false,
-        Err(err) => {
-            let thread = std::thread::current();
-            skip(
-                thread.name().unwrap_or("a test"),
-                &format!("network namespace cookies (SO_NETNS_COOKIE, Linux 5.14+): {err}"),
-            );
-            true
-        }
-    }
-}
-
 /// A name no other test or run uses: `portwatch-test-<pid>-<n>-<label>`.
 pub fn unique(label: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
