@@ -572,7 +572,7 @@ pub fn predict_bind(
     let udp_hash2 =
         space.is_udp() && holders.len() >= UDP_HASH2_THRESHOLD && !is_wildcard(req.address);
     let knowable = req.port != 0 && space != Space::Sctp && !udp_hash2;
-    predict(space, kernel, knowable, judge)
+    predict(space, kernel, knowable, holders.len(), judge)
 }
 
 /// [`can_listen`] with the port's [`PortHistory`] when there is one, and
@@ -612,7 +612,7 @@ pub fn predict_listen(
         judge(space, rules, history, &new, &holders, fill)
     };
     let knowable = space != Space::Sctp && sock.port != 0;
-    predict(space, kernel, knowable, judge)
+    predict(space, kernel, knowable, holders.len(), judge)
 }
 
 /// The reported answer (unknowns unset, the rules
@@ -622,6 +622,7 @@ fn predict(
     space: Space,
     kernel: KernelRules,
     knowable: bool,
+    holders: usize,
     judge: impl Fn(Fill, Judged) -> Verdict,
 ) -> Prediction {
     let reported = kernel.reported();
@@ -651,9 +652,15 @@ fn predict(
             mapped_any: MappedAny::Unknown,
             ..kernel
         });
+    // 6.1's quirk was measured with one other socket on the port. With
+    // more, its bind hash gave answers no rule here explains (a listen on
+    // ::ffff:127.0.0.1 refused beside a listener on ::ffff:0.0.0.0 and a
+    // bound 0.0.0.0, found by the predictor in `cargo xtask vm`).
+    let beyond_measured =
+        kernel.mapped_any == MappedAny::Quirk && mapped_any_decides && holders > 1;
     Prediction {
         verdict,
-        confident,
+        confident: confident && !beyond_measured,
         udp_walk_decides,
         mapped_any_decides,
     }

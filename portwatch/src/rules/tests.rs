@@ -952,6 +952,25 @@ fn unknown_options_make_a_prediction_uncertain_only_when_they_matter() {
     assert!(!p.confident);
 }
 
+// Found by tests/predictor.rs on 6.1 (seed 387): with ::ffff:0.0.0.0
+// listening and a bound 0.0.0.0 beside it, 6.1 refused the listen of
+// ::ffff:127.0.0.1 that its quirk, measured with one other socket, lets in.
+#[test]
+fn the_6_1_quirk_beyond_one_other_socket_is_not_confident() {
+    let any4 = tcp(2, "0.0.0.0").reuse_addr().reuse_port();
+    let mapped = tcp(3, "::ffff:127.0.0.1").reuse_addr();
+    let mapped_any = tcp(4, "::ffff:0.0.0.0")
+        .reuse_addr()
+        .owner(4242)
+        .listening();
+    let crowded = [any4, mapped.clone(), mapped_any.clone()];
+    let p = predict_listen(DEBIAN_6_1, None, &crowded, &mapped);
+    assert!(p.mapped_any_decides && !p.confident, "{p:?}");
+    // With the listener alone beside it, as measured: the quirk lets it in.
+    let p = predict_listen(DEBIAN_6_1, None, &[mapped.clone(), mapped_any], &mapped);
+    assert!(p.verdict.is_ok() && p.confident, "{p:?}");
+}
+
 #[test]
 fn what_cannot_be_known_is_not_confident() {
     let history = PortHistory::new();
