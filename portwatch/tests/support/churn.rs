@@ -16,6 +16,15 @@ pub struct Rng {
     state: u64,
 }
 
+/// A seed no earlier run used: the process id mixed with the clock. A VM
+/// boots to the same pid every time, so the pid alone would repeat there.
+fn fresh_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    u64::from(std::process::id()) << 32 | u64::from(nanos)
+}
+
 impl Rng {
     /// Seeded from the environment variable `var` when it holds a number,
     /// else from this process id; prints the seed and how to replay it.
@@ -23,7 +32,7 @@ impl Rng {
         let seed = std::env::var(var)
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| u64::from(std::process::id()));
+            .unwrap_or_else(fresh_seed);
         println!("seed {seed} ({var}={seed} to replay)");
         Rng {
             seed,
