@@ -230,7 +230,7 @@ const BUILD_INFO: Spec = Spec {
 const READY: Spec = Spec {
     name: "portwatch_ready",
     help: "1 once the kernel programs are attached and the start-up snapshot is \
-           merged, else 0.",
+           merged (or failed, and live events alone fill the map), else 0.",
     labels: &[],
     kind: Kind::Gauge,
 };

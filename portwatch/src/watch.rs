@@ -152,18 +152,27 @@ pub struct Watcher {
     /// Whether sock_diag lists TCP sockets that are bound but not listening
     /// (Linux 6.7+); without it, reconciliation leaves those entries alone.
     bound_tcp_listed: bool,
-    /// Why the last sock_diag listing failed, while listings fail: said
-    /// once, until it changes or listings work again.
-    listing_failed: Option<String>,
+    /// The kind of the last sock_diag listing failure, while listings
+    /// fail: said once, until the kind changes or listings work again (the
+    /// text may name a path that differs each time).
+    listing_failed: Option<std::mem::Discriminant<SnapshotError>>,
+    /// Whether a listing has been merged (at start-up, or by the first
+    /// reconciliation that worked after a failed start).
+    merged: bool,
 }
 
 impl Watcher {
     /// Attaches the programs, then takes and merges the snapshot; the state
     /// is ready when this returns. Must run inside a tokio runtime.
     pub async fn start(config: WatchConfig) -> Result<Watcher, WatchError> {
-        let capture = Capture::start(&config.capture)?;
-        // Bounded (kernel_probe::TIMEOUT), on a thread of its own.
+        // The probes make binds of their own (some refused on purpose), so
+        // they run before the programs attach: the daemon must not report
+        // itself. Bounded (kernel_probe::TIMEOUT), on threads of their own.
         let probed = tokio::task::spawn_blocking(kernel_probe::probe).await;
+        let bound_tcp_listed = tokio::task::spawn_blocking(probe_bound_tcp_listing)
+            .await
+            .unwrap_or(false);
+        let capture = Capture::start(&config.capture)?;
         let mut state = State::new(config.failure_log, config.port_label_cap);
         state.kernel = probed.map_or(KernelRules::UNKNOWN, |report| report.rules);
         state.host_netns = snapshot::netns_cookie_of_current_thread().unwrap_or(0);
@@ -183,10 +192,9 @@ impl Watcher {
             last_diag: Instant::now() - DIAG_INTERVAL,
             cgroups: CgroupCache::default(),
             heartbeat: Arc::new(Heartbeat::new()),
-            bound_tcp_listed: tokio::task::spawn_blocking(probe_bound_tcp_listing)
-                .await
-                .unwrap_or(false),
+            bound_tcp_listed,
             listing_failed: None,
+            merged: false,
         };
         let snapshot_config = watcher.config.snapshot;
         let started = Instant::now();
@@ -213,6 +221,7 @@ impl Watcher {
             // Lost while the listing was taken: check the merge at once.
             watcher.next_reconcile = Instant::now();
         }
+        watcher.merged = true;
         let mut state = watcher.write();
         state.map.merge(observed, snapshot.taken_at);
         let took = started.elapsed();
@@ -330,13 +339,13 @@ impl Watcher {
     /// alone, and the next listing is tried when it is due. Said once per
     /// distinct reason.
     fn listing_failed(&mut self, err: &SnapshotError) {
-        let reason = err.to_string();
-        if self.listing_failed.as_deref() != Some(reason.as_str()) {
+        let kind = std::mem::discriminant(err);
+        if self.listing_failed != Some(kind) {
             tracing::warn!(
-                error = %reason,
+                error = %err,
                 "the sock_diag listing failed: portwatch goes on with live events alone, so sockets made before it started are not listed and the map is not checked against the kernel; it tries again every reconcile_interval"
             );
-            self.listing_failed = Some(reason);
+            self.listing_failed = Some(kind);
         }
     }
 
@@ -533,13 +542,22 @@ impl Watcher {
             .iter()
             .filter(|cookie| self.capture.track(**cookie).is_err())
             .count();
+        let first_listing = !self.merged;
+        self.merged = true;
         let mut state = self.write();
-        let drift = state.map.reconcile(
-            observed,
-            &snapshot.listed_netns(),
-            self.bound_tcp_listed,
-            snapshot.taken_at,
-        );
+        let drift = if first_listing {
+            // The start-up listing failed: this is the first look at what
+            // existed before portwatch started, not drift.
+            state.map.merge(observed, snapshot.taken_at);
+            Drift::default()
+        } else {
+            state.map.reconcile(
+                observed,
+                &snapshot.listed_netns(),
+                self.bound_tcp_listed,
+                snapshot.taken_at,
+            )
+        };
         let stats = &mut state.stats;
         stats.reconcile_snapshot = Some(started.elapsed());
         stats.untracked += untracked as u64;

@@ -636,8 +636,10 @@ fn percent(part: usize, whole: usize) -> f64 {
 }
 
 /// Runs `wanted` random scenarios judged by `kernel`: every confident
-/// prediction must be the kernel's answer. Prints the tally.
-fn random_scenarios(label: &str, kernel: KernelRules, wanted: usize) {
+/// prediction must be the kernel's answer, and at least `min_confident`
+/// percent of them must be confident (rules that doubted everything would
+/// otherwise pass). Prints the tally.
+fn random_scenarios(label: &str, kernel: KernelRules, wanted: usize, min_confident: f64) {
     let mut rng = Rng::from_env("PORTWATCH_PREDICTOR_SEED");
     let seed = rng.seed();
     let netns = NetnsGuard::new(label);
@@ -690,6 +692,11 @@ fn random_scenarios(label: &str, kernel: KernelRules, wanted: usize) {
         total.listens_ok > 0 && total.listens_refused > 0,
         "{total:?}"
     );
+    assert!(
+        percent(total.confident, checks) >= min_confident,
+        "only {} of {checks} predictions were confident (at least {min_confident}% expected)",
+        total.confident
+    );
 }
 
 #[test]
@@ -701,7 +708,8 @@ fn predictions_agree_with_the_kernel() {
     let wanted = env_number("PORTWATCH_PREDICTOR_SCENARIOS")
         .map_or(DEFAULT_SCENARIOS, |n| n as usize)
         .max(MIN_SCENARIOS);
-    random_scenarios("predictor", kernel, wanted);
+    // Measured: 99.9% or more on 5.10, 6.1, 6.12 and 6.18.
+    random_scenarios("predictor", kernel, wanted, 99.0);
 }
 
 /// With nothing probed, answers that depend on the UDP walk or on TCP's
@@ -712,7 +720,8 @@ fn predictions_agree_with_the_kernel() {
 fn unprobed_predictions_are_never_confidently_wrong() {
     require_root();
     let _serial = serial();
-    random_scenarios("unprobed", KernelRules::UNKNOWN, UNPROBED_SCENARIOS);
+    // Measured: 99.7% or more; only what kernels differ on may drop out.
+    random_scenarios("unprobed", KernelRules::UNKNOWN, UNPROBED_SCENARIOS, 97.0);
 }
 
 fn v4(a: &str) -> IpAddr {

@@ -271,7 +271,11 @@ impl Capture {
         let (mut offsets, missing) = btf::kernel_offsets(Path::new(system::VMLINUX_BTF))?;
         // Namespaces are named by the ids userspace can read too: cookies
         // where SO_NETNS_COOKIE exists (Linux 5.14+), else inode numbers.
-        if crate::snapshot::netns_named_by_inode() {
+        if crate::snapshot::netns_named_by_inode() && offsets.net_ns_inum == 0 {
+            tracing::warn!(
+                "this kernel has no SO_NETNS_COOKIE and its BTF has no struct net ns.inum: the programs' namespace cookies cannot be matched with the namespaces the daemon lists, so reconciliation will see every socket as gone and back"
+            );
+        } else if crate::snapshot::netns_named_by_inode() {
             tracing::info!(
                 "this kernel has no SO_NETNS_COOKIE (Linux 5.14): network namespaces are named by their inode number (as in /proc/<pid>/ns/net), not their cookie"
             );
@@ -616,6 +620,9 @@ fn load_bind_hooks(ebpf: &mut Ebpf, choice: OptionsChoice) -> Result<OptionsPath
     if choice == OptionsChoice::Auto {
         match load_pair(ebpf, bind_programs(OptionsPath::Getsockopt)) {
             Ok(()) => return Ok(OptionsPath::Getsockopt),
+            // Only the helper's absence is a reason to fall back; any other
+            // refusal (privileges, limits, a verifier bug) is the error.
+            Err(err) if !short_reason(&err).contains("bpf_getsockopt") => return Err(err),
             Err(err) => {
                 tracing::warn!(
                     reason = short_reason(&err),

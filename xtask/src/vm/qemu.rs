@@ -90,7 +90,9 @@ impl Vm<'_> {
             .arg(&self.append)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            // A file, not a pipe: nobody reads a pipe until qemu exits, and
+            // a full one would stall it.
+            .stderr(File::create(self.console.with_extension("qemu-stderr"))?);
         println!("$ {}", cmd::display(&qemu));
         let started = Instant::now();
         let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
@@ -108,10 +110,8 @@ impl Vm<'_> {
             tail.echo(&self.console, self.echo.as_deref());
         };
         tail.echo(&self.console, self.echo.as_deref());
-        let mut qemu_stderr = String::new();
-        if let Some(mut pipe) = child.stderr.take() {
-            let _ = pipe.read_to_string(&mut qemu_stderr);
-        }
+        let qemu_stderr =
+            fs::read_to_string(self.console.with_extension("qemu-stderr")).unwrap_or_default();
         let console = fs::read(&self.console).unwrap_or_default();
         Ok(Boot {
             console: String::from_utf8_lossy(&console).replace('\r', ""),
