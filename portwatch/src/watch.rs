@@ -165,6 +165,9 @@ impl Watcher {
     /// Attaches the programs, then takes and merges the snapshot; the state
     /// is ready when this returns. Must run inside a tokio runtime.
     pub async fn start(config: WatchConfig) -> Result<Watcher, WatchError> {
+        // What capture needs is checked first, so a broken environment is
+        // refused in one line before anything else runs.
+        Capture::check_environment(&config.capture)?;
         // The probes make binds of their own (some refused on purpose), so
         // they run before the programs attach: the daemon must not report
         // itself. Bounded (kernel_probe::TIMEOUT), on threads of their own.

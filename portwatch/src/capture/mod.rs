@@ -254,11 +254,17 @@ pub struct Capture {
 }
 
 impl Capture {
+    /// Checks what capture needs (privileges, BTF, tracefs, cgroup2)
+    /// without loading anything; the cgroup to watch.
+    pub fn check_environment(config: &CaptureConfig) -> Result<PathBuf, CaptureError> {
+        system::check()?;
+        Ok(system::cgroup_root(config.cgroup.as_deref())?)
+    }
+
     /// Checks the environment, loads the programs and attaches them.
     /// Must run inside a tokio runtime (the ring buffer is polled by it).
     pub fn start(config: &CaptureConfig) -> Result<Capture, CaptureError> {
-        system::check()?;
-        let cgroup = system::cgroup_root(config.cgroup.as_deref())?;
+        let cgroup = Capture::check_environment(config)?;
         // `portwatch trace --ring-size` comes here unchecked; the daemon's
         // values (the ring and the map capacities) were checked with its
         // configuration.
