@@ -1,6 +1,7 @@
-//! `cargo xtask lint`: formatting, and clippy with `-D warnings` on every
-//! crate for every target it is built for. Runs every check, then fails if
-//! any failed, so one run shows all the problems.
+//! `cargo xtask lint`: formatting, clippy with `-D warnings` on every crate
+//! for every target it is built for, and shellcheck on the shell scripts.
+//! Runs every check, then fails if any failed, so one run shows all the
+//! problems.
 //!
 //! `portwatch-ebpf` is linted separately from the host crates (as
 //! aya-template's `test.sh` does): its programs exist only for the bpf target,
@@ -62,7 +63,18 @@ fn checks() -> Vec<Command> {
             "-D",
             "warnings",
         ]),
+        // The shell scripts: CI's, and the systemd VM's checks.
+        shellcheck(),
     ]
+}
+
+fn shellcheck() -> Command {
+    let root = cmd::workspace_root();
+    let mut check = Command::new("shellcheck");
+    check
+        .arg(root.join(".ci/run"))
+        .arg(root.join("xtask/src/vm/guest/systemd-checks.sh"));
+    check
 }
 
 /// `cargo xtask lint`.

@@ -114,6 +114,14 @@ enum Task {
         /// map, predictor, snapshot, robustness, daemon.
         #[arg(long = "suite", value_name = "NAME")]
         suites: Vec<String>,
+        /// Instead of the suites: a Debian 12 userspace with systemd as PID
+        /// 1 (6.1 and 6.12 by default), the .deb installed with dpkg -i, and
+        /// the service checked as an operator uses it: READY, unit
+        /// attribution, bind failures, the sandbox score, stop, restart,
+        /// config errors, the watchdog, purge, and running without the
+        /// sock_diag modules.
+        #[arg(long)]
+        systemd: bool,
     },
     /// A bench load process (run by `cargo xtask bench`, not by hand).
     #[command(hide = true)]
@@ -148,6 +156,7 @@ fn main() -> ExitCode {
             write_readme,
             minutes,
             suites,
+            systemd,
         } => vm::vm(&vm::Options {
             kernels,
             outcome,
@@ -155,6 +164,7 @@ fn main() -> ExitCode {
             write_readme,
             limit: std::time::Duration::from_secs(minutes * 60),
             suites,
+            systemd,
         }),
         Task::BenchWorker { args } => {
             bench::Cgroup::join_from_env().and_then(|()| bench::worker(&args))

@@ -40,7 +40,7 @@ enum Item {
 
 /// Everything setup manages, in install order: bpf-linker builds last, against
 /// the LLVM packages.
-const ITEMS: [Item; 16] = [
+const ITEMS: [Item; 19] = [
     Item::Apt("llvm-22-dev"),
     // LLVM 22 links against it; bpf-linker's build fails without it.
     Item::Apt("libzstd-dev"),
@@ -61,6 +61,12 @@ const ITEMS: [Item; 16] = [
     // core tools (static, so the initramfs needs no libraries for them).
     Item::Apt("qemu-system-x86"),
     Item::Apt("busybox-static"),
+    // `cargo xtask vm --systemd`: a Debian 12 userspace made from Debian's
+    // packages, packed as the guest's initramfs.
+    Item::Apt("mmdebstrap"),
+    Item::Apt("cpio"),
+    // `cargo xtask lint` checks the shell scripts (CI's, the VM's checks).
+    Item::Apt("shellcheck"),
     Item::Nightly,
     // `-Z build-std=core`: there is no prebuilt core for the bpf targets.
     Item::NightlyComponent("rust-src"),

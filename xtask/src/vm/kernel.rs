@@ -194,7 +194,7 @@ impl PrivateApt {
 
 /// The machine's deb822 source files (`/etc/apt/sources.list.d/*.sources`,
 /// Debian 12's default format).
-fn machine_sources() -> Result<Vec<PathBuf>> {
+pub fn machine_sources() -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
     if let Ok(entries) = fs::read_dir("/etc/apt/sources.list.d") {
         for entry in entries.flatten() {

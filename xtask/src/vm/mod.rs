@@ -18,6 +18,7 @@ mod initramfs;
 mod kernel;
 mod qemu;
 mod report;
+mod systemd;
 
 use std::{
     fmt::Write as _,
@@ -128,6 +129,8 @@ pub struct Options {
     pub limit: Duration,
     /// Only the suites whose name contains one of these; all if empty.
     pub suites: Vec<String>,
+    /// The package under a real systemd instead of the suites.
+    pub systemd: bool,
 }
 
 /// One VM run of the plan.
@@ -147,6 +150,17 @@ impl Pass {
 
 pub fn vm(options: &Options) -> Result<()> {
     setup::ensure()?;
+    if options.systemd {
+        if !options.suites.is_empty() || options.outcome.is_some() {
+            bail!("--systemd runs its own checks: leave out --suite and --outcome");
+        }
+        return systemd::run(&systemd::Options {
+            kernels: &options.kernels,
+            accel: options.accel,
+            write_readme: options.write_readme,
+            limit: options.limit,
+        });
+    }
     let passes = plan(&options.kernels, options.outcome)?;
     let suites = select(&options.suites)?;
     if options.write_readme && suites.len() != SUITES.len() {

@@ -1,0 +1,240 @@
+#!/bin/bash
+# The checks of `cargo xtask vm --systemd`, run inside the guest by
+# portwatch-vmtest.service once multi-user.target is reached.
+#
+# The guest is a Debian 12 userspace with systemd as PID 1 and the portwatch
+# package installed with `dpkg -i`; the shipped unit is unchanged. It boots
+# with the sock_diag modules blocked (/etc/modprobe.d/pwsd-block-diag.conf),
+# as on a hardened server, so the first checks see the degraded daemon.
+#
+# Each check prints one line on the serial console, the only thing the host
+# reads:
+#   PWSD-CHECK <name>: ok[: detail]      or   PWSD-CHECK <name>: FAIL: why
+#   PWSD-FACT <name>: <value>            something to report, not judged
+#   PWSD-DONE                            every check ran
+# A check that never prints counts as failed on the host.
+set -u
+exec >/dev/ttyS0 2>&1
+
+API=http://127.0.0.1:7464
+PORT=8080
+DIAG_MODULES=(inet_diag tcp_diag udp_diag)
+
+one_line() { tr '\n' ' ' | tr -s ' ' | cut -c1-400; }
+ok() { echo "PWSD-CHECK $1: ok${2:+: $2}"; }
+fail() { echo "PWSD-CHECK $1: FAIL: $(printf '%s' "$2" | one_line)"; }
+fact() { echo "PWSD-FACT $1: $(printf '%s' "$2" | one_line)"; }
+# verdict STATUS NAME DETAIL-IF-OK DETAIL-IF-FAILED: ok when STATUS is 0.
+# Called as `verdict $? ...`: the details' command substitutions would reset
+# $? before a function could read it.
+verdict() { if [ "$1" = 0 ]; then ok "$2" "$3"; else fail "$2" "$4"; fi; }
+
+# wait_for SECONDS COMMAND...: polls every second; true once COMMAND is.
+wait_for() {
+  local limit=$1 i
+  shift
+  for ((i = 0; i < limit; i++)); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 1
+  done
+  "$@" >/dev/null 2>&1
+}
+
+prop() { systemctl show -p "$1" --value portwatch.service; }
+running() { [ "$(prop ActiveState)" = active ] && [ "$(prop SubState)" = running ]; }
+ready() { curl -sf "$API/readyz" >/dev/null; }
+journal_since() { journalctl -u portwatch.service -o cat --no-pager --since "@$1"; }
+
+# The ids of the BPF programs portwatch's main process holds open, from its
+# fds' fdinfo (Debian's bpftool cannot show which process holds a program).
+portwatch_programs() {
+  local pid
+  pid="$(prop MainPID)"
+  [ "$pid" != 0 ] || return 0
+  cat /proc/"$pid"/fdinfo/* 2>/dev/null | sed -n 's/^prog_id:[[:space:]]*//p' | sort -un
+}
+
+# The ids of programs that still exist, of those given.
+existing_programs() {
+  local id
+  for id in "$@"; do
+    bpftool prog show id "$id" >/dev/null 2>&1 && echo "$id"
+  done
+}
+
+# The ids of the programs attached to any cgroup.
+attached_programs() {
+  bpftool cgroup tree /sys/fs/cgroup --json | python3 -c '
+import json, sys
+for cgroup in json.load(sys.stdin):
+    for prog in cgroup.get("programs", []):
+        print(prog["id"])'
+}
+
+# /ports as sorted lines: protocol address port state unit, without
+# portwatch's own listener (whose pid changes with every start).
+listeners() {
+  curl -sf "$API/ports" | python3 -c '
+import json, sys
+rows = set()
+for port in json.load(sys.stdin)["ports"]:
+    for l in port["listeners"]:
+        if l.get("unit") == "portwatch.service":
+            continue
+        rows.add((l["protocol"], l["address"], l["port"], l["state"], l.get("unit"), tuple(l["pids"])))
+for row in sorted(rows, key=str):
+    print(*row)'
+}
+
+echo "PWSD-BEGIN $(uname -r)"
+fact kernel "$(uname -r)"
+fact systemd "$(systemctl --version | head -1)"
+
+# --- 1. Started by the package, READY through Type=notify ------------------
+wait_for 180 running
+state="$(systemctl show -p Type,ActiveState,SubState,NRestarts portwatch.service | one_line)"
+[ "$(prop Type)" = notify ] && running && [ "$(prop NRestarts)" = 0 ]
+verdict $? "the package's unit is active (running) through Type=notify READY" "$state" "$state; $(journalctl -u portwatch.service -o cat --no-pager | tail -5)"
+
+status_line="$(systemctl status portwatch.service --no-pager 2>&1 | grep -m1 'Status:')"
+[ -n "$status_line" ] && [ "$(prop StatusText)" != "" ]
+verdict $? "systemctl status shows the STATUS= line" "$status_line" "no Status: line in systemctl status"
+fact "STATUS" "$(prop StatusText)"
+fact "hooks" "$(curl -sf "$API/metrics" | grep '^portwatch_program_attached' | sed 's/^portwatch_program_attached//')"
+
+# --- 2. Without the sock_diag modules: degraded, not crash-looping ---------
+if [ -d /sys/module/tcp_diag ]; then
+  fail "without the sock_diag modules it runs on live events and says what it cannot see" "tcp_diag is loaded or built in: the block did not hold"
+else
+  sleep 5
+  readyz="$(curl -s -w ' (HTTP %{http_code})' "$API/readyz")"
+  metrics="$(curl -sf "$API/metrics")"
+  said="$(journalctl -u portwatch.service -o cat --no-pager | grep -c 'tcp_diag')"
+  missing="$(printf '%s\n' "$metrics" | grep -E '^portwatch_[a-z_]+\{[^}]*module="tcp_diag"[^}]*\} 1' | head -1)"
+  [ "$(prop NRestarts)" = 0 ] && running \
+    && [[ "$readyz" == *"HTTP 200"* ]] && [[ "$readyz" == *tcp_diag* ]] \
+    && [ -n "$missing" ] && [ "$said" = 1 ]
+  verdict $? "without the sock_diag modules it runs on live events and says what it cannot see" \
+    "no restarts; readyz: $readyz; metric: $missing; said once in the journal" \
+    "restarts=$(prop NRestarts) state=$(prop ActiveState); readyz: $readyz; metric: ${missing:-none}; journal lines naming tcp_diag: $said"
+fi
+
+# --- 3. Modules appear: reconciliation resumes by itself -------------------
+rm -f /etc/modprobe.d/pwsd-block-diag.conf
+modprobe -a "${DIAG_MODULES[@]}"
+loaded=$SECONDS
+degraded_gone() { ! curl -sf "$API/readyz" | grep -q tcp_diag && ! curl -sf "$API/metrics" | grep -qE 'module="tcp_diag"[^}]*\} 1'; }
+wait_for 75 degraded_gone
+verdict $? "once the modules load, reconciliation resumes by itself" "in $((SECONDS - loaded)) s, no restart ($(prop NRestarts) restarts)" "still degraded $((SECONDS - loaded)) s after modprobe: $(curl -s "$API/readyz")"
+
+# --- 4. A unit's listener is named by its unit ----------------------------
+systemctl start demo-listener.service
+demo_named() { curl -sf "$API/ports/$PORT" | grep -q '"unit":"demo-listener.service"'; }
+wait_for 30 demo_named
+verdict $? "a unit's listener is attributed to demo-listener.service" "curl $API/ports/$PORT names it" "$(curl -s "$API/ports/$PORT" | cut -c1-300)"
+
+# --- 5. A transient unit fails to bind the port ----------------------------
+rm -f /run/pwsd-clash.pid
+systemd-run --unit=pwsd-clash --wait --collect --quiet \
+  /usr/bin/python3 /usr/local/lib/portwatch-vmtest/clash.py "$PORT" /run/pwsd-clash.pid
+clash_status=$?
+clash_pid="$(cat /run/pwsd-clash.pid 2>/dev/null)"
+clash_seen() {
+  curl -sf "$API/failures" | python3 -c '
+import json, sys
+pid = int(sys.argv[1])
+for f in json.load(sys.stdin)["failures"]:
+    if f["pid"] == pid and f["errno"] == "EADDRINUSE" and any(
+        h.get("unit") == "demo-listener.service" for b in f["blocked_by"] for h in b["holders"]
+    ):
+        print(f["endpoint"], f["errno"], "blocked_by", [b["endpoint"] for b in f["blocked_by"]])
+        sys.exit(0)
+sys.exit(1)' "${clash_pid:-0}"
+}
+wait_for 20 clash_seen
+verdict $? "a systemd-run unit's failed bind is in /failures, blocked_by demo-listener.service" \
+  "$(clash_seen)" "exit $clash_status, pid ${clash_pid:-none}: $(curl -s "$API/failures" | cut -c1-300)"
+
+# --- 6. The sandbox, as systemd scores it ----------------------------------
+exposure="$(systemd-analyze security portwatch.service --no-pager 2>&1 | grep -m1 'Overall exposure level')"
+[ -n "$exposure" ]
+verdict $? "systemd-analyze security portwatch.service" "${exposure#*: }" "no score: $(systemd-analyze security portwatch.service --no-pager 2>&1 | tail -2)"
+fact "exposure" "${exposure#*: }"
+
+# --- 7. A restart rebuilds the same map ------------------------------------
+before="$(listeners)"
+systemctl restart portwatch.service && wait_for 120 ready
+after="$(listeners)"
+[ -n "$before" ] && [ "$before" = "$after" ] && [[ "$after" == *demo-listener.service* ]]
+verdict $? "systemctl restart rebuilds the same map" "$(printf '%s\n' "$after" | wc -l) listeners, units included" "before: $before | after: $after"
+
+# --- 8. Stop leaves nothing attached ---------------------------------------
+mapfile -t held < <(portwatch_programs)
+systemctl stop portwatch.service
+sleep 1
+left="$(existing_programs "${held[@]}" | one_line)"
+still=""
+for id in $(attached_programs); do
+  printf '%s\n' "${held[@]}" | grep -qx "$id" && still="$still $id"
+done
+[ "${#held[@]}" -gt 0 ] && [ -z "$left" ] && [ -z "$still" ]
+verdict $? "systemctl stop leaves no program loaded or attached (bpftool)" \
+  "${#held[@]} programs before, none after" \
+  "held before: ${held[*]}; held after: $left; still attached: $still"
+systemctl start portwatch.service && wait_for 120 ready
+
+# --- 9. A configuration error stops at ExecStartPre, in one line -----------
+cp /etc/portwatch/portwatch.toml /run/pwsd-portwatch.toml
+echo 'reconcile_interval = "soon"' >>/etc/portwatch/portwatch.toml
+restarts="$(prop NRestarts)"
+since=$(date +%s)
+sleep 1
+systemctl restart portwatch.service
+sleep 6
+journal="$(journal_since "$since" | grep -i 'reconcile_interval')"
+pre="$(systemctl status portwatch.service --no-pager 2>&1 | grep -m1 'ExecStartPre=')"
+[ "$(prop ActiveState)" = failed ] && [ "$(prop NRestarts)" = "$restarts" ] \
+  && [ "$(printf '%s\n' "$journal" | grep -c .)" = 1 ] && [[ "$pre" == *status=* ]] \
+  && [ "$(prop ExecMainPID)" = 0 ]
+verdict $? "a configuration error stops the start at ExecStartPre with one journal line, and no restart loop" \
+  "journal: $journal; $pre" \
+  "state=$(prop ActiveState) restarts $restarts -> $(prop NRestarts), main pid $(prop ExecMainPID); journal: $journal; $pre"
+cp /run/pwsd-portwatch.toml /etc/portwatch/portwatch.toml
+systemctl reset-failed portwatch.service
+systemctl start portwatch.service && wait_for 120 ready
+
+# --- 10. The watchdog restarts a stuck daemon ------------------------------
+pid="$(prop MainPID)"
+restarts="$(prop NRestarts)"
+since=$(date +%s)
+sleep 1
+kill -STOP "$pid"
+stopped=$SECONDS
+replaced() { [ "$(prop MainPID)" != "$pid" ] && [ "$(prop MainPID)" != 0 ] && running && ready; }
+wait_for 150 replaced
+[ "$(prop NRestarts)" -gt "$restarts" ] && journal_since "$since" | grep -q -i watchdog
+verdict $? "the watchdog restarts a SIGSTOPped daemon" \
+  "pid $pid replaced by $(prop MainPID) after $((SECONDS - stopped)) s" \
+  "pid $pid, now $(prop MainPID), restarts $restarts -> $(prop NRestarts): $(journal_since "$since" | tail -3)"
+
+# --- 11. dpkg --purge removes everything -----------------------------------
+mapfile -t held < <(portwatch_programs)
+dpkg --purge portwatch >/run/pwsd-purge.log 2>&1
+purge_status=$?
+sleep 1
+leftovers=""
+for path in /usr/bin/portwatch /etc/portwatch /usr/lib/systemd/system/portwatch.service \
+  /lib/systemd/system/portwatch.service /etc/systemd/system/multi-user.target.wants/portwatch.service; do
+  [ -e "$path" ] && leftovers="$leftovers $path"
+done
+[ -n "$(existing_programs "${held[@]}")" ] && leftovers="$leftovers bpf-programs"
+pgrep -x portwatch >/dev/null && leftovers="$leftovers process"
+curl -s -o /dev/null "$API/livez" && leftovers="$leftovers listener"
+[ "$purge_status" = 0 ] && [ -z "$leftovers" ]
+verdict $? "dpkg --purge removes the package, its unit, config and programs" "nothing left" \
+  "dpkg exit $purge_status; left:$leftovers; $(tail -3 /run/pwsd-purge.log)"
+
+# The daemon's journal, for whoever reads a failed run's console.
+journalctl -u portwatch.service -o cat --no-pager | sed 's/^/PWSD-JOURNAL /'
+echo "PWSD-DONE"
+systemctl poweroff -ff
