@@ -110,6 +110,24 @@ impl Default for Config {
     }
 }
 
+/// Where byte `at` of a configuration file is, as an operator finds it:
+/// `line 12` and, on a `key = value` line, the key (`line 12, key
+/// reconcile_interval`): the journal shows one line, which must say what to
+/// fix without the file at hand.
+fn where_in(text: &str, at: usize) -> String {
+    let at = at.min(text.len());
+    let before = text.get(..at).unwrap_or(text);
+    let line_no = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or_default();
+    match line.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() && !key.trim_start().starts_with('#') => {
+            format!("line {line_no}, key {}", key.trim())
+        }
+        _ => format!("line {line_no}"),
+    }
+}
+
 /// What is wrong with a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -162,11 +180,10 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|err| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: err.message().to_owned()
-                + &err
-                    .span()
-                    .map(|span| format!(" (at byte {})", span.start))
-                    .unwrap_or_default(),
+            message: match err.span() {
+                Some(span) => format!("{}: {}", where_in(text, span.start), err.message()),
+                None => err.message().to_owned(),
+            },
         })?;
         config.validate_values()?;
         Ok(config)
@@ -439,6 +456,18 @@ mod tests {
     }
 
     #[test]
+    fn a_parse_error_names_its_line_and_key() {
+        let text = "# comment\nlisten = \"127.0.0.1:1\"\n\n  ring_size = 5000\n[table]\n";
+        assert_eq!(where_in(text, 0), "line 1");
+        assert_eq!(where_in(text, 12), "line 2, key listen");
+        assert_eq!(where_in(text, text.find("5000").unwrap()), "line 4, key ring_size");
+        assert_eq!(where_in(text, text.find("[table]").unwrap()), "line 5");
+        // Past the end, or inside a multi-byte character: no panic.
+        assert_eq!(where_in(text, 10_000), "line 6");
+        assert_eq!(where_in("é = 1", 1), "line 1, key é");
+    }
+
+    #[test]
     fn bad_files_say_what_is_wrong() {
         for (text, needle) in [
             ("listen = 7", "invalid type"),
@@ -448,7 +477,7 @@ mod tests {
             ("reconcile_interval = \"0s\"", "at least 1s"),
             (
                 "reconcile_interval = \"soon\"",
-                "\"soon\" is not a duration",
+                "line 1, key reconcile_interval: \"soon\" is not a duration",
             ),
             ("failure_log = 0", "between 1"),
             ("tracked_sockets = 0", "tracked_sockets: must be at least 1"),
