@@ -330,13 +330,27 @@ pub fn render_explanation(port: &Value) -> String {
     out
 }
 
+/// `python3 (pid 12, demo.service)`: a process, and its unit or container
+/// when known.
+fn who(process: &Value) -> String {
+    let place = [&process["unit"], &process["container"]]
+        .into_iter()
+        .find_map(Value::as_str)
+        .map(|place| format!(", {place}"))
+        .unwrap_or_default();
+    format!(
+        "{} (pid {}{place})",
+        text(&process["process"]),
+        text(&process["pid"])
+    )
+}
+
 fn describe_failure(failure: &Value) -> String {
     let time = text(&failure["time"]);
     let time = time.get(11..19).unwrap_or(&time).to_owned();
     let mut line = format!(
-        "{time} {} (pid {}) could not {} {} {}: {}",
-        text(&failure["process"]),
-        text(&failure["pid"]),
+        "{time} {} could not {} {} {}: {}",
+        who(failure),
         if failure["kind"] == "listen_failed" {
             "listen on"
         } else {
@@ -348,10 +362,7 @@ fn describe_failure(failure: &Value) -> String {
     );
     let blockers = array(&failure["blocked_by"]);
     for (i, blocker) in blockers.iter().enumerate() {
-        let owners: Vec<String> = array(&blocker["holders"])
-            .iter()
-            .map(|h| format!("{} (pid {})", text(&h["process"]), text(&h["pid"])))
-            .collect();
+        let owners: Vec<String> = array(&blocker["holders"]).iter().map(who).collect();
         let owners = if owners.is_empty() {
             "an unknown process".to_owned()
         } else {
@@ -541,9 +552,9 @@ mod tests {
             "localhost": {"reaches": listener(2002, "[::]:8000", "ipv6", Value::Bool(true)), "via": "::1", "order": ["::1", "127.0.0.1"]},
             "recent_failures": [{
                 "time": "2024-05-01T12:00:10.000000000Z", "kind": "bind_failed", "pid": 3003, "process": "python3",
-                "protocol": "tcp", "endpoint": "0.0.0.0:8000", "errno": "EADDRINUSE",
+                "unit": "app.service", "protocol": "tcp", "endpoint": "0.0.0.0:8000", "errno": "EADDRINUSE",
                 "blocked_by": [{"what": "listener", "endpoint": "0.0.0.0:8000", "reason": "same address",
-                                "holders": [{"pid": 2001, "process": "node"}]}]
+                                "holders": [{"pid": 2001, "process": "node", "unit": null, "container": "0123abcd"}]}]
             }]
         });
         let text = render_explanation(&port);
@@ -560,7 +571,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Note (dual_stack_split)"), "{text}");
-        assert!(text.contains("python3 (pid 3003) could not bind tcp 0.0.0.0:8000: EADDRINUSE, blocked by a listener of node (pid 2001)"), "{text}");
+        assert!(text.contains("python3 (pid 3003, app.service) could not bind tcp 0.0.0.0:8000: EADDRINUSE, blocked by a listener of node (pid 2001, 0123abcd)"), "{text}");
         let empty = render_explanation(
             &json!({"port": 9, "listeners": [], "localhost": {"reaches": null, "order": ["::1"]}}),
         );

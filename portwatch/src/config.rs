@@ -460,7 +460,10 @@ mod tests {
         let text = "# comment\nlisten = \"127.0.0.1:1\"\n\n  ring_size = 5000\n[table]\n";
         assert_eq!(where_in(text, 0), "line 1");
         assert_eq!(where_in(text, 12), "line 2, key listen");
-        assert_eq!(where_in(text, text.find("5000").unwrap()), "line 4, key ring_size");
+        assert_eq!(
+            where_in(text, text.find("5000").unwrap()),
+            "line 4, key ring_size"
+        );
         assert_eq!(where_in(text, text.find("[table]").unwrap()), "line 5");
         // Past the end, or inside a multi-byte character: no panic.
         assert_eq!(where_in(text, 10_000), "line 6");

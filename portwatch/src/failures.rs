@@ -11,6 +11,7 @@ use crate::{
     event::{Errno, EventKind, PortEvent},
     map::{Holder, Observed, PortMap},
     rules::{self, KernelRules, MappedAny, UdpWalk, Verdict},
+    snapshot::owners::Place,
     socket::{BindRequest, SockState, SocketFacts},
 };
 
@@ -50,6 +51,9 @@ pub struct Failure {
     /// What the conflict rules name as the cause; empty when the failure is
     /// not a port conflict (EACCES, EADDRNOTAVAIL) or nothing matched.
     pub blocked_by: Vec<Blocker>,
+    /// Where the failing process lived (cgroup, systemd unit, container),
+    /// read when the event arrived; empty when it had already exited.
+    pub place: Place,
 }
 
 /// The request a failed bind event describes.

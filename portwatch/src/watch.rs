@@ -28,7 +28,10 @@ use crate::{
     kernel_probe,
     map::{Drift, Observed},
     rules::{self, KernelRules},
-    snapshot::{self, SnapshotConfig, SnapshotError, owners::Place},
+    snapshot::{
+        self, SnapshotConfig, SnapshotError,
+        owners::{Place, PlaceCache},
+    },
     state::{ExpectedListener, State},
 };
 
@@ -145,9 +148,9 @@ pub struct Watcher {
     /// Failures waiting for a sock_diag listing to be attributed, with what
     /// the map said at failure time (kept if the listing, which comes a
     /// little later, no longer shows the blocker).
-    unresolved: Vec<(SystemTime, PortEvent, Vec<failures::Blocker>)>,
+    unresolved: Vec<Unresolved>,
     last_diag: Instant,
-    cgroups: CgroupCache,
+    cgroups: PlaceCache,
     heartbeat: Arc<Heartbeat>,
     /// Whether sock_diag lists TCP sockets that are bound but not listening
     /// (Linux 6.7+); without it, reconciliation leaves those entries alone.
@@ -159,6 +162,33 @@ pub struct Watcher {
     /// Whether a listing has been merged (at start-up, or by the first
     /// reconciliation that worked after a failed start).
     merged: bool,
+}
+
+/// A failure waiting for a listing: what the map said at failure time,
+/// and where the failing process lived.
+struct Unresolved {
+    time: SystemTime,
+    event: PortEvent,
+    blocked_by: Vec<failures::Blocker>,
+    place: Place,
+}
+
+impl Unresolved {
+    /// Attributed from the map alone.
+    fn into_failure(self) -> Failure {
+        Failure {
+            time: self.time,
+            event: self.event,
+            blocked_by: self.blocked_by,
+            place: self.place,
+        }
+    }
+}
+
+/// The cgroup2 mount the paths of `/proc/<pid>/cgroup` are under.
+fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    crate::capture::system::cgroup2_mount(&mounts)
 }
 
 impl Watcher {
@@ -193,7 +223,7 @@ impl Watcher {
             config,
             unresolved: Vec::new(),
             last_diag: Instant::now() - DIAG_INTERVAL,
-            cgroups: CgroupCache::default(),
+            cgroups: PlaceCache::new(cgroup2_mount()),
             heartbeat: Arc::new(Heartbeat::new()),
             bound_tcp_listed,
             listing_failed: None,
@@ -411,15 +441,24 @@ impl Watcher {
         state.counters.count(event);
         match event.kind {
             EventKind::BindFailed | EventKind::ListenFailed => {
+                // Read now: a process that failed may exit at once, and its
+                // transient unit's cgroup go with it.
+                let place = self.cgroups.of(event.pid, event.cgroup_id);
                 let blocked_by = failures::attribute(state.kernel, event, &state.map);
                 if failures::needs_diag(event, &blocked_by) {
-                    self.unresolved.push((at, event.clone(), blocked_by));
+                    self.unresolved.push(Unresolved {
+                        time: at,
+                        event: event.clone(),
+                        blocked_by,
+                        place,
+                    });
                     return;
                 }
                 state.failures.push(Failure {
                     time: at,
                     event: event.clone(),
                     blocked_by,
+                    place,
                 });
             }
             EventKind::Listen if event.cookie.is_none() => {
@@ -433,7 +472,7 @@ impl Watcher {
                 if matches!(event.kind, EventKind::Bind | EventKind::Listen)
                     && let Some(cookie) = event.cookie
                 {
-                    let place = self.cgroups.of(event.pid);
+                    let place = self.cgroups.of(event.pid, event.cgroup_id);
                     state
                         .map
                         .set_place(cookie, place.cgroup, place.unit, place.container);
@@ -464,12 +503,8 @@ impl Watcher {
                 self.listing_failed(&err);
                 let unresolved = std::mem::take(&mut self.unresolved);
                 let mut state = self.write();
-                for (time, event, blocked_by) in unresolved {
-                    state.failures.push(Failure {
-                        time,
-                        event,
-                        blocked_by,
-                    });
+                for failure in unresolved {
+                    state.failures.push(failure.into_failure());
                 }
                 return Ok(());
             }
@@ -478,7 +513,13 @@ impl Watcher {
         let observed = snapshot.observed();
         let unresolved = std::mem::take(&mut self.unresolved);
         let mut state = self.write();
-        for (time, event, from_map) in unresolved {
+        for Unresolved {
+            time,
+            event,
+            blocked_by: from_map,
+            place,
+        } in unresolved
+        {
             let request = failures::request_of(&event);
             let here: Vec<&Observed> = observed
                 .iter()
@@ -503,6 +544,7 @@ impl Watcher {
                 time,
                 event,
                 blocked_by,
+                place,
             });
         }
         Ok(())
@@ -611,31 +653,6 @@ fn fill_from_map(state: &State, event: &mut PortEvent) {
     event.netns = event.netns.or(Some(facts.netns));
     if event.options == crate::event::Options::default() {
         event.options = facts.options.into();
-    }
-}
-
-/// Where a process lives (cgroup path, systemd unit, container), remembered
-/// per pid so that a burst of binds reads `/proc/<pid>/cgroup` once.
-#[derive(Default)]
-struct CgroupCache {
-    known: std::collections::HashMap<u32, Place>,
-}
-
-impl CgroupCache {
-    /// Pids remembered at most; the cache starts over past this.
-    const CAPACITY: usize = 4096;
-
-    fn of(&mut self, pid: u32) -> Place {
-        if let Some(place) = self.known.get(&pid) {
-            return place.clone();
-        }
-        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        let place = Place::from_cgroups(&text);
-        if self.known.len() >= Self::CAPACITY {
-            self.known.clear();
-        }
-        self.known.insert(pid, place.clone());
-        place
     }
 }
 

@@ -25,6 +25,7 @@ use portwatch::{
     api::{self, ApiContext},
     event::{BootClock, Errno, EventKind, Options, PortEvent, Protocol, Source},
     failures::{self, Failure},
+    snapshot::owners::Place,
     state::State,
     watch::SharedState,
 };
@@ -176,6 +177,7 @@ fn fixture() -> State {
         time: at(10),
         event: in_use,
         blocked_by,
+        place: Place::from_cgroups("0::/system.slice/python-app.service\n"),
     });
     let mut denied = Sock {
         port: 80,
@@ -189,6 +191,8 @@ fn fixture() -> State {
         time: at(20),
         event: denied,
         blocked_by: Vec::new(),
+        // The process had exited before its failure was read.
+        place: Place::default(),
     });
     state
 }

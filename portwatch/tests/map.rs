@@ -228,14 +228,26 @@ async fn the_same_address_twice_names_the_first_as_the_blocker() {
     let (cgroup, netns) = (CgroupGuard::new("mapinuse"), NetnsGuard::new("mapinuse"));
     let mut watcher = watcher(&cgroup).await;
     let mut first = tcp_listener(&cgroup, &netns, "127.0.0.1:8000");
-    let mut second = refused_bind(&cgroup, &netns, "127.0.0.1:8000");
+    // Stays alive after the failure, so where it lives can be read.
+    let mut second = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[Op::tcp(false), Op::bind(0, "127.0.0.1:8000"), Op::Pause],
+    );
+    assert_eq!(second.results(2)[1], -i64::from(libc::EADDRINUSE));
     let failure = failure_where(&mut watcher, "the failure", |f| f.event.pid == second.pid).await;
     assert_eq!(failure.blocked_by.len(), 1, "{:?}", failure.blocked_by);
     let blocker = &failure.blocked_by[0];
     assert_eq!(blocker.holders[0].pid, first.pid, "{blocker:?}");
     assert_eq!(blocker.endpoint, "127.0.0.1:8000");
     assert_eq!(blocker.what, "listener");
+    // The failing process's cgroup: the test's own, checked against the
+    // cgroup id the kernel reported.
+    let name = cgroup.path.file_name().unwrap().to_string_lossy();
+    let place = failure.place.cgroup.as_deref().unwrap_or_default();
+    assert!(place.ends_with(&format!("/{name}")), "{:?}", failure.place);
     first.resume();
+    second.resume();
     second.wait();
 }
 

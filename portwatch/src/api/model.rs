@@ -284,6 +284,7 @@ impl BlockerView {
     "endpoint": "0.0.0.0:8000", "errno": "EADDRINUSE",
     "errno_description": "Address already in use", "netns": 4026531840u64,
     "cookie": 40, "reuse_addr": false, "reuse_port": false, "v6only": null,
+    "unit": "app.service", "container": null, "cgroup": "/system.slice/app.service",
     "blocked_by": []
 }))]
 pub struct FailureView {
@@ -318,6 +319,13 @@ pub struct FailureView {
     pub reuse_addr: Option<bool>,
     pub reuse_port: Option<bool>,
     pub v6only: Option<bool>,
+    /// The failing process's systemd unit, read when the failure arrived;
+    /// null when it had already exited or is in no unit.
+    pub unit: Option<String>,
+    /// Its container id, when its cgroup names one.
+    pub container: Option<String>,
+    /// Its cgroup v2 path.
+    pub cgroup: Option<String>,
     /// The sockets the conflict rules name as the cause; empty when the
     /// failure is not a port conflict or nothing matched.
     pub blocked_by: Vec<BlockerView>,
@@ -345,6 +353,9 @@ impl FailureView {
             reuse_addr: ev.options.reuse_addr,
             reuse_port: ev.options.reuse_port,
             v6only: ev.options.v6only,
+            unit: failure.place.unit.clone(),
+            container: failure.place.container.clone(),
+            cgroup: failure.place.cgroup.clone(),
             blocked_by: failure
                 .blocked_by
                 .iter()

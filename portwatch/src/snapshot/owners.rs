@@ -14,7 +14,11 @@ use std::{
     ffi::CString,
     fs::{self, File},
     io,
-    os::{fd::AsRawFd, unix::ffi::OsStringExt},
+    os::{
+        fd::AsRawFd,
+        unix::{ffi::OsStringExt, fs::MetadataExt as _},
+    },
+    path::{Path, PathBuf},
 };
 
 use super::SnapshotError;
@@ -111,8 +115,8 @@ pub(crate) struct ProcInfo {
 
 /// Where a process lives: its cgroup v2 path, and the systemd unit and
 /// container found in that path.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Place {
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Place {
     pub cgroup: Option<String>,
     pub unit: Option<String>,
     pub container: Option<String>,
@@ -127,6 +131,71 @@ impl Place {
             unit: cgroup.and_then(systemd_unit).map(str::to_owned),
             container: cgroup.and_then(container_id).map(str::to_owned),
         }
+    }
+}
+
+/// Where the processes named by events live, remembered per pid so that a
+/// burst of binds reads `/proc/<pid>/cgroup` once.
+///
+/// Every event carries the cgroup id the kernel saw (on cgroup v2, the
+/// inode number of the cgroup's directory). A remembered place is used only
+/// while the event's id matches it, and a fresh read is kept only if its
+/// directory has that inode: a pid reused by another process, a process
+/// moved to another cgroup, or one that exited before it was read get no
+/// place rather than a wrong one.
+pub(crate) struct PlaceCache {
+    /// The cgroup2 mount the paths of `/proc/<pid>/cgroup` are under; when
+    /// unknown, places are taken as read.
+    mount: Option<PathBuf>,
+    known: HashMap<u32, (u64, Place)>,
+}
+
+impl PlaceCache {
+    /// Pids remembered at most; the cache starts over past this.
+    const CAPACITY: usize = 4096;
+
+    pub fn new(mount: Option<PathBuf>) -> PlaceCache {
+        PlaceCache {
+            mount,
+            known: HashMap::new(),
+        }
+    }
+
+    /// Where `pid`, which the kernel saw in cgroup `cgroup_id` (0: not
+    /// known), lives.
+    pub fn of(&mut self, pid: u32, cgroup_id: u64) -> Place {
+        if let Some((id, place)) = self.known.get(&pid)
+            && *id == cgroup_id
+            && cgroup_id != 0
+        {
+            return place.clone();
+        }
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let place = verified(Place::from_cgroups(&text), cgroup_id, self.mount.as_deref());
+        if place.cgroup.is_some() && cgroup_id != 0 {
+            if self.known.len() >= Self::CAPACITY {
+                self.known.clear();
+            }
+            self.known.insert(pid, (cgroup_id, place.clone()));
+        }
+        place
+    }
+}
+
+/// `place` if its cgroup directory under `mount` is cgroup `cgroup_id`;
+/// no place if it is another one or is gone. Taken as read when the id or
+/// the mount is not known.
+fn verified(place: Place, cgroup_id: u64, mount: Option<&Path>) -> Place {
+    let (Some(mount), Some(path)) = (mount, place.cgroup.as_deref()) else {
+        return place;
+    };
+    if cgroup_id == 0 {
+        return place;
+    }
+    let dir = mount.join(path.trim_start_matches('/'));
+    match fs::metadata(&dir) {
+        Ok(meta) if meta.ino() == cgroup_id => place,
+        _ => Place::default(),
     }
 }
 
@@ -223,6 +292,34 @@ mod tests {
     use super::*;
 
     const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn a_place_is_kept_only_if_its_cgroup_is_the_one_the_kernel_named() {
+        let mount = std::env::temp_dir().join(format!("pw-place-{}", std::process::id()));
+        let unit = mount.join("system.slice/demo.service");
+        fs::create_dir_all(&unit).unwrap();
+        let inode = fs::metadata(&unit).unwrap().ino();
+        let place = Place::from_cgroups("0::/system.slice/demo.service\n");
+        assert_eq!(place.unit.as_deref(), Some("demo.service"));
+
+        assert_eq!(verified(place.clone(), inode, Some(&mount)), place);
+        // Another cgroup now: the pid was reused, or the process moved.
+        assert_eq!(
+            verified(place.clone(), inode + 1, Some(&mount)),
+            Place::default()
+        );
+        // Unknown id or mount: as read.
+        assert_eq!(verified(place.clone(), 0, Some(&mount)), place);
+        assert_eq!(verified(place.clone(), inode + 1, None), place);
+        // The cgroup is gone (a transient unit that ended).
+        fs::remove_dir_all(&mount).unwrap();
+        assert_eq!(verified(place, inode, Some(&mount)), Place::default());
+        // An exited process: nothing read, nothing kept.
+        assert_eq!(
+            verified(Place::default(), inode, Some(&mount)),
+            Place::default()
+        );
+    }
 
     #[test]
     fn socket_links_give_their_inode() {
