@@ -51,7 +51,7 @@ pub const CHECKS: &[&str] = &[
     "without the sock_diag modules it runs on live events and says what it cannot see",
     "once the modules load, reconciliation resumes by itself",
     "a unit's listener is attributed to demo-listener.service",
-    "a systemd-run unit's failed bind is in /failures, blocked_by demo-listener.service",
+    "a systemd-run unit's failed bind is in /failures with its unit, blocked_by demo-listener.service",
     "systemd-analyze security portwatch.service",
     "systemctl restart rebuilds the same map",
     "systemctl stop leaves no program loaded or attached (bpftool)",
@@ -105,17 +105,20 @@ WantedBy=multi-user.target
 ";
 
 /// The transient unit's program: writes its pid, then binds the port the
-/// demo listener holds (and fails with EADDRINUSE).
-const CLASH: &str = "import socket, sys
+/// demo listener holds (and fails with EADDRINUSE). Like a service logging
+/// its error, it lingers a second before exiting: the daemon reads where a
+/// failing process lives when the event arrives, and one gone by then is
+/// reported without a unit (never with a guessed one).
+const CLASH: &str = "import os, socket, sys, time
 port, pid_file = int(sys.argv[1]), sys.argv[2]
 with open(pid_file, 'w') as f:
-    import os
     f.write(str(os.getpid()))
 s = socket.socket()
 try:
     s.bind(('127.0.0.1', port))
 except OSError as err:
     print('bind failed:', err)
+    time.sleep(1)
     sys.exit(1)
 print('bind succeeded')
 ";

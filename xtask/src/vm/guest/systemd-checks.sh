@@ -144,15 +144,15 @@ clash_seen() {
 import json, sys
 pid = int(sys.argv[1])
 for f in json.load(sys.stdin)["failures"]:
-    if f["pid"] == pid and f["errno"] == "EADDRINUSE" and any(
+    if f["pid"] == pid and f["errno"] == "EADDRINUSE" and f.get("unit") == "pwsd-clash.service" and any(
         h.get("unit") == "demo-listener.service" for b in f["blocked_by"] for h in b["holders"]
     ):
-        print(f["endpoint"], f["errno"], "blocked_by", [b["endpoint"] for b in f["blocked_by"]])
+        print(f["unit"], f["endpoint"], f["errno"], "blocked_by", [b["endpoint"] for b in f["blocked_by"]])
         sys.exit(0)
 sys.exit(1)' "${clash_pid:-0}"
 }
 wait_for 20 clash_seen
-verdict $? "a systemd-run unit's failed bind is in /failures, blocked_by demo-listener.service" \
+verdict $? "a systemd-run unit's failed bind is in /failures with its unit, blocked_by demo-listener.service" \
   "$(clash_seen)" "exit $clash_status, pid ${clash_pid:-none}: $(curl -s "$API/failures" | cut -c1-300)"
 
 # --- 6. The sandbox, as systemd scores it ----------------------------------
