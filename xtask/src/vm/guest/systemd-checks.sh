@@ -18,6 +18,7 @@ exec >/dev/ttyS0 2>&1
 
 API=http://127.0.0.1:7464
 PORT=8080
+NS_PORT=8081
 DIAG_MODULES=(inet_diag tcp_diag udp_diag)
 
 one_line() { tr '\n' ' ' | tr -s ' ' | cut -c1-400; }
@@ -162,11 +163,38 @@ verdict $? "systemd-analyze security portwatch.service" "${exposure#*: }" "no sc
 fact "exposure" "${exposure#*: }"
 
 # --- 7. A restart rebuilds the same map ------------------------------------
+# A second listener in a network namespace of its own, as a container's:
+# the restart's snapshot must enter it (setns) through the sandbox.
+ip netns add pwsd-ns && ip -n pwsd-ns link set lo up
+systemd-run --unit=pwsd-ns-listener --quiet -p NetworkNamespacePath=/run/netns/pwsd-ns \
+  /usr/bin/python3 -m http.server "$NS_PORT" --bind 127.0.0.1
+ns_seen() { curl -sf "$API/ports/$NS_PORT" | grep -q '"unit":"pwsd-ns-listener.service"'; }
+wait_for 30 ns_seen
 before="$(listeners)"
 systemctl restart portwatch.service && wait_for 120 ready
 after="$(listeners)"
-[ -n "$before" ] && [ "$before" = "$after" ] && [[ "$after" == *demo-listener.service* ]]
+[ -n "$before" ] && [ "$before" = "$after" ] && [[ "$after" == *demo-listener.service* ]] \
+  && [[ "$after" == *pwsd-ns-listener.service* ]]
 verdict $? "systemctl restart rebuilds the same map" "$(printf '%s\n' "$after" | wc -l) listeners, units included" "before: $before | after: $after"
+
+# What only the start-up snapshot reads, through the sandbox: a listener in
+# another namespace (setns), and the options of sockets made before the
+# daemon (pidfd_getfd): http.server sets SO_REUSEADDR.
+snapshot_facts() {
+  for port in "$PORT" "$NS_PORT"; do
+    curl -sf "$API/ports/$port" | python3 -c '
+import json, sys
+for l in json.load(sys.stdin)["listeners"]:
+    print(l["endpoint"], l.get("unit"), "netns", l["netns"], "reuse_addr", l.get("reuse_addr"), "holders", len(l["holders"]))'
+  done
+}
+facts="$(snapshot_facts)"
+host_netns="$(printf '%s\n' "$facts" | awk '/demo-listener/ {print $4}')"
+printf '%s\n' "$facts" | grep -q 'pwsd-ns-listener.service netns [0-9]* reuse_addr True holders 1' \
+  && printf '%s\n' "$facts" | grep -q 'demo-listener.service netns [0-9]* reuse_addr True holders 1' \
+  && ! printf '%s\n' "$facts" | grep 'pwsd-ns-listener' | grep -q "netns $host_netns "
+verdict $? "after a restart, a namespaced unit's listener and existing sockets' options are read (setns, pidfd_getfd)" \
+  "$(printf '%s' "$facts" | one_line)" "$(printf '%s' "$facts" | one_line)"
 
 # --- 8. Stop leaves nothing attached ---------------------------------------
 mapfile -t held < <(portwatch_programs)
