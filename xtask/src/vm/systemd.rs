@@ -49,7 +49,7 @@ pub const CHECKS: &[&str] = &[
     "the package's unit is active (running) through Type=notify READY",
     "systemctl status shows the STATUS= line",
     "without the sock_diag modules it runs on live events and says what it cannot see",
-    "once the modules load, reconciliation resumes by itself",
+    "once the modules can load, reconciliation resumes by itself",
     "a unit's listener is attributed to demo-listener.service",
     "a systemd-run unit's failed bind is in /failures with its unit, blocked_by demo-listener.service",
     "systemd-analyze security portwatch.service",
