@@ -5,12 +5,13 @@ use std::io::{self, Write};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    capture::{Capture, CaptureConfig, CaptureError},
+    capture::{Capture, CaptureConfig, CaptureError, system::EnvError},
     cli::{DaemonArgs, TraceArgs},
     config::{Config, ConfigError, DEFAULT_CONFIG_PATH, Overrides},
     daemon::{self, DaemonError},
     event::BootClock,
     trace::{self, SocketBook, TraceFilter},
+    watch::WatchError,
 };
 
 /// Why a command stopped with an error.
@@ -31,6 +32,64 @@ pub enum AppError {
     /// The daemon stopped with an error.
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+}
+
+/// How a failed command ends the process, so that a supervisor can tell a
+/// failure a restart may fix from one it cannot (the unit restarts only on
+/// [`Exit::Failure`], a crash or the watchdog). The values follow
+/// `sysexits.h`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    /// Anything else, which may pass: restart.
+    Failure = 1,
+    /// The kernel lacks what portwatch needs (BTF, cgroup2, a tracepoint
+    /// layout it reads): EX_UNAVAILABLE.
+    Unsupported = 69,
+    /// Missing privileges (a capability, tracefs access): EX_NOPERM.
+    NoPermission = 77,
+    /// The configuration (file, environment, flags) is wrong: EX_CONFIG.
+    Config = 78,
+}
+
+impl AppError {
+    /// The exit status for this error.
+    pub fn exit(&self) -> Exit {
+        match self {
+            AppError::Config(_) => Exit::Config,
+            AppError::Capture(err) => capture_exit(err),
+            AppError::Daemon(DaemonError::Watch(WatchError::Capture(err))) => capture_exit(err),
+            // A taken port may free up (the old process still closing);
+            // an address this host does not have, or may not use, will not.
+            AppError::Daemon(DaemonError::Listen { source, .. }) => match source.kind() {
+                io::ErrorKind::AddrInUse => Exit::Failure,
+                _ => Exit::Config,
+            },
+            AppError::Output(_)
+            | AppError::Signal(_)
+            | AppError::Daemon(
+                DaemonError::Watch(_) | DaemonError::Metrics(_) | DaemonError::Signal(_),
+            ) => Exit::Failure,
+        }
+    }
+}
+
+fn capture_exit(err: &CaptureError) -> Exit {
+    match err {
+        CaptureError::Env(EnvError::MissingCapability(_) | EnvError::TracefsDenied) => {
+            Exit::NoPermission
+        }
+        CaptureError::Env(EnvError::NoBtf | EnvError::NoCgroup2)
+        | CaptureError::TracepointFormat { .. } => Exit::Unsupported,
+        CaptureError::Env(EnvError::NotACgroup(_)) | CaptureError::RingSize(_) => Exit::Config,
+        CaptureError::Env(EnvError::NoTracefs(_) | EnvError::Read { .. })
+        | CaptureError::Btf(_)
+        | CaptureError::Load(_)
+        | CaptureError::Program { .. }
+        | CaptureError::Map { .. }
+        | CaptureError::Open { .. }
+        | CaptureError::Ring(_) => Exit::Failure,
+    }
 }
 
 /// The daemon's configuration: file, then environment, then flags.

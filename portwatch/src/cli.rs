@@ -38,6 +38,10 @@ pub enum Command {
     /// (needs root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN).
     Trace(TraceArgs),
     /// Run the daemon: the live port map, its HTTP API and metrics (needs root).
+    #[command(after_help = "Exit status: 0 after SIGTERM or SIGINT; 78 for a bad \
+configuration (file, environment, flags, --check-config); 77 for missing privileges; 69 when \
+the kernel lacks what portwatch needs (BTF, cgroup2); 1 for anything else, which a restart \
+may fix; 2 for a bad command line.")]
     Daemon(DaemonArgs),
     /// Who listens on which port, like `ss -tuln` with owners and sharing.
     Ports(PortsArgs),

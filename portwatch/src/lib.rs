@@ -31,6 +31,7 @@ pub mod daemon;
 pub mod event;
 pub mod explain;
 pub mod failures;
+pub mod health;
 pub mod kernel_probe;
 pub mod map;
 pub mod metrics;

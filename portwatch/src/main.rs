@@ -53,7 +53,11 @@ fn main() -> ExitCode {
         }
         Err(err) => {
             eprintln!("portwatch: {}", error_chain(err.as_ref()));
-            ExitCode::FAILURE
+            // The daemon's and trace's errors say whether a restart helps.
+            let exit = err
+                .downcast_ref::<app::AppError>()
+                .map_or(app::Exit::Failure, app::AppError::exit);
+            ExitCode::from(exit as u8)
         }
     }
 }

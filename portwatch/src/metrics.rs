@@ -28,6 +28,7 @@ use prometheus::{
 
 use crate::{
     event::{Errno, EventKind},
+    health::DIAG_MODULES,
     map::Drift,
     rules::{self, CoexistReason},
     socket::{Family, Protocol, SocketFacts},
@@ -251,8 +252,25 @@ const EXPECTED_LISTENERS: Spec = Spec {
     kind: Kind::Gauge,
 };
 
+const SOCK_DIAG_AVAILABLE: Spec = Spec {
+    name: "portwatch_sock_diag_available",
+    help: "1 while the sock_diag listing works; 0 while it fails and the map \
+           comes from live events alone (sockets made before the daemon \
+           started are not listed, and the map is not checked against the \
+           kernel). /readyz says why.",
+    labels: &[],
+    kind: Kind::Gauge,
+};
+const KERNEL_MODULE_MISSING: Spec = Spec {
+    name: "portwatch_kernel_module_missing",
+    help: "1 for each sock_diag kernel module (inet_diag, tcp_diag, udp_diag) \
+           whose absence makes the listing fail; load it to recover.",
+    labels: &["module"],
+    kind: Kind::Gauge,
+};
+
 /// Every family the state collector produces.
-const SPECS: [&Spec; 18] = [
+const SPECS: [&Spec; 20] = [
     &BIND_FAILURES,
     &PORT_BIND_FAILURES,
     &LISTEN_FAILURES,
@@ -271,6 +289,8 @@ const SPECS: [&Spec; 18] = [
     &READY,
     &SNAPSHOT_DURATION,
     &EXPECTED_LISTENERS,
+    &SOCK_DIAG_AVAILABLE,
+    &KERNEL_MODULE_MISSING,
 ];
 
 /// The names of the families the state collector produces. The process
@@ -431,6 +451,8 @@ struct Reading {
     /// Every listener (a copy of a few dozen bytes each).
     listeners: Vec<SocketFacts>,
     expected: Vec<(ExpectedListener, usize)>,
+    /// The modules a failing listing lacks; `None` while listings work.
+    listing_missing: Option<Vec<&'static str>>,
 }
 
 impl Reading {
@@ -448,6 +470,10 @@ impl Reading {
                 .map(|entry| entry.facts.clone())
                 .collect(),
             expected: state.expected_counts(),
+            listing_missing: state
+                .listing
+                .as_ref()
+                .map(|failure| failure.missing_modules.clone()),
         }
     }
 
@@ -590,6 +616,21 @@ impl Reading {
                         expected.protocol.name().to_owned(),
                     ];
                     (labels, n as u64)
+                }),
+            ),
+            Samples::of(
+                &SOCK_DIAG_AVAILABLE,
+                [(vec![], u64::from(self.listing_missing.is_none()))],
+            ),
+            // Every module from the first scrape, so an alert sees 0 -> 1.
+            Samples::of(
+                &KERNEL_MODULE_MISSING,
+                DIAG_MODULES.map(|module| {
+                    let missing = self
+                        .listing_missing
+                        .as_ref()
+                        .is_some_and(|m| m.contains(&module));
+                    (vec![module.to_owned()], u64::from(missing))
                 }),
             ),
         ]

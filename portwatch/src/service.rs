@@ -9,6 +9,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 
 use crate::{
+    health::ListingFailure,
     state::State,
     watch::{Heartbeat, SharedState},
 };
@@ -81,8 +82,13 @@ pub fn status_line(state: &State) -> String {
         ports.insert(entry.facts.port);
     }
     let failures: u64 = state.counters.bind_failures.values().sum();
+    let degraded = state
+        .listing
+        .as_ref()
+        .map(ListingFailure::status_suffix)
+        .unwrap_or_default();
     format!(
-        "watching {listeners} listeners on {} ports; {failures} failed binds, {} events dropped",
+        "watching {listeners} listeners on {} ports; {failures} failed binds, {} events dropped{degraded}",
         ports.len(),
         state.stats.dropped
     )
@@ -133,6 +139,14 @@ mod tests {
         assert_eq!(
             status_line(&state),
             "watching 3 listeners on 2 ports; 1 failed binds, 7 events dropped"
+        );
+        state.listing = Some(ListingFailure {
+            error: "the kernel refused the udp ipv4 sock_diag dump".into(),
+            missing_modules: vec!["udp_diag"],
+        });
+        assert_eq!(
+            status_line(&state),
+            "watching 3 listeners on 2 ports; 1 failed binds, 7 events dropped; degraded: no sock_diag listing (load udp_diag)"
         );
     }
 }

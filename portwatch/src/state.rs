@@ -15,6 +15,7 @@ use crate::{
     event::{Errno, EventKind, Family, PortEvent, Protocol},
     explain::{self, PortExplanation},
     failures::FailureLog,
+    health::ListingFailure,
     map::{Drift, PortMap},
     rules::KernelRules,
     socket::NetnsCookie,
@@ -176,6 +177,9 @@ pub struct State {
     /// What the kernel's conflict rules do where kernels differ, as probed
     /// at start (unknown until then, and when the probe cannot tell).
     pub kernel: KernelRules,
+    /// The sock_diag listing's failure while it fails (`None` once one
+    /// works): the daemon then sees live events only.
+    pub listing: Option<ListingFailure>,
 }
 
 impl State {
@@ -193,6 +197,7 @@ impl State {
             localhost: Vec::new(),
             expected: Vec::new(),
             kernel: KernelRules::UNKNOWN,
+            listing: None,
         }
     }
 

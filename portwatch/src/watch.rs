@@ -25,6 +25,7 @@ use crate::{
     event::{BootClock, EventKind, PortEvent},
     explain,
     failures::{self, Failure},
+    health::{self, ListingFailure},
     kernel_probe,
     map::{Drift, Observed},
     rules::{self, KernelRules},
@@ -182,6 +183,27 @@ impl Unresolved {
             blocked_by: self.blocked_by,
             place: self.place,
         }
+    }
+}
+
+/// A failed listing as the daemon explains it: when the kernel has no
+/// handler (ENOENT), which protocols it cannot list, and so which modules
+/// are missing (a small listing of its own, made only while listings fail).
+fn explain_listing_failure(err: &SnapshotError) -> ListingFailure {
+    let no_handler = matches!(
+        err,
+        SnapshotError::DiagRefused { source, .. } if source.raw_os_error() == Some(libc::ENOENT)
+    );
+    let missing_modules = if no_handler {
+        snapshot::unlisted_protocols()
+            .map(|refused| health::missing_modules(&refused))
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    ListingFailure {
+        error: err.to_string(),
+        missing_modules,
     }
 }
 
@@ -372,20 +394,29 @@ impl Watcher {
     /// alone, and the next listing is tried when it is due. Said once per
     /// distinct reason.
     fn listing_failed(&mut self, err: &SnapshotError) {
+        let failure = explain_listing_failure(err);
         let kind = std::mem::discriminant(err);
         if self.listing_failed != Some(kind) {
+            let advice = failure
+                .advice()
+                .map(|a| format!("; {a}"))
+                .unwrap_or_default();
             tracing::warn!(
                 error = %err,
-                "the sock_diag listing failed: portwatch goes on with live events alone, so sockets made before it started are not listed and the map is not checked against the kernel; it tries again every reconcile_interval"
+                "the sock_diag listing failed: portwatch goes on with live events alone, so sockets made before it started are not listed and the map is not checked against the kernel; it tries again every reconcile_interval{advice}"
             );
             self.listing_failed = Some(kind);
         }
+        // Kept current (a module may have loaded since), for /readyz, the
+        // STATUS= line and the metrics.
+        self.write().listing = Some(failure);
     }
 
     /// A listing worked: says so if earlier ones had failed.
     fn listing_works(&mut self) {
         if self.listing_failed.take().is_some() {
             tracing::info!("the sock_diag listing works again; the map is checked against it");
+            self.write().listing = None;
         }
     }
 

@@ -25,6 +25,7 @@ use portwatch::{
     api::{self, ApiContext},
     event::{BootClock, Errno, EventKind, Options, PortEvent, Protocol, Source},
     failures::{self, Failure},
+    health::ListingFailure,
     snapshot::owners::Place,
     state::State,
     watch::SharedState,
@@ -662,6 +663,22 @@ async fn health_and_readiness() {
     assert_eq!(
         (ready.status, ready.text().as_str()),
         (StatusCode::OK, "ready")
+    );
+    // Serving from live events alone: still ready, and says what it lacks.
+    api.state.write().unwrap().listing = Some(ListingFailure {
+        error: "the kernel refused the tcp ipv4 sock_diag dump".into(),
+        missing_modules: vec!["tcp_diag"],
+    });
+    let degraded = get(&api.router, "/readyz").await;
+    assert_eq!(degraded.status, StatusCode::OK);
+    let text = degraded.text();
+    assert!(
+        text.starts_with("ready\ndegraded: the sock_diag listing fails"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("load the kernel modules tcp_diag (modprobe -a tcp_diag)"),
+        "{text}"
     );
     api.state.write().unwrap().ready = false;
     let body = get(&api.router, "/readyz")

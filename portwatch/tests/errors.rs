@@ -1,7 +1,9 @@
 //! What `portwatch trace` and `portwatch daemon` say when the environment
 //! or the daemon's configuration is wrong: one line on stderr that names the
-//! problem (and the fix), and exit code 1; or, for tracefs, that they mount
-//! the file system themselves and go on.
+//! problem (and the fix), and an exit status that says whether a restart
+//! can help (`portwatch::app::Exit`: 78 configuration, 77 privileges, 69 an
+//! unsupported kernel, 1 anything that may pass); or, for tracefs, that
+//! they mount the file system themselves and go on.
 //!
 //! The broken environments are made in a private mount namespace
 //! (`unshare --mount`), so the machine itself is never touched. Every command
@@ -16,6 +18,7 @@ use std::{
     process::{Command, Output},
 };
 
+use portwatch::app::Exit;
 use support::{CgroupGuard, DEADLINE, TempDir, Tracer, daemon::Daemon};
 
 fn portwatch() -> Command {
@@ -64,26 +67,27 @@ fn private_mounts(setup: &str) -> Vec<String> {
 }
 
 /// Runs each of [`LOADERS`] (then `extra`), which is expected to fail at
-/// start-up, after `setup` in [`private_mounts`]; the one line each printed.
-fn loaders_in_private_mounts(setup: &str, extra: &[&str]) -> Vec<String> {
+/// start-up with `exit`, after `setup` in [`private_mounts`]; the one line
+/// each printed.
+fn loaders_in_private_mounts(setup: &str, extra: &[&str], exit: Exit) -> Vec<String> {
     LOADERS
         .iter()
         .map(|args| {
             let mut line = private_mounts(setup);
             line.extend(until_deadline(args, extra));
             let output = command(&line).output().expect("run unshare");
-            one_line(&args.join(" "), &output)
+            one_line(&args.join(" "), &output, exit)
         })
         .collect()
 }
 
 /// The one line the failure of `what` printed, checked to be a single line
-/// after exit code 1.
-fn one_line(what: &str, output: &Output) -> String {
+/// after exit status `exit`.
+fn one_line(what: &str, output: &Output, exit: Exit) -> String {
     assert_eq!(
         output.status.code(),
-        Some(1),
-        "{what}: expected a failure: {output:?}"
+        Some(i32::from(exit as u8)),
+        "{what}: expected a failure ({exit:?}): {output:?}"
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     let lines: Vec<&str> = stderr
@@ -109,7 +113,7 @@ fn without_privileges_it_names_the_missing_capability() {
             .gid(65534)
             .output()
             .expect("run");
-        let line = one_line(&args.join(" "), &output);
+        let line = one_line(&args.join(" "), &output, Exit::NoPermission);
         assert!(line.contains("missing capability CAP_BPF"), "{line}");
         assert!(line.contains("run portwatch as root"), "{line}");
     }
@@ -120,7 +124,8 @@ fn without_privileges_it_names_the_missing_capability() {
 fn without_btf_it_says_which_kernel_option_is_needed() {
     let cgroup = CgroupGuard::new("nobtf");
     let extra = ["--cgroup", path_arg(&cgroup.path)];
-    for line in loaders_in_private_mounts("mount -t tmpfs none /sys/kernel/btf", &extra) {
+    let setup = "mount -t tmpfs none /sys/kernel/btf";
+    for line in loaders_in_private_mounts(setup, &extra, Exit::Unsupported) {
         assert!(line.contains("no BTF at /sys/kernel/btf/vmlinux"), "{line}");
         assert!(line.contains("CONFIG_DEBUG_INFO_BTF"), "{line}");
     }
@@ -131,7 +136,7 @@ fn without_btf_it_says_which_kernel_option_is_needed() {
 fn without_cgroup2_it_says_how_to_mount_one() {
     let cgroup2 = support::cgroup2_root();
     let setup = format!("umount -l {}", cgroup2.display());
-    for line in loaders_in_private_mounts(&setup, &[]) {
+    for line in loaders_in_private_mounts(&setup, &[], Exit::Unsupported) {
         assert!(line.contains("no cgroup2 mount"), "{line}");
         assert!(line.contains("--cgroup"), "{line}");
     }
@@ -168,7 +173,7 @@ fn when_tracefs_cannot_be_mounted_it_says_how_to_mount_it() {
         mount -t tmpfs none /sys/kernel; mkdir /sys/kernel/btf; \
         mount --move \"$btf\" /sys/kernel/btf";
     let extra = ["--cgroup", path_arg(&cgroup.path)];
-    for line in loaders_in_private_mounts(setup, &extra) {
+    for line in loaders_in_private_mounts(setup, &extra, Exit::Failure) {
         assert!(line.contains("tracefs is not mounted"), "{line}");
         assert!(line.contains("mount -t tracefs nodev"), "{line}");
     }
@@ -181,7 +186,7 @@ fn a_path_that_is_not_a_cgroup_is_refused() {
         .args(["trace", "--cgroup", "/tmp"])
         .output()
         .expect("run");
-    let line = one_line("trace --cgroup /tmp", &output);
+    let line = one_line("trace --cgroup /tmp", &output, Exit::Config);
     assert!(line.contains("/tmp is not a cgroup2 directory"), "{line}");
 }
 
@@ -194,7 +199,7 @@ fn a_bad_ring_size_is_refused() {
         .arg(&cgroup.path)
         .output()
         .expect("run");
-    let line = one_line("trace --ring-size 5000", &output);
+    let line = one_line("trace --ring-size 5000", &output, Exit::Config);
     assert!(line.contains("ring buffer size 5000"), "{line}");
 }
 
@@ -339,7 +344,7 @@ fn bad_configurations_are_refused_in_one_line() {
                 .envs(case.env.iter().copied())
                 .output()
                 .expect("run");
-            let line = one_line(&format!("{} ({mode:?})", case.what), &output);
+            let line = one_line(&format!("{} ({mode:?})", case.what), &output, Exit::Config);
             for needle in case.says {
                 assert!(line.contains(needle), "{}: {line}", case.what);
             }
@@ -364,8 +369,36 @@ fn an_unreadable_configuration_is_named() {
             .gid(65534)
             .output()
             .expect("run");
-        let line = one_line(&format!("unreadable ({mode:?})"), &output);
+        let line = one_line(&format!("unreadable ({mode:?})"), &output, Exit::Config);
         let expected = format!("reading {}: Permission denied", path.display());
         assert!(line.contains(&expected), "{line}");
+    }
+}
+
+/// The HTTP address: one another process holds may free up (restart), one
+/// this host does not have will not (configuration).
+#[test]
+fn a_listen_address_in_use_may_pass_and_a_foreign_one_will_not() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+    let addr = taken.local_addr().expect("its address").to_string();
+    let dir = TempDir::new("listen");
+    let config = dir.file("portwatch.toml", "");
+    for (listen, exit, says) in [
+        (addr.as_str(), Exit::Failure, "Address already in use"),
+        // TEST-NET-1: never an address of this host.
+        (
+            "192.0.2.1:7464",
+            Exit::Config,
+            "Cannot assign requested address",
+        ),
+    ] {
+        let args = ["daemon", "--config", path_arg(&config), "--listen", listen];
+        let output = command(&until_deadline(&args, &[])).output().expect("run");
+        let line = one_line(&format!("--listen {listen}"), &output, exit);
+        assert!(
+            line.contains(&format!("cannot listen on {listen}")),
+            "{line}"
+        );
+        assert!(line.contains(says), "{line}");
     }
 }

@@ -61,23 +61,31 @@ pub async fn livez() -> &'static str {
 }
 
 /// Readiness: the kernel programs are attached and the start-up snapshot is
-/// merged, so answers are complete.
+/// merged (or could not be taken).
+///
+/// A daemon that cannot list sockets (no sock_diag modules) is still ready:
+/// its programs see every new bind, and taking it out of rotation (a
+/// Kubernetes readiness probe) would hide what it does see. The body says
+/// what it cannot see: `ready`, then one `degraded: ...` line per gap,
+/// naming what to do (the kernel modules to load).
 #[utoipa::path(
     get,
     path = "/readyz",
     operation_id = "readyz",
     tag = "operations",
     responses(
-        (status = 200, description = "`ready`", content_type = "text/plain", body = String),
+        (status = 200, description = "`ready`, then a `degraded: ...` line for each thing the daemon cannot see (a failing sock_diag listing, with the kernel modules to load)", content_type = "text/plain", body = String),
         (status = 503, description = "Not ready yet", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn readyz(State(shared): State<Shared>) -> Result<&'static str, ApiError> {
-    if shared.read(|state| state.ready) {
-        Ok("ready")
-    } else {
-        Err(ApiError::NotReady)
-    }
+pub async fn readyz(State(shared): State<Shared>) -> Result<String, ApiError> {
+    shared
+        .read(|state| {
+            state
+                .ready
+                .then(|| crate::health::readyz_body(state.listing.as_ref()))
+        })
+        .ok_or(ApiError::NotReady)
 }
 
 /// The OpenAPI document, built once.

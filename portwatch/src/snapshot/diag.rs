@@ -236,6 +236,28 @@ fn bound_only_tcp_listed_here() -> Result<bool, SnapshotError> {
     Ok(found.iter().any(|s| s.facts.port == port))
 }
 
+/// The protocols this thread's namespace cannot list because the kernel has
+/// no sock_diag handler for them (it answers ENOENT once loading the module
+/// failed): which of `inet_diag`, `tcp_diag` and `udp_diag` are missing.
+/// Only listening TCP sockets are asked for, so the probe stays small.
+pub fn unlisted_protocols() -> Result<Vec<Protocol>, SnapshotError> {
+    let mut diag = Diag::open()?;
+    let mut refused = Vec::new();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let mut found = Vec::new();
+        match diag.dump(protocol, Family::Ipv4, tcp_states(true), 0, &mut found) {
+            Ok(()) => {}
+            Err(SnapshotError::DiagRefused { source, .. })
+                if source.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                refused.push(protocol);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(refused)
+}
+
 /// A serialized dump request for one protocol and family.
 fn dump_request(protocol: Protocol, family: Family, tcp: StateFlags, sequence: u32) -> Vec<u8> {
     let (family, socket_id) = match family {

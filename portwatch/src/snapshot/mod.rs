@@ -41,14 +41,14 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use self::{
-    diag::bound_only_tcp_listed,
-    netns::{netns_cookie_of_current_thread, netns_named_by_inode},
-};
 use self::{
     diag::{Diag, DiagSocket},
     netns::{Namespace, NetnsKey},
     owners::ProcInfo,
+};
+pub use self::{
+    diag::{bound_only_tcp_listed, unlisted_protocols},
+    netns::{netns_cookie_of_current_thread, netns_named_by_inode},
 };
 use crate::{
     map::{Holder, Observed},

@@ -1,0 +1,143 @@
+//! What the daemon cannot see right now, said the same way in its log,
+//! `/readyz`, the systemd `STATUS=` line and its metrics.
+//!
+//! Today that is one thing: the sock_diag listing. Debian and most
+//! distributions build `inet_diag`, `tcp_diag` and `udp_diag` as modules,
+//! which the kernel loads on a listing's first request; a hardened host may
+//! lack them or forbid loading (`kernel.modules_disabled=1`, lockdown). The
+//! daemon then runs on live events alone: it is still ready (its programs
+//! are attached and every new bind is seen), but sockets made before it
+//! started are not listed and the map is not checked against the kernel.
+//! Pure logic; the pipeline ([`crate::watch`]) fills it.
+
+use crate::event::Protocol;
+
+/// The kernel modules that let sock_diag list TCP and UDP sockets: the
+/// label values of `portwatch_kernel_module_missing`.
+pub const DIAG_MODULES: [&str; 3] = ["inet_diag", "tcp_diag", "udp_diag"];
+
+/// A failing sock_diag listing, as the daemon explains it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListingFailure {
+    /// The error, on one line.
+    pub error: String,
+    /// The modules whose absence explains it (those the kernel refused to
+    /// list with ENOENT); empty when it is something else.
+    pub missing_modules: Vec<&'static str>,
+}
+
+/// The modules missing when the kernel refuses (ENOENT) to list the
+/// protocols in `refused`. Both refused: the family handler `inet_diag`
+/// itself is missing, or cannot be told apart from both protocol modules
+/// missing, so all three are named; one refused: the other works, so
+/// `inet_diag` is there and only that protocol's module is missing.
+pub fn missing_modules(refused: &[Protocol]) -> Vec<&'static str> {
+    let tcp = refused.contains(&Protocol::Tcp);
+    let udp = refused.contains(&Protocol::Udp);
+    match (tcp, udp) {
+        (true, true) => DIAG_MODULES.to_vec(),
+        (true, false) => vec!["tcp_diag"],
+        (false, true) => vec!["udp_diag"],
+        (false, false) => Vec::new(),
+    }
+}
+
+impl ListingFailure {
+    /// What to do about it, when the cause is known.
+    pub fn advice(&self) -> Option<String> {
+        if self.missing_modules.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "load the kernel modules {} (modprobe -a {})",
+            self.missing_modules.join(", "),
+            self.missing_modules.join(" ")
+        ))
+    }
+
+    /// The `/readyz` line: what is degraded, what it costs, what to do.
+    pub fn readyz_line(&self) -> String {
+        let mut line = format!(
+            "degraded: the sock_diag listing fails ({}): sockets made before portwatch started are not listed, and the map is not checked against the kernel; it retries every reconcile_interval",
+            self.error
+        );
+        if let Some(advice) = self.advice() {
+            line.push_str("; ");
+            line.push_str(&advice);
+        }
+        line
+    }
+
+    /// A short suffix for the systemd `STATUS=` line.
+    pub fn status_suffix(&self) -> String {
+        if self.missing_modules.is_empty() {
+            "; degraded: no sock_diag listing".to_owned()
+        } else {
+            format!(
+                "; degraded: no sock_diag listing (load {})",
+                self.missing_modules.join(", ")
+            )
+        }
+    }
+}
+
+/// The body of a `200 /readyz`: `ready`, then one line per thing the daemon
+/// cannot see (plain `ready` when it sees everything, as always).
+pub fn readyz_body(listing: Option<&ListingFailure>) -> String {
+    let mut body = String::from("ready");
+    if let Some(failure) = listing {
+        body.push('\n');
+        body.push_str(&failure.readyz_line());
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refused_protocols_name_the_missing_modules() {
+        assert_eq!(
+            missing_modules(&[Protocol::Tcp, Protocol::Udp]),
+            ["inet_diag", "tcp_diag", "udp_diag"]
+        );
+        assert_eq!(missing_modules(&[Protocol::Tcp]), ["tcp_diag"]);
+        assert_eq!(missing_modules(&[Protocol::Udp]), ["udp_diag"]);
+        assert!(missing_modules(&[]).is_empty());
+    }
+
+    #[test]
+    fn readyz_says_ready_and_what_is_degraded() {
+        assert_eq!(readyz_body(None), "ready");
+        let failure = ListingFailure {
+            error: "the kernel refused the tcp ipv4 sock_diag dump: No such file or directory (os error 2)".into(),
+            missing_modules: missing_modules(&[Protocol::Tcp, Protocol::Udp]),
+        };
+        let body = readyz_body(Some(&failure));
+        let lines: Vec<&str> = body.lines().collect();
+        assert_eq!(lines[0], "ready");
+        assert!(
+            lines[1].starts_with(
+                "degraded: the sock_diag listing fails (the kernel refused the tcp ipv4"
+            ),
+            "{body}"
+        );
+        assert!(
+            lines[1].ends_with("load the kernel modules inet_diag, tcp_diag, udp_diag (modprobe -a inet_diag tcp_diag udp_diag)"),
+            "{body}"
+        );
+        assert_eq!(
+            failure.status_suffix(),
+            "; degraded: no sock_diag listing (load inet_diag, tcp_diag, udp_diag)"
+        );
+
+        let other = ListingFailure {
+            error: "entering network namespace /proc/7/ns/net: Operation not permitted".into(),
+            missing_modules: Vec::new(),
+        };
+        assert_eq!(other.advice(), None);
+        assert!(!readyz_body(Some(&other)).contains("modprobe"));
+        assert_eq!(other.status_suffix(), "; degraded: no sock_diag listing");
+    }
+}
