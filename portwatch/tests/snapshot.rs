@@ -542,9 +542,9 @@ fn holders_only_lists_listeners_and_bound_sockets_but_no_connections() {
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn sock_diag_lists_both_protocols_where_ss_works() {
-    let ss = std::process::Command::new("ss")
+    let ss = Command::new("ss")
         .args(["-tulnH"])
-        .stdout(std::process::Stdio::null())
+        .stdout(Stdio::null())
         .status()
         .expect("running ss");
     assert!(ss.success(), "ss cannot list sockets here");
