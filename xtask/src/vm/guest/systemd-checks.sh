@@ -21,7 +21,7 @@ PORT=8080
 NS_PORT=8081
 
 one_line() { tr '\n' ' ' | tr -s ' ' | cut -c1-400; }
-ok() { echo "PWSD-CHECK $1: ok${2:+: $2}"; }
+ok() { echo "PWSD-CHECK $1: ok${2:+: $(printf "%s" "$2" | one_line)}"; }
 fail() { echo "PWSD-CHECK $1: FAIL: $(printf '%s' "$2" | one_line)"; }
 fact() { echo "PWSD-FACT $1: $(printf '%s' "$2" | one_line)"; }
 # verdict STATUS NAME DETAIL-IF-OK DETAIL-IF-FAILED: ok when STATUS is 0.
