@@ -6,17 +6,23 @@ use std::{ffi::OsString, os::unix::process::CommandExt as _, path::PathBuf, proc
 use anyhow::{Result, bail};
 
 use crate::{
+    arch::Arch,
     cmd::{self, display},
     setup,
 };
 
-/// `cargo xtask build [--release]`.
-pub fn build(release: bool) -> Result<()> {
+/// `cargo xtask build [--release] [--arch arm64]`. The eBPF object is the
+/// same bytecode for every architecture, but aya-build compiles it for the
+/// target's `bpf_target_arch`.
+pub fn build(release: bool, arch: Arch) -> Result<()> {
     setup::ensure()?;
     let mut build = cmd::cargo();
     build.args(["build", "-p", "portwatch"]);
     if release {
         build.arg("--release");
+    }
+    if let Some(target) = arch.cargo_target() {
+        build.args(["--target", target]);
     }
     cmd::run(&mut build)
 }
@@ -25,7 +31,7 @@ pub fn build(release: bool) -> Result<()> {
 /// with `portwatch <args>` (through `sudo -E` when not root), so its exit code
 /// and its handling of Ctrl-C are portwatch's own.
 pub fn run(release: bool, args: &[OsString]) -> Result<()> {
-    build(release)?;
+    build(release, Arch::host())?;
     let binary = target_dir()
         .join(if release { "release" } else { "debug" })
         .join("portwatch");

@@ -1,6 +1,7 @@
 //! portwatch's development tasks, run as `cargo xtask <task>` (an alias in
 //! `.cargo/config.toml`). Every external command is printed before it runs.
 
+mod arch;
 mod bench;
 mod build;
 mod cmd;
@@ -42,6 +43,10 @@ enum Task {
     Build {
         #[arg(long)]
         release: bool,
+        /// Cross-build for this architecture (arm64 with Debian's
+        /// gcc-aarch64-linux-gnu); default: this machine's.
+        #[arg(long, value_enum, default_value_t = arch::Arch::host())]
+        arch: arch::Arch,
     },
     /// Build, then run `portwatch <ARGS>` as root (through `sudo -E` when not
     /// root), e.g. `cargo xtask run -- trace --json`.
@@ -68,7 +73,11 @@ enum Task {
     /// Build the Debian package (target/debian/portwatch_<version>_<arch>.deb):
     /// the binary, systemd unit, default config (a conffile), man page,
     /// shell completions, alert rules and dashboard.
-    Package,
+    Package {
+        /// The package's architecture (`--arch arm64`: portwatch_<v>_arm64.deb).
+        #[arg(long, value_enum, default_value_t = arch::Arch::host())]
+        arch: arch::Arch,
+    },
     /// Measure what portwatch costs: the bind path and the syscall tax with
     /// the daemon attached vs detached (and vs bpftrace), the ingest rate,
     /// the start-up snapshot vs `ss`, and the HTTP API under wrk (needs
@@ -122,6 +131,10 @@ enum Task {
         /// sock_diag modules.
         #[arg(long)]
         systemd: bool,
+        /// The guest's architecture: arm64 boots Debian's arm64 kernel under
+        /// qemu-system-aarch64 (TCG) with cross-built test binaries.
+        #[arg(long, value_enum, default_value_t = arch::Arch::host())]
+        arch: arch::Arch,
     },
     /// A bench load process (run by `cargo xtask bench`, not by hand).
     #[command(hide = true)]
@@ -135,11 +148,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup { check } => setup::setup(check),
-        Task::Build { release } => build::build(release),
+        Task::Build { release, arch } => build::build(release, arch),
         Task::Run { release, args } => build::run(release, &args),
         Task::Test { args } => test::test(&args),
         Task::Lint => lint::lint(),
-        Task::Package => package::package().map(|_| ()),
+        Task::Package { arch } => package::package(arch).map(|_| ()),
         Task::Bench {
             quick,
             write_readme,
@@ -157,6 +170,7 @@ fn main() -> ExitCode {
             minutes,
             suites,
             systemd,
+            arch,
         } => vm::vm(&vm::Options {
             kernels,
             outcome,
@@ -165,6 +179,7 @@ fn main() -> ExitCode {
             limit: std::time::Duration::from_secs(minutes * 60),
             suites,
             systemd,
+            arch,
         }),
         Task::BenchWorker { args } => {
             bench::Cgroup::join_from_env().and_then(|()| bench::worker(&args))

@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
+    arch::Arch,
     build::{self, target_dir},
     cmd::{self, display, output},
 };
@@ -19,13 +20,21 @@ use crate::{
 /// Generated files the package metadata lists under target/release.
 const ASSETS: &str = "deb-assets";
 
-/// `cargo xtask package`: builds the release binary, generates the man page
-/// and completions, then the .deb; prints and returns its path.
-pub fn package() -> Result<PathBuf> {
-    build::build(true)?;
-    let release = target_dir().join("release");
-    let binary = release.join("portwatch");
-    let assets = release.join(ASSETS);
+/// `cargo xtask package [--arch arm64]`: builds the release binary,
+/// generates the man page and completions, then the .deb; prints and
+/// returns its path.
+pub fn package(arch: Arch) -> Result<PathBuf> {
+    build::build(true, arch)?;
+    // The man page and completions come from running the binary: for
+    // another architecture, the host's build of the same source, whose
+    // arguments are the same.
+    if !arch.is_host() {
+        build::build(true, Arch::host())?;
+    }
+    let binary = Arch::host().profile_dir("release").join("portwatch");
+    // cargo-deb reads `target/release/...` assets from the target's own
+    // directory when given --target.
+    let assets = arch.profile_dir("release").join(ASSETS);
     if assets.exists() {
         fs::remove_dir_all(&assets).with_context(|| format!("removing {}", assets.display()))?;
     }
@@ -48,6 +57,9 @@ pub fn package() -> Result<PathBuf> {
     let mut deb = cmd::cargo();
     deb.args(["deb", "-p", "portwatch", "--no-build", "--output"])
         .arg(&out_dir);
+    if let Some(target) = arch.cargo_target() {
+        deb.args(["--target", target]);
+    }
     println!("$ {}", display(&deb));
     let built = String::from_utf8_lossy(&output(&mut deb)?).into_owned();
     // cargo-deb prints the package's path last.

@@ -32,6 +32,8 @@ enum Item {
     NightlyComponent(&'static str),
     /// A component of the toolchain that builds the host crates.
     HostComponent(&'static str),
+    /// A target of that toolchain (the standard library for it).
+    HostTarget(&'static str),
     /// bpf-linker, which links the eBPF object.
     BpfLinker,
     /// cargo-deb, which builds the .deb (`cargo xtask package`).
@@ -40,7 +42,7 @@ enum Item {
 
 /// Everything setup manages, in install order: bpf-linker builds last, against
 /// the LLVM packages.
-const ITEMS: [Item; 19] = [
+const ITEMS: [Item; 23] = [
     Item::Apt("llvm-22-dev"),
     // LLVM 22 links against it; bpf-linker's build fails without it.
     Item::Apt("libzstd-dev"),
@@ -67,6 +69,12 @@ const ITEMS: [Item; 19] = [
     Item::Apt("cpio"),
     // `cargo xtask lint` checks the shell scripts (CI's, the VM's checks).
     Item::Apt("shellcheck"),
+    // arm64: `cargo xtask build|package --arch arm64` link with Debian's
+    // cross gcc (and strip the VM's binaries with its objcopy), and
+    // `cargo xtask vm --arch arm64` boots Debian's arm64 kernel.
+    Item::Apt("gcc-aarch64-linux-gnu"),
+    Item::Apt("libc6-dev-arm64-cross"),
+    Item::Apt("qemu-system-arm"),
     Item::Nightly,
     // `-Z build-std=core`: there is no prebuilt core for the bpf targets.
     Item::NightlyComponent("rust-src"),
@@ -75,6 +83,7 @@ const ITEMS: [Item; 19] = [
     // `cargo xtask lint` on the host crates.
     Item::HostComponent("rustfmt"),
     Item::HostComponent("clippy"),
+    Item::HostTarget(crate::arch::Arch::Arm64.rust_target()),
     Item::BpfLinker,
     Item::CargoDeb,
 ];
@@ -86,6 +95,7 @@ impl Item {
             Item::Nightly => "nightly toolchain".to_owned(),
             Item::NightlyComponent(component) => format!("{component} (nightly)"),
             Item::HostComponent(component) => component.to_owned(),
+            Item::HostTarget(target) => format!("{target} (rust target)"),
             Item::BpfLinker => "bpf-linker".to_owned(),
             Item::CargoDeb => "cargo-deb".to_owned(),
         }
@@ -113,6 +123,12 @@ impl Item {
                     .current_dir(cmd::workspace_root()),
             )
             .is_some_and(|list| lists_component(&list, component)),
+            Item::HostTarget(target) => cmd::probe(
+                Command::new("rustup")
+                    .args(["target", "list", "--installed"])
+                    .current_dir(cmd::workspace_root()),
+            )
+            .is_some_and(|list| list.lines().any(|line| line.trim() == target)),
             Item::BpfLinker => cmd::probe(Command::new("bpf-linker").arg("--version")).is_some(),
             Item::CargoDeb => cmd::probe(Command::new("cargo-deb").arg("--version"))
                 .is_some_and(|version| version.contains(CARGO_DEB_VERSION)),
@@ -139,6 +155,11 @@ impl Item {
             Item::HostComponent(component) => {
                 cmd = Command::new("rustup");
                 cmd.args(["component", "add", component])
+                    .current_dir(cmd::workspace_root());
+            }
+            Item::HostTarget(target) => {
+                cmd = Command::new("rustup");
+                cmd.args(["target", "add", target])
                     .current_dir(cmd::workspace_root());
             }
             Item::BpfLinker => {

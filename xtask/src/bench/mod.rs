@@ -89,7 +89,7 @@ pub fn bench(options: Options) -> Result<()> {
         );
     }
     setup::ensure()?;
-    build::build(true)?;
+    build::build(true, crate::arch::Arch::host())?;
     let portwatch = build::target_dir().join("release/portwatch");
     let out_dir = build::target_dir().join("bench");
     let run_dir = out_dir.join(format!("run-{}", std::process::id()));

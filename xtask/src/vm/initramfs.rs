@@ -10,6 +10,7 @@ use std::{
     collections::BTreeMap,
     fs::{self, File},
     io::{BufWriter, Read as _, Write as _},
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -17,11 +18,20 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use cpio::NewcBuilder;
 
-use crate::cmd;
+use crate::{arch::Arch, cmd};
 
 const DIR: u32 = 0o040_755;
 const EXECUTABLE: u32 = 0o100_755;
 const REGULAR: u32 = 0o100_644;
+const SYMLINK: u32 = 0o120_777;
+
+/// What a guest userland taken whole from Debian packages leaves out.
+const UNNEEDED: [&str; 4] = [
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/locale",
+    "usr/share/info",
+];
 
 /// What goes into the archive, by path in the guest (absolute).
 #[derive(Default)]
@@ -31,7 +41,12 @@ pub struct Initramfs {
 
 enum Entry {
     Dir,
-    File { source: Source, mode: u32 },
+    File {
+        source: Source,
+        mode: u32,
+    },
+    /// A symbolic link to this target.
+    Symlink(PathBuf),
 }
 
 enum Source {
@@ -80,25 +95,62 @@ impl Initramfs {
         Ok(())
     }
 
-    /// Adds `host` at `guest` without its debug information (a copy in
-    /// `scratch`): the test binaries shrink about tenfold.
+    /// Adds `host`, a binary for `arch`, at `guest` without its debug
+    /// information (a copy in `scratch`): the test binaries shrink about
+    /// tenfold. The host's own binaries bring their libraries (`ldd`);
+    /// another architecture's come from its userland ([`Initramfs::tree`]).
     pub fn stripped_program(
         &mut self,
         guest: impl AsRef<Path>,
         host: &Path,
         scratch: &Path,
+        arch: Arch,
     ) -> Result<()> {
         let name = host
             .file_name()
             .with_context(|| format!("{} has no file name", host.display()))?;
         let copy = scratch.join(name);
         cmd::output(
-            Command::new("objcopy")
+            Command::new(arch.objcopy())
                 .arg("--strip-debug")
                 .arg(host)
                 .arg(&copy),
         )?;
-        self.program(guest, &copy)
+        if arch.is_host() {
+            self.program(guest, &copy)
+        } else {
+            self.file(guest, copy, EXECUTABLE);
+            Ok(())
+        }
+    }
+
+    /// Adds the tree under `root` (files, directories and symbolic links,
+    /// with their modes) at the guest's `/`, but for documentation.
+    pub fn tree(&mut self, root: &Path) -> Result<()> {
+        let mut dirs = vec![root.to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+                let path = entry?.path();
+                let inside = path.strip_prefix(root).unwrap_or(&path);
+                if UNNEEDED.iter().any(|skip| inside.starts_with(skip)) {
+                    continue;
+                }
+                let guest = Path::new("/").join(inside);
+                let meta = fs::symlink_metadata(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                if meta.file_type().is_symlink() {
+                    let target = fs::read_link(&path)?;
+                    self.insert(&guest, Entry::Symlink(target));
+                } else if meta.is_dir() {
+                    self.dir(&guest);
+                    dirs.push(path);
+                } else if meta.is_file() {
+                    let mode = 0o100_000 | (meta.permissions().mode() & 0o7777);
+                    self.file(&guest, path, mode);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn insert(&mut self, guest: &Path, entry: Entry) {
@@ -128,6 +180,13 @@ impl Initramfs {
             match entry {
                 Entry::Dir => {
                     builder.mode(DIR).write(&mut writer, 0).finish()?;
+                }
+                Entry::Symlink(target) => {
+                    let target = target.as_os_str().as_encoded_bytes();
+                    let size = u32::try_from(target.len()).context("a symlink's target")?;
+                    let mut entry = builder.mode(SYMLINK).write(&mut writer, size);
+                    entry.write_all(target)?;
+                    entry.finish()?;
                 }
                 Entry::File { source, mode } => {
                     let data = match source {

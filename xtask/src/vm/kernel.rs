@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::cmd;
+use crate::{arch::Arch, cmd};
 
 /// One kernel of the matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +27,7 @@ pub struct Kernel {
     pub package: &'static str,
     /// The Debian release the package comes from.
     pub release: Release,
+    pub arch: Arch,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,18 +45,38 @@ pub const KERNELS: [Kernel; 3] = [
         name: "5.10",
         package: "linux-image-5.10.0-32-cloud-amd64",
         release: Release::Bullseye,
+        arch: Arch::Amd64,
     },
     Kernel {
         name: "6.1",
         package: "linux-image-6.1.0-50-cloud-amd64",
         release: Release::Bookworm,
+        arch: Arch::Amd64,
     },
     Kernel {
         name: "6.12",
         package: "linux-image-6.12.111+deb12-cloud-amd64",
         release: Release::Bookworm,
+        arch: Arch::Amd64,
     },
 ];
+
+/// The arm64 kernels: Debian 12's, the same release as amd64's 6.1. Its
+/// `-cloud-arm64` flavour has BTF, the PL011 console and virtio built in.
+pub const ARM64_KERNELS: [Kernel; 1] = [Kernel {
+    name: "6.1",
+    package: "linux-image-6.1.0-50-cloud-arm64",
+    release: Release::Bookworm,
+    arch: Arch::Arm64,
+}];
+
+/// The kernels of the matrix for `arch`.
+pub fn kernels(arch: Arch) -> &'static [Kernel] {
+    match arch {
+        Arch::Amd64 => &KERNELS,
+        Arch::Arm64 => &ARM64_KERNELS,
+    }
+}
 
 /// A kernel ready to boot.
 pub struct Unpacked {
@@ -75,10 +96,17 @@ pub fn fetch(kernel: &Kernel, cache: &Path) -> Result<Unpacked> {
         let download = cache.join("downloads");
         fs::create_dir_all(&download)
             .with_context(|| format!("creating {}", download.display()))?;
-        let deb = download_deb(kernel, cache, &download)?;
         let tree = dir.join("tree");
-        fs::create_dir_all(&tree).with_context(|| format!("creating {}", tree.display()))?;
-        cmd::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&tree))?;
+        if kernel.arch.is_host() {
+            let deb = download_deb(kernel, cache, &download)?;
+            fs::create_dir_all(&tree).with_context(|| format!("creating {}", tree.display()))?;
+            cmd::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&tree))?;
+        } else {
+            // Another architecture's package lists: mmdebstrap fetches and
+            // unpacks it (with its few dependencies) without touching the
+            // machine's apt configuration.
+            foreign_extract(kernel.arch, &[kernel.package], cache, &tree)?;
+        }
         fs::write(&done, kernel.package)?;
     }
     unpacked(&dir.join("tree"))
@@ -142,6 +170,44 @@ fn download_deb(kernel: &Kernel, cache: &Path, into: &Path) -> Result<PathBuf> {
     Ok(deb)
 }
 
+/// Debian 12's `packages` for `arch` (with their dependencies) unpacked in
+/// `into`, by mmdebstrap's extract variant: nothing is configured and no
+/// maintainer script runs, so no emulator is needed.
+pub fn foreign_extract(arch: Arch, packages: &[&str], cache: &Path, into: &Path) -> Result<()> {
+    let sources = bookworm_sources(cache)?;
+    let _ = fs::remove_dir_all(into);
+    cmd::run(
+        Command::new("mmdebstrap")
+            .args(["--variant=extract", "--quiet"])
+            .arg(format!("--architectures={}", arch.debian()))
+            .arg(format!("--include={}", packages.join(",")))
+            .arg("bookworm")
+            .arg(into)
+            .arg(&sources),
+    )
+    .context("mmdebstrap (Debian package mmdebstrap: cargo xtask setup)")
+}
+
+/// The machine's Debian 12 apt sources, as one deb822 file in `cache` that
+/// mmdebstrap reads.
+pub fn bookworm_sources(cache: &Path) -> Result<PathBuf> {
+    let mut sources = String::new();
+    for path in machine_sources()? {
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        sources.push_str(&rename_suite(&text, "bookworm", "bookworm"));
+    }
+    if sources.is_empty() {
+        bail!(
+            "the machine's apt sources (/etc/apt/sources.list.d/*.sources) name no bookworm suite"
+        );
+    }
+    fs::create_dir_all(cache)?;
+    let list = cache.join("bookworm.sources");
+    fs::write(&list, sources)?;
+    Ok(list)
+}
+
 /// apt-get options that point it at a sources list, package lists and a
 /// cache of our own.
 struct PrivateApt {
@@ -194,7 +260,7 @@ impl PrivateApt {
 
 /// The machine's deb822 source files (`/etc/apt/sources.list.d/*.sources`,
 /// Debian 12's default format).
-pub fn machine_sources() -> Result<Vec<PathBuf>> {
+fn machine_sources() -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
     if let Ok(entries) = fs::read_dir("/etc/apt/sources.list.d") {
         for entry in entries.flatten() {

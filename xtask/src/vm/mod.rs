@@ -14,6 +14,7 @@
 //! in namespaces the tests make. Timings inside a TCG guest mean nothing, so
 //! nothing here measures time.
 
+mod guest;
 mod initramfs;
 mod kernel;
 mod qemu;
@@ -21,7 +22,6 @@ mod report;
 mod systemd;
 
 use std::{
-    fmt::Write as _,
     fs,
     path::{Path, PathBuf},
     time::Duration,
@@ -32,26 +32,30 @@ use serde_json::Value;
 
 pub use qemu::Accel;
 
-use crate::{build::target_dir, cmd, readme, setup};
+use crate::{arch::Arch, build::target_dir, cmd, readme, setup};
+use guest::{Guest, busybox};
 use initramfs::Initramfs;
-use kernel::{KERNELS, Kernel};
+use kernel::Kernel;
 use report::{PassReport, Row};
 
 const README_BEGIN: &str = "<!-- vm:begin (cargo xtask vm --write-readme) -->";
 const README_END: &str = "<!-- vm:end -->";
+const README_ARM64_BEGIN: &str =
+    "<!-- vm-arm64:begin (cargo xtask vm --arch arm64 --write-readme) -->";
+const README_ARM64_END: &str = "<!-- vm-arm64:end -->";
 
-/// The kernel modules the suites need that Debian builds as modules: the
-/// sock_diag families (the daemon's snapshot and `ss`) and veth (the
-/// predictor's second device). Built-in ones are skipped.
-const MODULES: &[&str] = &["inet_diag", "tcp_diag", "udp_diag", "veth"];
+/// The suites an arm64 guest runs when `--suite` names none: all but the
+/// daemon's, which checks /metrics with promtool (not in its userland).
+const ARM64_SUITES: [&str; 5] = ["trace", "map", "predictor", "snapshot", "robustness"];
 
-/// The tools the suites run, found on this machine's PATH, and the Debian
-/// package `cargo xtask setup` installs each from.
-const TOOLS: &[(&str, &str)] = &[
-    ("ip", "iproute2"),
-    ("ss", "iproute2"),
-    ("bpftool", "bpftool"),
-    ("promtool", "prometheus"),
+/// An arm64 guest's userland: Debian's own arm64 packages (busybox and the
+/// tools the suites call, with their libraries).
+const ARM64_USERLAND: &[&str] = &[
+    "busybox-static",
+    "iproute2",
+    "bpftool",
+    "libc6",
+    "libgcc-s1",
 ];
 
 /// One test binary's share of a VM run.
@@ -131,6 +135,9 @@ pub struct Options {
     pub suites: Vec<String>,
     /// The package under a real systemd instead of the suites.
     pub systemd: bool,
+    /// The guest's architecture (arm64: Debian's arm64 kernel under
+    /// qemu-system-aarch64).
+    pub arch: Arch,
 }
 
 /// One VM run of the plan.
@@ -141,9 +148,14 @@ struct Pass {
 
 impl Pass {
     fn label(&self) -> String {
+        let kernel = if self.kernel.arch.is_host() {
+            self.kernel.name.to_owned()
+        } else {
+            format!("{} {}", self.kernel.name, self.kernel.arch.debian())
+        };
         match self.outcome {
-            Outcome::Auto => self.kernel.name.to_owned(),
-            Outcome::Tracepoint => format!("{}, tracepoint forced", self.kernel.name),
+            Outcome::Auto => kernel,
+            Outcome::Tracepoint => format!("{kernel}, tracepoint forced"),
         }
     }
 }
@@ -154,6 +166,9 @@ pub fn vm(options: &Options) -> Result<()> {
         if !options.suites.is_empty() || options.outcome.is_some() {
             bail!("--systemd runs its own checks: leave out --suite and --outcome");
         }
+        if !options.arch.is_host() {
+            bail!("--systemd boots this machine's architecture only");
+        }
         return systemd::run(&systemd::Options {
             kernels: &options.kernels,
             accel: options.accel,
@@ -161,14 +176,21 @@ pub fn vm(options: &Options) -> Result<()> {
             limit: options.limit,
         });
     }
-    let passes = plan(&options.kernels, options.outcome)?;
-    let suites = select(&options.suites)?;
-    if options.write_readme && suites.len() != SUITES.len() {
+    let arch = options.arch;
+    let passes = plan(&options.kernels, options.outcome, arch)?;
+    let (suites, all_suites) = match (arch.is_host(), options.suites.is_empty()) {
+        (false, true) => (
+            select(&ARM64_SUITES.map(str::to_owned))?,
+            ARM64_SUITES.len(),
+        ),
+        _ => (select(&options.suites)?, SUITES.len()),
+    };
+    if options.write_readme && suites.len() != all_suites {
         bail!("--write-readme needs every suite: leave out --suite");
     }
     let cache = target_dir().join("vm");
     fs::create_dir_all(&cache)?;
-    let binaries = build_test_binaries(&suites)?;
+    let binaries = build_test_binaries(&suites, arch)?;
     let accel = choose_accel(options.accel, &cache, &passes[0].kernel)?;
 
     let mut rows = Vec::new();
@@ -180,13 +202,21 @@ pub fn vm(options: &Options) -> Result<()> {
         let _ = fs::remove_dir_all(&work);
         fs::create_dir_all(&work)?;
         let initrd = work.join("initramfs.cpio");
-        let image = guest_image(&binaries, &suites, &unpacked.modules, pass.outcome, &work)?;
+        let guest = Guest {
+            binaries: &binaries,
+            suites: &suites,
+            modules: &unpacked.modules,
+            outcome: pass.outcome,
+            arch,
+        };
+        let image = guest.image(&cache, &work)?;
         let size = image.write(&initrd)?;
         println!("vm: initramfs {} MiB", size >> 20);
         let vm = qemu::Vm {
+            arch,
             kernel: &unpacked.vmlinuz,
             initrd: &initrd,
-            append: "console=ttyS0 panic=-1 quiet loglevel=3".to_owned(),
+            append: format!("console={} panic=-1 quiet loglevel=3", arch.console()),
             memory_mib: 4096,
             accel,
             console: work.join("console.log"),
@@ -229,12 +259,12 @@ pub fn vm(options: &Options) -> Result<()> {
         serde_json::to_string_pretty(&rows)?,
     )?;
     if options.write_readme {
-        readme::replace_section(
-            &cmd::workspace_root().join("README.md"),
-            README_BEGIN,
-            README_END,
-            &table,
-        )?;
+        let (begin, end) = if arch.is_host() {
+            (README_BEGIN, README_END)
+        } else {
+            (README_ARM64_BEGIN, README_ARM64_END)
+        };
+        readme::replace_section(&cmd::workspace_root().join("README.md"), begin, end, &table)?;
         println!("vm: README.md's supported-kernels table replaced");
     }
     let failed: Vec<&str> = rows
@@ -254,16 +284,17 @@ pub fn vm(options: &Options) -> Result<()> {
     Ok(())
 }
 
-/// The VM runs `--kernel` and `--outcome` ask for.
-fn plan(names: &[String], outcome: Option<Outcome>) -> Result<Vec<Pass>> {
+/// The VM runs `--kernel` and `--outcome` ask for, on `arch`.
+fn plan(names: &[String], outcome: Option<Outcome>, arch: Arch) -> Result<Vec<Pass>> {
+    let matrix = kernel::kernels(arch);
     let all = names.is_empty() || names.iter().any(|n| n == "all");
     let mut kernels = Vec::new();
     if all {
-        kernels.extend(KERNELS);
+        kernels.extend(matrix);
     } else {
         for name in names {
-            let Some(kernel) = KERNELS.iter().find(|k| k.name == name) else {
-                let known: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
+            let Some(kernel) = matrix.iter().find(|k| k.name == name) else {
+                let known: Vec<&str> = matrix.iter().map(|k| k.name).collect();
                 bail!(
                     "no kernel `{name}` in the matrix; known: {}, all",
                     known.join(", ")
@@ -281,11 +312,11 @@ fn plan(names: &[String], outcome: Option<Outcome>) -> Result<Vec<Pass>> {
             outcome: outcome.unwrap_or(Outcome::Auto),
         })
         .collect();
-    if all && outcome.is_none() {
+    if all && outcome.is_none() && arch.is_host() {
         // Both paths on one stock kernel: the newest, forced onto the
         // tracepoints this machine's own kernel uses.
         passes.push(Pass {
-            kernel: KERNELS[KERNELS.len() - 1],
+            kernel: matrix[matrix.len() - 1],
             outcome: Outcome::Tracepoint,
         });
     }
@@ -318,7 +349,7 @@ struct Binaries {
     portwatch: PathBuf,
 }
 
-fn build_test_binaries(suites: &[&Suite]) -> Result<Binaries> {
+fn build_test_binaries(suites: &[&Suite], arch: Arch) -> Result<Binaries> {
     let mut build = cmd::cargo();
     build.args([
         "test",
@@ -327,6 +358,9 @@ fn build_test_binaries(suites: &[&Suite]) -> Result<Binaries> {
         "--no-run",
         "--message-format=json-render-diagnostics",
     ]);
+    if let Some(target) = arch.cargo_target() {
+        build.args(["--target", target]);
+    }
     for suite in suites {
         build.args(["--test", suite.target]);
     }
@@ -376,6 +410,10 @@ fn choose_accel(choice: Accel, cache: &Path, kernel: &Kernel) -> Result<Accel> {
     if choice != Accel::Auto {
         return Ok(choice);
     }
+    if !kernel.arch.is_host() {
+        println!("vm: another architecture's guest: TCG");
+        return Ok(Accel::Tcg);
+    }
     if fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -398,6 +436,7 @@ fn choose_accel(choice: Accel, cache: &Path, kernel: &Kernel) -> Result<Accel> {
     let initrd = work.join("trial.cpio");
     image.write(&initrd)?;
     let trial = qemu::Vm {
+        arch: kernel.arch,
         kernel: &unpacked.vmlinuz,
         initrd: &initrd,
         append: "console=ttyS0 panic=-1 quiet".to_owned(),
@@ -417,135 +456,6 @@ fn choose_accel(choice: Accel, cache: &Path, kernel: &Kernel) -> Result<Accel> {
     }
 }
 
-fn busybox() -> Result<PathBuf> {
-    cmd::find_in_path("busybox")
-        .or_else(|| Some(PathBuf::from("/bin/busybox")).filter(|p| p.exists()))
-        .context(
-            "busybox is not installed (Debian package busybox-static): run `cargo xtask setup`",
-        )
-}
-
-/// The whole guest for one VM run.
-fn guest_image(
-    binaries: &Binaries,
-    suites: &[&Suite],
-    modules: &Path,
-    outcome: Outcome,
-    work: &Path,
-) -> Result<Initramfs> {
-    let scratch = work.join("scratch");
-    fs::create_dir_all(&scratch)?;
-    let mut image = Initramfs::default();
-    image.program("/bin/busybox", &busybox()?)?;
-    for (tool, package) in TOOLS {
-        let host = cmd::find_in_path(tool).with_context(|| {
-            format!("{tool} is not installed (Debian package {package}): run `cargo xtask setup`")
-        })?;
-        image.program(Path::new("/bin").join(tool), &host)?;
-    }
-    // The test binaries run the daemon at the path compiled into them.
-    image.stripped_program(&binaries.portwatch, &binaries.portwatch, &scratch)?;
-    for (target, path) in &binaries.tests {
-        image.stripped_program(Path::new("/tests").join(target), path, &scratch)?;
-    }
-    for (n, (name, file)) in initramfs::kernel_modules(modules, MODULES, &scratch)?
-        .into_iter()
-        .enumerate()
-    {
-        image.file(format!("/modules/{n:02}-{name}.ko"), file, 0o100_644);
-    }
-    for dir in ["/proc", "/sys", "/dev", "/tmp", "/run", "/root", "/etc"] {
-        image.dir(dir);
-    }
-    image.bytes("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", false);
-    image.bytes("/etc/group", "root:x:0:\n", false);
-    image.bytes(
-        "/init",
-        init_script(&binaries.portwatch, suites, outcome),
-        true,
-    );
-    Ok(image)
-}
-
-/// The guest's `/init`: mounts, modules, the daemon's hook report, each
-/// suite between markers, power off.
-fn init_script(portwatch: &Path, suites: &[&Suite], outcome: Outcome) -> String {
-    let mut script = String::from(
-        r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1
-# An emulated CPU loads and verifies programs many times slower: the tests
-# wait longer for what must happen (never a speed goal).
-export PORTWATCH_TEST_DEADLINE_SECS=120
-mark() { echo "PWVM-$*"; }
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
-mount -t tmpfs tmpfs /run
-mkdir -p /var && ln -s /run /var/run
-mount -t cgroup2 cgroup2 /sys/fs/cgroup || mark PROBLEM "cgroup2 did not mount"
-mount -t bpf bpf /sys/fs/bpf || mark PROBLEM "bpffs did not mount"
-mount -t tracefs tracefs /sys/kernel/tracing || mark PROBLEM "tracefs did not mount"
-mark KERNEL "$(uname -r)"
-for m in /modules/*.ko; do
-  [ -e "$m" ] || continue
-  insmod "$m" || mark PROBLEM "insmod $m failed"
-done
-ip link set lo up
-"#,
-    );
-    if outcome == Outcome::Tracepoint {
-        script.push_str("export PORTWATCH_OUTCOME=tracepoint\n");
-    }
-    let _ = write!(
-        script,
-        r#"
-# The daemon as a user starts it: which hooks took which path, and what it
-# warned about (facts this kernel does not let it read).
-RUST_LOG=info {portwatch} daemon --listen 127.0.0.1:7464 2>/tmp/daemon.log &
-daemon=$!
-ready=
-for i in $(seq 1 180); do
-  if wget -q -O /tmp/ready http://127.0.0.1:7464/readyz 2>/dev/null; then ready=1; break; fi
-  kill -0 $daemon 2>/dev/null || break
-  sleep 1
-done
-if [ -n "$ready" ]; then
-  wget -q -O /tmp/metrics http://127.0.0.1:7464/metrics
-  grep '^portwatch_program_attached' /tmp/metrics | while read -r line; do mark HOOK "$line"; done
-else
-  mark PROBLEM "the daemon did not become ready"
-  cat /tmp/daemon.log
-fi
-kill $daemon 2>/dev/null; wait $daemon
-grep ' WARN ' /tmp/daemon.log | sed 's/^.* WARN [^ ]* //' | while read -r line; do mark WARN "$line"; done
-"#,
-        portwatch = portwatch.display()
-    );
-    for suite in suites {
-        let _ = write!(
-            script,
-            "\nmark BEGIN '{name}'\n/tests/{target} --ignored --test-threads=1{show}{exact} {filters} 2>&1\nmark END '{name}' $?\n",
-            name = suite.name,
-            target = suite.target,
-            show = if suite.show_output {
-                " --show-output"
-            } else {
-                ""
-            },
-            exact = if suite.filters.is_empty() {
-                ""
-            } else {
-                " --exact"
-            },
-            filters = suite.filters.join(" "),
-        );
-    }
-    script.push_str("\nmark DONE\npoweroff -f\n");
-    script
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -554,7 +464,7 @@ mod tests {
     fn the_whole_matrix_adds_one_forced_tracepoint_run() {
         let labels = |names: &[&str], outcome| -> Vec<String> {
             let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-            plan(&names, outcome)
+            plan(&names, outcome, Arch::Amd64)
                 .unwrap()
                 .iter()
                 .map(Pass::label)
@@ -570,32 +480,19 @@ mod tests {
             labels(&["6.1", "5.10", "6.1"], Some(Outcome::Tracepoint)),
             ["6.1, tracepoint forced", "5.10, tracepoint forced"]
         );
-        let err = plan(&["4.19".to_owned()], None).err().unwrap().to_string();
+        let err = plan(&["4.19".to_owned()], None, Arch::Amd64)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("known: 5.10, 6.1, 6.12, all"), "{err}");
-    }
-
-    #[test]
-    fn the_init_script_runs_every_suite_between_markers() {
-        let all: Vec<&Suite> = SUITES.iter().collect();
-        let script = init_script(
-            Path::new("/w/target/debug/portwatch"),
-            &all,
-            Outcome::Tracepoint,
-        );
-        assert!(script.contains("export PORTWATCH_OUTCOME=tracepoint"));
-        assert!(script.contains("/w/target/debug/portwatch daemon"));
-        for suite in SUITES {
-            assert!(script.contains(&format!("mark BEGIN '{}'\n", suite.name)));
-            assert!(script.contains(&format!("mark END '{}' $?\n", suite.name)));
-        }
-        assert!(script.contains(
-            "/tests/daemon --ignored --test-threads=1 --exact a_user_sees_the_seed_scenarios_over_http_metrics_and_the_cli 2>&1"
-        ));
-        assert!(script.ends_with("mark DONE\npoweroff -f\n"));
-        assert!(!init_script(Path::new("/p"), &all, Outcome::Auto).contains("PORTWATCH_OUTCOME"));
-        let some = select(&["robustness".to_owned()]).unwrap();
-        assert_eq!(some.len(), 1);
-        assert!(!init_script(Path::new("/p"), &some, Outcome::Auto).contains("/tests/map"));
-        assert!(select(&["nothing".to_owned()]).is_err());
+        // arm64: its own kernel, labelled with the architecture, and no
+        // forced-tracepoint pass.
+        let arm: Vec<String> = plan(&[], None, Arch::Arm64)
+            .unwrap()
+            .iter()
+            .map(Pass::label)
+            .collect();
+        assert_eq!(arm, ["6.1 arm64"]);
+        assert!(plan(&["5.10".to_owned()], None, Arch::Arm64).is_err());
     }
 }

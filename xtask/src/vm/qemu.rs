@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::cmd;
+use crate::{arch::Arch, cmd};
 
 /// How the guest's CPU runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -59,6 +59,7 @@ pub struct Boot {
 
 /// One VM: a kernel, an initramfs and a command line.
 pub struct Vm<'a> {
+    pub arch: Arch,
     pub kernel: &'a Path,
     pub initrd: &'a Path,
     pub append: String,
@@ -74,8 +75,9 @@ impl Vm<'_> {
     /// Boots and waits until the guest powers off or `limit` passes.
     pub fn run(&self, limit: Duration) -> Result<Boot> {
         let _ = fs::remove_file(&self.console);
-        let mut qemu = Command::new("qemu-system-x86_64");
-        qemu.args(self.accel.args())
+        let mut qemu = Command::new(self.arch.qemu());
+        qemu.args(self.arch.qemu_machine())
+            .args(self.accel.args())
             .args(["-m", &self.memory_mib.to_string(), "-smp", "2"])
             // No default devices (no NIC, no VGA), and no network at all.
             .args(["-nodefaults", "-nic", "none", "-no-reboot"])
@@ -95,7 +97,9 @@ impl Vm<'_> {
             .stderr(File::create(self.console.with_extension("qemu-stderr"))?);
         println!("$ {}", cmd::display(&qemu));
         let started = Instant::now();
-        let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
+        let mut child = qemu
+            .spawn()
+            .with_context(|| format!("starting {}", self.arch.qemu()))?;
         let mut tail = Tail::default();
         let timed_out = loop {
             if child.try_wait()?.is_some() {

@@ -143,7 +143,7 @@ pub fn run(options: &Options) -> Result<()> {
         bail!("cargo xtask vm --systemd needs root (the guest's tree is made with chroot)");
     }
     let cache = target_dir().join("vm");
-    let deb = package::package()?;
+    let deb = package::package(crate::arch::Arch::host())?;
     let rootfs = rootfs(&cache.join("systemd"))?;
     let accel = choose_accel(options.accel, &cache, &kernels[0])?;
 
@@ -162,6 +162,7 @@ pub fn run(options: &Options) -> Result<()> {
         // The tree is in the initramfs now; 600 MB less on disk.
         fs::remove_dir_all(&tree)?;
         let vm = qemu::Vm {
+            arch: kernel.arch,
             kernel: &unpacked.vmlinuz,
             initrd: &initrd,
             append: "console=ttyS0 panic=-1 quiet loglevel=3 systemd.show_status=false \
@@ -258,19 +259,7 @@ fn rootfs(dir: &Path) -> Result<PathBuf> {
         return Ok(tar);
     }
     // The machine's own mirrors, as a deb822 file mmdebstrap reads.
-    let mut sources = String::new();
-    for path in kernel::machine_sources()? {
-        let text =
-            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        sources.push_str(&kernel::rename_suite(&text, "bookworm", "bookworm"));
-    }
-    if sources.is_empty() {
-        bail!(
-            "the machine's apt sources (/etc/apt/sources.list.d/*.sources) name no bookworm suite"
-        );
-    }
-    let list = dir.join("bookworm.sources");
-    fs::write(&list, sources)?;
+    let list = kernel::bookworm_sources(dir)?;
     let partial = tar.with_extension("partial");
     let mut strap = Command::new("mmdebstrap");
     strap
