@@ -176,6 +176,9 @@ fn download_deb(kernel: &Kernel, cache: &Path, into: &Path) -> Result<PathBuf> {
 pub fn foreign_extract(arch: Arch, packages: &[&str], cache: &Path, into: &Path) -> Result<()> {
     let sources = bookworm_sources(cache)?;
     let _ = fs::remove_dir_all(into);
+    if let Some(parent) = into.parent() {
+        fs::create_dir_all(parent)?;
+    }
     cmd::run(
         Command::new("mmdebstrap")
             .args(["--variant=extract", "--quiet"])
