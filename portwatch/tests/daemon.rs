@@ -307,10 +307,11 @@ fn check_config_validates_without_starting() {
         .arg(&config)
         .output()
         .unwrap();
-    assert_eq!(bad.status.code(), Some(1));
+    // EX_CONFIG: the unit keeps it out of the restart loop.
+    assert_eq!(bad.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(
-        stderr.contains("unknown field `bogus`") && stderr.lines().count() == 1,
+        stderr.contains("line 2, key bogus: unknown field `bogus`") && stderr.lines().count() == 1,
         "{stderr}"
     );
 }
