@@ -78,6 +78,28 @@ pub fn kernels(arch: Arch) -> &'static [Kernel] {
     }
 }
 
+/// The kernels of `matrix` that `names` pick, each once, in the order
+/// named; every one for `all` or no name.
+pub fn choose(matrix: &[Kernel], names: &[String]) -> Result<Vec<Kernel>> {
+    if names.is_empty() || names.iter().any(|n| n == "all") {
+        return Ok(matrix.to_vec());
+    }
+    let mut chosen: Vec<Kernel> = Vec::new();
+    for name in names {
+        let Some(kernel) = matrix.iter().find(|k| k.name == name) else {
+            let known: Vec<&str> = matrix.iter().map(|k| k.name).collect();
+            bail!(
+                "no kernel `{name}` in the matrix; known: {}, all",
+                known.join(", ")
+            );
+        };
+        if !chosen.contains(kernel) {
+            chosen.push(*kernel);
+        }
+    }
+    Ok(chosen)
+}
+
 /// A kernel ready to boot.
 pub struct Unpacked {
     /// The kernel image.

@@ -288,23 +288,7 @@ pub fn vm(options: &Options) -> Result<()> {
 fn plan(names: &[String], outcome: Option<Outcome>, arch: Arch) -> Result<Vec<Pass>> {
     let matrix = kernel::kernels(arch);
     let all = names.is_empty() || names.iter().any(|n| n == "all");
-    let mut kernels = Vec::new();
-    if all {
-        kernels.extend(matrix);
-    } else {
-        for name in names {
-            let Some(kernel) = matrix.iter().find(|k| k.name == name) else {
-                let known: Vec<&str> = matrix.iter().map(|k| k.name).collect();
-                bail!(
-                    "no kernel `{name}` in the matrix; known: {}, all",
-                    known.join(", ")
-                );
-            };
-            if !kernels.contains(kernel) {
-                kernels.push(*kernel);
-            }
-        }
-    }
+    let kernels = kernel::choose(matrix, names)?;
     let mut passes: Vec<Pass> = kernels
         .iter()
         .map(|&kernel| Pass {

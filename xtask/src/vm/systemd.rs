@@ -231,23 +231,8 @@ fn plan(names: &[String]) -> Result<Vec<Kernel>> {
         .into_iter()
         .filter(|k| k.release == Release::Bookworm)
         .collect();
-    if names.is_empty() || names.iter().any(|n| n == "all") {
-        return Ok(bookworm);
-    }
-    let mut chosen = Vec::new();
-    for name in names {
-        let Some(kernel) = bookworm.iter().find(|k| k.name == name) else {
-            let known: Vec<&str> = bookworm.iter().map(|k| k.name).collect();
-            bail!(
-                "--systemd boots Debian 12's userspace on Debian 12's kernels: {}, all (not `{name}`)",
-                known.join(", ")
-            );
-        };
-        if !chosen.contains(kernel) {
-            chosen.push(*kernel);
-        }
-    }
-    Ok(chosen)
+    kernel::choose(&bookworm, names)
+        .context("--systemd boots Debian 12's userspace on Debian 12's kernels only")
 }
 
 /// The Debian 12 userspace as a tar, made once by mmdebstrap. Its name
@@ -615,8 +600,9 @@ mod tests {
         };
         assert_eq!(names(&[]).unwrap(), ["6.1", "6.12"]);
         assert_eq!(names(&["6.12", "6.12"]).unwrap(), ["6.12"]);
-        let err = names(&["5.10"]).unwrap_err().to_string();
-        assert!(err.contains("6.1, 6.12, all"), "{err}");
+        let err = format!("{:#}", names(&["5.10"]).unwrap_err());
+        assert!(err.contains("Debian 12's kernels only"), "{err}");
+        assert!(err.contains("known: 6.1, 6.12, all"), "{err}");
     }
 
     #[test]
