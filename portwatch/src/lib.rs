@@ -6,6 +6,7 @@
 //! - [`explain`]: why a port's listeners coexist, flags, who `localhost` reaches (pure);
 //! - [`failures`]: failed binds with what blocked them (pure);
 //! - [`state`]: what the daemon knows: map, failures, counters (pure);
+//! - [`health`]: what the daemon cannot see (a failing sock_diag listing), said alike in the log, `/readyz`, STATUS= and metrics (pure);
 //! - [`watch`]: the live pipeline keeping the map exact;
 //! - [`map`]: the live per-port map of listeners (pure);
 //! - [`metrics`]: Prometheus metrics, read from the shared state at scrape;
@@ -19,7 +20,7 @@
 //! - [`daemon`]: `portwatch daemon`: pipeline, HTTP API, metrics;
 //! - [`service`]: systemd readiness, status and watchdog (sd_notify);
 //! - [`config`]: the daemon's configuration file, environment and flags;
-//! - [`app`]: what each command does.
+//! - [`app`]: what each command does, and the exit status that says whether a restart helps.
 
 pub mod api;
 pub mod app;
