@@ -131,7 +131,8 @@ mark() { echo "PWVM-$*"; }
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
+# /tmp stays the initramfs's own directory: a checkout under /tmp has its
+# binaries there, at the paths compiled into the tests.
 mount -t tmpfs tmpfs /run
 mkdir -p /var && ln -s /run /var/run
 mount -t cgroup2 cgroup2 /sys/fs/cgroup || mark PROBLEM "cgroup2 did not mount"
