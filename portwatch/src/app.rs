@@ -59,11 +59,12 @@ impl AppError {
             AppError::Config(_) => Exit::Config,
             AppError::Capture(err) => capture_exit(err),
             AppError::Daemon(DaemonError::Watch(WatchError::Capture(err))) => capture_exit(err),
-            // A taken port may free up (the old process still closing);
-            // an address this host does not have, or may not use, will not.
+            // A taken port may free up (the old process still closing),
+            // and an address may not be up yet early at boot: restart. A
+            // port below 1024 needs a privilege the unit does not grant.
             AppError::Daemon(DaemonError::Listen { source, .. }) => match source.kind() {
-                io::ErrorKind::AddrInUse => Exit::Failure,
-                _ => Exit::Config,
+                io::ErrorKind::PermissionDenied => Exit::NoPermission,
+                _ => Exit::Failure,
             },
             AppError::Output(_)
             | AppError::Signal(_)
@@ -227,5 +228,24 @@ fn report_drops(capture: &Capture, before: u64) -> u64 {
             tracing::warn!(error = %err, "reading drop counters");
             before
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listen_error_restarts_unless_a_privilege_is_missing() {
+        let listen = |kind| {
+            AppError::Daemon(DaemonError::Listen {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                source: io::Error::from(kind),
+            })
+            .exit()
+        };
+        assert_eq!(listen(io::ErrorKind::AddrInUse), Exit::Failure);
+        assert_eq!(listen(io::ErrorKind::AddrNotAvailable), Exit::Failure);
+        assert_eq!(listen(io::ErrorKind::PermissionDenied), Exit::NoPermission);
     }
 }

@@ -10,7 +10,10 @@
 //! started are not listed and the map is not checked against the kernel.
 //! Pure logic; the pipeline ([`crate::watch`]) fills it.
 
-use crate::event::Protocol;
+use crate::{
+    event::{Family, Protocol},
+    snapshot::SnapshotError,
+};
 
 /// The kernel modules that let sock_diag list TCP and UDP sockets: the
 /// label values of `portwatch_kernel_module_missing`.
@@ -26,14 +29,14 @@ pub struct ListingFailure {
     pub missing_modules: Vec<&'static str>,
 }
 
-/// The modules missing when the kernel refuses (ENOENT) to list the
-/// protocols in `refused`. Both refused: the family handler `inet_diag`
-/// itself is missing, or cannot be told apart from both protocol modules
-/// missing, so all three are named; one refused: the other works, so
-/// `inet_diag` is there and only that protocol's module is missing.
-pub fn missing_modules(refused: &[Protocol]) -> Vec<&'static str> {
-    let tcp = refused.contains(&Protocol::Tcp);
-    let udp = refused.contains(&Protocol::Udp);
+/// The modules missing when the kernel has no handler (ENOENT) for the
+/// dumps in `refused`. Both protocols refused: the family handler
+/// `inet_diag` itself is missing, or cannot be told apart from both protocol
+/// modules missing, so all three are named; one refused: the other works,
+/// so `inet_diag` is there and only that protocol's module is missing.
+pub fn missing_modules(refused: &[(Protocol, Family)]) -> Vec<&'static str> {
+    let tcp = refused.iter().any(|(p, _)| *p == Protocol::Tcp);
+    let udp = refused.iter().any(|(p, _)| *p == Protocol::Udp);
     match (tcp, udp) {
         (true, true) => DIAG_MODULES.to_vec(),
         (true, false) => vec!["tcp_diag"],
@@ -43,6 +46,19 @@ pub fn missing_modules(refused: &[Protocol]) -> Vec<&'static str> {
 }
 
 impl ListingFailure {
+    /// A listing's failure, with the modules that explain it when the
+    /// kernel had no handler for some dumps.
+    pub fn of(err: &SnapshotError) -> ListingFailure {
+        let missing_modules = match err {
+            SnapshotError::NoHandler { refused } => missing_modules(refused),
+            _ => Vec::new(),
+        };
+        ListingFailure {
+            error: err.to_string(),
+            missing_modules,
+        }
+    }
+
     /// What to do about it, when the cause is known.
     pub fn advice(&self) -> Option<String> {
         if self.missing_modules.is_empty() {
@@ -97,29 +113,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_refused_protocols_name_the_missing_modules() {
+    fn the_refused_dumps_name_the_missing_modules() {
+        use Family::{Ipv4, Ipv6};
+        use Protocol::{Tcp, Udp};
+        let all = [(Tcp, Ipv4), (Tcp, Ipv6), (Udp, Ipv4), (Udp, Ipv6)];
+        assert_eq!(missing_modules(&all), ["inet_diag", "tcp_diag", "udp_diag"]);
+        assert_eq!(missing_modules(&all[..2]), ["tcp_diag"]);
+        assert_eq!(missing_modules(&all[2..]), ["udp_diag"]);
+        assert!(missing_modules(&[]).is_empty());
+
+        let failure = ListingFailure::of(&SnapshotError::NoHandler {
+            refused: all.to_vec(),
+        });
         assert_eq!(
-            missing_modules(&[Protocol::Tcp, Protocol::Udp]),
+            failure.error,
+            "the kernel has no sock_diag handler for the tcp ipv4, tcp ipv6, udp ipv4, udp ipv6 dumps (No such file or directory)"
+        );
+        assert_eq!(
+            failure.missing_modules,
             ["inet_diag", "tcp_diag", "udp_diag"]
         );
-        assert_eq!(missing_modules(&[Protocol::Tcp]), ["tcp_diag"]);
-        assert_eq!(missing_modules(&[Protocol::Udp]), ["udp_diag"]);
-        assert!(missing_modules(&[]).is_empty());
+        // Any other failure names no module.
+        let other = ListingFailure::of(&SnapshotError::Cookie(std::io::Error::from_raw_os_error(
+            libc::ENOPROTOOPT,
+        )));
+        assert!(other.missing_modules.is_empty() && other.advice().is_none());
     }
 
     #[test]
     fn readyz_says_ready_and_what_is_degraded() {
         assert_eq!(readyz_body(None), "ready");
         let failure = ListingFailure {
-            error: "the kernel refused the tcp ipv4 sock_diag dump: No such file or directory (os error 2)".into(),
-            missing_modules: missing_modules(&[Protocol::Tcp, Protocol::Udp]),
+            error: "the kernel has no sock_diag handler for the tcp ipv4, udp ipv4 dumps (No such file or directory)".into(),
+            missing_modules: vec!["inet_diag", "tcp_diag", "udp_diag"],
         };
         let body = readyz_body(Some(&failure));
         let lines: Vec<&str> = body.lines().collect();
         assert_eq!(lines[0], "ready");
         assert!(
             lines[1].starts_with(
-                "degraded: the sock_diag listing fails (the kernel refused the tcp ipv4"
+                "degraded: the sock_diag listing fails (the kernel has no sock_diag handler for the tcp ipv4"
             ),
             "{body}"
         );

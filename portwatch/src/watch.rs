@@ -15,7 +15,7 @@ use std::{
         Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use tokio::sync::broadcast;
@@ -25,14 +25,11 @@ use crate::{
     event::{BootClock, EventKind, PortEvent},
     explain,
     failures::{self, Failure},
-    health::{self, ListingFailure},
+    health::ListingFailure,
     kernel_probe,
     map::{Drift, Observed},
     rules::{self, KernelRules},
-    snapshot::{
-        self, SnapshotConfig, SnapshotError,
-        owners::{Place, PlaceCache},
-    },
+    snapshot::{self, SnapshotConfig, SnapshotError, owners::PlaceCache},
     state::{ExpectedListener, State},
 };
 
@@ -147,9 +144,9 @@ pub struct Watcher {
     next_reconcile: Instant,
     next_drop_check: Instant,
     /// Failures waiting for a sock_diag listing to be attributed, with what
-    /// the map said at failure time (kept if the listing, which comes a
-    /// little later, no longer shows the blocker).
-    unresolved: Vec<Unresolved>,
+    /// the map said at failure time as their `blocked_by` (kept if the
+    /// listing, which comes a little later, no longer shows the blocker).
+    unresolved: Vec<Failure>,
     last_diag: Instant,
     cgroups: PlaceCache,
     heartbeat: Arc<Heartbeat>,
@@ -163,48 +160,6 @@ pub struct Watcher {
     /// Whether a listing has been merged (at start-up, or by the first
     /// reconciliation that worked after a failed start).
     merged: bool,
-}
-
-/// A failure waiting for a listing: what the map said at failure time,
-/// and where the failing process lived.
-struct Unresolved {
-    time: SystemTime,
-    event: PortEvent,
-    blocked_by: Vec<failures::Blocker>,
-    place: Place,
-}
-
-impl Unresolved {
-    /// Attributed from the map alone.
-    fn into_failure(self) -> Failure {
-        Failure {
-            time: self.time,
-            event: self.event,
-            blocked_by: self.blocked_by,
-            place: self.place,
-        }
-    }
-}
-
-/// A failed listing as the daemon explains it: when the kernel has no
-/// handler (ENOENT), which protocols it cannot list, and so which modules
-/// are missing (a small listing of its own, made only while listings fail).
-fn explain_listing_failure(err: &SnapshotError) -> ListingFailure {
-    let no_handler = matches!(
-        err,
-        SnapshotError::DiagRefused { source, .. } if source.raw_os_error() == Some(libc::ENOENT)
-    );
-    let missing_modules = if no_handler {
-        snapshot::unlisted_protocols()
-            .map(|refused| health::missing_modules(&refused))
-            .unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    ListingFailure {
-        error: err.to_string(),
-        missing_modules,
-    }
 }
 
 /// The cgroup2 mount the paths of `/proc/<pid>/cgroup` are under.
@@ -394,7 +349,7 @@ impl Watcher {
     /// alone, and the next listing is tried when it is due. Said once per
     /// distinct reason.
     fn listing_failed(&mut self, err: &SnapshotError) {
-        let failure = explain_listing_failure(err);
+        let failure = ListingFailure::of(err);
         let kind = std::mem::discriminant(err);
         if self.listing_failed != Some(kind) {
             let advice = failure
@@ -474,23 +429,17 @@ impl Watcher {
             EventKind::BindFailed | EventKind::ListenFailed => {
                 // Read now: a process that failed may exit at once, and its
                 // transient unit's cgroup go with it.
-                let place = self.cgroups.of(event.pid, event.cgroup_id);
-                let blocked_by = failures::attribute(state.kernel, event, &state.map);
-                if failures::needs_diag(event, &blocked_by) {
-                    self.unresolved.push(Unresolved {
-                        time: at,
-                        event: event.clone(),
-                        blocked_by,
-                        place,
-                    });
-                    return;
-                }
-                state.failures.push(Failure {
+                let failure = Failure {
                     time: at,
                     event: event.clone(),
-                    blocked_by,
-                    place,
-                });
+                    blocked_by: failures::attribute(state.kernel, event, &state.map),
+                    place: self.cgroups.of(event.pid, event.cgroup_id),
+                };
+                if failures::needs_diag(event, &failure.blocked_by) {
+                    self.unresolved.push(failure);
+                } else {
+                    state.failures.push(failure);
+                }
             }
             EventKind::Listen if event.cookie.is_none() => {
                 // A socket that listened without ever binding has no cookie
@@ -535,23 +484,24 @@ impl Watcher {
                 let unresolved = std::mem::take(&mut self.unresolved);
                 let mut state = self.write();
                 for failure in unresolved {
-                    state.failures.push(failure.into_failure());
+                    state.failures.push(failure);
                 }
                 return Ok(());
             }
         };
         self.listing_works();
+        if !self.merged {
+            // The first listing that works since a failed start: merge the
+            // map with a full reconciliation now, not a reconcile_interval
+            // after the daemon has stopped saying it is degraded.
+            self.next_reconcile = Instant::now();
+        }
         let observed = snapshot.observed();
         let unresolved = std::mem::take(&mut self.unresolved);
         let mut state = self.write();
-        for Unresolved {
-            time,
-            event,
-            blocked_by: from_map,
-            place,
-        } in unresolved
-        {
-            let request = failures::request_of(&event);
+        for mut failure in unresolved {
+            let event = &failure.event;
+            let request = failures::request_of(event);
             let here: Vec<&Observed> = observed
                 .iter()
                 .filter(|o| {
@@ -562,21 +512,16 @@ impl Watcher {
                 .collect();
             let existing = here.iter().map(|o| o.facts.clone()).collect();
             let mut blocked_by =
-                failures::attribute_against(state.kernel, &event, existing, &state.map);
+                failures::attribute_against(state.kernel, event, existing, &state.map);
             for blocker in blocked_by.iter_mut().filter(|b| b.holders.is_empty()) {
                 if let Some(seen) = here.iter().find(|o| o.facts == blocker.facts) {
                     blocker.holders = failures::holders_of(seen);
                 }
             }
-            if blocked_by.is_empty() {
-                blocked_by = from_map;
+            if !blocked_by.is_empty() {
+                failure.blocked_by = blocked_by;
             }
-            state.failures.push(Failure {
-                time,
-                event,
-                blocked_by,
-                place,
-            });
+            state.failures.push(failure);
         }
         Ok(())
     }

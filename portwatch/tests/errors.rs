@@ -375,20 +375,20 @@ fn an_unreadable_configuration_is_named() {
     }
 }
 
-/// The HTTP address: one another process holds may free up (restart), one
-/// this host does not have will not (configuration).
+/// The HTTP address: one another process holds may free up, and one this
+/// host does not have may come up later (early at boot): both restart.
 #[test]
-fn a_listen_address_in_use_may_pass_and_a_foreign_one_will_not() {
+fn a_listen_address_that_may_come_free_is_restarted() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
     let addr = taken.local_addr().expect("its address").to_string();
     let dir = TempDir::new("listen");
     let config = dir.file("portwatch.toml", "");
     for (listen, exit, says) in [
         (addr.as_str(), Exit::Failure, "Address already in use"),
-        // TEST-NET-1: never an address of this host.
+        // TEST-NET-1: not an address of this host (yet).
         (
             "192.0.2.1:7464",
-            Exit::Config,
+            Exit::Failure,
             "Cannot assign requested address",
         ),
     ] {

@@ -106,11 +106,25 @@ impl Diag {
         holders_only: bool,
         out: &mut Vec<DiagSocket>,
     ) -> Result<(), SnapshotError> {
+        // A dump the kernel has no handler for (ENOENT: its module missing)
+        // does not stop the others, so the error names every one of them.
+        let mut refused = Vec::new();
         for (protocol, family) in DUMPS {
             let tcp = tcp_states(holders_only);
-            self.dump(protocol, family, tcp, netns, out)?;
+            match self.dump(protocol, family, tcp, netns, out) {
+                Err(SnapshotError::DiagRefused { source, .. })
+                    if source.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    refused.push((protocol, family));
+                }
+                other => other?,
+            }
         }
-        Ok(())
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(SnapshotError::NoHandler { refused })
+        }
     }
 
     fn dump(
@@ -234,28 +248,6 @@ fn bound_only_tcp_listed_here() -> Result<bool, SnapshotError> {
     // a kernel before 5.14 cannot tell (SO_NETNS_COOKIE).
     diag.dump(Protocol::Tcp, Family::Ipv4, tcp_states(true), 0, &mut found)?;
     Ok(found.iter().any(|s| s.facts.port == port))
-}
-
-/// The protocols this thread's namespace cannot list because the kernel has
-/// no sock_diag handler for them (it answers ENOENT once loading the module
-/// failed): which of `inet_diag`, `tcp_diag` and `udp_diag` are missing.
-/// Only listening TCP sockets are asked for, so the probe stays small.
-pub fn unlisted_protocols() -> Result<Vec<Protocol>, SnapshotError> {
-    let mut diag = Diag::open()?;
-    let mut refused = Vec::new();
-    for protocol in [Protocol::Tcp, Protocol::Udp] {
-        let mut found = Vec::new();
-        match diag.dump(protocol, Family::Ipv4, tcp_states(true), 0, &mut found) {
-            Ok(()) => {}
-            Err(SnapshotError::DiagRefused { source, .. })
-                if source.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                refused.push(protocol);
-            }
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(refused)
 }
 
 /// A serialized dump request for one protocol and family.

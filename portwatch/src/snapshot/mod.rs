@@ -41,14 +41,14 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use self::{
+    diag::bound_only_tcp_listed,
+    netns::{netns_cookie_of_current_thread, netns_named_by_inode},
+};
 use self::{
     diag::{Diag, DiagSocket},
     netns::{Namespace, NetnsKey},
     owners::ProcInfo,
-};
-pub use self::{
-    diag::{bound_only_tcp_listed, unlisted_protocols},
-    netns::{netns_cookie_of_current_thread, netns_named_by_inode},
 };
 use crate::{
     map::{Holder, Observed},
@@ -259,12 +259,28 @@ pub enum SnapshotError {
         #[source]
         source: io::Error,
     },
+    /// The kernel has no sock_diag handler for these dumps (ENOENT): the
+    /// `inet_diag`, `tcp_diag` or `udp_diag` module is missing and could not
+    /// be loaded.
+    #[error("the kernel has no sock_diag handler for the {} dumps (No such file or directory)", dump_names(.refused))]
+    NoHandler {
+        refused: Vec<(crate::socket::Protocol, crate::socket::Family)>,
+    },
     /// A record from the kernel could not be decoded.
     #[error("decoding a sock_diag record: {0}")]
     Decode(#[source] netlink_packet_core::DecodeError),
     /// No worker thread could be started to enter the namespaces.
     #[error("starting a namespace worker thread: {0}")]
     Thread(#[source] io::Error),
+}
+
+/// `tcp ipv4, udp ipv6`.
+fn dump_names(dumps: &[(crate::socket::Protocol, crate::socket::Family)]) -> String {
+    let names: Vec<String> = dumps
+        .iter()
+        .map(|(protocol, family)| format!("{protocol} {}", family.name()))
+        .collect();
+    names.join(", ")
 }
 
 /// Takes a snapshot of every namespace on the machine.

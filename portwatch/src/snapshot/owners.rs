@@ -183,13 +183,15 @@ impl PlaceCache {
 }
 
 /// `place` if its cgroup directory under `mount` is cgroup `cgroup_id`;
-/// no place if it is another one or is gone. Taken as read when the id or
-/// the mount is not known.
+/// no place if it is another one or is gone. Taken as read when it cannot
+/// be checked: the id or the mount is not known, or the cgroup lies outside
+/// the daemon's cgroup namespace (`/../..`, a daemon in a container whose
+/// mount shows only its own subtree).
 fn verified(place: Place, cgroup_id: u64, mount: Option<&Path>) -> Place {
     let (Some(mount), Some(path)) = (mount, place.cgroup.as_deref()) else {
         return place;
     };
-    if cgroup_id == 0 {
+    if cgroup_id == 0 || path.split('/').any(|part| part == "..") {
         return place;
     }
     let dir = mount.join(path.trim_start_matches('/'));
@@ -311,6 +313,10 @@ mod tests {
         // Unknown id or mount: as read.
         assert_eq!(verified(place.clone(), 0, Some(&mount)), place);
         assert_eq!(verified(place.clone(), inode + 1, None), place);
+        // Outside the daemon's cgroup namespace: cannot be checked, as read.
+        let outside = Place::from_cgroups("0::/../../system.slice/demo.service\n");
+        assert_eq!(outside.unit.as_deref(), Some("demo.service"));
+        assert_eq!(verified(outside.clone(), inode + 1, Some(&mount)), outside);
         // The cgroup is gone (a transient unit that ended).
         fs::remove_dir_all(&mount).unwrap();
         assert_eq!(verified(place, inode, Some(&mount)), Place::default());

@@ -15,7 +15,9 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use super::{ARM64_USERLAND, Binaries, Outcome, Suite, initramfs, initramfs::Initramfs, kernel};
+use super::{
+    ARM64_USERLAND, Binaries, Outcome, Suite, cache, initramfs, initramfs::Initramfs, kernel,
+};
 use crate::{arch::Arch, cmd};
 
 /// The kernel modules the suites need that Debian builds as modules: the
@@ -105,14 +107,11 @@ fn host_userland(image: &mut Initramfs) -> Result<()> {
 fn foreign_userland(arch: Arch, cache: &Path) -> Result<PathBuf> {
     let dir = cache.join(format!("userland-{}", arch.debian()));
     let tree = dir.join("tree");
-    let done = dir.join(".unpacked");
     let wanted = ARM64_USERLAND.join(",");
-    if fs::read_to_string(&done).ok().as_deref() != Some(wanted.as_str()) {
+    cache::once(&dir.join(".unpacked"), &wanted, || {
         println!("vm: unpacking the {} userland ({wanted})", arch.debian());
-        fs::create_dir_all(&dir)?;
-        kernel::foreign_extract(arch, ARM64_USERLAND, cache, &tree)?;
-        fs::write(&done, &wanted)?;
-    }
+        kernel::foreign_extract(arch, ARM64_USERLAND, cache, &tree)
+    })?;
     Ok(tree)
 }
 

@@ -16,6 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+use super::cache;
 use crate::{arch::Arch, cmd};
 
 /// One kernel of the matrix.
@@ -111,27 +112,25 @@ pub struct Unpacked {
 /// The kernel unpacked in `cache`, downloading it first if it is not there.
 pub fn fetch(kernel: &Kernel, cache: &Path) -> Result<Unpacked> {
     let dir = cache.join("kernels").join(kernel.package);
-    let done = dir.join(".unpacked");
-    if !done.exists() {
+    let tree = dir.join("tree");
+    cache::once(&dir.join(".unpacked"), kernel.package, || {
         println!("vm: fetching {} ({})", kernel.name, kernel.package);
-        let _ = fs::remove_dir_all(&dir);
-        let download = cache.join("downloads");
-        fs::create_dir_all(&download)
-            .with_context(|| format!("creating {}", download.display()))?;
-        let tree = dir.join("tree");
+        let _ = fs::remove_dir_all(&tree);
         if kernel.arch.is_host() {
+            let download = cache.join("downloads");
+            fs::create_dir_all(&download)
+                .with_context(|| format!("creating {}", download.display()))?;
             let deb = download_deb(kernel, cache, &download)?;
             fs::create_dir_all(&tree).with_context(|| format!("creating {}", tree.display()))?;
-            cmd::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&tree))?;
+            cmd::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&tree))
         } else {
             // Another architecture's package lists: mmdebstrap fetches and
             // unpacks it (with its few dependencies) without touching the
             // machine's apt configuration.
-            foreign_extract(kernel.arch, &[kernel.package], cache, &tree)?;
+            foreign_extract(kernel.arch, &[kernel.package], cache, &tree)
         }
-        fs::write(&done, kernel.package)?;
-    }
-    unpacked(&dir.join("tree"))
+    })?;
+    unpacked(&tree)
 }
 
 /// `boot/vmlinuz-*` and `lib/modules/*` of an unpacked package.

@@ -14,6 +14,7 @@
 //! in namespaces the tests make. Timings inside a TCG guest mean nothing, so
 //! nothing here measures time.
 
+mod cache;
 mod guest;
 mod initramfs;
 mod kernel;
@@ -250,23 +251,17 @@ pub fn vm(options: &Options) -> Result<()> {
         });
     }
 
-    let table = report::markdown(&rows);
-    println!("\n{table}");
-    let results = target_dir().join("vm");
-    fs::write(results.join("results.md"), &table)?;
-    fs::write(
-        results.join("results.json"),
-        serde_json::to_string_pretty(&rows)?,
+    let (stem, markers) = if arch.is_host() {
+        ("results", (README_BEGIN, README_END))
+    } else {
+        ("results-arm64", (README_ARM64_BEGIN, README_ARM64_END))
+    };
+    publish(
+        stem,
+        &report::markdown(&rows),
+        &rows,
+        options.write_readme.then_some(markers),
     )?;
-    if options.write_readme {
-        let (begin, end) = if arch.is_host() {
-            (README_BEGIN, README_END)
-        } else {
-            (README_ARM64_BEGIN, README_ARM64_END)
-        };
-        readme::replace_section(&cmd::workspace_root().join("README.md"), begin, end, &table)?;
-        println!("vm: README.md's supported-kernels table replaced");
-    }
     let failed: Vec<&str> = rows
         .iter()
         .filter(|row| !row.report.ok())
@@ -280,6 +275,29 @@ pub fn vm(options: &Options) -> Result<()> {
     println!("vm summary: {passed} passed, {failures} failed, {skipped} skipped");
     if !failed.is_empty() {
         bail!("VM runs failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// Prints a run's table and keeps it, with its JSON, as
+/// `target/vm/<stem>.{md,json}`; with `readme`, also writes it into the
+/// README between those two markers.
+fn publish(
+    stem: &str,
+    table: &str,
+    runs: &impl serde::Serialize,
+    readme: Option<(&str, &str)>,
+) -> Result<()> {
+    println!("\n{table}");
+    let results = target_dir().join("vm");
+    fs::write(results.join(format!("{stem}.md")), table)?;
+    fs::write(
+        results.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(runs)?,
+    )?;
+    if let Some((begin, end)) = readme {
+        readme::replace_section(&cmd::workspace_root().join("README.md"), begin, end, table)?;
+        println!("vm: README.md's section {begin} replaced");
     }
     Ok(())
 }

@@ -34,11 +34,11 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
 use super::{
-    Accel, choose_accel,
+    Accel, cache, choose_accel,
     kernel::{self, KERNELS, Kernel, Release},
     qemu,
 };
-use crate::{build::target_dir, cmd, package, readme};
+use crate::{build::target_dir, cmd, package};
 
 const README_BEGIN: &str = "<!-- vm-systemd:begin (cargo xtask vm --systemd --write-readme) -->";
 const README_END: &str = "<!-- vm-systemd:end -->";
@@ -106,11 +106,12 @@ WantedBy=multi-user.target
 ";
 
 /// The transient unit's program: writes its pid, then binds the port the
-/// demo listener holds (and fails with EADDRINUSE). Like a service logging
-/// its error, it lingers a second before exiting: the daemon reads where a
-/// failing process lives when the event arrives, and one gone by then is
-/// reported without a unit (never with a guessed one).
-const CLASH: &str = "import os, socket, sys, time
+/// demo listener holds (and fails with EADDRINUSE). The daemon reads where
+/// a failing process lives when its event arrives, and one gone by then is
+/// reported without a unit (never with a guessed one); so, as a service
+/// busy logging its error would, it stays until `/failures` lists it (for
+/// 60 s at most), and the check reads what was recorded, not a race.
+const CLASH: &str = "import json, os, socket, sys, time, urllib.request
 port, pid_file = int(sys.argv[1]), sys.argv[2]
 with open(pid_file, 'w') as f:
     f.write(str(os.getpid()))
@@ -119,7 +120,11 @@ try:
     s.bind(('127.0.0.1', port))
 except OSError as err:
     print('bind failed:', err)
-    time.sleep(1)
+    for _ in range(600):
+        with urllib.request.urlopen('http://127.0.0.1:7464/failures') as answer:
+            if any(f['pid'] == os.getpid() for f in json.load(answer)['failures']):
+                break
+        time.sleep(0.1)
     sys.exit(1)
 print('bind succeeded')
 ";
@@ -194,22 +199,12 @@ pub fn run(options: &Options) -> Result<()> {
         });
     }
 
-    let table = markdown(&runs);
-    println!("\n{table}");
-    fs::write(cache.join("systemd-results.md"), &table)?;
-    fs::write(
-        cache.join("systemd-results.json"),
-        serde_json::to_string_pretty(&runs)?,
+    super::publish(
+        "systemd-results",
+        &markdown(&runs),
+        &runs,
+        options.write_readme.then_some((README_BEGIN, README_END)),
     )?;
-    if options.write_readme {
-        readme::replace_section(
-            &cmd::workspace_root().join("README.md"),
-            README_BEGIN,
-            README_END,
-            &table,
-        )?;
-        println!("vm: README.md's systemd table replaced");
-    }
     let passed: usize = runs.iter().map(|r| r.report.passed()).sum();
     let failed: usize = runs.iter().map(|r| r.report.failed()).sum();
     println!("vm systemd summary: {passed} passed, {failed} failed");
@@ -235,37 +230,25 @@ fn plan(names: &[String]) -> Result<Vec<Kernel>> {
         .context("--systemd boots Debian 12's userspace on Debian 12's kernels only")
 }
 
-/// The Debian 12 userspace as a tar, made once by mmdebstrap. Its name
-/// carries the package list, so changing the list makes a new one.
+/// The Debian 12 userspace as a tar, made once by mmdebstrap (again when
+/// the package list changes).
 fn rootfs(dir: &Path) -> Result<PathBuf> {
     fs::create_dir_all(dir)?;
-    let tar = dir.join(format!("bookworm-{:016x}.tar", fnv1a(&PACKAGES.join(","))));
-    if tar.is_file() {
-        return Ok(tar);
-    }
-    // The machine's own mirrors, as a deb822 file mmdebstrap reads.
-    let list = kernel::bookworm_sources(dir)?;
-    let partial = tar.with_extension("partial");
-    let mut strap = Command::new("mmdebstrap");
-    strap
-        .args(["--variant=minbase", "--quiet"])
-        .arg(format!("--include={}", PACKAGES.join(",")))
-        .arg("bookworm")
-        .arg(&partial)
-        .arg(&list)
-        // The format comes from the name: say it, since ours ends in
-        // `.partial`.
-        .arg("--format=tar");
-    cmd::run(&mut strap).context("mmdebstrap (Debian package mmdebstrap: cargo xtask setup)")?;
-    fs::rename(&partial, &tar)?;
+    let tar = dir.join("bookworm.tar");
+    let packages = PACKAGES.join(",");
+    cache::once(&dir.join("bookworm.tar.packages"), &packages, || {
+        // The machine's own mirrors, as a deb822 file mmdebstrap reads.
+        let list = kernel::bookworm_sources(dir)?;
+        let mut strap = Command::new("mmdebstrap");
+        strap
+            .args(["--variant=minbase", "--quiet"])
+            .arg(format!("--include={packages}"))
+            .arg("bookworm")
+            .arg(&tar)
+            .arg(&list);
+        cmd::run(&mut strap).context("mmdebstrap (Debian package mmdebstrap: cargo xtask setup)")
+    })?;
     Ok(tar)
-}
-
-/// 64-bit FNV-1a: a stable name for a package list.
-fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 /// The guest's root: the userspace, the kernel's modules, the package
@@ -603,11 +586,5 @@ mod tests {
         let err = format!("{:#}", names(&["5.10"]).unwrap_err());
         assert!(err.contains("Debian 12's kernels only"), "{err}");
         assert!(err.contains("known: 6.1, 6.12, all"), "{err}");
-    }
-
-    #[test]
-    fn the_package_list_names_its_cached_userspace() {
-        assert_ne!(fnv1a("systemd,curl"), fnv1a("systemd,curl,jq"));
-        assert_eq!(fnv1a(""), 0xcbf2_9ce4_8422_2325);
     }
 }

@@ -43,7 +43,9 @@ wait_for() {
 prop() { systemctl show -p "$1" --value portwatch.service; }
 running() { [ "$(prop ActiveState)" = active ] && [ "$(prop SubState)" = running ]; }
 ready() { curl -sf "$API/readyz" >/dev/null; }
-journal_since() { journalctl -u portwatch.service -o cat --no-pager --since "@$1"; }
+# A place in the journal, and the daemon's lines after it.
+journal_cursor() { journalctl -q -n 0 --show-cursor | sed -n 's/^-- cursor: //p'; }
+journal_after() { journalctl -u portwatch.service -o cat --no-pager --after-cursor="$1"; }
 
 # The ids of the BPF programs portwatch's main process holds open, from its
 # fds' fdinfo (Debian's bpftool cannot show which process holds a program).
@@ -106,7 +108,8 @@ fact "hooks" "$(curl -sf "$API/metrics" | grep '^portwatch_program_attached' | s
 if [ -d /sys/module/tcp_diag ]; then
   fail "without the sock_diag modules it runs on live events and says what it cannot see" "tcp_diag is loaded or built in: the block did not hold"
 else
-  sleep 5
+  says_degraded() { curl -sf "$API/readyz" | grep -q tcp_diag; }
+  wait_for 60 says_degraded
   readyz="$(curl -s -w ' (HTTP %{http_code})' "$API/readyz")"
   metrics="$(curl -sf "$API/metrics")"
   said="$(journalctl -u portwatch.service -o cat --no-pager | grep -c 'tcp_diag')"
@@ -124,15 +127,19 @@ fi
 # (request_module runs modprobe outside the unit's sandbox).
 rm -f /etc/modprobe.d/pwsd-block-diag.conf
 unblocked=$SECONDS
-degraded_gone() {
+restarts="$(prop NRestarts)"
+# Recovered, said by a daemon that answers: plain `ready`, the listing
+# available, no module missing.
+recovered() {
   [ -d /sys/module/tcp_diag ] && [ -d /sys/module/udp_diag ] \
-    && ! curl -sf "$API/readyz" | grep -q tcp_diag \
-    && ! curl -sf "$API/metrics" | grep -qE 'module="tcp_diag"[^}]*\} 1'
+    && [ "$(curl -sf "$API/readyz")" = ready ] \
+    && curl -sf "$API/metrics" | grep -qx 'portwatch_sock_diag_available 1' \
+    && ! curl -sf "$API/metrics" | grep -qE '^portwatch_kernel_module_missing\{.*\} 1$'
 }
-wait_for 90 degraded_gone
+wait_for 90 recovered && [ "$(prop NRestarts)" = "$restarts" ]
 verdict $? "once the modules can load, reconciliation resumes by itself" \
-  "the kernel loaded them on the daemon's retry, $((SECONDS - unblocked)) s later; no restart ($(prop NRestarts) restarts)" \
-  "still degraded $((SECONDS - unblocked)) s after unblocking: modules: $(echo /sys/module/*_diag); readyz: $(curl -s "$API/readyz")"
+  "the kernel loaded them on the daemon's retry, $((SECONDS - unblocked)) s later; no restart" \
+  "not recovered $((SECONDS - unblocked)) s after unblocking: restarts $restarts -> $(prop NRestarts); modules: $(echo /sys/module/*_diag); readyz: $(curl -s "$API/readyz")"
 
 # --- 4. A unit's listener is named by its unit ----------------------------
 systemctl start demo-listener.service
@@ -205,7 +212,9 @@ verdict $? "after a restart, a namespaced unit's listener and existing sockets' 
 # --- 8. Stop leaves nothing attached ---------------------------------------
 mapfile -t held < <(portwatch_programs)
 systemctl stop portwatch.service
-sleep 1
+# The kernel frees a program once its last holder is gone; allow it that.
+programs_gone() { [ -z "$(existing_programs "${held[@]}")" ]; }
+wait_for 15 programs_gone
 left="$(existing_programs "${held[@]}" | one_line)"
 still=""
 for id in $(attached_programs); do
@@ -221,11 +230,13 @@ systemctl start portwatch.service && wait_for 120 ready
 cp /etc/portwatch/portwatch.toml /run/pwsd-portwatch.toml
 echo 'reconcile_interval = "soon"' >>/etc/portwatch/portwatch.toml
 restarts="$(prop NRestarts)"
-since=$(date +%s)
-sleep 1
+cursor="$(journal_cursor)"
 systemctl restart portwatch.service
-sleep 6
-journal="$(journal_since "$since" | grep -i 'reconcile_interval')"
+# With a restart scheduled the unit would be `activating (auto-restart)`:
+# `failed` means it stays stopped.
+stopped_for_good() { [ "$(prop ActiveState)" = failed ]; }
+wait_for 30 stopped_for_good
+journal="$(journal_after "$cursor" | grep -i 'reconcile_interval')"
 pre="$(systemctl status portwatch.service --no-pager 2>&1 | grep -m1 'ExecStartPre=')"
 [ "$(prop ActiveState)" = failed ] && [ "$(prop NRestarts)" = "$restarts" ] \
   && [ "$(printf '%s\n' "$journal" | grep -c .)" = 1 ] && [[ "$pre" == *status=* ]] \
@@ -240,22 +251,22 @@ systemctl start portwatch.service && wait_for 120 ready
 # --- 10. The watchdog restarts a stuck daemon ------------------------------
 pid="$(prop MainPID)"
 restarts="$(prop NRestarts)"
-since=$(date +%s)
-sleep 1
-kill -STOP "$pid"
+cursor="$(journal_cursor)"
+# MainPID 0 (not running) would make `kill -STOP 0` stop this script.
+[ "$pid" != 0 ] && kill -STOP "$pid"
 stopped=$SECONDS
 replaced() { [ "$(prop MainPID)" != "$pid" ] && [ "$(prop MainPID)" != 0 ] && running && ready; }
-wait_for 150 replaced
-[ "$(prop NRestarts)" -gt "$restarts" ] && journal_since "$since" | grep -q -i watchdog
+[ "$pid" != 0 ] && wait_for 150 replaced \
+  && [ "$(prop NRestarts)" -gt "$restarts" ] && journal_after "$cursor" | grep -q -i watchdog
 verdict $? "the watchdog restarts a SIGSTOPped daemon" \
   "pid $pid replaced by $(prop MainPID) after $((SECONDS - stopped)) s" \
-  "pid $pid, now $(prop MainPID), restarts $restarts -> $(prop NRestarts): $(journal_since "$since" | tail -3)"
+  "pid $pid, now $(prop MainPID), restarts $restarts -> $(prop NRestarts): $(journal_after "$cursor" | tail -3)"
 
 # --- 11. dpkg --purge removes everything -----------------------------------
 mapfile -t held < <(portwatch_programs)
 dpkg --purge portwatch >/run/pwsd-purge.log 2>&1
 purge_status=$?
-sleep 1
+wait_for 15 programs_gone
 leftovers=""
 for path in /usr/bin/portwatch /etc/portwatch /usr/lib/systemd/system/portwatch.service \
   /lib/systemd/system/portwatch.service /etc/systemd/system/multi-user.target.wants/portwatch.service; do
