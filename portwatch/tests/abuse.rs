@@ -524,9 +524,14 @@ fn oversized_requests(addr: &str) {
             &[&[414, 431]],
         ),
         (
+            // hyper answers 431 when its buffer fills before the request
+            // line ends, and 414 when one read brought the whole line in
+            // (loopback can): which happens depends on how the kernel
+            // splits the stream, so both are the right answer (a fresh
+            // clone's CI run got 414).
             "a request target over the header buffer",
             get(&format!("/{}", "a".repeat(500_000)), "", b""),
-            &[&[431]],
+            &[&[414, 431]],
         ),
         ("200 headers", get("/livez", &many_headers, b""), &[&[431]]),
         (
