@@ -449,6 +449,16 @@ impl Drop for Tracer {
 pub enum Op {
     /// socket(family of the address kind, SOCK_STREAM or SOCK_DGRAM, 0)
     Socket { v6: bool, udp: bool },
+    /// socket(family, kind, protocol), for what `Socket` cannot make:
+    /// MPTCP, UDP-Lite, AF_UNIX, netlink.
+    SocketOf {
+        family: i32,
+        kind: i32,
+        protocol: i32,
+    },
+    /// bind(sock, addr) with a non-inet address: an AF_UNIX path or the
+    /// kernel-chosen netlink address.
+    BindOther { sock: usize, addr: OtherAddr },
     /// setsockopt(sock, level, name, &value, 4)
     SetOpt {
         sock: usize,
@@ -477,7 +487,32 @@ pub enum Op {
     Pause,
 }
 
+/// A non-inet socket address for [`Op::BindOther`].
+#[derive(Clone, Debug)]
+pub enum OtherAddr {
+    /// An AF_UNIX path (a second bind to an existing one is EADDRINUSE).
+    Unix(PathBuf),
+    /// AF_NETLINK, port id 0 (the kernel picks one), as getaddrinfo binds.
+    Netlink,
+}
+
 impl Op {
+    /// socket(AF_INET or AF_INET6, SOCK_STREAM, IPPROTO_MPTCP)
+    pub fn mptcp(v6: bool) -> Op {
+        Op::SocketOf {
+            family: if v6 { libc::AF_INET6 } else { libc::AF_INET },
+            kind: libc::SOCK_STREAM,
+            protocol: libc::IPPROTO_MPTCP,
+        }
+    }
+    /// socket(AF_INET or AF_INET6, SOCK_DGRAM, IPPROTO_UDPLITE)
+    pub fn udplite(v6: bool) -> Op {
+        Op::SocketOf {
+            family: if v6 { libc::AF_INET6 } else { libc::AF_INET },
+            kind: libc::SOCK_DGRAM,
+            protocol: libc::IPPROTO_UDPLITE,
+        }
+    }
     pub fn tcp(v6: bool) -> Op {
         Op::Socket { v6, udp: false }
     }
@@ -640,6 +675,7 @@ impl Prepared {
             Op::Bind { addr, .. } | Op::UringBind { addr, .. } | Op::Connect { addr, .. } => {
                 portwatch::socket::sockaddr(addr.ip(), addr.port())
             }
+            Op::BindOther { addr, .. } => other_sockaddr(addr),
             // SAFETY: all-zero is a valid sockaddr_storage; unused.
             _ => (unsafe { std::mem::zeroed() }, 0),
         };
@@ -649,6 +685,32 @@ impl Prepared {
             addr_len,
         }
     }
+}
+
+/// `addr` as a sockaddr for bind(2).
+fn other_sockaddr(addr: &OtherAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        OtherAddr::Unix(path) => {
+            // SAFETY: sockaddr_storage is large and aligned enough.
+            let sun = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_un>() };
+            sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            let bytes = path.as_os_str().as_encoded_bytes();
+            assert!(bytes.len() < sun.sun_path.len(), "AF_UNIX path too long");
+            for (to, from) in sun.sun_path.iter_mut().zip(bytes) {
+                *to = *from as libc::c_char;
+            }
+            size_of::<libc::sa_family_t>() + bytes.len() + 1
+        }
+        OtherAddr::Netlink => {
+            // SAFETY: as above.
+            let snl = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_nl>() };
+            snl.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+            size_of::<libc::sockaddr_nl>()
+        }
+    };
+    (storage, len as libc::socklen_t)
 }
 
 #[repr(C)]
@@ -719,6 +781,18 @@ unsafe fn child_main(
                     }
                     ret(fd as i64)
                 }
+                Op::SocketOf {
+                    family,
+                    kind,
+                    protocol,
+                } => {
+                    let fd = libc::socket(family, kind, protocol);
+                    if fd >= 0 && count < socks.len() {
+                        socks[count] = fd;
+                        count += 1;
+                    }
+                    ret(fd as i64)
+                }
                 Op::SetOpt {
                     sock,
                     level,
@@ -727,7 +801,7 @@ unsafe fn child_main(
                 } => ret(
                     libc::setsockopt(socks[sock], level, name, (&raw const value).cast(), 4) as i64,
                 ),
-                Op::Bind { sock, .. } => ret(libc::bind(
+                Op::Bind { sock, .. } | Op::BindOther { sock, .. } => ret(libc::bind(
                     socks[sock],
                     (&raw const prepared.addr).cast(),
                     prepared.addr_len,
