@@ -43,6 +43,7 @@
 //! Every cgroup program here returns ALLOW on every path.
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::bpf_sock_addr,
     helpers::{
         bpf_probe_read_kernel,
@@ -61,7 +62,7 @@ use crate::{
     ALLOW,
     common::{
         PENDING_BIND, TRACKED, count_drop, current_tid, emit, fill_options_from_sock, fill_task,
-        netns_by_inode, netns_id, offsets, read_field, sock_event,
+        netns_by_inode, netns_id, offsets, read_field, sock_event, sock_of_socket,
     },
 };
 
@@ -134,20 +135,7 @@ fn on_bind(ctx: &SockAddrContext, v6: bool, getsockopt: bool) {
     read_options(ctx, &mut event, getsockopt);
 
     let tid = event.tid;
-    if let Some(stale) = PENDING_BIND.get_ptr_mut(tid) {
-        // SAFETY: map value pointer from a successful lookup.
-        let stale = unsafe { &mut *stale };
-        stale.errno = ERRNO_UNKNOWN;
-        stale.source = source::UNRESOLVED;
-        emit(stale, hook::BIND);
-        // Rare (io_uring without fexit), so worth a line in the daemon's log.
-        warn!(
-            ctx,
-            "bind by tid {} to port {} failed without passing an outcome hook (io_uring?); errno unknown",
-            tid,
-            stale.port
-        );
-    }
+    flush_stale(ctx, tid);
     if PENDING_BIND.insert(tid, event, 0).is_err() {
         count_drop(hook::BIND);
     }
@@ -276,15 +264,50 @@ fn on_post_bind(ctx: &SockContext, v6: bool) {
     }
 }
 
-/// Completes a parked attempt with the return value of the bind.
+/// Emits the attempt parked for `tid`, if any, as failed with an unknown
+/// errno: its outcome hook never ran (an io_uring bind on the tracepoint
+/// path, an MPTCP bind that skips `inet_bind`), and whatever call comes
+/// next on the thread is not its outcome.
 #[inline(always)]
-fn finish_bind(ret: i64, src: u8) {
+fn flush_stale<C: EbpfContext>(ctx: &C, tid: u32) {
+    let Some(stale) = PENDING_BIND.get_ptr_mut(tid) else {
+        return;
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let stale = unsafe { &mut *stale };
+    stale.errno = ERRNO_UNKNOWN;
+    stale.source = source::UNRESOLVED;
+    emit(stale, hook::BIND);
+    let port = stale.port;
+    let _ = PENDING_BIND.remove(tid);
+    // Rare, so worth a line in the daemon's log.
+    warn!(
+        ctx,
+        "bind by tid {} to port {} failed without passing an outcome hook (io_uring?); errno unknown",
+        tid,
+        port
+    );
+}
+
+/// Completes the attempt parked for this thread with the return value of
+/// its bind. `sk` is the socket whose bind returned (0 where unknown, as
+/// in a syscall tracepoint): an attempt parked for another socket is stale
+/// and is flushed instead of taking this bind's outcome.
+#[inline(always)]
+fn finish_bind<C: EbpfContext>(ctx: &C, ret: i64, src: u8, sk: u64) {
     let tid = current_tid();
     let Some(pending) = PENDING_BIND.get_ptr_mut(tid) else {
         return; // not an inet bind in the watched cgroup, or already emitted
     };
     // SAFETY: map value pointer from a successful lookup.
     let event = unsafe { &mut *pending };
+    if sk != 0
+        && let Some(cookie) = read_field::<u64>(sk, offsets().sk_cookie)
+        && cookie != event.cookie
+    {
+        flush_stale(ctx, tid);
+        return;
+    }
     // ret 0 without post_bind: IP_BIND_ADDRESS_NO_PORT with port 0, so the
     // address is set but no port is reserved yet.
     event.errno = if ret < 0 { (-ret) as i32 } else { 0 };
@@ -293,12 +316,23 @@ fn finish_bind(ret: i64, src: u8) {
     let _ = PENDING_BIND.remove(tid);
 }
 
+/// On the tracepoint path, a bind(2) starting: an attempt still parked for
+/// this thread did not come from it (nothing was parked yet), so this
+/// call's exit must not complete it. Without this, a failed io_uring bind
+/// took the result of the thread's next bind(2) of any family: a netlink
+/// bind's 0 made it a success, an AF_UNIX EADDRINUSE an inet conflict.
+#[tracepoint(category = "syscalls", name = "sys_enter_bind")]
+pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
+    flush_stale(&ctx, current_tid());
+    0
+}
+
 #[tracepoint(category = "syscalls", name = "sys_exit_bind")]
 pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
     // SAFETY: `ret` sits at this offset in every sys_exit record; userspace
     // checks the format file before attaching.
     if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) } {
-        finish_bind(ret, source::SYSCALL_EXIT);
+        finish_bind(&ctx, ret, source::SYSCALL_EXIT, 0);
     }
     0
 }
@@ -307,7 +341,7 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
 pub fn fexit_inet_bind(ctx: FExitContext) -> i32 {
     // int inet_bind(struct socket *sock, struct sockaddr *uaddr, int addr_len)
     let ret: i32 = ctx.arg(3);
-    finish_bind(ret as i64, source::FEXIT);
+    finish_bind(&ctx, ret as i64, source::FEXIT, sock_of_socket(ctx.arg(0)));
     0
 }
 
@@ -315,6 +349,6 @@ pub fn fexit_inet_bind(ctx: FExitContext) -> i32 {
 pub fn fexit_inet6_bind(ctx: FExitContext) -> i32 {
     // int inet6_bind(struct socket *sock, struct sockaddr *uaddr, int addr_len)
     let ret: i32 = ctx.arg(3);
-    finish_bind(ret as i64, source::FEXIT);
+    finish_bind(&ctx, ret as i64, source::FEXIT, sock_of_socket(ctx.arg(0)));
     0
 }

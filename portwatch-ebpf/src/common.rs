@@ -42,8 +42,16 @@ pub static PENDING_LISTEN: HashMap<u32, PendingListen> = HashMap::with_max_entri
 /// Cookies of the sockets whose release userspace wants to hear about: bound
 /// or listening ones, and those found by the start-up snapshot. Filtering
 /// here keeps every ordinary connection's close out of the ring buffer.
+///
+/// Preallocated, like every map here: `inet_sock_set_state` is a tracepoint
+/// program, and on 5.7 to 6.0 the verifier answers a tracepoint program
+/// that uses a run-time-allocated hash map with `WARN_ONCE("trace type BPF
+/// program uses run-time allocation")`, which taints the kernel (and panics
+/// it under `panic_on_warn`); PREEMPT_RT kernels refuse the load. Userspace
+/// removes the cookies of sockets the map drops (`Capture::untrack`), so
+/// only live sockets hold entries.
 #[map]
-pub static TRACKED: HashMap<u64, u8> = HashMap::with_max_entries(262144, 1); // BPF_F_NO_PREALLOC
+pub static TRACKED: HashMap<u64, u8> = HashMap::with_max_entries(131072, 0);
 
 /// Slot 0 holds the cgroup the daemon watches. Tracepoints fire for the whole
 /// machine; this keeps them to the same tasks the cgroup hooks see.
@@ -68,6 +76,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     bind_address_no_port: FlagBit::at_bit(0),
     sk_num: 0,
     net_ns_inum: 0,
+    socket_sk: 0,
 };
 
 #[inline(always)]
@@ -156,6 +165,12 @@ pub fn sock_event(ctx: &SockContext, kind: u8) -> Event {
 #[inline(always)]
 pub fn current_tid() -> u32 {
     bpf_get_current_pid_tgid() as u32
+}
+
+/// The `struct sock *` of a `struct socket *`, 0 when unreadable.
+#[inline(always)]
+pub fn sock_of_socket(socket: u64) -> u64 {
+    read_field::<u64>(socket, offsets().socket_sk).unwrap_or(0)
 }
 
 /// Whether the current task is inside the watched cgroup subtree.

@@ -40,10 +40,14 @@ pub mod source {
     pub const STATE: u8 = 4;
     /// cgroup `sock_release`.
     pub const RELEASE: u8 = 5;
-    /// A bind attempt whose outcome no hook reported before the same thread
-    /// started another bind (an io_uring bind that failed, on a kernel
-    /// without fexit). Its `errno` is [`super::ERRNO_UNKNOWN`].
+    /// A bind or listen whose outcome no hook reported before the same
+    /// thread started another (an io_uring call that failed, on a kernel
+    /// without fexit; an MPTCP call that skips `inet_bind`). Its `errno` is
+    /// [`super::ERRNO_UNKNOWN`].
     pub const UNRESOLVED: u8 = 6;
+    /// `tcp/tcp_destroy_sock`: a tracked TCP socket freed without a release
+    /// the cgroup hook saw (an MPTCP subflow, a kernel socket).
+    pub const DESTROY: u8 = 7;
 }
 
 /// What fexit on `inet_csk_get_port` saw of a TCP bind or listen. Stored in
@@ -129,6 +133,11 @@ pub mod tracepoint {
         ("saddr", SET_STATE_SADDR, 4),
         ("saddr_v6", SET_STATE_SADDR_V6, 16),
     ];
+    /// Fields of `tcp/tcp_destroy_sock`: the socket, and its family.
+    pub const DESTROY_SKADDR: usize = 8;
+    pub const DESTROY_FAMILY: usize = 20;
+    pub const DESTROY_FIELDS: [(&str, usize, usize); 2] =
+        [("skaddr", DESTROY_SKADDR, 8), ("family", DESTROY_FAMILY, 2)];
 }
 
 /// Address families, as the kernel numbers them.
@@ -209,8 +218,11 @@ pub struct KernelOffsets {
     /// SO_NETNS_COOKIE, so userspace cannot learn the cookies the programs
     /// would report. Then the programs report this instead of the cookie.
     pub net_ns_inum: u32,
+    /// `struct socket` -> `sk`: the fexit outcome hooks get the `struct
+    /// socket *` and complete a parked call only if it is the same socket.
+    pub socket_sk: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 60);
+const _: () = assert!(size_of::<KernelOffsets>() == 64);
 
 /// One record in the `EVENTS` ring buffer. Every kind uses the same layout;
 /// fields a kind does not fill are zero.

@@ -34,7 +34,7 @@ use portwatch_ebpf::{
 
 use crate::common::{
     PENDING_LISTEN, PendingListen, TRACKED, count_drop, current_tid, emit, fill_from_sock,
-    fill_task, offsets, read_field, task_is_watched,
+    fill_task, offsets, read_field, sock_of_socket, task_is_watched,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -181,20 +181,41 @@ fn flush(pending: &mut PendingListen, ret: Option<i64>, src: u8) {
     let _ = PENDING_LISTEN.remove(tid);
 }
 
+/// Completes the listen parked for this thread with `ret`. `sk` is the
+/// socket whose listen returned (0 where unknown, as in a syscall
+/// tracepoint): a listen parked for another socket is stale and is emitted
+/// unresolved instead of taking this outcome.
 #[inline(always)]
-fn finish_listen(ret: i64, src: u8) {
+fn finish_listen(ret: i64, src: u8, sk: u64) {
     let tid = current_tid();
     if let Some(pending) = PENDING_LISTEN.get_ptr_mut(tid) {
         // SAFETY: map value pointer from a successful lookup.
-        flush(unsafe { &mut *pending }, Some(ret), src);
+        let pending = unsafe { &mut *pending };
+        if sk != 0 && pending.sk != sk {
+            flush(pending, None, source::UNRESOLVED);
+        } else {
+            flush(pending, Some(ret), src);
+        }
     }
+}
+
+/// On the tracepoint path, a listen(2) starting: a listen still parked for
+/// this thread did not come from it (an io_uring listen), so this call's
+/// exit, which may be an AF_UNIX listen's, must not complete it.
+#[tracepoint(category = "syscalls", name = "sys_enter_listen")]
+pub fn sys_enter_listen(_ctx: TracePointContext) -> u32 {
+    if let Some(stale) = PENDING_LISTEN.get_ptr_mut(current_tid()) {
+        // SAFETY: map value pointer from a successful lookup.
+        flush(unsafe { &mut *stale }, None, source::UNRESOLVED);
+    }
+    0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_listen")]
 pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
     // SAFETY: `ret` offset of every sys_exit record, verified by userspace.
     if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) } {
-        finish_listen(ret, source::SYSCALL_EXIT);
+        finish_listen(ret, source::SYSCALL_EXIT, 0);
     }
     0
 }
@@ -203,6 +224,6 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
 pub fn fexit_inet_listen(ctx: FExitContext) -> i32 {
     // int inet_listen(struct socket *sock, int backlog)
     let ret: i32 = ctx.arg(2);
-    finish_listen(ret as i64, source::FEXIT);
+    finish_listen(ret as i64, source::FEXIT, sock_of_socket(ctx.arg(0)));
     0
 }

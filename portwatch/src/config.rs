@@ -61,7 +61,7 @@ pub struct Config {
     /// How many sockets the kernel programs can track at once to report
     /// their close (listeners and bound sockets). Past it, a close is found
     /// by the next reconciliation instead, and the miss is counted in
-    /// `portwatch_events_dropped_total`. Default 262144.
+    /// `portwatch_events_dropped_total`. Default 131072.
     pub tracked_sockets: u32,
     /// How many binds and how many listens can be in progress at once (one
     /// per thread). Past it, the call still goes ahead and the miss is

@@ -341,6 +341,9 @@ pub enum Source {
     Release,
     /// No hook reported the outcome; the errno is unknown.
     Unresolved,
+    /// `tcp/tcp_destroy_sock`: a tracked TCP socket freed where no release
+    /// hook ran (an MPTCP subflow, a kernel socket).
+    Destroy,
 }
 
 impl Source {
@@ -353,6 +356,7 @@ impl Source {
             Self::State => "state",
             Self::Release => "release",
             Self::Unresolved => "unresolved",
+            Self::Destroy => "destroy",
         }
     }
 }
@@ -368,6 +372,7 @@ impl TryFrom<u8> for Source {
             source::STATE => Self::State,
             source::RELEASE => Self::Release,
             source::UNRESOLVED => Self::Unresolved,
+            source::DESTROY => Self::Destroy,
             other => return Err(DecodeError::Source(other)),
         })
     }
@@ -1081,6 +1086,7 @@ pub(crate) mod tests {
             (source::STATE, Source::State),
             (source::RELEASE, Source::Release),
             (source::UNRESOLVED, Source::Unresolved),
+            (source::DESTROY, Source::Destroy),
         ];
         for (raw, want) in cases {
             assert_eq!(

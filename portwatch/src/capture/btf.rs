@@ -78,6 +78,7 @@ impl Resolver<'_> {
             sk_uid: self.bytes("sock", "sk_uid"),
             sk_num: self.bytes("sock", "__sk_common.skc_num"),
             net_ns_inum: self.bytes("net", "ns.inum"),
+            socket_sk: self.bytes("socket", "sk"),
             ..KernelOffsets::default()
         };
         // The reuse bits share one byte of `sock_common`; locate each bit.
@@ -220,6 +221,7 @@ mod tests {
             ("sk_uid", off.sk_uid),
             ("sk_reuse_byte", off.sk_reuse_byte),
             ("sk_num", off.sk_num),
+            ("socket_sk", off.socket_sk),
         ] {
             assert_ne!(value, 0, "{name} not found");
         }

@@ -47,9 +47,10 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 pub const DEFAULT_RING_BYTES: u32 = 4 * 1024 * 1024;
 
 /// Default capacity of `TRACKED`, the sockets whose release is reported: a
-/// busy host's listeners and bound sockets with room to spare, at about
-/// 100 bytes per socket actually tracked (the map is not preallocated).
-pub const DEFAULT_TRACKED_SOCKETS: u32 = 262_144;
+/// busy host's listeners and bound sockets with room to spare (100,000
+/// listeners fit). The map is preallocated (see the kernel side): about
+/// 64 bytes of kernel memory per entry, 8 MiB at this size.
+pub const DEFAULT_TRACKED_SOCKETS: u32 = 131_072;
 
 /// Default capacity of `PENDING_BIND` and `PENDING_LISTEN`, the binds and
 /// listens in progress, one per thread: more than a host runs at once.
@@ -331,6 +332,7 @@ impl Capture {
             "sock",
             "inet_sock_set_state",
         )?;
+        attach_tracepoint(&mut ebpf, "tcp_destroy_sock", "tcp", "tcp_destroy_sock")?;
         // aya attaches cgroup programs with BPF links, which always coexist
         // with other programs; the kernel refuses the ALLOW_MULTI flag there.
         let mode = CgroupAttachMode::Single;
@@ -423,6 +425,9 @@ impl Capture {
             (name(hook::LISTEN), "tracepoint"),
             (name(hook::LISTEN_OUTCOME), self.outcome.name()),
             (name(hook::RELEASE), "cgroup"),
+            // A tracked TCP socket freed where no release hook ran; its
+            // records count as `release`'s.
+            ("destroy", "tracepoint"),
         ]
     }
 
@@ -456,6 +461,12 @@ impl Capture {
                 name: "TRACKED",
                 source,
             })
+    }
+
+    /// Stops tracking socket `cookie`, which is gone without a release the
+    /// hooks saw. A cookie the kernel already dropped is not an error.
+    pub fn untrack(&mut self, cookie: u64) {
+        let _ = self.tracked.remove(&cookie);
     }
 
     /// Waits for records, then hands every decoded event to `sink` until the
@@ -551,6 +562,10 @@ fn attach_outcome_hooks(
         }
     }
     check_sys_exit_formats()?;
+    // The enter hooks first: an exit must never see a call whose start
+    // went unseen.
+    attach_tracepoint(ebpf, "sys_enter_bind", "syscalls", "sys_enter_bind")?;
+    attach_tracepoint(ebpf, "sys_enter_listen", "syscalls", "sys_enter_listen")?;
     attach_tracepoint(ebpf, "sys_exit_bind", "syscalls", "sys_exit_bind")?;
     attach_tracepoint(ebpf, "sys_exit_listen", "syscalls", "sys_exit_listen")?;
     Ok((OutcomePath::Tracepoint, PortAllocPath::PostBind))
@@ -761,9 +776,14 @@ where
     M::try_from(map).map_err(|source| CaptureError::Map { name, source })
 }
 
-/// Checks that `sock/inet_sock_set_state` records hold the fields where the
-/// programs read them. That tracepoint is attached on every kernel.
+/// Checks that `sock/inet_sock_set_state` and `tcp/tcp_destroy_sock` records
+/// hold the fields where the programs read them. Both tracepoints are
+/// attached on every kernel.
 fn check_set_state_format() -> Result<(), CaptureError> {
+    let destroy = read_format("tcp", "tcp_destroy_sock")?;
+    for (field, offset, size) in tracepoint::DESTROY_FIELDS {
+        check_field("tcp/tcp_destroy_sock", &destroy, field, offset, size)?;
+    }
     let set_state = read_format("sock", "inet_sock_set_state")?;
     for (field, offset, size) in tracepoint::SET_STATE_FIELDS {
         check_field("sock/inet_sock_set_state", &set_state, field, offset, size)?;
