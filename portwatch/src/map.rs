@@ -134,6 +134,16 @@ impl Drift {
     }
 }
 
+/// What a reconciliation did: the drift it counted, and the sockets it
+/// removed, whose cookies the kernel must stop tracking (a socket whose
+/// release no watched hook saw would otherwise hold its `TRACKED` entry
+/// for as long as the daemon runs).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub drift: Drift,
+    pub removed: Vec<u64>,
+}
+
 /// The live map.
 #[derive(Debug, Default)]
 pub struct PortMap {
@@ -218,7 +228,7 @@ impl PortMap {
         listed: &BTreeSet<NetnsCookie>,
         bound_tcp_listed: bool,
         at: SystemTime,
-    ) -> Drift {
+    ) -> Reconciled {
         let mut drift = Drift::default();
         let truth: Vec<Observed> = truth
             .into_iter()
@@ -238,8 +248,8 @@ impl PortMap {
             })
             .map(|(cookie, _)| *cookie)
             .collect();
-        for cookie in gone {
-            self.remove(cookie);
+        for cookie in &gone {
+            self.remove(*cookie);
             drift.stale += 1;
         }
         for seen in truth {
@@ -258,7 +268,10 @@ impl PortMap {
             }
             self.upsert(seen, at);
         }
-        drift
+        Reconciled {
+            drift,
+            removed: gone,
+        }
     }
 
     fn upsert(&mut self, seen: Observed, at: SystemTime) {
@@ -631,9 +644,10 @@ mod tests {
             observed(4, Protocol::Tcp, SockState::Connected, 5000), // ignored
         ];
         let listed = BTreeSet::from([1]);
-        let drift = map.reconcile(truth.clone(), &listed, true, T0);
+        let done = map.reconcile(truth.clone(), &listed, true, T0);
+        assert_eq!(done.removed, [2], "the vanished socket is untracked");
         assert_eq!(
-            drift,
+            done.drift,
             Drift {
                 missing: 1,
                 stale: 1,
@@ -641,7 +655,7 @@ mod tests {
             }
         );
         assert_eq!(
-            map.reconcile(truth, &listed, true, T0).total(),
+            map.reconcile(truth, &listed, true, T0).drift.total(),
             0,
             "drift returns to 0"
         );
@@ -656,11 +670,12 @@ mod tests {
         elsewhere.netns = Some(2);
         map.apply(&elsewhere, T0);
         map.apply(&event(EventKind::Bind, 2, v4([0, 0, 0, 0]), 8001), T0);
-        let drift = map.reconcile(Vec::new(), &BTreeSet::from([1]), true, T0);
-        assert_eq!(drift.stale, 1, "only the listed namespace's entry");
+        let done = map.reconcile(Vec::new(), &BTreeSet::from([1]), true, T0);
+        assert_eq!(done.drift.stale, 1, "only the listed namespace's entry");
+        assert_eq!(done.removed, [2]);
         assert!(map.get(1).is_some() && map.get(2).is_none());
-        let drift = map.reconcile(Vec::new(), &BTreeSet::from([1, 2]), true, T0);
-        assert_eq!((drift.stale, map.len()), (1, 0));
+        let done = map.reconcile(Vec::new(), &BTreeSet::from([1, 2]), true, T0);
+        assert_eq!((done.drift.stale, done.removed, map.len()), (1, vec![1], 0));
     }
 
     #[test]
@@ -674,12 +689,15 @@ mod tests {
         map.apply(&udp, T0);
         // A kernel before 6.7 lists none of them: only the bound TCP socket
         // is beyond what its listing can tell.
-        let drift = map.reconcile(Vec::new(), &BTreeSet::from([1]), false, T0);
-        assert_eq!(drift.stale, 2, "the listener and the UDP socket are gone");
+        let done = map.reconcile(Vec::new(), &BTreeSet::from([1]), false, T0);
+        assert_eq!(
+            done.drift.stale, 2,
+            "the listener and the UDP socket are gone"
+        );
         assert!(map.get(1).is_some() && map.get(2).is_none() && map.get(3).is_none());
         // A kernel that lists them: its silence means closed.
-        let drift = map.reconcile(Vec::new(), &BTreeSet::from([1]), true, T0);
-        assert_eq!((drift.stale, map.len()), (1, 0));
+        let done = map.reconcile(Vec::new(), &BTreeSet::from([1]), true, T0);
+        assert_eq!((done.drift.stale, map.len()), (1, 0));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::{
     failures::{self, Failure},
     health::ListingFailure,
     kernel_probe,
-    map::{Drift, Observed},
+    map::{Drift, Observed, Reconciled},
     rules::{self, KernelRules},
     snapshot::{self, SnapshotConfig, SnapshotError, owners::PlaceCache},
     state::{ExpectedListener, State},
@@ -566,11 +566,11 @@ impl Watcher {
         let first_listing = !self.merged;
         self.merged = true;
         let mut state = self.write();
-        let drift = if first_listing {
+        let done = if first_listing {
             // The start-up listing failed: this is the first look at what
             // existed before portwatch started, not drift.
             state.map.merge(observed, snapshot.taken_at);
-            Drift::default()
+            Reconciled::default()
         } else {
             state.map.reconcile(
                 observed,
@@ -579,6 +579,7 @@ impl Watcher {
                 snapshot.taken_at,
             )
         };
+        let drift = done.drift;
         let stats = &mut state.stats;
         stats.reconcile_snapshot = Some(started.elapsed());
         stats.untracked += untracked as u64;
@@ -588,6 +589,12 @@ impl Watcher {
         stats.drift.changed += drift.changed;
         drop(state);
         drop(snapshot);
+        // Gone without a release the hooks saw (outside a `--cgroup`
+        // subtree, kernel-owned, closed before it was tracked): the kernel
+        // forgets them too, so TRACKED holds only live sockets.
+        for cookie in done.removed {
+            self.capture.untrack(cookie);
+        }
         release_freed_memory();
         self.next_reconcile = Instant::now() + self.config.reconcile_every;
         if drift.total() > 0 {
