@@ -117,6 +117,17 @@ fn foreign_userland(arch: Arch, cache: &Path) -> Result<PathBuf> {
 
 /// The guest's `/init`: mounts, modules, the daemon's hook report, each
 /// suite between markers, power off.
+/// After the suites, the kernel's own log: a WARN (the verifier's "trace
+/// type BPF program uses run-time allocation" is one), an oops or a BPF
+/// splat fails the kernel even when every test passed, as libbpf's CI does.
+/// Taint bits: 7 (D, an oops), 9 (W, a warning).
+const DMESG_CHECK: &str = r#"
+dmesg | grep -E 'WARNING:|BUG:|Oops|Call Trace:|run-time allocation' | while read -r line; do mark PROBLEM "dmesg: $line"; done
+tainted=$(cat /proc/sys/kernel/tainted)
+[ $((tainted & 640)) -eq 0 ] || mark PROBLEM "the kernel is tainted ($tainted)"
+mark DMESG "checked (taint $tainted)"
+"#;
+
 fn init_script(portwatch: &Path, suites: &[&Suite], outcome: Outcome) -> String {
     let mut script = String::from(
         r#"#!/bin/busybox sh
@@ -192,6 +203,7 @@ grep ' WARN ' /tmp/daemon.log | sed 's/^.* WARN [^ ]* //' | while read -r line; 
             filters = suite.filters.join(" "),
         );
     }
+    script.push_str(DMESG_CHECK);
     script.push_str("\nmark DONE\npoweroff -f\n");
     script
 }

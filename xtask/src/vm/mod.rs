@@ -47,7 +47,14 @@ const README_ARM64_END: &str = "<!-- vm-arm64:end -->";
 
 /// The suites an arm64 guest runs when `--suite` names none: all but the
 /// daemon's, which checks /metrics with promtool (not in its userland).
-const ARM64_SUITES: [&str; 5] = ["trace", "map", "predictor", "snapshot", "robustness"];
+const ARM64_SUITES: [&str; 6] = [
+    "trace",
+    "map",
+    "predictor",
+    "snapshot",
+    "robustness",
+    "exactness",
+];
 
 /// An arm64 guest's userland: Debian's own arm64 packages (busybox and the
 /// tools the suites call, with their libraries).
@@ -103,6 +110,12 @@ const SUITES: &[Suite] = &[
             "a_storm_beyond_the_ring_is_counted_exactly_and_reconciled",
             "every_bind_has_its_outcome_with_one_entry_maps",
         ],
+        show_output: false,
+    },
+    Suite {
+        name: "exactness (MPTCP, io_uring, AF_UNIX, UDP-Lite, TRACKED)",
+        target: "exactness",
+        filters: &[],
         show_output: false,
     },
     Suite {

@@ -53,6 +53,9 @@ pub struct PassReport {
     pub problems: Vec<String>,
     /// The guest reached its last marker.
     pub finished: bool,
+    /// The guest read its kernel log after the suites (a WARN, an oops or a
+    /// taint in it is one of `problems`).
+    pub dmesg_checked: bool,
     /// The predictor's agreement lines (`predictor: kernel ..., agreement
     /// .../..., confident .../...`), one per differential run.
     pub predictor: Vec<String>,
@@ -109,6 +112,7 @@ impl PassReport {
                     }
                 }
                 "DONE" => report.finished = true,
+                "DMESG" => report.dmesg_checked = true,
                 _ => {}
             }
         }
@@ -127,6 +131,10 @@ impl PassReport {
             report
                 .problems
                 .push("the VM did not reach its last marker".to_owned());
+        } else if !report.dmesg_checked {
+            report
+                .problems
+                .push("the kernel log was not checked".to_owned());
         }
         report
     }
@@ -275,6 +283,7 @@ PORTWATCH-SKIP: uring: io_uring bind (Linux 6.11+)
 ok
 test result: ok. 5 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 9.00s
 PWVM-END map 0
+PWVM-DMESG checked (taint 0)
 [   30.1] reboot: PWVM-DONE
 ";
 
@@ -334,10 +343,27 @@ PWVM-END map 0
         );
         assert!(!empty.ok(), "a suite that ran no test is no pass");
         let good = PassReport::parse(
-            "PWVM-BEGIN map\ntest result: ok. 3 passed; 0 failed; 0 ignored;\nPWVM-END map 0\nPWVM-DONE\n",
+            "PWVM-BEGIN map\ntest result: ok. 3 passed; 0 failed; 0 ignored;\nPWVM-END map 0\nPWVM-DMESG checked (taint 0)\nPWVM-DONE\n",
             &["map"],
         );
         assert!(good.ok());
+    }
+
+    #[test]
+    fn a_kernel_log_with_a_warning_or_unread_fails() {
+        let suites =
+            "PWVM-BEGIN map\ntest result: ok. 3 passed; 0 failed; 0 ignored;\nPWVM-END map 0\n";
+        let warned = PassReport::parse(
+            &format!(
+                "{suites}PWVM-PROBLEM dmesg: [ 3.1] trace type BPF program uses run-time allocation\nPWVM-DMESG checked (taint 512)\nPWVM-DONE\n"
+            ),
+            &["map"],
+        );
+        assert!(!warned.ok());
+        assert!(warned.problems[0].contains("run-time allocation"));
+        let unread = PassReport::parse(&format!("{suites}PWVM-DONE\n"), &["map"]);
+        assert!(!unread.ok());
+        assert_eq!(unread.problems, ["the kernel log was not checked"]);
     }
 
     #[test]
