@@ -61,8 +61,9 @@ use aya_log_ebpf::warn;
 use crate::{
     ALLOW,
     common::{
-        PENDING_BIND, TRACKED, count_drop, current_tid, emit, fill_options_from_sock, fill_task,
-        netns_by_inode, netns_id, offsets, read_field, sock_event, sock_of_socket,
+        PENDING_BIND, PendingBind, TRACKED, bind_state, count_drop, current_tid, emit,
+        fill_options_from_sock, fill_task, netns_by_inode, netns_id, offsets, outcome_by_fexit,
+        read_field, sock_event, sock_of_socket, task_is_watched,
     },
 };
 
@@ -135,8 +136,22 @@ fn on_bind(ctx: &SockAddrContext, v6: bool, getsockopt: bool) {
     read_options(ctx, &mut event, getsockopt);
 
     let tid = event.tid;
-    flush_stale(ctx, tid);
-    if PENDING_BIND.insert(tid, event, 0).is_err() {
+    // A bind(2) on the tracepoint path left its mark; anything else still
+    // parked is a call whose outcome never came.
+    // SAFETY: map value pointer from a successful lookup.
+    let in_syscall = PENDING_BIND
+        .get_ptr(tid)
+        .is_some_and(|pending| unsafe { (*pending).state == bind_state::SYSCALL });
+    if !in_syscall {
+        flush_stale(ctx, tid);
+    }
+    let pending = PendingBind {
+        event,
+        state: bind_state::PARKED,
+        deferred: in_syscall || outcome_by_fexit(),
+        _pad: [0; 6],
+    };
+    if PENDING_BIND.insert(tid, pending, 0).is_err() {
         count_drop(hook::BIND);
     }
 }
@@ -226,13 +241,20 @@ fn on_post_bind(ctx: &SockContext, v6: bool) {
     let tid = current_tid();
     match PENDING_BIND.get_ptr_mut(tid) {
         // SAFETY: map value pointer from a successful lookup.
-        Some(pending) if unsafe { (*pending).cookie } == cookie => {
-            let event = unsafe { &mut *pending };
+        Some(pending) if unsafe { (*pending).event.cookie } == cookie => {
+            let pending = unsafe { &mut *pending };
+            let event = &mut pending.event;
             event.bound_port = bound_port;
             event.errno = 0;
             event.source = source::POST_BIND;
-            emit(event, hook::POST_BIND);
-            let _ = PENDING_BIND.remove(tid);
+            if pending.deferred {
+                // Other cgroup programs may still refuse it: the outcome
+                // hook sends the record.
+                pending.state = bind_state::BOUND;
+            } else {
+                emit(event, hook::POST_BIND);
+                let _ = PENDING_BIND.remove(tid);
+            }
         }
         _ => {
             // The attempt was not parked (map full): report what this hook knows.
@@ -264,10 +286,11 @@ fn on_post_bind(ctx: &SockContext, v6: bool) {
     }
 }
 
-/// Emits the attempt parked for `tid`, if any, as failed with an unknown
-/// errno: its outcome hook never ran (an io_uring bind on the tracepoint
-/// path, an MPTCP bind that skips `inet_bind`), and whatever call comes
-/// next on the thread is not its outcome.
+/// Sends what is still parked for `tid`, if anything, since whatever call
+/// comes next on the thread is not its outcome. An attempt whose outcome
+/// hook never ran (an io_uring bind on the tracepoint path, an MPTCP bind
+/// that skips `inet_bind`) is a failure with an unknown errno; one that
+/// post_bind saw succeed is that success; a syscall mark is dropped.
 #[inline(always)]
 fn flush_stale<C: EbpfContext>(ctx: &C, tid: u32) {
     let Some(stale) = PENDING_BIND.get_ptr_mut(tid) else {
@@ -275,18 +298,26 @@ fn flush_stale<C: EbpfContext>(ctx: &C, tid: u32) {
     };
     // SAFETY: map value pointer from a successful lookup.
     let stale = unsafe { &mut *stale };
-    stale.errno = ERRNO_UNKNOWN;
-    stale.source = source::UNRESOLVED;
-    emit(stale, hook::BIND);
-    let port = stale.port;
+    let state = stale.state;
+    let event = &mut stale.event;
+    let port = event.port;
+    if state == bind_state::BOUND {
+        emit(event, hook::POST_BIND);
+    } else if state == bind_state::PARKED {
+        event.errno = ERRNO_UNKNOWN;
+        event.source = source::UNRESOLVED;
+        emit(event, hook::BIND);
+    }
     let _ = PENDING_BIND.remove(tid);
-    // Rare, so worth a line in the daemon's log.
-    warn!(
-        ctx,
-        "bind by tid {} to port {} failed without passing an outcome hook (io_uring?); errno unknown",
-        tid,
-        port
-    );
+    if state == bind_state::PARKED {
+        // Rare, so worth a line in the daemon's log.
+        warn!(
+            ctx,
+            "bind by tid {} to port {} failed without passing an outcome hook (io_uring?); errno unknown",
+            tid,
+            port
+        );
+    }
 }
 
 /// Completes the attempt parked for this thread with the return value of
@@ -300,12 +331,33 @@ fn finish_bind<C: EbpfContext>(ctx: &C, ret: i64, src: u8, sk: u64) {
         return; // not an inet bind in the watched cgroup, or already emitted
     };
     // SAFETY: map value pointer from a successful lookup.
-    let event = unsafe { &mut *pending };
+    let pending = unsafe { &mut *pending };
+    if pending.state == bind_state::SYSCALL {
+        // A bind(2) no inet bind hook saw: AF_UNIX, netlink, unwatched.
+        let _ = PENDING_BIND.remove(tid);
+        return;
+    }
+    let event = &mut pending.event;
     if sk != 0
         && let Some(cookie) = read_field::<u64>(sk, offsets().sk_cookie)
         && cookie != event.cookie
     {
         flush_stale(ctx, tid);
+        return;
+    }
+    if pending.state == bind_state::BOUND {
+        if ret < 0 {
+            // post_bind saw the port reserved, then a cgroup program of
+            // another tool refused the bind and the kernel released the
+            // port: a failure, and no socket to track.
+            event.errno = (-ret) as i32;
+            event.source = src;
+            let _ = TRACKED.remove(event.cookie);
+            emit(event, hook::BIND_OUTCOME);
+        } else {
+            emit(event, hook::POST_BIND);
+        }
+        let _ = PENDING_BIND.remove(tid);
         return;
     }
     // ret 0 without post_bind: IP_BIND_ADDRESS_NO_PORT with port 0, so the
@@ -321,9 +373,25 @@ fn finish_bind<C: EbpfContext>(ctx: &C, ret: i64, src: u8, sk: u64) {
 /// call's exit must not complete it. Without this, a failed io_uring bind
 /// took the result of the thread's next bind(2) of any family: a netlink
 /// bind's 0 made it a success, an AF_UNIX EADDRINUSE an inet conflict.
+///
+/// It also marks the call as a syscall (for the watched cgroup's tasks),
+/// so that the bind hook knows this bind's exit will come and post_bind
+/// leaves the record to it.
 #[tracepoint(category = "syscalls", name = "sys_enter_bind")]
 pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
-    flush_stale(&ctx, current_tid());
+    let tid = current_tid();
+    flush_stale(&ctx, tid);
+    if task_is_watched() {
+        let mark = PendingBind {
+            event: Event::ZERO,
+            state: bind_state::SYSCALL,
+            deferred: false,
+            _pad: [0; 6],
+        };
+        // A full map only loses the mark: post_bind then reports the
+        // success itself, as it does for io_uring.
+        let _ = PENDING_BIND.insert(tid, mark, 0);
+    }
     0
 }
 
@@ -350,5 +418,25 @@ pub fn fexit_inet6_bind(ctx: FExitContext) -> i32 {
     // int inet6_bind(struct socket *sock, struct sockaddr *uaddr, int addr_len)
     let ret: i32 = ctx.arg(3);
     finish_bind(&ctx, ret as i64, source::FEXIT, sock_of_socket(ctx.arg(0)));
+    0
+}
+
+/// Where the kernel has it (Linux 6.3+), the function under `inet_bind`
+/// that MPTCP calls directly for its subflow (`mptcp_bind`), so that an
+/// MPTCP bind has its outcome too. Takes the socket itself.
+#[fexit(function = "inet_bind_sk")]
+pub fn fexit_inet_bind_sk(ctx: FExitContext) -> i32 {
+    // int inet_bind_sk(struct sock *sk, struct sockaddr *uaddr, int addr_len)
+    let ret: i32 = ctx.arg(3);
+    finish_bind(&ctx, ret as i64, source::FEXIT, ctx.arg(0));
+    0
+}
+
+/// `inet6_bind_sk`: as `fexit_inet_bind_sk`, for IPv6.
+#[fexit(function = "inet6_bind_sk")]
+pub fn fexit_inet6_bind_sk(ctx: FExitContext) -> i32 {
+    // int inet6_bind_sk(struct sock *sk, struct sockaddr *uaddr, int addr_len)
+    let ret: i32 = ctx.arg(3);
+    finish_bind(&ctx, ret as i64, source::FEXIT, ctx.arg(0));
     0
 }

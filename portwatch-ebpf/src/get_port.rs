@@ -83,7 +83,7 @@ fn on_get_port(sk: u64, ret: i32) {
     }
     if let Some(pending) = PENDING_BIND.get_ptr_mut(tid) {
         // SAFETY: map value pointer from a successful lookup.
-        let event = unsafe { &mut *pending };
+        let event = unsafe { &mut (*pending).event };
         // The bind hook asked for the cookie, so the socket has one by now.
         if event.cookie != 0 && read_field::<u64>(sk, offsets().sk_cookie) == Some(event.cookie) {
             event.port_alloc = verdict;

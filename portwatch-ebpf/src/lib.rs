@@ -133,11 +133,10 @@ pub mod tracepoint {
         ("saddr", SET_STATE_SADDR, 4),
         ("saddr_v6", SET_STATE_SADDR_V6, 16),
     ];
-    /// Fields of `tcp/tcp_destroy_sock`: the socket, and its family.
+    /// The one field of `tcp/tcp_destroy_sock` read: the socket (the
+    /// record has no family on Debian 11's 5.10).
     pub const DESTROY_SKADDR: usize = 8;
-    pub const DESTROY_FAMILY: usize = 20;
-    pub const DESTROY_FIELDS: [(&str, usize, usize); 2] =
-        [("skaddr", DESTROY_SKADDR, 8), ("family", DESTROY_FAMILY, 2)];
+    pub const DESTROY_FIELDS: [(&str, usize, usize); 1] = [("skaddr", DESTROY_SKADDR, 8)];
 }
 
 /// Address families, as the kernel numbers them.
@@ -221,8 +220,11 @@ pub struct KernelOffsets {
     /// `struct socket` -> `sk`: the fexit outcome hooks get the `struct
     /// socket *` and complete a parked call only if it is the same socket.
     pub socket_sk: u32,
+    /// `struct sock` -> `__sk_common.skc_family`: `tcp_destroy_sock` has
+    /// no family field on Debian 11's 5.10, so it is read from the socket.
+    pub sk_family: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 64);
+const _: () = assert!(size_of::<KernelOffsets>() == 68);
 
 /// One record in the `EVENTS` ring buffer. Every kind uses the same layout;
 /// fields a kind does not fill are zero.

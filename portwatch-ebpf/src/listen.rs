@@ -227,3 +227,15 @@ pub fn fexit_inet_listen(ctx: FExitContext) -> i32 {
     finish_listen(ret as i64, source::FEXIT, sock_of_socket(ctx.arg(0)));
     0
 }
+
+/// Where the kernel has it (Linux 6.5+), the function under `inet_listen`
+/// that MPTCP calls directly for its subflow (`mptcp_listen`): without it
+/// an MPTCP listen stayed parked, unreported, until the thread listened
+/// again. Takes the socket itself.
+#[fexit(function = "__inet_listen_sk")]
+pub fn fexit_inet_listen_sk(ctx: FExitContext) -> i32 {
+    // int __inet_listen_sk(struct sock *sk, int backlog)
+    let ret: i32 = ctx.arg(2);
+    finish_listen(ret as i64, source::FEXIT, ctx.arg(0));
+    0
+}

@@ -27,10 +27,7 @@ use aya_ebpf::{
     macros::{cgroup_sock, tracepoint},
     programs::{SockContext, TracePointContext},
 };
-use portwatch_ebpf::{
-    Event, hook, kind, source,
-    tracepoint::{DESTROY_FAMILY, DESTROY_SKADDR},
-};
+use portwatch_ebpf::{Event, hook, kind, source, tracepoint::DESTROY_SKADDR};
 
 use crate::{
     ALLOW,
@@ -68,8 +65,7 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
     let mut event = Event::ZERO;
     event.kind = kind::CLOSE;
     fill_task(&mut event);
-    // SAFETY: as above.
-    event.family = unsafe { ctx.read_at::<u16>(DESTROY_FAMILY) }.unwrap_or(0);
+    event.family = read_field::<u16>(skaddr, offsets().sk_family).unwrap_or(0);
     event.sock_type = 1; // SOCK_STREAM
     event.protocol = 6; // IPPROTO_TCP
     event.cookie = cookie;

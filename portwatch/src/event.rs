@@ -1186,7 +1186,7 @@ pub(crate) mod tests {
                 DecodeError::SockType(0),
             ),
             (RawEvent { source: 0, ..raw }, DecodeError::Source(0)),
-            (RawEvent { source: 7, ..raw }, DecodeError::Source(7)),
+            (RawEvent { source: 8, ..raw }, DecodeError::Source(8)),
             (
                 RawEvent {
                     port_alloc: 3,

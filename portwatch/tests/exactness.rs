@@ -15,6 +15,7 @@ use serde_json::Value;
 use support::{
     CgroupGuard, NetnsGuard, Op, OtherAddr, TempDir, Tracer, Worker,
     daemon::{Daemon, sample},
+    deny::DenyPort,
 };
 
 const EADDRINUSE: i64 = -(libc::EADDRINUSE as i64);
@@ -176,6 +177,46 @@ fn an_af_unix_bind_failure_is_not_an_inet_failure() {
         Some("unresolved") => assert_eq!(failed["errno"], "UNKNOWN", "{failed}"),
         other => panic!("the AF_UNIX bind's exit completed it ({other:?}): {failed}"),
     }
+    worker.wait();
+}
+
+/// Another tool's cgroup program refuses binds to one port after the
+/// kernel reserved it (post_bind4, in the test's own child cgroup, beside
+/// portwatch's): the bind fails with EPERM, and portwatch reports that
+/// failure, never a success and a socket that does not exist.
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn a_bind_another_program_refuses_is_a_failure() {
+    let cgroup = CgroupGuard::new("deny");
+    let netns = NetnsGuard::new("deny");
+    let tracer = Tracer::start(&cgroup.path, &[]);
+    let _deny = DenyPort::attach(&cgroup.path, 8000);
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::bind(0, "127.0.0.1:8000"),
+            Op::tcp(false),
+            Op::bind(1, "127.0.0.1:8001"),
+        ],
+    );
+    let results = worker.results(4);
+    assert_eq!(
+        (results[1], results[3]),
+        (-(libc::EPERM as i64), 0),
+        "{results:?}"
+    );
+    let (before, _) = tracer.expect_after("the bind it allows", |e| {
+        is(e, "bind", worker.pid) && e["port"] == 8001
+    });
+    let refused: Vec<&Value> = before
+        .iter()
+        .filter(|e| e["pid"] == worker.pid && e["port"] == 8000)
+        .collect();
+    assert_eq!(refused.len(), 1, "one record of the refused bind: {before:?}");
+    assert_eq!(refused[0]["kind"], "bind_failed", "{}", refused[0]);
+    assert_eq!(refused[0]["errno"], "EPERM", "{}", refused[0]);
     worker.wait();
 }
 

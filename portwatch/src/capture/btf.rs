@@ -79,6 +79,7 @@ impl Resolver<'_> {
             sk_num: self.bytes("sock", "__sk_common.skc_num"),
             net_ns_inum: self.bytes("net", "ns.inum"),
             socket_sk: self.bytes("socket", "sk"),
+            sk_family: self.bytes("sock", "__sk_common.skc_family"),
             ..KernelOffsets::default()
         };
         // The reuse bits share one byte of `sock_common`; locate each bit.
@@ -222,6 +223,7 @@ mod tests {
             ("sk_reuse_byte", off.sk_reuse_byte),
             ("sk_num", off.sk_num),
             ("socket_sk", off.socket_sk),
+            ("sk_family", off.sk_family),
         ] {
             assert_ne!(value, 0, "{name} not found");
         }

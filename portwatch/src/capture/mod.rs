@@ -20,7 +20,7 @@ use std::{
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{CgroupArray, HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, CgroupArray, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, FExit, ProgramError, TracePoint},
 };
 use portwatch_ebpf::{KernelOffsets, hook, tracepoint};
@@ -549,7 +549,10 @@ fn attach_outcome_hooks(
     if choice == OutcomeChoice::Auto {
         match Btf::from_sys_fs() {
             Ok(btf) => match attach_fexit(ebpf, &btf) {
-                Ok(()) => return Ok((OutcomePath::Fexit, attach_get_port(ebpf, &btf))),
+                Ok(()) => {
+                    defer_binds_to_fexit(ebpf)?;
+                    return Ok((OutcomePath::Fexit, attach_get_port(ebpf, &btf)));
+                }
                 Err(err) => tracing::info!(
                     reason = %err,
                     "fexit is not available; bind and listen outcomes come from the syscalls/sys_exit_* tracepoints"
@@ -571,32 +574,77 @@ fn attach_outcome_hooks(
     Ok((OutcomePath::Tracepoint, PortAllocPath::PostBind))
 }
 
-/// Loads and attaches the three fexit programs, or none of them.
-fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), CaptureError> {
-    let targets = [
+/// The fexit outcome programs, each as (program, kernel function): first
+/// the functions that take the `struct sock` (Linux 6.3+ for bind, 6.5+
+/// for listen), which MPTCP calls directly for its subflow; else the
+/// `proto_ops` functions above them, which every kernel has and which
+/// MPTCP on those kernels reaches through its subflow's `struct socket`.
+const FEXIT_OUTCOMES: [[(&str, &str); 2]; 3] = [
+    [
+        ("fexit_inet_bind_sk", "inet_bind_sk"),
         ("fexit_inet_bind", "inet_bind"),
+    ],
+    [
+        ("fexit_inet6_bind_sk", "inet6_bind_sk"),
         ("fexit_inet6_bind", "inet6_bind"),
+    ],
+    [
+        ("fexit_inet_listen_sk", "__inet_listen_sk"),
         ("fexit_inet_listen", "inet_listen"),
-    ];
+    ],
+];
+
+/// Loads and attaches one fexit program per outcome (see
+/// [`FEXIT_OUTCOMES`]), or none of them.
+fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), CaptureError> {
     let mut result = Ok(());
-    for (name, function) in targets {
-        let program: &mut FExit = program_mut(ebpf, name)?;
-        let attached = program
-            .load(function, btf)
-            .and_then(|()| program.attach().map(drop));
-        if let Err(source) = attached {
-            result = Err(CaptureError::Program { name, source });
+    for choices in FEXIT_OUTCOMES {
+        // The last choice's error is the one to report: every kernel has
+        // the `proto_ops` function.
+        let mut outcome = Ok(());
+        for (name, function) in choices {
+            let program: &mut FExit = program_mut(ebpf, name)?;
+            outcome = program
+                .load(function, btf)
+                .and_then(|()| program.attach().map(drop))
+                .map_err(|source| {
+                    let _ = program.unload();
+                    CaptureError::Program { name, source }
+                });
+            if outcome.is_ok() {
+                break;
+            }
+        }
+        if outcome.is_err() {
+            result = outcome;
             break;
         }
     }
     if result.is_err() {
-        for (name, _) in targets {
+        for (name, _) in FEXIT_OUTCOMES.iter().flatten() {
             if let Ok(program) = program_mut::<FExit>(ebpf, name) {
                 let _ = program.unload();
             }
         }
     }
     result
+}
+
+/// Tells the bind programs that the fexit outcome programs run for every
+/// inet bind, so post_bind leaves each record to them: a bind that another
+/// tool's cgroup program refuses after post_bind is then its failure.
+fn defer_binds_to_fexit(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
+    const NAME: &str = "OUTCOME_BY_FEXIT";
+    let map = ebpf.map_mut(NAME).ok_or(CaptureError::Map {
+        name: NAME,
+        source: MapError::InvalidName {
+            name: NAME.to_owned(),
+        },
+    })?;
+    let mut flag: Array<&mut MapData, u32> =
+        Array::try_from(map).map_err(|source| CaptureError::Map { name: NAME, source })?;
+    flag.set(0, 1, 0)
+        .map_err(|source| CaptureError::Map { name: NAME, source })
 }
 
 /// fexit on `inet_csk_get_port`, once the other fexit programs are in. It

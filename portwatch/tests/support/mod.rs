@@ -26,6 +26,7 @@ use serde_json::Value;
 
 pub mod churn;
 pub mod daemon;
+pub mod deny;
 pub mod exported;
 
 /// How long a test waits for something the kernel should report promptly.
