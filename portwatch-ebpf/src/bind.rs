@@ -143,7 +143,7 @@ fn on_bind(ctx: &SockAddrContext, v6: bool, getsockopt: bool) {
         .get_ptr(tid)
         .is_some_and(|pending| unsafe { (*pending).state == bind_state::SYSCALL });
     if !in_syscall {
-        flush_stale(ctx, tid);
+        flush_stale(tid);
     }
     let pending = PendingBind {
         event,
@@ -289,13 +289,15 @@ fn on_post_bind(ctx: &SockContext, v6: bool) {
 /// Sends what is still parked for `tid`, if anything, since whatever call
 /// comes next on the thread is not its outcome. An attempt whose outcome
 /// hook never ran (an io_uring bind on the tracepoint path, an MPTCP bind
-/// that skips `inet_bind`) is a failure with an unknown errno; one that
-/// post_bind saw succeed is that success; a syscall mark is dropped.
+/// that skips `inet_bind`) is a failure with an unknown errno, and its port
+/// is returned for the caller to log; one that post_bind saw succeed is
+/// that success; a syscall mark is dropped.
+///
+/// It does not log itself: in the bind hooks the logging code pushed the
+/// verifier past its limit on 6.1.
 #[inline(always)]
-fn flush_stale<C: EbpfContext>(ctx: &C, tid: u32) {
-    let Some(stale) = PENDING_BIND.get_ptr_mut(tid) else {
-        return;
-    };
+fn flush_stale(tid: u32) -> Option<u16> {
+    let stale = PENDING_BIND.get_ptr_mut(tid)?;
     // SAFETY: map value pointer from a successful lookup.
     let stale = unsafe { &mut *stale };
     let state = stale.state;
@@ -309,8 +311,13 @@ fn flush_stale<C: EbpfContext>(ctx: &C, tid: u32) {
         emit(event, hook::BIND);
     }
     let _ = PENDING_BIND.remove(tid);
-    if state == bind_state::PARKED {
-        // Rare, so worth a line in the daemon's log.
+    (state == bind_state::PARKED).then_some(port)
+}
+
+/// [`flush_stale`], saying so in the daemon's log (rare, so worth a line).
+#[inline(always)]
+fn flush_stale_logged<C: EbpfContext>(ctx: &C, tid: u32) {
+    if let Some(port) = flush_stale(tid) {
         warn!(
             ctx,
             "bind by tid {} to port {} failed without passing an outcome hook (io_uring?); errno unknown",
@@ -342,7 +349,7 @@ fn finish_bind<C: EbpfContext>(ctx: &C, ret: i64, src: u8, sk: u64) {
         && let Some(cookie) = read_field::<u64>(sk, offsets().sk_cookie)
         && cookie != event.cookie
     {
-        flush_stale(ctx, tid);
+        flush_stale_logged(ctx, tid);
         return;
     }
     if pending.state == bind_state::BOUND {
@@ -380,7 +387,7 @@ fn finish_bind<C: EbpfContext>(ctx: &C, ret: i64, src: u8, sk: u64) {
 #[tracepoint(category = "syscalls", name = "sys_enter_bind")]
 pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
     let tid = current_tid();
-    flush_stale(&ctx, tid);
+    flush_stale_logged(&ctx, tid);
     if task_is_watched() {
         let mark = PendingBind {
             event: Event::ZERO,
