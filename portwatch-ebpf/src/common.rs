@@ -212,6 +212,19 @@ pub fn sock_of_socket(socket: u64) -> u64 {
     read_field::<u64>(socket, offsets().socket_sk).unwrap_or(0)
 }
 
+/// 1 when the watched cgroup is a subtree (`--cgroup`), not the whole
+/// machine; written by userspace at load time.
+#[unsafe(no_mangle)]
+static WATCH_SUBTREE: u8 = 0;
+
+/// Whether only a subtree of the machine is watched.
+#[inline(always)]
+pub fn watching_subtree() -> bool {
+    // SAFETY: a plain read of a global that userspace sets before loading;
+    // volatile so the compiler cannot fold it to the 0 initialiser.
+    unsafe { core::ptr::read_volatile(&raw const WATCH_SUBTREE) == 1 }
+}
+
 /// Whether the current task is inside the watched cgroup subtree.
 #[inline(always)]
 pub fn task_is_watched() -> bool {

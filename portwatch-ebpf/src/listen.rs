@@ -34,7 +34,7 @@ use portwatch_ebpf::{
 
 use crate::common::{
     PENDING_LISTEN, PendingListen, TRACKED, count_drop, current_tid, emit, fill_from_sock,
-    fill_task, offsets, read_field, sock_of_socket, task_is_watched,
+    fill_task, offsets, read_field, sock_of_socket, task_is_watched, watching_subtree,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -64,7 +64,15 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     if newstate == TCP_LISTEN && oldstate != TCP_LISTEN {
-        if !task_is_watched() {
+        // SAFETY: offsets of the tracepoint format, verified by userspace.
+        let (skaddr, sport) = unsafe {
+            (
+                ctx.read_at::<u64>(SET_STATE_SKADDR)?,
+                ctx.read_at::<u16>(SET_STATE_SPORT)?,
+            )
+        };
+        let cookie = read_field::<u64>(skaddr, offsets().sk_cookie).unwrap_or(0);
+        if !socket_is_watched(cookie, sport) {
             return Ok(());
         }
         let (mut event, sk) = listener_event(ctx)?;
@@ -109,6 +117,25 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         emit(&event, hook::LISTEN_STOP);
     }
     Ok(())
+}
+
+/// Whether a socket starting to listen belongs to the watched cgroup. The
+/// cgroup hooks judge a socket by the cgroup it was made in, so this does
+/// too, as far as a tracepoint can tell:
+/// - tracked: its bind was seen by the watched cgroup's hooks (or the
+///   listing found it), wherever the task that listens now lives;
+/// - bound but untracked, with a subtree watched: it was bound outside the
+///   subtree (a socket made there and handed in, by fork or SCM_RIGHTS);
+/// - not bound yet (listen picks its port): only the task can tell.
+#[inline(always)]
+fn socket_is_watched(cookie: u64, port: u16) -> bool {
+    if cookie != 0 && TRACKED.get_ptr(cookie).is_some() {
+        return true;
+    }
+    if port != 0 && watching_subtree() {
+        return false;
+    }
+    task_is_watched()
 }
 
 /// A record for the socket in a set_state tracepoint (task, address, port,

@@ -9,7 +9,10 @@
 //!   fexit is allowed;
 //! - `listen.rs`: `sock/inet_sock_set_state` for LISTEN and LISTEN -> CLOSE,
 //!   with fexit on `inet_listen` or `sys_exit_listen` for the outcome;
-//! - `release.rs`: cgroup `sock_release`, to forget sockets that go away.
+//! - `create.rs`: cgroup `sock_create`, which gives every socket its cookie
+//!   at birth;
+//! - `release.rs`: cgroup `sock_release` and `tcp/tcp_destroy_sock`, to
+//!   forget sockets that go away.
 //!
 //! portwatch observes and never decides: every cgroup program returns
 //! [`ALLOW`] on every path, including errors and full maps.
@@ -19,6 +22,8 @@
 mod bind;
 #[cfg(target_arch = "bpf")]
 mod common;
+#[cfg(target_arch = "bpf")]
+mod create;
 #[cfg(target_arch = "bpf")]
 mod get_port;
 #[cfg(target_arch = "bpf")]

@@ -214,10 +214,106 @@ fn a_bind_another_program_refuses_is_a_failure() {
         .iter()
         .filter(|e| e["pid"] == worker.pid && e["port"] == 8000)
         .collect();
-    assert_eq!(refused.len(), 1, "one record of the refused bind: {before:?}");
+    assert_eq!(
+        refused.len(),
+        1,
+        "one record of the refused bind: {before:?}"
+    );
     assert_eq!(refused[0]["kind"], "bind_failed", "{}", refused[0]);
     assert_eq!(refused[0]["errno"], "EPERM", "{}", refused[0]);
     worker.wait();
+}
+
+/// A TCP socket bound to 127.0.0.1 by this test's own process (outside
+/// every test cgroup): its fd, and its port.
+fn bound_outside() -> (std::os::fd::OwnedFd, u16) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket");
+        let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let (addr, len) = portwatch::socket::sockaddr("127.0.0.1".parse().unwrap(), 0);
+        assert_eq!(libc::bind(fd, (&raw const addr).cast(), len), 0, "bind");
+        let listener = TcpListener::from(owned);
+        let port = listener.local_addr().expect("local address").port();
+        (listener.into(), port)
+    }
+}
+
+/// The cgroup hooks judge a socket by the cgroup it was made in, and the
+/// listen hook must too. A socket made and bound outside the watched
+/// cgroup, handed to a process inside (here by fork, as SCM_RIGHTS would)
+/// and listened on there, is not the watched cgroup's: no listen, no
+/// listen_stop. The reverse, a socket bound inside and listened on by a
+/// process outside, is: its listen is reported.
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn a_listen_belongs_to_the_cgroup_the_socket_was_made_in() {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let cgroup = CgroupGuard::new("handed");
+    let tracer = Tracer::start(&cgroup.path, &[]);
+    let (outside, outside_port) = bound_outside();
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        None,
+        &[
+            Op::Adopt {
+                fd: outside.as_raw_fd(),
+            },
+            Op::listen(0),
+            Op::Close { sock: 0 },
+            Op::tcp(false),
+            Op::bind(1, "127.0.0.1:0"),
+            Op::LocalPort { sock: 1 },
+            Op::Pause,
+        ],
+    );
+    drop(outside);
+    let results = worker.results(6);
+    assert!(results.iter().all(|r| *r >= 0), "{results:?}");
+    let inside_port = results[5];
+    let (before, bind) = tracer.expect_after("the inside socket's bind", |e| {
+        is(e, "bind", worker.pid) && e["bound_port"] == inside_port
+    });
+    let handed: Vec<&Value> = before
+        .iter()
+        .filter(|e| e["port"] == outside_port || e["bound_port"] == outside_port)
+        .collect();
+    assert!(
+        handed.is_empty(),
+        "nothing of the socket made outside: {handed:?}"
+    );
+
+    // Now the other way: this process, outside the cgroup, takes the
+    // worker's socket and listens on it.
+    let fd = results[3] as i32;
+    // SAFETY: pidfd_open and pidfd_getfd on our own child; the new
+    // descriptor is ours.
+    let taken = unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, worker.pid, 0) as i32;
+        assert!(pidfd >= 0, "pidfd_open");
+        let pidfd = std::os::fd::OwnedFd::from_raw_fd(pidfd);
+        let taken = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) as i32;
+        assert!(
+            taken >= 0,
+            "pidfd_getfd: {}",
+            std::io::Error::last_os_error()
+        );
+        TcpListener::from_raw_fd(taken)
+    };
+    // SAFETY: listen(2) on a socket we hold.
+    assert_eq!(unsafe { libc::listen(taken.as_raw_fd(), 8) }, 0);
+    let listen = tracer.expect("the listen from outside", |e| {
+        e["kind"] == "listen" && e["cookie"] == bind["cookie"]
+    });
+    assert_eq!(listen["port"], inside_port, "{listen}");
+    drop(taken);
+    worker.resume();
+    worker.wait();
+    tracer.expect("its close", |e| {
+        e["kind"] == "close" && e["cookie"] == bind["cookie"]
+    });
 }
 
 /// Whether this kernel makes MPTCP sockets; if not, the test says why and
@@ -424,5 +520,39 @@ fn a_udplite_socket_survives_reconciliation_without_drift() {
         .sum();
     assert_eq!(drift, 0.0, "no drift: {metrics}");
     worker.resume();
+    worker.wait();
+}
+
+/// listen() on a socket never bound picks its port itself, and no bind
+/// hook ever asked the kernel for the socket's cookie: the listener must
+/// still have its identity, and its close must be reported.
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn a_listener_that_never_bound_has_a_cookie_and_a_close() {
+    let cgroup = CgroupGuard::new("autobind");
+    let netns = NetnsGuard::new("autobind");
+    let tracer = Tracer::start(&cgroup.path, &[]);
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::listen(0),
+            Op::LocalPort { sock: 0 },
+            Op::Close { sock: 0 },
+        ],
+    );
+    let results = worker.results(4);
+    assert!(results.iter().all(|r| *r >= 0), "{results:?}");
+    let listen = tracer.expect("the listen", |e| {
+        is(e, "listen", worker.pid) && e["port"] == results[2]
+    });
+    assert!(
+        listen["cookie"].as_u64().is_some_and(|c| c > 0),
+        "the listener has a cookie: {listen}"
+    );
+    tracer.expect("its close", |e| {
+        e["kind"] == "close" && e["cookie"] == listen["cookie"]
+    });
     worker.wait();
 }

@@ -254,6 +254,15 @@ pub struct Capture {
     _logger: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// Whether `cgroup` is less than the whole machine (not the cgroup2 root).
+fn watches_subtree(cgroup: &Path) -> bool {
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    system::cgroup_root(None).map_or(true, |root| !same(&root, cgroup))
+}
+
 impl Capture {
     /// Checks what capture needs (privileges, BTF, tracefs, cgroup2)
     /// without loading anything; the cgroup to watch.
@@ -303,6 +312,7 @@ impl Capture {
                 &(u64::from(ring_bytes) / WAKEUP_FRACTION),
                 true,
             )
+            .override_global("WATCH_SUBTREE", &u8::from(watches_subtree(&cgroup)), true)
             .map_max_entries("EVENTS", ring_bytes)
             .map_max_entries("TRACKED", config.tracked_sockets)
             .map_max_entries("PENDING_BIND", config.in_flight_calls)
@@ -336,7 +346,7 @@ impl Capture {
         // aya attaches cgroup programs with BPF links, which always coexist
         // with other programs; the kernel refuses the ALLOW_MULTI flag there.
         let mode = CgroupAttachMode::Single;
-        for name in ["sock_release", "post_bind4", "post_bind6"] {
+        for name in ["sock_create", "sock_release", "post_bind4", "post_bind6"] {
             let program: &mut CgroupSock = program_mut(&mut ebpf, name)?;
             program
                 .load()
@@ -424,6 +434,8 @@ impl Capture {
             (name(hook::BIND_OUTCOME), self.outcome.name()),
             (name(hook::LISTEN), "tracepoint"),
             (name(hook::LISTEN_OUTCOME), self.outcome.name()),
+            // Only gives sockets their cookie; it sends nothing.
+            ("create", "cgroup"),
             (name(hook::RELEASE), "cgroup"),
             // A tracked TCP socket freed where no release hook ran; its
             // records count as `release`'s.

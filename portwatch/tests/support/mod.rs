@@ -457,6 +457,9 @@ pub enum Op {
         kind: i32,
         protocol: i32,
     },
+    /// Takes `fd`, a socket the test made before the worker forked (so made
+    /// outside the worker's cgroup), as the next socket.
+    Adopt { fd: i32 },
     /// bind(sock, addr) with a non-inet address: an AF_UNIX path or the
     /// kernel-chosen netlink address.
     BindOther { sock: usize, addr: OtherAddr },
@@ -793,6 +796,13 @@ unsafe fn child_main(
                         count += 1;
                     }
                     ret(fd as i64)
+                }
+                Op::Adopt { fd } => {
+                    if count < socks.len() {
+                        socks[count] = fd;
+                        count += 1;
+                    }
+                    i64::from(fd)
                 }
                 Op::SetOpt {
                     sock,
