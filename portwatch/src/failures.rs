@@ -132,7 +132,7 @@ pub fn attribute_against(
             };
             rules::predict_listen(kernel, None, &existing, &me)
         }
-        _ => rules::predict_bind(kernel, None, &existing, &request),
+        _ => rules::predict_bind_unordered(kernel, None, &existing, &request),
     };
     let walk = if prediction.udp_walk_decides {
         Some(udp_walk_note(kernel.udp_walk))

@@ -708,8 +708,11 @@ fn predictions_agree_with_the_kernel() {
     let wanted = env_number("PORTWATCH_PREDICTOR_SCENARIOS")
         .map_or(DEFAULT_SCENARIOS, |n| n as usize)
         .max(MIN_SCENARIOS);
-    // Measured: 99.9% or more on 5.10, 6.1, 6.12 and 6.18.
-    random_scenarios("predictor", kernel, wanted, 99.0);
+    // Measured: 97.4% on 6.18. UDP answers that the kernel's walk over the
+    // (address, port) hash would give differently (a wildcard request meets
+    // no socket on a specific address there), and which a slot of more than
+    // 10 sockets switches to unseen, are not confident (they were, at 99.9%).
+    random_scenarios("predictor", kernel, wanted, 95.0);
 }
 
 /// With nothing probed, answers that depend on the UDP walk or on TCP's
@@ -721,7 +724,8 @@ fn unprobed_predictions_are_never_confidently_wrong() {
     require_root();
     let _serial = serial();
     // Measured: 99.7% or more; only what kernels differ on may drop out.
-    random_scenarios("unprobed", KernelRules::UNKNOWN, UNPROBED_SCENARIOS, 97.0);
+    // Measured: 97.1% on 6.18 (see `predictions_agree_with_the_kernel`).
+    random_scenarios("unprobed", KernelRules::UNKNOWN, UNPROBED_SCENARIOS, 94.0);
 }
 
 fn v4(a: &str) -> IpAddr {

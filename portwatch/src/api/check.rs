@@ -91,11 +91,13 @@ fn judge(state: &DaemonState, request: BindRequest) -> CheckResponse {
     let mut existing = state
         .map
         .facts_on(request.netns, request.protocol, request.port);
-    // The rules want bind order, oldest first; cookies grow in that order.
+    // A stable order only: cookies are not bind order (per-CPU batches,
+    // and sockets get theirs at creation), so the rules are asked for
+    // answers that do not hang on it.
     existing.sort_by_key(|f| f.cookie);
     let walk = state.kernel.udp_walk;
     let mapped_any = state.kernel.mapped_any;
-    let prediction = rules::predict_bind(state.kernel, None, &existing, &request);
+    let prediction = rules::predict_bind_unordered(state.kernel, None, &existing, &request);
     let blocked_by: Vec<BlockerView> = prediction
         .verdict
         .blockers()

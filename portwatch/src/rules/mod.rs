@@ -127,7 +127,7 @@ pub(crate) use self::address::{Endpoint, endpoint, is_wildcard, overlap};
 use self::{
     address::split_reason,
     tcp::{MappedCheck, shortcut_applies, tcp_blocker},
-    udp::{UDP_HASH2_THRESHOLD, udp_blockers},
+    udp::udp_blockers,
 };
 pub use self::{
     tcp::{MappedAny, PortHistory},
@@ -552,6 +552,28 @@ pub fn predict_bind(
     existing: &[SocketFacts],
     req: &BindRequest,
 ) -> Prediction {
+    predict_bind_in(kernel, history, existing, req, true)
+}
+
+/// [`predict_bind`] for sockets whose bind order is not known, as in the
+/// daemon's map (`existing` in cookie order, which is not bind order): an
+/// answer that hangs on the order is not confident.
+pub fn predict_bind_unordered(
+    kernel: KernelRules,
+    history: Option<&PortHistory>,
+    existing: &[SocketFacts],
+    req: &BindRequest,
+) -> Prediction {
+    predict_bind_in(kernel, history, existing, req, false)
+}
+
+fn predict_bind_in(
+    kernel: KernelRules,
+    history: Option<&PortHistory>,
+    existing: &[SocketFacts],
+    req: &BindRequest,
+    ordered: bool,
+) -> Prediction {
     let space = Space::of(req.protocol);
     let holders: Vec<&SocketFacts> = existing
         .iter()
@@ -567,11 +589,16 @@ pub fn predict_bind(
         let new = View::of_request(req, fill);
         judge(space, rules, history, &new, &holders, fill)
     };
-    // A specific UDP address on a crowded port may take the kernel's other
-    // walk (udp_lib_lport_inuse2), whose order this does not model.
-    let udp_hash2 =
-        space.is_udp() && holders.len() >= UDP_HASH2_THRESHOLD && !is_wildcard(req.address);
-    let knowable = req.port != 0 && space != Space::Sctp && !udp_hash2;
+    // UDP's answer may hang on the list's order or on which hash the
+    // kernel walks, neither of which the model sees (udp::settled).
+    let udp_settled = !space.is_udp()
+        || kernel.possible(space).iter().all(|rules| {
+            [Fill::Unset, Fill::Set].into_iter().all(|fill| {
+                let new = View::of_request(req, fill);
+                udp::settled(rules.udp_walk, &new, &holders, fill, ordered)
+            })
+        });
+    let knowable = req.port != 0 && space != Space::Sctp && udp_settled;
     predict(space, kernel, knowable, holders.len(), judge)
 }
 

@@ -993,25 +993,87 @@ fn what_cannot_be_known_is_not_confident() {
     );
     assert_eq!(sctp.verdict.errno(), Some(Errno::EADDRINUSE));
     assert!(!sctp.confident);
+    // Sockets that all share the port with the request: whichever hash
+    // the kernel walks (the (address, port) one past 10 sockets in the
+    // port's slot, which the model cannot count), the answer is the same.
     let crowd: Vec<SocketFacts> = (1..=10).map(|c| udp(c, "0.0.0.0").reuse_port()).collect();
-    let p = predict_bind(
-        FIRST,
-        None,
-        &crowd,
-        &want(Protocol::Udp, "127.0.0.1").reuse_port(),
-    );
-    assert!(p.verdict.is_ok());
-    assert!(!p.confident);
-    // Wildcards always take the walk modelled here.
-    for wildcard in ["0.0.0.0", "::", "::ffff:0.0.0.0"] {
+    for address in ["127.0.0.1", "0.0.0.0", "::", "::ffff:0.0.0.0"] {
         let p = predict_bind(
             FIRST,
             None,
             &crowd,
-            &want(Protocol::Udp, wildcard).reuse_port(),
+            &want(Protocol::Udp, address).reuse_port(),
         );
-        assert!(p.confident, "{wildcard}: {p:?}");
+        assert!(p.verdict.is_ok() && p.confident, "{address}: {p:?}");
     }
+}
+
+/// A UDP socket on a specific address refuses a wildcard bind in the walk
+/// over the port's sockets, but the walk over the (address, port) hash,
+/// which a crowded slot switches to, looks only at wildcard sockets and
+/// lets it through: refused, and not confidently. Two wildcards conflict
+/// in both walks.
+#[test]
+fn a_udp_answer_that_hangs_on_the_hash_walked_is_not_confident() {
+    for walk in UdpWalk::KNOWN {
+        let kernel = KernelRules {
+            udp_walk: walk,
+            ..FIRST
+        };
+        let p = predict_bind(
+            kernel,
+            None,
+            &[udp(1, "127.0.0.53")],
+            &want(Protocol::Udp, "0.0.0.0"),
+        );
+        assert_eq!(p.verdict.errno(), Some(Errno::EADDRINUSE), "{walk}");
+        assert!(!p.confident, "{walk}: {p:?}");
+        for holder in ["0.0.0.0", "::"] {
+            let p = predict_bind(
+                kernel,
+                None,
+                &[udp(1, holder)],
+                &want(Protocol::Udp, "0.0.0.0"),
+            );
+            assert!(p.confident, "{walk} {holder}: {p:?}");
+        }
+        let p = predict_bind(
+            kernel,
+            None,
+            &[udp(1, "0.0.0.0")],
+            &want(Protocol::Udp, "127.0.0.53"),
+        );
+        assert!(
+            p.confident,
+            "a specific request meets the wildcard in both: {p:?}"
+        );
+    }
+}
+
+/// Where the first overlapping socket decides, the answer hangs on the
+/// order of the port's list. The daemon's map does not know it (cookies
+/// are not bind order), so there such an answer is not confident; the
+/// same sockets given in bind order are.
+#[test]
+fn a_first_match_answer_that_hangs_on_the_order_is_confident_only_in_order() {
+    let sharing = udp(1, "127.0.0.1").reuse_port();
+    let refusing = udp(2, "127.0.0.1").reuse_addr();
+    let req = want(Protocol::Udp, "127.0.0.1").reuse_port();
+    let existing = [sharing.clone(), refusing.clone()];
+    let ordered = predict_bind(FIRST, None, &existing, &req);
+    assert!(ordered.confident, "{ordered:?}");
+    let unordered = predict_bind_unordered(FIRST, None, &existing, &req);
+    assert_eq!(unordered.verdict, ordered.verdict);
+    assert!(!unordered.confident, "{unordered:?}");
+    // Every socket refusing: the order cannot matter.
+    let both = [refusing.clone(), udp(3, "127.0.0.1").reuse_addr()];
+    assert!(predict_bind_unordered(FIRST, None, &both, &req).confident);
+    // A kernel that checks every socket does not care about the order.
+    let every = KernelRules {
+        udp_walk: UdpWalk::EveryMatch,
+        ..FIRST
+    };
+    assert!(predict_bind_unordered(every, None, &existing, &req).confident);
 }
 
 #[test]

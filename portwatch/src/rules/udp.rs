@@ -4,14 +4,12 @@
 
 use serde::Serialize;
 
-use super::{Blocker, Fill, View, address::overlap, blocker, devices_compatible, same_owner};
+use super::{
+    Blocker, Fill, View,
+    address::{Endpoint, overlap},
+    blocker, devices_compatible, same_owner,
+};
 use crate::socket::{Family, SocketFacts};
-
-/// With more than 10 sockets in the port's UDP hash slot (which other ports
-/// share) the kernel checks a specific address through the (address, port)
-/// hash instead (`udp_lib_get_port`); from 10 sockets on the port itself that
-/// may be the case.
-pub(super) const UDP_HASH2_THRESHOLD: usize = 10;
 
 /// How the kernel judges a UDP bind against the overlapping sockets on the
 /// port that both-`SO_REUSEADDR` does not skip. Two kernels that both called
@@ -162,4 +160,84 @@ fn every_match(new: &View, holders: &[&SocketFacts], fill: Fill) -> Vec<Blocker>
             (!shares(new, &old, fill)).then(|| blocker(new, &old, old_facts, overlap))
         })
         .collect()
+}
+
+/// Whether UDP's answer for `new` is the same whatever the model cannot see:
+/// - which hash the kernel walks. With more than 10 sockets in the port's
+///   primary slot, which other ports and other namespaces share unseen,
+///   `udp_lib_get_port` checks only the sockets in the (address, port)
+///   slot of `new`'s address and then the wildcard's
+///   (`udp_lib_lport_inuse2`, walked as `walk`): a wildcard request meets no
+///   socket on a specific address there. That walk must give the same
+///   answer;
+/// - with `ordered` false, the order of the port's sockets. Cookies do not
+///   give it (since 5.11 each CPU hands out its own batch, and a listing
+///   meets sockets in hash order), so a first-match walk is settled only
+///   when the overlapping sockets all share the port with `new` or none do.
+pub(super) fn settled(
+    walk: UdpWalk,
+    new: &View,
+    holders: &[&SocketFacts],
+    fill: Fill,
+    ordered: bool,
+) -> bool {
+    let secondary: Vec<&SocketFacts> = holders
+        .iter()
+        .copied()
+        .filter(|facts| {
+            let key = hash_key(View::of_socket(facts, fill).end);
+            key == hash_key(new.end) || key == ANY_KEY
+        })
+        .collect();
+    let answer = |walk: UdpWalk, holders: &[&SocketFacts]| -> Option<bool> {
+        match walk {
+            UdpWalk::EveryMatch => Some(!every_match(new, holders, fill).is_empty()),
+            _ if ordered => Some(first_match(new, holders, fill).is_some()),
+            _ => unordered_first_match(new, holders, fill),
+        }
+    };
+    // The secondary walk is taken as the primary one is (upstream, both
+    // stop at the first match).
+    let primary = answer(walk, holders);
+    primary.is_some() && primary == answer(walk, &secondary)
+}
+
+/// A first-match walk's answer (refused or not) when it is the same in
+/// every order: every overlapping socket shares the port with `new`, or
+/// none does.
+fn unordered_first_match(new: &View, holders: &[&SocketFacts], fill: Fill) -> Option<bool> {
+    let (mut met, mut sharing) = (0, 0);
+    for &facts in holders {
+        let old = View::of_socket(facts, fill);
+        if meets(new, &old).is_some() {
+            met += 1;
+            sharing += usize::from(shares(new, &old, fill));
+        }
+    }
+    if sharing == met {
+        Some(false)
+    } else if sharing == 0 {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// What the kernel's (address, port) hash is computed from: an IPv4
+/// address, IPv4-mapped ones included, or an IPv6 one; `[::]` hashes as
+/// `0.0.0.0` does (`ipv6_portaddr_hash`).
+#[derive(PartialEq, Eq)]
+enum HashKey {
+    V4(std::net::Ipv4Addr),
+    V6(std::net::Ipv6Addr),
+}
+
+const ANY_KEY: HashKey = HashKey::V4(std::net::Ipv4Addr::UNSPECIFIED);
+
+fn hash_key(end: Endpoint) -> HashKey {
+    match end {
+        Endpoint::V4(v4) => HashKey::V4(v4),
+        Endpoint::V6Any { .. } => ANY_KEY,
+        Endpoint::V6(v6) => HashKey::V6(v6),
+    }
 }
