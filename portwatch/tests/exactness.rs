@@ -556,3 +556,54 @@ fn a_listener_that_never_bound_has_a_cookie_and_a_close() {
     });
     worker.wait();
 }
+
+/// More than 10 UDP sockets in one slot of the kernel's port hash make
+/// `udp_lib_get_port` walk the (address, port) hash instead, which for a
+/// wildcard request holds only wildcard sockets: 11 sockets sharing
+/// 127.0.0.1 with SO_REUSEADDR do not stop a plain 0.0.0.0 bind, though
+/// every one of them would in the walk over the port. The daemon cannot
+/// count a slot (other ports and namespaces share it), so `/check` may
+/// answer either way, but never confidently wrong.
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn check_is_not_confidently_wrong_when_a_udp_slot_is_crowded() {
+    const CROWD: usize = 11;
+    let cgroup = CgroupGuard::new("crowd");
+    let netns = NetnsGuard::new("crowd");
+    let daemon = Daemon::start(&cgroup);
+    let mut ops = Vec::new();
+    for sock in 0..CROWD {
+        ops.push(Op::udp(false));
+        ops.push(Op::reuseaddr(sock));
+        ops.push(Op::bind(sock, "127.0.0.1:8000"));
+    }
+    ops.push(Op::Pause);
+    ops.push(Op::udp(false));
+    ops.push(Op::bind(CROWD, "0.0.0.0:8000"));
+    let mut worker = Worker::spawn(&cgroup.path, Some(&netns), &ops);
+    let results = worker.results(3 * CROWD);
+    assert!(results.iter().all(|r| *r >= 0), "{results:?}");
+    let path = format!("/ports/8000?netns={}", netns.cookie());
+    daemon.json_until(&path, "the crowd in the map", |v| {
+        v["listeners"].as_array().is_some_and(|l| l.len() == CROWD)
+    });
+    let check = daemon.json(&format!(
+        "/check?protocol=udp&address=0.0.0.0&port=8000&netns={}",
+        netns.cookie()
+    ));
+    worker.resume();
+    // The pause's own result, the socket, the bind.
+    let real = worker.results(3)[2];
+    let real_ok = real == 0;
+    println!(
+        "crowded UDP slot: the kernel answers {real}; /check says ok={} confident={}",
+        check["ok"], check["confident"]
+    );
+    if check["confident"] == true {
+        assert_eq!(
+            check["ok"], real_ok,
+            "confidently wrong: the kernel answered {real}: {check}"
+        );
+    }
+    worker.wait();
+}
