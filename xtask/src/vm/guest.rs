@@ -21,9 +21,11 @@ use super::{
 use crate::{arch::Arch, cmd};
 
 /// The kernel modules the suites need that Debian builds as modules: the
-/// sock_diag families (the daemon's snapshot and `ss`) and veth (the
-/// predictor's second device). Built-in ones are skipped.
-const MODULES: &[&str] = &["inet_diag", "tcp_diag", "udp_diag", "veth"];
+/// sock_diag families (the daemon's snapshot and `ss`), veth (the
+/// predictor's second device) and vxlan (a kernel-owned UDP socket, in
+/// the exactness suite), with what they depend on. Built-in ones are
+/// skipped.
+const MODULES: &[&str] = &["inet_diag", "tcp_diag", "udp_diag", "veth", "vxlan"];
 
 /// The tools the suites run, found on this machine's PATH, and the Debian
 /// package `cargo xtask setup` installs each from.
