@@ -24,6 +24,25 @@ fn is(event: &Value, kind: &str, pid: u32) -> bool {
     event["kind"] == kind && event["pid"] == pid
 }
 
+/// The one record in `events` that `pick` picks.
+fn only<'a>(events: &'a [Value], what: &str, pick: impl Fn(&Value) -> bool) -> &'a Value {
+    let found: Vec<&Value> = events.iter().filter(|e| pick(e)).collect();
+    assert_eq!(found.len(), 1, "one record of {what}: {events:?}");
+    found[0]
+}
+
+/// A failed bind that kept its own errno (fexit saw its return) or says it
+/// is unknown (no outcome hook ran for it), never the result of
+/// `other_call`, the thread's next bind.
+fn assert_own_failure(record: &Value, errno: &str, other_call: &str) {
+    assert_eq!(record["kind"], "bind_failed", "{record}");
+    match record["source"].as_str() {
+        Some("fexit") => assert_eq!(record["errno"], errno, "{record}"),
+        Some("unresolved") => assert_eq!(record["errno"], "UNKNOWN", "{record}"),
+        other => panic!("{other_call}'s exit completed it ({other:?}): {record}"),
+    }
+}
+
 /// Whether the kernel refused an io_uring bind as an unknown opcode (before
 /// Linux 6.11); the test then says so and counts as skipped.
 fn uring_bind_unsupported(test: &str, result: i64) -> bool {
@@ -89,22 +108,10 @@ fn a_failed_io_uring_bind_is_not_completed_by_a_netlink_bind() {
     let (before, _) = tracer.expect_after("the bind after it", |e| {
         is(e, "bind", worker.pid) && e["port"] == 8001
     });
-    let uring: Vec<&Value> = before
-        .iter()
-        .filter(|e| e["pid"] == worker.pid && e["port"] == 8000 && e["cookie"] != first["cookie"])
-        .collect();
-    assert_eq!(
-        uring.len(),
-        1,
-        "one record of the io_uring bind: {before:?}"
-    );
-    let uring = uring[0];
-    assert_eq!(uring["kind"], "bind_failed", "{uring}");
-    match uring["source"].as_str() {
-        Some("fexit") => assert_eq!(uring["errno"], "EADDRINUSE", "{uring}"),
-        Some("unresolved") => assert_eq!(uring["errno"], "UNKNOWN", "{uring}"),
-        other => panic!("the netlink bind's exit completed it ({other:?}): {uring}"),
-    }
+    let uring = only(&before, "the io_uring bind", |e| {
+        e["pid"] == worker.pid && e["port"] == 8000 && e["cookie"] != first["cookie"]
+    });
+    assert_own_failure(uring, "EADDRINUSE", "the netlink bind");
     worker.wait();
 }
 
@@ -160,23 +167,11 @@ fn an_af_unix_bind_failure_is_not_an_inet_failure() {
     let (before, _) = tracer.expect_after("the bind after it", |e| {
         is(e, "bind", worker.pid) && e["port"] == 8001
     });
-    let failed: Vec<&Value> = before
-        .iter()
-        .filter(|e| e["pid"] == worker.pid && e["port"] == 8000)
-        .collect();
-    assert_eq!(
-        failed.len(),
-        1,
-        "one record of the io_uring bind: {before:?}"
-    );
-    let failed = failed[0];
-    assert_eq!(failed["kind"], "bind_failed", "{failed}");
+    let failed = only(&before, "the io_uring bind", |e| {
+        e["pid"] == worker.pid && e["port"] == 8000
+    });
     assert_eq!(failed["address"], "192.0.2.1", "{failed}");
-    match failed["source"].as_str() {
-        Some("fexit") => assert_eq!(failed["errno"], "EADDRNOTAVAIL", "{failed}"),
-        Some("unresolved") => assert_eq!(failed["errno"], "UNKNOWN", "{failed}"),
-        other => panic!("the AF_UNIX bind's exit completed it ({other:?}): {failed}"),
-    }
+    assert_own_failure(failed, "EADDRNOTAVAIL", "the AF_UNIX bind");
     worker.wait();
 }
 
@@ -210,17 +205,11 @@ fn a_bind_another_program_refuses_is_a_failure() {
     let (before, _) = tracer.expect_after("the bind it allows", |e| {
         is(e, "bind", worker.pid) && e["port"] == 8001
     });
-    let refused: Vec<&Value> = before
-        .iter()
-        .filter(|e| e["pid"] == worker.pid && e["port"] == 8000)
-        .collect();
-    assert_eq!(
-        refused.len(),
-        1,
-        "one record of the refused bind: {before:?}"
-    );
-    assert_eq!(refused[0]["kind"], "bind_failed", "{}", refused[0]);
-    assert_eq!(refused[0]["errno"], "EPERM", "{}", refused[0]);
+    let refused = only(&before, "the refused bind", |e| {
+        e["pid"] == worker.pid && e["port"] == 8000
+    });
+    assert_eq!(refused["kind"], "bind_failed", "{refused}");
+    assert_eq!(refused["errno"], "EPERM", "{refused}");
     worker.wait();
 }
 
