@@ -605,11 +605,16 @@ fn ip_in(cgroup: &CgroupGuard, netns: &NetnsGuard, args: &str) {
         procs = cgroup.path.join("cgroup.procs").display(),
         ns = netns.name
     );
-    let status = Command::new("sh")
+    let out = Command::new("sh")
         .args(["-c", &script])
-        .status()
+        .output()
         .expect("run sh");
-    assert!(status.success(), "{script}: {status}");
+    assert!(
+        out.status.success(),
+        "{script}: {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A vxlan device's UDP socket belongs to the kernel: it is bound through

@@ -109,6 +109,14 @@ impl DenyPort {
                 imm: 0,
             },
         ];
+        // Before 5.11 a program's memory counts against RLIMIT_MEMLOCK, and
+        // a test process keeps the default: lift it, as portwatch does.
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit with a valid struct; root may raise it.
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
         let license = c"GPL";
         let mut name = [0u8; 16];
         name[..8].copy_from_slice(b"pwt_deny");
