@@ -598,20 +598,37 @@ fn check_is_not_confidently_wrong_when_a_udp_slot_is_crowded() {
 }
 
 /// Runs `ip -n <netns> args...` as a process of `cgroup`: what the kernel
-/// does for it (a tunnel's socket, say) is charged to that cgroup.
+/// does for it (a tunnel's socket, say) is charged to that cgroup. `ip` is
+/// run directly: a busybox shell would run its own applet instead.
 fn ip_in(cgroup: &CgroupGuard, netns: &NetnsGuard, args: &str) {
-    let script = format!(
-        "echo 0 > {procs} && exec ip -n {ns} {args}",
-        procs = cgroup.path.join("cgroup.procs").display(),
-        ns = netns.name
-    );
-    let out = Command::new("sh")
-        .args(["-c", &script])
-        .output()
-        .expect("run sh");
+    use std::os::unix::process::CommandExt;
+    let procs = std::ffi::CString::new(
+        cgroup
+            .path
+            .join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .expect("a path without NUL");
+    let mut command = Command::new("ip");
+    command.args(["-n", &netns.name]).args(args.split(' '));
+    // SAFETY: between fork and exec the child only opens, writes and
+    // closes, with memory prepared before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    let out = command.output().expect("run ip");
     assert!(
         out.status.success(),
-        "{script}: {}: {}",
+        "ip -n {} {args}: {}: {}",
+        netns.name,
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
