@@ -27,14 +27,26 @@
 //!   IP_TRANSPARENT, IP_BIND_ADDRESS_NO_PORT) come from the socket's own bits:
 //!   `bpf_getsockopt` does not answer them at any level.
 //! - cgroup `post_bind4`/`post_bind6` (sock) run in `__inet_bind` right after
-//!   `get_port` succeeded: the bind can no longer fail, and `src_port` holds
-//!   the real port (an ephemeral one for port 0). They complete and emit the
-//!   record. io_uring binds are reported here too.
-//! - The failure and its errno come from the return of `inet_bind`/
-//!   `inet6_bind`: fexit where the kernel allows it (no per-syscall cost), or
-//!   else the `syscalls/sys_exit_bind` tracepoint (format: `long ret` at
-//!   offset 16). While any syscall tracepoint is attached every syscall on
-//!   the machine takes the slow path, which is why fexit is preferred.
+//!   `get_port` succeeded: `src_port` holds the real port (an ephemeral one
+//!   for port 0). The bind can still fail: every cgroup program attached
+//!   there runs and their verdicts are combined, so another tool's program
+//!   (Cilium's bind protection, say) can refuse it, and the kernel then
+//!   releases the port. So where an outcome hook will run for the bind, the
+//!   record waits for it (`PendingBind::deferred`); only where none will
+//!   (an io_uring bind on the tracepoint path) is it sent from here.
+//! - The outcome and its errno come from the return of the bind:
+//!   - fexit on `inet_bind_sk`/`inet6_bind_sk` where they exist (6.3+;
+//!     MPTCP's `mptcp_bind` calls them directly for its subflow), else on
+//!     `inet_bind`/`inet6_bind`. They run for every inet bind (bind(2),
+//!     io_uring, the kernel's own), and complete only the attempt of the
+//!     same socket.
+//!   - Where fexit is refused, the `syscalls/sys_exit_bind` tracepoint
+//!     (format: `long ret` at offset 16), paired with `sys_enter_bind`,
+//!     which marks the call as a syscall and flushes whatever an earlier
+//!     call left parked, so a bind(2) of any family (AF_UNIX, netlink)
+//!     never completes an io_uring attempt. While any syscall tracepoint is
+//!     attached every syscall on the machine takes the slow path, which is
+//!     why fexit is preferred.
 //!
 //! An io_uring bind that fails on a kernel without fexit never reaches the
 //! syscall tracepoint; its parked attempt is emitted with an unknown errno
