@@ -14,11 +14,16 @@
 //! - The LISTEN transition happens before `get_port` validates the port, so a
 //!   listen can still fail with EADDRINUSE (two SO_REUSEADDR sockets bound to
 //!   one address). The transition is parked in `PENDING_LISTEN` and emitted
-//!   when `inet_listen` returns: fexit where the kernel allows it, else
-//!   `syscalls/sys_exit_listen`. A LISTEN -> CLOSE of the parked socket in
-//!   between is part of that failure, not a close.
-//! - Tracepoints fire machine-wide; `WATCHED` keeps them to the tasks of the
-//!   watched cgroup, like the cgroup hooks.
+//!   when the listen returns: fexit on `__inet_listen_sk` where it exists
+//!   (6.5+; MPTCP's `mptcp_listen` calls it directly for its subflow), else
+//!   on `inet_listen`, completing only the same socket's listen; where fexit
+//!   is refused, `syscalls/sys_exit_listen`, after `sys_enter_listen` has
+//!   flushed whatever an earlier call (an io_uring listen) left parked. A
+//!   LISTEN -> CLOSE of the parked socket in between is part of that
+//!   failure, not a close.
+//! - Tracepoints fire machine-wide. A LISTEN counts when its socket belongs
+//!   to the watched cgroup, judged as the cgroup hooks judge it, by where
+//!   the socket was made (`socket_is_watched`), not by the listening task.
 
 use aya_ebpf::{
     macros::{fexit, tracepoint},
