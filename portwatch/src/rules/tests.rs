@@ -1368,7 +1368,10 @@ proptest! {
 
     /// With one socket holding the port and everything known, a bind
     /// succeeds exactly when the two could coexist (bind order is the
-    /// only history that exists then).
+    /// only history that exists then), and the answer is confident, except
+    /// a UDP wildcard request beside a specific address: the kernel's
+    /// (address, port) hash walk, which a crowded slot switches to, never
+    /// meets that holder.
     #[test]
     fn one_holder_binds_iff_coexists(old in arb_known_socket(), new in arb_known_socket()) {
         // A listener only coexists with what bound before it listened.
@@ -1380,7 +1383,10 @@ proptest! {
         as_bound.state = SockState::Bound;
         as_bound.bound_dev_if = 0;
         let prediction = predict_bind(FIRST, Some(&PortHistory::new()), std::slice::from_ref(&old), &req);
-        prop_assert!(prediction.confident);
+        let hash_walk_blind = Space::of(new.protocol).is_udp()
+            && is_wildcard(req.address)
+            && !is_wildcard(old.address);
+        prop_assert!(prediction.confident || hash_walk_blind, "{:?}", prediction);
         prop_assert_eq!(
             prediction.verdict.is_ok(),
             why_coexist(&old, &as_bound).is_some(),
