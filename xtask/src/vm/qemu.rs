@@ -37,10 +37,10 @@ impl Accel {
         }
     }
 
-    fn args(self) -> [&'static str; 4] {
+    fn args(self, arch: Arch) -> [&'static str; 4] {
         match self {
             Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
-            Accel::Auto | Accel::Tcg => ["-accel", "tcg", "-cpu", "max"],
+            Accel::Auto | Accel::Tcg => ["-accel", "tcg", "-cpu", arch.tcg_cpu()],
         }
     }
 }
@@ -77,7 +77,7 @@ impl Vm<'_> {
         let _ = fs::remove_file(&self.console);
         let mut qemu = Command::new(self.arch.qemu());
         qemu.args(self.arch.qemu_machine())
-            .args(self.accel.args())
+            .args(self.accel.args(self.arch))
             .args(["-m", &self.memory_mib.to_string(), "-smp", "2"])
             // No default devices (no NIC, no VGA), and no network at all.
             .args(["-nodefaults", "-nic", "none", "-no-reboot"])
