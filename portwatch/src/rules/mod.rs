@@ -33,9 +33,10 @@
 //!   - [`MappedAny::Quirk`] (measured on Debian's 6.1.176): an IPv6 socket
 //!     binding or listening on a specific mapped address `::ffff:a.b.c.d`
 //!     does not see IPv6 sockets on `::ffff:0.0.0.0`; every other check
-//!     does. While one holds the port, or while more than one other socket
-//!     does, whether that check sees the other wildcards is not known (cases
-//!     were seen where it did not): such answers are not confident.
+//!     does. While one holds the port, or on a port where one has been since
+//!     its bucket was made, whether that check sees the other wildcards is
+//!     not known (cases were seen where it did not): such answers are not
+//!     confident.
 //!   - [`MappedAny::Unknown`]: an answer is confident only when both give it.
 //! - **No sharing option lets them through**:
 //!   - TCP (`inet_bind_conflict` as `inet_csk_get_port` calls it for an

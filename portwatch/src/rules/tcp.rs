@@ -98,13 +98,13 @@ impl MappedAny {
             Self::Quirk => &[
                 MappedCheck::SkipMappedAny,
                 MappedCheck::SkipWildcards,
-                MappedCheck::SkipWildcardsWhenCrowded,
+                MappedCheck::SkipWildcardsAfterMappedAny,
             ],
             Self::Unknown => &[
                 MappedCheck::Everyone,
                 MappedCheck::SkipMappedAny,
                 MappedCheck::SkipWildcards,
-                MappedCheck::SkipWildcardsWhenCrowded,
+                MappedCheck::SkipWildcardsAfterMappedAny,
             ],
         }
     }
@@ -127,24 +127,25 @@ pub(super) enum MappedCheck {
     /// that depend on it are not confident.
     SkipWildcards,
     /// As [`MappedCheck::SkipMappedAny`], and, on a port where a socket on
-    /// `::ffff:0.0.0.0` has been since the bucket was made and more than one
-    /// other socket holds it now, none that cover the address as a wildcard
-    /// (Debian's 6.1.176 bound `::ffff:127.0.0.1` past a listening `0.0.0.0`
-    /// beside `::1` and `127.0.0.2`, after a socket on `::ffff:0.0.0.0` had
-    /// come and gone; found by the predictor in CI). What 6.1's bind hash
-    /// keeps of that socket is not pinned down, so answers that depend on it
-    /// are not confident; with one other socket, as measured, or a port that
-    /// never saw the mapped wildcard, it never applies
-    /// ([`MappedCheck::given`]).
-    SkipWildcardsWhenCrowded,
+    /// `::ffff:0.0.0.0` has been since the bucket was made, none that cover
+    /// the address as a wildcard. Debian's 6.1.176 bound `::ffff:127.0.0.1`
+    /// past a listening `0.0.0.0` beside `::1` and `127.0.0.2`, and
+    /// `::ffff:127.0.0.2` past a listening `0.0.0.0` alone, each after a
+    /// socket on `::ffff:0.0.0.0` had come and gone (both found by the
+    /// predictor, in CI and on arm64). What 6.1's bind hash keeps of that
+    /// socket is not pinned down, so answers that depend on it are not
+    /// confident; on a port that never saw the mapped wildcard it never
+    /// applies ([`MappedCheck::given`]), and there `0.0.0.0` alone was
+    /// measured to refuse the mapped address.
+    SkipWildcardsAfterMappedAny,
 }
 
 impl MappedCheck {
-    /// The check for a port with `history`: the crowded-port case only
-    /// where the mapped wildcard has been, or the history is not known.
+    /// The check for a port with `history`: the after-the-mapped-wildcard
+    /// case only where it has been, or the history is not known.
     pub(super) fn given(self, history: Option<&PortHistory>) -> MappedCheck {
         match self {
-            Self::SkipWildcardsWhenCrowded if history.is_some_and(|h| !h.mapped_any_seen) => {
+            Self::SkipWildcardsAfterMappedAny if history.is_some_and(|h| !h.mapped_any_seen) => {
                 Self::SkipMappedAny
             }
             other => other,
@@ -185,9 +186,9 @@ fn hidden(
                     .iter()
                     .any(|h| is_mapped_any(&View::of_socket(h, fill)))
         }
-        MappedCheck::SkipWildcardsWhenCrowded => {
+        MappedCheck::SkipWildcardsAfterMappedAny => {
             hidden(MappedCheck::SkipMappedAny, new, old, overlap, holders, fill)
-                || (mapped_request && overlap != Overlap::SameAddress && holders.len() > 1)
+                || (mapped_request && overlap != Overlap::SameAddress)
         }
     }
 }
@@ -202,7 +203,7 @@ fn hidden(
 pub struct PortHistory {
     pub(super) shortcut: Shortcut,
     /// Whether an IPv6 socket on `::ffff:0.0.0.0` took the port since the
-    /// bucket was made ([`MappedCheck::SkipWildcardsWhenCrowded`]).
+    /// bucket was made ([`MappedCheck::SkipWildcardsAfterMappedAny`]).
     pub(super) mapped_any_seen: bool,
 }
 

@@ -1528,7 +1528,12 @@ fn the_mapped_wildcard_as_measured() {
             );
         }
         // Not probed: confident exactly where the two kinds of kernel agree.
-        let p = predict_bind(KernelRules::UNKNOWN, None, &existing, &req);
+        let p = predict_bind(
+            KernelRules::UNKNOWN,
+            Some(&history_of(&existing)),
+            &existing,
+            &req,
+        );
         assert_eq!(
             p.confident,
             on_6_1 == elsewhere,
@@ -1536,6 +1541,13 @@ fn the_mapped_wildcard_as_measured() {
         );
         assert_eq!(p.verdict.errno(), elsewhere, "{first} then {second}");
     }
+    // Without the port's history, ::ffff:0.0.0.0 may have come and gone,
+    // after which 6.1 let a mapped address past 0.0.0.0: not confident.
+    let existing = [measured_socket(1, "V0")];
+    let req = request_of(&measured_socket(2, "M2"));
+    let p = predict_bind(DEBIAN_6_1, None, &existing, &req);
+    assert!(!p.confident && p.mapped_any_decides, "{p:?}");
+    assert_eq!(p.verdict.errno(), Some(Errno::EADDRINUSE));
     // Three sockets: [::] with IPV6_V6ONLY does not cover the mapped ones,
     // so 6.1 lets M2 in past M0 there too.
     let existing = [measured_socket(1, "D6"), measured_socket(2, "M0")];
@@ -1767,6 +1779,34 @@ fn linux_6_1_on_a_crowded_port_is_not_confident_for_a_mapped_address() {
     assert_eq!(p.verdict.errno(), Some(Errno::EADDRINUSE));
     let alone = std::slice::from_ref(&crowded[1]);
     let p = predict_bind(DEBIAN_6_1, Some(&history_of(alone)), alone, &req);
+    assert!(p.confident, "{p:?}");
+    assert_eq!(p.verdict.errno(), Some(Errno::EADDRINUSE));
+}
+
+// Found by the predictor on Debian's arm64 6.1 (seed 1709454019904): after
+// a socket on ::ffff:0.0.0.0 had come and gone, ::ffff:127.0.0.2 bound past
+// a listening 0.0.0.0 that held the port alone. Not confident where the
+// kernel may be 6.1, whatever the count of holders; refused with confidence
+// where ::ffff:0.0.0.0 is a plain wildcard, and on a port that never saw it.
+#[test]
+fn linux_6_1_after_the_mapped_wildcard_is_not_confident_for_a_mapped_address() {
+    let listener = [tcp(4, "0.0.0.0").reuse_addr().listening()];
+    let req = want(Protocol::Tcp, "::ffff:127.0.0.2").reuse_addr();
+    let mut history = PortHistory::new();
+    history.record(&tcp(1, "::ffff:0.0.0.0").reuse_port());
+    history.record(&tcp(2, "0.0.0.0").reuse_addr().reuse_port());
+    history.record(&listener[0]);
+    for kernel in [DEBIAN_6_1, KernelRules::UNKNOWN] {
+        let p = predict_bind(kernel, Some(&history), &listener, &req);
+        assert!(!p.confident && p.mapped_any_decides, "{kernel:?}: {p:?}");
+        assert_eq!(p.verdict.errno(), Some(Errno::EADDRINUSE));
+    }
+    for kernel in [FIRST, EVERY] {
+        let p = predict_bind(kernel, Some(&history), &listener, &req);
+        assert!(p.confident, "{kernel:?}: {p:?}");
+        assert_eq!(p.verdict.errno(), Some(Errno::EADDRINUSE));
+    }
+    let p = predict_bind(DEBIAN_6_1, Some(&history_of(&listener)), &listener, &req);
     assert!(p.confident, "{p:?}");
     assert_eq!(p.verdict.errno(), Some(Errno::EADDRINUSE));
 }
