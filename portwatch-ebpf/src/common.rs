@@ -11,7 +11,7 @@ use aya_ebpf::{
     maps::{Array, CgroupArray, HashMap, PerCpuArray, RingBuf},
     programs::SockContext,
 };
-use portwatch_ebpf::{Event, FlagBit, KernelOffsets, hook, opt};
+use portwatch_ebpf::{Event, FlagBit, KernelOffsets, WatchedCgroup, hook, opt};
 
 /// The one ring buffer every hook writes to. Userspace may resize it.
 #[map]
@@ -116,6 +116,12 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     net_ns_inum: 0,
     socket_sk: 0,
     sk_family: 0,
+    sk_cgrp_data: 0,
+    cgroup_level: 0,
+    cgroup_ancestor_ids: 0,
+    cgroup_ancestors: 0,
+    cgroup_kn: 0,
+    kernfs_node_id: 0,
 };
 
 #[inline(always)]
@@ -212,17 +218,76 @@ pub fn sock_of_socket(socket: u64) -> u64 {
     read_field::<u64>(socket, offsets().socket_sk).unwrap_or(0)
 }
 
-/// 1 when the watched cgroup is a subtree (`--cgroup`), not the whole
-/// machine; written by userspace at load time.
+/// The cgroup the daemon watches (its id, and whether it is a subtree);
+/// written by userspace at load time.
 #[unsafe(no_mangle)]
-static WATCH_SUBTREE: u8 = 0;
+static WATCH_CGROUP: WatchedCgroup = WatchedCgroup {
+    id: 0,
+    subtree: 0,
+    _pad: [0; 7],
+};
+
+#[inline(always)]
+fn watched_cgroup() -> WatchedCgroup {
+    // SAFETY: a plain read of a global that userspace sets before loading;
+    // volatile so the compiler cannot fold it to the zero initialiser.
+    unsafe { core::ptr::read_volatile(&raw const WATCH_CGROUP) }
+}
 
 /// Whether only a subtree of the machine is watched.
 #[inline(always)]
 pub fn watching_subtree() -> bool {
-    // SAFETY: a plain read of a global that userspace sets before loading;
-    // volatile so the compiler cannot fold it to the 0 initialiser.
-    unsafe { core::ptr::read_volatile(&raw const WATCH_SUBTREE) == 1 }
+    watched_cgroup().subtree == 1
+}
+
+/// How many levels above a socket's cgroup the watched one is looked for:
+/// deeper than any hierarchy systemd, Kubernetes or nested containers make.
+const MAX_CGROUP_CLIMB: i32 = 16;
+
+/// Whether socket `sk` was made in the watched subtree, judged as the
+/// cgroup hooks judge it: by the cgroup v2 the socket recorded when it was
+/// made (`sk_cgrp_data`), whichever task uses it now. `None` when the BTF
+/// offsets for that are unknown, or the socket's cgroup is more than
+/// [`MAX_CGROUP_CLIMB`] levels below the watched one.
+///
+/// The watched cgroup is found among the socket cgroup's ancestors by id,
+/// level by level upwards, so its own depth need not be known: a daemon in
+/// a cgroup namespace sees a different root than the kernel counts from.
+#[inline(always)]
+pub fn sock_in_watched_cgroup(sk: u64) -> Option<bool> {
+    let off = offsets();
+    if !off.knows_socket_cgroups() {
+        return None;
+    }
+    let watched = watched_cgroup();
+    let data = read_field::<u64>(sk, off.sk_cgrp_data)?;
+    // No cgroup, or 5.10's net_prio/net_cls data in its place: the kernel
+    // then runs the root cgroup's programs for the socket (sock_cgroup_ptr).
+    if data == 0 || data & 3 != 0 {
+        return Some(watched.subtree == 0);
+    }
+    let level = read_field::<i32>(data, off.cgroup_level)?;
+    for climb in 0..MAX_CGROUP_CLIMB {
+        let at = level - climb;
+        if at < 0 {
+            return Some(false);
+        }
+        if cgroup_ancestor_id(data, at as u64, &off)? == watched.id {
+            return Some(true);
+        }
+    }
+    None
+}
+
+/// The id of the ancestor at depth `level` of cgroup `cgroup`.
+#[inline(always)]
+fn cgroup_ancestor_id(cgroup: u64, level: u64, off: &KernelOffsets) -> Option<u64> {
+    if off.cgroup_ancestor_ids != 0 {
+        return read_field::<u64>(cgroup + level * 8, off.cgroup_ancestor_ids);
+    }
+    let ancestor = read_field::<u64>(cgroup + level * 8, off.cgroup_ancestors)?;
+    let kn = read_field::<u64>(ancestor, off.cgroup_kn)?;
+    read_field::<u64>(kn, off.kernfs_node_id)
 }
 
 /// Whether the current task is inside the watched cgroup subtree.

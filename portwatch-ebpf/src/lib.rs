@@ -223,8 +223,48 @@ pub struct KernelOffsets {
     /// `struct sock` -> `__sk_common.skc_family`: `tcp_destroy_sock` has
     /// no family field on Debian 11's 5.10, so it is read from the socket.
     pub sk_family: u32,
+    /// `struct sock` -> `sk_cgrp_data`: the cgroup v2 the socket was made
+    /// in, a `struct cgroup *` in its first word (on 5.10 that word can
+    /// instead hold net_prio/net_cls data, marked by its low bits).
+    pub sk_cgrp_data: u32,
+    /// `struct cgroup` -> `level`: its depth in the hierarchy (root 0).
+    pub cgroup_level: u32,
+    /// `struct cgroup` -> `ancestor_ids`: the ids of its ancestors by level,
+    /// itself last (Linux before 6.0).
+    pub cgroup_ancestor_ids: u32,
+    /// `struct cgroup` -> `ancestors`: pointers to its ancestors by level,
+    /// itself last (Linux 6.0+, which dropped `ancestor_ids`).
+    pub cgroup_ancestors: u32,
+    /// `struct cgroup` -> `kn` and `struct kernfs_node` -> `id`: a cgroup's
+    /// id, the inode number of its directory.
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 68);
+const _: () = assert!(size_of::<KernelOffsets>() == 92);
+
+impl KernelOffsets {
+    /// Whether the programs can tell a socket's cgroup and its ancestors.
+    pub const fn knows_socket_cgroups(&self) -> bool {
+        self.sk_cgrp_data != 0
+            && self.cgroup_level != 0
+            && (self.cgroup_ancestor_ids != 0
+                || (self.cgroup_ancestors != 0 && self.cgroup_kn != 0 && self.kernfs_node_id != 0))
+    }
+}
+
+/// The cgroup the daemon watches, written by userspace at load time into the
+/// `WATCH_CGROUP` global.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchedCgroup {
+    /// Its id: the inode number of its cgroup2 directory, as the kernel's
+    /// `kernfs_node.id`.
+    pub id: u64,
+    /// 1 when it is a subtree (`--cgroup`), 0 for the whole machine.
+    pub subtree: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(size_of::<WatchedCgroup>() == 16);
 
 /// One record in the `EVENTS` ring buffer. Every kind uses the same layout;
 /// fields a kind does not fill are zero.
@@ -316,3 +356,6 @@ unsafe impl aya::Pod for Event {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for KernelOffsets {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for WatchedCgroup {}

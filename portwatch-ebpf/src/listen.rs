@@ -39,7 +39,8 @@ use portwatch_ebpf::{
 
 use crate::common::{
     PENDING_LISTEN, PendingListen, TRACKED, count_drop, current_tid, emit, fill_from_sock,
-    fill_task, offsets, read_field, sock_of_socket, task_is_watched, watching_subtree,
+    fill_task, offsets, read_field, sock_in_watched_cgroup, sock_of_socket, task_is_watched,
+    watching_subtree,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -77,7 +78,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             )
         };
         let cookie = read_field::<u64>(skaddr, offsets().sk_cookie).unwrap_or(0);
-        if !socket_is_watched(cookie, sport) {
+        if !socket_is_watched(skaddr, cookie, sport) {
             return Ok(());
         }
         let (mut event, sk) = listener_event(ctx)?;
@@ -126,18 +127,26 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 
 /// Whether a socket starting to listen belongs to the watched cgroup. The
 /// cgroup hooks judge a socket by the cgroup it was made in, so this does
-/// too, as far as a tracepoint can tell:
+/// too: by the cgroup the socket recorded (`sock_in_watched_cgroup`),
+/// whichever task listens on it, bound or not. Where the kernel's BTF
+/// lacks the fields for that, as far as the maps can tell:
 /// - tracked: its bind was seen by the watched cgroup's hooks (or the
-///   listing found it), wherever the task that listens now lives;
+///   listing found it);
 /// - bound but untracked, with a subtree watched: it was bound outside the
 ///   subtree (a socket made there and handed in, by fork or SCM_RIGHTS);
 /// - not bound yet (listen picks its port): only the task can tell.
 #[inline(always)]
-fn socket_is_watched(cookie: u64, port: u16) -> bool {
+fn socket_is_watched(sk: u64, cookie: u64, port: u16) -> bool {
+    if !watching_subtree() {
+        return true;
+    }
+    if let Some(inside) = sock_in_watched_cgroup(sk) {
+        return inside;
+    }
     if cookie != 0 && TRACKED.get_ptr(cookie).is_some() {
         return true;
     }
-    if port != 0 && watching_subtree() {
+    if port != 0 {
         return false;
     }
     task_is_watched()

@@ -9,7 +9,7 @@
 
 mod support;
 
-use std::{net::TcpListener, process::Command};
+use std::{net::TcpListener, os::fd::AsRawFd as _, process::Command};
 
 use serde_json::Value;
 use support::{
@@ -216,18 +216,50 @@ fn a_bind_another_program_refuses_is_a_failure() {
 /// A TCP socket bound to 127.0.0.1 by this test's own process (outside
 /// every test cgroup): its fd, and its port.
 fn bound_outside() -> (std::os::fd::OwnedFd, u16) {
+    let socket = made_outside();
+    let (addr, len) = portwatch::socket::sockaddr("127.0.0.1".parse().unwrap(), 0);
+    // SAFETY: bind(2) on a descriptor we own, with a sockaddr of `len` bytes.
+    let bound = unsafe { libc::bind(socket.as_raw_fd(), (&raw const addr).cast(), len) };
+    assert_eq!(bound, 0, "bind");
+    let listener = TcpListener::from(socket);
+    let port = listener.local_addr().expect("local address").port();
+    (listener.into(), port)
+}
+
+/// A TCP socket made by this process, outside the watched cgroup.
+fn made_outside() -> std::os::fd::OwnedFd {
     use std::os::fd::FromRawFd;
-    // SAFETY: plain socket calls on a descriptor we own.
+    // SAFETY: socket(2); the new descriptor is ours.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor nobody else owns.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+/// Takes descriptor `fd` of process `pid` (pidfd_getfd), as a TCP socket.
+fn take_fd(pid: u32, fd: i32) -> TcpListener {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open and pidfd_getfd on our own child; the new
+    // descriptor is ours.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        assert!(fd >= 0, "socket");
-        let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
-        let (addr, len) = portwatch::socket::sockaddr("127.0.0.1".parse().unwrap(), 0);
-        assert_eq!(libc::bind(fd, (&raw const addr).cast(), len), 0, "bind");
-        let listener = TcpListener::from(owned);
-        let port = listener.local_addr().expect("local address").port();
-        (listener.into(), port)
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        assert!(pidfd >= 0, "pidfd_open");
+        let pidfd = std::os::fd::OwnedFd::from_raw_fd(pidfd);
+        let taken = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) as i32;
+        assert!(
+            taken >= 0,
+            "pidfd_getfd: {}",
+            std::io::Error::last_os_error()
+        );
+        TcpListener::from_raw_fd(taken)
     }
+}
+
+/// listen(2) on a socket we hold.
+fn listen_on(socket: &TcpListener) {
+    // SAFETY: listen(2) on a descriptor we own.
+    let ret = unsafe { libc::listen(socket.as_raw_fd(), 8) };
+    assert_eq!(ret, 0, "listen: {}", std::io::Error::last_os_error());
 }
 
 /// The cgroup hooks judge a socket by the cgroup it was made in, and the
@@ -239,7 +271,6 @@ fn bound_outside() -> (std::os::fd::OwnedFd, u16) {
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn a_listen_belongs_to_the_cgroup_the_socket_was_made_in() {
-    use std::os::fd::{AsRawFd, FromRawFd};
     let cgroup = CgroupGuard::new("handed");
     let tracer = Tracer::start(&cgroup.path, &[]);
     let (outside, outside_port) = bound_outside();
@@ -276,23 +307,8 @@ fn a_listen_belongs_to_the_cgroup_the_socket_was_made_in() {
 
     // Now the other way: this process, outside the cgroup, takes the
     // worker's socket and listens on it.
-    let fd = results[3] as i32;
-    // SAFETY: pidfd_open and pidfd_getfd on our own child; the new
-    // descriptor is ours.
-    let taken = unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, worker.pid, 0) as i32;
-        assert!(pidfd >= 0, "pidfd_open");
-        let pidfd = std::os::fd::OwnedFd::from_raw_fd(pidfd);
-        let taken = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) as i32;
-        assert!(
-            taken >= 0,
-            "pidfd_getfd: {}",
-            std::io::Error::last_os_error()
-        );
-        TcpListener::from_raw_fd(taken)
-    };
-    // SAFETY: listen(2) on a socket we hold.
-    assert_eq!(unsafe { libc::listen(taken.as_raw_fd(), 8) }, 0);
+    let taken = take_fd(worker.pid, results[3] as i32);
+    listen_on(&taken);
     let listen = tracer.expect("the listen from outside", |e| {
         e["kind"] == "listen" && e["cookie"] == bind["cookie"]
     });
@@ -302,6 +318,65 @@ fn a_listen_belongs_to_the_cgroup_the_socket_was_made_in() {
     worker.wait();
     tracer.expect("its close", |e| {
         e["kind"] == "close" && e["cookie"] == bind["cookie"]
+    });
+}
+
+/// The same for a socket that listens without ever binding (listen()
+/// picks its port): no bind hook saw it, so only the cgroup it was made in
+/// can tell. Made outside and listened on inside: nothing is reported.
+/// Made inside and listened on outside: its listen and its close are.
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn a_socket_that_never_bound_belongs_to_the_cgroup_it_was_made_in() {
+    let cgroup = CgroupGuard::new("unbound");
+    let tracer = Tracer::start(&cgroup.path, &[]);
+    let outside = made_outside();
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        None,
+        &[
+            Op::Adopt {
+                fd: outside.as_raw_fd(),
+            },
+            Op::listen(0),
+            Op::LocalPort { sock: 0 },
+            // Made inside, never bound: the test takes it below.
+            Op::tcp(false),
+            // A bind after the listen, to know the listen's record came.
+            Op::tcp(false),
+            Op::bind(2, "127.0.0.1:0"),
+            Op::LocalPort { sock: 2 },
+            Op::Pause,
+        ],
+    );
+    drop(outside);
+    let results = worker.results(7);
+    assert!(results.iter().all(|r| *r >= 0), "{results:?}");
+    let handed_port = results[2];
+    let (before, _) = tracer.expect_after("the marker bind", |e| {
+        is(e, "bind", worker.pid) && e["bound_port"] == results[6]
+    });
+    let handed: Vec<&Value> = before
+        .iter()
+        .filter(|e| e["port"] == handed_port || e["bound_port"] == handed_port)
+        .collect();
+    assert!(
+        handed.is_empty(),
+        "nothing of the socket made outside, listened on inside: {handed:?}"
+    );
+
+    let taken = take_fd(worker.pid, results[3] as i32);
+    listen_on(&taken);
+    let port = taken.local_addr().expect("local address").port();
+    let listen = tracer.expect("the listen from outside", |e| {
+        e["kind"] == "listen" && e["port"] == port
+    });
+    assert_ne!(listen["cookie"], 0, "{listen}");
+    drop(taken);
+    worker.resume();
+    worker.wait();
+    tracer.expect("its close", |e| {
+        e["kind"] == "close" && e["cookie"] == listen["cookie"]
     });
 }
 

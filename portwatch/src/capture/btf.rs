@@ -80,8 +80,20 @@ impl Resolver<'_> {
             net_ns_inum: self.bytes("net", "ns.inum"),
             socket_sk: self.bytes("socket", "sk"),
             sk_family: self.bytes("sock", "__sk_common.skc_family"),
+            sk_cgrp_data: self.bytes("sock", "sk_cgrp_data"),
+            cgroup_level: self.bytes("cgroup", "level"),
             ..KernelOffsets::default()
         };
+        // A cgroup's ancestors: their ids before Linux 6.0, pointers to
+        // them (each id then in its kernfs node) since.
+        match self.offset("cgroup", "ancestor_ids") {
+            Some(Offset::ByteOffset(ids)) => off.cgroup_ancestor_ids = ids,
+            _ => {
+                off.cgroup_ancestors = self.bytes("cgroup", "ancestors");
+                off.cgroup_kn = self.bytes("cgroup", "kn");
+                off.kernfs_node_id = self.bytes("kernfs_node", "id");
+            }
+        }
         // The reuse bits share one byte of `sock_common`; locate each bit.
         let reuse = self.bits("sock", "__sk_common.skc_reuse");
         let reuseport = self.bits("sock", "__sk_common.skc_reuseport");
@@ -224,6 +236,8 @@ mod tests {
             ("sk_num", off.sk_num),
             ("socket_sk", off.socket_sk),
             ("sk_family", off.sk_family),
+            ("sk_cgrp_data", off.sk_cgrp_data),
+            ("cgroup_level", off.cgroup_level),
         ] {
             assert_ne!(value, 0, "{name} not found");
         }
@@ -239,6 +253,7 @@ mod tests {
             assert!(flag.shift < 8, "{name}: {flag:?}");
         }
         assert_ne!(off.freebind, off.transparent);
+        assert!(off.knows_socket_cgroups(), "{off:?}");
     }
 
     #[test]

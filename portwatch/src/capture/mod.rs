@@ -23,7 +23,7 @@ use aya::{
     maps::{Array, CgroupArray, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, FExit, ProgramError, TracePoint},
 };
-use portwatch_ebpf::{KernelOffsets, hook, tracepoint};
+use portwatch_ebpf::{KernelOffsets, WatchedCgroup, hook, tracepoint};
 use tokio::io::unix::AsyncFd;
 
 use crate::event::{DecodeError, PortEvent, decode};
@@ -263,6 +263,23 @@ fn watches_subtree(cgroup: &Path) -> bool {
     system::cgroup_root(None).map_or(true, |root| !same(&root, cgroup))
 }
 
+/// The watched cgroup as the programs know it: its id (the inode number of
+/// its directory) and whether it is a subtree.
+fn watched_cgroup(cgroup: &Path) -> Result<WatchedCgroup, CaptureError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = std::fs::metadata(cgroup)
+        .map_err(|source| CaptureError::Open {
+            path: cgroup.to_path_buf(),
+            source,
+        })?
+        .ino();
+    Ok(WatchedCgroup {
+        id,
+        subtree: u8::from(watches_subtree(cgroup)),
+        _pad: [0; 7],
+    })
+}
+
 impl Capture {
     /// Checks what capture needs (privileges, BTF, tracefs, cgroup2)
     /// without loading anything; the cgroup to watch.
@@ -312,7 +329,7 @@ impl Capture {
                 &(u64::from(ring_bytes) / WAKEUP_FRACTION),
                 true,
             )
-            .override_global("WATCH_SUBTREE", &u8::from(watches_subtree(&cgroup)), true)
+            .override_global("WATCH_CGROUP", &watched_cgroup(&cgroup)?, true)
             .map_max_entries("EVENTS", ring_bytes)
             .map_max_entries("TRACKED", config.tracked_sockets)
             .map_max_entries("PENDING_BIND", config.in_flight_calls)
