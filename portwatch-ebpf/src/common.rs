@@ -131,6 +131,17 @@ pub fn offsets() -> KernelOffsets {
     unsafe { core::ptr::read_volatile(&OFFSETS) }
 }
 
+/// One field of `OFFSETS`, read alone: the socket-cgroup walk runs inside
+/// the LISTEN program, whose stack (with its record) is near the 512 bytes
+/// 5.10's and 6.1's verifiers allow, so it does not copy the whole struct.
+macro_rules! offset_of {
+    ($field:ident) => {
+        // SAFETY: a read of one field of our own global; volatile so the
+        // compiler does not fold the zero initializer userspace overwrites.
+        unsafe { core::ptr::read_volatile(&raw const OFFSETS.$field) }
+    };
+}
+
 /// Counts one lost record for `hook`.
 #[inline(always)]
 pub fn count_drop(hook: u32) {
@@ -227,17 +238,19 @@ static WATCH_CGROUP: WatchedCgroup = WatchedCgroup {
     _pad: [0; 7],
 };
 
+/// The watched cgroup's id.
 #[inline(always)]
-fn watched_cgroup() -> WatchedCgroup {
-    // SAFETY: a plain read of a global that userspace sets before loading;
-    // volatile so the compiler cannot fold it to the zero initialiser.
-    unsafe { core::ptr::read_volatile(&raw const WATCH_CGROUP) }
+fn watched_cgroup_id() -> u64 {
+    // SAFETY: a read of one field of a global that userspace sets before
+    // loading; volatile so the compiler cannot fold the zero initialiser.
+    unsafe { core::ptr::read_volatile(&raw const WATCH_CGROUP.id) }
 }
 
 /// Whether only a subtree of the machine is watched.
 #[inline(always)]
 pub fn watching_subtree() -> bool {
-    watched_cgroup().subtree == 1
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&raw const WATCH_CGROUP.subtree) == 1 }
 }
 
 /// How many levels above a socket's cgroup the watched one is looked for:
@@ -253,41 +266,51 @@ const MAX_CGROUP_CLIMB: i32 = 16;
 /// The watched cgroup is found among the socket cgroup's ancestors by id,
 /// level by level upwards, so its own depth need not be known: a daemon in
 /// a cgroup namespace sees a different root than the kernel counts from.
-#[inline(always)]
+///
+/// Not inlined: the walk's registers would otherwise spill into the LISTEN
+/// program's own frame, and 5.10's and 6.1's verifiers refuse a program
+/// whose frames along one call chain pass 512 bytes.
+#[inline(never)]
 pub fn sock_in_watched_cgroup(sk: u64) -> Option<bool> {
-    let off = offsets();
-    if !off.knows_socket_cgroups() {
+    let cgrp_data = offset_of!(sk_cgrp_data);
+    let level_at = offset_of!(cgroup_level);
+    let ids_at = offset_of!(cgroup_ancestor_ids);
+    let ancestors_at = offset_of!(cgroup_ancestors);
+    let kn_at = offset_of!(cgroup_kn);
+    let id_at = offset_of!(kernfs_node_id);
+    if cgrp_data == 0
+        || level_at == 0
+        || (ids_at == 0 && (ancestors_at == 0 || kn_at == 0 || id_at == 0))
+    {
         return None;
     }
-    let watched = watched_cgroup();
-    let data = read_field::<u64>(sk, off.sk_cgrp_data)?;
+    let data = read_field::<u64>(sk, cgrp_data)?;
     // No cgroup, or 5.10's net_prio/net_cls data in its place: the kernel
     // then runs the root cgroup's programs for the socket (sock_cgroup_ptr).
     if data == 0 || data & 3 != 0 {
-        return Some(watched.subtree == 0);
+        return Some(!watching_subtree());
     }
-    let level = read_field::<i32>(data, off.cgroup_level)?;
+    let watched = watched_cgroup_id();
+    let level = read_field::<i32>(data, level_at)?;
     for climb in 0..MAX_CGROUP_CLIMB {
         let at = level - climb;
         if at < 0 {
             return Some(false);
         }
-        if cgroup_ancestor_id(data, at as u64, &off)? == watched.id {
+        // The ancestor at depth `at`: its id, or (6.0+) its kernfs node's.
+        let slot = data + at as u64 * 8;
+        let id = if ids_at != 0 {
+            read_field::<u64>(slot, ids_at)?
+        } else {
+            let ancestor = read_field::<u64>(slot, ancestors_at)?;
+            let kn = read_field::<u64>(ancestor, kn_at)?;
+            read_field::<u64>(kn, id_at)?
+        };
+        if id == watched {
             return Some(true);
         }
     }
     None
-}
-
-/// The id of the ancestor at depth `level` of cgroup `cgroup`.
-#[inline(always)]
-fn cgroup_ancestor_id(cgroup: u64, level: u64, off: &KernelOffsets) -> Option<u64> {
-    if off.cgroup_ancestor_ids != 0 {
-        return read_field::<u64>(cgroup + level * 8, off.cgroup_ancestor_ids);
-    }
-    let ancestor = read_field::<u64>(cgroup + level * 8, off.cgroup_ancestors)?;
-    let kn = read_field::<u64>(ancestor, off.cgroup_kn)?;
-    read_field::<u64>(kn, off.kernfs_node_id)
 }
 
 /// Whether the current task is inside the watched cgroup subtree.
