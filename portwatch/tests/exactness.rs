@@ -226,6 +226,16 @@ fn bound_outside() -> (std::os::fd::OwnedFd, u16) {
     (listener.into(), port)
 }
 
+/// No record in `events` names `port` (a socket the watched cgroup does not own).
+fn assert_nothing_on(events: &[Value], port: impl Into<i64>, what: &str) {
+    let port: i64 = port.into();
+    let named: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["port"] == port || e["bound_port"] == port)
+        .collect();
+    assert!(named.is_empty(), "nothing of {what}: {named:?}");
+}
+
 /// A TCP socket made by this process, outside the watched cgroup.
 fn made_outside() -> std::os::fd::OwnedFd {
     use std::os::fd::FromRawFd;
@@ -296,14 +306,7 @@ fn a_listen_belongs_to_the_cgroup_the_socket_was_made_in() {
     let (before, bind) = tracer.expect_after("the inside socket's bind", |e| {
         is(e, "bind", worker.pid) && e["bound_port"] == inside_port
     });
-    let handed: Vec<&Value> = before
-        .iter()
-        .filter(|e| e["port"] == outside_port || e["bound_port"] == outside_port)
-        .collect();
-    assert!(
-        handed.is_empty(),
-        "nothing of the socket made outside: {handed:?}"
-    );
+    assert_nothing_on(&before, outside_port, "the socket made outside");
 
     // Now the other way: this process, outside the cgroup, takes the
     // worker's socket and listens on it.
@@ -356,13 +359,10 @@ fn a_socket_that_never_bound_belongs_to_the_cgroup_it_was_made_in() {
     let (before, _) = tracer.expect_after("the marker bind", |e| {
         is(e, "bind", worker.pid) && e["bound_port"] == results[6]
     });
-    let handed: Vec<&Value> = before
-        .iter()
-        .filter(|e| e["port"] == handed_port || e["bound_port"] == handed_port)
-        .collect();
-    assert!(
-        handed.is_empty(),
-        "nothing of the socket made outside, listened on inside: {handed:?}"
+    assert_nothing_on(
+        &before,
+        handed_port,
+        "the socket made outside, listened on inside",
     );
 
     let taken = take_fd(worker.pid, results[3] as i32);
