@@ -354,9 +354,7 @@ mod tests {
             }],
             inode: None,
             cgroup_id: None,
-            cgroup: None,
-            unit: None,
-            container: None,
+            place: Default::default(),
             since: SystemTime::UNIX_EPOCH,
             since_exact: true,
         }

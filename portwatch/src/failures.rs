@@ -11,7 +11,7 @@ use crate::{
     event::{Errno, EventKind, PortEvent},
     map::{Holder, Observed, PortMap},
     rules::{self, KernelRules, MappedAny, UdpWalk, Verdict},
-    snapshot::owners::Place,
+    snapshot::{owners::Place, workload::Workload},
     socket::{BindRequest, SockState, SocketFacts},
 };
 
@@ -40,6 +40,9 @@ pub struct BlockerHolder {
     pub process: String,
     pub unit: Option<String>,
     pub container: Option<String>,
+    /// The container's and pod's names, where known.
+    #[serde(flatten)]
+    pub workload: Workload,
 }
 
 /// One failed bind or listen.
@@ -181,11 +184,7 @@ fn mapped_any_note(mapped_any: MappedAny) -> String {
 
 /// The holders a snapshot found for a socket the map does not keep.
 pub fn holders_of(seen: &Observed) -> Vec<BlockerHolder> {
-    blocker_holders(
-        &seen.holders,
-        seen.unit.as_deref(),
-        seen.container.as_deref(),
-    )
+    blocker_holders(&seen.holders, &seen.place)
 }
 
 /// `facts` as a blocker, for the `reason` the rules gave, with its holders
@@ -194,7 +193,7 @@ pub fn describe(facts: SocketFacts, reason: impl Into<String>, map: &PortMap) ->
     let holders = map
         .get(facts.cookie)
         .filter(|_| facts.cookie != 0)
-        .map(|e| blocker_holders(&e.holders, e.unit.as_deref(), e.container.as_deref()))
+        .map(|e| blocker_holders(&e.holders, &e.place))
         .unwrap_or_default();
     Blocker {
         endpoint: crate::event::endpoint(facts.address, facts.port),
@@ -215,19 +214,16 @@ fn what(state: SockState) -> &'static str {
     }
 }
 
-/// `holders` of a socket whose owner lives in `unit` and `container`.
-fn blocker_holders(
-    holders: &[Holder],
-    unit: Option<&str>,
-    container: Option<&str>,
-) -> Vec<BlockerHolder> {
+/// `holders` of a socket whose owner lives in `place`.
+fn blocker_holders(holders: &[Holder], place: &Place) -> Vec<BlockerHolder> {
     holders
         .iter()
         .map(|h| BlockerHolder {
             pid: h.pid,
             process: h.process.clone(),
-            unit: unit.map(str::to_owned),
-            container: container.map(str::to_owned),
+            unit: place.unit.clone(),
+            container: place.container.clone(),
+            workload: place.workload.clone(),
         })
         .collect()
 }

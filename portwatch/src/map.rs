@@ -23,6 +23,7 @@ use serde::Serialize;
 use crate::{
     event::{EventKind, PortEvent},
     rules,
+    snapshot::owners::Place,
     socket::{Family, NetnsCookie, Protocol, ShareOptions, SockState, SocketFacts},
 };
 
@@ -46,10 +47,9 @@ pub struct Entry {
     pub inode: Option<u64>,
     /// cgroup v2 id of the task that bound it, when an event saw it.
     pub cgroup_id: Option<u64>,
-    /// cgroup path, systemd unit and container id, when known.
-    pub cgroup: Option<String>,
-    pub unit: Option<String>,
-    pub container: Option<String>,
+    /// cgroup path, systemd unit, container and workload names, when known.
+    #[serde(flatten)]
+    pub place: Place,
     /// When portwatch first saw the socket in its current state (for sockets
     /// found by the start-up snapshot: when the snapshot ran).
     pub since: SystemTime,
@@ -96,9 +96,7 @@ impl Entry {
             holders: vec![holder(event)],
             inode: None,
             cgroup_id: Some(event.cgroup_id),
-            cgroup: None,
-            unit: None,
-            container: None,
+            place: Place::default(),
             since: at,
             since_exact: true,
         }
@@ -112,9 +110,7 @@ pub struct Observed {
     pub facts: SocketFacts,
     pub holders: Vec<Holder>,
     pub inode: Option<u64>,
-    pub cgroup: Option<String>,
-    pub unit: Option<String>,
-    pub container: Option<String>,
+    pub place: Place,
 }
 
 /// Differences found by a reconciliation, by kind.
@@ -292,9 +288,7 @@ impl PortMap {
                     add_holder(&mut entry.holders, holder);
                 }
                 entry.inode = seen.inode.or(entry.inode);
-                entry.cgroup = seen.cgroup.or(entry.cgroup.take());
-                entry.unit = seen.unit.or(entry.unit.take());
-                entry.container = seen.container.or(entry.container.take());
+                entry.place = seen.place.or(std::mem::take(&mut entry.place));
             }
             _ => {
                 self.remove(cookie);
@@ -303,9 +297,7 @@ impl PortMap {
                     holders: seen.holders,
                     inode: seen.inode,
                     cgroup_id: None,
-                    cgroup: seen.cgroup,
-                    unit: seen.unit,
-                    container: seen.container,
+                    place: seen.place,
                     since: at,
                     since_exact: false,
                 });
@@ -389,17 +381,9 @@ impl PortMap {
     }
 
     /// Records where the socket's owner lives, where the map does not know yet.
-    pub fn set_place(
-        &mut self,
-        cookie: u64,
-        cgroup: Option<String>,
-        unit: Option<String>,
-        container: Option<String>,
-    ) {
+    pub fn set_place(&mut self, cookie: u64, place: Place) {
         if let Some(entry) = self.entries.get_mut(&cookie) {
-            entry.cgroup = entry.cgroup.take().or(cgroup);
-            entry.unit = entry.unit.take().or(unit);
-            entry.container = entry.container.take().or(container);
+            entry.place = std::mem::take(&mut entry.place).or(place);
         }
     }
 
@@ -515,9 +499,11 @@ mod tests {
                 process: "old".into(),
             }],
             inode: Some(99),
-            cgroup: Some("/system.slice/old.service".into()),
-            unit: Some("old.service".into()),
-            container: None,
+            place: Place {
+                cgroup: Some("/system.slice/old.service".into()),
+                unit: Some("old.service".into()),
+                ..Place::default()
+            },
         }
     }
 
@@ -617,7 +603,7 @@ mod tests {
             one.holders.iter().map(|h| h.pid).collect::<Vec<_>>(),
             [7, 100]
         );
-        assert_eq!(one.unit.as_deref(), Some("old.service"));
+        assert_eq!(one.place.unit.as_deref(), Some("old.service"));
         assert_eq!(
             one.facts.options.reuse_port,
             Some(true),

@@ -1064,9 +1064,7 @@ mod tests {
             }],
             inode: None,
             cgroup_id: None,
-            cgroup: None,
-            unit: None,
-            container: None,
+            place: Default::default(),
             since: T0,
             since_exact: true,
         }

@@ -453,9 +453,7 @@ impl Watcher {
                     && let Some(cookie) = event.cookie
                 {
                     let place = self.cgroups.of(event.pid, event.cgroup_id);
-                    state
-                        .map
-                        .set_place(cookie, place.cgroup, place.unit, place.container);
+                    state.map.set_place(cookie, place);
                 }
             }
         }

@@ -166,9 +166,7 @@ fn fixture() -> State {
     state.map.apply(&DNS_UDP.event(EventKind::Bind, 0), at(0));
     state.map.set_place(
         NODE_V6.cookie,
-        Some("/system.slice/app.service".into()),
-        Some("app.service".into()),
-        None,
+        Place::from_cgroups("0::/system.slice/app.service\n"),
     );
     let mut in_use = PYTHON.event(EventKind::BindFailed, 10);
     in_use.bound_port = None;

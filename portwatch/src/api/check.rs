@@ -242,9 +242,7 @@ mod tests {
             facts,
             holders: Vec::new(),
             inode: None,
-            cgroup: None,
-            unit: None,
-            container: None,
+            place: Default::default(),
         };
         state.map.merge(vec![observed], SystemTime::now());
         state

@@ -15,6 +15,7 @@ use crate::{
     failures::{self, Failure},
     map::{Entry, PortMap},
     rules::{self, ConflictReason, InvalidRequest, Overlap},
+    snapshot::workload::Workload,
     socket::SockState,
     trace::rfc3339,
 };
@@ -67,6 +68,9 @@ pub struct Listener {
     pub unit: Option<String>,
     /// Container id of the owner, when known.
     pub container: Option<String>,
+    /// The owner's container and pod names, when known.
+    #[serde(flatten)]
+    pub workload: Workload,
     /// cgroup v2 path of the owner, when known.
     pub cgroup: Option<String>,
     /// cgroup v2 id of the task that bound it, when an event saw it.
@@ -114,9 +118,10 @@ impl Listener {
                 })
                 .collect(),
             uid: f.uid,
-            unit: entry.unit.clone(),
-            container: entry.container.clone(),
-            cgroup: entry.cgroup.clone(),
+            unit: entry.place.unit.clone(),
+            container: entry.place.container.clone(),
+            workload: entry.place.workload.clone(),
+            cgroup: entry.place.cgroup.clone(),
             cgroup_id: entry.cgroup_id,
             netns: f.netns,
             cookie: f.cookie,
@@ -324,6 +329,9 @@ pub struct FailureView {
     pub unit: Option<String>,
     /// Its container id, when its cgroup names one.
     pub container: Option<String>,
+    /// Its container and pod names, when known.
+    #[serde(flatten)]
+    pub workload: Workload,
     /// Its cgroup v2 path.
     pub cgroup: Option<String>,
     /// The sockets the conflict rules name as the cause; empty when the
@@ -355,6 +363,7 @@ impl FailureView {
             v6only: ev.options.v6only,
             unit: failure.place.unit.clone(),
             container: failure.place.container.clone(),
+            workload: failure.place.workload.clone(),
             cgroup: failure.place.cgroup.clone(),
             blocked_by: failure
                 .blocked_by

@@ -28,6 +28,7 @@ mod diag;
 mod netns;
 mod options;
 pub mod owners;
+pub mod workload;
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -48,7 +49,8 @@ pub use self::{
 use self::{
     diag::{Diag, DiagSocket},
     netns::{Namespace, NetnsKey},
-    owners::ProcInfo,
+    owners::{Place, ProcInfo},
+    workload::Workload,
 };
 use crate::{
     map::{Holder, Observed},
@@ -186,6 +188,21 @@ pub struct Owner {
     pub unit: Option<String>,
     /// Container id (64 hex digits) found in the cgroup path.
     pub container: Option<String>,
+    /// The container's and pod's names, where the node's files tell them.
+    #[serde(flatten)]
+    pub workload: Workload,
+}
+
+impl Owner {
+    /// Where the owner lives, as the map keeps it.
+    fn place(&self) -> Place {
+        Place {
+            cgroup: Some(self.cgroup.clone()).filter(|cgroup| !cgroup.is_empty()),
+            unit: self.unit.clone(),
+            container: self.container.clone(),
+            workload: self.workload.clone(),
+        }
+    }
 }
 
 /// A network namespace that was listed.
@@ -490,6 +507,7 @@ fn attach_owners(sockets: &mut [SnapshotSocket]) -> Result<u64, SnapshotError> {
                     cgroup: info.place.cgroup.clone().unwrap_or_default(),
                     unit: info.place.unit.clone(),
                     container: info.place.container.clone(),
+                    workload: info.place.workload.clone(),
                 });
             }
         }
@@ -526,11 +544,7 @@ impl From<SnapshotSocket> for Observed {
         let first = socket.owners.first();
         Observed {
             inode: (socket.inode != 0).then_some(socket.inode),
-            cgroup: first
-                .map(|owner| owner.cgroup.clone())
-                .filter(|cgroup| !cgroup.is_empty()),
-            unit: first.and_then(|owner| owner.unit.clone()),
-            container: first.and_then(|owner| owner.container.clone()),
+            place: first.map(Owner::place).unwrap_or_default(),
             holders: socket
                 .owners
                 .into_iter()
@@ -579,6 +593,7 @@ mod tests {
             cgroup: "/system.slice/nginx.service".into(),
             unit: unit.map(str::to_owned),
             container: None,
+            workload: Workload::default(),
         }
     }
 
@@ -589,8 +604,11 @@ mod tests {
             1234,
         ));
         assert_eq!(seen.inode, Some(1234));
-        assert_eq!(seen.unit.as_deref(), Some("nginx.service"));
-        assert_eq!(seen.cgroup.as_deref(), Some("/system.slice/nginx.service"));
+        assert_eq!(seen.place.unit.as_deref(), Some("nginx.service"));
+        assert_eq!(
+            seen.place.cgroup.as_deref(),
+            Some("/system.slice/nginx.service")
+        );
         let pids: Vec<u32> = seen.holders.iter().map(|h| h.pid).collect();
         assert_eq!(pids, [10, 11]);
     }
@@ -599,7 +617,7 @@ mod tests {
     fn observed_without_owner_or_inode_leaves_them_unknown() {
         let seen = Observed::from(socket(Vec::new(), 0));
         assert_eq!(seen.inode, None);
-        assert_eq!(seen.cgroup, None);
+        assert_eq!(seen.place.cgroup, None);
         assert!(seen.holders.is_empty());
     }
 

@@ -21,7 +21,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::SnapshotError;
+use super::{SnapshotError, workload::Workload};
 
 /// One descriptor that refers to a wanted socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,13 +113,15 @@ pub(crate) struct ProcInfo {
     pub place: Place,
 }
 
-/// Where a process lives: its cgroup v2 path, and the systemd unit and
-/// container found in that path.
+/// Where a process lives: its cgroup v2 path, the systemd unit and
+/// container found in that path, and the workload's names.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Place {
     pub cgroup: Option<String>,
     pub unit: Option<String>,
     pub container: Option<String>,
+    #[serde(flatten)]
+    pub workload: Workload,
 }
 
 impl Place {
@@ -130,6 +132,17 @@ impl Place {
             cgroup: cgroup.map(str::to_owned),
             unit: cgroup.and_then(systemd_unit).map(str::to_owned),
             container: cgroup.and_then(container_id).map(str::to_owned),
+            workload: Workload::default(),
+        }
+    }
+
+    /// `self`, with what it does not know taken from `other`.
+    pub fn or(self, other: Place) -> Place {
+        Place {
+            cgroup: self.cgroup.or(other.cgroup),
+            unit: self.unit.or(other.unit),
+            container: self.container.or(other.container),
+            workload: self.workload.or(other.workload),
         }
     }
 }
