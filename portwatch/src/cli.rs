@@ -83,6 +83,17 @@ pub struct DaemonArgs {
     pub cgroup: Option<PathBuf>,
 }
 
+/// Which network namespace or pod a client command is about.
+#[derive(Debug, Default, Args)]
+pub struct ScopeArgs {
+    /// Only this network namespace: its cookie (the NETNS column), or `host`.
+    #[arg(long, value_name = "COOKIE|host")]
+    pub netns: Option<String>,
+    /// Only this Kubernetes pod: NAME, or NAMESPACE/NAME.
+    #[arg(long, value_name = "[NAMESPACE/]NAME")]
+    pub pod: Option<String>,
+}
+
 /// Where the client finds the daemon.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
@@ -108,6 +119,8 @@ pub struct PortsArgs {
     /// Only this port.
     #[arg(value_parser = clap::value_parser!(u16).range(1..))]
     pub port: Option<u16>,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
     #[command(flatten)]
@@ -118,6 +131,12 @@ pub struct PortsArgs {
 pub struct ExplainArgs {
     #[arg(value_parser = clap::value_parser!(u16).range(1..))]
     pub port: u16,
+    /// Every network namespace with a listener on the port, not only the
+    /// host's and those where something is shared or failed.
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
     #[command(flatten)]
@@ -132,6 +151,9 @@ pub struct FailuresArgs {
     /// Only failures with this errno (EADDRINUSE, EACCES, ...).
     #[arg(long)]
     pub errno: Option<String>,
+    /// Only failures of this Kubernetes pod: NAME, or NAMESPACE/NAME.
+    #[arg(long, value_name = "[NAMESPACE/]NAME")]
+    pub pod: Option<String>,
     /// At most this many (default 20).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub limit: u32,

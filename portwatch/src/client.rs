@@ -12,7 +12,7 @@ use std::{
 use comfy_table::{CellAlignment, Table, presets::NOTHING};
 use serde_json::Value;
 
-use crate::cli::{CheckArgs, ExplainArgs, FailuresArgs, Output, PortsArgs, WatchArgs};
+use crate::cli::{CheckArgs, ExplainArgs, FailuresArgs, Output, PortsArgs, ScopeArgs, WatchArgs};
 
 /// Why a client command failed.
 #[derive(Debug, thiserror::Error)]
@@ -110,12 +110,36 @@ fn pretty(value: &Value) -> String {
     serde_json::to_string_pretty(value).unwrap_or_default() + "\n"
 }
 
+/// `path` with the query `pairs` (their values URL-encoded).
+fn with_query<'a>(path: &str, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.extend_pairs(pairs);
+    let query = query.finish();
+    if query.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{query}")
+    }
+}
+
+impl ScopeArgs {
+    /// The API's `netns` and `pod` parameters.
+    fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        [("netns", &self.netns), ("pod", &self.pod)]
+            .into_iter()
+            .filter_map(|(key, value)| Some((key, value.as_deref()?)))
+    }
+}
+
 /// `portwatch ports [PORT]`.
 pub fn ports(args: &PortsArgs) -> Result<(), ClientError> {
-    let value = match args.port {
-        Some(port) => get(&args.server.server, &format!("/ports/{port}"))?,
-        None => get(&args.server.server, "/ports")?,
+    // Every namespace: the table lists them all, as `ss` would per namespace.
+    let path = match args.port {
+        Some(port) => format!("/ports/{port}"),
+        None => "/ports".to_owned(),
     };
+    let pairs = args.scope.pairs().chain([("all", "true")]);
+    let value = get(&args.server.server, &with_query(&path, pairs))?;
     match args.output {
         Output::Json => print(&pretty(&value)),
         Output::Table => {
@@ -126,7 +150,7 @@ pub fn ports(args: &PortsArgs) -> Result<(), ClientError> {
                     .flat_map(|port| array(&port["listeners"]).to_vec())
                     .collect(),
             };
-            print(&render_listeners(&listeners))
+            print(&render_listeners(&listeners, host_netns(&value)))
         }
     }
 }
@@ -181,11 +205,45 @@ fn options(listener: &Value) -> String {
     cell
 }
 
-/// The `ss`-style table: borderless, aligned.
-pub fn render_listeners(listeners: &[Value]) -> String {
+/// The host's network namespace cookie, as an answer names it.
+fn host_netns(value: &Value) -> Option<u64> {
+    value["host_netns"].as_u64()
+}
+
+/// Where a listener is: `host`, a pod (`shop/web-1`), a container's name
+/// (or its id's first 12 digits), else its namespace cookie.
+fn netns_or_pod(listener: &Value, host: Option<u64>) -> String {
+    if let (Value::String(namespace), Value::String(pod)) =
+        (&listener["pod_namespace"], &listener["pod"])
+    {
+        return format!("{namespace}/{pod}");
+    }
+    if listener["netns"]
+        .as_u64()
+        .is_some_and(|netns| Some(netns) == host)
+    {
+        return "host".to_owned();
+    }
+    match (&listener["container_name"], &listener["container"]) {
+        (Value::String(name), _) => name.clone(),
+        (_, Value::String(id)) => format!("{id:.12}"),
+        _ => text(&listener["netns"]),
+    }
+}
+
+/// The `ss`-style table: borderless, aligned. `host` is the host's network
+/// namespace cookie, when the answer said it.
+pub fn render_listeners(listeners: &[Value], host: Option<u64>) -> String {
     let mut table = Table::new();
     table.load_preset(NOTHING).set_header([
-        "PROTO", "LOCAL", "PROCESS", "UID", "UNIT", "OPTIONS", "NETNS", "SINCE",
+        "PROTO",
+        "LOCAL",
+        "PROCESS",
+        "UID",
+        "UNIT",
+        "OPTIONS",
+        "NETNS/POD",
+        "SINCE",
     ]);
     for listener in listeners {
         let unit = match (&listener["unit"], &listener["container"]) {
@@ -200,7 +258,7 @@ pub fn render_listeners(listeners: &[Value]) -> String {
             text(&listener["uid"]),
             unit,
             options(listener),
-            text(&listener["netns"]),
+            netns_or_pod(listener, host),
             since(listener),
         ]);
     }
@@ -231,11 +289,124 @@ fn since(listener: &Value) -> String {
 
 /// `portwatch explain PORT`.
 pub fn explain(args: &ExplainArgs) -> Result<(), ClientError> {
-    let value = get(&args.server.server, &format!("/ports/{}", args.port))?;
+    let all = args.all.then_some(("all", "true"));
+    let path = with_query(
+        &format!("/ports/{}", args.port),
+        args.scope.pairs().chain(all),
+    );
+    let value = get(&args.server.server, &path)?;
     match args.output {
         Output::Json => print(&pretty(&value)),
         Output::Table => print(&render_explanation(&value)),
     }
+}
+
+/// The listeners of one port table, why they share it, and its surprises.
+fn render_port_table(
+    out: &mut String,
+    number: &str,
+    listeners: &[Value],
+    sharing: &[Value],
+    flags: &[&Value],
+) {
+    match listeners.len() {
+        0 => {
+            let _ = writeln!(out, "Nothing listens on port {number}.");
+        }
+        1 => {
+            let _ = writeln!(out, "One service listens on port {number}:");
+        }
+        n => {
+            let _ = writeln!(out, "{n} services listen on port {number}:");
+        }
+    }
+    for listener in listeners {
+        let _ = writeln!(out, "  - {}", describe_listener(listener));
+    }
+    if !sharing.is_empty() {
+        let _ = writeln!(out, "Why they can share the port:");
+        for reason in sharing {
+            let _ = writeln!(out, "  - {}", text(&reason["explanation"]));
+        }
+    }
+    for flag in flags {
+        let _ = writeln!(
+            out,
+            "Note ({}): {}.",
+            text(&flag["flag"]),
+            text(&flag["explanation"])
+        );
+    }
+}
+
+/// The cookies a flag names, whatever its kind.
+fn flag_cookies(flag: &Value) -> impl Iterator<Item = &Value> {
+    flag.as_object()
+        .into_iter()
+        .flat_map(|fields| fields.values())
+        .flat_map(array)
+}
+
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// `the host namespace (netns 4026531840)`, `pod shop/web-1 (container
+/// app), netns 4026532001`, `netns 4026532001 (python3)`.
+fn namespace_name(namespace: &Value) -> String {
+    let netns = text(&namespace["netns"]);
+    if namespace["host"] == true {
+        return format!("the host namespace (netns {netns})");
+    }
+    match workload(namespace) {
+        Some(workload) => format!("{workload}, netns {netns}"),
+        None => {
+            let processes: Vec<String> = array(&namespace["processes"]).iter().map(text).collect();
+            format!("netns {netns} ({})", processes.join(", "))
+        }
+    }
+}
+
+/// `the host, 150 pods (by Kubernetes namespace: web 100, shop 50), 2
+/// containers; held by python3 in 150, nginx in 3`.
+fn summary(summary: &Value) -> String {
+    let count = |key: &str| summary[key].as_u64().unwrap_or(0);
+    let names = |key: &str, sep: &str| -> String {
+        array(&summary[key])
+            .iter()
+            .map(|n| format!("{}{sep}{}", text(&n["name"]), text(&n["namespaces"])))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut parts = Vec::new();
+    if summary["host"] == true {
+        parts.push("the host".to_owned());
+    }
+    if count("pods") > 0 {
+        let pods = plural(count("pods"), "pod");
+        let namespaces = names("pod_namespaces", " ");
+        parts.push(if namespaces.is_empty() {
+            pods
+        } else {
+            format!("{pods} (by Kubernetes namespace: {namespaces})")
+        });
+    }
+    if count("containers") > 0 {
+        parts.push(plural(count("containers"), "container"));
+    }
+    if count("other") > 0 {
+        parts.push(plural(count("other"), "other namespace"));
+    }
+    let mut line = parts.join(", ");
+    let processes = names("processes", " in ");
+    if !processes.is_empty() {
+        let _ = write!(line, "; held by {processes}");
+    }
+    line
 }
 
 fn describe_listener(listener: &Value) -> String {
@@ -258,47 +429,91 @@ fn describe_listener(listener: &Value) -> String {
             .collect();
         let _ = write!(line, " held by {}", names.join(", "));
     }
-    if let Value::String(unit) = &listener["unit"] {
+    // A container's own unit (`docker-<id>.scope`) says less than its name.
+    if let Some(workload) = workload(listener) {
+        let _ = write!(line, ", {workload}");
+    } else if let Value::String(unit) = &listener["unit"] {
         let _ = write!(line, ", unit {unit}");
-    } else if let Value::String(container) = &listener["container"] {
-        let _ = write!(line, ", container {container:.12}");
     }
     line
 }
 
-/// The plain-sentence explanation of one port, from `/ports/{port}`.
+/// `pod shop/web-1 (container app)`, `container web`, `container 0123456789ab`:
+/// the workload an owner belongs to, when known.
+fn workload(owner: &Value) -> Option<String> {
+    let container = match (&owner["container_name"], &owner["container"]) {
+        (Value::String(name), _) => Some(name.clone()),
+        (_, Value::String(id)) => Some(format!("{id:.12}")),
+        _ => None,
+    };
+    match (&owner["pod_namespace"], &owner["pod"], container) {
+        (Value::String(namespace), Value::String(pod), Some(container)) => {
+            Some(format!("pod {namespace}/{pod} (container {container})"))
+        }
+        (Value::String(namespace), Value::String(pod), None) => {
+            Some(format!("pod {namespace}/{pod}"))
+        }
+        (_, _, Some(container)) => Some(format!("container {container}")),
+        _ => None,
+    }
+}
+
+/// The plain-sentence explanation of one port, from `/ports/{port}`. One
+/// network namespace reads as it always has; several are summarized first,
+/// then each namespace shown gets its own paragraph.
 pub fn render_explanation(port: &Value) -> String {
     let number = text(&port["port"]);
     let listeners = array(&port["listeners"]);
+    let flags = array(&port["flag_details"]);
+    let namespaces = array(&port["namespaces"]);
+    let netns_count = port["netns_count"].as_u64().unwrap_or(0);
     let mut out = String::new();
-    match listeners.len() {
-        0 => {
-            let _ = writeln!(out, "Nothing listens on port {number}.");
-        }
-        1 => {
-            let _ = writeln!(out, "One service listens on port {number}:");
-        }
-        n => {
-            let _ = writeln!(out, "{n} services listen on port {number}:");
-        }
-    }
-    for listener in listeners {
-        let _ = writeln!(out, "  - {}", describe_listener(listener));
-    }
-    let sharing = array(&port["sharing"]);
-    if !sharing.is_empty() {
-        let _ = writeln!(out, "Why they can share the port:");
-        for reason in sharing {
-            let _ = writeln!(out, "  - {}", text(&reason["explanation"]));
-        }
-    }
-    for flag in array(&port["flag_details"]) {
+    if netns_count <= 1 {
+        let flags: Vec<&Value> = flags.iter().collect();
+        render_port_table(
+            &mut out,
+            &number,
+            listeners,
+            array(&port["sharing"]),
+            &flags,
+        );
+    } else {
         let _ = writeln!(
             out,
-            "Note ({}): {}.",
-            text(&flag["flag"]),
-            text(&flag["explanation"])
+            "Port {number} is used in {netns_count} network namespaces: {}.",
+            summary(&port["summary"])
         );
+        let _ = writeln!(
+            out,
+            "Each has its own port table: listeners in different namespaces never share the port or block each other."
+        );
+        for namespace in namespaces {
+            let cookies = array(&namespace["listeners"]);
+            let members: Vec<Value> = listeners
+                .iter()
+                .filter(|l| cookies.contains(&l["cookie"]))
+                .cloned()
+                .collect();
+            let own_flags: Vec<&Value> = flags
+                .iter()
+                .filter(|flag| flag_cookies(flag).any(|c| cookies.contains(c)))
+                .collect();
+            let _ = writeln!(out, "\nIn {}:", namespace_name(namespace));
+            render_port_table(
+                &mut out,
+                &number,
+                &members,
+                array(&namespace["sharing"]),
+                &own_flags,
+            );
+        }
+        if let Some(hidden) = port["namespaces_hidden"].as_u64().filter(|&n| n > 0) {
+            let _ = writeln!(
+                out,
+                "\n{} not shown: nothing is shared or failed there (`portwatch explain {number} --all` lists every one).",
+                plural(hidden, "more namespace")
+            );
+        }
     }
     let localhost = &port["localhost"];
     let order: Vec<String> = array(&localhost["order"]).iter().map(text).collect();
@@ -330,12 +545,13 @@ pub fn render_explanation(port: &Value) -> String {
     out
 }
 
-/// `python3 (pid 12, demo.service)`: a process, and its unit or container
+/// `python3 (pid 12, demo.service)`: a process, and its unit or workload
 /// when known.
 fn who(process: &Value) -> String {
-    let place = [&process["unit"], &process["container"]]
-        .into_iter()
-        .find_map(Value::as_str)
+    let place = process["unit"]
+        .as_str()
+        .map(str::to_owned)
+        .or_else(|| workload(process))
         .map(|place| format!(", {place}"))
         .unwrap_or_default();
     format!(
@@ -382,15 +598,18 @@ fn describe_failure(failure: &Value) -> String {
 
 /// `portwatch failures`.
 pub fn failures(args: &FailuresArgs) -> Result<(), ClientError> {
-    let mut path = format!("/failures?limit={}", args.limit);
-    if let Some(port) = args.port {
-        let _ = write!(path, "&port={port}");
-    }
-    if let Some(errno) = &args.errno {
-        let encoded: String = form_urlencoded::byte_serialize(errno.as_bytes()).collect();
-        let _ = write!(path, "&errno={encoded}");
-    }
-    let value = get(&args.server.server, &path)?;
+    let limit = args.limit.to_string();
+    let port = args.port.map(|port| port.to_string());
+    let pairs = [
+        ("limit", Some(&limit)),
+        ("port", port.as_ref()),
+        ("errno", args.errno.as_ref()),
+        ("pod", args.pod.as_ref()),
+    ];
+    let pairs = pairs
+        .into_iter()
+        .filter_map(|(key, value)| Some((key, value?.as_str())));
+    let value = get(&args.server.server, &with_query("/failures", pairs))?;
     match args.output {
         Output::Json => print(&pretty(&value)),
         Output::Table => {
@@ -524,7 +743,7 @@ mod tests {
             listener(2001, "0.0.0.0:8000", "ipv4", Value::Null),
             listener(2002, "[::]:8000", "ipv6", Value::Bool(true)),
         ];
-        let table = render_listeners(&rows);
+        let table = render_listeners(&rows, None);
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].starts_with("PROTO"), "{table}");
         assert!(
@@ -539,7 +758,7 @@ mod tests {
             !lines[1].contains('?'),
             "v6only is not unknown for IPv4: {table}"
         );
-        assert!(render_listeners(&[]).ends_with("(no listeners)\n"));
+        assert!(render_listeners(&[], None).ends_with("(no listeners)\n"));
     }
 
     #[test]
@@ -571,7 +790,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Note (dual_stack_split)"), "{text}");
-        assert!(text.contains("python3 (pid 3003, app.service) could not bind tcp 0.0.0.0:8000: EADDRINUSE, blocked by a listener of node (pid 2001, 0123abcd)"), "{text}");
+        assert!(text.contains("python3 (pid 3003, app.service) could not bind tcp 0.0.0.0:8000: EADDRINUSE, blocked by a listener of node (pid 2001, container 0123abcd)"), "{text}");
         let empty = render_explanation(
             &json!({"port": 9, "listeners": [], "localhost": {"reaches": null, "order": ["::1"]}}),
         );

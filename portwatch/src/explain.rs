@@ -3,7 +3,7 @@
 //! order is an input, read once with [`localhost_order`]).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs},
 };
 
@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::{
     map::Entry,
     rules::{self, CoexistReason, Fill, Overlap},
+    snapshot::{owners::Place, workload::Workload},
     socket::{Family, NetnsCookie, Protocol, SocketFacts},
 };
 
@@ -78,11 +79,220 @@ pub struct Localhost {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PortExplanation {
     pub port: u16,
-    /// More than one listener holds the port.
+    /// Two or more listeners share one port table: one network namespace.
+    pub shared: bool,
+    /// The network namespaces with a listener on the port, the host's first,
+    /// then by cookie.
+    pub namespaces: Vec<NetnsExplanation>,
+    pub localhost: Localhost,
+}
+
+impl PortExplanation {
+    /// In how many network namespaces the port has a listener.
+    pub fn netns_count(&self) -> usize {
+        self.namespaces.len()
+    }
+
+    /// The sharing reasons of every namespace.
+    pub fn sharing(&self) -> impl Iterator<Item = &Sharing> {
+        self.namespaces.iter().flat_map(|n| &n.sharing)
+    }
+
+    /// The flags of every namespace.
+    pub fn flags(&self) -> impl Iterator<Item = &Flag> {
+        self.namespaces.iter().flat_map(|n| &n.flags)
+    }
+}
+
+/// The listeners of one port in one network namespace, which is one port
+/// table: sharing is judged here and never across namespaces.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NetnsExplanation {
+    pub netns: NetnsCookie,
+    /// The machine's own namespace.
+    pub host: bool,
+    /// Cookies of its listeners, in the order given.
+    pub listeners: Vec<u64>,
+    /// Two or more of them.
     pub shared: bool,
     pub sharing: Vec<Sharing>,
     pub flags: Vec<Flag>,
-    pub localhost: Localhost,
+    /// Where its listeners' owners live, where they all agree (a pod's
+    /// containers share its namespace, so `container` is set only when one
+    /// container holds every listener).
+    pub place: Place,
+    /// The distinct process names holding its listeners, ascending.
+    pub processes: Vec<String>,
+}
+
+/// Explains the listeners of `port`, one network namespace at a time.
+/// `host_netns` is the namespace whose `localhost` the answer is about (the
+/// machine's own).
+pub fn explain(
+    port: u16,
+    listeners: &[&Entry],
+    host_netns: NetnsCookie,
+    localhost: &[IpAddr],
+) -> PortExplanation {
+    let mut by_netns: BTreeMap<(bool, NetnsCookie), Vec<&Entry>> = BTreeMap::new();
+    for entry in listeners {
+        let netns = entry.facts.netns;
+        by_netns
+            .entry((netns != host_netns, netns))
+            .or_default()
+            .push(entry);
+    }
+    let namespaces: Vec<NetnsExplanation> = by_netns
+        .into_iter()
+        .map(|((_, netns), members)| NetnsExplanation {
+            netns,
+            host: netns == host_netns,
+            listeners: cookies(&members),
+            shared: members.len() > 1,
+            sharing: sharing(&members),
+            flags: flags(&members),
+            place: common_place(&members),
+            processes: processes(&members),
+        })
+        .collect();
+    PortExplanation {
+        port,
+        shared: namespaces.iter().any(|n| n.shared),
+        namespaces,
+        localhost: reach(listeners, host_netns, localhost),
+    }
+}
+
+/// How many namespaces a port's answer shows unless asked for all: every
+/// one when there are no more than this, otherwise the host's and those
+/// where something is shared or failed, up to this many.
+pub const NAMESPACES_SHOWN: usize = 8;
+
+/// Which of `namespaces` an answer shows by default (see
+/// [`NAMESPACES_SHOWN`]), as one flag each; `failed` are the namespaces
+/// with a recent failure on the port.
+pub fn worth_showing(namespaces: &[NetnsExplanation], failed: &BTreeSet<NetnsCookie>) -> Vec<bool> {
+    if namespaces.len() <= NAMESPACES_SHOWN {
+        return vec![true; namespaces.len()];
+    }
+    let mut shown = vec![false; namespaces.len()];
+    let ranks: [&dyn Fn(&NetnsExplanation) -> bool; 3] =
+        [&|n| n.host, &|n| n.shared, &|n| failed.contains(&n.netns)];
+    let mut left = NAMESPACES_SHOWN;
+    for rank in ranks {
+        for (i, namespace) in namespaces.iter().enumerate() {
+            if left > 0 && !shown[i] && rank(namespace) {
+                shown[i] = true;
+                left -= 1;
+            }
+        }
+    }
+    shown
+}
+
+/// What the namespaces of a port are, counted: the summary an operator of a
+/// node with hundreds of pods reads first.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NamespaceSummary {
+    /// The host's own namespace is one of them.
+    pub host: bool,
+    /// Namespaces whose listeners all belong to one Kubernetes pod.
+    pub pods: usize,
+    /// Namespaces whose listeners all belong to one container outside a
+    /// known pod.
+    pub containers: usize,
+    /// Other namespaces (no single pod or container is known).
+    pub other: usize,
+    /// The Kubernetes namespaces of those pods, most namespaces first (at
+    /// most [`SUMMARY_NAMES`]).
+    pub pod_namespaces: Vec<NameCount>,
+    /// The processes holding the port, by how many namespaces they hold it
+    /// in, most first (at most [`SUMMARY_NAMES`]).
+    pub processes: Vec<NameCount>,
+}
+
+/// How many names a summary lists at most.
+pub const SUMMARY_NAMES: usize = 10;
+
+/// A name and in how many namespaces it appears.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NameCount {
+    pub name: String,
+    pub namespaces: usize,
+}
+
+/// Counts the kinds of `namespaces`.
+pub fn summarize(namespaces: &[NetnsExplanation]) -> NamespaceSummary {
+    let mut summary = NamespaceSummary::default();
+    let mut pod_namespaces: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut processes: BTreeMap<&str, usize> = BTreeMap::new();
+    for namespace in namespaces {
+        let workload = &namespace.place.workload;
+        if namespace.host {
+            summary.host = true;
+        } else if workload.pod_uid.is_some() {
+            summary.pods += 1;
+            if let Some(name) = &workload.pod_namespace {
+                *pod_namespaces.entry(name).or_default() += 1;
+            }
+        } else if namespace.place.container.is_some() {
+            summary.containers += 1;
+        } else {
+            summary.other += 1;
+        }
+        for process in &namespace.processes {
+            *processes.entry(process).or_default() += 1;
+        }
+    }
+    summary.pod_namespaces = most_first(pod_namespaces);
+    summary.processes = most_first(processes);
+    summary
+}
+
+fn most_first(counts: BTreeMap<&str, usize>) -> Vec<NameCount> {
+    let mut counts: Vec<NameCount> = counts
+        .into_iter()
+        .map(|(name, namespaces)| NameCount {
+            name: name.to_owned(),
+            namespaces,
+        })
+        .collect();
+    // Stable: equal counts stay in name order.
+    counts.sort_by_key(|count| std::cmp::Reverse(count.namespaces));
+    counts.truncate(SUMMARY_NAMES);
+    counts
+}
+
+/// The place the entries' owners share, field by field: a field is known
+/// when every entry that knows it says the same.
+fn common_place(entries: &[&Entry]) -> Place {
+    fn common<T: Clone + PartialEq>(
+        entries: &[&Entry],
+        field: impl Fn(&Place) -> &Option<T>,
+    ) -> Option<T> {
+        let mut known = entries.iter().filter_map(|e| field(&e.place).as_ref());
+        let first = known.next()?;
+        known.all(|value| value == first).then(|| first.clone())
+    }
+    Place {
+        cgroup: common(entries, |p| &p.cgroup),
+        unit: common(entries, |p| &p.unit),
+        container: common(entries, |p| &p.container),
+        workload: Workload {
+            container_name: common(entries, |p| &p.workload.container_name),
+            pod: common(entries, |p| &p.workload.pod),
+            pod_namespace: common(entries, |p| &p.workload.pod_namespace),
+            pod_uid: common(entries, |p| &p.workload.pod_uid),
+        },
+    }
+}
+
+fn processes(entries: &[&Entry]) -> Vec<String> {
+    let names: BTreeSet<&str> = entries
+        .iter()
+        .flat_map(|e| e.holders.iter().map(|h| h.process.as_str()))
+        .collect();
+    names.into_iter().map(str::to_owned).collect()
 }
 
 /// The addresses of `localhost` in the order this machine's resolver returns
@@ -106,23 +316,6 @@ pub fn localhost_order() -> Vec<IpAddr> {
     order
 }
 
-/// Explains the listeners of `port`. `host_netns` is the network namespace
-/// whose `localhost` the answer is about (the machine's own).
-pub fn explain(
-    port: u16,
-    listeners: &[&Entry],
-    host_netns: NetnsCookie,
-    localhost: &[IpAddr],
-) -> PortExplanation {
-    PortExplanation {
-        port,
-        shared: listeners.len() > 1,
-        sharing: sharing(listeners),
-        flags: flags(listeners),
-        localhost: reach(listeners, host_netns, localhost),
-    }
-}
-
 /// Listeners that share one (netns, protocol, family, address): a group that
 /// can only coexist through SO_REUSEPORT (or UDP SO_REUSEADDR).
 type GroupKey = (NetnsCookie, Protocol, Family, IpAddr);
@@ -139,6 +332,13 @@ fn groups<'a>(listeners: &[&'a Entry]) -> BTreeMap<GroupKey, Vec<&'a Entry>> {
     groups
 }
 
+/// A reason between groups, and the protocol it is about (none for
+/// different protocols).
+type BetweenKey = (CoexistReason, Option<Protocol>);
+
+/// Why the listeners of one network namespace coexist, in at most one entry
+/// per group and one per (reason, protocol) between groups: the answer grows
+/// with the listeners, not with their pairs.
 fn sharing(listeners: &[&Entry]) -> Vec<Sharing> {
     let groups: Vec<Vec<&Entry>> = groups(listeners).into_values().collect();
     let mut out = Vec::new();
@@ -148,22 +348,41 @@ fn sharing(listeners: &[&Entry]) -> Vec<Sharing> {
             out.push(Sharing {
                 explanation: kind.explanation().to_string(),
                 kind,
-                listeners: group.iter().map(|e| e.facts.cookie).collect(),
+                listeners: cookies(group),
             });
         }
     }
-    // Between groups: one reason per pair of groups (their first members).
+    // Between groups (their first members): the pairs with one reason are
+    // one entry. Different protocols are one entry whatever the protocols;
+    // any other reason is one entry per protocol.
+    let mut between: Vec<(BetweenKey, Vec<u64>)> = Vec::new();
     for (i, a) in groups.iter().enumerate() {
         for b in &groups[i + 1..] {
-            if let Some(kind) = rules::why_coexist(&a[0].facts, &b[0].facts) {
-                out.push(Sharing {
-                    explanation: kind.explanation().to_string(),
-                    kind,
-                    listeners: vec![a[0].facts.cookie, b[0].facts.cookie],
-                });
+            let Some(kind) = rules::why_coexist(&a[0].facts, &b[0].facts) else {
+                continue;
+            };
+            let protocol =
+                (kind != CoexistReason::DifferentProtocol).then_some(a[0].facts.protocol);
+            let at = match between.iter().position(|(key, _)| *key == (kind, protocol)) {
+                Some(at) => at,
+                None => {
+                    between.push(((kind, protocol), Vec::new()));
+                    between.len() - 1
+                }
+            };
+            let members = &mut between[at].1;
+            for cookie in [a[0].facts.cookie, b[0].facts.cookie] {
+                if !members.contains(&cookie) {
+                    members.push(cookie);
+                }
             }
         }
     }
+    out.extend(between.into_iter().map(|((kind, _), listeners)| Sharing {
+        explanation: kind.explanation().to_string(),
+        kind,
+        listeners,
+    }));
     out
 }
 
@@ -375,11 +594,11 @@ mod tests {
         assert_eq!(found.localhost.reaches, Some(2));
         assert_eq!(found.localhost.via, Some(LOCALHOST[0]));
         assert_eq!(
-            found.flags.iter().map(Flag::name).collect::<Vec<_>>(),
+            found.flags().map(Flag::name).collect::<Vec<_>>(),
             ["dual_stack_split"]
         );
-        assert_eq!(found.sharing.len(), 1);
-        assert_eq!(found.sharing[0].listeners, [1, 2]);
+        assert_eq!(found.sharing().count(), 1);
+        assert_eq!(found.sharing().next().unwrap().listeners, [1, 2]);
     }
 
     #[test]
@@ -412,7 +631,7 @@ mod tests {
         let lo = entry(2, 2, "127.0.0.1", None, false);
         let found = explain(8000, &[&wild, &lo], 1, &[LOCALHOST[1]]);
         assert_eq!(found.localhost.reaches, Some(2));
-        let names: Vec<&str> = found.flags.iter().map(Flag::name).collect();
+        let names: Vec<&str> = found.flags().map(Flag::name).collect();
         assert_eq!(names, ["wildcard_and_specific"]);
     }
 
@@ -422,9 +641,9 @@ mod tests {
         let b = entry(2, 11, "127.0.0.1", None, true);
         let c = entry(3, 12, "127.0.0.1", None, true);
         let found = explain(8000, &[&a, &b, &c], 1, &LOCALHOST);
-        assert_eq!(found.sharing.len(), 1);
-        assert_eq!(found.sharing[0].listeners, [1, 2, 3]);
-        match &found.flags[..] {
+        assert_eq!(found.sharing().count(), 1);
+        assert_eq!(found.sharing().next().unwrap().listeners, [1, 2, 3]);
+        match &found.flags().collect::<Vec<_>>()[..] {
             [
                 Flag::ReuseportGroup {
                     members,
@@ -442,7 +661,12 @@ mod tests {
     fn same_process_on_both_families_is_not_a_split() {
         let v4 = entry(1, 7, "0.0.0.0", None, false);
         let v6 = entry(2, 7, "::", Some(true), false);
-        assert!(explain(8000, &[&v4, &v6], 1, &LOCALHOST).flags.is_empty());
+        assert!(
+            explain(8000, &[&v4, &v6], 1, &LOCALHOST)
+                .flags()
+                .next()
+                .is_none()
+        );
     }
 
     #[test]
@@ -465,7 +689,7 @@ mod tests {
         let lo = entry(2, 1, "127.0.0.1", None, false);
         let found = explain(8000, &[&wild, &lo], 1, &[LOCALHOST[1]]);
         assert_eq!(found.localhost.reaches, Some(2), "specific beats wildcard");
-        match &found.flags[..] {
+        match &found.flags().collect::<Vec<_>>()[..] {
             [
                 Flag::WildcardAndSpecific {
                     wildcard, specific, ..
@@ -480,5 +704,103 @@ mod tests {
         let order = localhost_order();
         assert!(!order.is_empty());
         assert!(order.iter().all(|a| a.is_loopback()), "{order:?}");
+    }
+
+    #[test]
+    fn namespaces_are_separate_port_tables() {
+        // The seed pair in the host, and a lone copy of each in two pods.
+        let v4 = entry(1, 1, "0.0.0.0", None, false);
+        let v6 = entry(2, 2, "::", Some(true), false);
+        let mut pod_a = entry(3, 3, "0.0.0.0", None, false);
+        pod_a.facts.netns = 7;
+        pod_a.place.workload.pod_uid = Some("uid-a".into());
+        pod_a.place.workload.pod_namespace = Some("shop".into());
+        let mut pod_b = entry(4, 4, "::", Some(true), false);
+        pod_b.facts.netns = 5;
+        let found = explain(8000, &[&pod_a, &v4, &pod_b, &v6], 1, &LOCALHOST);
+        assert!(found.shared);
+        assert_eq!(found.netns_count(), 3);
+        let netns: Vec<(u64, bool, bool)> = found
+            .namespaces
+            .iter()
+            .map(|n| (n.netns, n.host, n.shared))
+            .collect();
+        assert_eq!(
+            netns,
+            [(1, true, true), (5, false, false), (7, false, false)]
+        );
+        // Only the host's pair is explained; nothing across namespaces.
+        let sharing: Vec<(CoexistReason, Vec<u64>)> = found
+            .sharing()
+            .map(|s| (s.kind, s.listeners.clone()))
+            .collect();
+        assert_eq!(sharing, [(CoexistReason::V6onlySplit, vec![1, 2])]);
+        let summary = summarize(&found.namespaces);
+        assert_eq!(
+            (
+                summary.host,
+                summary.pods,
+                summary.containers,
+                summary.other
+            ),
+            (true, 1, 0, 1)
+        );
+        assert_eq!(summary.pod_namespaces[0].name, "shop");
+        let alone = explain(8000, &[&pod_a, &pod_b], 1, &LOCALHOST);
+        assert!(
+            !alone.shared,
+            "the same port in two namespaces is not shared"
+        );
+    }
+
+    #[test]
+    fn sharing_grows_with_groups_not_pairs() {
+        // 40 specific addresses on one port: one `different_address` entry
+        // naming all 40, not 780 pairs.
+        let entries: Vec<Entry> = (1..=40)
+            .map(|i| entry(i, i as u32, &format!("127.0.0.{i}"), None, false))
+            .collect();
+        let refs: Vec<&Entry> = entries.iter().collect();
+        let found = explain(8000, &refs, 1, &LOCALHOST);
+        let sharing: Vec<&Sharing> = found.sharing().collect();
+        assert_eq!(sharing.len(), 1, "{sharing:?}");
+        assert_eq!(sharing[0].kind, CoexistReason::DifferentAddress);
+        assert_eq!(sharing[0].listeners, (1..=40).collect::<Vec<u64>>());
+    }
+
+    #[test]
+    fn past_the_limit_the_host_and_the_eventful_namespaces_are_shown() {
+        let mut entries: Vec<Entry> = (1..=20)
+            .map(|i| {
+                let mut e = entry(i, i as u32, "0.0.0.0", None, false);
+                e.facts.netns = i + 100;
+                e
+            })
+            .collect();
+        let few: Vec<&Entry> = entries[..NAMESPACES_SHOWN].iter().collect();
+        let found = explain(8000, &few, 1, &LOCALHOST);
+        assert!(
+            worth_showing(&found.namespaces, &BTreeSet::new())
+                .iter()
+                .all(|&s| s)
+        );
+        // A host listener, a shared namespace (a reuseport pair in 105) and
+        // a failure in 112.
+        entries[0].facts.netns = 1;
+        let mut twin = entry(99, 5, "0.0.0.0", None, true);
+        twin.facts.netns = 105;
+        entries[4].facts.options.reuse_port = Some(true);
+        entries.push(twin);
+        let refs: Vec<&Entry> = entries.iter().collect();
+        let found = explain(8000, &refs, 1, &LOCALHOST);
+        let shown = worth_showing(&found.namespaces, &BTreeSet::from([112]));
+        let names: Vec<u64> = found
+            .namespaces
+            .iter()
+            .zip(&shown)
+            .filter(|(_, shown)| **shown)
+            .map(|(n, _)| n.netns)
+            .collect();
+        assert_eq!(names, [1, 105, 112]);
     }
 }

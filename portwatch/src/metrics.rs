@@ -31,7 +31,7 @@ use crate::{
     health::DIAG_MODULES,
     map::Drift,
     rules::{self, CoexistReason},
-    socket::{Family, Protocol, SocketFacts},
+    socket::{Family, NetnsCookie, Protocol, SocketFacts},
     state::{Counters, ExpectedListener, PortLabel, State, WatchStats},
     watch::SharedState,
 };
@@ -204,15 +204,24 @@ const LISTENERS: Spec = Spec {
 };
 const SHARED_PORTS: Spec = Spec {
     name: "portwatch_shared_ports",
-    help: "Ports held by more than one listener.",
+    help: "Ports held by more than one listener in one network namespace (one port \
+           table); the same port in separate namespaces is not sharing.",
     labels: &[],
     kind: Kind::Gauge,
 };
 const PORT_SHARED: Spec = Spec {
     name: "portwatch_port_shared",
-    help: "1 for each reason (kind) the listeners of a shared port coexist, as \
-           /ports/{port} explains them.",
+    help: "1 for each reason (kind) the listeners of a shared port coexist within \
+           a network namespace, as /ports/{port} explains them.",
     labels: &["port", "protocol", "kind"],
+    kind: Kind::Gauge,
+};
+const PORT_NAMESPACES: Spec = Spec {
+    name: "portwatch_port_namespaces",
+    help: "How many network namespaces have a listener on the port, by protocol; for \
+           ports below the host's ephemeral range (net.ipv4.ip_local_port_range) only, \
+           so that the series stay few.",
+    labels: &["port", "protocol"],
     kind: Kind::Gauge,
 };
 const PROGRAM_ATTACHED: Spec = Spec {
@@ -450,6 +459,8 @@ struct Reading {
     ready: bool,
     /// Every listener (a copy of a few dozen bytes each).
     listeners: Vec<SocketFacts>,
+    /// The first port of the host's ephemeral range.
+    ephemeral_floor: u16,
     expected: Vec<(ExpectedListener, usize)>,
     /// The modules a failing listing lacks; `None` while listings work.
     listing_missing: Option<Vec<&'static str>>,
@@ -469,6 +480,7 @@ impl Reading {
                 .listeners()
                 .map(|entry| entry.facts.clone())
                 .collect(),
+            ephemeral_floor: state.ephemeral_floor,
             expected: state.expected_counts(),
             listing_missing: state
                 .listing
@@ -570,7 +582,8 @@ impl Reading {
                 .map(|(kind, n)| (vec![kind.to_owned()], n)),
         );
 
-        let [listeners, shared_ports, port_shared] = listener_samples(self.listeners);
+        let [listeners, shared_ports, port_shared, port_namespaces] =
+            listener_samples(self.listeners, self.ephemeral_floor);
         let hooks: BTreeSet<(&str, &str)> = self.hooks.into_iter().collect();
         let attached = Samples::of(
             &PROGRAM_ATTACHED,
@@ -604,6 +617,7 @@ impl Reading {
             listeners,
             shared_ports,
             port_shared,
+            port_namespaces,
             attached,
             Samples::of(&BUILD_INFO, [(build_info, 1)]),
             Samples::of(&READY, [(vec![], u64::from(self.ready))]),
@@ -637,19 +651,25 @@ impl Reading {
     }
 }
 
-/// `portwatch_listeners`, `portwatch_shared_ports` and `portwatch_port_shared`
-/// from every listener, port by port.
-fn listener_samples(mut all: Vec<SocketFacts>) -> [Samples; 3] {
+/// `portwatch_listeners`, `portwatch_shared_ports`, `portwatch_port_shared`
+/// and `portwatch_port_namespaces` from every listener, port by port.
+fn listener_samples(mut all: Vec<SocketFacts>, ephemeral_floor: u16) -> [Samples; 4] {
     let mut listeners = Samples::new(&LISTENERS);
     let mut shared_ports = 0;
     let mut port_shared = Samples::new(&PORT_SHARED);
+    let mut port_namespaces = Samples::new(&PORT_NAMESPACES);
     // Within a port, the order `explain` sees (`PortMap::listeners_on`).
     all.sort_unstable_by_key(|f| (f.port, f.netns, f.protocol, f.family, f.address, f.cookie));
     for on_port in all.chunk_by(|a, b| a.port == b.port) {
         let port = on_port[0].port.to_string();
         let mut counts: BTreeMap<(Protocol, Family), u64> = BTreeMap::new();
+        let mut namespaces: BTreeMap<Protocol, BTreeSet<NetnsCookie>> = BTreeMap::new();
         for facts in on_port {
             *counts.entry((facts.protocol, facts.family)).or_default() += 1;
+            namespaces
+                .entry(facts.protocol)
+                .or_default()
+                .insert(facts.netns);
         }
         for ((protocol, family), n) in counts {
             let labels = vec![
@@ -659,27 +679,37 @@ fn listener_samples(mut all: Vec<SocketFacts>) -> [Samples; 3] {
             ];
             listeners.push(labels, n);
         }
-        if on_port.len() > 1 {
-            shared_ports += 1;
-            for (protocol, kind) in sharing_kinds(on_port) {
-                let labels = vec![
-                    port.clone(),
-                    protocol.name().to_owned(),
-                    kind.name().to_owned(),
-                ];
-                port_shared.push(labels, 1);
+        if on_port[0].port < ephemeral_floor {
+            for (protocol, netns) in namespaces {
+                let labels = vec![port.clone(), protocol.name().to_owned()];
+                port_namespaces.push(labels, netns.len() as u64);
             }
+        }
+        let kinds = sharing_kinds(on_port);
+        if on_port
+            .chunk_by(|a, b| a.netns == b.netns)
+            .any(|n| n.len() > 1)
+        {
+            shared_ports += 1;
+        }
+        for (protocol, kind) in kinds {
+            let labels = vec![
+                port.clone(),
+                protocol.name().to_owned(),
+                kind.name().to_owned(),
+            ];
+            port_shared.push(labels, 1);
         }
     }
     let shared_ports = Samples::of(&SHARED_PORTS, [(vec![], shared_ports)]);
-    [listeners, shared_ports, port_shared]
+    [listeners, shared_ports, port_shared, port_namespaces]
 }
 
 /// The reasons `explain` gives for the listeners of one port to coexist, with
 /// the protocols of the listeners each covers: the same set as its `sharing`
-/// list, without comparing every pair across network namespaces (any two
-/// listeners in different namespaces coexist for that reason alone), so that
-/// 500 containers on one port cost 500 steps, not 125,000 explanations.
+/// lists. Only listeners of one network namespace are compared (separate
+/// namespaces are separate port tables), so that 500 containers on one port
+/// cost 500 steps, not 125,000 comparisons.
 /// `listeners` must be in the map's order ([`crate::map::PortMap::listeners_on`]).
 fn sharing_kinds(listeners: &[SocketFacts]) -> HashSet<(Protocol, CoexistReason)> {
     // In the map's order, the listeners of one (netns, protocol, family,
@@ -701,11 +731,6 @@ fn sharing_kinds(listeners: &[SocketFacts]) -> HashSet<(Protocol, CoexistReason)
                 kinds.insert((a.protocol, kind));
                 kinds.insert((b.protocol, kind));
             }
-        }
-    }
-    if firsts.iter().any(|facts| facts.netns != firsts[0].netns) {
-        for facts in &firsts {
-            kinds.insert((facts.protocol, CoexistReason::DifferentNetns));
         }
     }
     kinds
@@ -912,6 +937,48 @@ mod tests {
         assert_eq!(text.matches("portwatch_port_shared{").count(), 4, "{text}");
         assert!(!text.contains(r#"port="7000""#), "{text}");
         assert!(!text.contains(r#"port="9000",protocol="tcp",kind"#));
+    }
+
+    #[test]
+    fn one_port_in_many_namespaces_is_counted_not_shared() {
+        let mut state = State::new(100, 1000);
+        state.ephemeral_floor = 32768;
+        let wildcard4 = v4([0, 0, 0, 0]);
+        for (cookie, port) in (1..=3).flat_map(|netns| [(netns, 8080), (netns + 10, 40000)]) {
+            let mut bind = event(EventKind::Bind, cookie, Protocol::Tcp, wildcard4, port);
+            bind.netns = Some(cookie % 10);
+            listen(&mut state, bind);
+        }
+        let shared = Arc::new(RwLock::new(state));
+        let metrics = Metrics::new(shared.clone(), build()).expect("metrics");
+        let text = metrics.render();
+        for line in [
+            "portwatch_shared_ports 0",
+            r#"portwatch_port_namespaces{port="8080",protocol="tcp"} 3"#,
+        ] {
+            assert_line(&text, line);
+        }
+        assert!(!text.contains("portwatch_port_shared{"), "{text}");
+        // In the ephemeral range: no series.
+        assert!(
+            !text.contains(r#"portwatch_port_namespaces{port="40000""#),
+            "{text}"
+        );
+
+        // A second listener in one namespace's table is sharing, there alone.
+        let mut bind = event(EventKind::Bind, 4, Protocol::Udp, wildcard4, 8080);
+        bind.netns = Some(2);
+        listen(&mut shared.write().unwrap(), bind);
+        let text = metrics.render();
+        for line in [
+            "portwatch_shared_ports 1",
+            r#"portwatch_port_shared{kind="different_protocol",port="8080",protocol="tcp"} 1"#,
+            r#"portwatch_port_shared{kind="different_protocol",port="8080",protocol="udp"} 1"#,
+            r#"portwatch_port_namespaces{port="8080",protocol="udp"} 1"#,
+        ] {
+            assert_line(&text, line);
+        }
+        assert!(!text.contains("different_netns"), "{text}");
     }
 
     #[test]
@@ -1134,8 +1201,7 @@ mod tests {
             let explained = explain::explain(8000, &refs, 1, &[]);
             let protocol_of = |cookie: u64| listeners.iter().find(|f| f.cookie == cookie).unwrap().protocol;
             let expected: HashSet<(Protocol, CoexistReason)> = explained
-                .sharing
-                .iter()
+                .sharing()
                 .flat_map(|sharing| sharing.listeners.iter().map(|&c| (protocol_of(c), sharing.kind)))
                 .collect();
             prop_assert_eq!(sharing_kinds(&listeners), expected);

@@ -172,6 +172,9 @@ pub struct State {
     pub host_netns: NetnsCookie,
     /// The order in which this machine's clients try `localhost`.
     pub localhost: Vec<IpAddr>,
+    /// The first port of the host's ephemeral range: the ports below it are
+    /// the ones services choose.
+    pub ephemeral_floor: u16,
     /// Ports that should always have a listener in `host_netns`.
     pub expected: Vec<ExpectedListener>,
     /// What the kernel's conflict rules do where kernels differ, as probed
@@ -180,6 +183,18 @@ pub struct State {
     /// The sock_diag listing's failure while it fails (`None` once one
     /// works): the daemon then sees live events only.
     pub listing: Option<ListingFailure>,
+}
+
+/// Linux's default first ephemeral port (`net.ipv4.ip_local_port_range`).
+pub const LINUX_EPHEMERAL_FLOOR: u16 = 32768;
+
+/// The first port of `/proc/sys/net/ipv4/ip_local_port_range` (`LOW\tHIGH`).
+pub fn ephemeral_floor(range: &str) -> Option<u16> {
+    let mut bounds = range.split_whitespace().map(str::parse::<u16>);
+    match (bounds.next(), bounds.next(), bounds.next()) {
+        (Some(Ok(low)), Some(Ok(high)), None) if low <= high => Some(low),
+        _ => None,
+    }
 }
 
 impl State {
@@ -195,6 +210,7 @@ impl State {
             ready: false,
             host_netns: 0,
             localhost: Vec::new(),
+            ephemeral_floor: LINUX_EPHEMERAL_FLOOR,
             expected: Vec::new(),
             kernel: KernelRules::UNKNOWN,
             listing: None,
@@ -314,5 +330,14 @@ mod tests {
         assert_eq!(counts, [1, 0], "tcp in netns 1 only; no udp");
         state.host_netns = 0;
         assert_eq!(state.expected_counts()[0].1, 2, "unknown namespace: all");
+    }
+
+    #[test]
+    fn the_ephemeral_floor_is_the_range_s_first_port() {
+        assert_eq!(ephemeral_floor("32768\t60999\n"), Some(32768));
+        assert_eq!(ephemeral_floor("1024 65535"), Some(1024));
+        for bad in ["", "32768", "60999 32768", "a b", "1 2 3", "70000 70001"] {
+            assert_eq!(ephemeral_floor(bad), None, "{bad:?}");
+        }
     }
 }

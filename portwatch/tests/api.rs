@@ -323,7 +323,7 @@ async fn ports_lists_every_port_with_its_listeners() {
         .ok_json();
     assert_eq!(cookies(&v6["ports"][0]["listeners"]), [NODE_V6.cookie]);
     let elsewhere = get(&api.router, "/ports?netns=1").await.ok_json();
-    assert_eq!(elsewhere, json!({"ports": []}));
+    assert_eq!(elsewhere, json!({"host_netns": HOST, "ports": []}));
 }
 
 #[tokio::test]
@@ -424,8 +424,13 @@ async fn a_port_nobody_holds_is_empty_not_missing() {
         body,
         json!({
             "port": 1234,
+            "host_netns": HOST,
             "listeners": [],
             "shared": false,
+            "netns_count": 0,
+            "namespaces": [],
+            "namespaces_hidden": 0,
+            "summary": {"host": false, "pods": 0, "containers": 0, "other": 0, "pod_namespaces": [], "processes": []},
             "sharing": [],
             "flags": [],
             "flag_details": [],
@@ -433,6 +438,181 @@ async fn a_port_nobody_holds_is_empty_not_missing() {
             "recent_failures": [],
         })
     );
+}
+
+/// `sock` bound and listening in network namespace `netns`.
+fn listen_in(state: &mut State, sock: &Sock, netns: u64, secs: u64) {
+    for kind in [EventKind::Bind, EventKind::Listen] {
+        let mut event = sock.event(kind, secs);
+        event.netns = Some(netns);
+        state.map.apply(&event, at(secs));
+    }
+}
+
+/// A container host: `pods` network namespaces, each with one pod's process
+/// listening on `0.0.0.0:8080`, besides the fixture's host namespace.
+fn pod_host(pods: u64) -> State {
+    let mut state = fixture();
+    for i in 0..pods {
+        let sock = Sock {
+            pid: 10_000 + i as u32,
+            process: "python3",
+            port: 8080,
+            cookie: 100_000 + i,
+            ..NODE_V4
+        };
+        listen_in(&mut state, &sock, HOST + 1 + i, 30);
+        let namespace = if i % 3 == 0 { "shop" } else { "web" };
+        let uid = format!("6b1e4f2a-3c1d-4e5f-9a8b-{:012x}", i);
+        let mut place = Place::from_cgroups(&format!(
+            "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{:064x}.scope\n",
+            uid.replace('-', "_"),
+            i
+        ));
+        place.workload.pod = Some(format!("app-{i}"));
+        place.workload.pod_namespace = Some(namespace.into());
+        place.workload.pod_uid = Some(uid);
+        place.workload.container_name = Some("app".into());
+        state.map.set_place(100_000 + i, place);
+    }
+    state
+}
+
+#[tokio::test]
+async fn two_hundred_pods_on_one_port_are_two_hundred_port_tables_not_sharing() {
+    let api = api_with(pod_host(200), 64);
+    let response = get(&api.router, "/ports/8080").await;
+    let body = response.ok_json();
+    assert!(
+        response.body.len() <= 64 * 1024,
+        "{} bytes by default",
+        response.body.len()
+    );
+    assert_eq!(body["netns_count"], 200);
+    assert_eq!(body["shared"], false);
+    assert_eq!(body["sharing"], json!([]));
+    // Past 8 namespaces, only those worth showing (none here: no host
+    // listener, nothing shared or failed); the rest are counted.
+    assert_eq!(body["namespaces"], json!([]));
+    assert_eq!(body["namespaces_hidden"], 200);
+    assert_eq!(body["summary"]["pods"], 200);
+    assert_eq!(
+        body["summary"]["pod_namespaces"],
+        json!([{"name": "web", "namespaces": 133}, {"name": "shop", "namespaces": 67}])
+    );
+    assert_eq!(
+        body["summary"]["processes"],
+        json!([{"name": "python3", "namespaces": 200}])
+    );
+
+    // Every namespace on request: one group each, none shared.
+    let all = get(&api.router, "/ports/8080?all=true").await.ok_json();
+    let groups = all["namespaces"].as_array().unwrap();
+    assert_eq!(groups.len(), 200);
+    assert_eq!(all["listeners"].as_array().unwrap().len(), 200);
+    assert_eq!(all["namespaces_hidden"], 0);
+    for group in groups {
+        assert_eq!(group["shared"], false, "{group}");
+        assert_eq!(group["sharing"], json!([]), "{group}");
+        assert_eq!(group["host"], false, "{group}");
+        assert!(
+            group["pod"].as_str().unwrap().starts_with("app-"),
+            "{group}"
+        );
+        assert_eq!(group["container_name"], "app", "{group}");
+    }
+    // `/ports` says the same of 8080.
+    let list = get(&api.router, "/ports").await.ok_json();
+    let summary = list["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["port"] == 8080)
+        .unwrap();
+    assert_eq!(
+        (summary["shared"].clone(), summary["netns_count"].clone()),
+        (json!(false), json!(200))
+    );
+
+    // One pod adds a second listener to its own port table: that namespace
+    // alone is shared, and it is shown with its reuseport reason.
+    {
+        let mut state = api.state.write().unwrap();
+        // The first listener of the pod's process is replaced by two with
+        // SO_REUSEPORT; the second one's place is not known yet.
+        let place = state.map.get(100_007).unwrap().place.clone();
+        state.map.apply(
+            &Sock {
+                pid: 10_007,
+                port: 8080,
+                cookie: 100_007,
+                ..NODE_V4
+            }
+            .event(EventKind::Close, 40),
+            at(40),
+        );
+        for cookie in [300_007, 200_007] {
+            let sock = Sock {
+                pid: 10_007,
+                process: "python3",
+                port: 8080,
+                cookie,
+                reuse_port: true,
+                ..NODE_V4
+            };
+            listen_in(&mut state, &sock, HOST + 1 + 7, 40);
+        }
+        state.map.set_place(300_007, place);
+    }
+    let body = get(&api.router, "/ports/8080").await.ok_json();
+    assert_eq!(body["shared"], true);
+    assert_eq!(body["netns_count"], 200);
+    let shown = body["namespaces"].as_array().unwrap();
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert_eq!(shown[0]["netns"], HOST + 8);
+    assert_eq!(shown[0]["shared"], true);
+    assert_eq!(shown[0]["sharing"][0]["kind"], "reuse_port_group");
+    assert_eq!(
+        shown[0]["sharing"][0]["listeners"],
+        json!([200_007, 300_007])
+    );
+    assert_eq!(body["sharing"].as_array().unwrap().len(), 1);
+    assert_eq!(body["namespaces_hidden"], 199);
+    assert_eq!(body["listeners"].as_array().unwrap().len(), 2);
+
+    // `portwatch explain 8080` reads it as a summary, then the one namespace
+    // where something is shared.
+    let text = portwatch::client::render_explanation(&body);
+    eprintln!("{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() <= 40, "{} lines:\n{text}", lines.len());
+    assert!(
+        lines[0].starts_with(
+            "Port 8080 is used in 200 network namespaces: 200 pods (by Kubernetes namespace: web 133, shop 67); held by python3 in 200."
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "\nIn pod web/app-7 (container app), netns 4026531848:\n2 services listen on port 8080:"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("199 more namespaces not shown"), "{text}");
+
+    // A pod by name, alone or with its namespace.
+    let pod = get(&api.router, "/ports/8080?pod=shop/app-9")
+        .await
+        .ok_json();
+    assert_eq!(pod["netns_count"], 1);
+    assert_eq!(pod["listeners"][0]["pod"], "app-9");
+    assert_eq!(pod["listeners"][0]["pod_namespace"], "shop");
+    let wrong = get(&api.router, "/ports/8080?pod=web/app-9")
+        .await
+        .ok_json();
+    assert_eq!(wrong["netns_count"], 0);
+    let bad = get(&api.router, "/ports/8080?pod=App_9").await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.text());
 }
 
 #[tokio::test]

@@ -75,17 +75,12 @@ fn explanation(watcher: &Watcher, port: u16) -> PortExplanation {
 }
 
 fn flags(watcher: &Watcher, port: u16) -> Vec<&'static str> {
-    explanation(watcher, port)
-        .flags
-        .iter()
-        .map(Flag::name)
-        .collect()
+    explanation(watcher, port).flags().map(Flag::name).collect()
 }
 
 fn sharing(watcher: &Watcher, port: u16) -> Vec<CoexistReason> {
     explanation(watcher, port)
-        .sharing
-        .iter()
+        .sharing()
         .map(|s| s.kind)
         .collect()
 }
@@ -334,8 +329,7 @@ async fn so_reuseport_twice_is_a_named_group() {
     .await;
     let explanation = explanation(&watcher, 8000);
     let group = explanation
-        .flags
-        .iter()
+        .flags()
         .find_map(|f| match f {
             Flag::ReuseportGroup {
                 members,

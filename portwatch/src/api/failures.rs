@@ -28,6 +28,7 @@ pub const MAX_LIMIT: usize = 10_000;
         ("errno" = Option<String>, Query, description = "only this errno: a name (EADDRINUSE) or a number"),
         ("since" = Option<String>, Query, description = "only failures at or after this time: RFC 3339 or Unix seconds"),
         ("protocol" = Option<String>, Query, description = "tcp, udp, udplite, sctp or mptcp"),
+        ("pod" = Option<String>, Query, description = "only failures of this Kubernetes pod: NAME, or NAMESPACE/NAME"),
         ("limit" = Option<usize>, Query, description = "at most this many, 1 to 10000 (default 100)", minimum = 1, maximum = 10000),
     ),
     responses(
@@ -41,12 +42,13 @@ pub async fn list(
 ) -> Result<Json<FailureList>, ApiError> {
     let query = Query::parse(
         raw.as_deref(),
-        &["port", "errno", "since", "protocol", "limit"],
+        &["port", "errno", "since", "protocol", "pod", "limit"],
     )?;
     let port = query.opt("port", params::port)?;
     let errno = query.opt("errno", params::errno)?;
     let since = query.opt("since", params::since)?;
     let protocol = query.opt("protocol", params::protocol)?;
+    let pod = query.opt("pod", params::pod)?;
     let limit = query
         .opt("limit", params::limit(MAX_LIMIT))?
         .unwrap_or(DEFAULT_LIMIT);
@@ -60,6 +62,9 @@ pub async fn list(
                     && errno.is_none_or(|e| ev.errno == Some(e))
                     && since.is_none_or(|t| f.time >= t)
                     && protocol.is_none_or(|p| ev.protocol == p)
+                    && pod
+                        .as_ref()
+                        .is_none_or(|pod| pod.matches(&f.place.workload))
             })
             .take(limit)
             .map(FailureView::of)

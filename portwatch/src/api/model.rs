@@ -11,11 +11,11 @@ use utoipa::ToSchema;
 pub use crate::failures::BlockerHolder;
 use crate::{
     event::{Errno, EventKind, Family, Protocol},
-    explain::{Flag, Sharing},
+    explain::{Flag, NamespaceSummary, Sharing},
     failures::{self, Failure},
     map::{Entry, PortMap},
     rules::{self, ConflictReason, InvalidRequest, Overlap},
-    snapshot::workload::Workload,
+    snapshot::{owners::Place, workload::Workload},
     socket::SockState,
     trace::rfc3339,
 };
@@ -139,6 +139,8 @@ impl Listener {
 /// `GET /ports`.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct PortList {
+    /// The cookie of the machine's own network namespace (0 if unknown).
+    pub host_netns: u64,
     /// Every port with at least one listener (matching the filters), ascending.
     pub ports: Vec<PortSummary>,
 }
@@ -148,19 +150,39 @@ pub struct PortList {
 pub struct PortSummary {
     pub port: u16,
     pub listeners: Vec<Listener>,
-    /// More than one listener holds the port.
+    /// Two or more of those listeners are in one network namespace (one
+    /// port table).
     pub shared: bool,
+    /// In how many network namespaces those listeners are.
+    pub netns_count: usize,
 }
 
-/// `GET /ports/{port}`: the port's listeners and why they coexist.
+/// `GET /ports/{port}`: the port's listeners, one network namespace (one
+/// port table) at a time, and why they coexist there.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct PortDetail {
     pub port: u16,
-    /// The listeners matching the filters (all of them without filters).
+    /// The cookie of the machine's own network namespace (0 if unknown).
+    pub host_netns: u64,
+    /// The listeners of the namespaces shown (`namespaces`) matching the
+    /// filters: all of them when there are few namespaces or with `all=true`.
     pub listeners: Vec<Listener>,
-    /// More than one of those listeners.
+    /// Two or more listeners share one namespace's port table, in any
+    /// namespace matching the filters (shown or not).
     pub shared: bool,
-    /// Why those listeners may share the port: one entry per rule and group.
+    /// In how many network namespaces the port has a matching listener.
+    pub netns_count: usize,
+    /// Per network namespace shown, the host's first: who it is, its
+    /// listeners and why they coexist.
+    pub namespaces: Vec<NamespaceView>,
+    /// How many namespaces with a matching listener are not shown (ask with
+    /// `all=true`, or filter with `netns` or `pod`).
+    pub namespaces_hidden: usize,
+    /// What all those namespaces are, counted (shown or not).
+    #[schema(value_type = Object)]
+    pub summary: NamespaceSummary,
+    /// Why the listeners shown may share the port, within their namespace:
+    /// one entry per rule and group (the `sharing` of every namespace shown).
     #[schema(value_type = Vec<SharingDoc>)]
     pub sharing: Vec<Sharing>,
     /// Names of the surprises among those listeners (`dual_stack_split`,
@@ -175,6 +197,33 @@ pub struct PortDetail {
     /// The latest failed binds and listens on this port (matching the
     /// filters), newest first, at most 20.
     pub recent_failures: Vec<FailureView>,
+}
+
+/// One network namespace of a port: one port table.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct NamespaceView {
+    /// Network namespace cookie.
+    pub netns: u64,
+    /// The machine's own namespace.
+    pub host: bool,
+    /// The unit, container and pod every listener's owner here shares;
+    /// null where they differ or are not known.
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub place: Place,
+    /// The processes holding its listeners, ascending.
+    pub processes: Vec<String>,
+    /// Cookies of its listeners (see `listeners`).
+    pub listeners: Vec<u64>,
+    /// Two or more of them.
+    pub shared: bool,
+    /// Why they coexist.
+    #[schema(value_type = Vec<SharingDoc>)]
+    pub sharing: Vec<Sharing>,
+    /// Names of their surprises (see `flag_details`).
+    pub flags: Vec<&'static str>,
+    /// How many of the port's recent failures happened here.
+    pub recent_failures: usize,
 }
 
 /// The shape of one `sharing` entry (documentation only).

@@ -12,6 +12,7 @@ use std::{
 use super::problem::ApiError;
 use crate::{
     event::{Errno, Family, Protocol},
+    snapshot::workload::Workload,
     socket::NetnsCookie,
 };
 
@@ -159,6 +160,54 @@ pub fn netns(
                 )
             })
     }
+}
+
+/// A Kubernetes pod, as `?pod=` names it: `NAME` in any namespace, or
+/// `NAMESPACE/NAME`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodSelector {
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl PodSelector {
+    /// Whether `workload` is this pod.
+    pub fn matches(&self, workload: &Workload) -> bool {
+        workload.pod.as_deref() == Some(self.name.as_str())
+            && self
+                .namespace
+                .as_deref()
+                .is_none_or(|ns| workload.pod_namespace.as_deref() == Some(ns))
+    }
+}
+
+/// `NAME` or `NAMESPACE/NAME`, each a Kubernetes name: lowercase letters,
+/// digits, `-` and `.`, at most 253 characters.
+pub fn pod(parameter: &'static str, value: &str) -> Result<PodSelector, ApiError> {
+    let is_name = |text: &str| {
+        !text.is_empty()
+            && text.len() <= 253
+            && text
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.'))
+    };
+    let (namespace, name) = match value.split_once('/') {
+        Some((namespace, name)) => (Some(namespace), name),
+        None => (None, value),
+    };
+    if is_name(name) && namespace.is_none_or(is_name) {
+        return Ok(PodSelector {
+            namespace: namespace.map(str::to_owned),
+            name: name.to_owned(),
+        });
+    }
+    Err(bad(
+        parameter,
+        format!(
+            "{parameter} must be a pod name or NAMESPACE/NAME (lowercase letters, digits, '-' and '.'), not {:?}",
+            shorten(value)
+        ),
+    ))
 }
 
 /// A uid (decimal, 0 to 4294967294; 4294967295 is "no uid" to the kernel).
@@ -378,5 +427,37 @@ mod tests {
         let long = "x".repeat(1000);
         assert_eq!(shorten(&long).len(), MAX_QUOTE + 3);
         assert_eq!(shorten("é".repeat(10).as_str()), "é".repeat(10));
+    }
+
+    #[test]
+    fn pods_are_named_alone_or_with_their_namespace() {
+        let web = Workload {
+            pod: Some("web-7d9f8-x2x4q".into()),
+            pod_namespace: Some("shop".into()),
+            ..Workload::default()
+        };
+        for (value, matches) in [
+            ("web-7d9f8-x2x4q", true),
+            ("shop/web-7d9f8-x2x4q", true),
+            ("kube-system/web-7d9f8-x2x4q", false),
+            ("web", false),
+        ] {
+            assert_eq!(pod("pod", value).unwrap().matches(&web), matches, "{value}");
+        }
+        assert!(!pod("pod", "web").unwrap().matches(&Workload::default()));
+        for bad in [
+            "",
+            "/",
+            "shop/",
+            "/web",
+            "Web",
+            "a/b/c",
+            "we b",
+            "a_b",
+            &"x".repeat(254),
+        ] {
+            let err = pod("pod", bad).unwrap_err();
+            assert!(err.to_string().contains("pod"), "{bad:?}: {err}");
+        }
     }
 }

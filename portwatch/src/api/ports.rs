@@ -1,5 +1,7 @@
 //! `GET /ports` and `GET /ports/{port}`: who is bound, and why they coexist.
 
+use std::collections::BTreeSet;
+
 use axum::{
     Json,
     extract::{Path, RawQuery, State, rejection::PathRejection},
@@ -7,8 +9,10 @@ use axum::{
 
 use super::{
     Shared,
-    model::{FailureView, Listener, LocalhostView, PortDetail, PortList, PortSummary},
-    params::{self, Query},
+    model::{
+        FailureView, Listener, LocalhostView, NamespaceView, PortDetail, PortList, PortSummary,
+    },
+    params::{self, PodSelector, Query},
     problem::ApiError,
 };
 use crate::{
@@ -16,6 +20,7 @@ use crate::{
     explain,
     failures::Failure,
     map::Entry,
+    snapshot::workload::Workload,
     socket::NetnsCookie,
     state,
 };
@@ -24,14 +29,17 @@ use crate::{
 pub const RECENT_FAILURES: usize = 20;
 
 /// The filters both endpoints take.
-const FILTERS: [&str; 3] = ["protocol", "family", "netns"];
+const FILTERS: [&str; 5] = ["protocol", "family", "netns", "pod", "all"];
 
 /// Which sockets a request is about; `None` matches everything.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Filter {
     protocol: Option<Protocol>,
     family: Option<Family>,
     netns: Option<NetnsCookie>,
+    pod: Option<PodSelector>,
+    /// Every namespace, not only those worth showing.
+    all: bool,
 }
 
 impl Filter {
@@ -41,23 +49,38 @@ impl Filter {
             protocol: query.opt("protocol", params::protocol)?,
             family: query.opt("family", params::family)?,
             netns: query.opt("netns", params::netns(host_netns))?,
+            pod: query.opt("pod", params::pod)?,
+            all: query.opt("all", params::boolean)?.unwrap_or(false),
         })
     }
 
-    fn matches(&self, protocol: Protocol, family: Family, netns: Option<NetnsCookie>) -> bool {
+    fn matches(
+        &self,
+        protocol: Protocol,
+        family: Family,
+        netns: Option<NetnsCookie>,
+        workload: &Workload,
+    ) -> bool {
         self.protocol.is_none_or(|p| p == protocol)
             && self.family.is_none_or(|f| f == family)
             && self.netns.is_none_or(|n| Some(n) == netns)
+            && self.pod.as_ref().is_none_or(|pod| pod.matches(workload))
     }
 
     fn entry(&self, entry: &Entry) -> bool {
         let f = &entry.facts;
-        self.matches(f.protocol, f.family, Some(f.netns))
+        self.matches(f.protocol, f.family, Some(f.netns), &entry.place.workload)
     }
 
     fn failure(&self, failure: &Failure) -> bool {
         let ev = &failure.event;
-        self.matches(ev.protocol, ev.family, ev.netns)
+        self.matches(ev.protocol, ev.family, ev.netns, &failure.place.workload)
+    }
+
+    /// Whether the answer names every namespace: asked for, or narrowed to
+    /// one namespace or pod already.
+    fn every_namespace(&self) -> bool {
+        self.all || self.netns.is_some() || self.pod.is_some()
     }
 }
 
@@ -71,6 +94,8 @@ impl Filter {
         ("protocol" = Option<String>, Query, description = "tcp, udp, udplite, sctp or mptcp"),
         ("family" = Option<String>, Query, description = "ipv4 or ipv6"),
         ("netns" = Option<String>, Query, description = "network namespace cookie, or `host`"),
+        ("pod" = Option<String>, Query, description = "a Kubernetes pod: NAME, or NAMESPACE/NAME"),
+        ("all" = Option<bool>, Query, description = "accepted for symmetry with /ports/{port}; every namespace is listed here"),
     ),
     responses(
         (status = 200, description = "Every port with at least one matching listener, ascending", body = PortList),
@@ -82,11 +107,14 @@ pub async fn list(
     RawQuery(raw): RawQuery,
 ) -> Result<Json<PortList>, ApiError> {
     // One read: the query needs the host namespace to resolve `netns=host`.
-    let ports = shared.read(|state| {
+    let list = shared.read(|state| {
         let filter = Filter::parse(raw.as_deref(), state.host_netns)?;
-        Ok::<_, ApiError>(port_list(state, &filter))
+        Ok::<_, ApiError>(PortList {
+            host_netns: state.host_netns,
+            ports: port_list(state, &filter),
+        })
     })?;
-    Ok(Json(PortList { ports }))
+    Ok(Json(list))
 }
 
 /// One port: listeners, why they coexist, flags, who `localhost` reaches and
@@ -101,6 +129,8 @@ pub async fn list(
         ("protocol" = Option<String>, Query, description = "tcp, udp, udplite, sctp or mptcp"),
         ("family" = Option<String>, Query, description = "ipv4 or ipv6"),
         ("netns" = Option<String>, Query, description = "network namespace cookie, or `host`"),
+        ("pod" = Option<String>, Query, description = "a Kubernetes pod: NAME, or NAMESPACE/NAME"),
+        ("all" = Option<bool>, Query, description = "show every namespace; by default, past 8 namespaces, only the host's and those where something is shared or failed are shown and the rest are counted"),
     ),
     responses(
         (status = 200, description = "The port explained", body = PortDetail),
@@ -134,17 +164,19 @@ fn port_list(state: &state::State, filter: &Filter) -> Vec<PortSummary> {
         .ports()
         .into_iter()
         .filter_map(|port| {
-            let listeners: Vec<Listener> = state
+            let matching: Vec<&Entry> = state
                 .map
                 .listeners_on(port)
                 .into_iter()
                 .filter(|e| filter.entry(e))
-                .map(Listener::of)
                 .collect();
-            (!listeners.is_empty()).then_some(PortSummary {
+            let namespaces: BTreeSet<NetnsCookie> =
+                matching.iter().map(|e| e.facts.netns).collect();
+            (!matching.is_empty()).then(|| PortSummary {
                 port,
-                shared: listeners.len() > 1,
-                listeners,
+                shared: matching.len() > namespaces.len(),
+                netns_count: namespaces.len(),
+                listeners: matching.into_iter().map(Listener::of).collect(),
             })
         })
         .collect()
@@ -152,30 +184,40 @@ fn port_list(state: &state::State, filter: &Filter) -> Vec<PortSummary> {
 
 fn port_detail(state: &state::State, port: u16, filter: &Filter) -> PortDetail {
     let all = state.map.listeners_on(port);
-    let shown: Vec<&Entry> = all.iter().copied().filter(|e| filter.entry(e)).collect();
-    let explained = explain::explain(port, &shown, state.host_netns, &state.localhost);
+    let matching: Vec<&Entry> = all.iter().copied().filter(|e| filter.entry(e)).collect();
+    let explained = explain::explain(port, &matching, state.host_netns, &state.localhost);
     // Who localhost reaches is a fact about the machine, not about the
     // filter: `explain` judged it over every listener when the filter kept
     // them all (a filter only removes).
-    let reach = if shown.len() == all.len() {
-        explained.localhost
+    let reach = if matching.len() == all.len() {
+        explained.localhost.clone()
     } else {
         explain::reach(&all, state.host_netns, &state.localhost)
     };
-    let recent_failures = state
+    let failures: Vec<&Failure> = state
         .failures
         .newest()
         .filter(|f| f.event.concerns_port(port) && filter.failure(f))
         .take(RECENT_FAILURES)
-        .map(FailureView::of)
         .collect();
-    PortDetail {
+    let failed: BTreeSet<NetnsCookie> = failures.iter().filter_map(|f| f.event.netns).collect();
+    let shown = if filter.every_namespace() {
+        vec![true; explained.netns_count()]
+    } else {
+        explain::worth_showing(&explained.namespaces, &failed)
+    };
+    let mut detail = PortDetail {
         port,
-        listeners: shown.iter().copied().map(Listener::of).collect(),
+        host_netns: state.host_netns,
+        listeners: Vec::new(),
         shared: explained.shared,
-        sharing: explained.sharing,
-        flags: explained.flags.iter().map(explain::Flag::name).collect(),
-        flag_details: explained.flags,
+        netns_count: explained.netns_count(),
+        namespaces: Vec::new(),
+        namespaces_hidden: shown.iter().filter(|&&shown| !shown).count(),
+        summary: explain::summarize(&explained.namespaces),
+        sharing: Vec::new(),
+        flags: Vec::new(),
+        flag_details: Vec::new(),
         localhost: LocalhostView {
             reaches: reach
                 .reaches
@@ -184,6 +226,39 @@ fn port_detail(state: &state::State, port: u16, filter: &Filter) -> PortDetail {
             via: reach.via,
             order: reach.order,
         },
-        recent_failures,
+        recent_failures: failures.iter().copied().map(FailureView::of).collect(),
+    };
+    for (namespace, _) in explained
+        .namespaces
+        .into_iter()
+        .zip(shown)
+        .filter(|(_, shown)| *shown)
+    {
+        detail.listeners.extend(
+            namespace
+                .listeners
+                .iter()
+                .filter_map(|&cookie| state.map.get(cookie))
+                .map(Listener::of),
+        );
+        let flags: Vec<&'static str> = namespace.flags.iter().map(explain::Flag::name).collect();
+        detail.sharing.extend(namespace.sharing.iter().cloned());
+        detail.flags.extend(&flags);
+        detail.flag_details.extend(namespace.flags);
+        detail.namespaces.push(NamespaceView {
+            netns: namespace.netns,
+            host: namespace.host,
+            place: namespace.place,
+            processes: namespace.processes,
+            listeners: namespace.listeners,
+            shared: namespace.shared,
+            sharing: namespace.sharing,
+            flags,
+            recent_failures: failures
+                .iter()
+                .filter(|f| f.event.netns == Some(namespace.netns))
+                .count(),
+        });
     }
+    detail
 }
