@@ -399,7 +399,7 @@ fn summary(summary: &Value) -> String {
         parts.push(plural(count("containers"), "container"));
     }
     if count("other") > 0 {
-        parts.push(plural(count("other"), "other namespace"));
+        parts.push(format!("{} with no known pod or container", count("other")));
     }
     let mut line = parts.join(", ");
     let processes = names("processes", " in ");
