@@ -17,7 +17,12 @@ use crate::{
         CaptureConfig, DEFAULT_IN_FLIGHT_CALLS, DEFAULT_RING_BYTES, DEFAULT_TRACKED_SOCKETS,
         OutcomeChoice, ring_size_ok,
     },
-    snapshot::SnapshotConfig,
+    snapshot::{
+        SnapshotConfig,
+        workload::{
+            DEFAULT_CONTAINER_LOGS, DEFAULT_DOCKER_CONTAINERS, DEFAULT_POD_LOGS, WorkloadRoots,
+        },
+    },
     state::ExpectedListener,
     watch::WatchConfig,
 };
@@ -80,6 +85,17 @@ pub struct Config {
     /// alert. Default: none.
     #[serde(deserialize_with = "expected_listeners")]
     pub expected_listeners: Vec<ExpectedListener>,
+    /// The kubelet's pod log directories, `<namespace>_<pod>_<uid>`, which
+    /// give a pod's name and namespace from the uid in its cgroup path.
+    /// Default `/var/log/pods` (the kubelet's `podLogsDir`).
+    pub pod_logs_dir: PathBuf,
+    /// The kubelet's container log links,
+    /// `<pod>_<namespace>_<container>-<id>.log`, which give a pod
+    /// container's name from its id. Default `/var/log/containers`.
+    pub container_logs_dir: PathBuf,
+    /// Docker's container directories, whose `<id>/config.v2.json` gives a
+    /// Docker container's name. Default `/var/lib/docker/containers`.
+    pub docker_containers_dir: PathBuf,
 }
 
 /// [`OutcomeChoice`] as the file spells it.
@@ -106,6 +122,10 @@ impl Default for Config {
             outcome: Outcome::Auto,
             read_existing_options: true,
             expected_listeners: Vec::new(),
+            // Where the kubelet and Docker keep them unless told otherwise.
+            pod_logs_dir: DEFAULT_POD_LOGS.into(),
+            container_logs_dir: DEFAULT_CONTAINER_LOGS.into(),
+            docker_containers_dir: DEFAULT_DOCKER_CONTAINERS.into(),
         }
     }
 }
@@ -261,6 +281,15 @@ impl Config {
                     value: v.clone(),
                 })?;
         }
+        if let Some(v) = env("PORTWATCH_POD_LOGS_DIR") {
+            self.pod_logs_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env("PORTWATCH_CONTAINER_LOGS_DIR") {
+            self.container_logs_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env("PORTWATCH_DOCKER_CONTAINERS_DIR") {
+            self.docker_containers_dir = PathBuf::from(v);
+        }
         self.validate_values()?;
         Ok(self)
     }
@@ -320,6 +349,16 @@ impl Config {
         if !(1..=MAX_IN_FLIGHT_CALLS).contains(&self.in_flight_calls) {
             return invalid("in_flight_calls", "must be between 1 and 4194304");
         }
+        // The daemon's working directory says nothing about the node.
+        for (key, dir) in [
+            ("pod_logs_dir", &self.pod_logs_dir),
+            ("container_logs_dir", &self.container_logs_dir),
+            ("docker_containers_dir", &self.docker_containers_dir),
+        ] {
+            if !dir.is_absolute() {
+                return invalid(key, "must be an absolute path");
+            }
+        }
         Ok(())
     }
 
@@ -348,6 +387,11 @@ impl Config {
             failure_log: self.failure_log,
             port_label_cap: self.port_label_cap,
             expected: self.expected_listeners.clone(),
+            workloads: WorkloadRoots {
+                pod_logs: self.pod_logs_dir.clone(),
+                container_logs: self.container_logs_dir.clone(),
+                docker_containers: self.docker_containers_dir.clone(),
+            },
         }
     }
 }
@@ -425,6 +469,9 @@ mod tests {
             outcome = "tracepoint"
             read_existing_options = false
             expected_listeners = ["22/tcp", "53/udp"]
+            pod_logs_dir = "/srv/kubelet/pods"
+            container_logs_dir = "/srv/kubelet/containers"
+            docker_containers_dir = "/srv/docker/containers"
             "#,
         )
         .unwrap();
@@ -449,6 +496,18 @@ mod tests {
             .map(|e| e.to_string())
             .collect();
         assert_eq!(expected, ["22/tcp", "53/udp"]);
+        assert_eq!(
+            config.watch().workloads,
+            WorkloadRoots {
+                pod_logs: "/srv/kubelet/pods".into(),
+                container_logs: "/srv/kubelet/containers".into(),
+                docker_containers: "/srv/docker/containers".into(),
+            }
+        );
+        assert_eq!(
+            Config::default().watch().workloads,
+            WorkloadRoots::default()
+        );
         assert_eq!(
             parse("reconcile_interval = 5").unwrap().reconcile_interval,
             Duration::from_secs(5)
@@ -501,6 +560,15 @@ mod tests {
                 "write it like \"443/tcp\"",
             ),
             ("expected_listeners = \"443/tcp\"", "invalid type"),
+            (
+                "pod_logs_dir = \"var/log/pods\"",
+                "pod_logs_dir: must be an absolute path",
+            ),
+            (
+                "container_logs_dir = \"\"",
+                "container_logs_dir: must be an absolute path",
+            ),
+            ("docker_containers_dir = 1", "invalid type"),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
@@ -526,6 +594,9 @@ mod tests {
             "PORTWATCH_EXPECTED_LISTENERS" => Some("22/tcp, 53/udp".to_owned()),
             "PORTWATCH_TRACKED_SOCKETS" => Some("64".to_owned()),
             "PORTWATCH_IN_FLIGHT_CALLS" => Some("8".to_owned()),
+            "PORTWATCH_POD_LOGS_DIR" => Some("/fake/pods".to_owned()),
+            "PORTWATCH_CONTAINER_LOGS_DIR" => Some("/fake/containers".to_owned()),
+            "PORTWATCH_DOCKER_CONTAINERS_DIR" => Some("/fake/docker".to_owned()),
             _ => None,
         };
         let config = file.apply_env(env).unwrap();
@@ -534,6 +605,21 @@ mod tests {
         assert_eq!(config.failure_log, 5, "untouched by the environment");
         assert_eq!(config.reconcile_interval, Duration::from_secs(10));
         assert_eq!(config.expected_listeners.len(), 2);
+        assert_eq!(
+            (
+                config.pod_logs_dir.to_str(),
+                config.container_logs_dir.to_str(),
+                config.docker_containers_dir.to_str()
+            ),
+            (
+                Some("/fake/pods"),
+                Some("/fake/containers"),
+                Some("/fake/docker")
+            )
+        );
+        let relative = |name: &str| (name == "PORTWATCH_POD_LOGS_DIR").then(|| "pods".to_owned());
+        let err = Config::default().apply_env(relative).unwrap_err();
+        assert!(err.to_string().contains("pod_logs_dir"), "{err}");
         let flags = Overrides {
             listen: Some("127.0.0.1:3000".parse().unwrap()),
             ..Overrides::default()

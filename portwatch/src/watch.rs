@@ -29,7 +29,11 @@ use crate::{
     kernel_probe,
     map::{Drift, Observed, Reconciled},
     rules::{self, KernelRules},
-    snapshot::{self, SnapshotConfig, SnapshotError, owners::PlaceCache},
+    snapshot::{
+        self, SnapshotConfig, SnapshotError,
+        owners::PlaceCache,
+        workload::{WorkloadRoots, Workloads},
+    },
     state::{ExpectedListener, State},
 };
 
@@ -47,6 +51,8 @@ pub struct WatchConfig {
     pub port_label_cap: usize,
     /// Ports whose listeners in the daemon's namespace are always reported.
     pub expected: Vec<ExpectedListener>,
+    /// Where the node's files name containers and pods.
+    pub workloads: WorkloadRoots,
 }
 
 impl Default for WatchConfig {
@@ -58,6 +64,7 @@ impl Default for WatchConfig {
             failure_log: 10_000,
             port_label_cap: 1_000,
             expected: Vec::new(),
+            workloads: WorkloadRoots::default(),
         }
     }
 }
@@ -194,6 +201,11 @@ impl Watcher {
         state.hooks = capture.hooks();
         state.expected = config.expected.clone();
         let (events, _) = broadcast::channel(EVENT_CHANNEL);
+        // Shared with the snapshots, which name workloads the same way.
+        let cgroups = PlaceCache::new(
+            cgroup2_mount(),
+            Workloads::install(config.workloads.clone()),
+        );
         let mut watcher = Watcher {
             capture,
             state: Arc::new(RwLock::new(state)),
@@ -204,7 +216,7 @@ impl Watcher {
             config,
             unresolved: Vec::new(),
             last_diag: Instant::now() - DIAG_INTERVAL,
-            cgroups: PlaceCache::new(cgroup2_mount()),
+            cgroups,
             heartbeat: Arc::new(Heartbeat::new()),
             bound_tcp_listed,
             listing_failed: None,

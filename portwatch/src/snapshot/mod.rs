@@ -50,7 +50,7 @@ use self::{
     diag::{Diag, DiagSocket},
     netns::{Namespace, NetnsKey},
     owners::{Place, ProcInfo},
-    workload::Workload,
+    workload::{Workload, Workloads},
 };
 use crate::{
     map::{Holder, Observed},
@@ -488,6 +488,7 @@ fn attach_owners(sockets: &mut [SnapshotSocket]) -> Result<u64, SnapshotError> {
         return Ok(0);
     }
     let scan = owners::scan_fds(&wanted)?;
+    let workloads = Workloads::shared();
     let mut processes: HashMap<u32, Option<ProcInfo>> = HashMap::new();
     for socket in sockets.iter_mut() {
         let Some(holders) = scan.by_inode.get(&socket.inode) else {
@@ -497,7 +498,7 @@ fn attach_owners(sockets: &mut [SnapshotSocket]) -> Result<u64, SnapshotError> {
             // A process that exited since the fd scan is skipped.
             let info = processes
                 .entry(holder.pid)
-                .or_insert_with(|| owners::process_info(holder.pid).ok());
+                .or_insert_with(|| owners::process_info(holder.pid, &workloads).ok());
             if let Some(info) = info {
                 socket.owners.push(Owner {
                     pid: holder.pid,

@@ -1,9 +1,11 @@
 //! Who holds a socket: descriptors found under `/proc/<pid>/fd`, and what the
-//! holding process is (name, uid, cgroup, systemd unit, container).
+//! holding process is (name, uid, cgroup, systemd unit, container, and the
+//! workload's names).
 //!
 //! The parsers ([`socket_inode`], [`effective_uid`], [`cgroup_path`],
 //! [`systemd_unit`], [`container_id`]) are pure and public: the event side,
-//! which knows a cgroup path, names units and containers the same way.
+//! which knows a cgroup path, names units and containers the same way. Both
+//! sides name workloads with one [`Workloads`] resolver.
 //!
 //! Only the group leader's descriptor table is read (`/proc/<pid>/fd`); a
 //! thread made with its own table (clone without CLONE_FILES) is not. Paths
@@ -19,9 +21,13 @@ use std::{
         unix::{ffi::OsStringExt, fs::MetadataExt as _},
     },
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
-use super::{SnapshotError, workload::Workload};
+use super::{
+    SnapshotError,
+    workload::{Workload, Workloads},
+};
 
 /// One descriptor that refers to a wanted socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,6 +142,13 @@ impl Place {
         }
     }
 
+    /// `self` with its workload's names, as `workloads` finds them from its
+    /// cgroup path and container id.
+    pub fn with_workload(mut self, workloads: &Workloads) -> Place {
+        self.workload = workloads.of(self.cgroup.as_deref(), self.container.as_deref());
+        self
+    }
+
     /// `self`, with what it does not know taken from `other`.
     pub fn or(self, other: Place) -> Place {
         Place {
@@ -156,10 +169,16 @@ impl Place {
 /// directory has that inode: a pid reused by another process, a process
 /// moved to another cgroup, or one that exited before it was read get no
 /// place rather than a wrong one.
+///
+/// The workload's names are asked of `workloads` on every call rather than
+/// remembered with the place: names not found yet (a pod's log directory
+/// appears just after its container starts) are found later, and
+/// `workloads` remembers the ones it found.
 pub(crate) struct PlaceCache {
     /// The cgroup2 mount the paths of `/proc/<pid>/cgroup` are under; when
     /// unknown, places are taken as read.
     mount: Option<PathBuf>,
+    workloads: Arc<Workloads>,
     known: HashMap<u32, (u64, Place)>,
 }
 
@@ -167,9 +186,10 @@ impl PlaceCache {
     /// Pids remembered at most; the cache starts over past this.
     const CAPACITY: usize = 4096;
 
-    pub fn new(mount: Option<PathBuf>) -> PlaceCache {
+    pub fn new(mount: Option<PathBuf>, workloads: Arc<Workloads>) -> PlaceCache {
         PlaceCache {
             mount,
+            workloads,
             known: HashMap::new(),
         }
     }
@@ -181,7 +201,7 @@ impl PlaceCache {
             && *id == cgroup_id
             && cgroup_id != 0
         {
-            return place.clone();
+            return place.clone().with_workload(&self.workloads);
         }
         let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
         let place = verified(Place::from_cgroups(&text), cgroup_id, self.mount.as_deref());
@@ -191,7 +211,7 @@ impl PlaceCache {
             }
             self.known.insert(pid, (cgroup_id, place.clone()));
         }
-        place
+        place.with_workload(&self.workloads)
     }
 }
 
@@ -214,8 +234,9 @@ fn verified(place: Place, cgroup_id: u64, mount: Option<&Path>) -> Place {
     }
 }
 
-/// Reads `comm`, `status` and `cgroup` of a process.
-pub(crate) fn process_info(pid: u32) -> io::Result<ProcInfo> {
+/// Reads `comm`, `status` and `cgroup` of a process; its workload's names
+/// come from `workloads`.
+pub(crate) fn process_info(pid: u32, workloads: &Workloads) -> io::Result<ProcInfo> {
     let comm = fs::read_to_string(format!("/proc/{pid}/comm"))?;
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let uid = effective_uid(&status)
@@ -224,7 +245,7 @@ pub(crate) fn process_info(pid: u32) -> io::Result<ProcInfo> {
     Ok(ProcInfo {
         process: comm.trim_end_matches('\n').to_owned(),
         uid,
-        place: Place::from_cgroups(&cgroups),
+        place: Place::from_cgroups(&cgroups).with_workload(workloads),
     })
 }
 
@@ -298,7 +319,7 @@ pub fn container_id(path: &str) -> Option<&str> {
     })
 }
 
-fn is_container_id(text: &str) -> bool {
+pub(crate) fn is_container_id(text: &str) -> bool {
     text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
