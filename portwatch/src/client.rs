@@ -545,13 +545,12 @@ pub fn render_explanation(port: &Value) -> String {
     out
 }
 
-/// `python3 (pid 12, demo.service)`: a process, and its unit or workload
+/// `python3 (pid 12, demo.service)`: a process, and its workload or unit
 /// when known.
 fn who(process: &Value) -> String {
-    let place = process["unit"]
-        .as_str()
-        .map(str::to_owned)
-        .or_else(|| workload(process))
+    // A container's own unit (`docker-<id>.scope`) says less than its name.
+    let place = workload(process)
+        .or_else(|| process["unit"].as_str().map(str::to_owned))
         .map(|place| format!(", {place}"))
         .unwrap_or_default();
     format!(

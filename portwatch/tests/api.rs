@@ -1004,7 +1004,7 @@ async fn bad_input_gets_a_problem_naming_the_parameter() {
     assert_eq!(unknown["type"], "urn:portwatch:problem:unknown-parameter");
     assert_eq!(
         unknown["detail"],
-        "unknown query parameter `bogus`; this endpoint takes port, errno, since, protocol, limit"
+        "unknown query parameter `bogus`; this endpoint takes port, errno, since, protocol, pod, limit"
     );
 }
 
