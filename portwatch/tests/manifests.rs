@@ -717,6 +717,9 @@ fn the_daemonset_mounts_what_the_kernel_programs_need() {
         // The cgroup2 root, found in /proc/self/mounts.
         ("/sys/fs/cgroup", true),
         ("/run/netns", true),
+        // The kubelet's log directories: the pods' and containers' names.
+        ("/var/log/pods", true),
+        ("/var/log/containers", true),
     ] {
         let (volume, mount) = mounted(&daemonset, path);
         assert_eq!(text(volume, &["hostPath", "path"]), path, "{volume:?}");
