@@ -506,6 +506,9 @@ pub fn render_explanation(port: &Value) -> String {
                 array(&namespace["sharing"]),
                 &own_flags,
             );
+            if let Some(failed) = namespace["recent_failures"].as_u64().filter(|&n| n > 0) {
+                let _ = writeln!(out, "{} here (below).", plural(failed, "recent failure"));
+            }
         }
         if let Some(hidden) = port["namespaces_hidden"].as_u64().filter(|&n| n > 0) {
             let _ = writeln!(

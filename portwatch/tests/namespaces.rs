@@ -53,7 +53,18 @@ impl Pod {
             ops.push(Op::reuseport(0));
         }
         ops.extend([Op::bind(0, "0.0.0.0:8080"), Op::listen(0), Op::Pause]);
-        let mut worker = Worker::spawn(&self.cgroup.leaf, Some(&self.netns), &ops);
+        // Forked from a thread named like a web server's process, which
+        // the worker's `comm` inherits.
+        let mut worker = std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("python3".into())
+                .spawn_scoped(scope, || {
+                    Worker::spawn(&self.cgroup.leaf, Some(&self.netns), &ops)
+                })
+                .expect("a thread to fork from")
+                .join()
+                .expect("the fork")
+        });
         let results = worker.results(ops.len() - 1);
         let bind = results[results.len() - 2];
         (worker, bind)
@@ -189,6 +200,8 @@ fn two_hundred_namespaces_on_one_port_share_nothing_until_one_table_does() {
         "{said}"
     );
     assert!(said.contains("2 services listen on port 8080"), "{said}");
+    assert!(said.contains("held by python3 in 200."), "{said}");
+    assert!(said.contains("1 recent failure here (below)."), "{said}");
     assert!(said.contains("198 more namespaces not shown"), "{said}");
     assert!(
         said.contains(&format!(
