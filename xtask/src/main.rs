@@ -80,8 +80,9 @@ enum Task {
     },
     /// Measure what portwatch costs: the bind path and the syscall tax with
     /// the daemon attached vs detached (and vs bpftrace), the ingest rate,
-    /// the start-up snapshot vs `ss`, and the HTTP API under wrk (needs
-    /// root). Prints a markdown table; writes it and JSON to target/bench.
+    /// the start-up snapshot vs `ss`, the HTTP API under wrk, and a host of
+    /// 500 network namespaces (needs root). Prints a markdown table; writes
+    /// it and JSON to target/bench.
     Bench {
         /// Few rounds and small sizes: checks that every figure can be
         /// taken (CI); the numbers are not worth quoting.
@@ -91,7 +92,7 @@ enum Task {
         #[arg(long)]
         write_readme: bool,
         /// Only the figures whose name contains this (repeatable): "bind
-        /// path", "syscall tax", "ingest", "snapshot", "API".
+        /// path", "syscall tax", "ingest", "snapshot", "API", "namespaces".
         #[arg(long)]
         only: Vec<String>,
     },

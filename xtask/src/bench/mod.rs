@@ -14,12 +14,15 @@
 //!    happens above it;
 //! 4. [`snapshot`]: the start-up snapshot of 100k listeners vs `ss -tlnH`;
 //! 5. [`api`]: `GET /ports/{p}` latency and rate with wrk, and daemon RSS,
-//!    with 100k listeners.
+//!    with 100k listeners;
+//! 6. [`namespaces`]: a container host, 500 network namespaces listening on
+//!    80, 443 and 8080: the start-up snapshot, the size of `GET /ports/8080`,
+//!    the length of `portwatch explain 8080`, and a reconciliation.
 //!
 //! The daemon under test is the release build, watching a cgroup created for
 //! the run (`portwatch-bench-<pid>` under the cgroup2 mount); the load runs
 //! inside that cgroup as `cargo xtask bench-worker` child processes. Only
-//! loopback and a network namespace made for the run are used. The daemon's
+//! loopback and network namespaces made for the run are used. The daemon's
 //! configuration and log and bpftrace's output go to `target/bench/run-<pid>`,
 //! so that two runs do not overwrite each other's; it is removed when the run
 //! succeeds.
@@ -27,6 +30,7 @@
 mod api;
 mod bindpath;
 mod ingest;
+mod namespaces;
 mod report;
 mod rig;
 mod snapshot;
@@ -101,12 +105,13 @@ pub fn bench(options: Options) -> Result<()> {
         cgroup: Cgroup::create()?,
         run_dir,
     };
-    let figures: [(&str, Figure); 5] = [
+    let figures: [(&str, Figure); 6] = [
         ("bind path", bindpath::run),
         ("syscall tax", tax::run),
         ("ingest", ingest::run),
         ("snapshot", snapshot::run),
         ("API", api::run),
+        ("namespaces", namespaces::run),
     ];
     let mut rows = Vec::new();
     for (name, figure) in figures {
@@ -158,6 +163,7 @@ pub fn worker(args: &[String]) -> Result<()> {
         "getppid-loop" => tax::worker(rest),
         "bind-storm" => ingest::worker(rest),
         "hold-listeners" => snapshot::worker(rest),
+        "hold-namespaces" => namespaces::worker(rest),
         other => bail!("bench-worker: unknown worker {other:?}"),
     }
 }

@@ -124,19 +124,29 @@ impl Row {
         self.goal.met(self.value.median)
     }
 
+    /// `value` in this row's unit: a whole count of [`COUNT_UNITS`] without
+    /// decimals ("5 lines", not "5.000 lines").
+    fn number(&self, value: f64) -> String {
+        if COUNT_UNITS.contains(&self.unit.as_str()) && value.fract() == 0.0 && value.abs() < 1e15 {
+            grouped(value)
+        } else {
+            number(value)
+        }
+    }
+
     fn measured(&self) -> String {
         let Stats {
             min, median, max, ..
         } = self.value;
         if self.value.samples.len() == 1 {
-            format!("{} {}", number(median), self.unit)
+            format!("{} {}", self.number(median), self.unit)
         } else {
             format!(
                 "**{}** {} ({}–{}, n={})",
-                number(median),
+                self.number(median),
                 self.unit,
-                number(min),
-                number(max),
+                self.number(min),
+                self.number(max),
                 self.value.samples.len()
             )
         }
@@ -144,8 +154,8 @@ impl Row {
 
     fn goal_text(&self) -> String {
         match self.goal {
-            Goal::AtMost(limit) => format!("≤ {} {}", number(limit), self.unit),
-            Goal::AtLeast(limit) => format!("≥ {} {}", number(limit), self.unit),
+            Goal::AtMost(limit) => format!("≤ {} {}", self.number(limit), self.unit),
+            Goal::AtLeast(limit) => format!("≥ {} {}", self.number(limit), self.unit),
             Goal::None => "–".to_owned(),
         }
     }
@@ -174,19 +184,14 @@ impl Row {
     }
 }
 
+/// Units of things counted one by one, printed without decimals when whole.
+const COUNT_UNITS: [&str; 2] = ["bytes", "lines"];
+
 /// A number with as many digits as it deserves.
 fn number(value: f64) -> String {
     let abs = value.abs();
     if abs >= 10_000.0 {
-        let digits = format!("{abs:.0}");
-        let mut out = String::from(if value < 0.0 { "-" } else { "" });
-        for (i, digit) in digits.chars().enumerate() {
-            if i > 0 && (digits.len() - i) % 3 == 0 {
-                out.push(',');
-            }
-            out.push(digit);
-        }
-        out
+        grouped(value)
     } else if abs >= 100.0 {
         format!("{value:.0}")
     } else if abs >= 10.0 {
@@ -194,6 +199,19 @@ fn number(value: f64) -> String {
     } else {
         format!("{value:.3}")
     }
+}
+
+/// `value` rounded to a whole number, its digits grouped by thousands.
+fn grouped(value: f64) -> String {
+    let digits = format!("{:.0}", value.abs());
+    let mut out = String::from(if value < 0.0 { "-" } else { "" });
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
 }
 
 /// The machine the numbers come from, for the table's caption.
@@ -302,6 +320,19 @@ mod tests {
         assert_eq!(number(1_234_567.0), "1,234,567");
         assert_eq!(number(123.4), "123");
         assert_eq!(number(1.0734), "1.073");
+        let lines = Row::new(
+            "x",
+            "lines",
+            Stats::of(vec![5.0]).unwrap(),
+            Goal::AtMost(40.0),
+        );
+        assert_eq!(lines.measured(), "5 lines");
+        assert_eq!(lines.goal_text(), "≤ 40 lines");
+        let bytes = Row::new("x", "bytes", Stats::of(vec![368.0]).unwrap(), Goal::None);
+        assert_eq!(bytes.number(65_536.0), "65,536");
+        assert_eq!(bytes.number(0.5), "0.500");
+        let ms = Row::new("x", "ms", Stats::of(vec![5.0]).unwrap(), Goal::None);
+        assert_eq!(ms.measured(), "5.000 ms");
     }
 
     #[test]

@@ -39,8 +39,9 @@ const PORTS_PER_ADDRESS: u32 = 50_000;
 const ADDRESSES: u32 = 254;
 /// Descriptors each holder process keeps free besides its listeners.
 const FD_RESERVE: u64 = 64;
-/// How long a holder keeps its listeners if nobody closes its stdin.
-const HOLD_LIMIT: Duration = Duration::from_secs(15 * 60);
+/// How long a holder keeps its listeners if nobody closes its stdin (the
+/// namespaces figure's holder too).
+pub(super) const HOLD_LIMIT: Duration = Duration::from_secs(15 * 60);
 /// How long opening the listeners may take.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// The listen(2) backlog of each socket (nothing connects to most of them).
@@ -100,7 +101,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
 }
 
 /// What the daemon says its start-up snapshot and merge took, in seconds.
-fn startup_snapshot_seconds(daemon: &BenchDaemon) -> Result<f64> {
+pub(super) fn startup_snapshot_seconds(daemon: &BenchDaemon) -> Result<f64> {
     let seconds = daemon.metric("portwatch_snapshot_duration_seconds", &["kind=\"startup\""])?;
     if seconds <= 0.0 {
         bail!("the daemon reports no portwatch_snapshot_duration_seconds{{kind=\"startup\"}}");
@@ -239,17 +240,23 @@ impl Listeners {
 impl Drop for Listeners {
     fn drop(&mut self) {
         // A closed stdin tells the holder to close everything and exit.
-        drop(self.child.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while matches!(self.child.try_wait(), Ok(None)) {
-            if Instant::now() > deadline {
-                eprintln!("bench: the listener holder did not exit; killing it");
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
+        release_holder(&mut self.child, "the listener holder");
+    }
+}
+
+/// Closes a holder's stdin, which tells it to close everything and exit,
+/// and waits up to 30 s for it to, then kills it (`what`, for the message).
+pub(super) fn release_holder(child: &mut Child, what: &str) {
+    drop(child.stdin.take());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while matches!(child.try_wait(), Ok(None)) {
+        if Instant::now() > deadline {
+            eprintln!("bench: {what} did not exit; killing it");
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
         }
+        thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -273,7 +280,7 @@ fn tcp4_listeners_on(metrics: &str, ports: Range<u16>) -> u64 {
 /// Waits for `child`'s first line of output, which must start with
 /// `ready`, for at most [`READY_TIMEOUT`]. A child that fails first has
 /// said why on its (inherited) stderr.
-fn read_ready_line(child: &mut Child, what: &str) -> Result<String> {
+pub(super) fn read_ready_line(child: &mut Child, what: &str) -> Result<String> {
     let stdout = child.stdout.take().context("no stdout pipe")?;
     let (sender, receiver) = mpsc::channel();
     thread::spawn(move || {
@@ -423,7 +430,7 @@ fn split(count: u32, per_process: u32) -> Vec<(u32, u32)> {
 }
 
 /// Returns once stdin reaches end of file (or fails), or after `limit`.
-fn wait_for_stdin_to_close(limit: Duration) -> Result<()> {
+pub(super) fn wait_for_stdin_to_close(limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
     let mut stdin = io::stdin().lock();
     let mut buffer = [0; 256];
