@@ -28,7 +28,7 @@ use proptest::{
     prelude::RngExt,
     test_runner::{RngAlgorithm, TestRng},
 };
-use support::{CgroupGuard, Op, Worker, daemon::Daemon};
+use support::{CgroupGuard, Worker, daemon::Daemon};
 
 /// Random requests in all: [`WARM_UP`] before the first memory reading,
 /// the rest between the two.
@@ -103,20 +103,7 @@ fn abuse_gets_only_2xx_and_4xx_and_memory_stays_bounded() {
 
     // Still ready, and still following the kernel: a new listener shows up.
     assert_eq!(daemon.status("/readyz"), Some(200));
-    let mut worker = Worker::spawn(
-        &cgroup.path,
-        None,
-        &[
-            Op::tcp(false),
-            Op::bind(0, "127.0.0.1:0"),
-            Op::listen(0),
-            Op::LocalPort { sock: 0 },
-            Op::Pause,
-        ],
-    );
-    let results = worker.results(4);
-    assert!(results[..3].iter().all(|&r| r >= 0), "{results:?}");
-    let port = results[3];
+    let (mut worker, port) = Worker::loopback_listener(&cgroup.path);
     let listeners = |body: &serde_json::Value| body["listeners"].as_array().map_or(0, Vec::len);
     let path = format!("/ports/{port}");
     daemon.json_until(&path, "the new listener", |body| listeners(body) == 1);

@@ -8,8 +8,6 @@
 
 mod support;
 
-use std::path::Path;
-
 use serde_json::Value;
 use support::{
     CgroupGuard, Op, Worker,
@@ -20,25 +18,6 @@ use support::{
 
 /// `EADDRINUSE` as a worker reports it.
 const EADDRINUSE: i64 = -(libc::EADDRINUSE as i64);
-
-/// A process listening on a loopback TCP port the kernel picks, in `cgroup`,
-/// until dropped; its port.
-fn listener(cgroup: &Path) -> (Worker, u16) {
-    let mut worker = Worker::spawn(
-        cgroup,
-        None,
-        &[
-            Op::tcp(false),
-            Op::bind(0, "127.0.0.1:0"),
-            Op::listen(0),
-            Op::LocalPort { sock: 0 },
-            Op::Pause,
-        ],
-    );
-    let results = worker.results(4);
-    assert!(results.iter().all(|r| *r >= 0), "listener: {results:?}");
-    (worker, u16::try_from(results[3]).expect("a port"))
-}
 
 /// The listener of process `pid` on `port`, from the top-level `listeners`
 /// of `GET /ports/{port}`, once `done` holds for it.
@@ -99,8 +78,8 @@ fn listeners_from_before_the_start_are_named_by_the_snapshot() {
         &cgroup.path,
         &format!("system.slice/docker-{docker_id}.scope"),
     );
-    let (in_pod, pod_port) = listener(&pod.leaf);
-    let (in_docker, docker_port) = listener(&docker.leaf);
+    let (in_pod, pod_port) = Worker::loopback_listener(&pod.leaf);
+    let (in_docker, docker_port) = Worker::loopback_listener(&docker.leaf);
 
     let daemon = Daemon::start_with(&cgroup, &node.config(), &[]);
     let seen = listener_until(&daemon, pod_port, in_pod.pid, "the pod's listener", |l| {
@@ -150,7 +129,7 @@ fn a_listener_after_the_start_and_a_bind_it_blocks_are_named_by_events() {
     let pod = Cgroups::pod_container(&cgroup.path, &uid, &id);
     let daemon = Daemon::start_with(&cgroup, &node.config(), &[]);
 
-    let (holder, port) = listener(&pod.leaf);
+    let (holder, port) = Worker::loopback_listener(&pod.leaf);
     let expected = [
         &Value::from(id.as_str()),
         &"server".into(),
@@ -220,7 +199,7 @@ fn a_pod_without_a_log_directory_has_only_its_uid() {
     let pod = Cgroups::pod_container(&cgroup.path, &uid, &id);
     let daemon = Daemon::start_with(&cgroup, &node.config(), &[]);
 
-    let (worker, port) = listener(&pod.leaf);
+    let (worker, port) = Worker::loopback_listener(&pod.leaf);
     let seen = listener_until(&daemon, port, worker.pid, "the pod's listener", |l| {
         !l["pod_uid"].is_null()
     });

@@ -615,6 +615,25 @@ impl Worker {
         }
     }
 
+    /// A worker in `cgroup` listening on a loopback TCP port the kernel
+    /// picks, until resumed or dropped; and that port.
+    pub fn loopback_listener(cgroup: &Path) -> (Worker, u16) {
+        let mut worker = Worker::spawn(
+            cgroup,
+            None,
+            &[
+                Op::tcp(false),
+                Op::bind(0, "127.0.0.1:0"),
+                Op::listen(0),
+                Op::LocalPort { sock: 0 },
+                Op::Pause,
+            ],
+        );
+        let results = worker.results(4);
+        assert!(results.iter().all(|&r| r >= 0), "listener: {results:?}");
+        (worker, u16::try_from(results[3]).expect("a port"))
+    }
+
     /// Results of the next `n` ops (blocks until the worker reports them).
     pub fn results(&mut self, n: usize) -> Vec<OpResult> {
         let mut out = Vec::with_capacity(n);

@@ -26,6 +26,7 @@
 use std::{
     fs,
     io::{self, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     process::{Child, Command, Stdio},
     thread,
@@ -48,8 +49,6 @@ const ASKED_PORT: u16 = 8080;
 const MAX_NAMESPACES: u32 = 4096;
 /// How long the children of a holder may take to open their listeners.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
-/// The listen(2) backlog of each socket (nothing connects to them).
-const BACKLOG: i32 = 16;
 /// How long `portwatch explain` may take.
 const EXPLAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// The daemon's reconcile interval here (its minimum), so that the
@@ -544,77 +543,18 @@ fn open_listeners(index: u32) -> io::Result<Vec<OwnedFd>> {
 }
 
 /// A TCP socket listening on `0.0.0.0:port`, or on `[::]:port` accepting
-/// IPv4 too (IPV6_V6ONLY off, as most servers' `[::]` does).
+/// IPv4 too, as most servers' `[::]` does (a new namespace starts with
+/// `net.ipv6.bindv6only` = 0).
 fn listen_wildcard(ipv6: bool, port: u16) -> io::Result<OwnedFd> {
-    let fail = |call: &str| {
-        let err = io::Error::last_os_error();
-        let address = if ipv6 { "[::]" } else { "0.0.0.0" };
-        io::Error::new(err.kind(), format!("{call} ({address}:{port}): {err}"))
-    };
-    let family = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
-    // SAFETY: socket(2) with constant arguments.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(fail("socket"));
-    }
-    // SAFETY: a descriptor socket(2) just returned, owned by nothing else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let bound = if ipv6 {
-        let off: libc::c_int = 0;
-        // SAFETY: setsockopt(2) reads an int of the given size.
-        let set = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_IPV6,
-                libc::IPV6_V6ONLY,
-                (&raw const off).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if set != 0 {
-            return Err(fail("setsockopt(IPV6_V6ONLY)"));
-        }
-        let address = libc::sockaddr_in6 {
-            sin6_family: libc::AF_INET6 as libc::sa_family_t,
-            sin6_port: port.to_be(),
-            sin6_flowinfo: 0,
-            sin6_addr: libc::in6_addr { s6_addr: [0; 16] },
-            sin6_scope_id: 0,
-        };
-        // SAFETY: bind(2) reads `address`, a valid sockaddr_in6.
-        unsafe {
-            libc::bind(
-                fd,
-                (&raw const address).cast(),
-                size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-            )
-        }
+    let address: IpAddr = if ipv6 {
+        Ipv6Addr::UNSPECIFIED.into()
     } else {
-        let address = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: libc::INADDR_ANY,
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: bind(2) reads `address`, a valid sockaddr_in.
-        unsafe {
-            libc::bind(
-                fd,
-                (&raw const address).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        }
+        Ipv4Addr::UNSPECIFIED.into()
     };
-    if bound != 0 {
-        return Err(fail("bind"));
-    }
-    // SAFETY: listen(2) on a socket we own.
-    if unsafe { libc::listen(fd, BACKLOG) } != 0 {
-        return Err(fail("listen"));
-    }
-    Ok(socket)
+    let endpoint = SocketAddr::from((address, port));
+    TcpListener::bind(endpoint)
+        .map(OwnedFd::from)
+        .map_err(|err| io::Error::new(err.kind(), format!("listen on {endpoint}: {err}")))
 }
 
 #[cfg(test)]
