@@ -60,53 +60,38 @@ impl Workload {
 }
 
 /// The pod uid in a cgroup path, as the kubelet names a pod's cgroup:
-/// `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice`
-/// (systemd driver; the uid's dashes written as `_`, since a dash separates
-/// slice levels), `kubepods-besteffort` likewise, `kubepods.slice/kubepods-pod<uid>.slice`
-/// for guaranteed pods; `/kubepods/burstable/pod<uid>` and `/kubepods/pod<uid>`
-/// (cgroupfs driver). The kubepods level may be under any prefix (a node in
-/// a container, a cgroup namespace's `/../..`); with several, the innermost
-/// pod is the process's. `None` unless the uid is a UUID.
+/// `kubepods-burstable-pod<uid>.slice`, `kubepods-besteffort-pod<uid>.slice`
+/// or (guaranteed pods) `kubepods-pod<uid>.slice` with the systemd driver
+/// (the uid's dashes written as `_`, since a dash separates slice levels);
+/// `pod<uid>` below `kubepods`, `burstable` or `besteffort` with cgroupfs.
+/// The pod's level is recognized by its own name, wherever it is: a daemon
+/// in a pod has a cgroup namespace of its own, and sees other pods' paths
+/// relative to its own cgroup (`/../../kubepods-besteffort-pod<uid>.slice/...`,
+/// `/../../pod<uid>/<id>`), without the levels above. With several, the
+/// innermost pod is the process's. `None` unless the uid is a UUID.
 pub fn pod_uid(path: &str) -> Option<String> {
     let parts: Vec<&str> = path.split('/').collect();
-    (0..parts.len())
-        .rev()
-        .find_map(|at| pod_uid_below(&parts[at..]))
+    (0..parts.len()).rev().find_map(|at| {
+        let part = parts[at];
+        if let Some(stem) = part.strip_suffix(".slice") {
+            return POD_SLICES
+                .iter()
+                .find_map(|prefix| stem.strip_prefix(prefix))
+                .and_then(systemd_uid);
+        }
+        let uid = part.strip_prefix("pod")?;
+        let parent = *parts.get(at.checked_sub(1)?)?;
+        (matches!(parent, "kubepods" | "burstable" | "besteffort" | "..") && is_uuid(uid))
+            .then(|| uid.to_owned())
+    })
 }
 
-/// The pod uid of `parts`, which must start with the kubepods level.
-fn pod_uid_below(parts: &[&str]) -> Option<String> {
-    let (first, rest) = parts.split_first()?;
-    match *first {
-        "kubepods.slice" => {
-            let (next, rest) = rest.split_first()?;
-            let stem = next.strip_suffix(".slice")?.strip_prefix("kubepods-")?;
-            if let Some(escaped) = stem.strip_prefix("pod") {
-                return systemd_uid(escaped);
-            }
-            // A QoS class slice, then the pod's slice within it.
-            if !matches!(stem, "burstable" | "besteffort") {
-                return None;
-            }
-            let pod = rest.first()?.strip_suffix(".slice")?;
-            let escaped = pod
-                .strip_prefix("kubepods-")?
-                .strip_prefix(stem)?
-                .strip_prefix("-pod")?;
-            systemd_uid(escaped)
-        }
-        "kubepods" => {
-            let (next, rest) = rest.split_first()?;
-            let pod = match *next {
-                "burstable" | "besteffort" => rest.first()?,
-                pod => pod,
-            };
-            let uid = pod.strip_prefix("pod")?;
-            is_uuid(uid).then(|| uid.to_owned())
-        }
-        _ => None,
-    }
-}
+/// How the kubelet's systemd driver names a pod's slice, before the uid.
+const POD_SLICES: [&str; 3] = [
+    "kubepods-burstable-pod",
+    "kubepods-besteffort-pod",
+    "kubepods-pod",
+];
 
 /// A uid as the systemd driver writes it in a slice name (`_` for `-`).
 fn systemd_uid(escaped: &str) -> Option<String> {
@@ -250,20 +235,43 @@ enum Known<T> {
     Missing(Instant),
 }
 
+/// The names a listing of a kubelet directory gave, by key, and when it
+/// was listed.
+#[derive(Debug)]
+struct Listing<T> {
+    by_key: HashMap<String, T>,
+    at: Option<Instant>,
+}
+
+impl<T> Default for Listing<T> {
+    fn default() -> Self {
+        Listing {
+            by_key: HashMap::new(),
+            at: None,
+        }
+    }
+}
+
 /// Names found so far.
 #[derive(Debug, Default)]
 struct Learned {
-    pods: HashMap<String, Known<PodNames>>,
-    containers: HashMap<String, Known<String>>,
+    /// Pod log directories, by pod uid.
+    pods: Listing<PodNames>,
+    /// Container log links, by container id.
+    containers: Listing<ContainerLog>,
+    /// Docker's names, by container id.
+    docker: HashMap<String, Known<String>>,
 }
 
 /// Finds workloads' names in the node's files, and remembers them.
 ///
-/// A name found is kept (a uid or an id never changes its names); a lookup
-/// that found nothing is tried again at most every [`Workloads::RETRY`],
-/// since the kubelet makes a pod's log directory just after its first
-/// container starts. Shared between threads: the lock is never held while
-/// reading files.
+/// A kubelet directory is listed whole, at most once per
+/// [`Workloads::RETRY`] and only when a name is missing, so a burst of
+/// events for new pods costs one listing, not one per pod; names found are
+/// kept (a uid or an id never changes its names). The kubelet makes a pod's
+/// log directory just after its first container starts, so a name missing
+/// now is found by a later listing. Shared between threads: the lock is
+/// never held while reading files.
 #[derive(Debug)]
 pub struct Workloads {
     roots: WorkloadRoots,
@@ -275,10 +283,11 @@ pub struct Workloads {
 static SHARED: Mutex<Option<Arc<Workloads>>> = Mutex::new(None);
 
 impl Workloads {
-    /// How long a lookup that found nothing is believed.
+    /// How long a listing, or a Docker lookup that found nothing, is
+    /// believed.
     pub const RETRY: Duration = Duration::from_secs(5);
     /// Pods, and containers, remembered at most; each starts over past this.
-    const CAPACITY: usize = 4096;
+    const CAPACITY: usize = 16_384;
     /// Directory entries read at most per listing.
     const MAX_LISTED: usize = 65_536;
     /// The most of a `config.v2.json` read (they are a few KiB).
@@ -325,12 +334,22 @@ impl Workloads {
     fn of_at(&self, cgroup: Option<&str>, container: Option<&str>, now: Instant) -> Workload {
         let pod_uid = cgroup.and_then(pod_uid);
         let pod = pod_uid.as_deref().and_then(|uid| self.pod(uid, now));
-        let container_name =
-            container.and_then(|id| self.container_name(id, pod_uid.is_some(), now));
+        // The kubelet's link names a pod's container, and its pod: evidence
+        // by the container id, when the pod's directory is not found.
+        let link = container.and_then(|id| self.container_log(id, now));
+        let container_name = match &link {
+            Some(link) => Some(link.container.clone()),
+            None => container.and_then(|id| self.docker_name(id, now)),
+        };
+        let (pod_name, pod_namespace) = match (pod, link) {
+            (Some(names), _) => (Some(names.pod), Some(names.namespace)),
+            (None, Some(link)) => (Some(link.pod), Some(link.namespace)),
+            (None, None) => (None, None),
+        };
         Workload {
             container_name,
-            pod: pod.as_ref().map(|names| names.pod.clone()),
-            pod_namespace: pod.map(|names| names.namespace),
+            pod: pod_name,
+            pod_namespace,
             pod_uid,
         }
     }
@@ -341,38 +360,77 @@ impl Workloads {
 
     /// The names of the pod with uid `uid`.
     fn pod(&self, uid: &str, now: Instant) -> Option<PodNames> {
-        match self.learned().pods.get(uid) {
-            Some(Known::Found(names)) => return Some(names.clone()),
-            Some(Known::Missing(at)) if now.duration_since(*at) < Self::RETRY => return None,
-            _ => {}
-        }
-        let found = listed(&self.roots.pod_logs)
-            .find_map(|name| pod_log_dir(&name).filter(|names| names.uid == uid));
-        remember(&mut self.learned().pods, uid, found.clone(), now);
-        found
+        self.lookup(
+            uid,
+            now,
+            |learned| &mut learned.pods,
+            &self.roots.pod_logs,
+            |name| pod_log_dir(name).map(|names| (names.uid.clone(), names)),
+        )
     }
 
-    /// The name of the container with id `id`: the kubelet's, for a
-    /// container of a pod, else Docker's.
-    fn container_name(&self, id: &str, in_pod: bool, now: Instant) -> Option<String> {
-        match self.learned().containers.get(id) {
+    /// The kubelet's log link of the container with id `id`.
+    fn container_log(&self, id: &str, now: Instant) -> Option<ContainerLog> {
+        self.lookup(
+            id,
+            now,
+            |learned| &mut learned.containers,
+            &self.roots.container_logs,
+            |name| container_log_name(name).map(|log| (log.id.clone(), log)),
+        )
+    }
+
+    /// `key` in the listing `which` of `dir`, listing `dir` again (each
+    /// name through `parse`) if `key` is missing and the last listing is
+    /// older than [`Workloads::RETRY`].
+    fn lookup<T: Clone>(
+        &self,
+        key: &str,
+        now: Instant,
+        which: impl Fn(&mut Learned) -> &mut Listing<T>,
+        dir: &Path,
+        parse: impl Fn(&str) -> Option<(String, T)>,
+    ) -> Option<T> {
+        {
+            let mut learned = self.learned();
+            let listing = which(&mut learned);
+            if let Some(found) = listing.by_key.get(key) {
+                return Some(found.clone());
+            }
+            if listing
+                .at
+                .is_some_and(|at| now.duration_since(at) < Self::RETRY)
+            {
+                return None;
+            }
+            // Claimed: other threads wait for the next window.
+            listing.at = Some(now);
+        }
+        let fresh: Vec<(String, T)> = listed(dir).filter_map(|name| parse(&name)).collect();
+        let mut learned = self.learned();
+        let listing = which(&mut learned);
+        if listing.by_key.len() + fresh.len() > Self::CAPACITY {
+            listing.by_key.clear();
+        }
+        listing
+            .by_key
+            .extend(fresh.into_iter().take(Self::CAPACITY));
+        listing.by_key.get(key).cloned()
+    }
+
+    /// Docker's name of the container with id `id`.
+    fn docker_name(&self, id: &str, now: Instant) -> Option<String> {
+        match self.learned().docker.get(id) {
             Some(Known::Found(name)) => return Some(name.clone()),
             Some(Known::Missing(at)) if now.duration_since(*at) < Self::RETRY => return None,
             _ => {}
         }
-        let kubelet = if in_pod {
-            listed(&self.roots.container_logs)
-                .find_map(|name| container_log_name(&name).filter(|log| log.id == id))
-                .map(|log| log.container)
-        } else {
-            None
-        };
-        let found = kubelet.or_else(|| self.docker_name(id));
-        remember(&mut self.learned().containers, id, found.clone(), now);
+        let found = self.read_docker_name(id);
+        remember(&mut self.learned().docker, id, found.clone(), now);
         found
     }
 
-    fn docker_name(&self, id: &str) -> Option<String> {
+    fn read_docker_name(&self, id: &str) -> Option<String> {
         let path = self.roots.docker_containers.join(id).join("config.v2.json");
         let mut text = String::new();
         fs::File::open(path)
@@ -452,6 +510,14 @@ mod tests {
                 "/portwatch-test-1-0-k8s/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{ESCAPED}.slice/cri-containerd-{ID}.scope"
             ),
             format!("/../../kubepods/burstable/pod{UID}/{ID}"),
+            // As a daemon in a pod of its own sees other pods: relative to
+            // its own cgroup, in its cgroup namespace.
+            format!("/../../kubepods-burstable-pod{ESCAPED}.slice/cri-containerd-{ID}.scope"),
+            format!(
+                "/../../../kubepods-besteffort.slice/kubepods-besteffort-pod{ESCAPED}.slice/cri-containerd-{ID}.scope"
+            ),
+            format!("/../../../kubepods-pod{ESCAPED}.slice/crio-{ID}.scope"),
+            format!("/../../pod{UID}/{ID}"),
             // A kind node in a pod: the innermost pod is the process's.
             format!(
                 "/kubepods/pod11111111-2222-3333-4444-555555555555/{ID}/kubepods/burstable/pod{UID}/{ID}"
@@ -483,15 +549,13 @@ mod tests {
             "/kubepods.slice/kubepods-podxyz.slice".to_owned(),
             // A static pod's uid is a hash, not a UUID.
             "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0123456789abcdef0123456789abcdef.slice".to_owned(),
-            // The QoS class of the slice and of the pod disagree, or is unknown.
-            format!(
-                "/kubepods.slice/kubepods-burstable.slice/kubepods-besteffort-pod{ESCAPED}.slice"
-            ),
+            // An unknown QoS class.
             format!("/kubepods.slice/kubepods-guaranteed.slice/kubepods-guaranteed-pod{ESCAPED}.slice"),
             format!("/kubepods/guaranteed/pod{UID}"),
-            // kubepods as part of a name only.
-            format!("/my-kubepods.slice/kubepods-pod{ESCAPED}.slice"),
+            // `pod<uid>` below something that is not a kubepods level.
             format!("/notkubepods/pod{UID}"),
+            format!("/system.slice/pod{UID}"),
+            format!("pod{UID}"),
         ];
         for path in &none {
             assert_eq!(pod_uid(path), None, "{path}");
@@ -680,6 +744,25 @@ mod tests {
                 .container_name
                 .as_deref(),
             Some("app")
+        );
+    }
+
+    #[test]
+    fn a_container_link_names_its_pod_when_the_pod_directory_is_not_there() {
+        let node = Node::new("link");
+        node.container_log("web-0", "shop", "app", ID);
+        let workloads = Workloads::new(node.roots());
+        // A daemon in a pod sees the path relative to its own cgroup.
+        let path =
+            format!("/../../kubepods-besteffort-pod{ESCAPED}.slice/cri-containerd-{ID}.scope");
+        assert_eq!(
+            workloads.of(Some(&path), Some(ID)),
+            Workload {
+                container_name: Some("app".into()),
+                pod: Some("web-0".into()),
+                pod_namespace: Some("shop".into()),
+                pod_uid: Some(UID.into()),
+            }
         );
     }
 

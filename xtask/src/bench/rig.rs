@@ -228,8 +228,12 @@ impl Drop for BenchDaemon {
     }
 }
 
-/// Sends `signal` to `child` (`what`, for the message) and waits up to 20 s
-/// for it to exit, then kills it.
+/// How long a child asked to stop may take: bpftrace detaching its probes
+/// took over 20 s once on a slow machine.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sends `signal` to `child` (`what`, for the message) and waits up to
+/// [`STOP_TIMEOUT`] for it to exit, then kills it.
 fn stop_child(child: &mut Child, signal: i32, what: &str) -> Result<()> {
     if child.try_wait()?.is_some() {
         return Ok(());
@@ -237,12 +241,15 @@ fn stop_child(child: &mut Child, signal: i32, what: &str) -> Result<()> {
     let pid = i32::try_from(child.id()).context("pid out of range")?;
     // SAFETY: kill(2) with a pid we spawned and have not reaped.
     unsafe { libc::kill(pid, signal) };
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + STOP_TIMEOUT;
     while child.try_wait()?.is_none() {
         if Instant::now() > deadline {
             child.kill()?;
             child.wait()?;
-            bail!("{what} did not stop within 20 s of signal {signal}");
+            bail!(
+                "{what} did not stop within {} s of signal {signal}",
+                STOP_TIMEOUT.as_secs()
+            );
         }
         thread::sleep(Duration::from_millis(10));
     }
