@@ -86,10 +86,11 @@ pub struct DaemonArgs {
 /// Which network namespace or pod a client command is about.
 #[derive(Debug, Default, Args)]
 pub struct ScopeArgs {
-    /// Only this network namespace: its cookie (the NETNS column), or `host`.
+    /// Only this network namespace: its cookie (`netns` in `-o json`, and in
+    /// `explain`), or `host`.
     #[arg(long, value_name = "COOKIE|host")]
     pub netns: Option<String>,
-    /// Only this Kubernetes pod: NAME, or NAMESPACE/NAME.
+    /// Only the listeners of this Kubernetes pod: NAME, or NAMESPACE/NAME.
     #[arg(long, value_name = "[NAMESPACE/]NAME")]
     pub pod: Option<String>,
 }

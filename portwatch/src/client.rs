@@ -210,19 +210,25 @@ fn host_netns(value: &Value) -> Option<u64> {
     value["host_netns"].as_u64()
 }
 
-/// Where a listener is: `host`, a pod (`shop/web-1`), a container's name
-/// (or its id's first 12 digits), else its namespace cookie.
+/// Where a listener is: `host` (with its pod, `host (kube-system/proxy)`,
+/// for a pod on the host's network), a pod (`shop/web-1`), a container's
+/// name (or its id's first 12 digits), else its namespace cookie.
 fn netns_or_pod(listener: &Value, host: Option<u64>) -> String {
-    if let (Value::String(namespace), Value::String(pod)) =
-        (&listener["pod_namespace"], &listener["pod"])
-    {
-        return format!("{namespace}/{pod}");
-    }
+    let pod = match (&listener["pod_namespace"], &listener["pod"]) {
+        (Value::String(namespace), Value::String(pod)) => Some(format!("{namespace}/{pod}")),
+        _ => None,
+    };
     if listener["netns"]
         .as_u64()
         .is_some_and(|netns| Some(netns) == host)
     {
-        return "host".to_owned();
+        return match pod {
+            Some(pod) => format!("host ({pod})"),
+            None => "host".to_owned(),
+        };
+    }
+    if let Some(pod) = pod {
+        return pod;
     }
     match (&listener["container_name"], &listener["container"]) {
         (Value::String(name), _) => name.clone(),
@@ -366,7 +372,11 @@ fn namespace_name(namespace: &Value) -> String {
         Some(workload) => format!("{workload}, netns {netns}"),
         None => {
             let processes: Vec<String> = array(&namespace["processes"]).iter().map(text).collect();
-            format!("netns {netns} ({})", processes.join(", "))
+            if processes.is_empty() {
+                format!("netns {netns}")
+            } else {
+                format!("netns {netns} ({})", processes.join(", "))
+            }
         }
     }
 }
@@ -469,6 +479,10 @@ pub fn render_explanation(port: &Value) -> String {
     let netns_count = port["netns_count"].as_u64().unwrap_or(0);
     let mut out = String::new();
     if netns_count <= 1 {
+        // One namespace, not the host's (a pod's, `--netns`): say whose.
+        if let Some(namespace) = namespaces.first().filter(|n| n["host"] == false) {
+            let _ = writeln!(out, "In {}:", namespace_name(namespace));
+        }
         let flags: Vec<&Value> = flags.iter().collect();
         render_port_table(
             &mut out,
@@ -511,9 +525,13 @@ pub fn render_explanation(port: &Value) -> String {
             }
         }
         if let Some(hidden) = port["namespaces_hidden"].as_u64().filter(|&n| n > 0) {
+            let why = match port["namespaces_hidden_eventful"].as_u64().unwrap_or(0) {
+                0 => "nothing is shared or failed there".to_owned(),
+                n => format!("{n} of them with something shared or failed"),
+            };
             let _ = writeln!(
                 out,
-                "\n{} not shown: nothing is shared or failed there (`portwatch explain {number} --all` lists every one).",
+                "\n{} not shown: {why} (`portwatch explain {number} --all` lists every one).",
                 plural(hidden, "more namespace")
             );
         }

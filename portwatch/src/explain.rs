@@ -3,7 +3,7 @@
 //! order is an input, read once with [`localhost_order`]).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs},
 };
 
@@ -21,7 +21,8 @@ use crate::{
 pub struct Sharing {
     /// The rule that lets them coexist.
     pub kind: CoexistReason,
-    /// Cookies of the listeners it covers (a pair, or a whole group).
+    /// Cookies of the listeners it covers: a group on one address, or the
+    /// first of each group the reason holds between.
     pub listeners: Vec<u64>,
     /// One plain sentence.
     pub explanation: String,
@@ -264,15 +265,18 @@ fn most_first(counts: BTreeMap<&str, usize>) -> Vec<NameCount> {
 }
 
 /// The place the entries' owners share, field by field: a field is known
-/// when every entry that knows it says the same.
+/// only when every entry knows it and they all say the same (an entry whose
+/// owner is unknown may be anyone's).
 fn common_place(entries: &[&Entry]) -> Place {
     fn common<T: Clone + PartialEq>(
         entries: &[&Entry],
         field: impl Fn(&Place) -> &Option<T>,
     ) -> Option<T> {
-        let mut known = entries.iter().filter_map(|e| field(&e.place).as_ref());
-        let first = known.next()?;
-        known.all(|value| value == first).then(|| first.clone())
+        let first = field(&entries.first()?.place).clone()?;
+        entries
+            .iter()
+            .all(|e| field(&e.place).as_ref() == Some(&first))
+            .then_some(first)
     }
     Place {
         cgroup: common(entries, |p| &p.cgroup),
@@ -355,7 +359,7 @@ fn sharing(listeners: &[&Entry]) -> Vec<Sharing> {
     // Between groups (their first members): the pairs with one reason are
     // one entry. Different protocols are one entry whatever the protocols;
     // any other reason is one entry per protocol.
-    let mut between: Vec<(BetweenKey, Vec<u64>)> = Vec::new();
+    let mut between: Vec<(BetweenKey, Vec<u64>, HashSet<u64>)> = Vec::new();
     for (i, a) in groups.iter().enumerate() {
         for b in &groups[i + 1..] {
             let Some(kind) = rules::why_coexist(&a[0].facts, &b[0].facts) else {
@@ -363,26 +367,33 @@ fn sharing(listeners: &[&Entry]) -> Vec<Sharing> {
             };
             let protocol =
                 (kind != CoexistReason::DifferentProtocol).then_some(a[0].facts.protocol);
-            let at = match between.iter().position(|(key, _)| *key == (kind, protocol)) {
+            let at = match between
+                .iter()
+                .position(|(key, ..)| *key == (kind, protocol))
+            {
                 Some(at) => at,
                 None => {
-                    between.push(((kind, protocol), Vec::new()));
+                    between.push(((kind, protocol), Vec::new(), HashSet::new()));
                     between.len() - 1
                 }
             };
-            let members = &mut between[at].1;
+            let (_, members, seen) = &mut between[at];
             for cookie in [a[0].facts.cookie, b[0].facts.cookie] {
-                if !members.contains(&cookie) {
+                if seen.insert(cookie) {
                     members.push(cookie);
                 }
             }
         }
     }
-    out.extend(between.into_iter().map(|((kind, _), listeners)| Sharing {
-        explanation: kind.explanation().to_string(),
-        kind,
-        listeners,
-    }));
+    out.extend(
+        between
+            .into_iter()
+            .map(|((kind, _), listeners, _)| Sharing {
+                explanation: kind.explanation().to_string(),
+                kind,
+                listeners,
+            }),
+    );
     out
 }
 

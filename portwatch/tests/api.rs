@@ -430,6 +430,7 @@ async fn a_port_nobody_holds_is_empty_not_missing() {
             "netns_count": 0,
             "namespaces": [],
             "namespaces_hidden": 0,
+            "namespaces_hidden_eventful": 0,
             "summary": {"host": false, "pods": 0, "containers": 0, "other": 0, "pod_namespaces": [], "processes": []},
             "sharing": [],
             "flags": [],
@@ -562,7 +563,8 @@ async fn two_hundred_pods_on_one_port_are_two_hundred_port_tables_not_sharing() 
             };
             listen_in(&mut state, &sock, HOST + 1 + 7, 40);
         }
-        state.map.set_place(300_007, place);
+        state.map.set_place(300_007, place.clone());
+        state.map.set_place(200_007, place);
     }
     let body = get(&api.router, "/ports/8080").await.ok_json();
     assert_eq!(body["shared"], true);

@@ -178,6 +178,8 @@ pub struct PortDetail {
     /// How many namespaces with a matching listener are not shown (ask with
     /// `all=true`, or filter with `netns` or `pod`).
     pub namespaces_hidden: usize,
+    /// How many of those have something shared or failed (past the 8 shown).
+    pub namespaces_hidden_eventful: usize,
     /// What all those namespaces are, counted (shown or not).
     #[schema(value_type = Object)]
     pub summary: NamespaceSummary,

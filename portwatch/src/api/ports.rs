@@ -94,7 +94,7 @@ impl Filter {
         ("protocol" = Option<String>, Query, description = "tcp, udp, udplite, sctp or mptcp"),
         ("family" = Option<String>, Query, description = "ipv4 or ipv6"),
         ("netns" = Option<String>, Query, description = "network namespace cookie, or `host`"),
-        ("pod" = Option<String>, Query, description = "a Kubernetes pod: NAME, or NAMESPACE/NAME"),
+        ("pod" = Option<String>, Query, description = "only the listeners of this Kubernetes pod: NAME, or NAMESPACE/NAME"),
         ("all" = Option<bool>, Query, description = "accepted for symmetry with /ports/{port}; every namespace is listed here"),
     ),
     responses(
@@ -129,7 +129,7 @@ pub async fn list(
         ("protocol" = Option<String>, Query, description = "tcp, udp, udplite, sctp or mptcp"),
         ("family" = Option<String>, Query, description = "ipv4 or ipv6"),
         ("netns" = Option<String>, Query, description = "network namespace cookie, or `host`"),
-        ("pod" = Option<String>, Query, description = "a Kubernetes pod: NAME, or NAMESPACE/NAME"),
+        ("pod" = Option<String>, Query, description = "only the listeners of this Kubernetes pod: NAME, or NAMESPACE/NAME"),
         ("all" = Option<bool>, Query, description = "show every namespace; by default, past 8 namespaces, only the host's and those where something is shared or failed are shown and the rest are counted"),
     ),
     responses(
@@ -214,6 +214,12 @@ fn port_detail(state: &state::State, port: u16, filter: &Filter) -> PortDetail {
         netns_count: explained.netns_count(),
         namespaces: Vec::new(),
         namespaces_hidden: shown.iter().filter(|&&shown| !shown).count(),
+        namespaces_hidden_eventful: explained
+            .namespaces
+            .iter()
+            .zip(&shown)
+            .filter(|(n, shown)| !**shown && (n.shared || failed.contains(&n.netns)))
+            .count(),
         summary: explain::summarize(&explained.namespaces),
         sharing: Vec::new(),
         flags: Vec::new(),
