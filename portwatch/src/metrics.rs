@@ -279,7 +279,7 @@ const KERNEL_MODULE_MISSING: Spec = Spec {
 };
 
 /// Every family the state collector produces.
-const SPECS: [&Spec; 20] = [
+const SPECS: [&Spec; 21] = [
     &BIND_FAILURES,
     &PORT_BIND_FAILURES,
     &LISTEN_FAILURES,
@@ -293,6 +293,7 @@ const SPECS: [&Spec; 20] = [
     &LISTENERS,
     &SHARED_PORTS,
     &PORT_SHARED,
+    &PORT_NAMESPACES,
     &PROGRAM_ATTACHED,
     &BUILD_INFO,
     &READY,
@@ -1073,6 +1074,11 @@ mod tests {
         let mut state = State::new(100, 1000);
         state.stats.startup_snapshot = Some(Duration::from_millis(1));
         state.stats.reconcile_snapshot = Some(Duration::from_millis(1));
+        // A listener: the per-port families have samples.
+        listen(
+            &mut state,
+            event(EventKind::Bind, 1, Protocol::Tcp, v4([0, 0, 0, 0]), 8000),
+        );
         let text = render(state);
         let types: Vec<(&str, &str)> = text
             .lines()
