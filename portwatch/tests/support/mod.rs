@@ -191,15 +191,34 @@ impl CgroupGuard {
 impl Drop for CgroupGuard {
     fn drop(&mut self) {
         // Workers exit on their own; give stragglers a moment, then remove.
+        // Child cgroups a test made and left (a guard of shared levels
+        // dropped before the levels below it) go first, deepest first.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
-            if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
-                for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
-                    // SAFETY: signalling a process of our own test cgroup.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+        let mut dirs = Vec::new();
+        descendants(&self.path, &mut dirs);
+        dirs.sort_by_key(|dir| std::cmp::Reverse(dir.components().count()));
+        dirs.push(self.path.clone());
+        for dir in dirs {
+            while std::fs::remove_dir(&dir).is_err() && Instant::now() < deadline {
+                if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                    for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                        // SAFETY: signalling a process of our own test cgroup.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
                 }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Every directory below `dir` (cgroups: their files are not directories).
+fn descendants(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+            let path = entry.path();
+            descendants(&path, out);
+            out.push(path);
         }
     }
 }
