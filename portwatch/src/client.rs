@@ -133,13 +133,16 @@ impl ScopeArgs {
 
 /// `portwatch ports [PORT]`.
 pub fn ports(args: &PortsArgs) -> Result<(), ClientError> {
-    // Every namespace: the table lists them all, as `ss` would per namespace.
-    let path = match args.port {
-        Some(port) => format!("/ports/{port}"),
-        None => "/ports".to_owned(),
+    // Every namespace: the table lists them all, as `ss` would per namespace
+    // (`/ports` always does; `/ports/{port}` when asked).
+    let (path, all) = match args.port {
+        Some(port) => (format!("/ports/{port}"), Some(("all", "true"))),
+        None => ("/ports".to_owned(), None),
     };
-    let pairs = args.scope.pairs().chain([("all", "true")]);
-    let value = get(&args.server.server, &with_query(&path, pairs))?;
+    let value = get(
+        &args.server.server,
+        &with_query(&path, args.scope.pairs().chain(all)),
+    )?;
     match args.output {
         Output::Json => print(&pretty(&value)),
         Output::Table => {
@@ -214,10 +217,7 @@ fn host_netns(value: &Value) -> Option<u64> {
 /// for a pod on the host's network), a pod (`shop/web-1`), a container's
 /// name (or its id's first 12 digits), else its namespace cookie.
 fn netns_or_pod(listener: &Value, host: Option<u64>) -> String {
-    let pod = match (&listener["pod_namespace"], &listener["pod"]) {
-        (Value::String(namespace), Value::String(pod)) => Some(format!("{namespace}/{pod}")),
-        _ => None,
-    };
+    let pod = pod_name(listener);
     if listener["netns"]
         .as_u64()
         .is_some_and(|netns| Some(netns) == host)
@@ -227,13 +227,24 @@ fn netns_or_pod(listener: &Value, host: Option<u64>) -> String {
             None => "host".to_owned(),
         };
     }
-    if let Some(pod) = pod {
-        return pod;
+    pod.or_else(|| container_label(listener))
+        .unwrap_or_else(|| text(&listener["netns"]))
+}
+
+/// `shop/web-1`: an owner's pod, when known.
+fn pod_name(owner: &Value) -> Option<String> {
+    match (&owner["pod_namespace"], &owner["pod"]) {
+        (Value::String(namespace), Value::String(pod)) => Some(format!("{namespace}/{pod}")),
+        _ => None,
     }
-    match (&listener["container_name"], &listener["container"]) {
-        (Value::String(name), _) => name.clone(),
-        (_, Value::String(id)) => format!("{id:.12}"),
-        _ => text(&listener["netns"]),
+}
+
+/// An owner's container: its name, else its id's first 12 digits.
+fn container_label(owner: &Value) -> Option<String> {
+    match (&owner["container_name"], &owner["container"]) {
+        (Value::String(name), _) => Some(name.clone()),
+        (_, Value::String(id)) => Some(format!("{id:.12}")),
+        _ => None,
     }
 }
 
@@ -313,7 +324,7 @@ fn render_port_table(
     number: &str,
     listeners: &[Value],
     sharing: &[Value],
-    flags: &[&Value],
+    flags: &[Value],
 ) {
     match listeners.len() {
         0 => {
@@ -343,14 +354,6 @@ fn render_port_table(
             text(&flag["explanation"])
         );
     }
-}
-
-/// The cookies a flag names, whatever its kind.
-fn flag_cookies(flag: &Value) -> impl Iterator<Item = &Value> {
-    flag.as_object()
-        .into_iter()
-        .flat_map(|fields| fields.values())
-        .flat_map(array)
 }
 
 fn plural(n: u64, what: &str) -> String {
@@ -451,20 +454,11 @@ fn describe_listener(listener: &Value) -> String {
 /// `pod shop/web-1 (container app)`, `container web`, `container 0123456789ab`:
 /// the workload an owner belongs to, when known.
 fn workload(owner: &Value) -> Option<String> {
-    let container = match (&owner["container_name"], &owner["container"]) {
-        (Value::String(name), _) => Some(name.clone()),
-        (_, Value::String(id)) => Some(format!("{id:.12}")),
-        _ => None,
-    };
-    match (&owner["pod_namespace"], &owner["pod"], container) {
-        (Value::String(namespace), Value::String(pod), Some(container)) => {
-            Some(format!("pod {namespace}/{pod} (container {container})"))
-        }
-        (Value::String(namespace), Value::String(pod), None) => {
-            Some(format!("pod {namespace}/{pod}"))
-        }
-        (_, _, Some(container)) => Some(format!("container {container}")),
-        _ => None,
+    match (pod_name(owner), container_label(owner)) {
+        (Some(pod), Some(container)) => Some(format!("pod {pod} (container {container})")),
+        (Some(pod), None) => Some(format!("pod {pod}")),
+        (None, Some(container)) => Some(format!("container {container}")),
+        (None, None) => None,
     }
 }
 
@@ -474,7 +468,6 @@ fn workload(owner: &Value) -> Option<String> {
 pub fn render_explanation(port: &Value) -> String {
     let number = text(&port["port"]);
     let listeners = array(&port["listeners"]);
-    let flags = array(&port["flag_details"]);
     let namespaces = array(&port["namespaces"]);
     let netns_count = port["netns_count"].as_u64().unwrap_or(0);
     let mut out = String::new();
@@ -483,13 +476,12 @@ pub fn render_explanation(port: &Value) -> String {
         if let Some(namespace) = namespaces.first().filter(|n| n["host"] == false) {
             let _ = writeln!(out, "In {}:", namespace_name(namespace));
         }
-        let flags: Vec<&Value> = flags.iter().collect();
         render_port_table(
             &mut out,
             &number,
             listeners,
             array(&port["sharing"]),
-            &flags,
+            array(&port["flag_details"]),
         );
     } else {
         let _ = writeln!(
@@ -508,17 +500,13 @@ pub fn render_explanation(port: &Value) -> String {
                 .filter(|l| cookies.contains(&l["cookie"]))
                 .cloned()
                 .collect();
-            let own_flags: Vec<&Value> = flags
-                .iter()
-                .filter(|flag| flag_cookies(flag).any(|c| cookies.contains(c)))
-                .collect();
             let _ = writeln!(out, "\nIn {}:", namespace_name(namespace));
             render_port_table(
                 &mut out,
                 &number,
                 &members,
                 array(&namespace["sharing"]),
-                &own_flags,
+                array(&namespace["flag_details"]),
             );
             if let Some(failed) = namespace["recent_failures"].as_u64().filter(|&n| n > 0) {
                 let _ = writeln!(out, "{} here (below).", plural(failed, "recent failure"));

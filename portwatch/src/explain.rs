@@ -80,8 +80,6 @@ pub struct Localhost {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PortExplanation {
     pub port: u16,
-    /// Two or more listeners share one port table: one network namespace.
-    pub shared: bool,
     /// The network namespaces with a listener on the port, the host's first,
     /// then by cookie.
     pub namespaces: Vec<NetnsExplanation>,
@@ -89,6 +87,11 @@ pub struct PortExplanation {
 }
 
 impl PortExplanation {
+    /// Two or more listeners share one port table: one network namespace.
+    pub fn shared(&self) -> bool {
+        self.namespaces.iter().any(NetnsExplanation::shared)
+    }
+
     /// In how many network namespaces the port has a listener.
     pub fn netns_count(&self) -> usize {
         self.namespaces.len()
@@ -114,8 +117,6 @@ pub struct NetnsExplanation {
     pub host: bool,
     /// Cookies of its listeners, in the order given.
     pub listeners: Vec<u64>,
-    /// Two or more of them.
-    pub shared: bool,
     pub sharing: Vec<Sharing>,
     pub flags: Vec<Flag>,
     /// Where its listeners' owners live, where they all agree (a pod's
@@ -124,6 +125,13 @@ pub struct NetnsExplanation {
     pub place: Place,
     /// The distinct process names holding its listeners, ascending.
     pub processes: Vec<String>,
+}
+
+impl NetnsExplanation {
+    /// Two or more listeners in this one port table.
+    pub fn shared(&self) -> bool {
+        self.listeners.len() > 1
+    }
 }
 
 /// Explains the listeners of `port`, one network namespace at a time.
@@ -149,7 +157,6 @@ pub fn explain(
             netns,
             host: netns == host_netns,
             listeners: cookies(&members),
-            shared: members.len() > 1,
             sharing: sharing(&members),
             flags: flags(&members),
             place: common_place(&members),
@@ -158,7 +165,6 @@ pub fn explain(
         .collect();
     PortExplanation {
         port,
-        shared: namespaces.iter().any(|n| n.shared),
         namespaces,
         localhost: reach(listeners, host_netns, localhost),
     }
@@ -178,7 +184,7 @@ pub fn worth_showing(namespaces: &[NetnsExplanation], failed: &BTreeSet<NetnsCoo
     }
     let mut shown = vec![false; namespaces.len()];
     let ranks: [&dyn Fn(&NetnsExplanation) -> bool; 3] =
-        [&|n| n.host, &|n| n.shared, &|n| failed.contains(&n.netns)];
+        [&|n| n.host, &|n| n.shared(), &|n| failed.contains(&n.netns)];
     let mut left = NAMESPACES_SHOWN;
     for rank in ranks {
         for (i, namespace) in namespaces.iter().enumerate() {
@@ -320,16 +326,16 @@ pub fn localhost_order() -> Vec<IpAddr> {
     order
 }
 
-/// Listeners that share one (netns, protocol, family, address): a group that
-/// can only coexist through SO_REUSEPORT (or UDP SO_REUSEADDR).
-type GroupKey = (NetnsCookie, Protocol, Family, IpAddr);
+/// Listeners of one namespace that share one (protocol, family, address): a
+/// group that can only coexist through SO_REUSEPORT (or UDP SO_REUSEADDR).
+type GroupKey = (Protocol, Family, IpAddr);
 
 fn groups<'a>(listeners: &[&'a Entry]) -> BTreeMap<GroupKey, Vec<&'a Entry>> {
     let mut groups: BTreeMap<GroupKey, Vec<&Entry>> = BTreeMap::new();
     for entry in listeners {
         let f = &entry.facts;
         groups
-            .entry((f.netns, f.protocol, f.family, f.address))
+            .entry((f.protocol, f.family, f.address))
             .or_default()
             .push(entry);
     }
@@ -411,15 +417,14 @@ fn cookies(entries: &[&Entry]) -> Vec<u64> {
     entries.iter().map(|e| e.facts.cookie).collect()
 }
 
+/// The surprises among one namespace's listeners.
 fn flags(listeners: &[&Entry]) -> Vec<Flag> {
     let mut flags = Vec::new();
-    // Per network namespace and protocol: the same port is only comparable there.
-    let mut scopes: BTreeMap<(NetnsCookie, Protocol), Vec<&Entry>> = BTreeMap::new();
+    // Per protocol (`listeners` are one namespace's): the same port is only
+    // comparable there.
+    let mut scopes: BTreeMap<Protocol, Vec<&Entry>> = BTreeMap::new();
     for entry in listeners {
-        scopes
-            .entry((entry.facts.netns, entry.facts.protocol))
-            .or_default()
-            .push(entry);
+        scopes.entry(entry.facts.protocol).or_default().push(entry);
     }
     for scope in scopes.values() {
         let v4: Vec<&Entry> = scope
@@ -601,7 +606,7 @@ mod tests {
         let v4 = entry(1, 1, "0.0.0.0", None, false);
         let v6 = entry(2, 2, "::", Some(true), false);
         let found = explain(8000, &[&v4, &v6], 1, &LOCALHOST);
-        assert!(found.shared);
+        assert!(found.shared());
         assert_eq!(found.localhost.reaches, Some(2));
         assert_eq!(found.localhost.via, Some(LOCALHOST[0]));
         assert_eq!(
@@ -626,7 +631,7 @@ mod tests {
         let v6 = entry(2, 2, "::", Some(false), false);
         let found = explain(8000, &[&v6], 1, &[LOCALHOST[1]]);
         assert_eq!(found.localhost.reaches, Some(2));
-        assert!(!found.shared);
+        assert!(!found.shared());
         let v6only = entry(3, 2, "::", Some(true), false);
         assert_eq!(
             explain(8000, &[&v6only], 1, &[LOCALHOST[1]])
@@ -729,12 +734,12 @@ mod tests {
         let mut pod_b = entry(4, 4, "::", Some(true), false);
         pod_b.facts.netns = 5;
         let found = explain(8000, &[&pod_a, &v4, &pod_b, &v6], 1, &LOCALHOST);
-        assert!(found.shared);
+        assert!(found.shared());
         assert_eq!(found.netns_count(), 3);
         let netns: Vec<(u64, bool, bool)> = found
             .namespaces
             .iter()
-            .map(|n| (n.netns, n.host, n.shared))
+            .map(|n| (n.netns, n.host, n.shared()))
             .collect();
         assert_eq!(
             netns,
@@ -759,7 +764,7 @@ mod tests {
         assert_eq!(summary.pod_namespaces[0].name, "shop");
         let alone = explain(8000, &[&pod_a, &pod_b], 1, &LOCALHOST);
         assert!(
-            !alone.shared,
+            !alone.shared(),
             "the same port in two namespaces is not shared"
         );
     }

@@ -156,6 +156,9 @@ pub struct Watcher {
     unresolved: Vec<Failure>,
     last_diag: Instant,
     cgroups: PlaceCache,
+    /// Names the workloads of the places listings report (events' places
+    /// are named by `cgroups`, which shares it).
+    workloads: Arc<Workloads>,
     heartbeat: Arc<Heartbeat>,
     /// Whether sock_diag lists TCP sockets that are bound but not listening
     /// (Linux 6.7+); without it, reconciliation leaves those entries alone.
@@ -201,11 +204,8 @@ impl Watcher {
         state.hooks = capture.hooks();
         state.expected = config.expected.clone();
         let (events, _) = broadcast::channel(EVENT_CHANNEL);
-        // Shared with the snapshots, which name workloads the same way.
-        let cgroups = PlaceCache::new(
-            cgroup2_mount(),
-            Workloads::install(config.workloads.clone()),
-        );
+        let workloads = Arc::new(Workloads::new(config.workloads.clone()));
+        let cgroups = PlaceCache::new(cgroup2_mount(), workloads.clone());
         let mut watcher = Watcher {
             capture,
             state: Arc::new(RwLock::new(state)),
@@ -217,6 +217,7 @@ impl Watcher {
             unresolved: Vec::new(),
             last_diag: Instant::now() - DIAG_INTERVAL,
             cgroups,
+            workloads,
             heartbeat: Arc::new(Heartbeat::new()),
             bound_tcp_listed,
             listing_failed: None,
@@ -234,7 +235,7 @@ impl Watcher {
                     return Ok(watcher);
                 }
             };
-        let observed = snapshot.observed();
+        let observed = watcher.observed(&snapshot);
         let mut untracked = 0;
         for seen in &observed {
             if seen.facts.state.is_listening_or_bound()
@@ -510,7 +511,7 @@ impl Watcher {
             // after the daemon has stopped saying it is degraded.
             self.next_reconcile = Instant::now();
         }
-        let observed = snapshot.observed();
+        let observed = self.observed(&snapshot);
         let unresolved = std::mem::take(&mut self.unresolved);
         let mut state = self.write();
         for mut failure in unresolved {
@@ -561,7 +562,7 @@ impl Watcher {
         let started = Instant::now();
         let snapshot = tokio::task::spawn_blocking(move || snapshot::take(&config)).await??;
         self.listing_works();
-        let observed = snapshot.observed();
+        let observed = self.observed(&snapshot);
         let fresh: Vec<u64> = {
             let state = self.read_guard();
             observed
@@ -615,6 +616,14 @@ impl Watcher {
             tracing::info!(?drift, "reconciliation corrected the map");
         }
         Ok(drift)
+    }
+
+    /// A listing's sockets as the map keeps them, their workloads named.
+    fn observed(&self, snapshot: &snapshot::Snapshot) -> Vec<Observed> {
+        let mut observed = snapshot.observed();
+        self.workloads
+            .name_all(observed.iter_mut().map(|seen| &mut seen.place));
+        observed
     }
 
     fn read_guard(&self) -> RwLockReadGuard<'_, State> {

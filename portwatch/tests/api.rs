@@ -965,6 +965,11 @@ async fn bad_input_gets_a_problem_naming_the_parameter() {
         ("/ports/8000?netns=abc", "netns"),
         ("/ports/8000?prot=udp", "prot"),
         ("/ports?protocol=tcp&protocol=udp", "protocol"),
+        ("/ports/8000?pod=Web_1", "pod"),
+        ("/ports/8000?all=maybe", "all"),
+        // The list shows every namespace: `all` is not one of its parameters.
+        ("/ports?all=true", "all"),
+        ("/failures?pod=shop/", "pod"),
         ("/failures?port=0", "port"),
         ("/failures?port=70000", "port"),
         ("/failures?errno=EFOO", "errno"),

@@ -222,8 +222,11 @@ pub struct NamespaceView {
     /// Why they coexist.
     #[schema(value_type = Vec<SharingDoc>)]
     pub sharing: Vec<Sharing>,
-    /// Names of their surprises (see `flag_details`).
+    /// Names of their surprises.
     pub flags: Vec<&'static str>,
+    /// The same flags with the cookies they concern and an explanation.
+    #[schema(value_type = Vec<Object>)]
+    pub flag_details: Vec<Flag>,
     /// How many of the port's recent failures happened here.
     pub recent_failures: usize,
 }

@@ -28,8 +28,11 @@ use crate::{
 /// How many failures `GET /ports/{port}` lists.
 pub const RECENT_FAILURES: usize = 20;
 
-/// The filters both endpoints take.
-const FILTERS: [&str; 5] = ["protocol", "family", "netns", "pod", "all"];
+/// The filters `GET /ports` takes.
+const LIST_FILTERS: &[&str] = &["protocol", "family", "netns", "pod"];
+/// The filters `GET /ports/{port}` takes: those, and whether to show every
+/// namespace (the list shows them all).
+const DETAIL_FILTERS: &[&str] = &["protocol", "family", "netns", "pod", "all"];
 
 /// Which sockets a request is about; `None` matches everything.
 #[derive(Clone, Debug, Default)]
@@ -43,8 +46,12 @@ struct Filter {
 }
 
 impl Filter {
-    fn parse(raw: Option<&str>, host_netns: NetnsCookie) -> Result<Filter, ApiError> {
-        let query = Query::parse(raw, &FILTERS)?;
+    fn parse(
+        raw: Option<&str>,
+        allowed: &[&'static str],
+        host_netns: NetnsCookie,
+    ) -> Result<Filter, ApiError> {
+        let query = Query::parse(raw, allowed)?;
         Ok(Filter {
             protocol: query.opt("protocol", params::protocol)?,
             family: query.opt("family", params::family)?,
@@ -95,7 +102,6 @@ impl Filter {
         ("family" = Option<String>, Query, description = "ipv4 or ipv6"),
         ("netns" = Option<String>, Query, description = "network namespace cookie, or `host`"),
         ("pod" = Option<String>, Query, description = "only the listeners of this Kubernetes pod: NAME, or NAMESPACE/NAME"),
-        ("all" = Option<bool>, Query, description = "accepted for symmetry with /ports/{port}; every namespace is listed here"),
     ),
     responses(
         (status = 200, description = "Every port with at least one matching listener, ascending", body = PortList),
@@ -108,7 +114,7 @@ pub async fn list(
 ) -> Result<Json<PortList>, ApiError> {
     // One read: the query needs the host namespace to resolve `netns=host`.
     let list = shared.read(|state| {
-        let filter = Filter::parse(raw.as_deref(), state.host_netns)?;
+        let filter = Filter::parse(raw.as_deref(), LIST_FILTERS, state.host_netns)?;
         Ok::<_, ApiError>(PortList {
             host_netns: state.host_netns,
             ports: port_list(state, &filter),
@@ -152,7 +158,7 @@ pub async fn detail(
         }
     };
     let detail = shared.read(|state| {
-        let filter = Filter::parse(raw.as_deref(), state.host_netns)?;
+        let filter = Filter::parse(raw.as_deref(), DETAIL_FILTERS, state.host_netns)?;
         Ok::<_, ApiError>(port_detail(state, port, &filter))
     })?;
     Ok(Json(detail))
@@ -210,7 +216,7 @@ fn port_detail(state: &state::State, port: u16, filter: &Filter) -> PortDetail {
         port,
         host_netns: state.host_netns,
         listeners: Vec::new(),
-        shared: explained.shared,
+        shared: explained.shared(),
         netns_count: explained.netns_count(),
         namespaces: Vec::new(),
         namespaces_hidden: shown.iter().filter(|&&shown| !shown).count(),
@@ -218,7 +224,7 @@ fn port_detail(state: &state::State, port: u16, filter: &Filter) -> PortDetail {
             .namespaces
             .iter()
             .zip(&shown)
-            .filter(|(n, shown)| !**shown && (n.shared || failed.contains(&n.netns)))
+            .filter(|(n, shown)| !**shown && (n.shared() || failed.contains(&n.netns)))
             .count(),
         summary: explain::summarize(&explained.namespaces),
         sharing: Vec::new(),
@@ -250,20 +256,21 @@ fn port_detail(state: &state::State, port: u16, filter: &Filter) -> PortDetail {
         let flags: Vec<&'static str> = namespace.flags.iter().map(explain::Flag::name).collect();
         detail.sharing.extend(namespace.sharing.iter().cloned());
         detail.flags.extend(&flags);
-        detail.flag_details.extend(namespace.flags);
+        detail.flag_details.extend(namespace.flags.iter().cloned());
         detail.namespaces.push(NamespaceView {
             netns: namespace.netns,
             host: namespace.host,
-            place: namespace.place,
-            processes: namespace.processes,
-            listeners: namespace.listeners,
-            shared: namespace.shared,
-            sharing: namespace.sharing,
-            flags,
+            shared: namespace.shared(),
             recent_failures: failures
                 .iter()
                 .filter(|f| f.event.netns == Some(namespace.netns))
                 .count(),
+            place: namespace.place,
+            processes: namespace.processes,
+            listeners: namespace.listeners,
+            sharing: namespace.sharing,
+            flags,
+            flag_details: namespace.flags,
         });
     }
     detail

@@ -50,7 +50,7 @@ use self::{
     diag::{Diag, DiagSocket},
     netns::{Namespace, NetnsKey},
     owners::{Place, ProcInfo},
-    workload::{Workload, Workloads},
+    workload::Workload,
 };
 use crate::{
     map::{Holder, Observed},
@@ -188,9 +188,6 @@ pub struct Owner {
     pub unit: Option<String>,
     /// Container id (64 hex digits) found in the cgroup path.
     pub container: Option<String>,
-    /// The container's and pod's names, where the node's files tell them.
-    #[serde(flatten)]
-    pub workload: Workload,
 }
 
 impl Owner {
@@ -200,7 +197,7 @@ impl Owner {
             cgroup: Some(self.cgroup.clone()).filter(|cgroup| !cgroup.is_empty()),
             unit: self.unit.clone(),
             container: self.container.clone(),
-            workload: self.workload.clone(),
+            workload: Workload::default(),
         }
     }
 }
@@ -488,7 +485,6 @@ fn attach_owners(sockets: &mut [SnapshotSocket]) -> Result<u64, SnapshotError> {
         return Ok(0);
     }
     let scan = owners::scan_fds(&wanted)?;
-    let workloads = Workloads::shared();
     let mut processes: HashMap<u32, Option<ProcInfo>> = HashMap::new();
     for socket in sockets.iter_mut() {
         let Some(holders) = scan.by_inode.get(&socket.inode) else {
@@ -498,7 +494,7 @@ fn attach_owners(sockets: &mut [SnapshotSocket]) -> Result<u64, SnapshotError> {
             // A process that exited since the fd scan is skipped.
             let info = processes
                 .entry(holder.pid)
-                .or_insert_with(|| owners::process_info(holder.pid, &workloads).ok());
+                .or_insert_with(|| owners::process_info(holder.pid).ok());
             if let Some(info) = info {
                 socket.owners.push(Owner {
                     pid: holder.pid,
@@ -508,7 +504,6 @@ fn attach_owners(sockets: &mut [SnapshotSocket]) -> Result<u64, SnapshotError> {
                     cgroup: info.place.cgroup.clone().unwrap_or_default(),
                     unit: info.place.unit.clone(),
                     container: info.place.container.clone(),
-                    workload: info.place.workload.clone(),
                 });
             }
         }
@@ -594,7 +589,6 @@ mod tests {
             cgroup: "/system.slice/nginx.service".into(),
             unit: unit.map(str::to_owned),
             container: None,
-            workload: Workload::default(),
         }
     }
 

@@ -4,8 +4,9 @@
 //!
 //! The parsers ([`socket_inode`], [`effective_uid`], [`cgroup_path`],
 //! [`systemd_unit`], [`container_id`]) are pure and public: the event side,
-//! which knows a cgroup path, names units and containers the same way. Both
-//! sides name workloads with one [`Workloads`] resolver.
+//! which knows a cgroup path, names units and containers the same way. The
+//! workload's names come from the node's files ([`Workloads`]), read by the
+//! daemon for the places it keeps, not by every snapshot.
 //!
 //! Only the group leader's descriptor table is read (`/proc/<pid>/fd`); a
 //! thread made with its own table (clone without CLONE_FILES) is not. Paths
@@ -149,6 +150,13 @@ impl Place {
         self
     }
 
+    /// Whether a name its ids promise is still missing (the kubelet writes
+    /// a pod's files just after its first container starts).
+    fn names_pending(&self) -> bool {
+        (self.workload.pod_uid.is_some() && self.workload.pod.is_none())
+            || (self.container.is_some() && self.workload.container_name.is_none())
+    }
+
     /// `self`, with what it does not know taken from `other`.
     pub fn or(self, other: Place) -> Place {
         Place {
@@ -170,10 +178,9 @@ impl Place {
 /// moved to another cgroup, or one that exited before it was read get no
 /// place rather than a wrong one.
 ///
-/// The workload's names are asked of `workloads` on every call rather than
-/// remembered with the place: names not found yet (a pod's log directory
-/// appears just after its container starts) are found later, and
-/// `workloads` remembers the ones it found.
+/// A place is remembered with its workload's names; while a name its ids
+/// promise is missing, it is asked of `workloads` again at each call (which
+/// lists the kubelet's files at most every few seconds).
 pub(crate) struct PlaceCache {
     /// The cgroup2 mount the paths of `/proc/<pid>/cgroup` are under; when
     /// unknown, places are taken as read.
@@ -201,17 +208,24 @@ impl PlaceCache {
             && *id == cgroup_id
             && cgroup_id != 0
         {
-            return place.clone().with_workload(&self.workloads);
+            let place = place.clone();
+            if !place.names_pending() {
+                return place;
+            }
+            let named = place.with_workload(&self.workloads);
+            self.known.insert(pid, (cgroup_id, named.clone()));
+            return named;
         }
         let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        let place = verified(Place::from_cgroups(&text), cgroup_id, self.mount.as_deref());
+        let place = verified(Place::from_cgroups(&text), cgroup_id, self.mount.as_deref())
+            .with_workload(&self.workloads);
         if place.cgroup.is_some() && cgroup_id != 0 {
             if self.known.len() >= Self::CAPACITY {
                 self.known.clear();
             }
             self.known.insert(pid, (cgroup_id, place.clone()));
         }
-        place.with_workload(&self.workloads)
+        place
     }
 }
 
@@ -234,9 +248,8 @@ fn verified(place: Place, cgroup_id: u64, mount: Option<&Path>) -> Place {
     }
 }
 
-/// Reads `comm`, `status` and `cgroup` of a process; its workload's names
-/// come from `workloads`.
-pub(crate) fn process_info(pid: u32, workloads: &Workloads) -> io::Result<ProcInfo> {
+/// Reads `comm`, `status` and `cgroup` of a process.
+pub(crate) fn process_info(pid: u32) -> io::Result<ProcInfo> {
     let comm = fs::read_to_string(format!("/proc/{pid}/comm"))?;
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let uid = effective_uid(&status)
@@ -245,7 +258,7 @@ pub(crate) fn process_info(pid: u32, workloads: &Workloads) -> io::Result<ProcIn
     Ok(ProcInfo {
         process: comm.trim_end_matches('\n').to_owned(),
         uid,
-        place: Place::from_cgroups(&cgroups).with_workload(workloads),
+        place: Place::from_cgroups(&cgroups),
     })
 }
 

@@ -27,12 +27,14 @@ use std::{
     fs,
     io::Read as _,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
 use serde::Serialize;
 use utoipa::ToSchema;
+
+use super::owners::Place;
 
 /// A workload's names, beyond the container id the cgroup path carries.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
@@ -278,10 +280,6 @@ pub struct Workloads {
     learned: Mutex<Learned>,
 }
 
-/// The resolver every place maker of this process uses (see
-/// [`Workloads::shared`]).
-static SHARED: Mutex<Option<Arc<Workloads>>> = Mutex::new(None);
-
 impl Workloads {
     /// How long a listing, or a Docker lookup that found nothing, is
     /// believed.
@@ -297,31 +295,6 @@ impl Workloads {
         Workloads {
             roots,
             learned: Mutex::new(Learned::default()),
-        }
-    }
-
-    /// The resolver the start-up snapshot, reconciliation and events share:
-    /// the one [`Workloads::install`] made, else one with the default roots.
-    /// Process-wide because the snapshot is a function of its options alone.
-    pub fn shared() -> Arc<Workloads> {
-        SHARED
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_or_insert_with(|| Arc::new(Workloads::new(WorkloadRoots::default())))
-            .clone()
-    }
-
-    /// Makes a resolver reading `roots` the shared one (the current one, and
-    /// what it learned, stays if it reads those already); that resolver.
-    pub fn install(roots: WorkloadRoots) -> Arc<Workloads> {
-        let mut shared = SHARED.lock().unwrap_or_else(PoisonError::into_inner);
-        match &*shared {
-            Some(current) if current.roots == roots => current.clone(),
-            _ => {
-                let fresh = Arc::new(Workloads::new(roots));
-                *shared = Some(fresh.clone());
-                fresh
-            }
         }
     }
 
@@ -351,6 +324,18 @@ impl Workloads {
             pod: pod_name,
             pod_namespace,
             pod_uid,
+        }
+    }
+
+    /// Names the workloads of `places` (a snapshot's, as the map will keep
+    /// them), resolving each distinct cgroup once.
+    pub fn name_all<'a>(&self, places: impl IntoIterator<Item = &'a mut Place>) {
+        let mut named: HashMap<Option<String>, Workload> = HashMap::new();
+        for place in places {
+            place.workload = named
+                .entry(place.cgroup.clone())
+                .or_insert_with(|| self.of(place.cgroup.as_deref(), place.container.as_deref()))
+                .clone();
         }
     }
 
@@ -767,6 +752,21 @@ mod tests {
     }
 
     #[test]
+    fn a_listing_s_places_are_named_once_per_cgroup() {
+        let node = Node::new("all");
+        node.pod("shop", "web-0", UID);
+        let workloads = Workloads::new(node.roots());
+        let pod = Place::from_cgroups(&format!("0::{}\n", pod_path(UID, ID)));
+        let host = Place::from_cgroups("0::/system.slice/nginx.service\n");
+        let mut places = [pod.clone(), host.clone(), pod];
+        workloads.name_all(places.iter_mut());
+        let pods: Vec<Option<&str>> = places.iter().map(|p| p.workload.pod.as_deref()).collect();
+        assert_eq!(pods, [Some("web-0"), None, Some("web-0")]);
+        assert_eq!(places[1], host, "a host process has no workload");
+        assert!(places.iter().all(|p| p.unit.is_some()), "the rest is kept");
+    }
+
+    #[test]
     fn a_docker_container_is_named_by_its_config() {
         let node = Node::new("docker");
         node.docker(ID, r#"{"Name":"/db"}"#);
@@ -855,17 +855,5 @@ mod tests {
             map.get(&(Workloads::CAPACITY * 2).to_string()),
             Some(Known::Found(_))
         ));
-    }
-
-    #[test]
-    fn the_shared_resolver_keeps_what_it_learned_for_the_same_roots() {
-        let roots = WorkloadRoots {
-            pod_logs: "/nonexistent/shared".into(),
-            ..WorkloadRoots::default()
-        };
-        let first = Workloads::install(roots.clone());
-        assert!(Arc::ptr_eq(&first, &Workloads::install(roots)));
-        let other = Workloads::install(WorkloadRoots::default());
-        assert!(!Arc::ptr_eq(&first, &other));
     }
 }
