@@ -50,6 +50,10 @@ may fix; 2 for a bad command line.")]
     Explain(ExplainArgs),
     /// Recent failed binds and listens, newest first, with what blocked them.
     Failures(FailuresArgs),
+    /// Each network namespace's ephemeral port range: how many ports each
+    /// destination may still use, the busiest destinations, and what takes
+    /// ports from the range.
+    Ephemeral(EphemeralArgs),
     /// Follow bind, listen, close and failure events live.
     Watch(WatchArgs),
     /// Would this bind succeed? Exit code 0 yes, 1 no, 2 error.
@@ -157,6 +161,22 @@ pub struct FailuresArgs {
     pub pod: Option<String>,
     /// At most this many (default 20).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub limit: u32,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EphemeralArgs {
+    #[command(flatten)]
+    pub scope: ScopeArgs,
+    /// Every namespace, not only the host's and the 19 fullest.
+    #[arg(long)]
+    pub all: bool,
+    /// Destinations per namespace (default 10).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub limit: u32,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,

@@ -1,4 +1,4 @@
-//! The command-line client: `portwatch ports|explain|failures|watch|check`
+//! The command-line client: `portwatch ports|explain|failures|ephemeral|watch|check`
 //! ask a running daemon over its HTTP API and print tables or sentences.
 //! Pure formatting lives in the `render_*` functions, tested without a
 //! daemon.
@@ -12,7 +12,10 @@ use std::{
 use comfy_table::{CellAlignment, Table, presets::NOTHING};
 use serde_json::Value;
 
+pub use self::ephemeral::{ephemeral, render_ephemeral};
 use crate::cli::{CheckArgs, ExplainArgs, FailuresArgs, Output, PortsArgs, ScopeArgs, WatchArgs};
+
+mod ephemeral;
 
 /// Why a client command failed.
 #[derive(Debug, thiserror::Error)]
@@ -584,6 +587,9 @@ fn describe_failure(failure: &Value) -> String {
         text(&failure["endpoint"]),
         text(&failure["errno"]),
     );
+    if failure["ephemeral_range_exhausted"] == true {
+        line.push_str(", no free port left in the ephemeral range (`portwatch ephemeral` shows what fills it)");
+    }
     let blockers = array(&failure["blocked_by"]);
     for (i, blocker) in blockers.iter().enumerate() {
         let owners: Vec<String> = array(&blocker["holders"]).iter().map(who).collect();

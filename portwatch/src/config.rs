@@ -56,6 +56,11 @@ pub struct Config {
     /// How often the map is checked against sock_diag. Default 30 s.
     #[serde(with = "humantime_serde_compat")]
     pub reconcile_interval: Duration,
+    /// How often each namespace's ephemeral port use is listed for
+    /// `/ephemeral` and its metrics (and at once after a failure that
+    /// exhausts the range). Default 15 s.
+    #[serde(with = "humantime_serde_compat")]
+    pub ephemeral_interval: Duration,
     /// How many recent failures `/failures` keeps. Default 10000.
     pub failure_log: usize,
     /// How many distinct ports `portwatch_port_bind_failures_total` names
@@ -114,6 +119,7 @@ impl Default for Config {
             metrics_listen: None,
             cgroup: None,
             reconcile_interval: Duration::from_secs(30),
+            ephemeral_interval: Duration::from_secs(15),
             failure_log: 10_000,
             port_label_cap: 1_000,
             ring_size: DEFAULT_RING_BYTES,
@@ -241,6 +247,14 @@ impl Config {
                     value: v,
                 })?;
         }
+        if let Some(v) = env("PORTWATCH_EPHEMERAL_INTERVAL") {
+            self.ephemeral_interval =
+                humantime::parse_duration(&v).map_err(|err| ConfigError::Env {
+                    name: "PORTWATCH_EPHEMERAL_INTERVAL",
+                    message: err.to_string(),
+                    value: v,
+                })?;
+        }
         if let Some(v) = env("PORTWATCH_FAILURE_LOG") {
             self.failure_log = parsed("PORTWATCH_FAILURE_LOG", v)?;
         }
@@ -334,6 +348,9 @@ impl Config {
         if self.reconcile_interval < Duration::from_secs(1) {
             return invalid("reconcile_interval", "must be at least 1s");
         }
+        if self.ephemeral_interval < Duration::from_secs(1) {
+            return invalid("ephemeral_interval", "must be at least 1s");
+        }
         if !(1..=10_000_000).contains(&self.failure_log) {
             return invalid("failure_log", "must be between 1 and 10000000");
         }
@@ -384,6 +401,7 @@ impl Config {
                 holders_only: true,
             },
             reconcile_every: self.reconcile_interval,
+            ephemeral_every: self.ephemeral_interval,
             failure_log: self.failure_log,
             port_label_cap: self.port_label_cap,
             expected: self.expected_listeners.clone(),

@@ -59,6 +59,16 @@ pub struct Failure {
     pub place: Place,
 }
 
+impl Failure {
+    /// A bind to port 0 (or a listen that had to pick a port) that found no
+    /// free port in the ephemeral range: the range is full, rather than one
+    /// socket in the way.
+    pub fn exhausted_range(&self) -> bool {
+        let ev = &self.event;
+        is_conflict(ev) && ev.port == 0 && ev.bound_port.unwrap_or(0) == 0
+    }
+}
+
 /// The request a failed bind event describes.
 pub fn request_of(event: &PortEvent) -> BindRequest {
     BindRequest {

@@ -2,6 +2,7 @@
 //!
 //! - [`api`]: the HTTP API: ports, failures, the predictor, live events, health;
 //! - [`capture`]: loads and attaches the kernel programs, streams raw records;
+//! - [`ephemeral`]: how much of each namespace's ephemeral port range is left, per destination (pure);
 //! - [`event`]: decodes raw records into typed events (pure, no I/O);
 //! - [`explain`]: why a port's listeners coexist, flags, who `localhost` reaches (pure);
 //! - [`failures`]: failed binds with what blocked them (pure);
@@ -29,6 +30,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod ephemeral;
 pub mod event;
 pub mod explain;
 pub mod failures;

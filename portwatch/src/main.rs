@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Command::Ports(args) => client::ports(&args).map_err(Into::into),
         Command::Explain(args) => client::explain(&args).map_err(Into::into),
         Command::Failures(args) => client::failures(&args).map_err(Into::into),
+        Command::Ephemeral(args) => client::ephemeral(&args).map_err(Into::into),
         Command::Watch(args) => client::watch(&args).map_err(Into::into),
         Command::Completions { shell } => {
             clap_complete::generate(

@@ -362,6 +362,15 @@ impl PortMap {
             .filter_map(|cookie| self.entries.get(cookie))
     }
 
+    /// Every socket holding a port in `ports` (listeners and bound-only
+    /// ones), by port.
+    pub fn in_ports(&self, ports: std::ops::RangeInclusive<u16>) -> impl Iterator<Item = &Entry> {
+        self.by_port
+            .range(ports)
+            .flat_map(|(_, cookies)| cookies)
+            .filter_map(|cookie| self.entries.get(cookie))
+    }
+
     /// Ports that have at least one listener, ascending.
     pub fn ports(&self) -> Vec<u16> {
         self.by_port

@@ -18,6 +18,7 @@ use crate::{
     health::ListingFailure,
     map::{Drift, PortMap},
     rules::KernelRules,
+    snapshot::ephemeral::EphemeralListing,
     socket::NetnsCookie,
 };
 
@@ -183,6 +184,8 @@ pub struct State {
     /// The sock_diag listing's failure while it fails (`None` once one
     /// works): the daemon then sees live events only.
     pub listing: Option<ListingFailure>,
+    /// The latest ephemeral port listing (none before the first).
+    pub ephemeral: Option<EphemeralListing>,
 }
 
 /// Linux's default first ephemeral port (`net.ipv4.ip_local_port_range`).
@@ -213,6 +216,7 @@ impl State {
             ephemeral_floor: LINUX_EPHEMERAL_FLOOR,
             expected: Vec::new(),
             kernel: KernelRules::UNKNOWN,
+            ephemeral: None,
             listing: None,
         }
     }

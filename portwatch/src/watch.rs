@@ -13,12 +13,12 @@
 use std::{
     sync::{
         Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast};
 
 use crate::{
     capture::{Capture, CaptureConfig, CaptureError},
@@ -44,6 +44,8 @@ pub struct WatchConfig {
     pub snapshot: SnapshotConfig,
     /// How often the map is checked against sock_diag (default 30 s).
     pub reconcile_every: Duration,
+    /// How often ephemeral port use is listed (default 15 s).
+    pub ephemeral_every: Duration,
     /// How many failures are kept (default 10,000).
     pub failure_log: usize,
     /// How many distinct explicit ports the per-port failure counter keeps
@@ -61,6 +63,7 @@ impl Default for WatchConfig {
             capture: CaptureConfig::default(),
             snapshot: SnapshotConfig::default(),
             reconcile_every: Duration::from_secs(30),
+            ephemeral_every: Duration::from_secs(15),
             failure_log: 10_000,
             port_label_cap: 1_000,
             expected: Vec::new(),
@@ -170,6 +173,10 @@ pub struct Watcher {
     /// Whether a listing has been merged (at start-up, or by the first
     /// reconciliation that worked after a failed start).
     merged: bool,
+    /// Wakes the ephemeral port listing before its interval ends.
+    ephemeral_wake: Arc<Notify>,
+    /// Whether the last ephemeral listing failed (said once).
+    ephemeral_failing: Arc<AtomicBool>,
 }
 
 /// The cgroup2 mount the paths of `/proc/<pid>/cgroup` are under.
@@ -222,6 +229,8 @@ impl Watcher {
             bound_tcp_listed,
             listing_failed: None,
             merged: false,
+            ephemeral_wake: Arc::new(Notify::new()),
+            ephemeral_failing: Arc::new(AtomicBool::new(false)),
         };
         let snapshot_config = watcher.config.snapshot;
         let started = Instant::now();
@@ -231,6 +240,12 @@ impl Watcher {
                 Err(err) => {
                     // Live events still work: say what is missing and go on.
                     watcher.listing_failed(&err);
+                    list_ephemeral_once(
+                        &watcher.state,
+                        &watcher.workloads,
+                        &watcher.ephemeral_failing,
+                    )
+                    .await;
                     watcher.write().ready = true;
                     return Ok(watcher);
                 }
@@ -244,6 +259,13 @@ impl Watcher {
                 untracked += 1;
             }
         }
+        // Ready means every answer is there, `/ephemeral`'s too.
+        list_ephemeral_once(
+            &watcher.state,
+            &watcher.workloads,
+            &watcher.ephemeral_failing,
+        )
+        .await;
         if watcher.update_drops() {
             // Lost while the listing was taken: check the merge at once.
             watcher.next_reconcile = Instant::now();
@@ -308,10 +330,19 @@ impl Watcher {
 
     /// Runs the pipeline until `stop` resolves.
     pub async fn run(mut self, stop: impl Future<Output = ()>) -> Result<(), WatchError> {
+        let ephemeral = list_ephemeral(
+            self.state.clone(),
+            self.workloads.clone(),
+            self.config.ephemeral_every,
+            self.ephemeral_wake.clone(),
+            self.ephemeral_failing.clone(),
+        );
         tokio::pin!(stop);
+        tokio::pin!(ephemeral);
         loop {
             tokio::select! {
                 step = self.step() => { step?; }
+                () = &mut ephemeral => {}
                 () = &mut stop => return Ok(()),
             }
         }
@@ -444,6 +475,11 @@ impl Watcher {
         state.counters.count(event);
         match event.kind {
             EventKind::BindFailed | EventKind::ListenFailed => {
+                if event.errno == Some(crate::event::Errno::EADDRINUSE) && event.port == 0 {
+                    // bind(0) or listen() found no free port in the range:
+                    // list the ranges now, not an interval later.
+                    self.ephemeral_wake.notify_one();
+                }
                 // Read now: a process that failed may exit at once, and its
                 // transient unit's cgroup go with it.
                 let failure = Failure {
@@ -630,6 +666,55 @@ impl Watcher {
         self.state
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The least time between two ephemeral listings, however many failures
+/// ask for one.
+const EPHEMERAL_MIN_GAP: Duration = Duration::from_secs(1);
+
+/// Lists every namespace's ephemeral port use into the state, every `every`
+/// and when `wake` is notified (at most once per [`EPHEMERAL_MIN_GAP`]).
+/// Runs beside the pipeline, on a blocking thread, so a long listing never
+/// holds up events. The first listing is [`Watcher::start`]'s.
+async fn list_ephemeral(
+    state: SharedState,
+    workloads: Arc<Workloads>,
+    every: Duration,
+    wake: Arc<Notify>,
+    failing: Arc<AtomicBool>,
+) {
+    loop {
+        let next = tokio::time::Instant::now() + every;
+        tokio::time::sleep(EPHEMERAL_MIN_GAP).await;
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {}
+            () = wake.notified() => {}
+        }
+        list_ephemeral_once(&state, &workloads, &failing).await;
+    }
+}
+
+/// One ephemeral listing into the state. A failing listing is said once,
+/// until one works; `/ephemeral` keeps the last that worked.
+async fn list_ephemeral_once(state: &SharedState, workloads: &Workloads, failing: &AtomicBool) {
+    match tokio::task::spawn_blocking(snapshot::ephemeral::list).await {
+        Ok(Ok(mut listing)) => {
+            workloads.name_all(listing.namespaces.iter_mut().map(|ns| &mut ns.place));
+            if failing.swap(false, Ordering::Relaxed) {
+                tracing::info!("the ephemeral port listing works again");
+            }
+            state
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .ephemeral = Some(listing);
+        }
+        Ok(Err(err)) => {
+            if !failing.swap(true, Ordering::Relaxed) {
+                tracing::warn!(error = %err, "the ephemeral port listing failed; /ephemeral keeps the last one, and it is tried again every ephemeral_interval");
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "the ephemeral port listing stopped"),
     }
 }
 

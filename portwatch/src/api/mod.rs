@@ -8,6 +8,7 @@
 //! | `GET /ports/{port}` | one port: listeners, sharing, flags, `localhost`, recent failures |
 //! | `GET /failures` | recent failed binds and listens, newest first |
 //! | `GET /check` | would this bind succeed? |
+//! | `GET /ephemeral` | each namespace's ephemeral port range: usable, busiest destinations, what takes ports |
 //! | `GET /events` | live events (Server-Sent Events) |
 //! | `GET /metrics` | Prometheus metrics, from the renderer given in [`ApiContext`] |
 //! | `GET /livez`, `GET /readyz` | health |
@@ -24,6 +25,7 @@
 //! across an await.
 
 mod check;
+mod ephemeral;
 mod events;
 mod failures;
 pub mod model;
@@ -115,6 +117,7 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/ports/{port}", get(ports::detail))
         .route("/failures", get(failures::list))
         .route("/check", get(check::check))
+        .route("/ephemeral", get(ephemeral::list))
         .route("/events", get(events::events))
         .route("/openapi.json", get(ops::openapi));
     bounded(routes, Shared::new(ctx))
@@ -165,6 +168,7 @@ async fn not_found(uri: Uri) -> ApiError {
         ports::detail,
         failures::list,
         check::check,
+        ephemeral::list,
         events::events,
         ops::metrics,
         ops::livez,
@@ -177,6 +181,7 @@ async fn not_found(uri: Uri) -> ApiError {
         (name = "ports", description = "Who holds a port, and why they coexist"),
         (name = "failures", description = "Failed binds and listens, with what blocked them"),
         (name = "check", description = "The predictor: would a bind succeed?"),
+        (name = "ephemeral", description = "Ephemeral ports: how much of each namespace's range is left, per destination"),
         (name = "events", description = "Live events"),
         (name = "operations", description = "Metrics, health and this description"),
     )

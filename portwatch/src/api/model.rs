@@ -391,6 +391,10 @@ pub struct FailureView {
     /// The sockets the conflict rules name as the cause; empty when the
     /// failure is not a port conflict or nothing matched.
     pub blocked_by: Vec<BlockerView>,
+    /// A bind to port 0 (or a listen that had to pick a port) found no free
+    /// port in the ephemeral range: the range is full, not one socket in
+    /// the way (`GET /ephemeral` shows what fills it).
+    pub ephemeral_range_exhausted: bool,
 }
 
 impl FailureView {
@@ -424,6 +428,7 @@ impl FailureView {
                 .iter()
                 .map(BlockerView::of_failure)
                 .collect(),
+            ephemeral_range_exhausted: failure.exhausted_range(),
         }
     }
 }

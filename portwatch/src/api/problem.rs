@@ -130,6 +130,11 @@ pub enum ApiError {
         "the kernel programs are not attached or the start-up snapshot is not merged yet; answers would be incomplete"
     )]
     NotReady,
+    /// The first ephemeral port listing has not finished.
+    #[error(
+        "the first ephemeral port listing has not finished yet; it runs at start and every ephemeral_interval"
+    )]
+    NotListedYet,
     /// The live event stream is gone: the daemon is shutting down.
     #[error("the daemon is shutting down; no live events will follow")]
     ShuttingDown,
@@ -146,7 +151,9 @@ impl ApiError {
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::NotReady | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotReady | Self::NotListedYet | Self::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -161,6 +168,7 @@ impl ApiError {
             Self::UriTooLong { .. } => ("uri-too-long", "Request target too long"),
             Self::BodyTooLarge { .. } => ("body-too-large", "Request body too large"),
             Self::NotReady => ("not-ready", "Not ready"),
+            Self::NotListedYet => ("not-listed-yet", "Not listed yet"),
             Self::ShuttingDown => ("shutting-down", "Shutting down"),
         }
     }
@@ -282,6 +290,7 @@ mod tests {
             ApiError::UriTooLong { length: 5000 },
             ApiError::BodyTooLarge { length: 1 << 20 },
             ApiError::NotReady,
+            ApiError::NotListedYet,
             ApiError::ShuttingDown,
         ];
         for error in errors {

@@ -20,6 +20,7 @@
 
 use std::{
     io,
+    net::IpAddr,
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
 };
 
@@ -69,6 +70,11 @@ pub(crate) struct DiagSocket {
     pub facts: SocketFacts,
     /// 0 for TIME_WAIT entries, which have no inode.
     pub inode: u64,
+    /// The remote end (unspecified and 0 for listening and bound sockets).
+    pub peer: (IpAddr, u16),
+    /// The kernel's TCP state number (`TCP_ESTABLISHED`...; CLOSE or
+    /// ESTABLISHED for UDP), which [`SockState`] folds together.
+    pub tcp_state: u8,
 }
 
 /// A sock_diag socket: it lists the namespace of the thread that opened it,
@@ -243,7 +249,7 @@ fn bound_only_tcp_listed_here() -> Result<bool, SnapshotError> {
     // SAFETY: a fresh descriptor nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(raw) };
     let (mut addr, mut len) =
-        crate::socket::sockaddr(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+        crate::socket::sockaddr(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
     // SAFETY: `addr` holds a sockaddr_in of the length passed.
     if unsafe { libc::bind(sock.as_raw_fd(), (&raw const addr).cast(), len) } != 0 {
         return Err(last());
@@ -375,6 +381,12 @@ pub(crate) fn decode(
             bound_dev_if: id.interface_id,
         },
         inode: u64::from(header.inode),
+        peer: (id.destination_address, id.destination_port),
+        tcp_state: if time_wait {
+            TCP_TIME_WAIT
+        } else {
+            header.state
+        },
     })
 }
 

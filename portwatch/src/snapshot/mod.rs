@@ -25,6 +25,7 @@
 //! window; nothing here is guessed.
 
 mod diag;
+pub mod ephemeral;
 mod netns;
 mod options;
 pub mod owners;
@@ -317,7 +318,12 @@ pub fn take(config: &SnapshotConfig) -> Result<Snapshot, SnapshotError> {
 
     let mut namespaces = Vec::with_capacity(found.len());
     let mut listed = Vec::new();
-    let dumps = dump_namespaces(&found, own, config.holders_only)?;
+    let dumps = in_each_namespace(&found, own, |diag| {
+        let cookie = diag.netns_cookie()?;
+        let mut sockets = Vec::new();
+        diag.dump_all(cookie, config.holders_only, &mut sockets)?;
+        Ok(NetnsDump { cookie, sockets })
+    })?;
     for (ns, dump) in found.iter().zip(dumps) {
         match dump {
             Ok(dump) => {
@@ -342,7 +348,7 @@ pub fn take(config: &SnapshotConfig) -> Result<Snapshot, SnapshotError> {
         .into_iter()
         // UDP is dumped whole; its connected sockets go here.
         .filter(|diag| !config.holders_only || diag.facts.state.is_listening_or_bound())
-        .map(|DiagSocket { facts, inode }| SnapshotSocket {
+        .map(|DiagSocket { facts, inode, .. }| SnapshotSocket {
             facts,
             inode,
             owners: Vec::new(),
@@ -391,19 +397,20 @@ struct NetnsDump {
 /// same machine-wide socket hash tables, skipping other namespaces' sockets.
 const MAX_WORKERS: usize = 8;
 
-/// Lists every namespace from worker threads that take them in turn; results
-/// come back in the order of `namespaces`.
-fn dump_namespaces(
+/// Runs `work` with a sock_diag socket inside every namespace, from worker
+/// threads that take them in turn; results come back in the order of
+/// `namespaces`.
+pub(crate) fn in_each_namespace<T: Send>(
     namespaces: &[Namespace],
     own: NetnsKey,
-    holders_only: bool,
-) -> Result<Vec<Result<NetnsDump, SnapshotError>>, SnapshotError> {
+    work: impl Fn(&mut Diag) -> Result<T, SnapshotError> + Sync,
+) -> Result<Vec<Result<T, SnapshotError>>, SnapshotError> {
     let workers = thread::available_parallelism()
         .map_or(1, NonZeroUsize::get)
         .clamp(1, MAX_WORKERS)
         .min(namespaces.len().max(1));
     let next = AtomicUsize::new(0);
-    let mut results: Vec<Option<Result<NetnsDump, SnapshotError>>> =
+    let mut results: Vec<Option<Result<T, SnapshotError>>> =
         namespaces.iter().map(|_| None).collect();
     let spawned = thread::scope(|scope| {
         let mut handles = Vec::with_capacity(workers);
@@ -411,7 +418,7 @@ fn dump_namespaces(
         for _ in 0..workers {
             let spawned = thread::Builder::new()
                 .name("portwatch-netns".into())
-                .spawn_scoped(scope, || netns_worker(namespaces, own, holders_only, &next));
+                .spawn_scoped(scope, || netns_worker(namespaces, own, &work, &next));
             match spawned {
                 Ok(handle) => handles.push(handle),
                 Err(error) => {
@@ -446,12 +453,12 @@ fn dump_namespaces(
 
 /// One worker: takes namespaces off the shared counter until none are left.
 /// It starts in its creator's namespace and moves only itself.
-fn netns_worker(
+fn netns_worker<T>(
     namespaces: &[Namespace],
     own: NetnsKey,
-    holders_only: bool,
+    work: &(impl Fn(&mut Diag) -> Result<T, SnapshotError> + Sync),
     next: &AtomicUsize,
-) -> Vec<(usize, Result<NetnsDump, SnapshotError>)> {
+) -> Vec<(usize, Result<T, SnapshotError>)> {
     let mut here = own;
     let mut done = Vec::new();
     loop {
@@ -464,11 +471,7 @@ fn netns_worker(
                 netns::enter(ns)?;
                 here = ns.key;
             }
-            let mut diag = Diag::open()?;
-            let cookie = diag.netns_cookie()?;
-            let mut sockets = Vec::new();
-            diag.dump_all(cookie, holders_only, &mut sockets)?;
-            Ok(NetnsDump { cookie, sockets })
+            work(&mut Diag::open()?)
         })();
         done.push((index, result));
     }

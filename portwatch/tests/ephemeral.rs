@@ -1,0 +1,244 @@
+//! Ephemeral port exhaustion, for real and cheaply: a private network
+//! namespace whose `ip_local_port_range` has 10 ports, workers in a test
+//! cgroup that connect and bind until the kernel says no, and the `portwatch
+//! daemon` binary read over HTTP and through `portwatch ephemeral`, the way
+//! an operator would.
+
+mod support;
+
+use serde_json::Value;
+use support::{CgroupGuard, NetnsGuard, Op, Worker, daemon::Daemon};
+
+/// The namespace's range: 10 ports.
+const LOW: u16 = 40000;
+const HIGH: u16 = 40009;
+
+/// A namespace with the 10-port range.
+fn tiny_range(label: &str) -> NetnsGuard {
+    let netns = NetnsGuard::new(label);
+    netns.run_in(|| {
+        std::fs::write(
+            "/proc/sys/net/ipv4/ip_local_port_range",
+            format!("{LOW} {HIGH}"),
+        )
+        .expect("set the namespace's port range")
+    });
+    netns
+}
+
+/// The daemon, listing ranges every second.
+fn daemon(cgroup: &CgroupGuard) -> Daemon {
+    Daemon::start_with(
+        cgroup,
+        "reconcile_interval = \"1h\"\nephemeral_interval = \"1s\"\n",
+        &[],
+    )
+}
+
+/// `/ephemeral`'s answer for one namespace, once `done` holds for it.
+fn namespace_until(
+    daemon: &Daemon,
+    netns: &NetnsGuard,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let path = format!("/ephemeral?netns={}", netns.cookie());
+    let body = daemon.json_until(&path, what, |body| {
+        body["namespaces"]
+            .as_array()
+            .is_some_and(|all| all.len() == 1 && done(&all[0]))
+    });
+    body["namespaces"][0].clone()
+}
+
+fn destination<'a>(ns: &'a Value, endpoint: &str) -> &'a Value {
+    ns["destinations"]
+        .as_array()
+        .and_then(|all| all.iter().find(|d| d["destination"] == endpoint))
+        .unwrap_or_else(|| panic!("no destination {endpoint} in {ns}"))
+}
+
+/// `n` TCP sockets, each connecting to `to`.
+fn connects(n: usize, to: &str, first_sock: usize) -> Vec<Op> {
+    (0..n)
+        .flat_map(|i| {
+            [
+                Op::tcp(false),
+                Op::Connect {
+                    sock: first_sock + i,
+                    addr: to.parse().unwrap(),
+                },
+            ]
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn a_full_range_per_destination_with_a_listener_inside_it_and_time_wait() {
+    let cgroup = CgroupGuard::new("ephemeral");
+    let netns = tiny_range("eph");
+    let daemon = daemon(&cgroup);
+
+    // Two services outside the range, and one listener inside it.
+    let mut servers = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::bind(0, "127.0.0.1:8000"),
+            Op::Listen {
+                sock: 0,
+                backlog: 64,
+            },
+            Op::tcp(false),
+            Op::bind(1, "127.0.0.1:8001"),
+            Op::listen(1),
+            Op::tcp(false),
+            Op::bind(2, &format!("0.0.0.0:{HIGH}")),
+            Op::listen(2),
+            Op::Pause,
+        ],
+    );
+    let started = servers.results(9);
+    assert!(started.iter().all(|&r| r >= 0), "servers: {started:?}");
+
+    // The listener took one port from every destination: 9 connects to
+    // :8000 succeed and the 10th finds none; :8001 still has all 9.
+    let mut ops = connects(10, "127.0.0.1:8000", 0);
+    ops.extend(connects(1, "127.0.0.1:8001", 10));
+    ops.push(Op::Pause);
+    // The client closes first, so its side goes to TIME_WAIT.
+    ops.extend((0..9).map(|sock| Op::Close { sock }));
+    ops.push(Op::Pause);
+    let mut client = Worker::spawn(&cgroup.path, Some(&netns), &ops);
+    let results = client.results(22);
+    let connected: Vec<i64> = results.iter().skip(1).step_by(2).copied().collect();
+    assert_eq!(
+        connected,
+        [
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            -i64::from(libc::EADDRNOTAVAIL),
+            0
+        ],
+        "connect results (sockets, connects): {results:?}"
+    );
+
+    let ns = namespace_until(&daemon, &netns, "9 of 9 ports to :8000 in use", |ns| {
+        ns["in_use"] == 9 && ns["destinations_total"] == 2
+    });
+    assert_eq!(ns["range_low"], LOW);
+    assert_eq!(ns["range_high"], HIGH);
+    assert_eq!(ns["size"], 10);
+    assert_eq!(ns["reserved"], 0);
+    assert_eq!(ns["held"], 1, "{ns}");
+    assert_eq!(ns["usable"], 9, "{ns}");
+    assert_eq!(ns["utilization"], 1.0, "{ns}");
+    assert_eq!(ns["host"], false);
+    let busiest = &ns["destinations"][0];
+    assert_eq!(busiest["destination"], "127.0.0.1:8000", "{ns}");
+    assert_eq!(busiest["established"], 9);
+    assert_eq!(busiest["utilization"], 1.0);
+    let holders = busiest["holders"].as_array().expect("holders");
+    assert!(
+        holders.iter().any(|h| h["pid"] == client.pid),
+        "the client holds the connections: {busiest}"
+    );
+    let second = destination(&ns, "127.0.0.1:8001");
+    assert_eq!(second["in_use"], 1);
+    // The listener inside the range is named, with its process.
+    assert_eq!(ns["listeners_in_range"], 1);
+    let anti = &ns["anti_patterns"][0];
+    assert_eq!(anti["kind"], "listener_in_range", "{ns}");
+    assert_eq!(anti["port"], HIGH);
+    assert!(
+        anti["holders"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|h| h["pid"] == servers.pid)),
+        "{anti}"
+    );
+    assert_eq!(ns["held_by"][0]["port"], HIGH);
+    assert_eq!(ns["held_by"][0]["state"], "listening");
+
+    // Closed connections keep their ports in TIME_WAIT.
+    client.resume();
+    let closed = client.results(9);
+    assert!(closed.iter().all(|&r| r == 0), "closes: {closed:?}");
+    let ns = namespace_until(&daemon, &netns, "the closed ports in TIME_WAIT", |ns| {
+        ns["destinations"][0]["time_wait"] == 9
+    });
+    let busiest = &ns["destinations"][0];
+    assert_eq!(busiest["destination"], "127.0.0.1:8000", "{ns}");
+    assert_eq!(
+        busiest["in_use"], 9,
+        "TIME_WAIT still holds the ports: {ns}"
+    );
+    assert_eq!(busiest["established"], 0);
+
+    // The CLI shows the same, as a table.
+    let out = daemon.cli(&["ephemeral", "--netns", &netns.cookie().to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("40000-40009"), "{text}");
+    assert!(text.contains("127.0.0.1:8000"), "{text}");
+    assert!(
+        text.contains("listener_in_range") || text.contains("inside the ephemeral range"),
+        "{text}"
+    );
+
+    client.resume();
+    servers.resume();
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn udp_binds_to_port_zero_exhaust_the_range_and_the_failure_says_so() {
+    let cgroup = CgroupGuard::new("ephemeral-udp");
+    let netns = tiny_range("ephu");
+    let daemon = daemon(&cgroup);
+
+    // 11 UDP sockets bound to port 0: the range has 10 ports.
+    let mut ops: Vec<Op> = (0..11)
+        .flat_map(|sock| [Op::udp(false), Op::bind(sock, "0.0.0.0:0")])
+        .collect();
+    ops.push(Op::Pause);
+    let mut worker = Worker::spawn(&cgroup.path, Some(&netns), &ops);
+    let results = worker.results(22);
+    let bound: Vec<i64> = results.iter().skip(1).step_by(2).copied().collect();
+    assert_eq!(bound[..10], [0; 10], "{results:?}");
+    assert_eq!(bound[10], -i64::from(libc::EADDRINUSE), "{results:?}");
+
+    let ns = namespace_until(
+        &daemon,
+        &netns,
+        "10 UDP ports in use, and the failure",
+        |ns| {
+            ns["udp"]["in_use"] == 10
+                && ns["recent_failures"]
+                    .as_array()
+                    .is_some_and(|f| !f.is_empty())
+        },
+    );
+    assert_eq!(ns["udp"]["usable"], 10);
+    assert_eq!(ns["udp"]["utilization"], 1.0);
+    let failure = &ns["recent_failures"][0];
+    assert_eq!(failure["errno"], "EADDRINUSE");
+    assert_eq!(failure["port"], 0);
+    assert_eq!(failure["pid"], worker.pid);
+    // A full range, not a conflict with one holder.
+    assert_eq!(failure["blocked_by"], Value::Array(vec![]), "{failure}");
+    assert_eq!(failure["ephemeral_range_exhausted"], true, "{failure}");
+    worker.resume();
+}
