@@ -9,9 +9,13 @@
 //! `process_*` metrics come from the `prometheus` crate's process collector.
 //!
 //! No label carries a pid or a process name: every restart would start new
-//! series. The per-port failure counter is capped (see [`PortLabel`]);
-//! `portwatch_listeners` has one series per (port, protocol, family) that has
-//! listeners, so its size follows the machine's listening ports.
+//! series. Every per-port family is bounded: the failure counter is capped
+//! (see [`PortLabel`]), and `portwatch_listeners` and `portwatch_port_shared`
+//! name only ports outside the host's ephemeral range, expected ports and
+//! shared ports, at most `port_label_cap` of them (see [`PortLabels`]), so
+//! that bind(0) and connected UDP sockets, one random port each, add no
+//! series. The ephemeral families name at most [`NETNS_LABEL_CAP`]
+//! namespaces.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -27,10 +31,12 @@ use prometheus::{
 };
 
 use crate::{
+    ephemeral::{self, NetnsEphemeral},
     event::{Errno, EventKind},
     health::DIAG_MODULES,
     map::Drift,
     rules::{self, CoexistReason},
+    snapshot::ephemeral::PortRange,
     socket::{Family, NetnsCookie, Protocol, SocketFacts},
     state::{Counters, ExpectedListener, PortLabel, State, WatchStats},
     watch::SharedState,
@@ -198,8 +204,18 @@ const UNTRACKED: Spec = Spec {
 const LISTENERS: Spec = Spec {
     name: "portwatch_listeners",
     help: "Listening sockets (TCP in LISTEN, bound unconnected UDP) in all network \
-           namespaces, by port, protocol and address family.",
+           namespaces, by port, protocol and address family; for ports outside the \
+           host's ephemeral range, expected ports and shared ports only, at most \
+           port_label_cap ports, the rest under port=other. \
+           portwatch_listeners_by_protocol counts them all.",
     labels: &["port", "protocol", "family"],
+    kind: Kind::Gauge,
+};
+const LISTENERS_TOTAL: Spec = Spec {
+    name: "portwatch_listeners_by_protocol",
+    help: "Every listening socket (TCP in LISTEN, bound unconnected UDP) in all \
+           network namespaces, by protocol and address family.",
+    labels: &["protocol", "family"],
     kind: Kind::Gauge,
 };
 const SHARED_PORTS: Spec = Spec {
@@ -212,7 +228,8 @@ const SHARED_PORTS: Spec = Spec {
 const PORT_SHARED: Spec = Spec {
     name: "portwatch_port_shared",
     help: "1 for each reason (kind) the listeners of a shared port coexist within \
-           a network namespace, as /ports/{port} explains them.",
+           a network namespace, as /ports/{port} explains them; ports past \
+           port_label_cap under port=other.",
     labels: &["port", "protocol", "kind"],
     kind: Kind::Gauge,
 };
@@ -222,6 +239,38 @@ const PORT_NAMESPACES: Spec = Spec {
            ports below the host's ephemeral range (net.ipv4.ip_local_port_range) only, \
            so that the series stay few.",
     labels: &["port", "protocol"],
+    kind: Kind::Gauge,
+};
+const EPHEMERAL_USABLE: Spec = Spec {
+    name: "portwatch_ephemeral_ports_usable",
+    help: "Ports of the namespace's ephemeral range each destination may use: the \
+           range less reserved ports and ports held by TCP binds. netns is host, the \
+           pod (namespace/name) or container, at most 50 names, the rest under \
+           netns=other (its fewest).",
+    labels: &["netns"],
+    kind: Kind::Gauge,
+};
+const EPHEMERAL_IN_USE: Spec = Spec {
+    name: "portwatch_ephemeral_ports_in_use",
+    help: "TCP: sockets to the namespace's busiest destination, each holding a local \
+           port of the range; UDP: distinct ports of the range UDP sockets hold (UDP \
+           takes a port for every destination). netns=other: the most.",
+    labels: &["netns", "protocol"],
+    kind: Kind::Gauge,
+};
+const EPHEMERAL_UTILIZATION: Spec = Spec {
+    name: "portwatch_ephemeral_utilization_ratio",
+    help: "The fuller of: the busiest TCP destination's share of the usable ports, and \
+           UDP's share of the unreserved range; 1 means the next connect or bind(0) \
+           fails. netns=other: the fullest.",
+    labels: &["netns"],
+    kind: Kind::Gauge,
+};
+const EPHEMERAL_RANGE_LISTENERS: Spec = Spec {
+    name: "portwatch_ephemeral_range_listeners",
+    help: "TCP listeners on ports inside the namespace's ephemeral range: each takes \
+           its port from every outgoing connection. netns=other: their sum.",
+    labels: &["netns"],
     kind: Kind::Gauge,
 };
 const PROGRAM_ATTACHED: Spec = Spec {
@@ -279,7 +328,7 @@ const KERNEL_MODULE_MISSING: Spec = Spec {
 };
 
 /// Every family the state collector produces.
-const SPECS: [&Spec; 21] = [
+const SPECS: [&Spec; 26] = [
     &BIND_FAILURES,
     &PORT_BIND_FAILURES,
     &LISTEN_FAILURES,
@@ -291,9 +340,14 @@ const SPECS: [&Spec; 21] = [
     &RECONCILIATIONS,
     &UNTRACKED,
     &LISTENERS,
+    &LISTENERS_TOTAL,
     &SHARED_PORTS,
     &PORT_SHARED,
     &PORT_NAMESPACES,
+    &EPHEMERAL_USABLE,
+    &EPHEMERAL_IN_USE,
+    &EPHEMERAL_UTILIZATION,
+    &EPHEMERAL_RANGE_LISTENERS,
     &PROGRAM_ATTACHED,
     &BUILD_INFO,
     &READY,
@@ -460,8 +514,10 @@ struct Reading {
     ready: bool,
     /// Every listener (a copy of a few dozen bytes each).
     listeners: Vec<SocketFacts>,
-    /// The first port of the host's ephemeral range.
-    ephemeral_floor: u16,
+    /// Which ports have series of their own.
+    labels: PortLabels,
+    /// Each namespace's ephemeral ports, the host's first, then the fullest.
+    ephemeral: Vec<NetnsEphemeral>,
     expected: Vec<(ExpectedListener, usize)>,
     /// The modules a failing listing lacks; `None` while listings work.
     listing_missing: Option<Vec<&'static str>>,
@@ -481,7 +537,20 @@ impl Reading {
                 .listeners()
                 .map(|entry| entry.facts.clone())
                 .collect(),
-            ephemeral_floor: state.ephemeral_floor,
+            labels: PortLabels {
+                range: state.ephemeral_range,
+                expected: state.expected.iter().map(|e| e.port).collect(),
+                cap: state.counters.port_cap,
+            },
+            ephemeral: state.ephemeral.as_ref().map_or_else(Vec::new, |listing| {
+                let mut all: Vec<NetnsEphemeral> = listing
+                    .namespaces
+                    .iter()
+                    .map(|usage| ephemeral::explain(usage, &state.map, state.host_netns, 1))
+                    .collect();
+                ephemeral::sort(&mut all);
+                all
+            }),
             expected: state.expected_counts(),
             listing_missing: state
                 .listing
@@ -583,8 +652,14 @@ impl Reading {
                 .map(|(kind, n)| (vec![kind.to_owned()], n)),
         );
 
-        let [listeners, shared_ports, port_shared, port_namespaces] =
-            listener_samples(self.listeners, self.ephemeral_floor);
+        let [
+            listeners,
+            listeners_total,
+            shared_ports,
+            port_shared,
+            port_namespaces,
+        ] = listener_samples(self.listeners, &self.labels);
+        let [usable, in_use, utilization, range_listeners] = ephemeral_samples(&self.ephemeral);
         let hooks: BTreeSet<(&str, &str)> = self.hooks.into_iter().collect();
         let attached = Samples::of(
             &PROGRAM_ATTACHED,
@@ -616,9 +691,14 @@ impl Reading {
             Samples::of(&RECONCILIATIONS, [(vec![], self.stats.reconciliations)]),
             Samples::of(&UNTRACKED, [(vec![], self.stats.untracked)]),
             listeners,
+            listeners_total,
             shared_ports,
             port_shared,
             port_namespaces,
+            usable,
+            in_use,
+            utilization,
+            range_listeners,
             attached,
             Samples::of(&BUILD_INFO, [(build_info, 1)]),
             Samples::of(&READY, [(vec![], u64::from(self.ready))]),
@@ -652,17 +732,36 @@ impl Reading {
     }
 }
 
-/// `portwatch_listeners`, `portwatch_shared_ports`, `portwatch_port_shared`
-/// and `portwatch_port_namespaces` from every listener, port by port.
-fn listener_samples(mut all: Vec<SocketFacts>, ephemeral_floor: u16) -> [Samples; 4] {
+/// Which ports have per-port series: those outside the host's ephemeral
+/// range (the ones services choose), expected ones and shared ones; at most
+/// `cap` of them, lowest first, the rest under `port="other"`. A busy host's
+/// bind(0) and connected UDP sockets would otherwise add a series each.
+#[derive(Clone, Debug)]
+struct PortLabels {
+    range: PortRange,
+    expected: BTreeSet<u16>,
+    cap: usize,
+}
+
+/// `portwatch_listeners`, `portwatch_listeners_by_protocol`,
+/// `portwatch_shared_ports`, `portwatch_port_shared` and
+/// `portwatch_port_namespaces` from every listener, port by port.
+fn listener_samples(mut all: Vec<SocketFacts>, labels: &PortLabels) -> [Samples; 5] {
     let mut listeners = Samples::new(&LISTENERS);
     let mut shared_ports = 0;
     let mut port_shared = Samples::new(&PORT_SHARED);
     let mut port_namespaces = Samples::new(&PORT_NAMESPACES);
+    let mut totals: BTreeMap<(Protocol, Family), u64> = BTreeMap::new();
+    let mut other_counts: BTreeMap<(Protocol, Family), u64> = BTreeMap::new();
+    let mut other_kinds: HashSet<(Protocol, CoexistReason)> = HashSet::new();
+    let mut named = 0;
+    let names =
+        |protocol: Protocol, family: Family| [protocol.name().to_owned(), family.name().to_owned()];
     // Within a port, the order `explain` sees (`PortMap::listeners_on`).
     all.sort_unstable_by_key(|f| (f.port, f.netns, f.protocol, f.family, f.address, f.cookie));
     for on_port in all.chunk_by(|a, b| a.port == b.port) {
-        let port = on_port[0].port.to_string();
+        let port_number = on_port[0].port;
+        let port = port_number.to_string();
         let mut counts: BTreeMap<(Protocol, Family), u64> = BTreeMap::new();
         let mut namespaces: BTreeMap<Protocol, BTreeSet<NetnsCookie>> = BTreeMap::new();
         for facts in on_port {
@@ -672,26 +771,37 @@ fn listener_samples(mut all: Vec<SocketFacts>, ephemeral_floor: u16) -> [Samples
                 .or_default()
                 .insert(facts.netns);
         }
-        for ((protocol, family), n) in counts {
-            let labels = vec![
-                port.clone(),
-                protocol.name().to_owned(),
-                family.name().to_owned(),
-            ];
-            listeners.push(labels, n);
+        for (key, n) in &counts {
+            *totals.entry(*key).or_default() += n;
         }
-        if on_port[0].port < ephemeral_floor {
+        let shared = on_port
+            .chunk_by(|a, b| a.netns == b.netns)
+            .any(|n| n.len() > 1);
+        if shared {
+            shared_ports += 1;
+        }
+        let outside = !labels.range.contains(port_number);
+        if !(outside || shared || labels.expected.contains(&port_number)) {
+            continue;
+        }
+        let kinds = sharing_kinds(on_port);
+        if named >= labels.cap {
+            for (key, n) in counts {
+                *other_counts.entry(key).or_default() += n;
+            }
+            other_kinds.extend(kinds);
+            continue;
+        }
+        named += 1;
+        for ((protocol, family), n) in counts {
+            let [protocol, family] = names(protocol, family);
+            listeners.push(vec![port.clone(), protocol, family], n);
+        }
+        if outside {
             for (protocol, netns) in namespaces {
                 let labels = vec![port.clone(), protocol.name().to_owned()];
                 port_namespaces.push(labels, netns.len() as u64);
             }
-        }
-        let kinds = sharing_kinds(on_port);
-        if on_port
-            .chunk_by(|a, b| a.netns == b.netns)
-            .any(|n| n.len() > 1)
-        {
-            shared_ports += 1;
         }
         for (protocol, kind) in kinds {
             let labels = vec![
@@ -702,8 +812,87 @@ fn listener_samples(mut all: Vec<SocketFacts>, ephemeral_floor: u16) -> [Samples
             port_shared.push(labels, 1);
         }
     }
+    for ((protocol, family), n) in other_counts {
+        let [protocol, family] = names(protocol, family);
+        listeners.push(vec!["other".to_owned(), protocol, family], n);
+    }
+    let mut other_kinds: Vec<(Protocol, CoexistReason)> = other_kinds.into_iter().collect();
+    other_kinds.sort_by_key(|(protocol, kind)| (*protocol, kind.name()));
+    for (protocol, kind) in other_kinds {
+        let labels = vec![
+            "other".to_owned(),
+            protocol.name().to_owned(),
+            kind.name().to_owned(),
+        ];
+        port_shared.push(labels, 1);
+    }
+    let listeners_total = Samples::of(
+        &LISTENERS_TOTAL,
+        totals
+            .into_iter()
+            .map(|((protocol, family), n)| (names(protocol, family).to_vec(), n)),
+    );
     let shared_ports = Samples::of(&SHARED_PORTS, [(vec![], shared_ports)]);
-    [listeners, shared_ports, port_shared, port_namespaces]
+    [
+        listeners,
+        listeners_total,
+        shared_ports,
+        port_shared,
+        port_namespaces,
+    ]
+}
+
+/// How many namespaces the ephemeral metrics name; the rest are `other`.
+pub const NETNS_LABEL_CAP: usize = 50;
+
+/// The ephemeral families, one series per namespace name (the host's and
+/// the fullest first, at most [`NETNS_LABEL_CAP`]), the rest folded into
+/// `netns="other"` at their worst: the fewest usable, the most in use, the
+/// fullest, and every listener in a range. Namespaces that share a name
+/// (two containers called alike) fold the same way.
+fn ephemeral_samples(namespaces: &[NetnsEphemeral]) -> [Samples; 4] {
+    #[derive(Default)]
+    struct Worst {
+        usable: Option<u32>,
+        tcp: u32,
+        udp: u32,
+        ratio: f64,
+        listeners: u32,
+    }
+    let mut by_name: Vec<(String, Worst)> = Vec::new();
+    for ns in namespaces {
+        let name = if by_name.iter().any(|(n, _)| *n == ns.name) || by_name.len() < NETNS_LABEL_CAP
+        {
+            ns.name.clone()
+        } else {
+            "other".to_owned()
+        };
+        let index = match by_name.iter().position(|(n, _)| *n == name) {
+            Some(index) => index,
+            None => {
+                by_name.push((name, Worst::default()));
+                by_name.len() - 1
+            }
+        };
+        let worst = &mut by_name[index].1;
+        worst.usable = Some(worst.usable.map_or(ns.usable, |u| u.min(ns.usable)));
+        worst.tcp = worst.tcp.max(ns.in_use);
+        worst.udp = worst.udp.max(ns.udp.in_use);
+        worst.ratio = worst.ratio.max(ns.worst());
+        worst.listeners += ns.listeners_in_range;
+    }
+    let mut usable = Samples::new(&EPHEMERAL_USABLE);
+    let mut in_use = Samples::new(&EPHEMERAL_IN_USE);
+    let mut utilization = Samples::new(&EPHEMERAL_UTILIZATION);
+    let mut listeners = Samples::new(&EPHEMERAL_RANGE_LISTENERS);
+    for (name, worst) in by_name {
+        usable.push(vec![name.clone()], u64::from(worst.usable.unwrap_or(0)));
+        in_use.push(vec![name.clone(), "tcp".to_owned()], u64::from(worst.tcp));
+        in_use.push(vec![name.clone(), "udp".to_owned()], u64::from(worst.udp));
+        utilization.rows.push((vec![name.clone()], worst.ratio));
+        listeners.push(vec![name], u64::from(worst.listeners));
+    }
+    [usable, in_use, utilization, listeners]
 }
 
 /// The reasons `explain` gives for the listeners of one port to coexist, with
@@ -943,7 +1132,7 @@ mod tests {
     #[test]
     fn one_port_in_many_namespaces_is_counted_not_shared() {
         let mut state = State::new(100, 1000);
-        state.ephemeral_floor = 32768;
+        state.ephemeral_range = crate::state::LINUX_EPHEMERAL_RANGE;
         let wildcard4 = v4([0, 0, 0, 0]);
         for (cookie, port) in (1..=3).flat_map(|netns| [(netns, 8080), (netns + 10, 40000)]) {
             let mut bind = event(EventKind::Bind, cookie, Protocol::Tcp, wildcard4, port);
@@ -980,6 +1169,108 @@ mod tests {
             assert_line(&text, line);
         }
         assert!(!text.contains("different_netns"), "{text}");
+    }
+
+    #[test]
+    fn ephemeral_ports_add_no_series_unless_shared_expected_or_outside_the_range() {
+        let mut state = State::new(100, 2);
+        state.expected = vec!["40100/udp".parse().unwrap()];
+        let wildcard4 = v4([0, 0, 0, 0]);
+        // 40 UDP sockets bound to port 0 got ports in the range.
+        for cookie in 0..40 {
+            listen(
+                &mut state,
+                event(
+                    EventKind::Bind,
+                    100 + cookie,
+                    Protocol::Udp,
+                    wildcard4,
+                    40000 + cookie as u16,
+                ),
+            );
+        }
+        // Expected, and shared (two UDP sockets on one port), in the range.
+        listen(
+            &mut state,
+            event(EventKind::Bind, 1, Protocol::Udp, wildcard4, 40100),
+        );
+        for cookie in [2, 3] {
+            let mut bind = event(EventKind::Bind, cookie, Protocol::Udp, wildcard4, 40200);
+            bind.options.reuse_port = Some(true);
+            listen(&mut state, bind);
+        }
+        // Outside the range.
+        listen(
+            &mut state,
+            event(EventKind::Bind, 4, Protocol::Tcp, wildcard4, 8000),
+        );
+        let text = render(state);
+        // The cap of 2 names the lowest: 8000 and 40100; 40200 is other.
+        for line in [
+            r#"portwatch_listeners{family="ipv4",port="8000",protocol="tcp"} 1"#,
+            r#"portwatch_listeners{family="ipv4",port="40100",protocol="udp"} 1"#,
+            r#"portwatch_listeners{family="ipv4",port="other",protocol="udp"} 2"#,
+            r#"portwatch_listeners_by_protocol{family="ipv4",protocol="udp"} 43"#,
+            r#"portwatch_listeners_by_protocol{family="ipv4",protocol="tcp"} 1"#,
+            r#"portwatch_port_shared{kind="reuse_port_group",port="other",protocol="udp"} 1"#,
+            "portwatch_shared_ports 1",
+        ] {
+            assert_line(&text, line);
+        }
+        assert_eq!(text.matches("portwatch_listeners{").count(), 3, "{text}");
+        assert!(!text.contains(r#"port="40000""#), "{text}");
+    }
+
+    fn namespace(name: &str, usable: u32, in_use: u32, udp: u32, listeners: u32) -> NetnsEphemeral {
+        NetnsEphemeral {
+            netns: 1,
+            host: name == "host",
+            name: name.to_owned(),
+            place: Default::default(),
+            range: crate::state::LINUX_EPHEMERAL_RANGE,
+            size: 100,
+            reserved: 0,
+            held: 0,
+            held_by: vec![],
+            usable,
+            in_use,
+            utilization: f64::from(in_use) / f64::from(usable),
+            destinations: vec![],
+            destinations_total: 0,
+            udp: ephemeral::UdpUse {
+                in_use: udp,
+                usable: 100,
+                utilization: f64::from(udp) / 100.0,
+            },
+            listeners_in_range: listeners,
+            anti_patterns: vec![],
+        }
+    }
+
+    #[test]
+    fn namespaces_past_the_cap_fold_into_other_at_their_worst() {
+        let mut all = vec![namespace("host", 100, 10, 0, 1)];
+        for i in 0..NETNS_LABEL_CAP {
+            all.push(namespace(&format!("pod-{i}"), 100, 1, 0, 0));
+        }
+        all.push(namespace("late-a", 80, 60, 5, 1));
+        all.push(namespace("late-b", 90, 2, 70, 2));
+        let [usable, in_use, utilization, listeners] = ephemeral_samples(&all);
+        assert_eq!(usable.rows.len(), NETNS_LABEL_CAP + 1);
+        let other = |samples: &Samples, protocol: Option<&str>| {
+            samples
+                .rows
+                .iter()
+                .find(|(labels, _)| labels[0] == "other" && protocol.is_none_or(|p| labels[1] == p))
+                .map(|(_, value)| *value)
+                .expect("an other series")
+        };
+        assert_eq!(other(&usable, None), 80.0);
+        assert_eq!(other(&in_use, Some("tcp")), 60.0);
+        assert_eq!(other(&in_use, Some("udp")), 70.0);
+        assert_eq!(other(&utilization, None), 0.75);
+        assert_eq!(other(&listeners, None), 3.0);
+        assert_eq!(usable.rows[0], (vec!["host".to_owned()], 100.0));
     }
 
     #[test]
@@ -1079,7 +1370,26 @@ mod tests {
             &mut state,
             event(EventKind::Bind, 1, Protocol::Tcp, v4([0, 0, 0, 0]), 8000),
         );
+        // A namespace's ephemeral listing: so have the ephemeral families.
+        state.ephemeral = Some(crate::snapshot::ephemeral::EphemeralListing {
+            namespaces: vec![crate::snapshot::ephemeral::NetnsUsage {
+                netns: 1,
+                range: crate::state::LINUX_EPHEMERAL_RANGE,
+                reserved: 0,
+                reserved_ranges: vec![],
+                destinations: vec![],
+                udp_ports: 0,
+                place: Default::default(),
+            }],
+            skipped: 0,
+            taken_at: T0,
+            elapsed: Duration::ZERO,
+        });
         let text = render(state);
+        assert!(
+            text.contains(r#"portwatch_ephemeral_ports_usable{netns="netns-1"} 28232"#),
+            "{text}"
+        );
         let types: Vec<(&str, &str)> = text
             .lines()
             .filter_map(|line| line.strip_prefix("# TYPE "))

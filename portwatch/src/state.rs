@@ -18,7 +18,7 @@ use crate::{
     health::ListingFailure,
     map::{Drift, PortMap},
     rules::KernelRules,
-    snapshot::ephemeral::EphemeralListing,
+    snapshot::ephemeral::{EphemeralListing, PortRange},
     socket::NetnsCookie,
 };
 
@@ -173,9 +173,9 @@ pub struct State {
     pub host_netns: NetnsCookie,
     /// The order in which this machine's clients try `localhost`.
     pub localhost: Vec<IpAddr>,
-    /// The first port of the host's ephemeral range: the ports below it are
-    /// the ones services choose.
-    pub ephemeral_floor: u16,
+    /// The host's ephemeral range (`net.ipv4.ip_local_port_range`): the
+    /// ports outside it are the ones services choose.
+    pub ephemeral_range: PortRange,
     /// Ports that should always have a listener in `host_netns`.
     pub expected: Vec<ExpectedListener>,
     /// What the kernel's conflict rules do where kernels differ, as probed
@@ -188,17 +188,11 @@ pub struct State {
     pub ephemeral: Option<EphemeralListing>,
 }
 
-/// Linux's default first ephemeral port (`net.ipv4.ip_local_port_range`).
-pub const LINUX_EPHEMERAL_FLOOR: u16 = 32768;
-
-/// The first port of `/proc/sys/net/ipv4/ip_local_port_range` (`LOW\tHIGH`).
-pub fn ephemeral_floor(range: &str) -> Option<u16> {
-    let mut bounds = range.split_whitespace().map(str::parse::<u16>);
-    match (bounds.next(), bounds.next(), bounds.next()) {
-        (Some(Ok(low)), Some(Ok(high)), None) if low <= high => Some(low),
-        _ => None,
-    }
-}
+/// Linux's default ephemeral range (`net.ipv4.ip_local_port_range`).
+pub const LINUX_EPHEMERAL_RANGE: PortRange = PortRange {
+    low: 32768,
+    high: 60999,
+};
 
 impl State {
     pub fn new(failure_log: usize, port_cap: usize) -> State {
@@ -213,7 +207,7 @@ impl State {
             ready: false,
             host_netns: 0,
             localhost: Vec::new(),
-            ephemeral_floor: LINUX_EPHEMERAL_FLOOR,
+            ephemeral_range: LINUX_EPHEMERAL_RANGE,
             expected: Vec::new(),
             kernel: KernelRules::UNKNOWN,
             ephemeral: None,
@@ -334,14 +328,5 @@ mod tests {
         assert_eq!(counts, [1, 0], "tcp in netns 1 only; no udp");
         state.host_netns = 0;
         assert_eq!(state.expected_counts()[0].1, 2, "unknown namespace: all");
-    }
-
-    #[test]
-    fn the_ephemeral_floor_is_the_range_s_first_port() {
-        assert_eq!(ephemeral_floor("32768\t60999\n"), Some(32768));
-        assert_eq!(ephemeral_floor("1024 65535"), Some(1024));
-        for bad in ["", "32768", "60999 32768", "a b", "1 2 3", "70000 70001"] {
-            assert_eq!(ephemeral_floor(bad), None, "{bad:?}");
-        }
     }
 }

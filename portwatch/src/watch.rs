@@ -204,10 +204,10 @@ impl Watcher {
         state.kernel = probed.map_or(KernelRules::UNKNOWN, |report| report.rules);
         state.host_netns = snapshot::netns_cookie_of_current_thread().unwrap_or(0);
         state.localhost = explain::localhost_order();
-        state.ephemeral_floor = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        state.ephemeral_range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
             .ok()
-            .and_then(|range| crate::state::ephemeral_floor(&range))
-            .unwrap_or(crate::state::LINUX_EPHEMERAL_FLOOR);
+            .and_then(|range| snapshot::ephemeral::PortRange::parse(&range))
+            .unwrap_or(crate::state::LINUX_EPHEMERAL_RANGE);
         state.hooks = capture.hooks();
         state.expected = config.expected.clone();
         let (events, _) = broadcast::channel(EVENT_CHANNEL);

@@ -304,6 +304,27 @@ fn the_dashboard_has_the_panels_operators_need() {
             Some("path"),
         ),
         ("build info", "portwatch_build_info", Some("version")),
+        (
+            "ephemeral port utilization",
+            "portwatch_ephemeral_utilization_ratio",
+            Some("netns"),
+        ),
+        (
+            "ephemeral ports in use",
+            "portwatch_ephemeral_ports_in_use",
+            Some("netns"),
+        ),
+        (
+            "usable ephemeral ports",
+            "portwatch_ephemeral_ports_usable",
+            Some("netns"),
+        ),
+        (
+            "listeners inside the ephemeral range",
+            "portwatch_ephemeral_range_listeners",
+            Some("netns"),
+        ),
+        ("every listener", "portwatch_listeners_by_protocol", None),
     ];
     for (what, metric, label) in needs {
         let found = panels.iter().any(|panel| {

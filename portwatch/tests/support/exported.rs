@@ -14,7 +14,8 @@ use portwatch::{
     event::{Errno, EventKind, PortEvent, Protocol},
     map::Drift,
     metrics::{BuildInfo, Metrics},
-    state::State,
+    snapshot::ephemeral::{EphemeralListing, NetnsUsage},
+    state::{LINUX_EPHEMERAL_RANGE, State},
 };
 
 fn event(
@@ -95,6 +96,21 @@ pub fn busy_state() -> State {
     state.expected = ["8000/tcp", "53/udp", "443/tcp"]
         .map(|text| text.parse().unwrap())
         .to_vec();
+    // The host's ephemeral ports, listed.
+    state.ephemeral = Some(EphemeralListing {
+        namespaces: vec![NetnsUsage {
+            netns: 1,
+            range: LINUX_EPHEMERAL_RANGE,
+            reserved: 0,
+            reserved_ranges: vec![],
+            destinations: vec![],
+            udp_ports: 3,
+            place: Default::default(),
+        }],
+        skipped: 0,
+        taken_at: SystemTime::UNIX_EPOCH,
+        elapsed: Duration::from_millis(4),
+    });
     state
 }
 
