@@ -242,3 +242,72 @@ fn udp_binds_to_port_zero_exhaust_the_range_and_the_failure_says_so() {
     assert_eq!(failure["ephemeral_range_exhausted"], true, "{failure}");
     worker.resume();
 }
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn udp_sockets_on_random_ports_add_no_per_port_series() {
+    const EACH: usize = 200;
+    let cgroup = CgroupGuard::new("ephemeral-series");
+    let netns = NetnsGuard::new("ephs");
+    let daemon = daemon(&cgroup);
+    let before = daemon.text("/metrics").1;
+
+    // 200 UDP sockets bound to port 0, and 200 bound to port 0 then
+    // connected: each gets a random port of the range.
+    let mut ops = Vec::new();
+    for sock in 0..2 * EACH {
+        ops.extend([Op::udp(false), Op::bind(sock, "127.0.0.1:0")]);
+        if sock >= EACH {
+            ops.push(Op::Connect {
+                sock,
+                addr: "127.0.0.1:9".parse().unwrap(),
+            });
+        }
+    }
+    ops.push(Op::Pause);
+    let mut worker = Worker::spawn(&cgroup.path, Some(&netns), &ops);
+    let results = worker.results(ops.len() - 1);
+    assert!(results.iter().all(|&r| r >= 0), "{results:?}");
+
+    let udp4 = "portwatch_listeners_by_protocol{family=\"ipv4\",protocol=\"udp\"}";
+    let baseline = support::daemon::sample(&before, udp4);
+    let metrics = daemon.metrics_until("the 200 unconnected sockets counted", |text| {
+        support::daemon::sample(text, udp4) >= baseline + EACH as f64
+    });
+    let per_port: Vec<&str> = metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("portwatch_listeners{") || line.starts_with("portwatch_port_shared{")
+        })
+        .filter(|line| {
+            let port = line
+                .split("port=\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next());
+            port.and_then(|p| p.parse::<u16>().ok())
+                .is_some_and(|port| (32768..=60999).contains(&port))
+        })
+        .collect();
+    assert!(
+        per_port.is_empty(),
+        "per-port series in the ephemeral range: {per_port:?}"
+    );
+    let before_series = before
+        .lines()
+        .filter(|l| l.starts_with("portwatch_listeners{"))
+        .count();
+    let after_series = metrics
+        .lines()
+        .filter(|l| l.starts_with("portwatch_listeners{"))
+        .count();
+    assert!(
+        after_series <= before_series + 1,
+        "{before_series} listener series before, {after_series} after"
+    );
+    // Every one of them is known and counted in the namespace's UDP use.
+    let ns = namespace_until(&daemon, &netns, "the 400 UDP ports in use", |ns| {
+        ns["udp"]["in_use"] == 2 * EACH
+    });
+    assert_eq!(ns["udp"]["usable"], 28232);
+    worker.resume();
+}
