@@ -4,10 +4,11 @@
 //! and tests use only metrics and labels portwatch exports (rendered from a
 //! real [`Metrics`], not a list kept by hand). No root needed for those.
 //!
-//! The root test runs Debian's `prometheus` on loopback, scraping the real
-//! daemon with the shipped rules, makes an EADDRINUSE storm with real
-//! sockets, and waits for `PortwatchEaddrinuseStorm` to fire in Prometheus's
-//! own API.
+//! The root tests run Debian's `prometheus` on loopback, scraping the real
+//! daemon with the shipped rules: one makes an EADDRINUSE storm with real
+//! sockets and waits for `PortwatchEaddrinuseStorm` to fire in Prometheus's
+//! own API; the other fills a namespace's 10-port ephemeral range with real
+//! connections and waits for `PortwatchEphemeralPortsExhausting`.
 //!
 //! promtool and prometheus come from Debian's `prometheus` package, which
 //! `cargo xtask setup` installs; without them these tests fail, not skip.
@@ -898,4 +899,96 @@ fn prometheus_fires_the_storm_alert_on_a_real_eaddrinuse_storm() {
          {} failed binds",
         batches * BATCH
     );
+}
+
+const EXHAUSTING_ALERT: &str = "PortwatchEphemeralPortsExhausting";
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn prometheus_fires_the_exhaustion_alert_on_a_real_full_range() {
+    // A namespace whose range has 10 ports, all held by connections to one
+    // destination, read by the daemon every second.
+    let cgroup = CgroupGuard::new("alerts-eph");
+    let netns = NetnsGuard::new("alertse");
+    netns.run_in(|| {
+        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "40000 40009")
+            .expect("set the namespace's port range")
+    });
+    let daemon = Daemon::start_with(&cgroup, "ephemeral_interval = \"1s\"\n", &[]);
+    let target = daemon.server.strip_prefix("http://").expect("an http URL");
+    let prometheus = Prometheus::start(target);
+    let label = format!("netns-{}", netns.cookie());
+    let (before, all) = prometheus.alerts(EXHAUSTING_ALERT);
+    assert!(
+        before.is_empty(),
+        "{EXHAUSTING_ALERT} before the range filled: {all}"
+    );
+
+    let mut ops = vec![
+        Op::tcp(false),
+        Op::bind(0, "127.0.0.1:8000"),
+        Op::Listen {
+            sock: 0,
+            backlog: 64,
+        },
+    ];
+    for sock in 1..=10 {
+        ops.push(Op::tcp(false));
+        ops.push(Op::Connect {
+            sock,
+            addr: "127.0.0.1:8000".parse().unwrap(),
+        });
+    }
+    ops.push(Op::Pause);
+    let mut worker = Worker::spawn(&cgroup.path, Some(&netns), &ops);
+    let results = worker.results(ops.len() - 1);
+    assert!(
+        results.iter().all(|&r| r >= 0),
+        "listener and 10 connects: {results:?}"
+    );
+    let start = Instant::now();
+
+    // `for: 5m`, scraped and evaluated every second.
+    const LIMIT: Duration = Duration::from_secs(420);
+    let mut pending_after = None;
+    let firing = loop {
+        let (alerts, all) = prometheus.alerts(EXHAUSTING_ALERT);
+        let ours: Vec<&Json> = alerts
+            .iter()
+            .filter(|a| a["labels"]["netns"] == label)
+            .collect();
+        if let Some(firing) = ours.iter().find(|a| a["state"] == "firing") {
+            break (*firing).clone();
+        }
+        if pending_after.is_none() && !ours.is_empty() {
+            pending_after = Some(start.elapsed());
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "{EXHAUSTING_ALERT} did not fire for {label} within {LIMIT:?} (pending after \
+             {pending_after:?}); last /api/v1/alerts: {all}\nprometheus log:\n{}",
+            prometheus.log()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let elapsed = start.elapsed();
+    worker.resume();
+    assert_eq!(firing["labels"]["job"], "portwatch", "{firing}");
+    assert_eq!(firing["labels"]["severity"], "warning", "{firing}");
+    let ratio: f64 = firing["value"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .expect("the alert's value");
+    assert_eq!(ratio, 1.0, "{firing}");
+    assert!(
+        elapsed >= Duration::from_secs(300),
+        "fired after {elapsed:?}"
+    );
+    assert!(
+        firing["annotations"]["runbook_url"]
+            .as_str()
+            .is_some_and(|url| url.ends_with("#portwatchephemeralportsexhausting")),
+        "{firing}"
+    );
+    eprintln!("{EXHAUSTING_ALERT} pending after {pending_after:?}, firing after {elapsed:?}");
 }
