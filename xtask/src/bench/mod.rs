@@ -17,7 +17,9 @@
 //!    with 100k listeners;
 //! 6. [`namespaces`]: a container host, 500 network namespaces listening on
 //!    80, 443 and 8080: the start-up snapshot, the size of `GET /ports/8080`,
-//!    the length of `portwatch explain 8080`, and a reconciliation.
+//!    the length of `portwatch explain 8080`, and a reconciliation;
+//! 7. [`ephemeral`]: connect() to a loopback listener attached vs detached,
+//!    and the ephemeral port listing with 100k connections vs `ss -tanpH`.
 //!
 //! The daemon under test is the release build, watching a cgroup created for
 //! the run (`portwatch-bench-<pid>` under the cgroup2 mount); the load runs
@@ -29,6 +31,7 @@
 
 mod api;
 mod bindpath;
+mod ephemeral;
 mod ingest;
 mod namespaces;
 mod report;
@@ -105,13 +108,14 @@ pub fn bench(options: Options) -> Result<()> {
         cgroup: Cgroup::create()?,
         run_dir,
     };
-    let figures: [(&str, Figure); 6] = [
+    let figures: [(&str, Figure); 7] = [
         ("bind path", bindpath::run),
         ("syscall tax", tax::run),
         ("ingest", ingest::run),
         ("snapshot", snapshot::run),
         ("API", api::run),
         ("namespaces", namespaces::run),
+        ("ephemeral", ephemeral::run),
     ];
     let mut rows = Vec::new();
     for (name, figure) in figures {
@@ -164,6 +168,8 @@ pub fn worker(args: &[String]) -> Result<()> {
         "bind-storm" => ingest::worker(rest),
         "hold-listeners" => snapshot::worker(rest),
         "hold-namespaces" => namespaces::worker(rest),
+        "connect-loop" => ephemeral::connect_worker(rest),
+        "hold-connections" => ephemeral::hold_worker(rest),
         other => bail!("bench-worker: unknown worker {other:?}"),
     }
 }

@@ -402,7 +402,7 @@ pub fn worker(args: &[String]) -> Result<()> {
 
 /// The holder's children: killed and reaped on drop, so that they never
 /// outlive the holder (they also have PR_SET_PDEATHSIG).
-struct Children(Vec<libc::pid_t>);
+pub(super) struct Children(pub(super) Vec<libc::pid_t>);
 
 impl Drop for Children {
     fn drop(&mut self) {
@@ -418,7 +418,7 @@ impl Drop for Children {
 }
 
 /// A pipe: (read end, write end), both close-on-exec.
-fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+pub(super) fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2(2) writes two descriptors into `fds`.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -429,20 +429,20 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 }
 
 /// What a child writes on the ready pipe.
-const READY: u8 = b'+';
-const FAILED: u8 = b'-';
+pub(super) const READY: u8 = b'+';
+pub(super) const FAILED: u8 = b'-';
 
 /// Reads one byte per child from the ready pipe, for at most
 /// [`READY_TIMEOUT`]: fails at the first child that failed (it said why on
 /// stderr), or if they all closed the pipe before `count` were ready.
-fn wait_until_ready(ready: OwnedFd, count: u32) -> Result<()> {
+pub(super) fn wait_until_ready(ready: OwnedFd, count: u32) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut listening = 0;
     let mut buffer = [0u8; 512];
     while listening < count {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            bail!("{listening} of {count} namespaces were listening after {READY_TIMEOUT:?}");
+            bail!("{listening} of {count} children were ready after {READY_TIMEOUT:?}");
         }
         let mut poll = libc::pollfd {
             fd: ready.as_raw_fd(),
@@ -463,8 +463,7 @@ fn wait_until_ready(ready: OwnedFd, count: u32) -> Result<()> {
             unsafe { libc::read(ready.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len()) };
         match read {
             0 => bail!(
-                "only {listening} of {count} namespaces are listening: the other children \
-                 exited (see above)"
+                "only {listening} of {count} children are ready: the others exited (see above)"
             ),
             read if read < 0 => {
                 let err = io::Error::last_os_error();
@@ -475,7 +474,7 @@ fn wait_until_ready(ready: OwnedFd, count: u32) -> Result<()> {
             read => {
                 for &byte in &buffer[..read as usize] {
                     if byte != READY {
-                        bail!("a namespace's child could not listen (see above)");
+                        bail!("a child could not get ready (see above)");
                     }
                     listening += 1;
                 }
