@@ -25,6 +25,15 @@ pub mod kind {
     /// start-up snapshot) was released: closed by its last holder, so its
     /// port is free again.
     pub const CLOSE: u8 = 5;
+    /// connect() found no local port: `errno` is EADDRNOTAVAIL (TCP, every
+    /// port of the range in use to that destination), EAGAIN (UDP
+    /// autobind, the range full) or EADDRINUSE; `peer_addr`/`peer_port`
+    /// hold the destination, `bound_port` the socket's port if it had one.
+    pub const CONNECT_FAILED: u8 = 6;
+    /// A socket portwatch tracks (bound or listening) connected: a UDP
+    /// socket stops receiving from everyone, and a TCP socket bound before
+    /// it connected holds its port for every destination.
+    pub const CONNECTED: u8 = 7;
 }
 
 /// Which kernel hook produced the outcome of a record. Stored in
@@ -93,8 +102,12 @@ pub mod hook {
     pub const LISTEN_OUTCOME: u32 = 4;
     pub const LISTEN_STOP: u32 = 5;
     pub const RELEASE: u32 = 6;
+    /// cgroup `connect4`/`connect6`: the attempt, parked.
+    pub const CONNECT: u32 = 7;
+    /// The connect outcome, from fexit or the sys_exit_connect tracepoint.
+    pub const CONNECT_OUTCOME: u32 = 8;
     /// Number of slots.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 9;
     /// Names, indexed by slot, as they appear in logs and metrics (the
     /// `hook` label of both the drop counter and `portwatch_program_attached`).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -105,6 +118,8 @@ pub mod hook {
         "listen_outcome",
         "listen_stop",
         "release",
+        "connect",
+        "connect_outcome",
     ];
 }
 
@@ -313,13 +328,17 @@ pub struct Event {
     /// A [`port_alloc`] constant: what the kernel's TCP port allocation
     /// (`inet_csk_get_port`) said during this bind or listen.
     pub port_alloc: u8,
-    pub _pad: [u8; 4],
+    /// The remote port of a connect (host byte order); 0 otherwise.
+    pub peer_port: u16,
+    pub _pad: [u8; 2],
     /// Local address, network byte order; IPv4 uses the first 4 bytes.
     pub addr: [u8; 16],
     /// `comm` of the calling task, NUL-padded.
     pub comm: [u8; 16],
+    /// The remote address of a connect, network byte order; zero otherwise.
+    pub peer_addr: [u8; 16],
 }
-const _: () = assert!(size_of::<Event>() == 112);
+const _: () = assert!(size_of::<Event>() == 128);
 
 impl Event {
     /// The record every hook starts from: zeroes, with the socket uid unknown.
@@ -344,9 +363,11 @@ impl Event {
         sock_type: 0,
         source: 0,
         port_alloc: port_alloc::NOT_SEEN,
-        _pad: [0; 4],
+        peer_port: 0,
+        _pad: [0; 2],
         addr: [0; 16],
         comm: [0; 16],
+        peer_addr: [0; 16],
     };
 }
 

@@ -7,6 +7,10 @@
 //!   the bind hooks come in a `bpf_getsockopt` and a socket-bits variant;
 //! - `get_port.rs`: fexit on `inet_csk_get_port`, TCP's port allocation, where
 //!   fexit is allowed;
+//! - `connect.rs`: cgroup `connect4`/`connect6` (the attempt and its
+//!   destination) and the outcome from fexit on `inet_stream_connect`/
+//!   `inet_dgram_connect` or `sys_exit_connect`: connects that find no local
+//!   port, and tracked sockets that connect;
 //! - `listen.rs`: `sock/inet_sock_set_state` for LISTEN and LISTEN -> CLOSE,
 //!   with fexit on `inet_listen` or `sys_exit_listen` for the outcome;
 //! - `create.rs`: cgroup `sock_create`, which gives every socket its cookie
@@ -22,6 +26,8 @@
 mod bind;
 #[cfg(target_arch = "bpf")]
 mod common;
+#[cfg(target_arch = "bpf")]
+mod connect;
 #[cfg(target_arch = "bpf")]
 mod create;
 #[cfg(target_arch = "bpf")]

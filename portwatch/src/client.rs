@@ -575,18 +575,20 @@ fn who(process: &Value) -> String {
 fn describe_failure(failure: &Value) -> String {
     let time = text(&failure["time"]);
     let time = time.get(11..19).unwrap_or(&time).to_owned();
+    let (verb, target) = match failure["kind"].as_str() {
+        Some("listen_failed") => ("listen on", text(&failure["endpoint"])),
+        Some("connect_failed") => ("connect", format!("to {}", text(&failure["destination"]))),
+        _ => ("bind", text(&failure["endpoint"])),
+    };
     let mut line = format!(
-        "{time} {} could not {} {} {}: {}",
+        "{time} {} could not {verb} {} {target}: {}",
         who(failure),
-        if failure["kind"] == "listen_failed" {
-            "listen on"
-        } else {
-            "bind"
-        },
         text(&failure["protocol"]),
-        text(&failure["endpoint"]),
         text(&failure["errno"]),
     );
+    if let Some(cause) = failure["cause"].as_str() {
+        let _ = write!(line, ", {cause}");
+    }
     if failure["ephemeral_range_exhausted"] == true {
         line.push_str(", no free port left in the ephemeral range (`portwatch ephemeral` shows what fills it)");
     }

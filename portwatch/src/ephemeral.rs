@@ -16,15 +16,19 @@
 //!   socket) takes a port for every destination: UDP counts the distinct
 //!   ports its sockets hold against the range less the reserved ports.
 
+use std::time::SystemTime;
+
 use serde::Serialize;
 
 use crate::{
+    event::PortEvent,
     map::{Entry, Holder, PortMap},
     snapshot::{
-        ephemeral::{Destination, NetnsUsage, PortRange},
+        ephemeral::{Destination, NetnsUsage, PortRange, folded},
         owners::Place,
     },
     socket::{NetnsCookie, Protocol, SockState},
+    state::{EarlyBind, State},
 };
 
 /// How many held ports a namespace's answer lists (all are counted).
@@ -75,7 +79,8 @@ pub struct NetnsEphemeral {
 pub struct HeldPort {
     pub port: u16,
     pub address: std::net::IpAddr,
-    /// `listening`, or `bound` (bound and not listening).
+    /// `listening`, `bound` (bound and not listening), or `bound,
+    /// connected` (bound before it connected: its bind holds the port).
     pub state: &'static str,
     pub cookie: u64,
     pub holders: Vec<Holder>,
@@ -105,7 +110,8 @@ pub struct UdpUse {
 /// Something that takes ports from every outgoing connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct AntiPattern {
-    /// `listener_in_range`.
+    /// `listener_in_range` (`address` is the listener's) or
+    /// `bind_before_connect` (`address` is where the last such socket went).
     pub kind: &'static str,
     pub port: u16,
     pub protocol: Protocol,
@@ -140,19 +146,34 @@ pub fn netns_name(netns: NetnsCookie, host: bool, place: &Place) -> String {
     }
 }
 
-/// TCP sockets the map has holding a port of `range` in `netns`.
-fn holding(map: &PortMap, netns: NetnsCookie, range: PortRange) -> impl Iterator<Item = &Entry> {
-    map.in_ports(range.low..=range.high).filter(move |entry| {
-        let facts = &entry.facts;
-        facts.netns == netns
-            && matches!(facts.protocol, Protocol::Tcp | Protocol::Mptcp)
-            && facts.state.is_listening_or_bound()
-    })
+/// TCP sockets the map has holding a port of `range` in `netns`: listeners,
+/// bound sockets, and sockets bound before they connected.
+fn holding(map: &PortMap, netns: NetnsCookie, range: PortRange) -> Vec<&Entry> {
+    let mut found: Vec<&Entry> = map
+        .in_ports(range.low..=range.high)
+        .filter(|entry| entry.facts.state.is_listening_or_bound())
+        .chain(map.connected_binds())
+        .filter(|entry| {
+            let facts = &entry.facts;
+            facts.netns == netns
+                && matches!(facts.protocol, Protocol::Tcp | Protocol::Mptcp)
+                && range.contains(facts.port)
+        })
+        .collect();
+    found.sort_by_key(|entry| (entry.facts.port, entry.facts.cookie));
+    found
 }
 
 /// One namespace's answer: its listing, the live map's binds in its range,
-/// and at most `top` destinations.
-pub fn explain(usage: &NetnsUsage, map: &PortMap, host: NetnsCookie, top: usize) -> NetnsEphemeral {
+/// the bind-before-connect sockets seen there, and at most `top`
+/// destinations.
+pub fn explain<'a>(
+    usage: &NetnsUsage,
+    map: &PortMap,
+    host: NetnsCookie,
+    top: usize,
+    early_binds: impl IntoIterator<Item = &'a EarlyBind>,
+) -> NetnsEphemeral {
     let range = usage.range;
     let size = range.len();
     let is_host = usage.netns == host;
@@ -171,7 +192,11 @@ pub fn explain(usage: &NetnsUsage, map: &PortMap, host: NetnsCookie, top: usize)
             held_by.push(HeldPort {
                 port: facts.port,
                 address: facts.address,
-                state: if listening { "listening" } else { "bound" },
+                state: match facts.state {
+                    SockState::Listening => "listening",
+                    SockState::Connected => "bound, connected",
+                    _ => "bound",
+                },
                 cookie: facts.cookie,
                 holders: entry.holders.clone(),
             });
@@ -193,6 +218,7 @@ pub fn explain(usage: &NetnsUsage, map: &PortMap, host: NetnsCookie, top: usize)
             });
         }
     }
+    anti_patterns.extend(bind_before_connect(usage.netns, early_binds));
     held_ports.dedup();
     let held = held_ports.len() as u32;
     let usable = size.saturating_sub(usage.reserved).saturating_sub(held);
@@ -237,6 +263,89 @@ pub fn explain(usage: &NetnsUsage, map: &PortMap, host: NetnsCookie, top: usize)
         listeners_in_range,
         anti_patterns,
     }
+}
+
+/// The bind-before-connect sightings in `netns`, one anti-pattern per
+/// process, the most frequent first.
+fn bind_before_connect<'a>(
+    netns: NetnsCookie,
+    early_binds: impl IntoIterator<Item = &'a EarlyBind>,
+) -> Vec<AntiPattern> {
+    let mut by_process: Vec<(u32, &str, u32, &EarlyBind)> = Vec::new();
+    for early in early_binds.into_iter().filter(|e| e.netns == netns) {
+        match by_process.iter_mut().find(|(pid, ..)| *pid == early.pid) {
+            Some((_, _, count, last)) => {
+                *count += 1;
+                *last = early;
+            }
+            None => by_process.push((early.pid, &early.process, 1, early)),
+        }
+    }
+    by_process.sort_by_key(|(pid, _, count, _)| (std::cmp::Reverse(*count), *pid));
+    by_process
+        .into_iter()
+        .map(|(pid, process, count, last)| AntiPattern {
+            kind: "bind_before_connect",
+            port: last.port,
+            protocol: Protocol::Tcp,
+            address: last.peer.ip(),
+            holders: vec![Holder {
+                pid,
+                process: process.to_owned(),
+            }],
+            detail: format!(
+                "{count} TCP sockets of {process} were bound to port 0 before connect() (the \
+                 last took port {} to reach {}): each takes its port from the range for every \
+                 destination; set IP_BIND_ADDRESS_NO_PORT before bind(), or do not bind, so \
+                 that connect() picks a port per destination",
+                last.port, last.peer
+            ),
+        })
+        .collect()
+}
+
+/// What the latest listing says of the destination of `event`, a connect
+/// that found no local port at `at` (before the listing), in a sentence;
+/// `None` without a listing of its namespace.
+pub fn connect_failure_cause(state: &State, event: &PortEvent, at: SystemTime) -> Option<String> {
+    let listing = state.ephemeral.as_ref()?;
+    let netns = event.netns?;
+    let peer = event.peer?;
+    let usage = listing.namespaces.iter().find(|u| u.netns == netns)?;
+    let view = explain(usage, &state.map, state.host_netns, 0, []);
+    let after = listing
+        .taken_at
+        .duration_since(at)
+        .map_or(0, |after| after.as_millis());
+    let range = format!(
+        "range {}-{}, {} reserved, {} held by binds; listed {after} ms after",
+        view.range.low, view.range.high, view.reserved, view.held
+    );
+    if matches!(event.protocol, Protocol::Udp | Protocol::UdpLite) {
+        return Some(format!(
+            "UDP sockets held {} of the {} unreserved ports of the range ({range})",
+            view.udp.in_use, view.udp.usable
+        ));
+    }
+    let remote = folded(peer.ip());
+    let in_use = usage
+        .destinations
+        .iter()
+        .filter(|d| d.key.remote_address == remote && d.key.remote_port == peer.port())
+        .map(|d| d.states.total())
+        .max()
+        .unwrap_or(0);
+    Some(if in_use >= view.usable {
+        format!(
+            "all {} usable local ports to {peer} were in use ({range})",
+            view.usable
+        )
+    } else {
+        format!(
+            "{in_use} of the {} usable local ports to {peer} were in use ({range})",
+            view.usable
+        )
+    })
 }
 
 /// Orders namespaces: the host's first, then by utilization (of TCP or
@@ -299,6 +408,7 @@ mod tests {
             },
             destinations: vec![destination(443, busiest), destination(80, 1)],
             udp_ports: 3,
+            seen: Default::default(),
             place: Place::default(),
         }
     }
@@ -324,13 +434,13 @@ mod tests {
             inode: Some(cookie),
             place: Place::default(),
         };
-        map.merge(vec![seen], std::time::SystemTime::UNIX_EPOCH);
+        map.merge(vec![seen], SystemTime::UNIX_EPOCH);
     }
 
     #[test]
     fn the_busiest_destination_against_the_usable_ports() {
         let map = PortMap::default();
-        let view = explain(&usage(5, 0), &map, 1, 10);
+        let view = explain(&usage(5, 0), &map, 1, 10, []);
         assert_eq!(
             (view.size, view.reserved, view.held, view.usable),
             (10, 0, 0, 10)
@@ -343,7 +453,7 @@ mod tests {
         assert_eq!(view.udp.utilization, 0.3);
         assert_eq!(view.name, "netns-7");
         assert!(!view.host);
-        let top = explain(&usage(5, 0), &map, 7, 1);
+        let top = explain(&usage(5, 0), &map, 7, 1, []);
         assert_eq!(top.destinations.len(), 1);
         assert_eq!(top.destinations_total, 2);
         assert_eq!(top.name, "host");
@@ -355,7 +465,7 @@ mod tests {
         listen(&mut map, 40003, 1);
         // Outside the range: not counted.
         listen(&mut map, 8080, 2);
-        let view = explain(&usage(9, 0), &map, 1, 10);
+        let view = explain(&usage(9, 0), &map, 1, 10, []);
         assert_eq!((view.held, view.usable, view.listeners_in_range), (1, 9, 1));
         assert_eq!(view.utilization, 1.0);
         assert_eq!(view.anti_patterns.len(), 1);
@@ -364,9 +474,45 @@ mod tests {
         assert_eq!(view.held_by[0].state, "listening");
         // A reserved port is counted once, as reserved.
         listen(&mut map, 40009, 3);
-        let view = explain(&usage(9, 1), &map, 1, 10);
+        let view = explain(&usage(9, 1), &map, 1, 10, []);
         assert_eq!((view.reserved, view.held, view.usable), (1, 1, 8));
         assert_eq!(view.listeners_in_range, 2);
+    }
+
+    #[test]
+    fn sockets_bound_before_connecting_are_named_per_process() {
+        let early = |pid: u32, netns: NetnsCookie, port: u16| EarlyBind {
+            time: SystemTime::UNIX_EPOCH,
+            netns,
+            pid,
+            process: format!("client{pid}"),
+            port,
+            peer: "10.1.2.3:443".parse().unwrap(),
+        };
+        let seen = [
+            early(5, 7, 40001),
+            early(6, 7, 40002),
+            early(6, 7, 40003),
+            early(6, 8, 40004),
+        ];
+        let view = explain(&usage(1, 0), &PortMap::default(), 1, 10, &seen);
+        let kinds: Vec<(&str, u32, u16)> = view
+            .anti_patterns
+            .iter()
+            .map(|a| (a.kind, a.holders[0].pid, a.port))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("bind_before_connect", 6, 40003),
+                ("bind_before_connect", 5, 40001)
+            ]
+        );
+        assert!(
+            view.anti_patterns[0]
+                .detail
+                .starts_with("2 TCP sockets of client6")
+        );
     }
 
     #[test]
@@ -394,9 +540,9 @@ mod tests {
     fn the_host_comes_first_then_the_fullest() {
         let map = PortMap::default();
         let mut namespaces = vec![
-            explain(&usage(1, 0), &map, 1, 10),
-            explain(&usage(8, 0), &map, 1, 10),
-            explain(&usage(2, 0), &map, 7, 10),
+            explain(&usage(1, 0), &map, 1, 10, []),
+            explain(&usage(8, 0), &map, 1, 10, []),
+            explain(&usage(2, 0), &map, 7, 10, []),
         ];
         namespaces[1].netns = 8;
         sort(&mut namespaces);

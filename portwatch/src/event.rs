@@ -89,6 +89,11 @@ pub enum EventKind {
     ListenStop,
     /// A tracked socket was closed by its last holder: its port is free.
     Close,
+    /// connect() found no free local port (EADDRNOTAVAIL, EAGAIN,
+    /// EADDRINUSE); `peer` is the destination.
+    ConnectFailed,
+    /// A tracked socket (bound or listening) connected to `peer`.
+    Connected,
 }
 
 impl EventKind {
@@ -101,6 +106,8 @@ impl EventKind {
             kind::LISTEN_FAILED => Self::ListenFailed,
             kind::LISTEN_STOP => Self::ListenStop,
             kind::CLOSE => Self::Close,
+            kind::CONNECT_FAILED => Self::ConnectFailed,
+            kind::CONNECTED => Self::Connected,
             other => return Err(DecodeError::Kind(other)),
         })
     }
@@ -114,22 +121,34 @@ impl EventKind {
             Self::ListenFailed => "listen_failed",
             Self::ListenStop => "listen_stop",
             Self::Close => "close",
+            Self::ConnectFailed => "connect_failed",
+            Self::Connected => "connected",
         }
     }
 
     /// Every kind of event.
-    pub const ALL: [EventKind; 6] = [
+    pub const ALL: [EventKind; 8] = [
         EventKind::Bind,
         EventKind::BindFailed,
         EventKind::Listen,
         EventKind::ListenFailed,
         EventKind::ListenStop,
         EventKind::Close,
+        EventKind::ConnectFailed,
+        EventKind::Connected,
     ];
 
-    /// Whether this is a failed bind or listen.
+    /// Whether this is a failed bind, listen or connect.
     pub fn is_failure(self) -> bool {
-        matches!(self, Self::BindFailed | Self::ListenFailed)
+        matches!(
+            self,
+            Self::BindFailed | Self::ListenFailed | Self::ConnectFailed
+        )
+    }
+
+    /// Whether this is about a connect (`peer` is its destination).
+    pub fn is_connect(self) -> bool {
+        matches!(self, Self::ConnectFailed | Self::Connected)
     }
 
     /// Whether this is about a listener (the backlog is meaningful).
@@ -468,6 +487,8 @@ impl Errno {
     pub const EPERM: Errno = Errno(libc::EPERM);
     /// Invalid argument (for example, the socket is already bound).
     pub const EINVAL: Errno = Errno(libc::EINVAL);
+    /// Try again: a UDP socket's autobind found the range full.
+    pub const EAGAIN: Errno = Errno(libc::EAGAIN);
 
     /// The symbolic name: `EADDRINUSE`, `UNKNOWN` for [`Errno::UNKNOWN`],
     /// `E<n>` for a number no table knows.
@@ -630,6 +651,8 @@ pub struct PortEvent {
     pub source: Source,
     /// TCP's port allocation verdict; `None` when not seen.
     pub port_alloc: Option<PortAlloc>,
+    /// The destination of a connect; `None` for other kinds.
+    pub peer: Option<SocketAddr>,
 }
 
 impl PortEvent {
@@ -644,10 +667,12 @@ impl PortEvent {
         endpoint(self.address, self.port)
     }
 
-    /// Whether the event is about port `port`: the one asked for or the one
-    /// bound.
+    /// Whether the event is about port `port`: the one asked for, the one
+    /// bound, or a connect's destination port.
     pub fn concerns_port(&self, port: u16) -> bool {
-        self.port == port || self.bound_port == Some(port)
+        self.port == port
+            || self.bound_port == Some(port)
+            || self.peer.is_some_and(|peer| peer.port() == port)
     }
 
     /// A plausible event built by hand, for tests and examples: `kind` of
@@ -692,6 +717,7 @@ impl PortEvent {
                 Source::PostBind
             },
             port_alloc: None,
+            peer: None,
         }
     }
 }
@@ -746,6 +772,16 @@ impl TryFrom<&RawEvent> for PortEvent {
             backlog: (kind.is_listen() && raw.backlog != 0).then_some(raw.backlog),
             source: Source::try_from(raw.source)?,
             port_alloc: PortAlloc::from_raw(raw.port_alloc)?,
+            peer: kind.is_connect().then(|| {
+                let address = match family {
+                    Family::Ipv4 => {
+                        let [a, b, c, d, ..] = raw.peer_addr;
+                        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+                    }
+                    Family::Ipv6 => IpAddr::V6(Ipv6Addr::from(raw.peer_addr)),
+                };
+                SocketAddr::new(address, raw.peer_port)
+            }),
         })
     }
 }
@@ -852,7 +888,7 @@ pub(crate) mod tests {
     pub(crate) fn valid_record() -> impl Strategy<Value = Vec<u8>> {
         (
             proptest::collection::vec(any::<u8>(), SIZE),
-            1..=5u8,
+            1..=7u8,
             prop::sample::select(vec![AF_INET, AF_INET6]),
             prop::sample::select(vec![6u16, 17, 136, 132, 262]),
             prop::sample::select(vec![1u8, 2, 3, 4, 5, 6, 10]),
@@ -933,7 +969,7 @@ pub(crate) mod tests {
 
     #[test]
     fn size_is_the_wire_size() {
-        assert_eq!(SIZE, 112);
+        assert_eq!(SIZE, 128);
     }
 
     #[test]
@@ -963,6 +999,7 @@ pub(crate) mod tests {
                 backlog: None,
                 source: Source::PostBind,
                 port_alloc: None,
+                peer: None,
             }
         );
         assert_eq!(ev.endpoint(), "127.0.0.1:8000");
@@ -1141,11 +1178,11 @@ pub(crate) mod tests {
     #[test]
     fn wrong_lengths_are_rejected() {
         let good = bytes_of(&bind_v4());
-        for len in [0, 1, 50, 111] {
+        for len in [0, 1, 50, 127] {
             assert_eq!(
                 decode(&good[..len]),
                 Err(DecodeError::Length {
-                    expected: 112,
+                    expected: 128,
                     actual: len
                 })
             );
@@ -1155,8 +1192,8 @@ pub(crate) mod tests {
         assert_eq!(
             decode(&long),
             Err(DecodeError::Length {
-                expected: 112,
-                actual: 113
+                expected: 128,
+                actual: 129
             })
         );
     }
@@ -1173,7 +1210,7 @@ pub(crate) mod tests {
         let raw = bind_v4();
         let cases = [
             (RawEvent { kind: 0, ..raw }, DecodeError::Kind(0)),
-            (RawEvent { kind: 6, ..raw }, DecodeError::Kind(6)),
+            (RawEvent { kind: 8, ..raw }, DecodeError::Kind(8)),
             (RawEvent { family: 0, ..raw }, DecodeError::Family(0)),
             (RawEvent { family: 1, ..raw }, DecodeError::Family(1)),
             (RawEvent { protocol: 0, ..raw }, DecodeError::Protocol(0)),
@@ -1204,11 +1241,11 @@ pub(crate) mod tests {
         );
         assert_eq!(
             DecodeError::Length {
-                expected: 112,
+                expected: 128,
                 actual: 50
             }
             .to_string(),
-            "record is 50 bytes, expected 112"
+            "record is 50 bytes, expected 128"
         );
     }
 

@@ -57,6 +57,10 @@ pub struct Failure {
     /// Where the failing process lived (cgroup, systemd unit, container),
     /// read when the event arrived; empty when it had already exited.
     pub place: Place,
+    /// For a connect that found no local port: what the ephemeral listing
+    /// that followed it (one runs at once) said of its destination, in a
+    /// sentence; `None` until then.
+    pub cause: Option<String>,
 }
 
 impl Failure {
@@ -263,6 +267,11 @@ impl FailureLog {
     /// Newest first.
     pub fn newest(&self) -> impl Iterator<Item = &Failure> {
         self.entries.iter().rev()
+    }
+
+    /// Newest first, to amend.
+    pub fn newest_mut(&mut self) -> impl Iterator<Item = &mut Failure> {
+        self.entries.iter_mut().rev()
     }
 
     pub fn len(&self) -> usize {

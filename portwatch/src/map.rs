@@ -13,7 +13,7 @@
 //! so failure attribution needs them.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     time::SystemTime,
 };
@@ -145,6 +145,16 @@ pub struct Reconciled {
 pub struct PortMap {
     entries: HashMap<u64, Entry>,
     by_port: BTreeMap<u16, BTreeSet<u64>>,
+    /// Sockets whose bind asked for port 0 (the kernel chose theirs), as
+    /// their bind event said: one that then connects held a port of the
+    /// range for every destination.
+    bound_to_any: HashSet<u64>,
+    /// TCP sockets that were bound and then connected: no listeners, but
+    /// their bind keeps the port from every other connect (and from binds
+    /// without SO_REUSEADDR) until they close. Kept apart from `entries`,
+    /// which reconciliation checks against a listing of listening and bound
+    /// sockets only.
+    connected_binds: HashMap<u64, Entry>,
 }
 
 impl PortMap {
@@ -158,6 +168,9 @@ impl PortMap {
                     // IP_BIND_ADDRESS_NO_PORT: no port reserved yet.
                     return;
                 };
+                if event.port == 0 {
+                    self.bound_to_any.insert(cookie);
+                }
                 self.insert(Entry::seen(
                     event,
                     cookie,
@@ -194,10 +207,21 @@ impl PortMap {
                     entry.since = at;
                 }
             }
+            EventKind::Connected => {
+                let bound_tcp = rules::same_port_space(event.protocol, Protocol::Tcp);
+                if let Some(mut entry) = self.remove(cookie)
+                    && bound_tcp
+                {
+                    entry.facts.state = SockState::Connected;
+                    entry.since = at;
+                    self.connected_binds.insert(cookie, entry);
+                }
+            }
             EventKind::Close => {
                 self.remove(cookie);
+                self.connected_binds.remove(&cookie);
             }
-            EventKind::BindFailed | EventKind::ListenFailed => {}
+            EventKind::BindFailed | EventKind::ListenFailed | EventKind::ConnectFailed => {}
         }
     }
 
@@ -320,6 +344,7 @@ impl PortMap {
     }
 
     fn remove(&mut self, cookie: u64) -> Option<Entry> {
+        self.bound_to_any.remove(&cookie);
         let entry = self.entries.remove(&cookie)?;
         self.unindex(entry.facts.port, cookie);
         Some(entry)
@@ -394,6 +419,33 @@ impl PortMap {
         if let Some(entry) = self.entries.get_mut(&cookie) {
             entry.place = std::mem::take(&mut entry.place).or(place);
         }
+    }
+
+    /// TCP sockets bound before they connected, which hold their port
+    /// against every connect until they close.
+    pub fn connected_binds(&self) -> impl Iterator<Item = &Entry> {
+        self.connected_binds.values()
+    }
+
+    /// Forgets the connected binds in namespace `netns` that `seen` (a
+    /// listing of it) does not have: their close was lost. Their cookies.
+    pub fn forget_connected_binds(&mut self, netns: NetnsCookie, seen: &HashSet<u64>) -> Vec<u64> {
+        let gone: Vec<u64> = self
+            .connected_binds
+            .iter()
+            .filter(|(cookie, entry)| entry.facts.netns == netns && !seen.contains(cookie))
+            .map(|(cookie, _)| *cookie)
+            .collect();
+        for cookie in &gone {
+            self.connected_binds.remove(cookie);
+        }
+        gone
+    }
+
+    /// Whether the socket's bind asked for port 0 (as its bind event said;
+    /// false when unknown).
+    pub fn bound_to_any_port(&self, cookie: u64) -> bool {
+        self.bound_to_any.contains(&cookie)
     }
 
     /// The socket with this cookie, listener or not.
@@ -514,6 +566,54 @@ mod tests {
                 ..Place::default()
             },
         }
+    }
+
+    #[test]
+    fn a_bound_tcp_socket_that_connects_keeps_its_port_until_it_closes() {
+        let mut map = PortMap::default();
+        let mut bind = PortEvent::example(EventKind::Bind, Protocol::Tcp, v4([127, 0, 0, 1]), 0, 7);
+        bind.bound_port = Some(40001);
+        map.apply(&bind, T0);
+        let udp = PortEvent::example(EventKind::Bind, Protocol::Udp, v4([127, 0, 0, 1]), 5353, 8);
+        map.apply(&udp, T0);
+        assert!(map.bound_to_any_port(7));
+        assert!(!map.bound_to_any_port(8));
+        for (cookie, protocol) in [(7, Protocol::Tcp), (8, Protocol::Udp)] {
+            let connected = PortEvent {
+                peer: Some("10.1.2.3:443".parse().unwrap()),
+                ..PortEvent::example(EventKind::Connected, protocol, v4([0, 0, 0, 0]), 0, cookie)
+            };
+            map.apply(&connected, T0);
+        }
+        // Neither is a listener or bound socket any more; the TCP one is
+        // kept apart, connected, until it closes.
+        assert!(map.is_empty());
+        let kept: Vec<(u64, u16, SockState)> = map
+            .connected_binds()
+            .map(|e| (e.facts.cookie, e.facts.port, e.facts.state))
+            .collect();
+        assert_eq!(kept, [(7, 40001, SockState::Connected)]);
+        // A listing of another namespace, or one that has it, keeps it.
+        assert_eq!(
+            map.forget_connected_binds(2, &HashSet::new()),
+            Vec::<u64>::new()
+        );
+        assert_eq!(
+            map.forget_connected_binds(1, &HashSet::from([7])),
+            Vec::<u64>::new()
+        );
+        let close = PortEvent::example(EventKind::Close, Protocol::Tcp, v4([0, 0, 0, 0]), 0, 7);
+        map.apply(&close, T0);
+        assert_eq!(map.connected_binds().count(), 0);
+        // One whose close was lost goes with the first listing without it.
+        map.apply(&bind, T0);
+        let connected = PortEvent {
+            peer: Some("10.1.2.3:443".parse().unwrap()),
+            ..PortEvent::example(EventKind::Connected, Protocol::Tcp, v4([0, 0, 0, 0]), 0, 7)
+        };
+        map.apply(&connected, T0);
+        assert_eq!(map.forget_connected_binds(1, &HashSet::new()), [7]);
+        assert_eq!(map.connected_binds().count(), 0);
     }
 
     #[test]

@@ -155,6 +155,14 @@ const LISTEN_FAILURES: Spec = Spec {
     labels: &["errno", "protocol"],
     kind: Kind::Counter,
 };
+const CONNECT_FAILURES: Spec = Spec {
+    name: "portwatch_connect_failures_total",
+    help: "Connects that found no free local port, by errno name (EADDRNOTAVAIL: TCP, \
+           every usable port to that destination in use; EAGAIN: UDP autobind, the \
+           range full), protocol and address family.",
+    labels: &["errno", "protocol", "family"],
+    kind: Kind::Counter,
+};
 const BINDS: Spec = Spec {
     name: "portwatch_binds_total",
     help: "Successful binds, by protocol and address family.",
@@ -328,10 +336,11 @@ const KERNEL_MODULE_MISSING: Spec = Spec {
 };
 
 /// Every family the state collector produces.
-const SPECS: [&Spec; 26] = [
+const SPECS: [&Spec; 27] = [
     &BIND_FAILURES,
     &PORT_BIND_FAILURES,
     &LISTEN_FAILURES,
+    &CONNECT_FAILURES,
     &BINDS,
     &EVENTS,
     &EVENTS_DROPPED,
@@ -546,7 +555,7 @@ impl Reading {
                 let mut all: Vec<NetnsEphemeral> = listing
                     .namespaces
                     .iter()
-                    .map(|usage| ephemeral::explain(usage, &state.map, state.host_netns, 1))
+                    .map(|usage| ephemeral::explain(usage, &state.map, state.host_netns, 1, []))
                     .collect();
                 ephemeral::sort(&mut all);
                 all
@@ -566,6 +575,7 @@ impl Reading {
             bind_failures,
             port_bind_failures,
             listen_failures,
+            connect_failures,
             ..
         } = self.counters;
         let names = |protocol: Protocol, family: Family| {
@@ -585,6 +595,27 @@ impl Reading {
                 binds.entry((protocol, family)).or_insert(0);
             }
         }
+        // What PortwatchConnectAddressUnavailable watches, from 0.
+        let mut connect_failures = connect_failures;
+        for family in FAMILIES {
+            for (errno, protocol) in [
+                (Errno::EADDRNOTAVAIL, Protocol::Tcp),
+                (Errno::EAGAIN, Protocol::Udp),
+            ] {
+                connect_failures
+                    .entry((errno.name().into_owned(), protocol, family))
+                    .or_insert(0);
+            }
+        }
+        let connect_failures = Samples::of(
+            &CONNECT_FAILURES,
+            connect_failures
+                .into_iter()
+                .map(|((errno, protocol, family), n)| {
+                    let (protocol, family) = names(protocol, family);
+                    (vec![errno, protocol, family], n)
+                }),
+        );
         let mut events = events;
         // Every kind has a series from the first scrape.
         for kind in EventKind::ALL {
@@ -683,6 +714,7 @@ impl Reading {
             bind_failures,
             port_bind_failures,
             listen_failures,
+            connect_failures,
             binds,
             events,
             dropped,
@@ -1379,6 +1411,7 @@ mod tests {
                 reserved_ranges: vec![],
                 destinations: vec![],
                 udp_ports: 0,
+                seen: Default::default(),
                 place: Default::default(),
             }],
             skipped: 0,

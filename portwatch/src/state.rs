@@ -4,9 +4,9 @@
 //! under a short lock.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
-    time::Duration,
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+    time::{Duration, SystemTime},
 };
 
 use serde::Serialize;
@@ -60,6 +60,8 @@ pub struct Counters {
     pub port_bind_failures: HashMap<(PortLabel, Protocol, String), u64>,
     /// Failed listens by (errno name, protocol).
     pub listen_failures: BTreeMap<(String, Protocol), u64>,
+    /// Connects that found no local port, by (errno name, protocol, family).
+    pub connect_failures: BTreeMap<(String, Protocol, Family), u64>,
     /// Distinct explicit ports in `port_bind_failures`, and the cap.
     ports_seen: std::collections::HashSet<u16>,
     pub port_cap: usize,
@@ -102,7 +104,14 @@ impl Counters {
                     .entry((errno(), event.protocol))
                     .or_default() += 1;
             }
-            EventKind::Listen | EventKind::ListenStop | EventKind::Close => {}
+            EventKind::ConnectFailed => {
+                *self
+                    .connect_failures
+                    .entry((errno(), event.protocol, event.family))
+                    .or_default() += 1;
+            }
+            EventKind::Listen | EventKind::ListenStop | EventKind::Close | EventKind::Connected => {
+            }
         }
     }
 
@@ -186,6 +195,72 @@ pub struct State {
     pub listing: Option<ListingFailure>,
     /// The latest ephemeral port listing (none before the first).
     pub ephemeral: Option<EphemeralListing>,
+    /// TCP sockets bound to port 0 that then connected, newest last, at
+    /// most [`EARLY_BINDS`].
+    pub early_binds: VecDeque<EarlyBind>,
+    /// Cookies the kernel programs track but the map dropped outside the
+    /// pipeline (a connected bind an ephemeral listing found gone): the
+    /// pipeline untracks them at its next reconciliation.
+    pub untrack_later: Vec<u64>,
+}
+
+/// How many bind-before-connect sightings are kept.
+pub const EARLY_BINDS: usize = 1000;
+
+/// A TCP socket bound to port 0 (without IP_BIND_ADDRESS_NO_PORT, which
+/// defers the choice to connect()) that then connected: its port was taken
+/// from the range for every destination, not only the one it went to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EarlyBind {
+    pub time: SystemTime,
+    pub netns: NetnsCookie,
+    pub pid: u32,
+    pub process: String,
+    pub port: u16,
+    pub peer: SocketAddr,
+}
+
+/// How long before a listing a failed connect may be for the listing to
+/// explain it.
+const CAUSE_WINDOW: Duration = Duration::from_secs(60);
+
+impl State {
+    /// Gives the connects that failed shortly before the latest ephemeral
+    /// listing, and have no cause yet, what that listing says of their
+    /// destination. Run after each listing; a failure asks for one at once.
+    pub fn explain_connect_failures(&mut self) {
+        let Some(listing) = &self.ephemeral else {
+            return;
+        };
+        let since = listing
+            .taken_at
+            .checked_sub(CAUSE_WINDOW)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let causes: Vec<Option<String>> = self
+            .failures
+            .newest()
+            .take_while(|f| f.time >= since)
+            .map(|f| {
+                (f.event.kind == EventKind::ConnectFailed && f.cause.is_none())
+                    .then(|| crate::ephemeral::connect_failure_cause(self, &f.event, f.time))
+                    .flatten()
+            })
+            .collect();
+        for (failure, cause) in self.failures.newest_mut().zip(causes) {
+            if cause.is_some() {
+                failure.cause = cause;
+            }
+        }
+    }
+
+    /// Remembers a bind-before-connect, forgetting the oldest past
+    /// [`EARLY_BINDS`].
+    pub fn record_early_bind(&mut self, early: EarlyBind) {
+        if self.early_binds.len() == EARLY_BINDS {
+            self.early_binds.pop_front();
+        }
+        self.early_binds.push_back(early);
+    }
 }
 
 /// Linux's default ephemeral range (`net.ipv4.ip_local_port_range`).
@@ -211,6 +286,8 @@ impl State {
             expected: Vec::new(),
             kernel: KernelRules::UNKNOWN,
             ephemeral: None,
+            early_binds: VecDeque::new(),
+            untrack_later: Vec::new(),
             listing: None,
         }
     }
@@ -314,9 +391,9 @@ mod tests {
         let mut listen = |cookie, netns| {
             let mut event = PortEvent::example(EventKind::Bind, Protocol::Tcp, any, 8000, cookie);
             event.netns = Some(netns);
-            state.map.apply(&event, std::time::SystemTime::UNIX_EPOCH);
+            state.map.apply(&event, SystemTime::UNIX_EPOCH);
             event.kind = EventKind::Listen;
-            state.map.apply(&event, std::time::SystemTime::UNIX_EPOCH);
+            state.map.apply(&event, SystemTime::UNIX_EPOCH);
         };
         listen(1, 1);
         listen(2, 2);

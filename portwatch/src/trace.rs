@@ -82,12 +82,12 @@ impl SocketBook {
                     known.fill(ev);
                 }
             }
-            EventKind::ListenStop => {
+            EventKind::ListenStop | EventKind::Connected => {
                 if let Some(known) = self.known.get(&cookie) {
                     known.fill(ev);
                 }
             }
-            EventKind::BindFailed | EventKind::ListenFailed => {}
+            EventKind::BindFailed | EventKind::ListenFailed | EventKind::ConnectFailed => {}
         }
     }
 
@@ -162,7 +162,8 @@ pub fn header() -> String {
 ///
 /// - TIME: local wall time, `HH:MM:SS.mmm`;
 /// - ADDRESS: the requested endpoint (`0.0.0.0:8000`, `[::1]:0`), `-` for a
-///   close that carries none;
+///   close that carries none; for a connect, its destination
+///   (`to 10.1.2.3:443`);
 /// - BOUND: the port the kernel gave, `-` when none is known;
 /// - OPTIONS: the options set among reuseaddr, reuseport, v6only, freebind,
 ///   transparent, noport (`-` for none), then `?` when some could not be
@@ -186,7 +187,9 @@ fn text_line_in(ev: &PortEvent, clock: &BootClock, tz: &TimeZone) -> String {
         .chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect();
-    let address = if ev.kind == EventKind::Close
+    let address = if let Some(peer) = ev.peer {
+        format!("to {peer}")
+    } else if ev.kind == EventKind::Close
         && ev.port == 0
         && ev.bound_port.is_none()
         && ev.address.is_unspecified()
@@ -250,7 +253,7 @@ fn options_cell(ev: &PortEvent) -> String {
 fn result_cell(ev: &PortEvent) -> String {
     let mut cell = match (ev.kind, ev.errno) {
         (_, Some(errno)) => errno.name().into_owned(),
-        (EventKind::Bind | EventKind::Listen, None) => "ok".to_owned(),
+        (EventKind::Bind | EventKind::Listen | EventKind::Connected, None) => "ok".to_owned(),
         _ => "-".to_owned(),
     };
     if let Some(backlog) = ev.backlog {
@@ -268,7 +271,7 @@ pub struct JsonLine<'a> {
     /// CLOCK_BOOTTIME nanoseconds, as the kernel recorded them.
     pub boot_ns: u64,
     /// `bind`, `bind_failed`, `listen`, `listen_failed`, `listen_stop`,
-    /// `close`.
+    /// `close`, `connect_failed`, `connected`.
     pub kind: EventKind,
     /// Process id.
     pub pid: u32,
@@ -321,6 +324,8 @@ pub struct JsonLine<'a> {
     /// TCP's port allocation verdict (`allocated`, `refused`); null when
     /// fexit on `inet_csk_get_port` is not attached or did not run (UDP).
     pub port_alloc: Option<PortAlloc>,
+    /// A connect's destination (`10.1.2.3:443`); null for other kinds.
+    pub peer: Option<String>,
 }
 
 impl<'a> JsonLine<'a> {
@@ -355,6 +360,7 @@ impl<'a> JsonLine<'a> {
             backlog: ev.backlog,
             source: ev.source,
             port_alloc: ev.port_alloc,
+            peer: ev.peer.map(|peer| peer.to_string()),
         }
     }
 }
@@ -426,6 +432,7 @@ mod tests {
             backlog: None,
             source: Source::Fexit,
             port_alloc: Some(PortAlloc::Refused),
+            peer: None,
         }
     }
 
@@ -498,7 +505,8 @@ mod tests {
         }
         assert!(obj["bound_port"].is_null());
         assert!(obj["backlog"].is_null());
-        assert_eq!(obj.len(), 28, "{line}");
+        assert!(obj["peer"].is_null());
+        assert_eq!(obj.len(), 29, "{line}");
     }
 
     #[test]
@@ -514,7 +522,7 @@ mod tests {
                 r#""endpoint":"0.0.0.0:8080","errno":null,"reuse_addr":null,"#,
                 r#""reuse_port":null,"v6only":null,"freebind":null,"transparent":null,"#,
                 r#""bind_address_no_port":null,"backlog":511,"source":"state","#,
-                r#""port_alloc":"allocated"}"#
+                r#""port_alloc":"allocated","peer":null}"#
             )
         );
     }

@@ -11,6 +11,7 @@
 //! never across an await, a snapshot or a ring-buffer wait.
 
 use std::{
+    collections::HashSet,
     sync::{
         Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -22,7 +23,7 @@ use tokio::sync::{Notify, broadcast};
 
 use crate::{
     capture::{Capture, CaptureConfig, CaptureError},
-    event::{BootClock, EventKind, PortEvent},
+    event::{BootClock, EventKind, PortEvent, Protocol},
     explain,
     failures::{self, Failure},
     health::ListingFailure,
@@ -34,7 +35,7 @@ use crate::{
         owners::PlaceCache,
         workload::{WorkloadRoots, Workloads},
     },
-    state::{ExpectedListener, State},
+    state::{EarlyBind, ExpectedListener, State},
 };
 
 /// How the pipeline runs.
@@ -474,10 +475,12 @@ impl Watcher {
         let at = self.clock.to_system_time(event.boot_ns);
         state.counters.count(event);
         match event.kind {
-            EventKind::BindFailed | EventKind::ListenFailed => {
-                if event.errno == Some(crate::event::Errno::EADDRINUSE) && event.port == 0 {
-                    // bind(0) or listen() found no free port in the range:
-                    // list the ranges now, not an interval later.
+            EventKind::BindFailed | EventKind::ListenFailed | EventKind::ConnectFailed => {
+                if event.kind == EventKind::ConnectFailed
+                    || (event.errno == Some(crate::event::Errno::EADDRINUSE) && event.port == 0)
+                {
+                    // A connect, bind(0) or listen() found no free port in
+                    // the range: list the ranges now, not an interval later.
                     self.ephemeral_wake.notify_one();
                 }
                 // Read now: a process that failed may exit at once, and its
@@ -487,11 +490,42 @@ impl Watcher {
                     event: event.clone(),
                     blocked_by: failures::attribute(state.kernel, event, &state.map),
                     place: self.cgroups.of(event.pid, event.cgroup_id),
+                    // The listing this failure asks for names it.
+                    cause: None,
                 };
                 if failures::needs_diag(event, &failure.blocked_by) {
                     self.unresolved.push(failure);
                 } else {
                     state.failures.push(failure);
+                }
+            }
+            EventKind::Connected => {
+                if let (Some(cookie), Some(peer)) = (event.cookie, event.peer) {
+                    if matches!(event.protocol, Protocol::Tcp | Protocol::Mptcp)
+                        && state.map.bound_to_any_port(cookie)
+                    {
+                        let port = state
+                            .map
+                            .get(cookie)
+                            .map(|entry| entry.facts.port)
+                            .or(event.bound_port)
+                            .unwrap_or(0);
+                        state.record_early_bind(EarlyBind {
+                            time: at,
+                            netns: event.netns.unwrap_or(0),
+                            pid: event.pid,
+                            process: event.process.clone(),
+                            port,
+                            peer,
+                        });
+                    }
+                    state.map.apply(event, at);
+                    // A connected UDP socket leaves the map, and its close
+                    // need not be heard; a bound TCP one stays (its bind
+                    // holds the port) until it closes.
+                    if !rules::same_port_space(event.protocol, Protocol::Tcp) {
+                        self.capture.untrack(cookie);
+                    }
                 }
             }
             EventKind::Listen if event.cookie.is_none() => {
@@ -646,6 +680,10 @@ impl Watcher {
         for cookie in done.removed {
             self.capture.untrack(cookie);
         }
+        let lost = std::mem::take(&mut self.write().untrack_later);
+        for cookie in lost {
+            self.capture.untrack(cookie);
+        }
         release_freed_memory();
         self.next_reconcile = Instant::now() + self.config.reconcile_every;
         if drift.total() > 0 {
@@ -698,16 +736,30 @@ async fn list_ephemeral(
 /// One ephemeral listing into the state. A failing listing is said once,
 /// until one works; `/ephemeral` keeps the last that worked.
 async fn list_ephemeral_once(state: &SharedState, workloads: &Workloads, failing: &AtomicBool) {
-    match tokio::task::spawn_blocking(snapshot::ephemeral::list).await {
+    // The sockets bound before they connected: the listing says which
+    // still exist, since a lost close would keep one forever.
+    let wanted: HashSet<u64> = state
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .map
+        .connected_binds()
+        .map(|entry| entry.facts.cookie)
+        .collect();
+    match tokio::task::spawn_blocking(move || snapshot::ephemeral::list(&wanted)).await {
         Ok(Ok(mut listing)) => {
             workloads.name_all(listing.namespaces.iter_mut().map(|ns| &mut ns.place));
             if failing.swap(false, Ordering::Relaxed) {
                 tracing::info!("the ephemeral port listing works again");
             }
-            state
+            let mut state = state
                 .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .ephemeral = Some(listing);
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for ns in &listing.namespaces {
+                let gone = state.map.forget_connected_binds(ns.netns, &ns.seen);
+                state.untrack_later.extend(gone);
+            }
+            state.ephemeral = Some(listing);
+            state.explain_connect_failures();
         }
         Ok(Err(err)) => {
             if !failing.swap(true, Ordering::Relaxed) {

@@ -177,6 +177,7 @@ fn fixture() -> State {
         event: in_use,
         blocked_by,
         place: Place::from_cgroups("0::/system.slice/python-app.service\n"),
+        cause: None,
     });
     let mut denied = Sock {
         port: 80,
@@ -192,6 +193,7 @@ fn fixture() -> State {
         blocked_by: Vec::new(),
         // The process had exited before its failure was read.
         place: Place::default(),
+        cause: None,
     });
     state
 }

@@ -133,8 +133,38 @@ fn a_full_range_per_destination_with_a_listener_inside_it_and_time_wait() {
     );
 
     let ns = namespace_until(&daemon, &netns, "9 of 9 ports to :8000 in use", |ns| {
-        ns["in_use"] == 9 && ns["destinations_total"] == 2
+        ns["in_use"] == 9
+            && ns["destinations_total"] == 2
+            && ns["recent_failures"]
+                .as_array()
+                .is_some_and(|f| !f.is_empty())
     });
+    // The failed connect, with who and where to.
+    let failure = &ns["recent_failures"][0];
+    assert_eq!(failure["kind"], "connect_failed", "{failure}");
+    assert_eq!(failure["errno"], "EADDRNOTAVAIL", "{failure}");
+    assert_eq!(failure["pid"], client.pid, "{failure}");
+    assert_eq!(failure["destination"], "127.0.0.1:8000", "{failure}");
+    assert!(
+        failure["cause"].as_str().is_some_and(
+            |c| c.starts_with("all 9 usable local ports to 127.0.0.1:8000 were in use")
+        ),
+        "{failure}"
+    );
+    let failures = daemon.json("/failures?errno=EADDRNOTAVAIL");
+    assert_eq!(
+        failures["failures"][0]["destination"], "127.0.0.1:8000",
+        "{failures}"
+    );
+    let metrics = daemon.text("/metrics").1;
+    assert_eq!(
+        support::daemon::sample(
+            &metrics,
+            "portwatch_connect_failures_total{errno=\"EADDRNOTAVAIL\",family=\"ipv4\",protocol=\"tcp\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
     assert_eq!(ns["range_low"], LOW);
     assert_eq!(ns["range_high"], HIGH);
     assert_eq!(ns["size"], 10);
@@ -309,5 +339,120 @@ fn udp_sockets_on_random_ports_add_no_per_port_series() {
         ns["udp"]["in_use"] == 2 * EACH
     });
     assert_eq!(ns["udp"]["usable"], 28232);
+    worker.resume();
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn sockets_bound_to_port_zero_before_connecting_are_named() {
+    let cgroup = CgroupGuard::new("ephemeral-early");
+    let netns = tiny_range("ephb");
+    let daemon = daemon(&cgroup);
+    // Two sockets bound to port 0 then connected, and one connected
+    // without a bind (the right way).
+    let mut ops = vec![Op::tcp(false), Op::bind(0, "127.0.0.1:8000"), Op::listen(0)];
+    for sock in 1..=2 {
+        ops.extend([
+            Op::tcp(false),
+            Op::bind(sock, "127.0.0.1:0"),
+            Op::Connect {
+                sock,
+                addr: "127.0.0.1:8000".parse().unwrap(),
+            },
+        ]);
+    }
+    ops.extend(connects(1, "127.0.0.1:8000", 3));
+    ops.push(Op::Pause);
+    let mut worker = Worker::spawn(&cgroup.path, Some(&netns), &ops);
+    let results = worker.results(ops.len() - 1);
+    assert!(results.iter().all(|&r| r >= 0), "{results:?}");
+    let ns = namespace_until(&daemon, &netns, "the early binds named", |ns| {
+        ns["anti_patterns"]
+            .as_array()
+            .is_some_and(|all| all.iter().any(|a| a["kind"] == "bind_before_connect"))
+    });
+    let early: Vec<&Value> = ns["anti_patterns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "bind_before_connect")
+        .collect();
+    assert_eq!(early.len(), 1, "{ns}");
+    assert_eq!(early[0]["holders"][0]["pid"], worker.pid, "{ns}");
+    assert!(
+        early[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("2 TCP sockets of")),
+        "{ns}"
+    );
+    // Connected, their binds still hold their ports from every other
+    // destination: 8 of the 10 are left.
+    assert_eq!(ns["held"], 2, "{ns}");
+    assert_eq!(ns["usable"], 8, "{ns}");
+    let states: Vec<&Value> = ns["held_by"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| &h["state"])
+        .collect();
+    assert_eq!(states, ["bound, connected", "bound, connected"], "{ns}");
+    // And they are no listeners.
+    assert!(
+        daemon
+            .listing(netns.cookie())
+            .iter()
+            .all(|(_, _, port)| *port == 8000),
+        "{ns}"
+    );
+    worker.resume();
+}
+
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn udp_connects_exhaust_the_range_with_eagain_and_connected_ones_are_no_listeners() {
+    let cgroup = CgroupGuard::new("ephemeral-udpc");
+    let netns = tiny_range("ephc");
+    let daemon = daemon(&cgroup);
+    // 11 UDP sockets connected without a bind (autobind picks the port),
+    // and one bound to 127.0.0.1:5353 then connected.
+    let mut ops: Vec<Op> = (0..11)
+        .flat_map(|sock| {
+            [
+                Op::udp(false),
+                Op::Connect {
+                    sock,
+                    addr: "127.0.0.1:53".parse().unwrap(),
+                },
+            ]
+        })
+        .collect();
+    ops.extend([
+        Op::udp(false),
+        Op::bind(11, "127.0.0.1:5353"),
+        Op::Connect {
+            sock: 11,
+            addr: "127.0.0.1:53".parse().unwrap(),
+        },
+        Op::Pause,
+    ]);
+    let mut worker = Worker::spawn(&cgroup.path, Some(&netns), &ops);
+    let results = worker.results(ops.len() - 1);
+    let connected: Vec<i64> = results[..22].iter().skip(1).step_by(2).copied().collect();
+    assert_eq!(connected[..10], [0; 10], "{results:?}");
+    assert_eq!(connected[10], -i64::from(libc::EAGAIN), "{results:?}");
+    assert!(results[22..].iter().all(|&r| r >= 0), "{results:?}");
+
+    let failure = daemon.json_until(
+        "/failures?errno=EAGAIN",
+        "the UDP connect's EAGAIN",
+        |body| body["failures"].as_array().is_some_and(|f| !f.is_empty()),
+    )["failures"][0]
+        .clone();
+    assert_eq!(failure["kind"], "connect_failed", "{failure}");
+    assert_eq!(failure["protocol"], "udp", "{failure}");
+    assert_eq!(failure["destination"], "127.0.0.1:53", "{failure}");
+    assert_eq!(failure["pid"], worker.pid, "{failure}");
+    // The bound-then-connected socket is no listener: /ports is `ss -tuln`.
+    daemon.until_listing_is_ss(&netns, "a bound UDP socket that connected");
     worker.resume();
 }

@@ -17,6 +17,7 @@ use super::{
 };
 use crate::{
     ephemeral::{self, AntiPattern, DestinationUse, HeldPort, NetnsEphemeral},
+    event::EventKind,
     map,
     socket::NetnsCookie,
     state::State as DaemonState,
@@ -71,7 +72,8 @@ pub struct NetnsView {
     /// Ports of the range in `net.ipv4.ip_local_reserved_ports`.
     pub reserved: u32,
     /// Distinct ports of the range held by TCP binds (listeners, bound
-    /// sockets): no connect can use them.
+    /// sockets, sockets bound before they connected): no connect can use
+    /// them.
     pub held: u32,
     /// `size - reserved - held`: the local ports each destination may use.
     pub usable: u32,
@@ -87,8 +89,9 @@ pub struct NetnsView {
     pub udp: UdpView,
     pub listeners_in_range: u32,
     pub anti_patterns: Vec<AntiPatternView>,
-    /// Recent binds and listens that found no free port in this
-    /// namespace's range (EADDRINUSE on port 0), newest first.
+    /// Recent connects, binds and listens that found no free port in this
+    /// namespace's range (`connect_failed`; EADDRINUSE on port 0), newest
+    /// first.
     pub recent_failures: Vec<FailureView>,
 }
 
@@ -123,7 +126,8 @@ pub struct HeldView {
     pub port: u16,
     #[schema(value_type = String)]
     pub address: std::net::IpAddr,
-    /// `listening` or `bound`.
+    /// `listening`, `bound`, or `bound, connected` (bound before it
+    /// connected: its bind still holds the port).
     pub state: String,
     pub cookie: u64,
     pub holders: Vec<Holder>,
@@ -142,7 +146,8 @@ pub struct UdpView {
 /// Something that takes ports from every outgoing connection.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct AntiPatternView {
-    /// `listener_in_range`.
+    /// `listener_in_range` (`address` is the listener's) or
+    /// `bind_before_connect` (`address` is where the last such socket went).
     pub kind: String,
     pub port: u16,
     #[schema(value_type = String)]
@@ -218,7 +223,10 @@ impl NetnsView {
         let recent_failures = state
             .failures
             .newest()
-            .filter(|f| f.event.netns == Some(ns.netns) && f.exhausted_range())
+            .filter(|f| {
+                f.event.netns == Some(ns.netns)
+                    && (f.exhausted_range() || f.event.kind == EventKind::ConnectFailed)
+            })
             .take(RECENT_FAILURES)
             .map(FailureView::of)
             .collect();
@@ -311,7 +319,15 @@ fn answer(state: &DaemonState, filter: &Filter) -> Result<EphemeralList, ApiErro
                 .as_ref()
                 .is_none_or(|pod| pod.matches(&usage.place.workload))
         })
-        .map(|usage| ephemeral::explain(usage, &state.map, state.host_netns, filter.limit))
+        .map(|usage| {
+            ephemeral::explain(
+                usage,
+                &state.map,
+                state.host_netns,
+                filter.limit,
+                &state.early_binds,
+            )
+        })
         .collect();
     ephemeral::sort(&mut namespaces);
     let netns_count = namespaces.len();

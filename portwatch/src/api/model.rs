@@ -349,7 +349,7 @@ impl BlockerView {
 pub struct FailureView {
     /// When it happened (RFC 3339).
     pub time: String,
-    /// `bind_failed` or `listen_failed`.
+    /// `bind_failed`, `listen_failed` or `connect_failed`.
     #[schema(value_type = String)]
     pub kind: EventKind,
     pub pid: u32,
@@ -395,6 +395,12 @@ pub struct FailureView {
     /// port in the ephemeral range: the range is full, not one socket in
     /// the way (`GET /ephemeral` shows what fills it).
     pub ephemeral_range_exhausted: bool,
+    /// For a `connect_failed`: where it was going (`10.1.2.3:443`).
+    pub destination: Option<String>,
+    /// For a `connect_failed`: what the latest ephemeral listing said of
+    /// that destination ("all 28232 usable local ports to 10.1.2.3:443 were
+    /// in use (...)"); null without a listing of its namespace.
+    pub cause: Option<String>,
 }
 
 impl FailureView {
@@ -429,6 +435,8 @@ impl FailureView {
                 .map(BlockerView::of_failure)
                 .collect(),
             ephemeral_range_exhausted: failure.exhausted_range(),
+            destination: ev.peer.map(|peer| peer.to_string()),
+            cause: failure.cause.clone(),
         }
     }
 }

@@ -334,6 +334,7 @@ impl Capture {
             .map_max_entries("TRACKED", config.tracked_sockets)
             .map_max_entries("PENDING_BIND", config.in_flight_calls)
             .map_max_entries("PENDING_LISTEN", config.in_flight_calls)
+            .map_max_entries("PENDING_CONNECT", config.in_flight_calls)
             .load(EBPF_OBJECT)?;
         let logger = start_kernel_logger(&mut ebpf);
 
@@ -383,6 +384,15 @@ impl Capture {
         }
         for name in bind_programs(options) {
             let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+            program
+                .attach(&cgroup_file, mode)
+                .map_err(|source| CaptureError::Program { name, source })?;
+        }
+        for name in ["connect4", "connect6"] {
+            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+            program
+                .load()
+                .map_err(|source| CaptureError::Program { name, source })?;
             program
                 .attach(&cgroup_file, mode)
                 .map_err(|source| CaptureError::Program { name, source })?;
@@ -457,6 +467,8 @@ impl Capture {
             // A tracked TCP socket freed where no release hook ran; its
             // records count as `release`'s.
             ("destroy", "tracepoint"),
+            (name(hook::CONNECT), "cgroup"),
+            (name(hook::CONNECT_OUTCOME), self.outcome.name()),
         ]
     }
 
@@ -598,8 +610,10 @@ fn attach_outcome_hooks(
     // went unseen.
     attach_tracepoint(ebpf, "sys_enter_bind", "syscalls", "sys_enter_bind")?;
     attach_tracepoint(ebpf, "sys_enter_listen", "syscalls", "sys_enter_listen")?;
+    attach_tracepoint(ebpf, "sys_enter_connect", "syscalls", "sys_enter_connect")?;
     attach_tracepoint(ebpf, "sys_exit_bind", "syscalls", "sys_exit_bind")?;
     attach_tracepoint(ebpf, "sys_exit_listen", "syscalls", "sys_exit_listen")?;
+    attach_tracepoint(ebpf, "sys_exit_connect", "syscalls", "sys_exit_connect")?;
     Ok((OutcomePath::Tracepoint, PortAllocPath::PostBind))
 }
 
@@ -608,19 +622,22 @@ fn attach_outcome_hooks(
 /// for listen), which MPTCP calls directly for its subflow; else the
 /// `proto_ops` functions above them, which every kernel has and which
 /// MPTCP on those kernels reaches through its subflow's `struct socket`.
-const FEXIT_OUTCOMES: [[(&str, &str); 2]; 3] = [
-    [
+const FEXIT_OUTCOMES: [&[(&str, &str)]; 5] = [
+    &[
         ("fexit_inet_bind_sk", "inet_bind_sk"),
         ("fexit_inet_bind", "inet_bind"),
     ],
-    [
+    &[
         ("fexit_inet6_bind_sk", "inet6_bind_sk"),
         ("fexit_inet6_bind", "inet6_bind"),
     ],
-    [
+    &[
         ("fexit_inet_listen_sk", "__inet_listen_sk"),
         ("fexit_inet_listen", "inet_listen"),
     ],
+    // Connects of both families, stream and datagram.
+    &[("fexit_inet_stream_connect", "inet_stream_connect")],
+    &[("fexit_inet_dgram_connect", "inet_dgram_connect")],
 ];
 
 /// Loads and attaches one fexit program per outcome (see
@@ -631,7 +648,7 @@ fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), CaptureError> {
         // The last choice's error is the one to report: every kernel has
         // the `proto_ops` function.
         let mut outcome = Ok(());
-        for (name, function) in choices {
+        for &(name, function) in choices {
             let program: &mut FExit = program_mut(ebpf, name)?;
             outcome = program
                 .load(function, btf)
@@ -650,7 +667,7 @@ fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), CaptureError> {
         }
     }
     if result.is_err() {
-        for (name, _) in FEXIT_OUTCOMES.iter().flatten() {
+        for (name, _) in FEXIT_OUTCOMES.iter().copied().flatten() {
             if let Ok(program) = program_mut::<FExit>(ebpf, name) {
                 let _ = program.unload();
             }
@@ -872,7 +889,7 @@ fn check_set_state_format() -> Result<(), CaptureError> {
 /// where the programs read it. Only the tracepoint fallback needs them: a
 /// kernel that allows fexit may lack syscall tracepoints altogether.
 fn check_sys_exit_formats() -> Result<(), CaptureError> {
-    for event in ["sys_exit_bind", "sys_exit_listen"] {
+    for event in ["sys_exit_bind", "sys_exit_listen", "sys_exit_connect"] {
         let format = read_format("syscalls", event)?;
         check_field(
             "syscalls/sys_exit_*",

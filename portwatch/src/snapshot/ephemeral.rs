@@ -199,6 +199,9 @@ pub struct NetnsUsage {
     pub udp_ports: u32,
     /// Where the processes of the busiest destination live, when looked up.
     pub place: Place,
+    /// Which of the sockets the listing was asked about it found here.
+    #[serde(skip)]
+    pub seen: HashSet<u64>,
 }
 
 impl NetnsUsage {
@@ -216,12 +219,18 @@ pub(crate) struct Tally {
     /// Outgoing candidates: (local port, destination, TCP state, inode).
     connections: Vec<(u16, DestinationKey, u8, u64)>,
     udp_ports: HashSet<u16>,
+    /// The cookies asked about that were listed.
+    seen: HashSet<u64>,
 }
 
 impl Tally {
-    /// Counts one listed socket against `range`.
-    pub fn add(&mut self, socket: &DiagSocket, range: PortRange) {
+    /// Counts one listed socket against `range`; notes it if its cookie is
+    /// in `wanted`.
+    pub fn add(&mut self, socket: &DiagSocket, range: PortRange, wanted: &HashSet<u64>) {
         let facts = &socket.facts;
+        if facts.cookie != 0 && wanted.contains(&facts.cookie) {
+            self.seen.insert(facts.cookie);
+        }
         match facts.protocol {
             Protocol::Udp | Protocol::UdpLite => {
                 if range.contains(facts.port) {
@@ -287,12 +296,13 @@ impl Tally {
             destinations,
             udp_ports: self.udp_ports.len() as u32,
             place: Place::default(),
+            seen: self.seen,
         }
     }
 }
 
 /// `::ffff:a.b.c.d` as `a.b.c.d`.
-fn folded(address: IpAddr) -> IpAddr {
+pub(crate) fn folded(address: IpAddr) -> IpAddr {
     match address {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
@@ -312,11 +322,12 @@ pub struct EphemeralListing {
 }
 
 /// Lists every namespace's range and connections, and the processes of each
-/// namespace's busiest destinations.
+/// namespace's busiest destinations; notes which sockets of `wanted` (by
+/// cookie) still exist.
 ///
 /// Fails only when /proc cannot be read or the caller's own namespace cannot
 /// be listed.
-pub fn list() -> Result<EphemeralListing, SnapshotError> {
+pub fn list(wanted: &HashSet<u64>) -> Result<EphemeralListing, SnapshotError> {
     let started = Instant::now();
     let taken_at = SystemTime::now();
     let own = netns::current_thread_key().map_err(|source| SnapshotError::Proc {
@@ -325,7 +336,7 @@ pub fn list() -> Result<EphemeralListing, SnapshotError> {
     })?;
     let mut skipped_netns = Vec::new();
     let found = netns::discover(own, &mut skipped_netns)?;
-    let listed = in_each_namespace(&found, own, list_here)?;
+    let listed = in_each_namespace(&found, own, |diag| list_here(diag, wanted))?;
     let mut namespaces = Vec::with_capacity(listed.len());
     let mut skipped = skipped_netns.len();
     for (ns, result) in found.iter().zip(listed) {
@@ -346,7 +357,7 @@ pub fn list() -> Result<EphemeralListing, SnapshotError> {
 }
 
 /// The namespace the calling thread is in, through `diag`.
-fn list_here(diag: &mut Diag) -> Result<NetnsUsage, SnapshotError> {
+fn list_here(diag: &mut Diag, wanted: &HashSet<u64>) -> Result<NetnsUsage, SnapshotError> {
     let netns = diag.netns_cookie()?;
     let sysctl = |path: &str| {
         fs::read_to_string(path).map_err(|source| SnapshotError::Proc {
@@ -378,7 +389,7 @@ fn list_here(diag: &mut Diag) -> Result<NetnsUsage, SnapshotError> {
     diag.dump_all(netns, false, &mut sockets)?;
     let mut tally = Tally::default();
     for socket in &sockets {
-        tally.add(socket, range);
+        tally.add(socket, range, wanted);
     }
     drop(sockets);
     Ok(tally.finish(netns, range, reserved))
@@ -504,7 +515,7 @@ mod tests {
             socket(Protocol::Tcp, 5000, TCP_ESTABLISHED, to(443)),
         ];
         for s in &sockets {
-            tally.add(s, RANGE);
+            tally.add(s, RANGE, &HashSet::new());
         }
         let usage = tally.finish(1, RANGE, vec![]);
         let busiest = &usage.destinations[0];
@@ -549,7 +560,7 @@ mod tests {
                 (Ipv4Addr::LOCALHOST.into(), 40005),
             ),
         ] {
-            tally.add(&s, RANGE);
+            tally.add(&s, RANGE, &HashSet::new());
         }
         let usage = tally.finish(1, RANGE, vec![]);
         assert_eq!(usage.destinations.len(), 1);
@@ -566,7 +577,7 @@ mod tests {
             socket(Protocol::Udp, 40001, TCP_ESTABLISHED, to(54)),
             socket(Protocol::Udp, 53, 7, (Ipv4Addr::UNSPECIFIED.into(), 0)),
         ] {
-            tally.add(&s, RANGE);
+            tally.add(&s, RANGE, &HashSet::new());
         }
         let usage = tally.finish(1, RANGE, vec![]);
         assert_eq!(usage.udp_ports, 2);

@@ -105,6 +105,7 @@ pub fn busy_state() -> State {
             reserved_ranges: vec![],
             destinations: vec![],
             udp_ports: 3,
+            seen: Default::default(),
             place: Default::default(),
         }],
         skipped: 0,

@@ -3,9 +3,11 @@
 //! 1. The connect path: `bench-worker connect-loop N`: N cycles of socket +
 //!    connect to a loopback listener + accept + close of both ends (the
 //!    client with SO_LINGER 0, so no TIME_WAIT fills the range), attached vs
-//!    detached, in rotating order. No portwatch program hooks connect()
-//!    itself: the cost is that of the hooks every socket passes (creation,
-//!    state changes, destruction, release), which a connect hook would add to.
+//!    detached, in rotating order. Attached, each connect passes the cgroup
+//!    `connect4` hook (which parks the attempt) and the connect outcome hook
+//!    (fexit or `sys_exit_connect`, which drops it: a successful connect of
+//!    an untracked socket sends no record), on top of the hooks every socket
+//!    passes (creation, state changes, destruction, release).
 //! 2. The listing: `bench-worker hold-connections N` holds N loopback
 //!    connections (half to each of two listeners) in a network namespace of
 //!    its own whose range is 1024-65535; the daemon lists every namespace's
@@ -87,9 +89,10 @@ fn connect_path(ctx: &Ctx) -> Result<Vec<Row>> {
             Goal::AtMost(1.05),
         )?
         .detail(format!(
-            "{:.2} → {:.2} µs per socket+connect+accept+close to 127.0.0.1 (medians); no \
-             portwatch program hooks connect() yet: this is the cost of the hooks every socket \
-             passes (creation, state changes, destruction, release)",
+            "{:.2} → {:.2} µs per socket+connect+accept+close to 127.0.0.1 (medians): the \
+             connect hook parks each attempt and its outcome hook drops it (no record for a \
+             successful connect), plus the hooks every socket passes (creation, state changes, \
+             destruction, release)",
             micros(DETACHED)?,
             micros(PORTWATCH)?
         )),

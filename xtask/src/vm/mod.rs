@@ -47,13 +47,14 @@ const README_ARM64_END: &str = "<!-- vm-arm64:end -->";
 
 /// The suites an arm64 guest runs when `--suite` names none: all but the
 /// daemon's, which checks /metrics with promtool (not in its userland).
-const ARM64_SUITES: [&str; 6] = [
+const ARM64_SUITES: [&str; 7] = [
     "trace",
     "map",
     "predictor",
     "snapshot",
     "robustness",
     "exactness",
+    "ephemeral",
 ];
 
 /// An arm64 guest's userland: Debian's own arm64 packages (busybox and the
@@ -118,6 +119,16 @@ const SUITES: &[Suite] = &[
         filters: &[],
         // What the kernel did with a wildcard UDP bind on a crowded slot.
         show_output: true,
+    },
+    Suite {
+        name: "ephemeral (connect failures, early binds, connected UDP)",
+        target: "ephemeral",
+        filters: &[
+            "a_full_range_per_destination_with_a_listener_inside_it_and_time_wait",
+            "sockets_bound_to_port_zero_before_connecting_are_named",
+            "udp_connects_exhaust_the_range_with_eagain_and_connected_ones_are_no_listeners",
+        ],
+        show_output: false,
     },
     Suite {
         name: "daemon (seed scenarios over HTTP)",
