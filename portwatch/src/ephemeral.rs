@@ -40,8 +40,9 @@ pub struct NetnsEphemeral {
     pub netns: NetnsCookie,
     /// The machine's own namespace.
     pub host: bool,
-    /// `host`, the pod (`namespace/name`), the container's name or id, or
-    /// `netns-<cookie>`: what the metrics' `netns` label says.
+    /// `host`, the pod (`namespace/name`), the container's name or id, its
+    /// name under /run/netns, or `netns-<cookie>`: what the metrics'
+    /// `netns` label says.
     pub name: String,
     /// Where the processes of its busiest destination live, when known.
     #[serde(flatten)]
@@ -110,8 +111,8 @@ pub struct UdpUse {
 /// Something that takes ports from every outgoing connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct AntiPattern {
-    /// `listener_in_range` (`address` is the listener's) or
-    /// `bind_before_connect` (`address` is where the last such socket went).
+    /// `listener_in_range` or `bind_before_connect` (the last such
+    /// socket's address and port).
     pub kind: &'static str,
     pub port: u16,
     pub protocol: Protocol,
@@ -130,8 +131,9 @@ fn ratio(part: u32, whole: u32) -> f64 {
     }
 }
 
-/// The metrics' and tables' name of a namespace.
-pub fn netns_name(netns: NetnsCookie, host: bool, place: &Place) -> String {
+/// The metrics' and tables' name of a namespace: `host`, its pod, its
+/// container, its name under /run/netns, or `netns-<cookie>`.
+pub fn netns_name(netns: NetnsCookie, host: bool, place: &Place, names: &[String]) -> String {
     let workload = &place.workload;
     if host {
         "host".to_owned()
@@ -141,6 +143,8 @@ pub fn netns_name(netns: NetnsCookie, host: bool, place: &Place) -> String {
         name.clone()
     } else if let Some(id) = &place.container {
         format!("{id:.12}")
+    } else if let Some(name) = names.first() {
+        name.clone()
     } else {
         format!("netns-{netns}")
     }
@@ -243,7 +247,7 @@ pub fn explain<'a>(
     NetnsEphemeral {
         netns: usage.netns,
         host: is_host,
-        name: netns_name(usage.netns, is_host, &usage.place),
+        name: netns_name(usage.netns, is_host, &usage.place, &usage.names),
         place: usage.place.clone(),
         range,
         size,
@@ -288,17 +292,20 @@ fn bind_before_connect<'a>(
             kind: "bind_before_connect",
             port: last.port,
             protocol: Protocol::Tcp,
-            address: last.peer.ip(),
+            address: last.address,
             holders: vec![Holder {
                 pid,
                 process: process.to_owned(),
             }],
             detail: format!(
-                "{count} TCP sockets of {process} were bound to port 0 before connect() (the \
-                 last took port {} to reach {}): each takes its port from the range for every \
+                "{count} TCP {} of {process} {} bound to port 0 before connect() (the last \
+                 took port {} to reach {}): each takes its port from the range for every \
                  destination; set IP_BIND_ADDRESS_NO_PORT before bind(), or do not bind, so \
                  that connect() picks a port per destination",
-                last.port, last.peer
+                if count == 1 { "socket" } else { "sockets" },
+                if count == 1 { "was" } else { "were" },
+                last.port,
+                last.peer
             ),
         })
         .collect()
@@ -409,6 +416,7 @@ mod tests {
             destinations: vec![destination(443, busiest), destination(80, 1)],
             udp_ports: 3,
             seen: Default::default(),
+            names: Vec::new(),
             place: Place::default(),
         }
     }
@@ -486,6 +494,7 @@ mod tests {
             netns,
             pid,
             process: format!("client{pid}"),
+            address: Ipv4Addr::LOCALHOST.into(),
             port,
             peer: "10.1.2.3:443".parse().unwrap(),
         };
@@ -525,15 +534,17 @@ mod tests {
     #[test]
     fn namespaces_are_named_by_their_workload() {
         let mut place = Place::default();
-        assert_eq!(netns_name(9, false, &place), "netns-9");
+        assert_eq!(netns_name(9, false, &place, &[]), "netns-9");
+        let named = ["blue".to_owned()];
+        assert_eq!(netns_name(9, false, &place, &named), "blue");
         place.container = Some("0123456789abcdef0123".to_owned());
-        assert_eq!(netns_name(9, false, &place), "0123456789ab");
+        assert_eq!(netns_name(9, false, &place, &named), "0123456789ab");
         place.workload.container_name = Some("redis".to_owned());
-        assert_eq!(netns_name(9, false, &place), "redis");
+        assert_eq!(netns_name(9, false, &place, &named), "redis");
         place.workload.pod = Some("web-1".to_owned());
         place.workload.pod_namespace = Some("shop".to_owned());
-        assert_eq!(netns_name(9, false, &place), "shop/web-1");
-        assert_eq!(netns_name(9, true, &place), "host");
+        assert_eq!(netns_name(9, false, &place, &named), "shop/web-1");
+        assert_eq!(netns_name(9, true, &place, &named), "host");
     }
 
     #[test]

@@ -1412,6 +1412,7 @@ mod tests {
                 destinations: vec![],
                 udp_ports: 0,
                 seen: Default::default(),
+                names: Vec::new(),
                 place: Default::default(),
             }],
             skipped: 0,

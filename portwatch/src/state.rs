@@ -216,6 +216,8 @@ pub struct EarlyBind {
     pub netns: NetnsCookie,
     pub pid: u32,
     pub process: String,
+    /// The local address and port it was bound to.
+    pub address: IpAddr,
     pub port: u16,
     pub peer: SocketAddr,
 }

@@ -504,17 +504,18 @@ impl Watcher {
                     if matches!(event.protocol, Protocol::Tcp | Protocol::Mptcp)
                         && state.map.bound_to_any_port(cookie)
                     {
-                        let port = state
+                        let (address, port) = state
                             .map
                             .get(cookie)
-                            .map(|entry| entry.facts.port)
-                            .or(event.bound_port)
-                            .unwrap_or(0);
+                            .map_or((event.address, event.bound_port.unwrap_or(0)), |entry| {
+                                (entry.facts.address, entry.facts.port)
+                            });
                         state.record_early_bind(EarlyBind {
                             time: at,
                             netns: event.netns.unwrap_or(0),
                             pid: event.pid,
                             process: event.process.clone(),
+                            address,
                             port,
                             peer,
                         });

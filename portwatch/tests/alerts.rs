@@ -917,7 +917,8 @@ fn prometheus_fires_the_exhaustion_alert_on_a_real_full_range() {
     let daemon = Daemon::start_with(&cgroup, "ephemeral_interval = \"1s\"\n", &[]);
     let target = daemon.server.strip_prefix("http://").expect("an http URL");
     let prometheus = Prometheus::start(target);
-    let label = format!("netns-{}", netns.cookie());
+    // The namespace is named by its /run/netns name.
+    let label = netns.name.clone();
     let (before, all) = prometheus.alerts(EXHAUSTING_ALERT);
     assert!(
         before.is_empty(),

@@ -325,6 +325,11 @@ fn the_dashboard_has_the_panels_operators_need() {
             Some("netns"),
         ),
         ("every listener", "portwatch_listeners_by_protocol", None),
+        (
+            "failed connects",
+            "portwatch_connect_failures_total",
+            Some("errno"),
+        ),
     ];
     for (what, metric, label) in needs {
         let found = panels.iter().any(|panel| {

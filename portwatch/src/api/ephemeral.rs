@@ -146,8 +146,8 @@ pub struct UdpView {
 /// Something that takes ports from every outgoing connection.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct AntiPatternView {
-    /// `listener_in_range` (`address` is the listener's) or
-    /// `bind_before_connect` (`address` is where the last such socket went).
+    /// `listener_in_range`, or `bind_before_connect` (`address` and `port`
+    /// are the last such socket's).
     pub kind: String,
     pub port: u16,
     #[schema(value_type = String)]

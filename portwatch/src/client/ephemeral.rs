@@ -58,10 +58,13 @@ pub fn render_ephemeral(answer: &Value) -> String {
 
 fn render_namespace(out: &mut String, ns: &Value) {
     let name = text(&ns["name"]);
+    let cookie = text(&ns["netns"]);
     let title = if ns["host"] == true {
         "host".to_owned()
+    } else if name == format!("netns-{cookie}") {
+        format!("netns {cookie}")
     } else {
-        format!("{name} (netns {})", text(&ns["netns"]))
+        format!("{name} (netns {cookie})")
     };
     let _ = writeln!(
         out,

@@ -202,6 +202,8 @@ pub struct NetnsUsage {
     /// Which of the sockets the listing was asked about it found here.
     #[serde(skip)]
     pub seen: HashSet<u64>,
+    /// Its names under /run/netns (`ip netns add NAME`), if any.
+    pub names: Vec<String>,
 }
 
 impl NetnsUsage {
@@ -297,6 +299,7 @@ impl Tally {
             udp_ports: self.udp_ports.len() as u32,
             place: Place::default(),
             seen: self.seen,
+            names: Vec::new(),
         }
     }
 }
@@ -341,7 +344,10 @@ pub fn list(wanted: &HashSet<u64>) -> Result<EphemeralListing, SnapshotError> {
     let mut skipped = skipped_netns.len();
     for (ns, result) in found.iter().zip(listed) {
         match result {
-            Ok(usage) => namespaces.push(usage),
+            Ok(mut usage) => {
+                usage.names = ns.names.clone();
+                namespaces.push(usage);
+            }
             Err(error) if ns.key == own => return Err(error),
             Err(_) => skipped += 1,
         }

@@ -106,6 +106,7 @@ pub fn busy_state() -> State {
             destinations: vec![],
             udp_ports: 3,
             seen: Default::default(),
+            names: Vec::new(),
             place: Default::default(),
         }],
         skipped: 0,
