@@ -25,17 +25,22 @@
 //!   for a socket in `TRACKED` that connected (`CONNECTED`): a bound UDP
 //!   socket that stops being a listener, or a TCP socket bound before it
 //!   connected, which holds its port for every destination.
+//! - New outgoing TCP connections are counted, not sent: the
+//!   `inet_sock_set_state` program (`listen.rs`, the one program on that
+//!   tracepoint) adds one per CLOSE -> SYN_SENT to a per-CPU counter of the
+//!   socket's network namespace, for the allocation rate. Machine-wide, like
+//!   the ephemeral listing it goes with.
 //!
 //! Every cgroup program here returns ALLOW on every path.
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
+    bindings::{BPF_NOEXIST, bpf_sock_addr},
     helpers::{
         bpf_probe_read_kernel,
         generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
     macros::{cgroup_sock_addr, fexit, map, tracepoint},
-    maps::HashMap,
+    maps::{HashMap, PerCpuHashMap},
     programs::{FExitContext, SockAddrContext, TracePointContext},
 };
 use portwatch_ebpf::{AF_INET, AF_INET6, Event, hook, kind, opt, source, tracepoint::SYS_EXIT_RET};
@@ -69,6 +74,30 @@ pub struct PendingConnect {
 /// map a tracepoint program uses (see `TRACKED`).
 #[map]
 pub static PENDING_CONNECT: HashMap<u32, PendingConnect> = HashMap::with_max_entries(16384, 0);
+
+/// New outgoing TCP connections (CLOSE -> SYN_SENT) per network namespace
+/// id, per CPU, since the programs were loaded. Preallocated; a namespace
+/// past the capacity is counted under id 0.
+#[map]
+pub static CONNECTS: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(4096, 0);
+
+/// Counts one new outgoing connection of socket `sk`.
+#[inline(always)]
+pub fn count_connect(sk: u64) {
+    let netns = netns_id(sk).unwrap_or(0);
+    for key in [netns, 0] {
+        if let Some(count) = CONNECTS.get_ptr_mut(key) {
+            // SAFETY: this CPU's slot; only this CPU writes it while we run.
+            unsafe { *count += 1 };
+            return;
+        }
+        // A first connection in the namespace (or a race with another
+        // CPU's first, which then holds the entry: counted on the next).
+        if CONNECTS.insert(key, 1, BPF_NOEXIST.into()).is_ok() {
+            return;
+        }
+    }
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {

@@ -21,6 +21,8 @@
 //!   flushed whatever an earlier call (an io_uring listen) left parked. A
 //!   LISTEN -> CLOSE of the parked socket in between is part of that
 //!   failure, not a close.
+//! - The same tracepoint counts CLOSE -> SYN_SENT, new outgoing connections,
+//!   per namespace (see `connect.rs`).
 //! - Tracepoints fire machine-wide. A LISTEN counts when its socket belongs
 //!   to the watched cgroup, judged as the cgroup hooks judge it, by where
 //!   the socket was made (`socket_is_watched`), not by the listening task.
@@ -42,8 +44,10 @@ use crate::common::{
     fill_task, offsets, read_field, sock_in_watched_cgroup, sock_of_socket, task_is_watched,
     watching_subtree,
 };
+use crate::connect::count_connect;
 
 const IPPROTO_TCP: u16 = 6;
+const TCP_SYN_SENT: i32 = 2;
 const TCP_CLOSE: i32 = 7;
 const TCP_LISTEN: i32 = 10;
 
@@ -67,6 +71,13 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         )
     };
     if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    if newstate == TCP_SYN_SENT {
+        // A new outgoing connection: counted for the allocation rate (see
+        // `connect.rs`), never sent.
+        // SAFETY: offset of the tracepoint format, verified by userspace.
+        count_connect(unsafe { ctx.read_at::<u64>(SET_STATE_SKADDR)? });
         return Ok(());
     }
     if newstate == TCP_LISTEN && oldstate != TCP_LISTEN {

@@ -24,7 +24,7 @@ use crate::{
     event::PortEvent,
     map::{Entry, Holder, PortMap},
     snapshot::{
-        ephemeral::{Destination, NetnsUsage, PortRange, folded},
+        ephemeral::{Destination, NetnsUsage, PortRange, Trend, folded},
         owners::Place,
     },
     socket::{NetnsCookie, Protocol, SockState},
@@ -71,6 +71,14 @@ pub struct NetnsEphemeral {
     pub udp: UdpUse,
     /// Listeners inside the range.
     pub listeners_in_range: u32,
+    /// New outgoing TCP connections per second since the previous listing.
+    pub connect_rate: Option<f64>,
+    /// The busiest destination's net change per second since the previous
+    /// listing (new sockets less those gone).
+    pub busiest_growth: Option<f64>,
+    /// At that pace, seconds until the busiest destination has no usable
+    /// port left (0 when it has none now); `None` while it does not grow.
+    pub exhaustion_seconds: Option<f64>,
     /// What takes ports from the range and should not.
     pub anti_patterns: Vec<AntiPattern>,
 }
@@ -258,7 +266,7 @@ pub fn explain<'a>(
         in_use,
         utilization: ratio(in_use, usable),
         destinations,
-        destinations_total: usage.destinations.len(),
+        destinations_total: usage.destinations_total,
         udp: UdpUse {
             in_use: usage.udp_ports,
             usable: udp_usable,
@@ -266,7 +274,19 @@ pub fn explain<'a>(
         },
         listeners_in_range,
         anti_patterns,
+        connect_rate: usage.trend.and_then(|trend| trend.connect_rate),
+        busiest_growth: usage.trend.map(|trend| trend.busiest_growth),
+        exhaustion_seconds: exhaustion(in_use, usable, usage.trend),
     }
+}
+
+/// Seconds until `in_use` reaches `usable` at the trend's pace.
+fn exhaustion(in_use: u32, usable: u32, trend: Option<Trend>) -> Option<f64> {
+    if in_use >= usable {
+        return Some(0.0);
+    }
+    let growth = trend?.busiest_growth;
+    (growth > 0.0).then(|| f64::from(usable - in_use) / growth)
 }
 
 /// The bind-before-connect sightings in `netns`, one anti-pattern per
@@ -414,9 +434,12 @@ mod tests {
                 vec![]
             },
             destinations: vec![destination(443, busiest), destination(80, 1)],
+            destinations_total: 2,
             udp_ports: 3,
             seen: Default::default(),
             names: Vec::new(),
+            connects: None,
+            trend: None,
             place: Place::default(),
         }
     }
@@ -522,6 +545,32 @@ mod tests {
                 .detail
                 .starts_with("2 TCP sockets of client6")
         );
+    }
+
+    #[test]
+    fn a_growing_destination_runs_out_at_its_pace() {
+        let trend = |busiest_growth| {
+            Some(Trend {
+                seconds: 15.0,
+                connect_rate: Some(40.0),
+                busiest_growth,
+            })
+        };
+        assert_eq!(exhaustion(4, 10, trend(2.0)), Some(3.0));
+        assert_eq!(exhaustion(4, 10, trend(0.0)), None);
+        assert_eq!(exhaustion(4, 10, trend(-1.0)), None);
+        assert_eq!(exhaustion(4, 10, None), None);
+        assert_eq!(exhaustion(10, 10, None), Some(0.0));
+        // From two listings: 5 then 8 sockets to the busiest, 3 s apart.
+        let (before, mut now) = (usage(5, 0), usage(8, 0));
+        now.connects = Some(130);
+        let mut before = before;
+        before.connects = Some(100);
+        now.trend = now.trend_since(&before, 3.0);
+        let view = explain(&now, &PortMap::default(), 1, 10, []);
+        assert_eq!(view.connect_rate, Some(10.0));
+        assert_eq!(view.busiest_growth, Some(1.0));
+        assert_eq!(view.exhaustion_seconds, Some(2.0));
     }
 
     #[test]

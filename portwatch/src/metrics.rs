@@ -1275,6 +1275,9 @@ mod tests {
                 utilization: f64::from(udp) / 100.0,
             },
             listeners_in_range: listeners,
+            connect_rate: None,
+            busiest_growth: None,
+            exhaustion_seconds: None,
             anti_patterns: vec![],
         }
     }
@@ -1410,9 +1413,12 @@ mod tests {
                 reserved: 0,
                 reserved_ranges: vec![],
                 destinations: vec![],
+                destinations_total: 0,
                 udp_ports: 0,
                 seen: Default::default(),
                 names: Vec::new(),
+                connects: None,
+                trend: None,
                 place: Default::default(),
             }],
             skipped: 0,

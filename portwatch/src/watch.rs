@@ -11,7 +11,7 @@
 //! never across an await, a snapshot or a ring-buffer wait.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -22,7 +22,7 @@ use std::{
 use tokio::sync::{Notify, broadcast};
 
 use crate::{
-    capture::{Capture, CaptureConfig, CaptureError},
+    capture::{Capture, CaptureConfig, CaptureError, ConnectCounter},
     event::{BootClock, EventKind, PortEvent, Protocol},
     explain,
     failures::{self, Failure},
@@ -245,6 +245,7 @@ impl Watcher {
                         &watcher.state,
                         &watcher.workloads,
                         &watcher.ephemeral_failing,
+                        &watcher.capture.connect_counter(),
                     )
                     .await;
                     watcher.write().ready = true;
@@ -265,6 +266,7 @@ impl Watcher {
             &watcher.state,
             &watcher.workloads,
             &watcher.ephemeral_failing,
+            &watcher.capture.connect_counter(),
         )
         .await;
         if watcher.update_drops() {
@@ -337,6 +339,7 @@ impl Watcher {
             self.config.ephemeral_every,
             self.ephemeral_wake.clone(),
             self.ephemeral_failing.clone(),
+            self.capture.connect_counter(),
         );
         tokio::pin!(stop);
         tokio::pin!(ephemeral);
@@ -722,6 +725,7 @@ async fn list_ephemeral(
     every: Duration,
     wake: Arc<Notify>,
     failing: Arc<AtomicBool>,
+    connects: Arc<ConnectCounter>,
 ) {
     loop {
         let next = tokio::time::Instant::now() + every;
@@ -730,13 +734,18 @@ async fn list_ephemeral(
             () = tokio::time::sleep_until(next) => {}
             () = wake.notified() => {}
         }
-        list_ephemeral_once(&state, &workloads, &failing).await;
+        list_ephemeral_once(&state, &workloads, &failing, &connects).await;
     }
 }
 
 /// One ephemeral listing into the state. A failing listing is said once,
 /// until one works; `/ephemeral` keeps the last that worked.
-async fn list_ephemeral_once(state: &SharedState, workloads: &Workloads, failing: &AtomicBool) {
+async fn list_ephemeral_once(
+    state: &SharedState,
+    workloads: &Workloads,
+    failing: &AtomicBool,
+    connects: &ConnectCounter,
+) {
     // The sockets bound before they connected: the listing says which
     // still exist, since a lost close would keep one forever.
     let wanted: HashSet<u64> = state
@@ -752,9 +761,31 @@ async fn list_ephemeral_once(state: &SharedState, workloads: &Workloads, failing
             if failing.swap(false, Ordering::Relaxed) {
                 tracing::info!("the ephemeral port listing works again");
             }
+            // The kernel counts in every namespace: one it has no entry
+            // for has made no connection yet.
+            let counts = connects.read();
+            for ns in &mut listing.namespaces {
+                ns.connects = Some(counts.get(&ns.netns).copied().unwrap_or(0));
+            }
             let mut state = state
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(previous) = &state.ephemeral {
+                let seconds = listing
+                    .taken_at
+                    .duration_since(previous.taken_at)
+                    .map_or(0.0, |gap| gap.as_secs_f64());
+                let before: HashMap<u64, &snapshot::ephemeral::NetnsUsage> = previous
+                    .namespaces
+                    .iter()
+                    .map(|ns| (ns.netns, ns))
+                    .collect();
+                for ns in &mut listing.namespaces {
+                    if let Some(before) = before.get(&ns.netns) {
+                        ns.trend = ns.trend_since(before, seconds);
+                    }
+                }
+            }
             for ns in &listing.namespaces {
                 let gone = state.map.forget_connected_binds(ns.netns, &ns.seen);
                 state.untrack_later.extend(gone);

@@ -172,6 +172,7 @@ fn a_full_range_per_destination_with_a_listener_inside_it_and_time_wait() {
     assert_eq!(ns["held"], 1, "{ns}");
     assert_eq!(ns["usable"], 9, "{ns}");
     assert_eq!(ns["utilization"], 1.0, "{ns}");
+    assert_eq!(ns["exhaustion_seconds"], 0.0, "full now: {ns}");
     assert_eq!(ns["host"], false);
     let busiest = &ns["destinations"][0];
     assert_eq!(busiest["destination"], "127.0.0.1:8000", "{ns}");
@@ -366,6 +367,11 @@ fn sockets_bound_to_port_zero_before_connecting_are_named() {
     let mut worker = Worker::spawn(&cgroup.path, Some(&netns), &ops);
     let results = worker.results(ops.len() - 1);
     assert!(results.iter().all(|&r| r >= 0), "{results:?}");
+    // The kernel counted the 3 new connections: the listing after them
+    // has a rate (held until the next listing, a second later).
+    namespace_until(&daemon, &netns, "a connection rate", |ns| {
+        ns["connect_rate"].as_f64().is_some_and(|rate| rate > 0.0)
+    });
     let ns = namespace_until(&daemon, &netns, "the early binds named", |ns| {
         ns["anti_patterns"]
             .as_array()

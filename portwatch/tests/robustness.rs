@@ -533,11 +533,12 @@ fn every_bind_has_its_outcome_with_one_entry_maps() {
         "ring_size = 4096\ntracked_sockets = 1\nin_flight_calls = 1\nreconcile_interval = \"1s\"\n",
         &[],
     );
-    // TRACKED (cookie -> flag) and PENDING_BIND and PENDING_LISTEN (thread
-    // id -> record and state, or record and socket) as the kernel made them.
+    // TRACKED (cookie -> flag) and PENDING_BIND, PENDING_LISTEN and
+    // PENDING_CONNECT (thread id -> record and state, record and socket,
+    // record and tracked flag) as the kernel made them.
     assert_eq!(
         hash_maps(daemon.child.id()),
-        [(4, 120, 1), (4, 120, 1), (8, 1, 1)],
+        [(4, 136, 1), (4, 136, 1), (4, 136, 1), (8, 1, 1)],
         "one entry each"
     );
     let with = Contest::run(&cgroup, &watched);

@@ -88,6 +88,15 @@ pub struct NetnsView {
     pub held_by: Vec<HeldView>,
     pub udp: UdpView,
     pub listeners_in_range: u32,
+    /// New outgoing TCP connections per second since the previous listing
+    /// (null before the second, or where the kernel does not count them).
+    pub connect_rate: Option<f64>,
+    /// The busiest destination's net change per second since the previous
+    /// listing.
+    pub busiest_growth: Option<f64>,
+    /// At that pace, seconds until the busiest destination has no usable
+    /// port left (0: none now); null while it does not grow.
+    pub exhaustion_seconds: Option<f64>,
     pub anti_patterns: Vec<AntiPatternView>,
     /// Recent connects, binds and listens that found no free port in this
     /// namespace's range (`connect_failed`; EADDRINUSE on port 0), newest
@@ -256,6 +265,9 @@ impl NetnsView {
                 utilization: ns.udp.utilization,
             },
             listeners_in_range: ns.listeners_in_range,
+            connect_rate: ns.connect_rate,
+            busiest_growth: ns.busiest_growth,
+            exhaustion_seconds: ns.exhaustion_seconds,
             anti_patterns: ns.anti_patterns.iter().map(AntiPatternView::from).collect(),
             recent_failures,
         }

@@ -15,12 +15,13 @@ use std::{
     fs::File,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{Array, CgroupArray, HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, CgroupArray, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, FExit, ProgramError, TracePoint},
 };
 use portwatch_ebpf::{KernelOffsets, WatchedCgroup, hook, tracepoint};
@@ -245,6 +246,7 @@ pub struct Capture {
     ring: AsyncFd<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
     tracked: HashMap<MapData, u64, u8>,
+    connects: Arc<ConnectCounter>,
     cgroup: PathBuf,
     outcome: OutcomePath,
     options: OptionsPath,
@@ -252,6 +254,22 @@ pub struct Capture {
     stats: CaptureStats,
     logged_decode_errors: HashSet<std::mem::Discriminant<DecodeError>>,
     _logger: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// New outgoing TCP connections (CLOSE -> SYN_SENT) per network namespace,
+/// as the kernel programs count them (per CPU) since they were loaded.
+pub struct ConnectCounter(PerCpuHashMap<MapData, u64, u64>);
+
+impl ConnectCounter {
+    /// The count of each namespace id, summed over CPUs; id 0 holds what
+    /// the kernel could not place (no namespace, or the map full).
+    pub fn read(&self) -> std::collections::HashMap<u64, u64> {
+        self.0
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(netns, per_cpu)| (netns, per_cpu.iter().sum()))
+            .collect()
+    }
 }
 
 /// Whether `cgroup` is less than the whole machine (not the cgroup2 root).
@@ -405,6 +423,7 @@ impl Capture {
             unsafe { AsyncFd::register(ring) }.map_err(|err| CaptureError::Ring(err.into()))?;
         let drops = take_map(&mut ebpf, "DROPS")?;
         let tracked = take_map(&mut ebpf, "TRACKED")?;
+        let connects = Arc::new(ConnectCounter(take_map(&mut ebpf, "CONNECTS")?));
         tracing::info!(
             cgroup = %cgroup.display(),
             outcome = outcome.name(),
@@ -417,6 +436,7 @@ impl Capture {
             ring,
             drops,
             tracked,
+            connects,
             cgroup,
             outcome,
             options,
@@ -486,6 +506,12 @@ impl Capture {
                 Ok((hook::NAMES[slot as usize], values.iter().sum()))
             })
             .collect()
+    }
+
+    /// The kernel's count of new outgoing TCP connections per namespace,
+    /// to read from anywhere.
+    pub fn connect_counter(&self) -> Arc<ConnectCounter> {
+        self.connects.clone()
     }
 
     /// Counters of records lost in userspace.

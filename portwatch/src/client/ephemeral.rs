@@ -97,6 +97,9 @@ fn render_namespace(out: &mut String, ns: &Value) {
             );
         }
     }
+    if let Some(line) = pace(ns) {
+        let _ = writeln!(out, "  {line}");
+    }
     let udp = &ns["udp"];
     let _ = writeln!(
         out,
@@ -118,6 +121,38 @@ fn render_namespace(out: &mut String, ns: &Value) {
     }
     for failure in array(&ns["recent_failures"]) {
         let _ = writeln!(out, "  {}", describe_failure(failure));
+    }
+}
+
+/// `12.5 new connections/s; busiest destination +1.2/s: full in about 4 min`,
+/// from the rate and trend fields, when the answer has them.
+fn pace(ns: &Value) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(rate) = ns["connect_rate"].as_f64() {
+        parts.push(format!("{rate:.1} new connections/s"));
+    }
+    if let Some(growth) = ns["busiest_growth"].as_f64() {
+        let mut part = format!("busiest destination {growth:+.1}/s");
+        match ns["exhaustion_seconds"].as_f64() {
+            Some(seconds) if seconds > 0.0 => {
+                let _ = write!(part, ": full in about {}", duration(seconds));
+            }
+            Some(_) => part.push_str(": full now"),
+            None => {}
+        }
+        parts.push(part);
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+/// `45 s`, `4 min`, `3 h`.
+fn duration(seconds: f64) -> String {
+    if seconds < 90.0 {
+        format!("{seconds:.0} s")
+    } else if seconds < 90.0 * 60.0 {
+        format!("{:.0} min", seconds / 60.0)
+    } else {
+        format!("{:.0} h", seconds / 3600.0)
     }
 }
 
@@ -206,6 +241,23 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("3 more namespaces"), "{text}");
+    }
+
+    #[test]
+    fn the_pace_says_when_the_busiest_destination_runs_out() {
+        let ns = json!({"connect_rate": 12.5, "busiest_growth": 1.25, "exhaustion_seconds": 240.0});
+        assert_eq!(
+            pace(&ns).as_deref(),
+            Some("12.5 new connections/s; busiest destination +1.2/s: full in about 4 min")
+        );
+        let full = json!({"busiest_growth": 0.0, "exhaustion_seconds": 0.0});
+        assert_eq!(
+            pace(&full).as_deref(),
+            Some("busiest destination +0.0/s: full now")
+        );
+        assert_eq!(pace(&json!({})), None);
+        assert_eq!(duration(30.0), "30 s");
+        assert_eq!(duration(7200.0), "2 h");
     }
 
     #[test]

@@ -47,6 +47,9 @@ const RESERVED_SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 
 /// How many destinations per namespace get their processes looked up.
 pub const OWNED_DESTINATIONS: usize = 10;
+/// How many destinations a namespace's listing keeps (the API shows at most
+/// this many); the rest are counted.
+pub const KEPT_DESTINATIONS: usize = 1000;
 /// How many sockets of a destination are looked up for its processes.
 const SAMPLED_SOCKETS: usize = 4;
 
@@ -181,7 +184,7 @@ impl Destination {
 }
 
 /// What one namespace's listing found.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct NetnsUsage {
     pub netns: NetnsCookie,
     pub range: PortRange,
@@ -190,9 +193,11 @@ pub struct NetnsUsage {
     /// The reserved ports, as the sysctl lists them.
     #[serde(skip)]
     pub reserved_ranges: Vec<RangeInclusive<u16>>,
-    /// Every destination with outgoing TCP connections from a port in the
-    /// range, busiest first.
+    /// The [`KEPT_DESTINATIONS`] busiest destinations with outgoing TCP
+    /// connections from a port in the range, busiest first.
     pub destinations: Vec<Destination>,
+    /// How many destinations there are in all.
+    pub destinations_total: usize,
     /// Distinct ports of the range that UDP sockets hold (bound to port 0,
     /// or autobound by connect or sendto). UDP takes its port for every
     /// destination, so these count against the whole range.
@@ -204,6 +209,54 @@ pub struct NetnsUsage {
     pub seen: HashSet<u64>,
     /// Its names under /run/netns (`ip netns add NAME`), if any.
     pub names: Vec<String>,
+    /// New outgoing TCP connections since the kernel programs were loaded,
+    /// as they counted them; `None` where not counted.
+    pub connects: Option<u64>,
+    /// What changed since the previous listing of the namespace.
+    pub trend: Option<Trend>,
+}
+
+/// How a namespace's use moved between two listings.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Trend {
+    /// Seconds between the listings.
+    pub seconds: f64,
+    /// New outgoing TCP connections per second (`None` when not counted).
+    pub connect_rate: Option<f64>,
+    /// The net change per second of the sockets to this listing's busiest
+    /// destination (connections opened less those gone, TIME_WAIT ended).
+    pub busiest_growth: f64,
+}
+
+impl NetnsUsage {
+    /// The sockets to the destination `key`, 0 if it has none.
+    pub fn in_use_to(&self, key: &DestinationKey) -> u32 {
+        self.destinations
+            .iter()
+            .find(|d| d.key == *key)
+            .map_or(0, |d| d.states.total())
+    }
+
+    /// This listing's trend against `previous`, an earlier listing of the
+    /// same namespace `seconds` before.
+    pub fn trend_since(&self, previous: &NetnsUsage, seconds: f64) -> Option<Trend> {
+        if seconds <= 0.0 {
+            return None;
+        }
+        let connect_rate = self
+            .connects
+            .zip(previous.connects)
+            .map(|(now, then)| now.saturating_sub(then) as f64 / seconds);
+        let busiest_growth = self.destinations.first().map_or(0.0, |busiest| {
+            let then = previous.in_use_to(&busiest.key);
+            (f64::from(busiest.states.total()) - f64::from(then)) / seconds
+        });
+        Some(Trend {
+            seconds,
+            connect_rate,
+            busiest_growth,
+        })
+    }
 }
 
 impl NetnsUsage {
@@ -290,16 +343,21 @@ impl Tally {
                 .cmp(&a.states.total())
                 .then(a.key.cmp(&b.key))
         });
+        let destinations_total = destinations.len();
+        destinations.truncate(KEPT_DESTINATIONS);
         NetnsUsage {
             netns,
             range,
             reserved: reserved_in(range, &reserved_ranges),
             reserved_ranges,
             destinations,
+            destinations_total,
             udp_ports: self.udp_ports.len() as u32,
             place: Place::default(),
             seen: self.seen,
             names: Vec::new(),
+            connects: None,
+            trend: None,
         }
     }
 }
@@ -313,7 +371,7 @@ pub(crate) fn folded(address: IpAddr) -> IpAddr {
 }
 
 /// Every namespace's usage.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct EphemeralListing {
     pub namespaces: Vec<NetnsUsage>,
     /// Namespaces that could not be listed.
