@@ -92,21 +92,24 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         if !socket_is_watched(skaddr, cookie, sport) {
             return Ok(());
         }
-        let (mut event, sk) = listener_event(ctx)?;
-        event.kind = kind::LISTEN;
-        let tid = event.tid;
+        // Built in place: the record is not copied on this program's stack,
+        // which 5.10's and 6.1's verifiers cap at 512 bytes over the calls.
+        let mut pending = PendingListen {
+            event: Event::ZERO,
+            sk: 0,
+        };
+        pending.sk = listener_event(ctx, &mut pending.event)?;
+        pending.event.kind = kind::LISTEN;
+        let (tid, cookie) = (pending.event.tid, pending.event.cookie);
         if let Some(stale) = PENDING_LISTEN.get_ptr_mut(tid) {
             // A listen that no exit hook completed (io_uring without fexit).
             // SAFETY: map value pointer from a successful lookup.
             flush(unsafe { &mut *stale }, None, source::UNRESOLVED);
         }
-        if PENDING_LISTEN
-            .insert(tid, PendingListen { event, sk }, 0)
-            .is_err()
-        {
+        if PENDING_LISTEN.insert(tid, &pending, 0).is_err() {
             count_drop(hook::LISTEN);
         }
-        if event.cookie != 0 && TRACKED.insert(event.cookie, 1, 0).is_err() {
+        if cookie != 0 && TRACKED.insert(cookie, 1, 0).is_err() {
             count_drop(hook::LISTEN);
         }
     } else if oldstate == TCP_LISTEN && newstate == TCP_CLOSE {
@@ -128,7 +131,8 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         if cookie == 0 || TRACKED.get_ptr(cookie).is_none() {
             return Ok(());
         }
-        let (mut event, _) = listener_event(ctx)?;
+        let mut event = Event::ZERO;
+        listener_event(ctx, &mut event)?;
         event.kind = kind::LISTEN_STOP;
         event.source = source::STATE;
         emit(&event, hook::LISTEN_STOP);
@@ -163,12 +167,12 @@ fn socket_is_watched(sk: u64, cookie: u64, port: u16) -> bool {
     task_is_watched()
 }
 
-/// A record for the socket in a set_state tracepoint (task, address, port,
-/// and what the BTF offsets let us read from the socket), and the socket.
-fn listener_event(ctx: &TracePointContext) -> Result<(Event, u64), i32> {
-    let mut event = Event::ZERO;
+/// Fills `event` (zeroed) with a record for the socket in a set_state
+/// tracepoint (task, address, port, and what the BTF offsets let us read
+/// from the socket); the socket.
+fn listener_event(ctx: &TracePointContext, event: &mut Event) -> Result<u64, i32> {
     let skaddr;
-    fill_task(&mut event);
+    fill_task(event);
     // SAFETY: offsets of the tracepoint format, verified by userspace.
     unsafe {
         event.family = ctx.read_at::<u16>(SET_STATE_FAMILY)?;
@@ -180,7 +184,7 @@ fn listener_event(ctx: &TracePointContext) -> Result<(Event, u64), i32> {
             event.addr = ctx.read_at(SET_STATE_SADDR_V6)?;
         }
         skaddr = ctx.read_at::<u64>(SET_STATE_SKADDR)?;
-        fill_from_sock(&mut event, skaddr);
+        fill_from_sock(event, skaddr);
         if let Some(backlog) = read_field::<u32>(skaddr, offsets().sk_max_ack_backlog) {
             event.backlog = backlog;
         }
@@ -188,7 +192,7 @@ fn listener_event(ctx: &TracePointContext) -> Result<(Event, u64), i32> {
     event.bound_port = event.port;
     event.protocol = IPPROTO_TCP;
     event.sock_type = 1; // SOCK_STREAM
-    Ok((event, skaddr))
+    Ok(skaddr)
 }
 
 /// Emits a parked listen as LISTEN or LISTEN_FAILED and forgets it.

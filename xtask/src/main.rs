@@ -99,7 +99,8 @@ enum Task {
     /// Boot stock Debian kernels (5.10, 6.1, 6.12) under QEMU and run the
     /// root test suites inside each: trace, map, the predictor, a private
     /// namespace's snapshot, the storm and one-entry-map robustness tests,
-    /// and the daemon's seed scenarios.
+    /// exactness, the ephemeral port tests (connect failures, early binds,
+    /// connected UDP) and the daemon's seed scenarios.
     /// Ends with a table per kernel: the hook paths, what is unknown there,
     /// and the tests passed, failed and skipped.
     Vm {
@@ -121,7 +122,8 @@ enum Task {
         #[arg(long, default_value_t = 30)]
         minutes: u64,
         /// Only the suites whose name contains this (repeatable): trace,
-        /// map, predictor, snapshot, robustness, daemon.
+        /// map, predictor, snapshot, robustness, exactness, ephemeral,
+        /// daemon.
         #[arg(long = "suite", value_name = "NAME")]
         suites: Vec<String>,
         /// Instead of the suites: a Debian 12 userspace with systemd as PID
