@@ -335,6 +335,9 @@ fn udp_sockets_on_random_ports_add_no_per_port_series() {
         after_series <= before_series + 1,
         "{before_series} listener series before, {after_series} after"
     );
+    // The connected ones are no listeners: /ports is `ss -tuln`.
+    let listing = daemon.until_listing_is_ss(&netns, "200 bound and 200 connected UDP sockets");
+    assert_eq!(listing.len(), EACH, "{listing:?}");
     // Every one of them is known and counted in the namespace's UDP use.
     let ns = namespace_until(&daemon, &netns, "the 400 UDP ports in use", |ns| {
         ns["udp"]["in_use"] == 2 * EACH

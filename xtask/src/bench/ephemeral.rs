@@ -9,7 +9,7 @@
 //!    an untracked socket sends no record), on top of the hooks every socket
 //!    passes (creation, state changes, destruction, release).
 //! 2. The listing: `bench-worker hold-connections N` holds N loopback
-//!    connections (half to each of two listeners) in a network namespace of
+//!    connections (spread over eight listeners) in a network namespace of
 //!    its own whose range is 1024-65535; the daemon lists every namespace's
 //!    ephemeral ports each second. Each round reads the duration of a fresh
 //!    listing (`listing_ms` of `/ephemeral`) and times `ss -tanpH` in that
@@ -36,10 +36,13 @@ use super::{
 };
 use crate::cmd;
 
-/// The listeners the held connections go to, in the holder's namespace.
-const LISTENERS: [u16; 2] = [80, 443];
-/// The holder namespace's range: 64,512 ports, room for half of 100k
-/// connections to each listener.
+/// The listeners the held connections go to, in the holder's namespace:
+/// eight, so that 100k connections use a fifth of the range per
+/// destination. Near a full range every connect() searches long for a free
+/// port (the kernel's own cost, not portwatch's), and holding them would
+/// take minutes.
+const LISTENERS: [u16; 8] = [80, 443, 5432, 6379, 8080, 8443, 9000, 9090];
+/// The holder namespace's range: 64,512 ports.
 const RANGE: &str = "1024 65535";
 
 /// The sides of the connect path, in `rotate`'s order.
@@ -151,13 +154,14 @@ fn listing(ctx: &Ctx) -> Result<Row> {
         "{median:.0} ms vs {:.0} ms per listing (medians) of every namespace's ranges, with \
          {count} loopback connections in one and their processes named; at the default \
          ephemeral_interval of 15 s that is {:.1}% of one core; every connection counted \
-         (the two destinations' in_use sum to {count}); daemon RSS {rss:.1} MiB",
+         (the {} destinations' in_use sum to {count}); daemon RSS {rss:.1} MiB",
         Stats::median_of(&ss_ms)?,
         median / 150.0,
+        LISTENERS.len(),
     )))
 }
 
-/// The sockets to the holder's two destinations in an `/ephemeral` answer.
+/// The sockets to the holder's destinations in an `/ephemeral` answer.
 fn used(answer: &Value) -> u64 {
     answer["namespaces"][0]["destinations"]
         .as_array()
@@ -254,8 +258,8 @@ pub fn connect_worker(args: &[String]) -> Result<()> {
 const PER_CHILD: u32 = 9_000;
 
 /// `bench-worker hold-connections N`: a network namespace of its own with
-/// the range [`RANGE`], listeners on [`LISTENERS`], and N connections, half
-/// to each, held by children of at most [`PER_CHILD`] connections (made one
+/// the range [`RANGE`], listeners on [`LISTENERS`], and N connections spread
+/// over them, held by children of at most [`PER_CHILD`] connections (made one
 /// child after another, so each accepts its own), until stdin closes or
 /// [`HOLD_LIMIT`] passes. Prints `ready <pid> <netns cookie>` once connected.
 pub fn hold_worker(args: &[String]) -> Result<()> {
