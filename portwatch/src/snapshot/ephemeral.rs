@@ -391,10 +391,7 @@ pub struct EphemeralListing {
 pub fn list(wanted: &HashSet<u64>) -> Result<EphemeralListing, SnapshotError> {
     let started = Instant::now();
     let taken_at = SystemTime::now();
-    let own = netns::current_thread_key().map_err(|source| SnapshotError::Proc {
-        path: netns::THREAD_NETNS.into(),
-        source,
-    })?;
+    let own = netns::own_key()?;
     let mut skipped_netns = Vec::new();
     let found = netns::discover(own, &mut skipped_netns)?;
     let listed = in_each_namespace(&found, own, |diag| list_here(diag, wanted))?;

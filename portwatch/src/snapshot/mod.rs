@@ -306,10 +306,7 @@ fn dump_names(dumps: &[(crate::socket::Protocol, crate::socket::Family)]) -> Str
 pub fn take(config: &SnapshotConfig) -> Result<Snapshot, SnapshotError> {
     let started = Instant::now();
     let taken_at = SystemTime::now();
-    let own = netns::current_thread_key().map_err(|source| SnapshotError::Proc {
-        path: netns::THREAD_NETNS.into(),
-        source,
-    })?;
+    let own = netns::own_key()?;
     let mut skipped_netns = Vec::new();
     let mut phases = Phases::default();
     let mut phase = Instant::now();

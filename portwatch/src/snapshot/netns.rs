@@ -53,6 +53,14 @@ pub(crate) fn current_thread_key() -> io::Result<NetnsKey> {
     Ok((meta.dev(), meta.ino()))
 }
 
+/// The calling thread's namespace, as a listing starts from it.
+pub(crate) fn own_key() -> Result<NetnsKey, SnapshotError> {
+    current_thread_key().map_err(|source| SnapshotError::Proc {
+        path: THREAD_NETNS.into(),
+        source,
+    })
+}
+
 /// Every namespace: the caller's first, then the named ones, then those of
 /// processes. Problems with a named file are reported in `skipped`; processes
 /// that exit meanwhile are skipped silently.

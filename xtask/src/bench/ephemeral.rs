@@ -30,7 +30,7 @@ use serde_json::Value;
 
 use super::{
     BenchDaemon, Ctx, Goal, Row, Stats, Worker,
-    namespaces::{Children, FAILED, READY, pipe, wait_until_ready},
+    namespaces::{Children, hold_in_child, pipe, wait_until_ready},
     rig::{ns_per_op, output_field, rotate, tcp_socket, worker_arg},
     snapshot::{self, HOLD_LIMIT},
 };
@@ -324,9 +324,8 @@ pub fn hold_worker(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// A child of the holder: connections `first..first + n` (alternating
-/// between the listeners), one byte on the ready pipe, then held until
-/// stdin closes. Never returns: it leaves with `_exit`.
+/// A child of the holder: connections `first..first + n` (spread over the
+/// listeners), held until stdin closes.
 fn hold_connections(
     listeners: &[OwnedFd],
     first: u32,
@@ -335,50 +334,16 @@ fn hold_connections(
     ready_read: i32,
     ready_write: i32,
 ) -> ! {
-    // SAFETY: plain system calls on this process's own descriptors.
-    unsafe {
-        libc::close(ready_read);
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-        if libc::getppid() != parent {
-            libc::_exit(1);
-        }
-    }
-    let said = |byte: u8| {
-        // SAFETY: write(2) of one byte from a local, on the pipe we hold.
-        unsafe { libc::write(ready_write, (&raw const byte).cast(), 1) }
-    };
-    let mut held = Vec::with_capacity(n as usize * 2);
-    let mut made = || -> io::Result<()> {
+    hold_in_child(parent, ready_read, ready_write, || {
+        let mut held = Vec::with_capacity(n as usize * 2);
         for i in first..first + n {
             let which = i as usize % LISTENERS.len();
             let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, LISTENERS[which]);
-            held.push(connect(&to)?);
-            held.push(accept(&listeners[which])?);
+            let made = connect(&to).and_then(|client| Ok([client, accept(&listeners[which])?]));
+            held.extend(made.map_err(|err| format!("connection {i}: {err}"))?);
         }
-        Ok(())
-    };
-    let code = match made() {
-        Ok(()) => {
-            said(READY);
-            // SAFETY: closing our copy of the write end.
-            unsafe { libc::close(ready_write) };
-            match snapshot::wait_for_stdin_to_close(HOLD_LIMIT) {
-                Ok(()) => 0,
-                Err(_) => 1,
-            }
-        }
-        Err(err) => {
-            let _ = writeln!(
-                io::stderr(),
-                "bench-worker: connections from {first}: {err}"
-            );
-            said(FAILED);
-            1
-        }
-    };
-    // SAFETY: _exit(2) ends the child at once; the kernel closes the
-    // connections.
-    unsafe { libc::_exit(code) }
+        Ok(held)
+    })
 }
 
 fn last_error(call: &str) -> io::Error {

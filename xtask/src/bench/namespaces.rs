@@ -429,8 +429,8 @@ pub(super) fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 }
 
 /// What a child writes on the ready pipe.
-pub(super) const READY: u8 = b'+';
-pub(super) const FAILED: u8 = b'-';
+const READY: u8 = b'+';
+const FAILED: u8 = b'-';
 
 /// Reads one byte per child from the ready pipe, for at most
 /// [`READY_TIMEOUT`]: fails at the first child that failed (it said why on
@@ -486,9 +486,22 @@ pub(super) fn wait_until_ready(ready: OwnedFd, count: u32) -> Result<()> {
 
 /// A child of the holder: a new network namespace, a listener on each of
 /// [`PORTS`], one byte on the ready pipe, then held until stdin closes.
-/// Never returns: the child leaves with `_exit`, running no destructor of
-/// the holder's state.
 fn hold_namespace(index: u32, parent: libc::pid_t, ready_read: RawFd, ready_write: RawFd) -> ! {
+    hold_in_child(parent, ready_read, ready_write, || {
+        open_listeners(index).map_err(|err| format!("namespace {index}: {err}"))
+    })
+}
+
+/// The life of a holder's child: dies with the holder, runs `hold`, says on
+/// the ready pipe whether it worked (`hold`'s error on stderr if not),
+/// keeps what `hold` made until stdin closes or [`HOLD_LIMIT`] passes, and
+/// leaves with `_exit`, running no destructor of the holder's state.
+pub(super) fn hold_in_child<T>(
+    parent: libc::pid_t,
+    ready_read: RawFd,
+    ready_write: RawFd,
+    hold: impl FnOnce() -> Result<T, String>,
+) -> ! {
     // SAFETY: plain system calls on this process's own descriptors.
     unsafe {
         libc::close(ready_read);
@@ -502,7 +515,7 @@ fn hold_namespace(index: u32, parent: libc::pid_t, ready_read: RawFd, ready_writ
         // SAFETY: write(2) of one byte from a local, on the pipe we hold.
         unsafe { libc::write(ready_write, (&raw const byte).cast(), 1) }
     };
-    let held = open_listeners(index);
+    let held = hold();
     let code = match &held {
         Ok(_) => {
             said(READY);
@@ -515,13 +528,13 @@ fn hold_namespace(index: u32, parent: libc::pid_t, ready_read: RawFd, ready_writ
             }
         }
         Err(err) => {
-            let _ = writeln!(io::stderr(), "bench-worker: namespace {index}: {err}");
+            let _ = writeln!(io::stderr(), "bench-worker: {err}");
             said(FAILED);
             1
         }
     };
-    // SAFETY: _exit(2) ends the child at once; the kernel closes the
-    // listeners, and the namespace goes with them.
+    // SAFETY: _exit(2) ends the child at once; the kernel closes what it
+    // held (and a namespace of its own goes with it).
     unsafe { libc::_exit(code) }
 }
 
