@@ -106,7 +106,10 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             // SAFETY: map value pointer from a successful lookup.
             flush(unsafe { &mut *stale }, None, source::UNRESOLVED);
         }
-        if PENDING_LISTEN.insert(tid, &pending, 0).is_err() {
+        // By reference: a moved record would be one more copy on the stack.
+        #[allow(clippy::needless_borrows_for_generic_args)]
+        let parked = PENDING_LISTEN.insert(tid, &pending, 0);
+        if parked.is_err() {
             count_drop(hook::LISTEN);
         }
         if cookie != 0 && TRACKED.insert(cookie, 1, 0).is_err() {
