@@ -815,6 +815,27 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_connect_reads_as_where_it_went_and_why() {
+        let port = json!({
+            "port": 8000,
+            "listeners": [],
+            "localhost": {"reaches": null, "order": ["127.0.0.1"]},
+            "recent_failures": [{
+                "time": "2026-12-05T22:20:07.000000000Z", "kind": "connect_failed",
+                "pid": 19828, "process": "python3", "unit": null, "protocol": "tcp",
+                "endpoint": "0.0.0.0:0", "destination": "127.0.0.1:8000",
+                "errno": "EADDRNOTAVAIL", "blocked_by": [],
+                "cause": "all 8 usable local ports to 127.0.0.1:8000 were in use (range 40000-40009, 0 reserved, 2 held by binds; listed 870 ms after)"
+            }]
+        });
+        let text = render_explanation(&port);
+        assert!(
+            text.contains("python3 (pid 19828) could not connect tcp to 127.0.0.1:8000: EADDRNOTAVAIL, all 8 usable local ports to 127.0.0.1:8000 were in use"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn a_daemon_that_is_not_running_is_one_clear_line() {
         // Port 1 on loopback: nothing listens there.
         let err = get("http://127.0.0.1:1", "/ports").unwrap_err();
