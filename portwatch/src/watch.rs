@@ -174,10 +174,8 @@ pub struct Watcher {
     /// Whether a listing has been merged (at start-up, or by the first
     /// reconciliation that worked after a failed start).
     merged: bool,
-    /// Wakes the ephemeral port listing before its interval ends.
-    ephemeral_wake: Arc<Notify>,
-    /// Whether the last ephemeral listing failed (said once).
-    ephemeral_failing: Arc<AtomicBool>,
+    /// Lists ephemeral port use into the state, beside the pipeline.
+    ephemeral: EphemeralLister,
 }
 
 /// The cgroup2 mount the paths of `/proc/<pid>/cgroup` are under.
@@ -214,9 +212,12 @@ impl Watcher {
         let (events, _) = broadcast::channel(EVENT_CHANNEL);
         let workloads = Arc::new(Workloads::new(config.workloads.clone()));
         let cgroups = PlaceCache::new(cgroup2_mount(), workloads.clone());
+        let state_handle: SharedState = Arc::new(RwLock::new(state));
+        let lister_workloads = workloads.clone();
+        let connects = capture.connect_counter();
         let mut watcher = Watcher {
             capture,
-            state: Arc::new(RwLock::new(state)),
+            state: state_handle.clone(),
             events,
             clock: BootClock::now(),
             next_reconcile: Instant::now() + config.reconcile_every,
@@ -230,9 +231,18 @@ impl Watcher {
             bound_tcp_listed,
             listing_failed: None,
             merged: false,
-            ephemeral_wake: Arc::new(Notify::new()),
-            ephemeral_failing: Arc::new(AtomicBool::new(false)),
+            ephemeral: EphemeralLister {
+                state: state_handle.clone(),
+                workloads: Arc::clone(&lister_workloads),
+                connects,
+                wake: Arc::new(Notify::new()),
+                failing: Arc::new(AtomicBool::new(false)),
+            },
         };
+        // Ready means every answer is there, `/ephemeral`'s too. The listing
+        // needs nothing from the snapshot: held ports are read from the map
+        // when asked.
+        watcher.ephemeral.list_once().await;
         let snapshot_config = watcher.config.snapshot;
         let started = Instant::now();
         let snapshot =
@@ -241,13 +251,6 @@ impl Watcher {
                 Err(err) => {
                     // Live events still work: say what is missing and go on.
                     watcher.listing_failed(&err);
-                    list_ephemeral_once(
-                        &watcher.state,
-                        &watcher.workloads,
-                        &watcher.ephemeral_failing,
-                        &watcher.capture.connect_counter(),
-                    )
-                    .await;
                     watcher.write().ready = true;
                     return Ok(watcher);
                 }
@@ -261,14 +264,6 @@ impl Watcher {
                 untracked += 1;
             }
         }
-        // Ready means every answer is there, `/ephemeral`'s too.
-        list_ephemeral_once(
-            &watcher.state,
-            &watcher.workloads,
-            &watcher.ephemeral_failing,
-            &watcher.capture.connect_counter(),
-        )
-        .await;
         if watcher.update_drops() {
             // Lost while the listing was taken: check the merge at once.
             watcher.next_reconcile = Instant::now();
@@ -333,14 +328,7 @@ impl Watcher {
 
     /// Runs the pipeline until `stop` resolves.
     pub async fn run(mut self, stop: impl Future<Output = ()>) -> Result<(), WatchError> {
-        let ephemeral = list_ephemeral(
-            self.state.clone(),
-            self.workloads.clone(),
-            self.config.ephemeral_every,
-            self.ephemeral_wake.clone(),
-            self.ephemeral_failing.clone(),
-            self.capture.connect_counter(),
-        );
+        let ephemeral = self.ephemeral.clone().run(self.config.ephemeral_every);
         tokio::pin!(stop);
         tokio::pin!(ephemeral);
         loop {
@@ -484,7 +472,7 @@ impl Watcher {
                 {
                     // A connect, bind(0) or listen() found no free port in
                     // the range: list the ranges now, not an interval later.
-                    self.ephemeral_wake.notify_one();
+                    self.ephemeral.wake.notify_one();
                 }
                 // Read now: a process that failed may exit at once, and its
                 // transient unit's cgroup go with it.
@@ -715,90 +703,94 @@ impl Watcher {
 /// ask for one.
 const EPHEMERAL_MIN_GAP: Duration = Duration::from_secs(1);
 
-/// Lists every namespace's ephemeral port use into the state, every `every`
-/// and when `wake` is notified (at most once per [`EPHEMERAL_MIN_GAP`]).
-/// Runs beside the pipeline, on a blocking thread, so a long listing never
-/// holds up events. The first listing is [`Watcher::start`]'s.
-async fn list_ephemeral(
+/// Lists every namespace's ephemeral port use into the state: once at
+/// start, then every interval and when `wake` is notified (at most once per
+/// [`EPHEMERAL_MIN_GAP`]). Runs beside the pipeline, on a blocking thread,
+/// so a long listing never holds up events.
+#[derive(Clone)]
+struct EphemeralLister {
     state: SharedState,
     workloads: Arc<Workloads>,
-    every: Duration,
-    wake: Arc<Notify>,
-    failing: Arc<AtomicBool>,
+    /// The kernel's count of new connections per namespace.
     connects: Arc<ConnectCounter>,
-) {
-    loop {
-        let next = tokio::time::Instant::now() + every;
-        tokio::time::sleep(EPHEMERAL_MIN_GAP).await;
-        tokio::select! {
-            () = tokio::time::sleep_until(next) => {}
-            () = wake.notified() => {}
-        }
-        list_ephemeral_once(&state, &workloads, &failing, &connects).await;
-    }
+    /// Asks for a listing before the interval ends (a failure did).
+    wake: Arc<Notify>,
+    /// Whether the last listing failed (said once, until one works).
+    failing: Arc<AtomicBool>,
 }
 
-/// One ephemeral listing into the state. A failing listing is said once,
-/// until one works; `/ephemeral` keeps the last that worked.
-async fn list_ephemeral_once(
-    state: &SharedState,
-    workloads: &Workloads,
-    failing: &AtomicBool,
-    connects: &ConnectCounter,
-) {
-    // The sockets bound before they connected: the listing says which
-    // still exist, since a lost close would keep one forever.
-    let wanted: HashSet<u64> = state
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .map
-        .connected_binds()
-        .map(|entry| entry.facts.cookie)
-        .collect();
-    match tokio::task::spawn_blocking(move || snapshot::ephemeral::list(&wanted)).await {
-        Ok(Ok(mut listing)) => {
-            workloads.name_all(listing.namespaces.iter_mut().map(|ns| &mut ns.place));
-            if failing.swap(false, Ordering::Relaxed) {
-                tracing::info!("the ephemeral port listing works again");
+impl EphemeralLister {
+    /// Lists every `every`, or sooner when woken, forever.
+    async fn run(self, every: Duration) {
+        loop {
+            let next = tokio::time::Instant::now() + every;
+            tokio::time::sleep(EPHEMERAL_MIN_GAP).await;
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = self.wake.notified() => {}
             }
-            // The kernel counts in every namespace: one it has no entry
-            // for has made no connection yet.
-            let counts = connects.read();
-            for ns in &mut listing.namespaces {
-                ns.connects = Some(counts.get(&ns.netns).copied().unwrap_or(0));
-            }
-            let mut state = state
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(previous) = &state.ephemeral {
-                let seconds = listing
-                    .taken_at
-                    .duration_since(previous.taken_at)
-                    .map_or(0.0, |gap| gap.as_secs_f64());
-                let before: HashMap<u64, &snapshot::ephemeral::NetnsUsage> = previous
-                    .namespaces
-                    .iter()
-                    .map(|ns| (ns.netns, ns))
-                    .collect();
+            self.list_once().await;
+        }
+    }
+
+    /// One listing into the state; `/ephemeral` keeps the last that worked.
+    async fn list_once(&self) {
+        let (state, failing) = (&self.state, &self.failing);
+        // The sockets bound before they connected: the listing says which
+        // still exist, since a lost close would keep one forever.
+        let wanted: HashSet<u64> = state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .map
+            .connected_binds()
+            .map(|entry| entry.facts.cookie)
+            .collect();
+        match tokio::task::spawn_blocking(move || snapshot::ephemeral::list(&wanted)).await {
+            Ok(Ok(mut listing)) => {
+                self.workloads
+                    .name_all(listing.namespaces.iter_mut().map(|ns| &mut ns.place));
+                if failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("the ephemeral port listing works again");
+                }
+                // The kernel counts in every namespace: one it has no entry
+                // for has made no connection yet.
+                let counts = self.connects.read();
                 for ns in &mut listing.namespaces {
-                    if let Some(before) = before.get(&ns.netns) {
-                        ns.trend = ns.trend_since(before, seconds);
+                    ns.connects = Some(counts.get(&ns.netns).copied().unwrap_or(0));
+                }
+                let mut state = state
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(previous) = &state.ephemeral {
+                    let seconds = listing
+                        .taken_at
+                        .duration_since(previous.taken_at)
+                        .map_or(0.0, |gap| gap.as_secs_f64());
+                    let before: HashMap<u64, &snapshot::ephemeral::NetnsUsage> = previous
+                        .namespaces
+                        .iter()
+                        .map(|ns| (ns.netns, ns))
+                        .collect();
+                    for ns in &mut listing.namespaces {
+                        if let Some(before) = before.get(&ns.netns) {
+                            ns.trend = ns.trend_since(before, seconds);
+                        }
                     }
                 }
+                for ns in &listing.namespaces {
+                    let gone = state.map.forget_connected_binds(ns.netns, &ns.seen);
+                    state.untrack_later.extend(gone);
+                }
+                state.ephemeral = Some(listing);
+                state.explain_connect_failures();
             }
-            for ns in &listing.namespaces {
-                let gone = state.map.forget_connected_binds(ns.netns, &ns.seen);
-                state.untrack_later.extend(gone);
+            Ok(Err(err)) => {
+                if !failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %err, "the ephemeral port listing failed; /ephemeral keeps the last one, and it is tried again every ephemeral_interval");
+                }
             }
-            state.ephemeral = Some(listing);
-            state.explain_connect_failures();
+            Err(err) => tracing::warn!(error = %err, "the ephemeral port listing stopped"),
         }
-        Ok(Err(err)) => {
-            if !failing.swap(true, Ordering::Relaxed) {
-                tracing::warn!(error = %err, "the ephemeral port listing failed; /ephemeral keeps the last one, and it is tried again every ephemeral_interval");
-            }
-        }
-        Err(err) => tracing::warn!(error = %err, "the ephemeral port listing stopped"),
     }
 }
 
