@@ -1,7 +1,6 @@
 //! Maps and helpers shared by every hook.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel,
@@ -151,33 +150,16 @@ pub fn count_drop(hook: u32) {
     }
 }
 
-/// Unread bytes in `EVENTS` from which a record wakes the reader; written by
-/// userspace at load time. 0 keeps the kernel's default (wake when the
-/// reader had caught up), which `portwatch trace` and old loaders get.
-#[unsafe(no_mangle)]
-static WAKEUP_BYTES: u64 = 0;
-
 /// Sends `event` to userspace, counting a drop for `hook` when the ring is full.
 ///
-/// Waking the reader is the most expensive part of a record: a reader that
-/// keeps up is woken for every record, through an irq_work self-IPI, which
-/// measured ~1.2 µs per bind in a VM (`cargo xtask bench`). So below
-/// `WAKEUP_BYTES` of unread data records are written without a wakeup and
-/// the reader collects them on its next timer tick; from there on every
-/// record wakes it, so a burst cannot fill the ring unseen.
+/// Waking the reader is the most expensive part of a record (an irq_work
+/// self-IPI, ~1.2 µs per bind in `cargo xtask bench`). With no flags the
+/// kernel wakes it only for a record written when the reader had caught up:
+/// the reader lingers a few milliseconds after that wakeup before it drains,
+/// so a burst costs one wakeup and an idle ring none.
 #[inline(always)]
 pub fn emit(event: &Event, hook: u32) {
-    // SAFETY: a plain read of a global that userspace sets before loading;
-    // volatile so the compiler cannot fold it to the 0 initialiser.
-    let threshold = unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) };
-    let flags = if threshold == 0 {
-        0
-    } else if EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= threshold {
-        BPF_RB_FORCE_WAKEUP.into()
-    } else {
-        BPF_RB_NO_WAKEUP.into()
-    };
-    if EVENTS.output::<Event>(event, flags).is_err() {
+    if EVENTS.output::<Event>(event, 0).is_err() {
         count_drop(hook);
     }
 }

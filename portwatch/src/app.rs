@@ -69,7 +69,10 @@ impl AppError {
             AppError::Output(_)
             | AppError::Signal(_)
             | AppError::Daemon(
-                DaemonError::Watch(_) | DaemonError::Metrics(_) | DaemonError::Signal(_),
+                DaemonError::Watch(_)
+                | DaemonError::Metrics(_)
+                | DaemonError::Signal(_)
+                | DaemonError::Pipeline(_),
             ) => Exit::Failure,
         }
     }

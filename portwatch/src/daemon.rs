@@ -39,6 +39,9 @@ pub enum DaemonError {
     /// The metrics registry could not be built.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// The pipeline's task panicked or was cancelled.
+    #[error("the pipeline stopped: {0}")]
+    Pipeline(#[source] tokio::task::JoinError),
     /// Installing a signal handler failed.
     #[error("installing the signal handlers: {0}")]
     Signal(#[source] std::io::Error),
@@ -102,7 +105,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         watcher.heartbeat(),
         stopped(stop_rx.clone()),
     ));
-    let result = watcher.run(stopped(stop_rx)).await;
+    // On a worker thread rather than this one (which only waits): a timer
+    // or a record then wakes the thread that runs the pipeline, not a
+    // worker that must wake this thread in turn.
+    let result = tokio::spawn(watcher.run(stopped(stop_rx)))
+        .await
+        .map_err(DaemonError::Pipeline)?;
     // Each server drains its requests in flight, for at most DRAIN_TIMEOUT.
     while servers.join_next().await.is_some() {}
     tracing::info!("stopped; every program is detached");

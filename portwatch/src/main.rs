@@ -63,10 +63,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// How long an idle blocking thread waits for work before it ends.
+const BLOCKING_THREAD_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(120);
+
 fn run_async<E: std::error::Error + 'static>(
     work: impl Future<Output = Result<(), E>>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let runtime = tokio::runtime::Runtime::new()?;
+    // The periodic listings (ephemeral ports every 15 s, reconciliation
+    // every 30 s) run on blocking threads: kept alive past the longest
+    // default interval, one thread serves them all instead of a new thread
+    // (and its exit) per listing, which would wake an idle daemon for
+    // nothing.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE)
+        .build()?;
     runtime
         .block_on(work)
         .map_err(|err| Box::new(err) as Box<dyn std::error::Error>)

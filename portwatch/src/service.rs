@@ -14,8 +14,9 @@ use crate::{
     watch::{Heartbeat, SharedState},
 };
 
-/// How often STATUS= is refreshed when no watchdog asks for more.
-const STATUS_EVERY: Duration = Duration::from_secs(10);
+/// How often STATUS= is refreshed when no watchdog asks for more (each
+/// refresh wakes the daemon).
+const STATUS_EVERY: Duration = Duration::from_secs(30);
 
 /// Tells systemd the daemon is ready, with its first status line.
 pub fn ready(state: &SharedState) {
@@ -40,6 +41,10 @@ pub async fn supervise(
     heartbeat: std::sync::Arc<Heartbeat>,
     stop: impl Future<Output = ()>,
 ) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        // Not under systemd: nobody to tell, and no timer to wake for.
+        return;
+    }
     let mut usec = 0;
     let watchdog =
         sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec));

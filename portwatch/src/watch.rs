@@ -141,9 +141,15 @@ const EVENT_CHANNEL: usize = 4096;
 /// failures.
 const DIAG_INTERVAL: Duration = Duration::from_millis(250);
 
-/// How often the kernel's drop counters are read when no records arrive
-/// (a batch of records reads them at once), as `portwatch trace` does.
-const DROP_CHECK: Duration = Duration::from_secs(1);
+/// How often the kernel's drop counters are read when no records arrive (a
+/// batch of records reads them at once, and so does every reconciliation).
+/// Only drops of a full bookkeeping map can come without records (a storm of
+/// connects that all succeed); this check finds them within its period.
+const DROP_CHECK: Duration = Duration::from_secs(30);
+
+/// A drop check due within this of the next reconciliation waits for it, so
+/// that the two wake the daemon once.
+const COALESCE: Duration = Duration::from_secs(5);
 
 /// The pipeline: owns the kernel side, writes the shared state.
 pub struct Watcher {
@@ -366,11 +372,12 @@ impl Watcher {
         self.resolve_failures().await?;
         let now = Instant::now();
         // Records arrive with the drops of a full ring; other drops (a full
-        // bookkeeping map) may come alone, so the counters are also read on
-        // a slow timer.
-        let lost_something =
-            (!events.is_empty() || now >= self.next_drop_check) && self.update_drops();
-        if lost_something || now >= self.next_reconcile {
+        // bookkeeping map) may come alone, so the counters are also read at
+        // each reconciliation and on a slow timer.
+        let reconcile_due = now >= self.next_reconcile;
+        let lost_something = (!events.is_empty() || reconcile_due || now >= self.next_drop_check)
+            && self.update_drops();
+        if lost_something || reconcile_due {
             match self.reconcile().await {
                 Err(WatchError::Snapshot(err)) => {
                     self.listing_failed(&err);
@@ -380,6 +387,13 @@ impl Watcher {
                     other?;
                 }
             }
+        }
+        if self
+            .next_reconcile
+            .saturating_duration_since(self.next_drop_check)
+            < COALESCE
+        {
+            self.next_drop_check = self.next_drop_check.max(self.next_reconcile);
         }
         Ok(events)
     }
@@ -723,11 +737,14 @@ impl EphemeralLister {
     /// Lists every `every`, or sooner when woken, forever.
     async fn run(self, every: Duration) {
         loop {
-            let next = tokio::time::Instant::now() + every;
-            tokio::time::sleep(EPHEMERAL_MIN_GAP).await;
+            let listed = tokio::time::Instant::now();
             tokio::select! {
-                () = tokio::time::sleep_until(next) => {}
-                () = self.wake.notified() => {}
+                () = tokio::time::sleep_until(listed + every) => {}
+                () = self.wake.notified() => {
+                    // Only a wake waits out the gap, so a timed listing
+                    // costs one wakeup.
+                    tokio::time::sleep_until(listed + EPHEMERAL_MIN_GAP).await;
+                }
             }
             self.list_once().await;
         }

@@ -33,16 +33,17 @@ use crate::event::{DecodeError, PortEvent, decode};
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch-programs"));
 
-/// The reader is woken by the programs only once the ring holds this
-/// fraction of its size unread; smaller batches wait for [`POLL_INTERVAL`].
-/// A wakeup per record cost about 1.2 µs of every bind (an irq_work
+/// How long the reader waits after a wakeup before it drains the ring.
+///
+/// The kernel wakes the reader only for a record written while the reader
+/// had caught up, so the records of a burst that arrive during this linger
+/// cost no wakeup: one wakeup per burst, none at rest (no timer), and no
+/// record waits longer than this before the map and `portwatch trace` show
+/// it. A wakeup per record cost about 1.2 µs of every bind (an irq_work
 /// self-IPI, measured by `cargo xtask bench`), more than the programs' own
-/// work.
-pub const WAKEUP_FRACTION: u64 = 4;
-
-/// How often the reader collects records written without a wakeup: the most
-/// an event waits before the map and `portwatch trace` show it.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// work. At the 4 MiB default ring, filling it within a linger would take
+/// over seven million records a second.
+pub const LINGER: Duration = Duration::from_millis(5);
 
 /// Default size of the ring buffer: 4 MiB holds about 37,000 records.
 pub const DEFAULT_RING_BYTES: u32 = 4 * 1024 * 1024;
@@ -342,11 +343,6 @@ impl Capture {
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
-            .override_global(
-                "WAKEUP_BYTES",
-                &(u64::from(ring_bytes) / WAKEUP_FRACTION),
-                true,
-            )
             .override_global("WATCH_CGROUP", &watched_cgroup(&cgroup)?, true)
             .map_max_entries("EVENTS", ring_bytes)
             .map_max_entries("TRACKED", config.tracked_sockets)
@@ -540,28 +536,25 @@ impl Capture {
     /// ring is empty. Records that fail to decode are counted, and each kind
     /// of failure is logged once.
     ///
-    /// The programs write most records without waking the reader (see
-    /// [`WAKEUP_FRACTION`]), so the ring is also looked at every
-    /// [`POLL_INTERVAL`]; a look that finds nothing keeps waiting, so an idle
-    /// machine costs the caller nothing. Cancel-safe: records stay in the
-    /// ring until a drain hands them over.
+    /// The programs wake the reader only for the first record after it
+    /// caught up; it then lingers for [`LINGER`] so the rest of a burst is
+    /// read in the same batch, without further wakeups. There is no timer:
+    /// an idle ring costs nothing. Cancel-safe: records stay in the ring
+    /// until a drain hands them over.
     pub async fn read(&mut self, mut sink: impl FnMut(PortEvent)) -> Result<(), CaptureError> {
         loop {
-            let records = match tokio::time::timeout(POLL_INTERVAL, self.ring.readable_mut()).await
-            {
-                Ok(guard) => {
-                    let mut guard = guard.map_err(CaptureError::Ring)?;
-                    let records = drain(
-                        guard.get_inner_mut(),
-                        &mut self.stats,
-                        &mut self.logged_decode_errors,
-                        &mut sink,
-                    );
-                    guard.clear_ready();
-                    records
-                }
-                Err(_tick) => self.read_now(&mut sink),
-            };
+            let mut guard = self.ring.readable_mut().await.map_err(CaptureError::Ring)?;
+            tokio::time::sleep(LINGER).await;
+            let records = drain(
+                guard.get_inner_mut(),
+                &mut self.stats,
+                &mut self.logged_decode_errors,
+                &mut sink,
+            );
+            // Clears the readiness only if no wakeup came since it was
+            // reported (tokio compares the readiness tick), so a record
+            // written during the drain still wakes the next read.
+            guard.clear_ready();
             if records > 0 {
                 return Ok(());
             }

@@ -407,6 +407,13 @@ pub(crate) fn in_each_namespace<T: Send>(
         .clamp(1, MAX_WORKERS)
         .min(namespaces.len().max(1));
     let next = AtomicUsize::new(0);
+    if namespaces.iter().all(|ns| ns.key == own) {
+        // Only this thread's own namespace (a host without containers):
+        // no namespace to enter, so no thread to start.
+        let mut done = netns_worker(namespaces, own, &work, &next);
+        done.sort_by_key(|(index, _)| *index);
+        return Ok(done.into_iter().map(|(_, result)| result).collect());
+    }
     let mut results: Vec<Option<Result<T, SnapshotError>>> =
         namespaces.iter().map(|_| None).collect();
     let spawned = thread::scope(|scope| {

@@ -19,7 +19,8 @@
 //!    80, 443 and 8080: the start-up snapshot, the size of `GET /ports/8080`,
 //!    the length of `portwatch explain 8080`, and a reconciliation;
 //! 7. [`ephemeral`]: connect() to a loopback listener attached vs detached,
-//!    and the ephemeral port listing with 100k connections vs `ss -tanpH`.
+//!    and the ephemeral port listing with 100k connections vs `ss -tanpH`;
+//! 8. [`idle`]: the daemon at rest on a quiet host: wakeups and CPU.
 //!
 //! The daemon under test is the release build, watching a cgroup created for
 //! the run (`portwatch-bench-<pid>` under the cgroup2 mount); the load runs
@@ -32,6 +33,7 @@
 mod api;
 mod bindpath;
 mod ephemeral;
+mod idle;
 mod ingest;
 mod namespaces;
 mod report;
@@ -108,7 +110,7 @@ pub fn bench(options: Options) -> Result<()> {
         cgroup: Cgroup::create()?,
         run_dir,
     };
-    let figures: [(&str, Figure); 7] = [
+    let figures: [(&str, Figure); 8] = [
         ("bind path", bindpath::run),
         ("syscall tax", tax::run),
         ("ingest", ingest::run),
@@ -116,6 +118,7 @@ pub fn bench(options: Options) -> Result<()> {
         ("API", api::run),
         ("namespaces", namespaces::run),
         ("ephemeral", ephemeral::run),
+        ("idle", idle::run),
     ];
     let mut rows = Vec::new();
     for (name, figure) in figures {
