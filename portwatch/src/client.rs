@@ -138,14 +138,19 @@ impl ScopeArgs {
 pub fn ports(args: &PortsArgs) -> Result<(), ClientError> {
     // Every namespace: the table lists them all, as `ss` would per namespace
     // (`/ports` always does; `/ports/{port}` when asked).
-    let (path, all) = match args.port {
-        Some(port) => (format!("/ports/{port}"), Some(("all", "true"))),
-        None => ("/ports".to_owned(), None),
+    let value = match args.port {
+        Some(port) => get(
+            &args.server.server,
+            &with_query(
+                &format!("/ports/{port}"),
+                args.scope.pairs().chain([("all", "true")]),
+            ),
+        )?,
+        None => every_page(
+            &args.server.server,
+            &with_query("/ports", args.scope.pairs().chain([("limit", "5000")])),
+        )?,
     };
-    let value = get(
-        &args.server.server,
-        &with_query(&path, args.scope.pairs().chain(all)),
-    )?;
     match args.output {
         Output::Json => print(&pretty(&value)),
         Output::Table => {
@@ -159,6 +164,33 @@ pub fn ports(args: &PortsArgs) -> Result<(), ClientError> {
             print(&render_listeners(&listeners, host_netns(&value)))
         }
     }
+}
+
+/// `GET /ports` and every page its `next` links lead to, as one answer
+/// (all the ports, and no `next`).
+fn every_page(server: &str, first: &str) -> Result<Value, ClientError> {
+    let mut whole = get(server, first)?;
+    let mut next = whole["next"].as_str().map(str::to_owned);
+    // Each page holds at least one port, so a server that keeps linking
+    // past 65535 pages is looping.
+    let mut pages = 1;
+    while let Some(path) = next {
+        pages += 1;
+        if pages > 65_536 {
+            return Err(ClientError::Decode(format!(
+                "{server} keeps linking to more pages of /ports ({path})"
+            )));
+        }
+        let mut page = get(server, &path)?;
+        next = page["next"].as_str().map(str::to_owned);
+        if let (Some(ports), Some(more)) =
+            (whole["ports"].as_array_mut(), page["ports"].as_array_mut())
+        {
+            ports.append(more);
+        }
+    }
+    whole["next"] = Value::Null;
+    Ok(whole)
 }
 
 fn array(value: &Value) -> &[Value] {

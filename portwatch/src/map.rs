@@ -396,17 +396,22 @@ impl PortMap {
             .filter_map(|cookie| self.entries.get(cookie))
     }
 
-    /// Ports that have at least one listener, ascending.
-    pub fn ports(&self) -> Vec<u16> {
+    /// Ports from `first` on that have at least one listener, ascending.
+    pub fn ports_from(&self, first: u16) -> impl Iterator<Item = u16> + '_ {
         self.by_port
-            .iter()
+            .range(first..)
             .filter(|(_, cookies)| {
                 cookies
                     .iter()
                     .any(|c| self.entries.get(c).is_some_and(Entry::is_listener))
             })
             .map(|(port, _)| *port)
-            .collect()
+    }
+
+    /// Ports that have at least one listener, ascending.
+    #[cfg(test)]
+    pub fn ports(&self) -> Vec<u16> {
+        self.ports_from(0).collect()
     }
 
     /// Every listener, for exports and comparisons.

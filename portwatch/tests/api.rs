@@ -11,7 +11,10 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -325,7 +328,91 @@ async fn ports_lists_every_port_with_its_listeners() {
         .ok_json();
     assert_eq!(cookies(&v6["ports"][0]["listeners"]), [NODE_V6.cookie]);
     let elsewhere = get(&api.router, "/ports?netns=1").await.ok_json();
-    assert_eq!(elsewhere, json!({"host_netns": HOST, "ports": []}));
+    assert_eq!(
+        elsewhere,
+        json!({"host_netns": HOST, "ports": [], "next": null})
+    );
+}
+
+fn port_numbers(page: &Value) -> Vec<u64> {
+    page["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["port"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn ports_come_in_pages_that_link_to_the_next() {
+    let api = api();
+    let first = get(&api.router, "/ports?limit=2").await.ok_json();
+    assert_eq!(port_numbers(&first), [5353, 8000]);
+    assert_eq!(first["next"], "/ports?limit=2&after=8000");
+    let second = get(&api.router, first["next"].as_str().unwrap())
+        .await
+        .ok_json();
+    assert_eq!(port_numbers(&second), [9000]);
+    assert_eq!(second["next"], Value::Null);
+
+    // A page that ends exactly at the last port says there is no more.
+    let exact = get(&api.router, "/ports?limit=3").await.ok_json();
+    assert_eq!(port_numbers(&exact), [5353, 8000, 9000]);
+    assert_eq!(exact["next"], Value::Null);
+
+    // The link keeps the filters; `after` counts ports, not listeners.
+    let tcp = get(&api.router, "/ports?protocol=udp&limit=1")
+        .await
+        .ok_json();
+    assert_eq!(port_numbers(&tcp), [5353]);
+    // Only one UDP port: the page is full, and nothing follows.
+    assert_eq!(tcp["next"], Value::Null);
+    let tcp = get(&api.router, "/ports?protocol=tcp&limit=2")
+        .await
+        .ok_json();
+    assert_eq!(port_numbers(&tcp), [5353, 8000]);
+    assert_eq!(tcp["next"], "/ports?protocol=tcp&limit=2&after=8000");
+    let tcp = get(&api.router, tcp["next"].as_str().unwrap())
+        .await
+        .ok_json();
+    assert_eq!(port_numbers(&tcp), [9000]);
+    assert_eq!(tcp["next"], Value::Null);
+
+    let from_start = get(&api.router, "/ports?after=0").await.ok_json();
+    assert_eq!(port_numbers(&from_start), [5353, 8000, 9000]);
+    let last = get(&api.router, "/ports?after=65535").await.ok_json();
+    assert_eq!(port_numbers(&last), Vec::<u64>::new());
+    assert_eq!(last["next"], Value::Null);
+}
+
+#[tokio::test]
+async fn an_unbounded_list_gets_a_default_page() {
+    let mut state = fixture();
+    let ports = api::PORTS_PAGE as u64 + 50;
+    for i in 0..ports {
+        let sock = Sock {
+            port: 20_000 + i as u16,
+            cookie: 300_000 + i,
+            ..NODE_V4
+        };
+        listen_in(&mut state, &sock, HOST, 30);
+    }
+    let api = api_with(state, 64);
+    let mut seen = Vec::new();
+    let mut next = Some("/ports".to_owned());
+    let mut pages = 0;
+    while let Some(uri) = next {
+        let page = get(&api.router, &uri).await.ok_json();
+        let numbers = port_numbers(&page);
+        assert!(numbers.len() <= api::PORTS_PAGE, "{uri}");
+        seen.extend(numbers);
+        next = page["next"].as_str().map(str::to_owned);
+        pages += 1;
+    }
+    assert_eq!(pages, 2);
+    // Every port once, in order: the fixture's three and the added ones.
+    assert_eq!(seen.len() as u64, ports + 3);
+    assert!(seen.windows(2).all(|pair| pair[0] < pair[1]));
 }
 
 #[tokio::test]
@@ -837,6 +924,37 @@ async fn metrics_pass_the_renderer_through() {
 }
 
 #[tokio::test]
+async fn concurrent_scrapes_share_one_rendering() {
+    let state = Arc::new(RwLock::new(fixture()));
+    let (events, _) = broadcast::channel(64);
+    let renders = Arc::new(AtomicUsize::new(0));
+    let counted = renders.clone();
+    let router = api::router(ApiContext {
+        metrics: Arc::new(move || {
+            let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            format!("portwatch_renders {n}\n")
+        }),
+        ..context(&state, &events)
+    });
+    let scrapes: Vec<_> = (0..16)
+        .map(|_| {
+            let router = router.clone();
+            tokio::spawn(async move { get(&router, "/metrics").await.text() })
+        })
+        .collect();
+    for scrape in scrapes {
+        assert_eq!(scrape.await.unwrap(), "portwatch_renders 1\n");
+    }
+    assert_eq!(renders.load(Ordering::SeqCst), 1);
+    // Past its freshness, the next scrape renders again.
+    tokio::time::sleep(api::METRICS_FRESH + Duration::from_millis(100)).await;
+    assert_eq!(
+        get(&router, "/metrics").await.text(),
+        "portwatch_renders 2\n"
+    );
+}
+
+#[tokio::test]
 async fn health_and_readiness() {
     let api = api();
     let live = get(&api.router, "/livez").await;
@@ -971,6 +1089,10 @@ async fn bad_input_gets_a_problem_naming_the_parameter() {
         ("/ports/8000?all=maybe", "all"),
         // The list shows every namespace: `all` is not one of its parameters.
         ("/ports?all=true", "all"),
+        ("/ports?limit=0", "limit"),
+        ("/ports?limit=5001", "limit"),
+        ("/ports?after=x", "after"),
+        ("/ports/8000?limit=5", "limit"),
         ("/failures?pod=shop/", "pod"),
         ("/failures?port=0", "port"),
         ("/failures?port=70000", "port"),

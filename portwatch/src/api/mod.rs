@@ -32,6 +32,8 @@ pub mod model;
 mod ops;
 mod params;
 mod ports;
+
+pub use ports::{PORTS_PAGE, PORTS_PAGE_MAX};
 pub mod problem;
 
 use std::{
@@ -45,7 +47,7 @@ use axum::{
     middleware,
     routing::get,
 };
-use tokio::sync::{Semaphore, broadcast};
+use tokio::sync::{Mutex, broadcast};
 use tower_http::{
     catch_panic::CatchPanicLayer, limit::RequestBodyLimitLayer, timeout::TimeoutLayer,
 };
@@ -56,7 +58,7 @@ use crate::{
     state::State,
     watch::SharedState,
 };
-pub use ops::PROMETHEUS_TEXT;
+pub use ops::{METRICS_FRESH, PROMETHEUS_TEXT};
 pub use problem::{ApiError, PROBLEM_JSON, Problem};
 
 /// How long a request may take before it is answered with a 503. Only the
@@ -84,9 +86,11 @@ struct Shared {
     state: SharedState,
     events: broadcast::WeakSender<Arc<PortEvent>>,
     metrics: Arc<dyn Fn() -> String + Send + Sync>,
-    /// One `/metrics` rendering at a time: each takes a blocking thread and
-    /// memory that grows with the listeners, so a flood of scrapes queues.
-    rendering: Arc<Semaphore>,
+    /// The latest `/metrics` rendering. One rendering at a time (each takes
+    /// a blocking thread and memory that grows with the listeners), and
+    /// scrapes within [`ops::METRICS_FRESH`] of one share its text, so a
+    /// flood of scrapes or slow readers holds one copy, not one each.
+    rendered: Arc<Mutex<Option<ops::Rendered>>>,
     clock: BootClock,
 }
 
@@ -96,7 +100,7 @@ impl Shared {
             state: ctx.state,
             events: ctx.events.downgrade(),
             metrics: ctx.metrics,
-            rendering: Arc::new(Semaphore::new(1)),
+            rendered: Arc::new(Mutex::new(None)),
             clock: ctx.clock,
         }
     }

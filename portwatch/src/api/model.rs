@@ -141,8 +141,11 @@ impl Listener {
 pub struct PortList {
     /// The cookie of the machine's own network namespace (0 if unknown).
     pub host_netns: u64,
-    /// Every port with at least one listener (matching the filters), ascending.
+    /// A page of the ports with at least one listener (matching the
+    /// filters), ascending.
     pub ports: Vec<PortSummary>,
+    /// The next page (path and query), when more ports follow this one.
+    pub next: Option<String>,
 }
 
 /// One port in `GET /ports`.

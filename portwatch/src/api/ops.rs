@@ -2,9 +2,13 @@
 //! `/openapi.json`, and the landing page at `/`. They ignore query strings:
 //! scrapers and probes may add parameters of their own.
 
-use std::sync::LazyLock;
+use std::{
+    sync::LazyLock,
+    time::{Duration, Instant},
+};
 
 use axum::{
+    body::Bytes,
     extract::State,
     http::header,
     response::{Html, IntoResponse, Response},
@@ -30,21 +34,42 @@ pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
     )
 )]
 pub async fn metrics(State(shared): State<Shared>) -> Response {
+    // One rendering at a time; whoever waited gets the one just made.
+    let mut latest = shared.rendered.clone().lock_owned().await;
+    if let Some(fresh) = latest.as_ref().filter(|r| r.at.elapsed() < METRICS_FRESH) {
+        return exposition(fresh.text.clone());
+    }
     // Rendering is CPU work that grows with the listeners (about 150 ms for
     // 100,000): off the runtime's workers, which serve the other requests.
-    // The permit goes with the work, so it outlives a request given up on.
-    let Ok(permit) = shared.rendering.clone().acquire_owned().await else {
-        unreachable!("the semaphore is never closed")
-    };
+    // The lock goes with the work, so it outlives a request given up on.
     let render = move || {
-        let _permit = permit;
-        (shared.metrics)()
+        let text = Bytes::from((shared.metrics)());
+        *latest = Some(Rendered {
+            at: Instant::now(),
+            text: text.clone(),
+        });
+        text
     };
-    let text = match tokio::task::spawn_blocking(render).await {
-        Ok(text) => text,
+    match tokio::task::spawn_blocking(render).await {
+        Ok(text) => exposition(text),
         // The renderer panicked: let the panic layer answer the 500.
         Err(err) => std::panic::resume_unwind(err.into_panic()),
-    };
+    }
+}
+
+/// How long a `/metrics` rendering is served again: shorter than any
+/// sensible scrape interval, long enough that concurrent scrapes share one.
+pub const METRICS_FRESH: Duration = Duration::from_secs(1);
+
+/// A `/metrics` text and when it was rendered.
+pub struct Rendered {
+    at: Instant,
+    /// Shared by every response that serves it (a reference count, not a
+    /// copy per reader).
+    text: Bytes,
+}
+
+fn exposition(text: Bytes) -> Response {
     ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], text).into_response()
 }
 

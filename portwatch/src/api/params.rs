@@ -49,6 +49,17 @@ impl Query {
         Ok(Query { pairs })
     }
 
+    /// `path` with this query, `key` set to `value` (replacing what it was):
+    /// the link to the next page of a paged answer.
+    pub fn link_with(&self, path: &str, key: &str, value: &str) -> String {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in self.pairs.iter().filter(|(k, _)| k != key) {
+            query.append_pair(k, v);
+        }
+        query.append_pair(key, value);
+        format!("{path}?{}", query.finish())
+    }
+
     /// The value of `key`, if given.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.pairs

@@ -28,8 +28,14 @@ use crate::{
 /// How many failures `GET /ports/{port}` lists.
 pub const RECENT_FAILURES: usize = 20;
 
-/// The filters `GET /ports` takes.
-const LIST_FILTERS: &[&str] = &["protocol", "family", "netns", "pod"];
+/// Ports per page of `GET /ports` without `limit`: a bounded answer (about
+/// 200 KiB with two listeners a port) however many listeners the host has.
+pub const PORTS_PAGE: usize = 200;
+/// The most ports a page may hold (`limit`).
+pub const PORTS_PAGE_MAX: usize = 5000;
+
+/// The parameters `GET /ports` takes: filters and the page.
+const LIST_PARAMETERS: &[&str] = &["protocol", "family", "netns", "pod", "limit", "after"];
 /// The filters `GET /ports/{port}` takes: those, and whether to show every
 /// namespace (the list shows them all).
 const DETAIL_FILTERS: &[&str] = &["protocol", "family", "netns", "pod", "all"];
@@ -46,12 +52,7 @@ struct Filter {
 }
 
 impl Filter {
-    fn parse(
-        raw: Option<&str>,
-        allowed: &[&'static str],
-        host_netns: NetnsCookie,
-    ) -> Result<Filter, ApiError> {
-        let query = Query::parse(raw, allowed)?;
+    fn parse(query: &Query, host_netns: NetnsCookie) -> Result<Filter, ApiError> {
         Ok(Filter {
             protocol: query.opt("protocol", params::protocol)?,
             family: query.opt("family", params::family)?,
@@ -91,7 +92,7 @@ impl Filter {
     }
 }
 
-/// Every port with listeners.
+/// Every port with listeners, a page at a time.
 #[utoipa::path(
     get,
     path = "/ports",
@@ -102,9 +103,11 @@ impl Filter {
         ("family" = Option<String>, Query, description = "ipv4 or ipv6"),
         ("netns" = Option<String>, Query, description = "network namespace cookie, or `host`"),
         ("pod" = Option<String>, Query, description = "only the listeners of this Kubernetes pod: NAME, or NAMESPACE/NAME"),
+        ("limit" = Option<usize>, Query, description = "ports per page, 1 to 5000 (default 200)", minimum = 1, maximum = 5000),
+        ("after" = Option<u16>, Query, description = "start after this port (the `next` link of the previous page sets it)", minimum = 1),
     ),
     responses(
-        (status = 200, description = "Every port with at least one matching listener, ascending", body = PortList),
+        (status = 200, description = "A page of the ports with at least one matching listener, ascending; `next` links to the following page", body = PortList),
         (status = 400, description = "A bad or unknown parameter", body = super::problem::Problem, content_type = "application/problem+json"),
     )
 )]
@@ -112,12 +115,29 @@ pub async fn list(
     State(shared): State<Shared>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<PortList>, ApiError> {
+    let query = Query::parse(raw.as_deref(), LIST_PARAMETERS)?;
+    let limit = query
+        .opt("limit", params::limit(PORTS_PAGE_MAX))?
+        .unwrap_or(PORTS_PAGE);
+    // `after=0` is the start, as no `after` is.
+    let after = query
+        .opt("after", |parameter, value| match value {
+            "0" => Ok(0),
+            _ => params::port(parameter, value),
+        })?
+        .unwrap_or(0);
     // One read: the query needs the host namespace to resolve `netns=host`.
     let list = shared.read(|state| {
-        let filter = Filter::parse(raw.as_deref(), LIST_FILTERS, state.host_netns)?;
+        let filter = Filter::parse(&query, state.host_netns)?;
+        let (ports, more) = port_page(state, &filter, after, limit);
+        let next = more
+            .then(|| ports.last())
+            .flatten()
+            .map(|last| query.link_with("/ports", "after", &last.port.to_string()));
         Ok::<_, ApiError>(PortList {
             host_netns: state.host_netns,
-            ports: port_list(state, &filter),
+            ports,
+            next,
         })
     })?;
     Ok(Json(list))
@@ -157,35 +177,44 @@ pub async fn detail(
             });
         }
     };
+    let query = Query::parse(raw.as_deref(), DETAIL_FILTERS)?;
     let detail = shared.read(|state| {
-        let filter = Filter::parse(raw.as_deref(), DETAIL_FILTERS, state.host_netns)?;
+        let filter = Filter::parse(&query, state.host_netns)?;
         Ok::<_, ApiError>(port_detail(state, port, &filter))
     })?;
     Ok(Json(detail))
 }
 
-fn port_list(state: &state::State, filter: &Filter) -> Vec<PortSummary> {
-    state
-        .map
-        .ports()
-        .into_iter()
-        .filter_map(|port| {
-            let matching: Vec<&Entry> = state
-                .map
-                .listeners_on(port)
-                .into_iter()
-                .filter(|e| filter.entry(e))
-                .collect();
-            let namespaces: BTreeSet<NetnsCookie> =
-                matching.iter().map(|e| e.facts.netns).collect();
-            (!matching.is_empty()).then(|| PortSummary {
-                port,
-                shared: matching.len() > namespaces.len(),
-                netns_count: namespaces.len(),
-                listeners: matching.into_iter().map(Listener::of).collect(),
-            })
+/// Up to `limit` ports after `after` with matching listeners, and whether
+/// more follow.
+fn port_page(
+    state: &state::State,
+    filter: &Filter,
+    after: u16,
+    limit: usize,
+) -> (Vec<PortSummary>, bool) {
+    let Some(first) = after.checked_add(1) else {
+        return (Vec::new(), false);
+    };
+    let mut found = state.map.ports_from(first).filter_map(|port| {
+        let matching: Vec<&Entry> = state
+            .map
+            .listeners_on(port)
+            .into_iter()
+            .filter(|e| filter.entry(e))
+            .collect();
+        let namespaces: BTreeSet<NetnsCookie> = matching.iter().map(|e| e.facts.netns).collect();
+        (!matching.is_empty()).then(|| PortSummary {
+            port,
+            shared: matching.len() > namespaces.len(),
+            netns_count: namespaces.len(),
+            listeners: matching.into_iter().map(Listener::of).collect(),
         })
-        .collect()
+    });
+    let page: Vec<PortSummary> = found.by_ref().take(limit).collect();
+    // Whether another port matches (one more port is looked at).
+    let more = page.len() == limit && found.next().is_some();
+    (page, more)
 }
 
 fn port_detail(state: &state::State, port: u16, filter: &Filter) -> PortDetail {

@@ -125,15 +125,22 @@ impl Daemon {
     }
 
     /// The listeners `/ports` shows in the namespace with cookie `netns`,
-    /// as `/ports` has them.
+    /// as `/ports` has them, every page of it (following `next`).
     pub fn listeners(&self, netns: u64) -> Vec<Value> {
-        let ports = self.json(&format!("/ports?netns={netns}"));
-        ports["ports"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no ports in {ports}"))
-            .iter()
-            .flat_map(|port| port["listeners"].as_array().cloned().unwrap_or_default())
-            .collect()
+        let mut listeners = Vec::new();
+        let mut next = Some(format!("/ports?netns={netns}"));
+        while let Some(path) = next {
+            let page = self.json(&path);
+            listeners.extend(
+                page["ports"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("no ports in {page}"))
+                    .iter()
+                    .flat_map(|port| port["listeners"].as_array().cloned().unwrap_or_default()),
+            );
+            next = page["next"].as_str().map(str::to_owned);
+        }
+        listeners
     }
 
     /// [`Daemon::listeners`] in `ss` terms: (protocol, address, port), sorted.
