@@ -924,33 +924,45 @@ async fn metrics_pass_the_renderer_through() {
 }
 
 #[tokio::test]
-async fn concurrent_scrapes_share_one_rendering() {
+async fn concurrent_scrapes_share_a_rendering_and_none_is_stale() {
     let state = Arc::new(RwLock::new(fixture()));
     let (events, _) = broadcast::channel(64);
     let renders = Arc::new(AtomicUsize::new(0));
     let counted = renders.clone();
     let router = api::router(ApiContext {
+        // Slow enough that every scrape below arrives during the first.
         metrics: Arc::new(move || {
             let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            std::thread::sleep(Duration::from_millis(200));
             format!("portwatch_renders {n}\n")
         }),
         ..context(&state, &events)
     });
-    let scrapes: Vec<_> = (0..16)
+    let first = {
+        let router = router.clone();
+        tokio::spawn(async move { get(&router, "/metrics").await.text() })
+    };
+    // The first rendering has started; these 15 wait for it to end.
+    while renders.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let waiting: Vec<_> = (0..15)
         .map(|_| {
             let router = router.clone();
             tokio::spawn(async move { get(&router, "/metrics").await.text() })
         })
         .collect();
-    for scrape in scrapes {
-        assert_eq!(scrape.await.unwrap(), "portwatch_renders 1\n");
+    assert_eq!(first.await.unwrap(), "portwatch_renders 1\n");
+    // They arrived after the first rendering started, so it may miss what
+    // they expect: one more rendering serves them all.
+    for scrape in waiting {
+        assert_eq!(scrape.await.unwrap(), "portwatch_renders 2\n");
     }
-    assert_eq!(renders.load(Ordering::SeqCst), 1);
-    // Past its freshness, the next scrape renders again.
-    tokio::time::sleep(api::METRICS_FRESH + Duration::from_millis(100)).await;
+    assert_eq!(renders.load(Ordering::SeqCst), 2);
+    // A scrape after those gets a rendering of its own, never an older one.
     assert_eq!(
         get(&router, "/metrics").await.text(),
-        "portwatch_renders 2\n"
+        "portwatch_renders 3\n"
     );
 }
 

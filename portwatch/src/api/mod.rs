@@ -58,7 +58,7 @@ use crate::{
     state::State,
     watch::SharedState,
 };
-pub use ops::{METRICS_FRESH, PROMETHEUS_TEXT};
+pub use ops::PROMETHEUS_TEXT;
 pub use problem::{ApiError, PROBLEM_JSON, Problem};
 
 /// How long a request may take before it is answered with a 503. Only the
@@ -87,9 +87,10 @@ struct Shared {
     events: broadcast::WeakSender<Arc<PortEvent>>,
     metrics: Arc<dyn Fn() -> String + Send + Sync>,
     /// The latest `/metrics` rendering. One rendering at a time (each takes
-    /// a blocking thread and memory that grows with the listeners), and
-    /// scrapes within [`ops::METRICS_FRESH`] of one share its text, so a
-    /// flood of scrapes or slow readers holds one copy, not one each.
+    /// a blocking thread and memory that grows with the listeners), and the
+    /// scrapes that waited for one share its text: a flood of scrapes costs
+    /// two renderings, not one each, and never serves a text older than
+    /// the scrape.
     rendered: Arc<Mutex<Option<ops::Rendered>>>,
     clock: BootClock,
 }

@@ -2,10 +2,7 @@
 //! `/openapi.json`, and the landing page at `/`. They ignore query strings:
 //! scrapers and probes may add parameters of their own.
 
-use std::{
-    sync::LazyLock,
-    time::{Duration, Instant},
-};
+use std::{sync::LazyLock, time::Instant};
 
 use axum::{
     body::Bytes,
@@ -34,18 +31,22 @@ pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
     )
 )]
 pub async fn metrics(State(shared): State<Shared>) -> Response {
-    // One rendering at a time; whoever waited gets the one just made.
+    let asked = Instant::now();
+    // One rendering at a time. A rendering that started after this scrape
+    // arrived already shows everything the scrape could expect: it is
+    // served again, shared, rather than rendered once more.
     let mut latest = shared.rendered.clone().lock_owned().await;
-    if let Some(fresh) = latest.as_ref().filter(|r| r.at.elapsed() < METRICS_FRESH) {
-        return exposition(fresh.text.clone());
+    if let Some(recent) = latest.as_ref().filter(|r| r.started >= asked) {
+        return exposition(recent.text.clone());
     }
     // Rendering is CPU work that grows with the listeners (about 150 ms for
     // 100,000): off the runtime's workers, which serve the other requests.
     // The lock goes with the work, so it outlives a request given up on.
     let render = move || {
+        let started = Instant::now();
         let text = Bytes::from((shared.metrics)());
         *latest = Some(Rendered {
-            at: Instant::now(),
+            started,
             text: text.clone(),
         });
         text
@@ -57,13 +58,9 @@ pub async fn metrics(State(shared): State<Shared>) -> Response {
     }
 }
 
-/// How long a `/metrics` rendering is served again: shorter than any
-/// sensible scrape interval, long enough that concurrent scrapes share one.
-pub const METRICS_FRESH: Duration = Duration::from_secs(1);
-
-/// A `/metrics` text and when it was rendered.
+/// The latest `/metrics` text and when its rendering started.
 pub struct Rendered {
-    at: Instant,
+    started: Instant,
     /// Shared by every response that serves it (a reference count, not a
     /// copy per reader).
     text: Bytes,

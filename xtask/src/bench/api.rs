@@ -8,7 +8,18 @@
 //! listeners, and a wrk run that saw errors or non-2xx answers fails the
 //! figure instead of reporting a fast error path.
 
-use std::{net::Ipv4Addr, process::Command};
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    os::fd::AsRawFd as _,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -18,6 +29,12 @@ use super::{BenchDaemon, Ctx, Goal, Row, Stats, snapshot::Listeners};
 /// on each.
 const WRK_THREADS: u32 = 2;
 const WRK_CONNECTIONS: u32 = 16;
+
+/// Slow readers of the two big answers during the second wrk run of each
+/// round: each reads 1 KiB every [`SLOW_READ_EVERY`] through a 4 KiB
+/// receive buffer.
+const SLOW_READERS: usize = 32;
+const SLOW_READ_EVERY: Duration = Duration::from_millis(10);
 
 /// `cargo xtask bench --only API`.
 pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
@@ -32,6 +49,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
 
     let url = format!("http://{}{path}", daemon.addr());
     let (mut p50, mut p99, mut rate, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut slow_p99, mut slow_growth, mut slow_answers) = (Vec::new(), Vec::new(), 0);
     let mut requests = 0;
     for round in 1..=ctx.rounds() {
         let run = wrk(&url, seconds)?;
@@ -48,6 +66,22 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         rate.push(run.requests_per_second);
         rss.push(resident);
         requests += run.requests;
+
+        let before = daemon.rss_bytes()?;
+        let readers = SlowReaders::start(daemon.addr());
+        let peak = PeakRss::watch(daemon.pid());
+        let run = wrk(&url, seconds)?;
+        let peak = peak.stop();
+        let answers = readers.stop()?;
+        let growth = peak.saturating_sub(before) as f64 / f64::from(1 << 20);
+        println!(
+            "  round {round}/{}, {SLOW_READERS} slow readers of /ports and /metrics: p99 {:.3} ms, RSS +{growth:.1} MiB at most, {answers} answers read whole",
+            ctx.rounds(),
+            run.p99_ms,
+        );
+        slow_p99.push(run.p99_ms);
+        slow_growth.push(growth);
+        slow_answers += answers;
     }
     let reconcile = daemon.metric(
         "portwatch_snapshot_duration_seconds",
@@ -83,7 +117,150 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
             Goal::AtMost(64.0),
         )
         .detail(format!("VmRSS after each wrk round{reconciled}")),
+        Row::new(
+            figure(&format!("p99 with {SLOW_READERS} slow readers")),
+            "ms",
+            Stats::of(slow_p99)?,
+            Goal::AtMost(2.0),
+        )
+        .detail(format!(
+            "a second wrk run per round (same load) while {SLOW_READERS} clients read `GET /ports` (the default page) and `GET /metrics` by turns, 1 KiB every {} ms through a 4 KiB receive buffer ({slow_answers} answers read whole in all)",
+            SLOW_READ_EVERY.as_millis()
+        )),
+        Row::new(
+            format!("API: RSS growth with {SLOW_READERS} slow readers ({count} listeners)"),
+            "MiB",
+            Stats::of(slow_growth)?,
+            Goal::AtMost(16.0),
+        )
+        .detail(
+            "the daemon's highest VmRSS (sampled every 50 ms) during that run, less its VmRSS just before the readers started",
+        ),
     ])
+}
+
+/// Clients that ask for `/ports` and `/metrics` by turns and read the
+/// answers slowly, until stopped.
+struct SlowReaders {
+    stop: Arc<AtomicBool>,
+    answers: Arc<AtomicU64>,
+    threads: Vec<thread::JoinHandle<Result<()>>>,
+}
+
+impl SlowReaders {
+    fn start(addr: SocketAddr) -> SlowReaders {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answers = Arc::new(AtomicU64::new(0));
+        let threads = (0..SLOW_READERS)
+            .map(|i| {
+                let (stop, answers) = (stop.clone(), answers.clone());
+                thread::spawn(move || {
+                    let mut paths = ["/ports", "/metrics"].into_iter().cycle().skip(i % 2);
+                    while !stop.load(Ordering::Relaxed) {
+                        let path = paths.next().unwrap_or("/ports");
+                        if read_slowly(addr, path, &stop)? {
+                            answers.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        SlowReaders {
+            stop,
+            answers,
+            threads,
+        }
+    }
+
+    /// Stops them; how many answers they read whole.
+    fn stop(self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("a slow reader panicked"))??;
+        }
+        Ok(self.answers.load(Ordering::Relaxed))
+    }
+}
+
+/// One request on a fresh connection, read 1 KiB at a time; true when the
+/// whole answer was read before `stop`. Fails on an answer that is not 200.
+fn read_slowly(addr: SocketAddr, path: &str, stop: &AtomicBool) -> Result<bool> {
+    let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    let small: libc::c_int = 4096;
+    // SAFETY: setsockopt on a socket we own, with a c_int option value.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const small).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut chunk = [0u8; 1024];
+    let mut first = true;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let n = match stream.read(&mut chunk) {
+            Ok(n) => n,
+            // The daemon cuts off a client too slow for it: its defence,
+            // not a failed measurement.
+            Err(err) if !first && err.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Ok(false);
+            }
+            Err(err) => return Err(err).with_context(|| format!("reading GET {path}")),
+        };
+        if n == 0 {
+            return Ok(!first);
+        }
+        if first {
+            if !chunk[..n].starts_with(b"HTTP/1.1 200") {
+                bail!(
+                    "GET {path} answered {}",
+                    String::from_utf8_lossy(&chunk[..n.min(80)])
+                );
+            }
+            first = false;
+        }
+        thread::sleep(SLOW_READ_EVERY);
+    }
+}
+
+/// The highest VmRSS of a process, sampled on a thread until stopped.
+struct PeakRss {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<u64>,
+}
+
+impl PeakRss {
+    fn watch(pid: u32) -> PeakRss {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(Ordering::Relaxed) {
+                peak = peak.max(super::rig::rss_of(pid).unwrap_or(0));
+                thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        });
+        PeakRss { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or(0)
+    }
 }
 
 /// Fails unless `GET /ports/{port}` answers 200 and lists every bench

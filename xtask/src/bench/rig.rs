@@ -75,6 +75,19 @@ impl Drop for Cgroup {
     }
 }
 
+/// The resident memory (VmRSS) of process `pid`, in bytes.
+pub fn rss_of(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .with_context(|| format!("no VmRSS in {path}"))
+}
+
 /// The daemon under test: the release build, watching the bench cgroup,
 /// serving HTTP on a free loopback port, its log in the run's directory.
 pub struct BenchDaemon {
@@ -161,15 +174,7 @@ impl BenchDaemon {
 
     /// The daemon's resident memory (VmRSS), in bytes.
     pub fn rss_bytes(&self) -> Result<u64> {
-        let path = format!("/proc/{}/status", self.pid());
-        let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.trim().strip_suffix("kB"))
-            .and_then(|kb| kb.trim().parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-            .with_context(|| format!("no VmRSS in {path}"))
+        rss_of(self.pid())
     }
 
     /// SIGTERM, then waits for the exit (the programs are detached by then).
