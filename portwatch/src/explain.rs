@@ -729,8 +729,9 @@ mod tests {
         let v6 = entry(2, 2, "::", Some(true), false);
         let mut pod_a = entry(3, 3, "0.0.0.0", None, false);
         pod_a.facts.netns = 7;
-        pod_a.place.workload.pod_uid = Some("uid-a".into());
-        pod_a.place.workload.pod_namespace = Some("shop".into());
+        let place = std::sync::Arc::make_mut(&mut pod_a.place);
+        place.workload.pod_uid = Some("uid-a".into());
+        place.workload.pod_namespace = Some("shop".into());
         let mut pod_b = entry(4, 4, "::", Some(true), false);
         pod_b.facts.netns = 5;
         let found = explain(8000, &[&pod_a, &v4, &pod_b, &v6], 1, &LOCALHOST);

@@ -15,6 +15,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
+    sync::{Arc, LazyLock},
     time::SystemTime,
 };
 
@@ -47,9 +48,10 @@ pub struct Entry {
     pub inode: Option<u64>,
     /// cgroup v2 id of the task that bound it, when an event saw it.
     pub cgroup_id: Option<u64>,
-    /// cgroup path, systemd unit, container and workload names, when known.
+    /// cgroup path, systemd unit, container and workload names, when known:
+    /// shared by every socket of the same place (see [`Places`]).
     #[serde(flatten)]
-    pub place: Place,
+    pub place: Arc<Place>,
     /// When portwatch first saw the socket in its current state (for sockets
     /// found by the start-up snapshot: when the snapshot ran).
     pub since: SystemTime,
@@ -96,7 +98,7 @@ impl Entry {
             holders: vec![holder(event)],
             inode: None,
             cgroup_id: Some(event.cgroup_id),
-            place: Place::default(),
+            place: NOWHERE.clone(),
             since: at,
             since_exact: true,
         }
@@ -140,6 +142,39 @@ pub struct Reconciled {
     pub removed: Vec<u64>,
 }
 
+/// The place of a socket nobody has placed yet, shared.
+static NOWHERE: LazyLock<Arc<Place>> = LazyLock::new(Arc::default);
+
+/// The places of the map's sockets, one copy each: a host's sockets belong
+/// to few processes, and a place (cgroup path, unit, container, workload
+/// names) is the largest part of an entry.
+#[derive(Debug, Default)]
+struct Places {
+    known: HashSet<Arc<Place>>,
+    /// How many places may be known before those no entry uses any more
+    /// are dropped (twice what was left at the last pruning).
+    prune_at: usize,
+}
+
+impl Places {
+    /// The shared copy of `place`.
+    fn intern(&mut self, place: Place) -> Arc<Place> {
+        if place == Place::default() {
+            return NOWHERE.clone();
+        }
+        if let Some(known) = self.known.get(&place) {
+            return known.clone();
+        }
+        if self.known.len() >= self.prune_at {
+            self.known.retain(|place| Arc::strong_count(place) > 1);
+            self.prune_at = (self.known.len() * 2).max(1024);
+        }
+        let place = Arc::new(place);
+        self.known.insert(place.clone());
+        place
+    }
+}
+
 /// The live map.
 #[derive(Debug, Default)]
 pub struct PortMap {
@@ -155,6 +190,7 @@ pub struct PortMap {
     /// which reconciliation checks against a listing of listening and bound
     /// sockets only.
     connected_binds: HashMap<u64, Entry>,
+    places: Places,
 }
 
 impl PortMap {
@@ -312,16 +348,20 @@ impl PortMap {
                     add_holder(&mut entry.holders, holder);
                 }
                 entry.inode = seen.inode.or(entry.inode);
-                entry.place = seen.place.or(std::mem::take(&mut entry.place));
+                if seen.place != Place::default() && seen.place != *entry.place {
+                    let merged = seen.place.or(Place::clone(&entry.place));
+                    entry.place = self.places.intern(merged);
+                }
             }
             _ => {
                 self.remove(cookie);
+                let place = self.places.intern(seen.place);
                 self.insert(Entry {
                     facts: seen.facts,
                     holders: seen.holders,
                     inode: seen.inode,
                     cgroup_id: None,
-                    place: seen.place,
+                    place,
                     since: at,
                     since_exact: false,
                 });
@@ -422,7 +462,10 @@ impl PortMap {
     /// Records where the socket's owner lives, where the map does not know yet.
     pub fn set_place(&mut self, cookie: u64, place: Place) {
         if let Some(entry) = self.entries.get_mut(&cookie) {
-            entry.place = std::mem::take(&mut entry.place).or(place);
+            let merged = Place::clone(&entry.place).or(place);
+            if merged != *entry.place {
+                entry.place = self.places.intern(merged);
+            }
         }
     }
 
@@ -810,5 +853,52 @@ mod tests {
         );
         assert!(map.on_port(8000).next().is_none());
         assert_eq!(map.listeners_on(8001).len(), 1);
+    }
+
+    #[test]
+    fn sockets_of_one_place_share_it_and_unused_places_are_dropped() {
+        let mut map = PortMap::default();
+        map.merge(
+            (0..3)
+                .map(|i| observed(i, Protocol::Tcp, SockState::Listening, 8000 + i as u16))
+                .collect(),
+            T0,
+        );
+        let places: Vec<&Arc<Place>> = (0..3).map(|i| &map.get(i).unwrap().place).collect();
+        assert!(places.iter().all(|p| Arc::ptr_eq(p, places[0])));
+        assert_eq!(places[0].unit.as_deref(), Some("old.service"));
+        assert_eq!(map.places.known.len(), 1);
+
+        // Another place for one socket: the others keep theirs.
+        let mut moved = Place::clone(&map.get(1).unwrap().place);
+        moved.unit = Some("new.service".into());
+        let mut seen = observed(1, Protocol::Tcp, SockState::Listening, 8001);
+        seen.place = moved;
+        map.merge(vec![seen], T0);
+        assert_eq!(
+            map.get(1).unwrap().place.unit.as_deref(),
+            Some("new.service")
+        );
+        assert_eq!(
+            map.get(0).unwrap().place.unit.as_deref(),
+            Some("old.service")
+        );
+
+        // Places no socket holds any more go at the next pruning, however
+        // often a socket changes place.
+        for i in 0..3000 {
+            let mut seen = observed(10, Protocol::Tcp, SockState::Listening, 9000);
+            seen.place.unit = Some(format!("app-{i}.service"));
+            map.merge(vec![seen], T0);
+        }
+        assert!(
+            map.places.known.len() <= 1024,
+            "{} places kept for 3 in use",
+            map.places.known.len()
+        );
+        // An unplaced socket shares the one empty place.
+        let unplaced = event(EventKind::Bind, 5000, v4([0, 0, 0, 0]), 7000);
+        map.apply(&unplaced, T0);
+        assert!(Arc::ptr_eq(&map.get(5000).unwrap().place, &NOWHERE));
     }
 }

@@ -652,8 +652,8 @@ async fn two_hundred_pods_on_one_port_are_two_hundred_port_tables_not_sharing() 
             };
             listen_in(&mut state, &sock, HOST + 1 + 7, 40);
         }
-        state.map.set_place(300_007, place.clone());
-        state.map.set_place(200_007, place);
+        state.map.set_place(300_007, Place::clone(&place));
+        state.map.set_place(200_007, Place::clone(&place));
     }
     let body = get(&api.router, "/ports/8080").await.ok_json();
     assert_eq!(body["shared"], true);

@@ -122,7 +122,7 @@ pub(crate) struct ProcInfo {
 
 /// Where a process lives: its cgroup v2 path, the systemd unit and
 /// container found in that path, and the workload's names.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct Place {
     pub cgroup: Option<String>,
     pub unit: Option<String>,

@@ -37,7 +37,7 @@ use utoipa::ToSchema;
 use super::owners::Place;
 
 /// A workload's names, beyond the container id the cgroup path carries.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, ToSchema)]
 pub struct Workload {
     /// The container's name, as its runtime or the kubelet names it.
     pub container_name: Option<String>,

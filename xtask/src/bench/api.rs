@@ -46,6 +46,8 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     let port = listeners.layout().ports().start;
     let path = format!("/ports/{port}");
     check_answer(&daemon, &listeners, port)?;
+    let page_kib = daemon.get("/ports")?.1.len() as f64 / 1024.0;
+    let metrics_kib = daemon.metrics()?.len() as f64 / 1024.0;
 
     let url = format!("http://{}{path}", daemon.addr());
     let (mut p50, mut p99, mut rate, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -124,7 +126,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
             Goal::AtMost(2.0),
         )
         .detail(format!(
-            "a second wrk run per round (same load) while {SLOW_READERS} clients read `GET /ports` (the default page) and `GET /metrics` by turns, 1 KiB every {} ms through a 4 KiB receive buffer ({slow_answers} answers read whole in all)",
+            "a second wrk run per round (same load) while {SLOW_READERS} clients read `GET /ports` (the default page) and `GET /metrics` by turns, 1 KiB every {} ms through a 4 KiB receive buffer ({slow_answers} answers read whole in all; the page is {page_kib:.0} KiB, /metrics {metrics_kib:.0} KiB)",
             SLOW_READ_EVERY.as_millis()
         )),
         Row::new(
