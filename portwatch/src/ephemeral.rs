@@ -463,7 +463,7 @@ mod tests {
                 process: "server".into(),
             }],
             inode: Some(cookie),
-            place: Place::default(),
+            place: Default::default(),
         };
         map.merge(vec![seen], SystemTime::UNIX_EPOCH);
     }

@@ -112,7 +112,8 @@ pub struct Observed {
     pub facts: SocketFacts,
     pub holders: Vec<Holder>,
     pub inode: Option<u64>,
-    pub place: Place,
+    /// Shared with the other sockets of its process.
+    pub place: Arc<Place>,
 }
 
 /// Differences found by a reconciliation, by kind.
@@ -159,7 +160,15 @@ struct Places {
 impl Places {
     /// The shared copy of `place`.
     fn intern(&mut self, place: Place) -> Arc<Place> {
-        if place == Place::default() {
+        match self.known.get(&place) {
+            Some(known) => known.clone(),
+            None => self.share(Arc::new(place)),
+        }
+    }
+
+    /// The shared copy of `place`: this one, unless an equal one is known.
+    fn share(&mut self, place: Arc<Place>) -> Arc<Place> {
+        if *place == Place::default() {
             return NOWHERE.clone();
         }
         if let Some(known) = self.known.get(&place) {
@@ -169,7 +178,6 @@ impl Places {
             self.known.retain(|place| Arc::strong_count(place) > 1);
             self.prune_at = (self.known.len() * 2).max(1024);
         }
-        let place = Arc::new(place);
         self.known.insert(place.clone());
         place
     }
@@ -348,14 +356,17 @@ impl PortMap {
                     add_holder(&mut entry.holders, holder);
                 }
                 entry.inode = seen.inode.or(entry.inode);
-                if seen.place != Place::default() && seen.place != *entry.place {
-                    let merged = seen.place.or(Place::clone(&entry.place));
+                if !Arc::ptr_eq(&seen.place, &entry.place)
+                    && *seen.place != Place::default()
+                    && seen.place != entry.place
+                {
+                    let merged = Place::clone(&seen.place).or(Place::clone(&entry.place));
                     entry.place = self.places.intern(merged);
                 }
             }
             _ => {
                 self.remove(cookie);
-                let place = self.places.intern(seen.place);
+                let place = self.places.share(seen.place);
                 self.insert(Entry {
                     facts: seen.facts,
                     holders: seen.holders,
@@ -608,11 +619,11 @@ mod tests {
                 process: "old".into(),
             }],
             inode: Some(99),
-            place: Place {
+            place: Arc::new(Place {
                 cgroup: Some("/system.slice/old.service".into()),
                 unit: Some("old.service".into()),
                 ..Place::default()
-            },
+            }),
         }
     }
 
@@ -873,7 +884,7 @@ mod tests {
         let mut moved = Place::clone(&map.get(1).unwrap().place);
         moved.unit = Some("new.service".into());
         let mut seen = observed(1, Protocol::Tcp, SockState::Listening, 8001);
-        seen.place = moved;
+        seen.place = Arc::new(moved);
         map.merge(vec![seen], T0);
         assert_eq!(
             map.get(1).unwrap().place.unit.as_deref(),
@@ -888,7 +899,7 @@ mod tests {
         // often a socket changes place.
         for i in 0..3000 {
             let mut seen = observed(10, Protocol::Tcp, SockState::Listening, 9000);
-            seen.place.unit = Some(format!("app-{i}.service"));
+            Arc::make_mut(&mut seen.place).unit = Some(format!("app-{i}.service"));
             map.merge(vec![seen], T0);
         }
         assert!(

@@ -702,7 +702,7 @@ impl Watcher {
     fn observed(&self, snapshot: &snapshot::Snapshot) -> Vec<Observed> {
         let mut observed = snapshot.observed();
         self.workloads
-            .name_all(observed.iter_mut().map(|seen| &mut seen.place));
+            .name_shared(observed.iter_mut().map(|seen| &mut seen.place));
         observed
     }
 

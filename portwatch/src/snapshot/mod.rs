@@ -36,7 +36,10 @@ use std::{
     io,
     num::NonZeroUsize,
     path::PathBuf,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     thread,
     time::{Duration, Instant, SystemTime},
 };
@@ -158,7 +161,13 @@ impl Snapshot {
 
     /// The snapshot in the form the per-port map merges and reconciles.
     pub fn observed(&self) -> Vec<Observed> {
-        self.sockets.iter().cloned().map(Observed::from).collect()
+        // One place per owning process, shared by its sockets: a process
+        // often holds many, and a place is the largest part of an entry.
+        let mut places = HashMap::new();
+        self.sockets
+            .iter()
+            .map(|socket| observe(socket, &mut places))
+            .collect()
     }
 }
 
@@ -541,23 +550,27 @@ fn read_share_options(sockets: &mut [SnapshotSocket]) -> u64 {
     unreadable
 }
 
-impl From<SnapshotSocket> for Observed {
-    /// The first owner (lowest pid) names the cgroup, unit and container.
-    fn from(socket: SnapshotSocket) -> Observed {
-        let first = socket.owners.first();
-        Observed {
-            inode: (socket.inode != 0).then_some(socket.inode),
-            place: first.map(Owner::place).unwrap_or_default(),
-            holders: socket
-                .owners
-                .into_iter()
-                .map(|owner| Holder {
-                    pid: owner.pid,
-                    process: owner.process,
-                })
-                .collect(),
-            facts: socket.facts,
-        }
+/// `socket` as the map keeps it. The first owner (lowest pid) names the
+/// cgroup, unit and container; `places` holds each process's, shared.
+fn observe(socket: &SnapshotSocket, places: &mut HashMap<u32, Arc<Place>>) -> Observed {
+    let place = socket.owners.first().map_or_else(Arc::default, |first| {
+        places
+            .entry(first.pid)
+            .or_insert_with(|| Arc::new(first.place()))
+            .clone()
+    });
+    Observed {
+        inode: (socket.inode != 0).then_some(socket.inode),
+        place,
+        holders: socket
+            .owners
+            .iter()
+            .map(|owner| Holder {
+                pid: owner.pid,
+                process: owner.process.clone(),
+            })
+            .collect(),
+        facts: socket.facts.clone(),
     }
 }
 
@@ -601,10 +614,13 @@ mod tests {
 
     #[test]
     fn observed_keeps_every_holder_and_the_first_owners_unit() {
-        let seen = Observed::from(socket(
-            vec![owner(10, Some("nginx.service")), owner(11, None)],
-            1234,
-        ));
+        let seen = observe(
+            &socket(
+                vec![owner(10, Some("nginx.service")), owner(11, None)],
+                1234,
+            ),
+            &mut HashMap::new(),
+        );
         assert_eq!(seen.inode, Some(1234));
         assert_eq!(seen.place.unit.as_deref(), Some("nginx.service"));
         assert_eq!(
@@ -617,7 +633,7 @@ mod tests {
 
     #[test]
     fn observed_without_owner_or_inode_leaves_them_unknown() {
-        let seen = Observed::from(socket(Vec::new(), 0));
+        let seen = observe(&socket(Vec::new(), 0), &mut HashMap::new());
         assert_eq!(seen.inode, None);
         assert_eq!(seen.place.cgroup, None);
         assert!(seen.holders.is_empty());

@@ -27,7 +27,7 @@ use std::{
     fs,
     io::Read as _,
     path::{Path, PathBuf},
-    sync::{Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -327,8 +327,28 @@ impl Workloads {
         }
     }
 
-    /// Names the workloads of `places` (a snapshot's, as the map will keep
-    /// them), resolving each distinct cgroup once.
+    /// [`Workloads::name_all`] for places shared between sockets (a
+    /// snapshot's, as the map will keep them): each distinct place is named
+    /// once, and its sockets share the result.
+    pub fn name_shared<'a>(&self, places: impl IntoIterator<Item = &'a mut Arc<Place>>) {
+        let mut named: HashMap<*const Place, Arc<Place>> = HashMap::new();
+        let mut workloads: HashMap<Option<String>, Workload> = HashMap::new();
+        for place in places {
+            // Every place is alive while the loop runs, so an address names
+            // one place.
+            let shared = named.entry(Arc::as_ptr(place)).or_insert_with(|| {
+                let mut copy = Place::clone(place);
+                copy.workload = workloads
+                    .entry(copy.cgroup.clone())
+                    .or_insert_with(|| self.of(copy.cgroup.as_deref(), copy.container.as_deref()))
+                    .clone();
+                Arc::new(copy)
+            });
+            *place = shared.clone();
+        }
+    }
+
+    /// Names the workloads of `places`, resolving each distinct cgroup once.
     pub fn name_all<'a>(&self, places: impl IntoIterator<Item = &'a mut Place>) {
         let mut named: HashMap<Option<String>, Workload> = HashMap::new();
         for place in places {
