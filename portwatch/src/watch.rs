@@ -147,6 +147,12 @@ const DIAG_INTERVAL: Duration = Duration::from_millis(250);
 /// connects that all succeed); this check finds them within its period.
 const DROP_CHECK: Duration = Duration::from_secs(30);
 
+/// Every this many reconciliations, the owners of every socket are read
+/// again (a process that inherited a listener is seen as a holder); the
+/// others read them only when the listing has a socket the map does not
+/// know.
+const OWNERS_REFRESH_EVERY: u32 = 10;
+
 /// A drop check due within this of the next reconciliation waits for it, so
 /// that the two wake the daemon once.
 const COALESCE: Duration = Duration::from_secs(5);
@@ -180,6 +186,9 @@ pub struct Watcher {
     /// Whether a listing has been merged (at start-up, or by the first
     /// reconciliation that worked after a failed start).
     merged: bool,
+    /// Reconciliations in a row that found every socket known and so did
+    /// not look for owners.
+    reconciles_without_owners: u32,
     /// Lists ephemeral port use into the state, beside the pipeline.
     ephemeral: EphemeralLister,
 }
@@ -237,6 +246,7 @@ impl Watcher {
             bound_tcp_listed,
             listing_failed: None,
             merged: false,
+            reconciles_without_owners: 0,
             ephemeral: EphemeralLister {
                 state: state_handle.clone(),
                 workloads: Arc::clone(&lister_workloads),
@@ -631,12 +641,42 @@ impl Watcher {
         // apply them first, so that only real drift is counted.
         self.apply_pending();
         let config = SnapshotConfig {
-            read_owners: true,
+            read_owners: false,
             read_options: false,
             holders_only: true,
         };
         let started = Instant::now();
-        let snapshot = tokio::task::spawn_blocking(move || snapshot::take(&config)).await??;
+        let refresh = self.reconciles_without_owners + 1 >= OWNERS_REFRESH_EVERY;
+        let state = self.state.clone();
+        let (snapshot, owners_read) = tokio::task::spawn_blocking(move || {
+            let mut snapshot = snapshot::take(&config)?;
+            // The owners scan reads every descriptor of every process, the
+            // dearest part of a listing: only a socket the map does not
+            // know needs it, and the holders of known ones are refreshed
+            // every OWNERS_REFRESH_EVERY reconciliations.
+            let unknown = {
+                let state = state
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                snapshot.sockets.iter().any(|socket| {
+                    state
+                        .map
+                        .get(socket.facts.cookie)
+                        .is_none_or(|entry| entry.facts.port != socket.facts.port)
+                })
+            };
+            let owners_read = refresh || unknown;
+            if owners_read {
+                snapshot.attach_owners()?;
+            }
+            Ok::<_, SnapshotError>((snapshot, owners_read))
+        })
+        .await??;
+        self.reconciles_without_owners = if owners_read {
+            0
+        } else {
+            self.reconciles_without_owners + 1
+        };
         self.listing_works();
         let observed = self.observed(&snapshot);
         let fresh: Vec<u64> = {

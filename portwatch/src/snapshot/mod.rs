@@ -385,6 +385,19 @@ pub fn take(config: &SnapshotConfig) -> Result<Snapshot, SnapshotError> {
     })
 }
 
+impl Snapshot {
+    /// Finds the owners of every socket of a snapshot taken without them
+    /// (one pass over `/proc/<pid>/fd`), as [`SnapshotConfig::read_owners`]
+    /// would have.
+    pub fn attach_owners(&mut self) -> Result<(), SnapshotError> {
+        let started = Instant::now();
+        self.processes_unreadable = attach_owners(&mut self.sockets)?;
+        self.phases.owners = started.elapsed();
+        self.elapsed += self.phases.owners;
+        Ok(())
+    }
+}
+
 /// The time since `*since`, restarting it.
 fn lap(since: &mut Instant) -> Duration {
     let now = Instant::now();

@@ -149,7 +149,8 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         .detail(format!(
             "portwatch_snapshot_duration_seconds{{kind=\"reconcile\"}} after each of {wanted} \
              reconciliations (reconcile_interval = {RECONCILE_INTERVAL}; every namespace, \
-             owners, no SO_REUSE* options): mean {mean:.0} ms, last {last:.0} ms; drift \
+             owners only when a socket is new to the map or at every tenth, no SO_REUSE* \
+             options): mean {mean:.0} ms, last {last:.0} ms; drift \
              corrected {drift:.0}; daemon RSS {rss:.1} MiB"
         )),
     ])
