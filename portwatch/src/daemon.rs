@@ -75,7 +75,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let ctx = ApiContext {
         state: watcher.state(),
         events: watcher.event_sender(),
-        metrics: Arc::new(move || metrics.render()),
+        // A rendering copies every listener's facts (tens of MiB at 100k
+        // listeners) on a blocking thread, whose arena would keep them.
+        metrics: Arc::new(move || {
+            let text = metrics.render();
+            crate::watch::release_freed_memory();
+            text
+        }),
         clock: watcher.clock(),
     };
     let mut servers = tokio::task::JoinSet::new();
