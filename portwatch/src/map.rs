@@ -356,10 +356,9 @@ impl PortMap {
                     add_holder(&mut entry.holders, holder);
                 }
                 entry.inode = seen.inode.or(entry.inode);
-                if !Arc::ptr_eq(&seen.place, &entry.place)
-                    && *seen.place != Place::default()
-                    && seen.place != entry.place
-                {
+                // Arc's equality looks at the pointer first: a socket that
+                // kept its process's place costs no string comparison.
+                if *seen.place != Place::default() && seen.place != entry.place {
                     let merged = Place::clone(&seen.place).or(Place::clone(&entry.place));
                     entry.place = self.places.intern(merged);
                 }

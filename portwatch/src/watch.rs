@@ -153,10 +153,6 @@ const DROP_CHECK: Duration = Duration::from_secs(30);
 /// know.
 const OWNERS_REFRESH_EVERY: u32 = 10;
 
-/// A drop check due within this of the next reconciliation waits for it, so
-/// that the two wake the daemon once.
-const COALESCE: Duration = Duration::from_secs(5);
-
 /// The pipeline: owns the kernel side, writes the shared state.
 pub struct Watcher {
     capture: Capture,
@@ -360,7 +356,7 @@ impl Watcher {
     /// them. Reconciles when due or after a drop.
     pub async fn step(&mut self) -> Result<Vec<PortEvent>, WatchError> {
         let mut events = Vec::new();
-        let mut wake = self.next_reconcile.min(self.next_drop_check);
+        let mut wake = self.next_reconcile.min(self.drop_check_due());
         if !self.unresolved.is_empty() {
             wake = wake.min(self.last_diag + DIAG_INTERVAL);
         }
@@ -385,7 +381,7 @@ impl Watcher {
         // bookkeeping map) may come alone, so the counters are also read at
         // each reconciliation and on a slow timer.
         let reconcile_due = now >= self.next_reconcile;
-        let lost_something = (!events.is_empty() || reconcile_due || now >= self.next_drop_check)
+        let lost_something = (!events.is_empty() || reconcile_due || now >= self.drop_check_due())
             && self.update_drops();
         if lost_something || reconcile_due {
             match self.reconcile().await {
@@ -397,13 +393,6 @@ impl Watcher {
                     other?;
                 }
             }
-        }
-        if self
-            .next_reconcile
-            .saturating_duration_since(self.next_drop_check)
-            < COALESCE
-        {
-            self.next_drop_check = self.next_drop_check.max(self.next_reconcile);
         }
         Ok(events)
     }
@@ -436,6 +425,17 @@ impl Watcher {
         if self.listing_failed.take().is_some() {
             tracing::info!("the sock_diag listing works again; the map is checked against it");
             self.write().listing = None;
+        }
+    }
+
+    /// When the drop counters are next read without records: every
+    /// reconciliation reads them, so a timer of their own is needed only when
+    /// reconciliations are further apart than [`DROP_CHECK`].
+    fn drop_check_due(&self) -> Instant {
+        if self.config.reconcile_every <= DROP_CHECK {
+            self.next_reconcile
+        } else {
+            self.next_drop_check
         }
     }
 
@@ -648,28 +648,37 @@ impl Watcher {
         let started = Instant::now();
         let refresh = self.reconciles_without_owners + 1 >= OWNERS_REFRESH_EVERY;
         let state = self.state.clone();
-        let (snapshot, owners_read) = tokio::task::spawn_blocking(move || {
+        let (snapshot, owners_read, fresh) = tokio::task::spawn_blocking(move || {
             let mut snapshot = snapshot::take(&config)?;
             // The owners scan reads every descriptor of every process, the
             // dearest part of a listing: only a socket the map does not
             // know needs it, and the holders of known ones are refreshed
             // every OWNERS_REFRESH_EVERY reconciliations.
-            let unknown = {
+            // `fresh`: listening or bound sockets new to the map, which the
+            // kernel must start tracking; `unknown`: any other socket the
+            // map does not have where the listing has it.
+            let (fresh, unknown) = {
                 let state = state
                     .read()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                snapshot.sockets.iter().any(|socket| {
-                    state
-                        .map
-                        .get(socket.facts.cookie)
-                        .is_none_or(|entry| entry.facts.port != socket.facts.port)
-                })
+                let mut fresh = Vec::new();
+                let mut unknown = false;
+                for socket in &snapshot.sockets {
+                    match state.map.get(socket.facts.cookie) {
+                        None if socket.facts.state.is_listening_or_bound() => {
+                            fresh.push(socket.facts.cookie);
+                        }
+                        None => unknown = true,
+                        Some(entry) => unknown |= entry.facts.port != socket.facts.port,
+                    }
+                }
+                (fresh, unknown)
             };
-            let owners_read = refresh || unknown;
+            let owners_read = refresh || unknown || !fresh.is_empty();
             if owners_read {
                 snapshot.attach_owners()?;
             }
-            Ok::<_, SnapshotError>((snapshot, owners_read))
+            Ok::<_, SnapshotError>((snapshot, owners_read, fresh))
         })
         .await??;
         self.reconciles_without_owners = if owners_read {
@@ -679,17 +688,6 @@ impl Watcher {
         };
         self.listing_works();
         let observed = self.observed(&snapshot);
-        let fresh: Vec<u64> = {
-            let state = self.read_guard();
-            observed
-                .iter()
-                .filter(|seen| {
-                    state.map.get(seen.facts.cookie).is_none()
-                        && seen.facts.state.is_listening_or_bound()
-                })
-                .map(|seen| seen.facts.cookie)
-                .collect()
-        };
         let untracked = fresh
             .iter()
             .filter(|cookie| self.capture.track(**cookie).is_err())

@@ -431,9 +431,9 @@ pub(crate) fn in_each_namespace<T: Send>(
     let next = AtomicUsize::new(0);
     if namespaces.iter().all(|ns| ns.key == own) {
         // Only this thread's own namespace (a host without containers):
-        // no namespace to enter, so no thread to start.
-        let mut done = netns_worker(namespaces, own, &work, &next);
-        done.sort_by_key(|(index, _)| *index);
+        // no namespace to enter, so no thread to start. One worker takes
+        // the namespaces in order.
+        let done = netns_worker(namespaces, own, &work, &next);
         return Ok(done.into_iter().map(|(_, result)| result).collect());
     }
     let mut results: Vec<Option<Result<T, SnapshotError>>> =
