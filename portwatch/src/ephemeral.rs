@@ -31,7 +31,10 @@ use crate::{
     state::{EarlyBind, State},
 };
 
-/// How many held ports a namespace's answer lists (all are counted).
+/// How many held ports, and how many listeners inside the range, a
+/// namespace's answer lists (all are counted). A host with 50k listeners in
+/// its range gets the same few KiB as one with 50, not a line per listener
+/// built for every scrape.
 pub const HELD_SHOWN: usize = 50;
 
 /// One namespace's ephemeral ports.
@@ -79,8 +82,12 @@ pub struct NetnsEphemeral {
     /// At that pace, seconds until the busiest destination has no usable
     /// port left (0 when it has none now); `None` while it does not grow.
     pub exhaustion_seconds: Option<f64>,
-    /// What takes ports from the range and should not.
+    /// What takes ports from the range and should not: listeners inside it
+    /// (the first [`HELD_SHOWN`] by port), then the processes that bind
+    /// before they connect.
     pub anti_patterns: Vec<AntiPattern>,
+    /// How many anti-patterns there are, listed or not.
+    pub anti_patterns_total: usize,
 }
 
 /// A TCP socket that holds a port inside the range.
@@ -215,6 +222,8 @@ pub fn explain<'a>(
         }
         if listening {
             listeners_in_range += 1;
+        }
+        if listening && anti_patterns.len() < HELD_SHOWN {
             anti_patterns.push(AntiPattern {
                 kind: "listener_in_range",
                 port: facts.port,
@@ -230,7 +239,9 @@ pub fn explain<'a>(
             });
         }
     }
-    anti_patterns.extend(bind_before_connect(usage.netns, early_binds));
+    let early = bind_before_connect(usage.netns, early_binds);
+    let anti_patterns_total = listeners_in_range as usize + early.len();
+    anti_patterns.extend(early);
     held_ports.dedup();
     let held = held_ports.len() as u32;
     let usable = size.saturating_sub(usage.reserved).saturating_sub(held);
@@ -274,6 +285,7 @@ pub fn explain<'a>(
         },
         listeners_in_range,
         anti_patterns,
+        anti_patterns_total,
         connect_rate: usage.trend.and_then(|trend| trend.connect_rate),
         busiest_growth: usage.trend.map(|trend| trend.busiest_growth),
         exhaustion_seconds: exhaustion(in_use, usable, usage.trend),
@@ -508,6 +520,33 @@ mod tests {
         let view = explain(&usage(9, 1), &map, 1, 10, []);
         assert_eq!((view.reserved, view.held, view.usable), (1, 1, 8));
         assert_eq!(view.listeners_in_range, 2);
+    }
+
+    #[test]
+    fn listeners_in_the_range_are_all_counted_and_the_first_few_listed() {
+        const WIDE: PortRange = PortRange {
+            low: 40000,
+            high: 40199,
+        };
+        let mut map = PortMap::default();
+        let count = HELD_SHOWN as u16 + 30;
+        for i in 0..count {
+            listen(&mut map, WIDE.low + i, u64::from(i) + 1);
+        }
+        let wide = NetnsUsage {
+            range: WIDE,
+            ..usage(1, 0)
+        };
+        let view = explain(&wide, &map, 1, 10, []);
+        assert_eq!(view.listeners_in_range, u32::from(count));
+        assert_eq!(view.held, u32::from(count));
+        assert_eq!(view.anti_patterns_total, usize::from(count));
+        assert_eq!(view.anti_patterns.len(), HELD_SHOWN);
+        assert_eq!(view.held_by.len(), HELD_SHOWN);
+        // The lowest ports, in order.
+        let listed: Vec<u16> = view.anti_patterns.iter().map(|a| a.port).collect();
+        let lowest: Vec<u16> = (0..HELD_SHOWN as u16).map(|i| WIDE.low + i).collect();
+        assert_eq!(listed, lowest);
     }
 
     #[test]

@@ -97,7 +97,11 @@ pub struct NetnsView {
     /// At that pace, seconds until the busiest destination has no usable
     /// port left (0: none now); null while it does not grow.
     pub exhaustion_seconds: Option<f64>,
+    /// Listeners inside the range (the first 50 by port), then the processes
+    /// that bind before they connect.
     pub anti_patterns: Vec<AntiPatternView>,
+    /// How many anti-patterns there are, listed or not.
+    pub anti_patterns_total: usize,
     /// Recent connects, binds and listens that found no free port in this
     /// namespace's range (`connect_failed`; EADDRINUSE on port 0), newest
     /// first.
@@ -269,6 +273,7 @@ impl NetnsView {
             busiest_growth: ns.busiest_growth,
             exhaustion_seconds: ns.exhaustion_seconds,
             anti_patterns: ns.anti_patterns.iter().map(AntiPatternView::from).collect(),
+            anti_patterns_total: ns.anti_patterns_total,
             recent_failures,
         }
     }

@@ -108,7 +108,8 @@ fn render_namespace(out: &mut String, ns: &Value) {
         text(&udp["usable"]),
         percent(&udp["utilization"])
     );
-    for anti in array(&ns["anti_patterns"]) {
+    let anti_patterns = array(&ns["anti_patterns"]);
+    for anti in anti_patterns {
         let _ = writeln!(
             out,
             "  ! {} {}:{} held by {}: {}",
@@ -117,6 +118,14 @@ fn render_namespace(out: &mut String, ns: &Value) {
             text(&anti["port"]),
             holders(anti),
             text(&anti["detail"]),
+        );
+    }
+    let total = ns["anti_patterns_total"].as_u64().unwrap_or(0);
+    if total > anti_patterns.len() as u64 {
+        let _ = writeln!(
+            out,
+            "  ({} more listeners inside the range)",
+            total - anti_patterns.len() as u64
         );
     }
     for failure in array(&ns["recent_failures"]) {
@@ -210,7 +219,7 @@ mod tests {
                 "netns": 4026532000u64, "host": false, "name": "shop/web-1",
                 "range_low": 40000, "range_high": 40009, "size": 10, "reserved": 0,
                 "held": 1, "usable": 9, "in_use": 9, "utilization": 1.0,
-                "destinations_total": 3,
+                "destinations_total": 3, "anti_patterns_total": 4,
                 "destinations": [{
                     "protocol": "tcp", "local_address": "127.0.0.1",
                     "destination": "127.0.0.1:8000", "in_use": 9, "established": 7,
@@ -235,6 +244,10 @@ mod tests {
         assert!(text.contains("127.0.0.1:8000"), "{text}");
         assert!(text.contains("42/client"), "{text}");
         assert!(text.contains("(2 more destinations, less used)"), "{text}");
+        assert!(
+            text.contains("(3 more listeners inside the range)"),
+            "{text}"
+        );
         assert!(text.contains("udp: 2 of 10 ports in use (20.0%)"), "{text}");
         assert!(
             text.contains("! tcp 0.0.0.0:40009 held by 7/server: port 40009 is inside"),
