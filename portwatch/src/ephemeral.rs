@@ -16,7 +16,7 @@
 //!   socket) takes a port for every destination: UDP counts the distinct
 //!   ports its sockets hold against the range less the reserved ports.
 
-use std::time::SystemTime;
+use std::{sync::Arc, time::SystemTime};
 
 use serde::Serialize;
 
@@ -99,7 +99,8 @@ pub struct HeldPort {
     /// connected` (bound before it connected: its bind holds the port).
     pub state: &'static str,
     pub cookie: u64,
-    pub holders: Vec<Holder>,
+    /// The map's list, shared.
+    pub holders: Arc<[Holder]>,
 }
 
 /// The connections to one destination, against the usable ports.
@@ -132,7 +133,7 @@ pub struct AntiPattern {
     pub port: u16,
     pub protocol: Protocol,
     pub address: std::net::IpAddr,
-    pub holders: Vec<Holder>,
+    pub holders: Arc<[Holder]>,
     /// What it costs, in a sentence.
     pub detail: String,
 }
@@ -325,10 +326,10 @@ fn bind_before_connect<'a>(
             port: last.port,
             protocol: Protocol::Tcp,
             address: last.address,
-            holders: vec![Holder {
+            holders: Arc::new([Holder {
                 pid,
                 process: process.to_owned(),
-            }],
+            }]),
             detail: format!(
                 "{count} TCP {} of {process} {} bound to port 0 before connect() (the last \
                  took port {} to reach {}): each takes its port from the range for every \

@@ -550,7 +550,7 @@ pub(crate) fn reach(listeners: &[&Entry], netns: NetnsCookie, order: &[IpAddr]) 
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
+    use std::{sync::Arc, time::SystemTime};
 
     use super::*;
     use crate::{
@@ -583,10 +583,10 @@ mod tests {
                 uid: Some(1000),
                 bound_dev_if: 0,
             },
-            holders: vec![Holder {
+            holders: Arc::new([Holder {
                 pid,
                 process: format!("p{pid}"),
-            }],
+            }]),
             inode: None,
             cgroup_id: None,
             place: Default::default(),
@@ -729,7 +729,7 @@ mod tests {
         let v6 = entry(2, 2, "::", Some(true), false);
         let mut pod_a = entry(3, 3, "0.0.0.0", None, false);
         pod_a.facts.netns = 7;
-        let place = std::sync::Arc::make_mut(&mut pod_a.place);
+        let place = Arc::make_mut(&mut pod_a.place);
         place.workload.pod_uid = Some("uid-a".into());
         place.workload.pod_namespace = Some("shop".into());
         let mut pod_b = entry(4, 4, "::", Some(true), false);

@@ -13,7 +13,9 @@
 //! so failure attribution needs them.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    borrow::Borrow,
+    collections::{BTreeSet, HashMap, HashSet},
+    hash::Hash,
     net::IpAddr,
     sync::{Arc, LazyLock},
     time::SystemTime,
@@ -29,7 +31,7 @@ use crate::{
 };
 
 /// A process holding a socket.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Holder {
     pub pid: u32,
     /// Process name (`comm`).
@@ -42,14 +44,15 @@ pub struct Entry {
     /// What the conflict rules need: address, port, state, options, uid.
     #[serde(flatten)]
     pub facts: SocketFacts,
-    /// Every process known to hold the socket (fork, socket activation).
-    pub holders: Vec<Holder>,
+    /// Every process known to hold the socket (fork, socket activation), by
+    /// pid: shared by every socket with the same holders (see [`Interned`]).
+    pub holders: Arc<[Holder]>,
     /// Socket inode, when a snapshot saw it.
     pub inode: Option<u64>,
     /// cgroup v2 id of the task that bound it, when an event saw it.
     pub cgroup_id: Option<u64>,
     /// cgroup path, systemd unit, container and workload names, when known:
-    /// shared by every socket of the same place (see [`Places`]).
+    /// shared by every socket of the same place (see [`Interned`]).
     #[serde(flatten)]
     pub place: Arc<Place>,
     /// When portwatch first saw the socket in its current state (for sockets
@@ -95,7 +98,7 @@ impl Entry {
                 uid: event.sock_uid,
                 bound_dev_if: 0,
             },
-            holders: vec![holder(event)],
+            holders: Arc::new([holder(event)]),
             inode: None,
             cgroup_id: Some(event.cgroup_id),
             place: NOWHERE.clone(),
@@ -146,40 +149,51 @@ pub struct Reconciled {
 /// The place of a socket nobody has placed yet, shared.
 static NOWHERE: LazyLock<Arc<Place>> = LazyLock::new(Arc::default);
 
-/// The places of the map's sockets, one copy each: a host's sockets belong
-/// to few processes, and a place (cgroup path, unit, container, workload
-/// names) is the largest part of an entry.
-#[derive(Debug, Default)]
-struct Places {
-    known: HashSet<Arc<Place>>,
-    /// How many places may be known before those no entry uses any more
+/// One shared copy of each value the map's sockets repeat: a host's sockets
+/// belong to few processes, so a few holder lists and places (cgroup path,
+/// unit, container, workload names: the largest part of an entry) serve
+/// 100k sockets. Values no entry uses any more are dropped as they pile up.
+#[derive(Debug)]
+struct Interned<T: ?Sized> {
+    known: HashSet<Arc<T>>,
+    /// How many values may be known before those no entry uses any more
     /// are dropped (twice what was left at the last pruning).
     prune_at: usize,
 }
 
-impl Places {
-    /// The shared copy of `place`.
-    fn intern(&mut self, place: Place) -> Arc<Place> {
-        match self.known.get(&place) {
-            Some(known) => known.clone(),
-            None => self.share(Arc::new(place)),
+impl<T: ?Sized> Default for Interned<T> {
+    fn default() -> Self {
+        Interned {
+            known: HashSet::new(),
+            prune_at: 0,
         }
     }
+}
 
-    /// The shared copy of `place`: this one, unless an equal one is known.
-    fn share(&mut self, place: Arc<Place>) -> Arc<Place> {
-        if *place == Place::default() {
-            return NOWHERE.clone();
-        }
-        if let Some(known) = self.known.get(&place) {
+impl<T: ?Sized + Eq + Hash> Interned<T> {
+    /// The shared copy of `value`: a known equal one, or `value` itself,
+    /// made shared.
+    fn intern<V: Borrow<T> + Into<Arc<T>>>(&mut self, value: V) -> Arc<T> {
+        if let Some(known) = self.known.get(value.borrow()) {
             return known.clone();
         }
         if self.known.len() >= self.prune_at {
-            self.known.retain(|place| Arc::strong_count(place) > 1);
+            self.known.retain(|known| Arc::strong_count(known) > 1);
             self.prune_at = (self.known.len() * 2).max(1024);
         }
-        self.known.insert(place.clone());
-        place
+        let shared = value.into();
+        self.known.insert(shared.clone());
+        shared
+    }
+}
+
+impl Interned<Place> {
+    /// The shared copy of `place`; the empty place is always [`NOWHERE`].
+    fn place<V: Borrow<Place> + Into<Arc<Place>>>(&mut self, place: V) -> Arc<Place> {
+        if *place.borrow() == Place::default() {
+            return NOWHERE.clone();
+        }
+        self.intern(place)
     }
 }
 
@@ -187,7 +201,9 @@ impl Places {
 #[derive(Debug, Default)]
 pub struct PortMap {
     entries: HashMap<u64, Entry>,
-    by_port: BTreeMap<u16, BTreeSet<u64>>,
+    /// (port, cookie) of every entry: one tree, not a set per port, which
+    /// at 50k ports cost a node each.
+    by_port: BTreeSet<(u16, u64)>,
     /// Sockets whose bind asked for port 0 (the kernel chose theirs), as
     /// their bind event said: one that then connects held a port of the
     /// range for every destination.
@@ -198,7 +214,8 @@ pub struct PortMap {
     /// which reconciliation checks against a listing of listening and bound
     /// sockets only.
     connected_binds: HashMap<u64, Entry>,
-    places: Places,
+    places: Interned<Place>,
+    holders: Interned<[Holder]>,
 }
 
 impl PortMap {
@@ -229,7 +246,9 @@ impl PortMap {
                     entry.facts.state = SockState::Listening;
                     entry.since = at;
                     entry.since_exact = true;
-                    add_holder(&mut entry.holders, holder(event));
+                    if let Some(more) = with_holders(&entry.holders, [holder(event)]) {
+                        entry.holders = self.holders.intern(more);
+                    }
                 } else {
                     // Listening without a bind we saw: autobind at listen(),
                     // or bound before portwatch started.
@@ -352,26 +371,25 @@ impl PortMap {
                     uid,
                     ..seen.facts
                 };
-                for holder in seen.holders {
-                    add_holder(&mut entry.holders, holder);
+                if let Some(more) = with_holders(&entry.holders, seen.holders) {
+                    entry.holders = self.holders.intern(more);
                 }
                 entry.inode = seen.inode.or(entry.inode);
                 // Arc's equality looks at the pointer first: a socket that
                 // kept its process's place costs no string comparison.
                 if *seen.place != Place::default() && seen.place != entry.place {
                     let merged = Place::clone(&seen.place).or(Place::clone(&entry.place));
-                    entry.place = self.places.intern(merged);
+                    entry.place = self.places.place(merged);
                 }
             }
             _ => {
                 self.remove(cookie);
-                let place = self.places.share(seen.place);
                 self.insert(Entry {
                     facts: seen.facts,
-                    holders: seen.holders,
+                    holders: seen.holders.into(),
                     inode: seen.inode,
                     cgroup_id: None,
-                    place,
+                    place: seen.place,
                     since: at,
                     since_exact: false,
                 });
@@ -379,34 +397,22 @@ impl PortMap {
         }
     }
 
-    fn insert(&mut self, entry: Entry) {
+    fn insert(&mut self, mut entry: Entry) {
         let cookie = entry.facts.cookie;
-        if let Some(old) = self.entries.get(&cookie)
-            && old.facts.port != entry.facts.port
-        {
-            self.unindex(old.facts.port, cookie);
+        if let Some(old) = self.entries.get(&cookie) {
+            self.by_port.remove(&(old.facts.port, cookie));
         }
-        self.by_port
-            .entry(entry.facts.port)
-            .or_default()
-            .insert(cookie);
+        entry.place = self.places.place(entry.place);
+        entry.holders = self.holders.intern(entry.holders);
+        self.by_port.insert((entry.facts.port, cookie));
         self.entries.insert(cookie, entry);
     }
 
     fn remove(&mut self, cookie: u64) -> Option<Entry> {
         self.bound_to_any.remove(&cookie);
         let entry = self.entries.remove(&cookie)?;
-        self.unindex(entry.facts.port, cookie);
+        self.by_port.remove(&(entry.facts.port, cookie));
         Some(entry)
-    }
-
-    fn unindex(&mut self, port: u16, cookie: u64) {
-        if let Some(set) = self.by_port.get_mut(&port) {
-            set.remove(&cookie);
-            if set.is_empty() {
-                self.by_port.remove(&port);
-            }
-        }
     }
 
     /// The listeners on `port`, in a stable order (netns, protocol, family,
@@ -430,30 +436,30 @@ impl PortMap {
 
     /// Every socket on `port` that holds it, listeners and bound-only ones.
     pub fn on_port(&self, port: u16) -> impl Iterator<Item = &Entry> {
-        self.by_port
-            .get(&port)
-            .into_iter()
-            .flatten()
-            .filter_map(|cookie| self.entries.get(cookie))
+        self.in_ports(port..=port)
     }
 
     /// Every socket holding a port in `ports` (listeners and bound-only
     /// ones), by port.
     pub fn in_ports(&self, ports: std::ops::RangeInclusive<u16>) -> impl Iterator<Item = &Entry> {
         self.by_port
-            .range(ports)
-            .flat_map(|(_, cookies)| cookies)
-            .filter_map(|cookie| self.entries.get(cookie))
+            .range((*ports.start(), 0)..=(*ports.end(), u64::MAX))
+            .filter_map(|(_, cookie)| self.entries.get(cookie))
     }
 
     /// Ports from `first` on that have at least one listener, ascending.
     pub fn ports_from(&self, first: u16) -> impl Iterator<Item = u16> + '_ {
+        let mut last = None;
         self.by_port
-            .range(first..)
-            .filter(|(_, cookies)| {
-                cookies
-                    .iter()
-                    .any(|c| self.entries.get(c).is_some_and(Entry::is_listener))
+            .range((first, 0)..)
+            .filter(move |(port, cookie)| {
+                // A port once, at its first listener.
+                let first_listener =
+                    last != Some(*port) && self.entries.get(cookie).is_some_and(Entry::is_listener);
+                if first_listener {
+                    last = Some(*port);
+                }
+                first_listener
             })
             .map(|(port, _)| *port)
     }
@@ -474,7 +480,7 @@ impl PortMap {
         if let Some(entry) = self.entries.get_mut(&cookie) {
             let merged = Place::clone(&entry.place).or(place);
             if merged != *entry.place {
-                entry.place = self.places.intern(merged);
+                entry.place = self.places.place(merged);
             }
         }
     }
@@ -566,11 +572,19 @@ fn holder(event: &PortEvent) -> Holder {
     }
 }
 
-fn add_holder(holders: &mut Vec<Holder>, holder: Holder) {
-    if !holders.iter().any(|h| h.pid == holder.pid) {
-        holders.push(holder);
-        holders.sort_by_key(|h| h.pid);
+/// `known` and those of `more` whose pid it lacks, by pid; `None` when it
+/// lacks none.
+fn with_holders(known: &[Holder], more: impl IntoIterator<Item = Holder>) -> Option<Vec<Holder>> {
+    let mut all: Option<Vec<Holder>> = None;
+    for holder in more {
+        let current = all.as_deref().unwrap_or(known);
+        if !current.iter().any(|h| h.pid == holder.pid) {
+            all.get_or_insert_with(|| known.to_vec()).push(holder);
+        }
     }
+    let mut all = all?;
+    all.sort_by_key(|h| h.pid);
+    Some(all)
 }
 
 #[cfg(test)]

@@ -1484,10 +1484,10 @@ mod tests {
     fn entry(facts: SocketFacts) -> Entry {
         Entry {
             facts,
-            holders: vec![Holder {
+            holders: Arc::new([Holder {
                 pid: 1,
                 process: "x".into(),
-            }],
+            }]),
             inode: None,
             cgroup_id: None,
             place: Default::default(),
