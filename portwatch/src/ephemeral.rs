@@ -471,11 +471,11 @@ mod tests {
                 uid: Some(0),
                 bound_dev_if: 0,
             },
-            holders: vec![Holder {
+            holders: Arc::new([Holder {
                 pid: 9,
                 process: "server".into(),
-            }],
-            inode: Some(cookie),
+            }]),
+            inode: std::num::NonZeroU64::new(cookie),
             place: Default::default(),
         };
         map.merge(vec![seen], SystemTime::UNIX_EPOCH);

@@ -17,6 +17,7 @@ use std::{
     collections::{BTreeSet, HashMap, HashSet},
     hash::Hash,
     net::IpAddr,
+    num::NonZeroU64,
     sync::{Arc, LazyLock},
     time::SystemTime,
 };
@@ -113,8 +114,9 @@ impl Entry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Observed {
     pub facts: SocketFacts,
-    pub holders: Vec<Holder>,
-    pub inode: Option<u64>,
+    /// Shared with the other sockets of the same holders.
+    pub holders: Arc<[Holder]>,
+    pub inode: Option<NonZeroU64>,
     /// Shared with the other sockets of its process.
     pub place: Arc<Place>,
 }
@@ -371,10 +373,10 @@ impl PortMap {
                     uid,
                     ..seen.facts
                 };
-                if let Some(more) = with_holders(&entry.holders, seen.holders) {
+                if let Some(more) = with_holders(&entry.holders, seen.holders.iter().cloned()) {
                     entry.holders = self.holders.intern(more);
                 }
-                entry.inode = seen.inode.or(entry.inode);
+                entry.inode = seen.inode.map(NonZeroU64::get).or(entry.inode);
                 // Arc's equality looks at the pointer first: a socket that
                 // kept its process's place costs no string comparison.
                 if *seen.place != Place::default() && seen.place != entry.place {
@@ -386,8 +388,8 @@ impl PortMap {
                 self.remove(cookie);
                 self.insert(Entry {
                     facts: seen.facts,
-                    holders: seen.holders.into(),
-                    inode: seen.inode,
+                    holders: seen.holders,
+                    inode: seen.inode.map(NonZeroU64::get),
                     cgroup_id: None,
                     place: seen.place,
                     since: at,
@@ -627,11 +629,11 @@ mod tests {
                 uid: Some(0),
                 bound_dev_if: 0,
             },
-            holders: vec![Holder {
+            holders: Arc::new([Holder {
                 pid: 7,
                 process: "old".into(),
-            }],
-            inode: Some(99),
+            }]),
+            inode: NonZeroU64::new(99),
             place: Arc::new(Place {
                 cgroup: Some("/system.slice/old.service".into()),
                 unit: Some("old.service".into()),

@@ -257,7 +257,7 @@ impl Watcher {
         watcher.ephemeral.list_once().await;
         let snapshot_config = watcher.config.snapshot;
         let started = Instant::now();
-        let snapshot =
+        let mut snapshot =
             match tokio::task::spawn_blocking(move || snapshot::take(&snapshot_config)).await? {
                 Ok(snapshot) => snapshot,
                 Err(err) => {
@@ -267,7 +267,7 @@ impl Watcher {
                     return Ok(watcher);
                 }
             };
-        let observed = watcher.observed(&snapshot);
+        let observed = watcher.observed(&mut snapshot);
         let mut untracked = 0;
         for seen in &observed {
             if seen.facts.state.is_listening_or_bound()
@@ -577,19 +577,20 @@ impl Watcher {
             read_options: false,
             holders_only: false,
         };
-        let snapshot = match tokio::task::spawn_blocking(move || snapshot::take(&config)).await? {
-            Ok(snapshot) => snapshot,
-            Err(err) => {
-                // Attributed from the map alone, rather than lost.
-                self.listing_failed(&err);
-                let unresolved = std::mem::take(&mut self.unresolved);
-                let mut state = self.write();
-                for failure in unresolved {
-                    state.failures.push(failure);
+        let mut snapshot =
+            match tokio::task::spawn_blocking(move || snapshot::take(&config)).await? {
+                Ok(snapshot) => snapshot,
+                Err(err) => {
+                    // Attributed from the map alone, rather than lost.
+                    self.listing_failed(&err);
+                    let unresolved = std::mem::take(&mut self.unresolved);
+                    let mut state = self.write();
+                    for failure in unresolved {
+                        state.failures.push(failure);
+                    }
+                    return Ok(());
                 }
-                return Ok(());
-            }
-        };
+            };
         self.listing_works();
         if !self.merged {
             // The first listing that works since a failed start: merge the
@@ -597,7 +598,7 @@ impl Watcher {
             // after the daemon has stopped saying it is degraded.
             self.next_reconcile = Instant::now();
         }
-        let observed = self.observed(&snapshot);
+        let observed = self.observed(&mut snapshot);
         let unresolved = std::mem::take(&mut self.unresolved);
         let mut state = self.write();
         for mut failure in unresolved {
@@ -648,7 +649,7 @@ impl Watcher {
         let started = Instant::now();
         let refresh = self.reconciles_without_owners + 1 >= OWNERS_REFRESH_EVERY;
         let state = self.state.clone();
-        let (snapshot, owners_read, fresh) = tokio::task::spawn_blocking(move || {
+        let (mut snapshot, owners_read, fresh) = tokio::task::spawn_blocking(move || {
             let mut snapshot = snapshot::take(&config)?;
             // The owners scan reads every descriptor of every process, the
             // dearest part of a listing: only a socket the map does not
@@ -687,7 +688,7 @@ impl Watcher {
             self.reconciles_without_owners + 1
         };
         self.listing_works();
-        let observed = self.observed(&snapshot);
+        let observed = self.observed(&mut snapshot);
         let untracked = fresh
             .iter()
             .filter(|cookie| self.capture.track(**cookie).is_err())
@@ -737,8 +738,8 @@ impl Watcher {
     }
 
     /// A listing's sockets as the map keeps them, their workloads named.
-    fn observed(&self, snapshot: &snapshot::Snapshot) -> Vec<Observed> {
-        let mut observed = snapshot.observed();
+    fn observed(&self, snapshot: &mut snapshot::Snapshot) -> Vec<Observed> {
+        let mut observed = snapshot.take_observed();
         self.workloads
             .name_shared(observed.iter_mut().map(|seen| &mut seen.place));
         observed

@@ -12,6 +12,7 @@
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     net::{IpAddr, Ipv4Addr},
+    num::NonZeroU64,
     sync::{
         Arc, RwLock,
         atomic::{AtomicUsize, Ordering},
@@ -99,7 +100,12 @@ const BENCH_NETNS: u64 = 7;
 
 /// The bench's 100k listeners, and a listing of both namespaces' ranges.
 fn state() -> State {
+    // As a listing gives them: one place and holder list per process.
     let place = Arc::new(Place::default());
+    let holders: Arc<[Holder]> = Arc::new([Holder {
+        pid: 4242,
+        process: "bench-worker".to_owned(),
+    }]);
     let observed: Vec<Observed> = (0..LISTENERS)
         .map(|i| Observed {
             facts: SocketFacts {
@@ -118,11 +124,8 @@ fn state() -> State {
                 uid: Some(0),
                 bound_dev_if: 0,
             },
-            holders: vec![Holder {
-                pid: 4242,
-                process: "bench-worker".to_owned(),
-            }],
-            inode: Some(u64::from(i) + 1),
+            holders: holders.clone(),
+            inode: NonZeroU64::new(u64::from(i) + 1),
             place: place.clone(),
         })
         .collect();

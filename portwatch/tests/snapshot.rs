@@ -249,10 +249,12 @@ fn snapshot_lists_a_private_netns_with_states_options_and_owners() {
         assert_eq!(found.owners.len(), 1, "{what}");
         let owner = &found.owners[0];
         assert_eq!(owner.pid, worker.pid, "{what}");
-        assert_eq!(owner.process, comm, "{what}");
-        assert_eq!(owner.uid, 0, "{what}");
-        assert!(owner.cgroup.ends_with(&*cgroup_name), "{what}");
-        assert_eq!((&owner.unit, &owner.container), (&None, &None), "{what}");
+        let (info, place) = (&owner.info, &owner.info.place);
+        assert_eq!(info.process, comm, "{what}");
+        assert_eq!(info.uid, 0, "{what}");
+        let cgroup = place.cgroup.as_deref().unwrap_or_default();
+        assert!(cgroup.ends_with(&*cgroup_name), "{what}: {cgroup}");
+        assert_eq!((&place.unit, &place.container), (&None, &None), "{what}");
     }
     let distinct: HashSet<u64> = inside.iter().map(|s| s.facts.cookie).collect();
     assert_eq!(distinct.len(), inside.len(), "one cookie per socket");
@@ -334,7 +336,7 @@ fn a_socket_held_by_two_processes_lists_both() {
         .iter()
         .find(|o| o.pid == child_pid)
         .expect("child");
-    assert_eq!(child_owner.process, "sleep");
+    assert_eq!(child_owner.info.process, "sleep");
     drop(listener);
 }
 
@@ -466,7 +468,7 @@ fn snapshot_finds_every_one_of_many_listeners() {
         assert_eq!(socket.facts.options.reuse_port, Some(false), "{socket:?}");
         assert_eq!(socket.owners.len(), 1, "{socket:?}");
         let owner = &socket.owners[0];
-        assert_eq!(owner.process, "sleep");
+        assert_eq!(owner.info.process, "sleep");
         assert!(held.contains(&(owner.pid, owner.fd)), "{socket:?}");
         assert!(seen.insert((owner.pid, owner.fd)), "two sockets, one fd");
     }

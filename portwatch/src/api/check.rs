@@ -207,7 +207,7 @@ fn holders(blocker: &BlockerView) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::{net::IpAddr, time::SystemTime};
+    use std::{net::IpAddr, sync::Arc, time::SystemTime};
 
     use super::*;
     use crate::{
@@ -240,7 +240,7 @@ mod tests {
         };
         let observed = Observed {
             facts,
-            holders: Vec::new(),
+            holders: Arc::new([]),
             inode: None,
             place: Default::default(),
         };

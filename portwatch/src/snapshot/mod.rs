@@ -34,7 +34,7 @@ pub mod workload;
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     io,
-    num::NonZeroUsize,
+    num::{NonZeroU64, NonZeroUsize},
     path::PathBuf,
     sync::{
         Arc,
@@ -159,14 +159,17 @@ impl Snapshot {
         limits
     }
 
-    /// The snapshot in the form the per-port map merges and reconciles.
-    pub fn observed(&self) -> Vec<Observed> {
-        // One place per owning process, shared by its sockets: a process
-        // often holds many, and a place is the largest part of an entry.
-        let mut places = HashMap::new();
-        self.sockets
-            .iter()
-            .map(|socket| observe(socket, &mut places))
+    /// The snapshot's sockets in the form the per-port map merges and
+    /// reconciles. They leave the snapshot (its namespaces, times and counts
+    /// stay), so that the two lists are not held at once: each is 9 MiB at
+    /// 100k sockets.
+    pub fn take_observed(&mut self) -> Vec<Observed> {
+        let mut shared = Shared::default();
+        // Observed is as large as SnapshotSocket (checked below), so this
+        // reuses the listing's buffer rather than allocating a second one.
+        std::mem::take(&mut self.sockets)
+            .into_iter()
+            .map(|socket| observe(socket, &mut shared))
             .collect()
     }
 }
@@ -186,30 +189,11 @@ pub struct SnapshotSocket {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Owner {
     pub pid: u32,
-    /// Process name (`comm`).
-    pub process: String,
-    /// Effective uid of the process.
-    pub uid: u32,
     /// The descriptor number in that process.
     pub fd: i32,
-    /// cgroup v2 path (`/system.slice/nginx.service`), "" if unknown.
-    pub cgroup: String,
-    /// systemd unit found in the cgroup path (`nginx.service`, `foo.scope`).
-    pub unit: Option<String>,
-    /// Container id (64 hex digits) found in the cgroup path.
-    pub container: Option<String>,
-}
-
-impl Owner {
-    /// Where the owner lives, as the map keeps it.
-    fn place(&self) -> Place {
-        Place {
-            cgroup: Some(self.cgroup.clone()).filter(|cgroup| !cgroup.is_empty()),
-            unit: self.unit.clone(),
-            container: self.container.clone(),
-            workload: Workload::default(),
-        }
-    }
+    /// Its name, uid and place, read once per process and shared by its
+    /// sockets: a process with 100k sockets is not copied 100k times.
+    pub info: Arc<ProcInfo>,
 }
 
 /// A network namespace that was listed.
@@ -338,7 +322,13 @@ pub fn take(config: &SnapshotConfig) -> Result<Snapshot, SnapshotError> {
                     inode: ns.key.1,
                     names: ns.names.clone(),
                 });
-                listed.extend(dump.sockets);
+                if listed.is_empty() {
+                    // One namespace, or the first: its listing as it is,
+                    // not a copy (100k sockets are 9 MiB).
+                    listed = dump.sockets;
+                } else {
+                    listed.extend(dump.sockets);
+                }
             }
             Err(error) if ns.key == own => return Err(error),
             Err(error) => skipped_netns.push(SkippedNetns {
@@ -514,7 +504,7 @@ fn attach_owners(sockets: &mut [SnapshotSocket]) -> Result<u64, SnapshotError> {
         return Ok(0);
     }
     let scan = owners::scan_fds(&wanted)?;
-    let mut processes: HashMap<u32, Option<ProcInfo>> = HashMap::new();
+    let mut processes: HashMap<u32, Option<Arc<ProcInfo>>> = HashMap::new();
     for socket in sockets.iter_mut() {
         let Some(holders) = scan.by_inode.get(&socket.inode) else {
             continue;
@@ -523,16 +513,12 @@ fn attach_owners(sockets: &mut [SnapshotSocket]) -> Result<u64, SnapshotError> {
             // A process that exited since the fd scan is skipped.
             let info = processes
                 .entry(holder.pid)
-                .or_insert_with(|| owners::process_info(holder.pid).ok());
+                .or_insert_with(|| owners::process_info(holder.pid).ok().map(Arc::new));
             if let Some(info) = info {
                 socket.owners.push(Owner {
                     pid: holder.pid,
-                    process: info.process.clone(),
-                    uid: info.uid,
                     fd: holder.fd,
-                    cgroup: info.place.cgroup.clone().unwrap_or_default(),
-                    unit: info.place.unit.clone(),
-                    container: info.place.container.clone(),
+                    info: info.clone(),
                 });
             }
         }
@@ -565,25 +551,80 @@ fn read_share_options(sockets: &mut [SnapshotSocket]) -> u64 {
 
 /// `socket` as the map keeps it. The first owner (lowest pid) names the
 /// cgroup, unit and container; `places` holds each process's, shared.
-fn observe(socket: &SnapshotSocket, places: &mut HashMap<u32, Arc<Place>>) -> Observed {
-    let place = socket.owners.first().map_or_else(Arc::default, |first| {
-        places
-            .entry(first.pid)
-            .or_insert_with(|| Arc::new(first.place()))
-            .clone()
-    });
+fn observe(socket: SnapshotSocket, shared: &mut Shared) -> Observed {
+    let SnapshotSocket {
+        facts,
+        inode,
+        owners,
+    } = socket;
+    let (place, holders) = match owners.as_slice() {
+        [] => (shared.nowhere.clone(), shared.nobody.clone()),
+        [first, rest @ ..] => {
+            let (place, alone) = shared.process(first);
+            if rest.iter().all(|owner| owner.pid == first.pid) {
+                (place, alone)
+            } else {
+                // Owners come by pid, then fd: one holder per process.
+                let mut holders: Vec<Holder> = owners.iter().map(Owner::holder).collect();
+                holders.dedup_by_key(|holder| holder.pid);
+                (place, holders.into())
+            }
+        }
+    };
     Observed {
-        inode: (socket.inode != 0).then_some(socket.inode),
+        facts,
+        holders,
+        inode: NonZeroU64::new(inode),
         place,
-        holders: socket
-            .owners
-            .iter()
-            .map(|owner| Holder {
-                pid: owner.pid,
-                process: owner.process.clone(),
+    }
+}
+
+// What lets `take_observed` convert the sockets in place.
+const _: () = assert!(size_of::<Observed>() == size_of::<SnapshotSocket>());
+const _: () = assert!(align_of::<Observed>() == align_of::<SnapshotSocket>());
+
+/// What the sockets of one listing share: each process's place and holder
+/// list, and one empty place and list for the sockets with no known owner
+/// (every socket of a listing taken without owners).
+struct Shared {
+    nowhere: Arc<Place>,
+    nobody: Arc<[Holder]>,
+    processes: HashMap<u32, (Arc<Place>, Arc<[Holder]>)>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            nowhere: Arc::default(),
+            nobody: Arc::new([]),
+            processes: HashMap::new(),
+        }
+    }
+}
+
+impl Shared {
+    /// The place of `owner`'s process, and a list of it alone.
+    fn process(&mut self, owner: &Owner) -> (Arc<Place>, Arc<[Holder]>) {
+        self.processes
+            .entry(owner.pid)
+            .or_insert_with(|| {
+                let place = Place {
+                    // Named later, once per place (Workloads::name_shared).
+                    workload: Workload::default(),
+                    ..owner.info.place.clone()
+                };
+                (Arc::new(place), Arc::new([owner.holder()]))
             })
-            .collect(),
-        facts: socket.facts.clone(),
+            .clone()
+    }
+}
+
+impl Owner {
+    fn holder(&self) -> Holder {
+        Holder {
+            pid: self.pid,
+            process: self.info.process.clone(),
+        }
     }
 }
 
@@ -616,25 +657,29 @@ mod tests {
     fn owner(pid: u32, unit: Option<&str>) -> Owner {
         Owner {
             pid,
-            process: format!("p{pid}"),
-            uid: 0,
             fd: 3,
-            cgroup: "/system.slice/nginx.service".into(),
-            unit: unit.map(str::to_owned),
-            container: None,
+            info: Arc::new(ProcInfo {
+                process: format!("p{pid}"),
+                uid: 0,
+                place: Place {
+                    cgroup: Some("/system.slice/nginx.service".into()),
+                    unit: unit.map(str::to_owned),
+                    ..Place::default()
+                },
+            }),
         }
     }
 
     #[test]
     fn observed_keeps_every_holder_and_the_first_owners_unit() {
         let seen = observe(
-            &socket(
+            socket(
                 vec![owner(10, Some("nginx.service")), owner(11, None)],
                 1234,
             ),
-            &mut HashMap::new(),
+            &mut Shared::default(),
         );
-        assert_eq!(seen.inode, Some(1234));
+        assert_eq!(seen.inode, NonZeroU64::new(1234));
         assert_eq!(seen.place.unit.as_deref(), Some("nginx.service"));
         assert_eq!(
             seen.place.cgroup.as_deref(),
@@ -646,10 +691,28 @@ mod tests {
 
     #[test]
     fn observed_without_owner_or_inode_leaves_them_unknown() {
-        let seen = observe(&socket(Vec::new(), 0), &mut HashMap::new());
+        let seen = observe(socket(Vec::new(), 0), &mut Shared::default());
         assert_eq!(seen.inode, None);
         assert_eq!(seen.place.cgroup, None);
         assert!(seen.holders.is_empty());
+    }
+
+    #[test]
+    fn sockets_share_their_process_and_one_descriptor_more_is_no_holder_more() {
+        let mut shared = Shared::default();
+        let mut twice = owner(10, Some("nginx.service"));
+        twice.fd = 4;
+        let one = observe(socket(vec![owner(10, None), twice], 1), &mut shared);
+        let other = observe(socket(vec![owner(10, None)], 2), &mut shared);
+        assert_eq!(one.holders.len(), 1);
+        assert!(Arc::ptr_eq(&one.holders, &other.holders));
+        assert!(Arc::ptr_eq(&one.place, &other.place));
+        // Sockets without owners share one empty place: a listing taken
+        // without owners names one place, not one per socket.
+        let a = observe(socket(Vec::new(), 3), &mut shared);
+        let b = observe(socket(Vec::new(), 4), &mut shared);
+        assert!(Arc::ptr_eq(&a.place, &b.place));
+        assert_eq!(*a.place, Place::default());
     }
 
     #[test]

@@ -113,10 +113,14 @@ fn scan_process(
 }
 
 /// What a snapshot tells about a process holding a socket.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct ProcInfo {
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ProcInfo {
+    /// Process name (`comm`).
     pub process: String,
+    /// Effective uid.
     pub uid: u32,
+    /// Its cgroup v2 path and the systemd unit and container found in it
+    /// (workload names come later, from the container runtime).
     pub place: Place,
 }
 
