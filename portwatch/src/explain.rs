@@ -592,6 +592,7 @@ mod tests {
             place: Default::default(),
             since: SystemTime::UNIX_EPOCH,
             since_exact: true,
+            owners_pending: false,
         }
     }
 

@@ -98,12 +98,18 @@ impl ListingFailure {
 }
 
 /// The body of a `200 /readyz`: `ready`, then one line per thing the daemon
-/// cannot see (plain `ready` when it sees everything, as always).
-pub fn readyz_body(listing: Option<&ListingFailure>) -> String {
+/// cannot see, and a `pending:` line while it reads the owners of the
+/// sockets it found at start-up (plain `ready` when it sees everything).
+pub fn readyz_body(listing: Option<&ListingFailure>, owners_pending: Option<usize>) -> String {
     let mut body = String::from("ready");
     if let Some(failure) = listing {
         body.push('\n');
         body.push_str(&failure.readyz_line());
+    }
+    if let Some(sockets) = owners_pending {
+        body.push_str(&format!(
+            "\npending: the processes and SO_REUSE* options of the {sockets} sockets found at start-up are being read"
+        ));
     }
     body
 }
@@ -142,12 +148,16 @@ mod tests {
 
     #[test]
     fn readyz_says_ready_and_what_is_degraded() {
-        assert_eq!(readyz_body(None), "ready");
+        assert_eq!(readyz_body(None, None), "ready");
+        assert_eq!(
+            readyz_body(None, Some(3)),
+            "ready\npending: the processes and SO_REUSE* options of the 3 sockets found at start-up are being read"
+        );
         let failure = ListingFailure {
             error: "the kernel has no sock_diag handler for the tcp ipv4, udp ipv4 dumps (No such file or directory)".into(),
             missing_modules: vec!["inet_diag", "tcp_diag", "udp_diag"],
         };
-        let body = readyz_body(Some(&failure));
+        let body = readyz_body(Some(&failure), None);
         let lines: Vec<&str> = body.lines().collect();
         assert_eq!(lines[0], "ready");
         assert!(
@@ -170,7 +180,7 @@ mod tests {
             missing_modules: Vec::new(),
         };
         assert_eq!(other.advice(), None);
-        assert!(!readyz_body(Some(&other)).contains("modprobe"));
+        assert!(!readyz_body(Some(&other), None).contains("modprobe"));
         assert_eq!(other.status_suffix(), "; degraded: no sock_diag listing");
     }
 }

@@ -62,6 +62,9 @@ pub struct Entry {
     /// Whether `since` is the real moment (seen by an event) or only the
     /// snapshot time (the socket is older).
     pub since_exact: bool,
+    /// Found by the start-up listing, whose holders, place and options are
+    /// still being read: unknown for now, not absent.
+    pub owners_pending: bool,
 }
 
 impl Entry {
@@ -105,6 +108,7 @@ impl Entry {
             place: NOWHERE.clone(),
             since: at,
             since_exact: true,
+            owners_pending: false,
         }
     }
 }
@@ -299,6 +303,55 @@ impl PortMap {
         }
     }
 
+    /// [`PortMap::merge`] for a listing taken without owners: its sockets'
+    /// holders, places and options come later ([`PortMap::attach_owners`]),
+    /// and are pending until then.
+    pub fn merge_unowned(&mut self, observed: Vec<Observed>, at: SystemTime) {
+        for seen in observed {
+            let cookie = seen.facts.cookie;
+            self.upsert(seen, at);
+            if let Some(entry) = self.entries.get_mut(&cookie) {
+                entry.owners_pending = true;
+            }
+        }
+    }
+
+    /// Adds what the owners of an earlier listing say (holders, place,
+    /// inode, and options and uid the map does not know) to the sockets
+    /// still on the same port, and ends every pending entry. Nothing known
+    /// is replaced: events applied since the listing are newer than it, and
+    /// a socket closed since is not brought back.
+    pub fn attach_owners(&mut self, observed: Vec<Observed>) {
+        for seen in observed {
+            let Some(entry) = self.entries.get_mut(&seen.facts.cookie) else {
+                continue;
+            };
+            if entry.facts.port != seen.facts.port {
+                continue;
+            }
+            if let Some(more) = with_holders(&entry.holders, seen.holders.iter().cloned()) {
+                entry.holders = self.holders.intern(more);
+            }
+            if *seen.place != Place::default() {
+                let merged = Place::clone(&entry.place).or(Place::clone(&seen.place));
+                if merged != *entry.place {
+                    entry.place = self.places.place(merged);
+                }
+            }
+            let (known, read) = (&mut entry.facts, &seen.facts);
+            known.options = ShareOptions {
+                reuse_addr: known.options.reuse_addr.or(read.options.reuse_addr),
+                reuse_port: known.options.reuse_port.or(read.options.reuse_port),
+                v6only: known.options.v6only.or(read.options.v6only),
+            };
+            known.uid = known.uid.or(read.uid);
+            entry.inode = entry.inode.or(seen.inode.map(NonZeroU64::get));
+        }
+        for entry in self.entries.values_mut() {
+            entry.owners_pending = false;
+        }
+    }
+
     /// Makes the map equal to `truth`, a complete sock_diag listing of the
     /// namespaces in `listed`, and says what differed. Entries in namespaces
     /// that could not be listed are left alone: the listing says nothing
@@ -394,6 +447,7 @@ impl PortMap {
                     place: seen.place,
                     since: at,
                     since_exact: false,
+                    owners_pending: false,
                 });
             }
         }
@@ -799,6 +853,58 @@ mod tests {
         let two = map.get(2).unwrap();
         assert!(!two.since_exact && two.since == later);
         assert_eq!(map.ports(), [8000, 9000]);
+    }
+
+    #[test]
+    fn owners_read_after_ready_fill_in_and_replace_nothing_newer() {
+        let mut map = PortMap::default();
+        // The start-up listing, taken without owners: two TCP sockets bound
+        // and not listening, one UDP socket.
+        let unowned = |cookie, protocol, state, port| Observed {
+            holders: Arc::new([]),
+            place: Arc::default(),
+            inode: None,
+            ..observed(cookie, protocol, state, port)
+        };
+        let mut two = unowned(2, Protocol::Tcp, SockState::Bound, 8001);
+        two.facts.options.reuse_port = Some(false);
+        map.merge_unowned(
+            vec![
+                unowned(1, Protocol::Tcp, SockState::Bound, 8000),
+                two,
+                unowned(3, Protocol::Udp, SockState::Bound, 5353),
+            ],
+            T0,
+        );
+        for cookie in [1, 2, 3] {
+            let entry = map.get(cookie).unwrap();
+            assert!(entry.owners_pending && entry.holders.is_empty());
+        }
+        // Then, before the owners are read: 1 listens, 3 closes.
+        map.apply(&event(EventKind::Listen, 1, v4([0, 0, 0, 0]), 8000), T0);
+        map.apply(&event(EventKind::Close, 3, v4([0, 0, 0, 0]), 5353), T0);
+        // The owners, read from the listing as it was.
+        let mut read = vec![
+            observed(1, Protocol::Tcp, SockState::Bound, 8000),
+            observed(2, Protocol::Tcp, SockState::Bound, 8001),
+            observed(3, Protocol::Udp, SockState::Bound, 5353),
+        ];
+        for seen in &mut read {
+            seen.facts.options.reuse_addr = Some(true);
+            seen.facts.options.reuse_port = Some(true);
+        }
+        map.attach_owners(read);
+        let one = map.get(1).unwrap();
+        assert_eq!(one.facts.state, SockState::Listening, "the event is newer");
+        let pids: Vec<u32> = one.holders.iter().map(|h| h.pid).collect();
+        assert_eq!(pids, [7, 100]);
+        assert_eq!(one.place.unit.as_deref(), Some("old.service"));
+        assert_eq!(one.inode, Some(99));
+        let two = map.get(2).unwrap();
+        assert_eq!(two.facts.options.reuse_addr, Some(true), "unknown, filled");
+        assert_eq!(two.facts.options.reuse_port, Some(false), "known, kept");
+        assert!(map.get(3).is_none(), "closed since: not brought back");
+        assert!(!one.owners_pending && !two.owners_pending);
     }
 
     #[test]

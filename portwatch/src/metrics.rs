@@ -305,8 +305,10 @@ const READY: Spec = Spec {
 const SNAPSHOT_DURATION: Spec = Spec {
     name: "portwatch_snapshot_duration_seconds",
     help: "How long the last sock_diag snapshot and its merge into the map took: \
-           at start-up (kind=startup) and at the latest reconciliation \
-           (kind=reconcile). Each series appears once its snapshot has run.",
+           at start-up until ready (kind=startup), the start-up sockets' owners \
+           and SO_REUSE* options read after ready (kind=owners), and at the \
+           latest reconciliation (kind=reconcile). Each series appears once its \
+           snapshot has run.",
     labels: &["kind"],
     kind: Kind::Gauge,
 };
@@ -707,6 +709,7 @@ impl Reading {
         ];
         let snapshot_durations = [
             ("startup", self.stats.startup_snapshot),
+            ("owners", self.stats.startup_owners),
             ("reconcile", self.stats.reconcile_snapshot),
         ]
         .into_iter()
@@ -1359,11 +1362,18 @@ mod tests {
             r#"portwatch_snapshot_duration_seconds{kind="startup"} 1.25"#,
         );
         assert!(!started.contains(r#"kind="reconcile""#), "{started}");
+        assert!(!started.contains(r#"kind="owners""#), "{started}");
         let mut state = State::new(100, 1000);
         state.stats.startup_snapshot = Some(Duration::from_millis(1250));
+        state.stats.startup_owners = Some(Duration::from_millis(500));
         state.stats.reconcile_snapshot = Some(Duration::from_micros(40));
+        let later = render(state);
         assert_line(
-            &render(state),
+            &later,
+            r#"portwatch_snapshot_duration_seconds{kind="owners"} 0.5"#,
+        );
+        assert_line(
+            &later,
             r#"portwatch_snapshot_duration_seconds{kind="reconcile"} 0.00004"#,
         );
     }
@@ -1493,6 +1503,7 @@ mod tests {
             place: Default::default(),
             since: T0,
             since_exact: true,
+            owners_pending: false,
         }
     }
 

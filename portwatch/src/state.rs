@@ -32,8 +32,12 @@ pub struct WatchStats {
     pub dropped: u64,
     /// Cookies that could not be handed to the kernel's TRACKED map.
     pub untracked: u64,
-    /// How long the start-up snapshot and its merge into the map took.
+    /// How long the start-up listing and its merge into the map took: what
+    /// the daemon waits for before it is ready.
     pub startup_snapshot: Option<Duration>,
+    /// How long reading that listing's owners and options, after ready,
+    /// took (none until done).
+    pub startup_owners: Option<Duration>,
     /// How long the latest reconciliation's snapshot and merge took (none
     /// before the first).
     pub reconcile_snapshot: Option<Duration>,
@@ -195,6 +199,9 @@ pub struct State {
     pub listing: Option<ListingFailure>,
     /// The latest ephemeral port listing (none before the first).
     pub ephemeral: Option<EphemeralListing>,
+    /// How many sockets of the start-up listing still wait for their
+    /// owners and options (`None` once read, or never asked).
+    pub owners_pending: Option<usize>,
     /// TCP sockets bound to port 0 that then connected, newest last, at
     /// most [`EARLY_BINDS`].
     pub early_binds: VecDeque<EarlyBind>,
@@ -288,6 +295,7 @@ impl State {
             expected: Vec::new(),
             kernel: KernelRules::UNKNOWN,
             ephemeral: None,
+            owners_pending: None,
             early_binds: VecDeque::new(),
             untrack_later: Vec::new(),
             listing: None,

@@ -31,7 +31,7 @@ use crate::{
     map::{Drift, Observed, Reconciled},
     rules::{self, KernelRules},
     snapshot::{
-        self, SnapshotConfig, SnapshotError,
+        self, SnapshotConfig, SnapshotError, Unowned,
         owners::PlaceCache,
         workload::{WorkloadRoots, Workloads},
     },
@@ -187,6 +187,9 @@ pub struct Watcher {
     reconciles_without_owners: u32,
     /// Lists ephemeral port use into the state, beside the pipeline.
     ephemeral: EphemeralLister,
+    /// The start-up listing's sockets, until their owners are read (after
+    /// ready, beside the pipeline: [`Watcher::read_owners`]).
+    unowned: Option<Unowned>,
 }
 
 /// The cgroup2 mount the paths of `/proc/<pid>/cgroup` are under.
@@ -196,8 +199,10 @@ fn cgroup2_mount() -> Option<std::path::PathBuf> {
 }
 
 impl Watcher {
-    /// Attaches the programs, then takes and merges the snapshot; the state
-    /// is ready when this returns. Must run inside a tokio runtime.
+    /// Attaches the programs, then takes and merges the listing; the state
+    /// is ready when this returns. The listing's owners and options are read
+    /// after, by [`Watcher::run`] (or [`Watcher::read_owners`]): until then
+    /// its sockets are `owners_pending`. Must run inside a tokio runtime.
     pub async fn start(config: WatchConfig) -> Result<Watcher, WatchError> {
         // What capture needs is checked first, so a broken environment is
         // refused in one line before anything else runs.
@@ -243,6 +248,7 @@ impl Watcher {
             listing_failed: None,
             merged: false,
             reconciles_without_owners: 0,
+            unowned: None,
             ephemeral: EphemeralLister {
                 state: state_handle.clone(),
                 workloads: Arc::clone(&lister_workloads),
@@ -255,10 +261,18 @@ impl Watcher {
         // needs nothing from the snapshot: held ports are read from the map
         // when asked.
         watcher.ephemeral.list_once().await;
-        let snapshot_config = watcher.config.snapshot;
+        let wanted = watcher.config.snapshot;
+        // Ready needs the sockets, not their processes: the owners (a pass
+        // over every descriptor of every process) and the options read
+        // through them come after.
+        let listing = SnapshotConfig {
+            read_owners: false,
+            read_options: false,
+            ..wanted
+        };
         let started = Instant::now();
         let mut snapshot =
-            match tokio::task::spawn_blocking(move || snapshot::take(&snapshot_config)).await? {
+            match tokio::task::spawn_blocking(move || snapshot::take(&listing)).await? {
                 Ok(snapshot) => snapshot,
                 Err(err) => {
                     // Live events still work: say what is missing and go on.
@@ -267,6 +281,10 @@ impl Watcher {
                     return Ok(watcher);
                 }
             };
+        let unowned = wanted
+            .read_owners
+            .then(|| snapshot.unowned(wanted.read_options))
+            .filter(|unowned| !unowned.is_empty());
         let observed = watcher.observed(&mut snapshot);
         let mut untracked = 0;
         for seen in &observed {
@@ -282,7 +300,12 @@ impl Watcher {
         }
         watcher.merged = true;
         let mut state = watcher.write();
-        state.map.merge(observed, snapshot.taken_at);
+        if let Some(unowned) = &unowned {
+            state.map.merge_unowned(observed, snapshot.taken_at);
+            state.owners_pending = Some(unowned.len());
+        } else {
+            state.map.merge(observed, snapshot.taken_at);
+        }
         let took = started.elapsed();
         state.stats.untracked += untracked;
         state.stats.startup_snapshot = Some(took);
@@ -300,8 +323,69 @@ impl Watcher {
         }
         drop(state);
         drop(snapshot);
+        watcher.unowned = unowned;
         release_freed_memory();
         Ok(watcher)
+    }
+
+    /// Reads the owners and options of the start-up listing's sockets into
+    /// the map, if they are still pending. [`Watcher::run`] does it beside
+    /// the pipeline; this is for callers that drive [`Watcher::step`].
+    pub async fn read_owners(&mut self) {
+        if let Some(reading) = self.owners_reader() {
+            reading.await;
+        }
+    }
+
+    /// The reading of the start-up listing's owners, on a blocking thread,
+    /// merged into the state when done; it borrows nothing from the
+    /// watcher, so the pipeline goes on meanwhile.
+    fn owners_reader(&mut self) -> Option<impl Future<Output = ()> + use<>> {
+        let unowned = self.unowned.take()?;
+        let state = self.state.clone();
+        let workloads = self.workloads.clone();
+        Some(async move {
+            let started = Instant::now();
+            let read = tokio::task::spawn_blocking(move || unowned.read()).await;
+            let owned = match read {
+                Ok(Ok(mut owned)) => {
+                    workloads.name_shared(owned.observed.iter_mut().map(|seen| &mut seen.place));
+                    Some(owned)
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(%err, "cannot read the owners of the sockets found at start-up");
+                    None
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "reading the owners of the sockets found at start-up failed");
+                    None
+                }
+            };
+            let mut state = state
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let read = owned.is_some();
+            let observed = owned.map_or_else(Vec::new, |owned| {
+                tracing::info!(
+                    sockets = owned.observed.len(),
+                    phases = ?owned.phases,
+                    "owners of the start-up listing read"
+                );
+                for limit in owned.limits() {
+                    tracing::warn!("{limit}");
+                }
+                owned.observed
+            });
+            // Without them the pending sockets are unknown, as they would
+            // be with read_owners = false.
+            state.map.attach_owners(observed);
+            state.owners_pending = None;
+            if read {
+                state.stats.startup_owners = Some(started.elapsed());
+            }
+            drop(state);
+            release_freed_memory();
+        })
     }
 
     /// The shared state, for readers (HTTP, metrics).
@@ -341,12 +425,22 @@ impl Watcher {
     /// Runs the pipeline until `stop` resolves.
     pub async fn run(mut self, stop: impl Future<Output = ()>) -> Result<(), WatchError> {
         let ephemeral = self.ephemeral.clone().run(self.config.ephemeral_every);
+        let owners = self.owners_reader();
+        let owners = async move {
+            if let Some(reading) = owners {
+                reading.await;
+            }
+            // Read once; this branch never fires.
+            std::future::pending::<()>().await;
+        };
         tokio::pin!(stop);
         tokio::pin!(ephemeral);
+        tokio::pin!(owners);
         loop {
             tokio::select! {
                 step = self.step() => { step?; }
                 () = &mut ephemeral => {}
+                () = &mut owners => {}
                 () = &mut stop => return Ok(()),
             }
         }

@@ -414,8 +414,22 @@ async fn a_listener_from_before_start_appears_with_its_owner_and_goes_when_close
     );
     assert_eq!(worker.results(4)[1..], [0, 0, 0]);
     let mut watcher = watcher(&cgroup).await;
+    // Ready with the socket, before its owner and options are read.
     let found = listeners(&watcher, ns, 9000);
     assert_eq!(found.len(), 1, "found by the start-up snapshot");
+    assert!(found[0].owners_pending, "{:?}", found[0]);
+    assert!(found[0].holders.is_empty(), "not guessed: {:?}", found[0]);
+    assert_eq!(found[0].facts.options.reuse_addr, None, "not guessed");
+    // The worker's socket among every other this host has.
+    assert!(
+        watcher
+            .read(|state| state.owners_pending)
+            .is_some_and(|n| n >= 1)
+    );
+    watcher.read_owners().await;
+    assert_eq!(watcher.read(|state| state.owners_pending), None);
+    let found = listeners(&watcher, ns, 9000);
+    assert!(!found[0].owners_pending);
     assert_eq!(
         found[0].holders.iter().map(|h| h.pid).collect::<Vec<_>>(),
         [worker.pid]

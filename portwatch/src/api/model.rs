@@ -38,7 +38,8 @@ pub struct Holder {
     "cgroup": "/system.slice/app.service", "cgroup_id": 77,
     "netns": 4026531840u64, "cookie": 12, "inode": 123456,
     "reuse_addr": false, "reuse_port": false, "v6only": true,
-    "bound_dev_if": 0, "since": "2024-05-01T12:00:00.000000000Z", "since_exact": true
+    "bound_dev_if": 0, "since": "2024-05-01T12:00:00.000000000Z", "since_exact": true,
+    "owners_pending": false
 }))]
 pub struct Listener {
     /// `tcp`, `udp`, `udplite`, `sctp`, `mptcp`.
@@ -95,6 +96,11 @@ pub struct Listener {
     /// Whether `since` is the real moment; false when the socket predates the
     /// daemon and `since` is when the start-up snapshot found it.
     pub since_exact: bool,
+    /// True for a socket from before the start while the daemon, already
+    /// ready, still reads its processes and SO_REUSE* options (a second or
+    /// so at 100k sockets): `pids`, `process`, the place and those options
+    /// are not known yet, rather than unknown.
+    pub owners_pending: bool,
 }
 
 impl Listener {
@@ -132,6 +138,7 @@ impl Listener {
             bound_dev_if: f.bound_dev_if,
             since: rfc3339(entry.since),
             since_exact: entry.since_exact,
+            owners_pending: entry.owners_pending,
         }
     }
 }

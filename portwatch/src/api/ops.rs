@@ -105,7 +105,7 @@ pub async fn readyz(State(shared): State<Shared>) -> Result<String, ApiError> {
         .read(|state| {
             state
                 .ready
-                .then(|| crate::health::readyz_body(state.listing.as_ref()))
+                .then(|| crate::health::readyz_body(state.listing.as_ref(), state.owners_pending))
         })
         .ok_or(ApiError::NotReady)
 }

@@ -142,20 +142,10 @@ impl Snapshot {
                 first.error
             ));
         }
-        if self.processes_unreadable > 0 {
-            limits.push(format!(
-                "{} processes' descriptors could not be read; owner lookup needs \
-                 CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH",
-                self.processes_unreadable
-            ));
-        }
-        if self.options_unreadable > 0 {
-            limits.push(format!(
-                "SO_REUSEADDR/SO_REUSEPORT of {} existing sockets stay unknown; reading them \
-                 needs CAP_SYS_PTRACE (pidfd_getfd)",
-                self.options_unreadable
-            ));
-        }
+        limits.extend(owner_limits(
+            self.processes_unreadable,
+            self.options_unreadable,
+        ));
         limits
     }
 
@@ -164,14 +154,107 @@ impl Snapshot {
     /// stay), so that the two lists are not held at once: each is 9 MiB at
     /// 100k sockets.
     pub fn take_observed(&mut self) -> Vec<Observed> {
-        let mut shared = Shared::default();
-        // Observed is as large as SnapshotSocket (checked below), so this
-        // reuses the listing's buffer rather than allocating a second one.
-        std::mem::take(&mut self.sockets)
-            .into_iter()
-            .map(|socket| observe(socket, &mut shared))
-            .collect()
+        observe_all(std::mem::take(&mut self.sockets))
     }
+
+    /// A copy of the sockets of this listing, taken without owners, for
+    /// [`Unowned::read`] to find their processes and options once the
+    /// daemon is ready.
+    pub fn unowned(&self, read_options: bool) -> Unowned {
+        Unowned {
+            sockets: self.sockets.clone(),
+            read_options,
+        }
+    }
+}
+
+/// Sockets listed before the daemon was ready, whose processes (and
+/// SO_REUSEADDR/SO_REUSEPORT) are read after: the `/proc/*/fd` pass and the
+/// descriptor copies cost several times the listing at 100k sockets, and
+/// none of it is needed to see every later bind.
+#[derive(Debug)]
+pub struct Unowned {
+    sockets: Vec<SnapshotSocket>,
+    read_options: bool,
+}
+
+/// What [`Unowned::read`] found.
+#[derive(Debug)]
+pub struct Owned {
+    /// The sockets with their holders, places and options.
+    pub observed: Vec<Observed>,
+    /// Processes whose descriptors could not be read (not root).
+    pub processes_unreadable: u64,
+    /// Listening and bound sockets whose options stayed unknown.
+    pub options_unreadable: u64,
+    /// How long the owners and the options took.
+    pub phases: Phases,
+}
+
+impl Unowned {
+    /// How many sockets wait for their owners.
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// One pass over `/proc/<pid>/fd`, then the options. Blocking.
+    pub fn read(mut self) -> Result<Owned, SnapshotError> {
+        let mut phases = Phases::default();
+        let mut phase = Instant::now();
+        let processes_unreadable = attach_owners(&mut self.sockets)?;
+        phases.owners = lap(&mut phase);
+        let mut options_unreadable = 0;
+        if self.read_options {
+            options_unreadable = read_share_options(&mut self.sockets);
+            phases.options = lap(&mut phase);
+        }
+        Ok(Owned {
+            observed: observe_all(self.sockets),
+            processes_unreadable,
+            options_unreadable,
+            phases,
+        })
+    }
+}
+
+impl Owned {
+    /// What the owners and options could not be read for, one line each.
+    pub fn limits(&self) -> Vec<String> {
+        owner_limits(self.processes_unreadable, self.options_unreadable)
+    }
+}
+
+/// What could not be read of the owners and options of a listing.
+fn owner_limits(processes_unreadable: u64, options_unreadable: u64) -> Vec<String> {
+    let mut limits = Vec::new();
+    if processes_unreadable > 0 {
+        limits.push(format!(
+            "{processes_unreadable} processes' descriptors could not be read; owner lookup \
+             needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH"
+        ));
+    }
+    if options_unreadable > 0 {
+        limits.push(format!(
+            "SO_REUSEADDR/SO_REUSEPORT of {options_unreadable} existing sockets stay unknown; \
+             reading them needs CAP_SYS_PTRACE (pidfd_getfd)"
+        ));
+    }
+    limits
+}
+
+/// `sockets` as the map keeps them.
+fn observe_all(sockets: Vec<SnapshotSocket>) -> Vec<Observed> {
+    let mut shared = Shared::default();
+    // Observed is as large as SnapshotSocket (checked below), so this
+    // reuses the listing's buffer rather than allocating a second one.
+    sockets
+        .into_iter()
+        .map(|socket| observe(socket, &mut shared))
+        .collect()
 }
 
 /// One socket, with what only a snapshot knows about it.

@@ -76,7 +76,9 @@ impl Daemon {
             _dir: dir,
         };
         let deadline = Instant::now() + *DEADLINE;
-        while daemon.status("/readyz") != Some(200) {
+        // Ready, and done reading the owners of the sockets it found at
+        // start-up, which most tests look at first.
+        while !daemon.settled() {
             if let Ok(Some(_)) = daemon.child.try_wait() {
                 return Err(daemon.stop());
             }
@@ -91,6 +93,18 @@ impl Daemon {
             .http_status_as_error(false)
             .build()
             .into()
+    }
+
+    /// `/readyz` answers 200 with no `pending:` line.
+    fn settled(&self) -> bool {
+        let Ok(mut response) = Daemon::agent()
+            .get(&format!("{}/readyz", self.server))
+            .call()
+        else {
+            return false;
+        };
+        let body = response.body_mut().read_to_string().unwrap_or_default();
+        response.status() == 200 && !body.contains("\npending:")
     }
 
     pub fn status(&self, path: &str) -> Option<u16> {
