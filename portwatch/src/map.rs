@@ -307,6 +307,10 @@ impl PortMap {
     /// holders, places and options come later ([`PortMap::attach_owners`]),
     /// and are pending until then.
     pub fn merge_unowned(&mut self, observed: Vec<Observed>, at: SystemTime) {
+        if self.entries.is_empty() {
+            // The start-up listing: sized once, not grown by doublings.
+            self.entries.reserve(observed.len());
+        }
         for seen in observed {
             let cookie = seen.facts.cookie;
             self.upsert(seen, at);

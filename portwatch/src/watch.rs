@@ -286,14 +286,13 @@ impl Watcher {
             .then(|| snapshot.unowned(wanted.read_options))
             .filter(|unowned| !unowned.is_empty());
         let observed = watcher.observed(&mut snapshot);
-        let mut untracked = 0;
-        for seen in &observed {
-            if seen.facts.state.is_listening_or_bound()
-                && watcher.capture.track(seen.facts.cookie).is_err()
-            {
-                untracked += 1;
-            }
-        }
+        let holding: Vec<u64> = observed
+            .iter()
+            .filter(|seen| seen.facts.state.is_listening_or_bound())
+            .map(|seen| seen.facts.cookie)
+            .collect();
+        let untracked = watcher.capture.track_all(&holding) as u64;
+        drop(holding);
         if watcher.update_drops() {
             // Lost while the listing was taken: check the merge at once.
             watcher.next_reconcile = Instant::now();
@@ -783,10 +782,7 @@ impl Watcher {
         };
         self.listing_works();
         let observed = self.observed(&mut snapshot);
-        let untracked = fresh
-            .iter()
-            .filter(|cookie| self.capture.track(**cookie).is_err())
-            .count();
+        let untracked = self.capture.track_all(&fresh);
         let first_listing = !self.merged;
         self.merged = true;
         let mut state = self.write();

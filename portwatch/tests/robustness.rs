@@ -91,7 +91,8 @@ const HASH_MAP: u32 = 1;
 /// (key size, value size, max entries) of each hash map process `pid`
 /// holds, from its fdinfo: the kernel's own account of the maps it made.
 fn hash_maps(pid: u32) -> Vec<(u32, u32, u32)> {
-    let mut maps = Vec::new();
+    // By map id: a map may have more than one descriptor.
+    let mut maps = std::collections::BTreeMap::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("read fdinfo") {
         let info = std::fs::read_to_string(entry.expect("fdinfo entry").path()).unwrap_or_default();
         let field = |name: &str| -> Option<u32> {
@@ -99,15 +100,18 @@ fn hash_maps(pid: u32) -> Vec<(u32, u32, u32)> {
                 .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
                 .and_then(|value| value.trim().parse().ok())
         };
-        if field("map_type") == Some(HASH_MAP) {
-            maps.extend(
-                field("key_size")
-                    .zip(field("value_size"))
-                    .zip(field("max_entries"))
-                    .map(|((key, value), entries)| (key, value, entries)),
-            );
+        if field("map_type") == Some(HASH_MAP)
+            && let (Some(id), Some(key), Some(value), Some(entries)) = (
+                field("map_id"),
+                field("key_size"),
+                field("value_size"),
+                field("max_entries"),
+            )
+        {
+            maps.insert(id, (key, value, entries));
         }
     }
+    let mut maps: Vec<(u32, u32, u32)> = maps.into_values().collect();
     maps.sort_unstable();
     maps
 }

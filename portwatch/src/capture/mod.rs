@@ -9,6 +9,7 @@
 
 pub mod btf;
 pub mod system;
+mod tracked;
 
 use std::{
     collections::HashSet,
@@ -21,7 +22,7 @@ use std::{
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{Array, CgroupArray, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, CgroupArray, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, FExit, ProgramError, TracePoint},
 };
 use portwatch_ebpf::{KernelOffsets, WatchedCgroup, hook, tracepoint};
@@ -246,7 +247,7 @@ pub struct Capture {
     _ebpf: Ebpf,
     ring: AsyncFd<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
-    tracked: HashMap<MapData, u64, u8>,
+    tracked: tracked::Tracked,
     connects: Arc<ConnectCounter>,
     cgroup: PathBuf,
     outcome: OutcomePath,
@@ -515,21 +516,18 @@ impl Capture {
         &self.stats
     }
 
-    /// Asks the kernel to report the release of socket `cookie` (one that
-    /// existed before portwatch started and was found by a snapshot).
-    pub fn track(&mut self, cookie: u64) -> Result<(), CaptureError> {
-        self.tracked
-            .insert(cookie, 1, 0)
-            .map_err(|source| CaptureError::Map {
-                name: "TRACKED",
-                source,
-            })
+    /// Asks the kernel to report the release of every socket of `cookies`
+    /// (ones that existed before portwatch started, found by a listing), in
+    /// one batch where the kernel allows it; how many could not be tracked
+    /// (the set is full).
+    pub fn track_all(&mut self, cookies: &[u64]) -> usize {
+        self.tracked.insert_all(cookies)
     }
 
     /// Stops tracking socket `cookie`, which is gone without a release the
     /// hooks saw. A cookie the kernel already dropped is not an error.
     pub fn untrack(&mut self, cookie: u64) {
-        let _ = self.tracked.remove(&cookie);
+        self.tracked.remove(cookie);
     }
 
     /// Waits for records, then hands every decoded event to `sink` until the

@@ -1,0 +1,133 @@
+//! The kernel's `TRACKED` set, from userspace: the sockets that existed
+//! before portwatch started (found by a listing), whose release the kernel
+//! programs must report although they never saw their bind.
+//!
+//! Why a batch: at start-up every listed socket is added before the daemon
+//! is ready. One `BPF_MAP_UPDATE_ELEM` per socket was 100k system calls at
+//! 100k listeners, about a third of the time to ready; one
+//! `BPF_MAP_UPDATE_BATCH` (Linux 5.6, every kernel portwatch runs on) does
+//! them all in one. aya 0.14 has no batch operation, so this makes the one
+//! call itself, on a duplicate of aya's map descriptor; single updates stay
+//! aya's.
+
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+
+use super::CaptureError;
+
+/// `BPF_MAP_UPDATE_BATCH` in `enum bpf_cmd`.
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// The `batch` member of `union bpf_attr` (`include/uapi/linux/bpf.h`). The
+/// kernel reads as many bytes as it is given and zero-fills the rest.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// The set of socket cookies the kernel tracks.
+pub struct Tracked {
+    map: HashMap<MapData, u64, u8>,
+    /// The same map, for the batch call; `None` when the descriptor could
+    /// not be duplicated (then every update is a single one).
+    fd: Option<OwnedFd>,
+}
+
+/// The `TRACKED` map of a loaded object.
+impl TryFrom<Map> for Tracked {
+    type Error = MapError;
+
+    fn try_from(map: Map) -> Result<Tracked, MapError> {
+        let fd = match &map {
+            Map::HashMap(data) => data.fd().as_fd().try_clone_to_owned().ok(),
+            _ => None,
+        };
+        Ok(Tracked {
+            map: HashMap::try_from(map)?,
+            fd,
+        })
+    }
+}
+
+impl Tracked {
+    /// Tracks one socket.
+    pub fn insert(&mut self, cookie: u64) -> Result<(), CaptureError> {
+        self.map
+            .insert(cookie, 1, 0)
+            .map_err(|source| CaptureError::Map {
+                name: "TRACKED",
+                source,
+            })
+    }
+
+    /// Tracks every socket of `cookies`; how many could not be (the set is
+    /// full). One batch call, then one call per socket for whatever the
+    /// batch did not take (a full map stops it; a kernel without batches
+    /// refuses it whole).
+    pub fn insert_all(&mut self, cookies: &[u64]) -> usize {
+        let done = self.insert_batch(cookies).unwrap_or(0);
+        cookies[done..]
+            .iter()
+            .filter(|cookie| self.insert(**cookie).is_err())
+            .count()
+    }
+
+    /// Stops tracking one socket; a cookie the kernel already dropped is
+    /// not an error.
+    pub fn remove(&mut self, cookie: u64) {
+        let _ = self.map.remove(&cookie);
+    }
+
+    /// How many of `cookies`, from the first, one batch call added.
+    fn insert_batch(&self, cookies: &[u64]) -> io::Result<usize> {
+        let Some(fd) = &self.fd else {
+            return Ok(0);
+        };
+        let Ok(count) = u32::try_from(cookies.len()) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        if count == 0 {
+            return Ok(0);
+        }
+        let values = vec![1u8; cookies.len()];
+        let mut attr = BatchAttr {
+            keys: cookies.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` is the kernel's layout for this command; `keys`
+        // and `values` point to `count` keys and values of the map's sizes
+        // (u64, u8), alive for the call; the kernel writes only `count`.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        if result == 0 {
+            return Ok(cookies.len());
+        }
+        let error = io::Error::last_os_error();
+        // On an error other than EFAULT, `count` says how many were added.
+        if error.raw_os_error() == Some(libc::EFAULT) {
+            return Err(error);
+        }
+        Ok((attr.count as usize).min(cookies.len()))
+    }
+}
