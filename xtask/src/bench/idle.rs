@@ -9,6 +9,11 @@
 //! that ends inside the window is counted up to its last sample); CPU is the
 //! process's user + system time from `/proc/<pid>/stat`, which keeps the
 //! time of threads that ended.
+//!
+//! Then the same daemon with 100k listeners held in a private namespace (10k
+//! with `--quick`), watched for 5 minutes (20 s): ten reconciliations and
+//! twenty ephemeral listings of those sockets, which is what an idle busy
+//! host costs.
 
 use std::{
     collections::HashMap,
@@ -18,7 +23,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{BenchDaemon, Ctx, Goal, Row, Stats};
+use super::{BenchDaemon, Ctx, Goal, Row, Stats, snapshot::Listeners};
 
 /// How long the daemon runs before a window starts: its start-up work
 /// (snapshot, first ephemeral listing, heap trim) is over by then.
@@ -62,7 +67,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         detail.join(", "),
         SAMPLE_EVERY.as_millis()
     );
-    Ok(vec![
+    let mut rows = vec![
         Row::new(
             "idle: daemon wakeups (context switches) per second",
             "/s",
@@ -77,7 +82,49 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
             Goal::AtMost(0.1),
         )
         .detail(how),
-    ])
+    ];
+    rows.push(busy_host(ctx)?);
+    Ok(rows)
+}
+
+/// The daemon's CPU over a long window with 100k listeners and no load.
+fn busy_host(ctx: &Ctx) -> Result<Row> {
+    let count = ctx.pick(100_000, 10_000);
+    let window = Duration::from_secs(ctx.pick(300, 20));
+    let listeners = Listeners::hold(ctx, count)?;
+    let daemon = BenchDaemon::start(ctx, "")?;
+    listeners.check_seen_by(&daemon)?;
+    thread::sleep(SETTLE);
+    let reconciled = daemon.metric("portwatch_reconciliations_total", &[])?;
+    let rest = watch(daemon.pid(), window)?;
+    let reconciliations = daemon.metric("portwatch_reconciliations_total", &[])? - reconciled;
+    let took = daemon.metric(
+        "portwatch_snapshot_duration_seconds",
+        &["kind=\"reconcile\""],
+    )?;
+    let rss = daemon.rss_bytes()? as f64 / f64::from(1 << 20);
+    daemon.stop()?;
+    let percent = rest.cpu_seconds / window.as_secs_f64() * 100.0;
+    println!(
+        "  {count} listeners: CPU {:.0} ms in {} s ({percent:.3}% of a core), {reconciliations} reconciliations (the last {:.0} ms), RSS {rss:.1} MiB",
+        rest.cpu_seconds * 1e3,
+        window.as_secs(),
+        took * 1e3
+    );
+    Ok(Row::new(
+        format!("idle: daemon CPU with {count} listeners"),
+        "% of a core",
+        Stats::of(vec![percent])?,
+        Goal::AtMost(1.0),
+    )
+    .detail(format!(
+        "default configuration, no load, one {} s window after {} s to settle: {:.1} s of CPU, {reconciliations} reconciliations (the last took {:.0} ms), {} context switches; RSS {rss:.1} MiB at the end",
+        window.as_secs(),
+        SETTLE.as_secs(),
+        rest.cpu_seconds,
+        took * 1e3,
+        rest.switches
+    )))
 }
 
 /// What a process did during a window.
