@@ -204,14 +204,8 @@ impl Unowned {
     /// One pass over `/proc/<pid>/fd`, then the options. Blocking.
     pub fn read(mut self) -> Result<Owned, SnapshotError> {
         let mut phases = Phases::default();
-        let mut phase = Instant::now();
-        let processes_unreadable = attach_owners(&mut self.sockets)?;
-        phases.owners = lap(&mut phase);
-        let mut options_unreadable = 0;
-        if self.read_options {
-            options_unreadable = read_share_options(&mut self.sockets);
-            phases.options = lap(&mut phase);
-        }
+        let (processes_unreadable, options_unreadable) =
+            read_owners(&mut self.sockets, self.read_options, &mut phases)?;
         Ok(Owned {
             observed: observe_all(self.sockets),
             processes_unreadable,
@@ -433,18 +427,13 @@ pub fn take(config: &SnapshotConfig) -> Result<Snapshot, SnapshotError> {
             owners: Vec::new(),
         })
         .collect();
-    let mut processes_unreadable = 0;
-    let mut options_unreadable = 0;
-    if config.read_owners {
-        processes_unreadable = attach_owners(&mut sockets)?;
-        phases.owners = lap(&mut phase);
-        if config.read_options {
-            options_unreadable = read_share_options(&mut sockets);
-            phases.options = lap(&mut phase);
-        }
+    let (processes_unreadable, options_unreadable) = if config.read_owners {
+        read_owners(&mut sockets, config.read_options, &mut phases)?
     } else if config.read_options {
-        options_unreadable = sockets.iter().filter(|s| wants_options(s)).count() as u64;
-    }
+        (0, sockets.iter().filter(|s| wants_options(s)).count() as u64)
+    } else {
+        (0, 0)
+    };
 
     Ok(Snapshot {
         sockets,
@@ -469,6 +458,24 @@ impl Snapshot {
         self.elapsed += self.phases.owners;
         Ok(())
     }
+}
+
+/// The owners of `sockets`, then (with `read_options`) their options, each
+/// step timed in `phases`; how many processes and sockets stayed unread.
+fn read_owners(
+    sockets: &mut [SnapshotSocket],
+    read_options: bool,
+    phases: &mut Phases,
+) -> Result<(u64, u64), SnapshotError> {
+    let mut phase = Instant::now();
+    let processes_unreadable = attach_owners(sockets)?;
+    phases.owners = lap(&mut phase);
+    let mut options_unreadable = 0;
+    if read_options {
+        options_unreadable = read_share_options(sockets);
+        phases.options = lap(&mut phase);
+    }
+    Ok((processes_unreadable, options_unreadable))
 }
 
 /// The time since `*since`, restarting it.
