@@ -31,11 +31,14 @@ use crate::{
     state::{EarlyBind, State},
 };
 
-/// How many held ports, and how many listeners inside the range, a
-/// namespace's answer lists (all are counted). A host with 50k listeners in
-/// its range gets the same few KiB as one with 50, not a line per listener
-/// built for every scrape.
+/// How many held ports a namespace's answer lists (all are counted).
 pub const HELD_SHOWN: usize = 50;
+
+/// How many listeners inside the range a namespace's answer lists as
+/// anti-patterns (all are counted). A host with 50k listeners in its range
+/// gets the same few KiB as one with 50, not a line per listener built for
+/// every scrape.
+pub const IN_RANGE_SHOWN: usize = 50;
 
 /// One namespace's ephemeral ports.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -83,7 +86,7 @@ pub struct NetnsEphemeral {
     /// port left (0 when it has none now); `None` while it does not grow.
     pub exhaustion_seconds: Option<f64>,
     /// What takes ports from the range and should not: listeners inside it
-    /// (the first [`HELD_SHOWN`] by port), then the processes that bind
+    /// (the first [`IN_RANGE_SHOWN`] by port), then the processes that bind
     /// before they connect.
     pub anti_patterns: Vec<AntiPattern>,
     /// How many anti-patterns there are, listed or not.
@@ -224,7 +227,7 @@ pub fn explain<'a>(
         if listening {
             listeners_in_range += 1;
         }
-        if listening && anti_patterns.len() < HELD_SHOWN {
+        if listening && anti_patterns.len() < IN_RANGE_SHOWN {
             anti_patterns.push(AntiPattern {
                 kind: "listener_in_range",
                 port: facts.port,
@@ -530,7 +533,7 @@ mod tests {
             high: 40199,
         };
         let mut map = PortMap::default();
-        let count = HELD_SHOWN as u16 + 30;
+        let count = IN_RANGE_SHOWN as u16 + 30;
         for i in 0..count {
             listen(&mut map, WIDE.low + i, u64::from(i) + 1);
         }
@@ -542,11 +545,11 @@ mod tests {
         assert_eq!(view.listeners_in_range, u32::from(count));
         assert_eq!(view.held, u32::from(count));
         assert_eq!(view.anti_patterns_total, usize::from(count));
-        assert_eq!(view.anti_patterns.len(), HELD_SHOWN);
+        assert_eq!(view.anti_patterns.len(), IN_RANGE_SHOWN);
         assert_eq!(view.held_by.len(), HELD_SHOWN);
         // The lowest ports, in order.
         let listed: Vec<u16> = view.anti_patterns.iter().map(|a| a.port).collect();
-        let lowest: Vec<u16> = (0..HELD_SHOWN as u16).map(|i| WIDE.low + i).collect();
+        let lowest: Vec<u16> = (0..IN_RANGE_SHOWN as u16).map(|i| WIDE.low + i).collect();
         assert_eq!(listed, lowest);
     }
 

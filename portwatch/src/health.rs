@@ -100,11 +100,20 @@ impl ListingFailure {
 /// The body of a `200 /readyz`: `ready`, then one line per thing the daemon
 /// cannot see, and a `pending:` line while it reads the owners of the
 /// sockets it found at start-up (plain `ready` when it sees everything).
-pub fn readyz_body(listing: Option<&ListingFailure>, owners_pending: Option<usize>) -> String {
+pub fn readyz_body(
+    listing: Option<&ListingFailure>,
+    owners_pending: Option<usize>,
+    owners_failure: Option<&str>,
+) -> String {
     let mut body = String::from("ready");
     if let Some(failure) = listing {
         body.push('\n');
         body.push_str(&failure.readyz_line());
+    }
+    if let Some(error) = owners_failure {
+        body.push_str(&format!(
+            "\ndegraded: the processes of the sockets found at start-up could not be read ({error}); the next reconciliation reads them, and their SO_REUSE* options stay unknown"
+        ));
     }
     if let Some(sockets) = owners_pending {
         body.push_str(&format!(
@@ -148,16 +157,20 @@ mod tests {
 
     #[test]
     fn readyz_says_ready_and_what_is_degraded() {
-        assert_eq!(readyz_body(None, None), "ready");
+        assert_eq!(readyz_body(None, None, None), "ready");
+        assert!(
+            readyz_body(None, None, Some("reading /proc: EACCES"))
+                .starts_with("ready\ndegraded: the processes of the sockets found at start-up could not be read (reading /proc: EACCES)")
+        );
         assert_eq!(
-            readyz_body(None, Some(3)),
+            readyz_body(None, Some(3), None),
             "ready\npending: the processes and SO_REUSE* options of the 3 sockets found at start-up are being read"
         );
         let failure = ListingFailure {
             error: "the kernel has no sock_diag handler for the tcp ipv4, udp ipv4 dumps (No such file or directory)".into(),
             missing_modules: vec!["inet_diag", "tcp_diag", "udp_diag"],
         };
-        let body = readyz_body(Some(&failure), None);
+        let body = readyz_body(Some(&failure), None, None);
         let lines: Vec<&str> = body.lines().collect();
         assert_eq!(lines[0], "ready");
         assert!(
@@ -180,7 +193,7 @@ mod tests {
             missing_modules: Vec::new(),
         };
         assert_eq!(other.advice(), None);
-        assert!(!readyz_body(Some(&other), None).contains("modprobe"));
+        assert!(!readyz_body(Some(&other), None, None).contains("modprobe"));
         assert_eq!(other.status_suffix(), "; degraded: no sock_diag listing");
     }
 }

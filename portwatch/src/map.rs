@@ -252,7 +252,7 @@ impl PortMap {
                     entry.facts.state = SockState::Listening;
                     entry.since = at;
                     entry.since_exact = true;
-                    if let Some(more) = with_holders(&entry.holders, [holder(event)]) {
+                    if let Some(more) = with_holders(&entry.holders, &[holder(event)]) {
                         entry.holders = self.holders.intern(more);
                     }
                 } else {
@@ -327,16 +327,29 @@ impl PortMap {
     /// a socket closed since is not brought back.
     pub fn attach_owners(&mut self, observed: Vec<Observed>) {
         for seen in observed {
-            let Some(entry) = self.entries.get_mut(&seen.facts.cookie) else {
+            let cookie = seen.facts.cookie;
+            // A socket bound then connected since is kept apart, still
+            // holding its port.
+            let Some(entry) = self
+                .entries
+                .get_mut(&cookie)
+                .or_else(|| self.connected_binds.get_mut(&cookie))
+            else {
                 continue;
             };
             if entry.facts.port != seen.facts.port {
                 continue;
             }
-            if let Some(more) = with_holders(&entry.holders, seen.holders.iter().cloned()) {
+            // Most sockets had no holder yet and no place: theirs are taken
+            // as the listing shares them, with no copy.
+            if entry.holders.is_empty() {
+                entry.holders = self.holders.intern(seen.holders);
+            } else if let Some(more) = with_holders(&entry.holders, &seen.holders) {
                 entry.holders = self.holders.intern(more);
             }
-            if *seen.place != Place::default() {
+            if Arc::ptr_eq(&entry.place, &NOWHERE) {
+                entry.place = self.places.place(seen.place);
+            } else if *seen.place != Place::default() {
                 let merged = Place::clone(&entry.place).or(Place::clone(&seen.place));
                 if merged != *entry.place {
                     entry.place = self.places.place(merged);
@@ -351,7 +364,11 @@ impl PortMap {
             known.uid = known.uid.or(read.uid);
             entry.inode = entry.inode.or(seen.inode.map(NonZeroU64::get));
         }
-        for entry in self.entries.values_mut() {
+        for entry in self
+            .entries
+            .values_mut()
+            .chain(self.connected_binds.values_mut())
+        {
             entry.owners_pending = false;
         }
     }
@@ -430,7 +447,7 @@ impl PortMap {
                     uid,
                     ..seen.facts
                 };
-                if let Some(more) = with_holders(&entry.holders, seen.holders.iter().cloned()) {
+                if let Some(more) = with_holders(&entry.holders, &seen.holders) {
                     entry.holders = self.holders.intern(more);
                 }
                 entry.inode = seen.inode.map(NonZeroU64::get).or(entry.inode);
@@ -634,12 +651,13 @@ fn holder(event: &PortEvent) -> Holder {
 
 /// `known` and those of `more` whose pid it lacks, by pid; `None` when it
 /// lacks none.
-fn with_holders(known: &[Holder], more: impl IntoIterator<Item = Holder>) -> Option<Vec<Holder>> {
+fn with_holders(known: &[Holder], more: &[Holder]) -> Option<Vec<Holder>> {
     let mut all: Option<Vec<Holder>> = None;
     for holder in more {
         let current = all.as_deref().unwrap_or(known);
         if !current.iter().any(|h| h.pid == holder.pid) {
-            all.get_or_insert_with(|| known.to_vec()).push(holder);
+            all.get_or_insert_with(|| known.to_vec())
+                .push(holder.clone());
         }
     }
     let mut all = all?;
@@ -877,21 +895,24 @@ mod tests {
                 unowned(1, Protocol::Tcp, SockState::Bound, 8000),
                 two,
                 unowned(3, Protocol::Udp, SockState::Bound, 5353),
+                unowned(4, Protocol::Tcp, SockState::Bound, 40000),
             ],
             T0,
         );
-        for cookie in [1, 2, 3] {
+        for cookie in [1, 2, 3, 4] {
             let entry = map.get(cookie).unwrap();
             assert!(entry.owners_pending && entry.holders.is_empty());
         }
-        // Then, before the owners are read: 1 listens, 3 closes.
+        // Then, before the owners are read: 1 listens, 3 closes, 4 connects.
         map.apply(&event(EventKind::Listen, 1, v4([0, 0, 0, 0]), 8000), T0);
         map.apply(&event(EventKind::Close, 3, v4([0, 0, 0, 0]), 5353), T0);
+        map.apply(&event(EventKind::Connected, 4, v4([0, 0, 0, 0]), 40000), T0);
         // The owners, read from the listing as it was.
         let mut read = vec![
             observed(1, Protocol::Tcp, SockState::Bound, 8000),
             observed(2, Protocol::Tcp, SockState::Bound, 8001),
             observed(3, Protocol::Udp, SockState::Bound, 5353),
+            observed(4, Protocol::Tcp, SockState::Bound, 40000),
         ];
         for seen in &mut read {
             seen.facts.options.reuse_addr = Some(true);
@@ -909,6 +930,10 @@ mod tests {
         assert_eq!(two.facts.options.reuse_port, Some(false), "known, kept");
         assert!(map.get(3).is_none(), "closed since: not brought back");
         assert!(!one.owners_pending && !two.owners_pending);
+        let four = map.connected_binds().find(|e| e.facts.cookie == 4).unwrap();
+        assert_eq!(four.facts.state, SockState::Connected);
+        assert_eq!(four.holders[0].pid, 7, "a connected bind gets its holder");
+        assert!(!four.owners_pending);
     }
 
     #[test]

@@ -202,6 +202,9 @@ pub struct State {
     /// How many sockets of the start-up listing still wait for their
     /// owners and options (`None` once read, or never asked).
     pub owners_pending: Option<usize>,
+    /// Why the start-up sockets' owners could not be read, until a
+    /// reconciliation reads them.
+    pub owners_failure: Option<String>,
     /// TCP sockets bound to port 0 that then connected, newest last, at
     /// most [`EARLY_BINDS`].
     pub early_binds: VecDeque<EarlyBind>,
@@ -296,6 +299,7 @@ impl State {
             kernel: KernelRules::UNKNOWN,
             ephemeral: None,
             owners_pending: None,
+            owners_failure: None,
             early_binds: VecDeque::new(),
             untrack_later: Vec::new(),
             listing: None,

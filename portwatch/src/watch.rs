@@ -267,7 +267,9 @@ impl Watcher {
         // through them come after.
         let listing = SnapshotConfig {
             read_owners: false,
-            read_options: false,
+            // Without owners, options cannot be read: the listing counts
+            // them as unreadable (and says so) only when nothing follows.
+            read_options: wanted.read_options && !wanted.read_owners,
             ..wanted
         };
         let started = Instant::now();
@@ -349,20 +351,24 @@ impl Watcher {
             let owned = match read {
                 Ok(Ok(mut owned)) => {
                     workloads.name_shared(owned.observed.iter_mut().map(|seen| &mut seen.place));
-                    Some(owned)
+                    Ok(owned)
                 }
-                Ok(Err(err)) => {
-                    tracing::warn!(%err, "cannot read the owners of the sockets found at start-up");
-                    None
-                }
-                Err(err) => {
-                    tracing::warn!(%err, "reading the owners of the sockets found at start-up failed");
-                    None
-                }
+                Ok(Err(err)) => Err(err.to_string()),
+                Err(err) => Err(err.to_string()),
             };
             let mut state = state
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let owned = owned
+                .inspect_err(|err| {
+                    // Said in /readyz until a reconciliation reads them.
+                    tracing::warn!(
+                        %err,
+                        "cannot read the owners of the sockets found at start-up; the next reconciliation reads them"
+                    );
+                    state.owners_failure = Some(err.clone());
+                })
+                .ok();
             let read = owned.is_some();
             let observed = owned.map_or_else(Vec::new, |owned| {
                 tracing::info!(
@@ -740,7 +746,9 @@ impl Watcher {
             holders_only: true,
         };
         let started = Instant::now();
-        let refresh = self.reconciles_without_owners + 1 >= OWNERS_REFRESH_EVERY;
+        // A start-up whose owners could not be read has them read here.
+        let refresh = self.reconciles_without_owners + 1 >= OWNERS_REFRESH_EVERY
+            || self.read_guard().owners_failure.is_some();
         let state = self.state.clone();
         let (mut snapshot, owners_read, fresh) = tokio::task::spawn_blocking(move || {
             let mut snapshot = snapshot::take(&config)?;
@@ -800,6 +808,9 @@ impl Watcher {
             )
         };
         let drift = done.drift;
+        if owners_read {
+            state.owners_failure = None;
+        }
         let stats = &mut state.stats;
         stats.reconcile_snapshot = Some(started.elapsed());
         stats.untracked += untracked as u64;

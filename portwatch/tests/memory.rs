@@ -132,7 +132,17 @@ fn state() -> State {
     let mut state = State::new(1000, 1000);
     state.host_netns = HOST;
     state.ready = true;
-    state.map.merge(observed, SystemTime::UNIX_EPOCH);
+    // As the daemon starts: the listing without owners, then the owners.
+    let unowned: Vec<Observed> = observed
+        .iter()
+        .map(|seen| Observed {
+            holders: Arc::new([]),
+            place: Arc::default(),
+            ..seen.clone()
+        })
+        .collect();
+    state.map.merge_unowned(unowned, SystemTime::UNIX_EPOCH);
+    state.map.attach_owners(observed);
     let usage = |netns| NetnsUsage {
         netns,
         range: LINUX_EPHEMERAL_RANGE,

@@ -103,9 +103,13 @@ pub async fn livez() -> &'static str {
 pub async fn readyz(State(shared): State<Shared>) -> Result<String, ApiError> {
     shared
         .read(|state| {
-            state
-                .ready
-                .then(|| crate::health::readyz_body(state.listing.as_ref(), state.owners_pending))
+            state.ready.then(|| {
+                crate::health::readyz_body(
+                    state.listing.as_ref(),
+                    state.owners_pending,
+                    state.owners_failure.as_deref(),
+                )
+            })
         })
         .ok_or(ApiError::NotReady)
 }

@@ -124,10 +124,47 @@ impl Tracked {
             return Ok(cookies.len());
         }
         let error = io::Error::last_os_error();
-        // On an error other than EFAULT, `count` says how many were added.
-        if error.raw_os_error() == Some(libc::EFAULT) {
-            return Err(error);
-        }
-        Ok((attr.count as usize).min(cookies.len()))
+        added_before(count, attr.count, error.raw_os_error()).ok_or(error)
+    }
+}
+
+/// How many of `asked` elements a failed batch added, from the `count` the
+/// kernel left (`left`) and the error; `None` when it cannot be known. The
+/// kernel writes the count back only once its loop ran, and the loop stops
+/// at the element that failed, so a count below `asked` is the number added.
+/// A count left at `asked` means it refused the call before the loop (no
+/// batch support, EINVAL, EPERM): nothing was added. After EFAULT the count
+/// is not to be trusted.
+fn added_before(asked: u32, left: u32, errno: Option<i32>) -> Option<usize> {
+    if errno == Some(libc::EFAULT) {
+        return None;
+    }
+    Some(if left < asked { left as usize } else { 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_batch_counts_only_what_its_loop_added() {
+        // A full map stopped it at the fourth element.
+        assert_eq!(added_before(10, 3, Some(libc::E2BIG)), Some(3));
+        // Refused before the loop: the count is the one given.
+        assert_eq!(added_before(10, 10, Some(libc::EINVAL)), Some(0));
+        assert_eq!(added_before(10, 10, Some(524)), Some(0), "ENOTSUPP");
+        assert_eq!(added_before(10, 10, Some(libc::EPERM)), Some(0));
+        // Not to be trusted.
+        assert_eq!(added_before(10, 3, Some(libc::EFAULT)), None);
+    }
+
+    #[test]
+    fn the_attribute_is_the_kernels_batch_member() {
+        // `struct { in_batch, out_batch, keys, values; count, map_fd;
+        // elem_flags, flags }` in union bpf_attr.
+        assert_eq!(size_of::<BatchAttr>(), 56);
+        assert_eq!(std::mem::offset_of!(BatchAttr, count), 32);
+        assert_eq!(std::mem::offset_of!(BatchAttr, map_fd), 36);
+        assert_eq!(std::mem::offset_of!(BatchAttr, elem_flags), 40);
     }
 }

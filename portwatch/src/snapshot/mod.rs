@@ -151,8 +151,9 @@ impl Snapshot {
 
     /// The snapshot's sockets in the form the per-port map merges and
     /// reconciles. They leave the snapshot (its namespaces, times and counts
-    /// stay), so that the two lists are not held at once: each is 9 MiB at
-    /// 100k sockets.
+    /// stay), so that a reconciliation does not hold two lists at once: each
+    /// is 9 MiB at 100k sockets. (The start-up keeps one copy more,
+    /// [`Snapshot::unowned`], until the owners are read.)
     pub fn take_observed(&mut self) -> Vec<Observed> {
         observe_all(std::mem::take(&mut self.sockets))
     }
@@ -243,8 +244,9 @@ fn owner_limits(processes_unreadable: u64, options_unreadable: u64) -> Vec<Strin
 /// `sockets` as the map keeps them.
 fn observe_all(sockets: Vec<SnapshotSocket>) -> Vec<Observed> {
     let mut shared = Shared::default();
-    // Observed is as large as SnapshotSocket (checked below), so this
-    // reuses the listing's buffer rather than allocating a second one.
+    // Observed is as large as SnapshotSocket (checked below), so std
+    // collects this in the listing's buffer rather than a second one: an
+    // optimisation it makes, not a promise, hence only a saving.
     sockets
         .into_iter()
         .map(|socket| observe(socket, &mut shared))
@@ -430,7 +432,10 @@ pub fn take(config: &SnapshotConfig) -> Result<Snapshot, SnapshotError> {
     let (processes_unreadable, options_unreadable) = if config.read_owners {
         read_owners(&mut sockets, config.read_options, &mut phases)?
     } else if config.read_options {
-        (0, sockets.iter().filter(|s| wants_options(s)).count() as u64)
+        (
+            0,
+            sockets.iter().filter(|s| wants_options(s)).count() as u64,
+        )
     } else {
         (0, 0)
     };
