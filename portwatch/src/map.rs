@@ -547,6 +547,20 @@ impl PortMap {
         self.ports_from(0).collect()
     }
 
+    /// The ports TCP sockets listen on, per network namespace.
+    pub fn tcp_listening_ports(&self) -> HashMap<NetnsCookie, HashSet<u16>> {
+        let mut ports: HashMap<NetnsCookie, HashSet<u16>> = HashMap::new();
+        for entry in self.entries.values() {
+            let facts = &entry.facts;
+            if facts.state == SockState::Listening
+                && rules::same_port_space(facts.protocol, Protocol::Tcp)
+            {
+                ports.entry(facts.netns).or_default().insert(facts.port);
+            }
+        }
+        ports
+    }
+
     /// Every listener, for exports and comparisons.
     pub fn listeners(&self) -> impl Iterator<Item = &Entry> {
         self.entries.values().filter(|e| e.is_listener())

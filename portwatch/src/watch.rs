@@ -895,14 +895,22 @@ impl EphemeralLister {
         let (state, failing) = (&self.state, &self.failing);
         // The sockets bound before they connected: the listing says which
         // still exist, since a lost close would keep one forever.
-        let wanted: HashSet<u64> = state
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .map
-            .connected_binds()
-            .map(|entry| entry.facts.cookie)
-            .collect();
-        match tokio::task::spawn_blocking(move || snapshot::ephemeral::list(&wanted)).await {
+        // And each namespace's TCP listening ports, whose accepted
+        // connections take no port from the range.
+        let (wanted, listening) = {
+            let state = state
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let wanted: HashSet<u64> = state
+                .map
+                .connected_binds()
+                .map(|entry| entry.facts.cookie)
+                .collect();
+            (wanted, state.map.tcp_listening_ports())
+        };
+        match tokio::task::spawn_blocking(move || snapshot::ephemeral::list(&wanted, &listening))
+            .await
+        {
             Ok(Ok(mut listing)) => {
                 self.workloads
                     .name_all(listing.namespaces.iter_mut().map(|ns| &mut ns.place));

@@ -110,20 +110,19 @@ impl Diag {
         super::netns::socket_netns_cookie(fd).map_err(SnapshotError::Cookie)
     }
 
-    /// Appends every TCP, UDP and UDP-Lite socket of the namespace to `out`; with
-    /// `holders_only`, TCP sockets only if listening or bound (connections
-    /// are not asked for).
+    /// Appends the TCP, UDP and UDP-Lite sockets of the namespace that
+    /// `dump` asks for to `out`.
     pub fn dump_all(
         &mut self,
         netns: NetnsCookie,
-        holders_only: bool,
+        dump: Dump,
         out: &mut Vec<DiagSocket>,
     ) -> Result<(), SnapshotError> {
         // A dump the kernel has no handler for (ENOENT: its module missing)
         // does not stop the others, so the error names every one of them.
         let mut refused = Vec::new();
         for (protocol, family) in DUMPS {
-            let tcp = tcp_states(holders_only);
+            let tcp = tcp_states(dump);
             match self.dump(protocol, family, tcp, netns, out) {
                 Err(SnapshotError::DiagRefused { source, .. })
                     if source.raw_os_error() == Some(libc::ENOENT) =>
@@ -207,15 +206,31 @@ fn refused(protocol: Protocol, family: Family, code: i32) -> SnapshotError {
     }
 }
 
-/// The TCP states dumped (see the module comment); `holders_only`: only
-/// listening and bound-but-inactive sockets.
-fn tcp_states(holders_only: bool) -> StateFlags {
-    let bits = if holders_only {
-        (1 << TCP_LISTEN) | (1 << TCP_CLOSE)
-    } else {
-        StateFlags::all().bits() & !(1 << TCP_SYN_RECV)
+/// Which TCP sockets a dump asks the kernel for (UDP has no states: it is
+/// dumped whole).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dump {
+    /// Every socket but half-open ones (SYN_RECV, not sockets yet).
+    All,
+    /// Listening and bound-but-inactive sockets: those that hold a port for
+    /// receiving.
+    Holders,
+    /// Connections (established, opening, closing, TIME_WAIT) only: the
+    /// ephemeral listing's, which skips the listening hash and the bind hash
+    /// walks that 100k listeners cost.
+    Connections,
+}
+
+/// The TCP states dumped (see the module comment).
+fn tcp_states(dump: Dump) -> StateFlags {
+    let holders = (1 << TCP_LISTEN) | (1 << TCP_CLOSE) | (1 << TCP_BOUND_INACTIVE);
+    let all = StateFlags::all().bits() | (1 << TCP_BOUND_INACTIVE);
+    let bits = match dump {
+        Dump::All => all & !(1 << TCP_SYN_RECV),
+        Dump::Holders => holders,
+        Dump::Connections => all & !(1 << TCP_SYN_RECV) & !holders,
     };
-    StateFlags::from_bits_retain(bits | (1 << TCP_BOUND_INACTIVE))
+    StateFlags::from_bits_retain(bits)
 }
 
 /// Whether this kernel's sock_diag lists TCP sockets that are bound but
@@ -264,7 +279,13 @@ fn bound_only_tcp_listed_here() -> Result<bool, SnapshotError> {
     let mut found = Vec::new();
     // Only this namespace's sockets come back; none needs its cookie, which
     // a kernel before 5.14 cannot tell (SO_NETNS_COOKIE).
-    diag.dump(Protocol::Tcp, Family::Ipv4, tcp_states(true), 0, &mut found)?;
+    diag.dump(
+        Protocol::Tcp,
+        Family::Ipv4,
+        tcp_states(Dump::Holders),
+        0,
+        &mut found,
+    )?;
     Ok(found.iter().any(|s| s.facts.port == port))
 }
 
@@ -440,22 +461,29 @@ mod tests {
 
     #[test]
     fn tcp_dump_asks_for_bound_inactive_and_not_request_sockets() {
-        let states = tcp_states(false).bits();
+        let states = tcp_states(Dump::All).bits();
         assert_ne!(states & 1 << TCP_BOUND_INACTIVE, 0);
         assert_ne!(states & 1 << TCP_LISTEN, 0);
         assert_ne!(states & 1 << TCP_CLOSE, 0);
         assert_ne!(states & 1 << TCP_TIME_WAIT, 0);
         assert_eq!(states & 1 << TCP_SYN_RECV, 0);
-        let holders = tcp_states(true).bits();
+        let holders = tcp_states(Dump::Holders).bits();
         assert_eq!(
             holders,
             1 << TCP_LISTEN | 1 << TCP_CLOSE | 1 << TCP_BOUND_INACTIVE
+        );
+        let connections = tcp_states(Dump::Connections).bits();
+        assert_eq!(connections & holders, 0, "no listener, no bound socket");
+        assert_eq!(connections & 1 << TCP_SYN_RECV, 0);
+        assert_eq!(
+            connections | holders | 1 << TCP_SYN_RECV,
+            states | 1 << TCP_SYN_RECV
         );
     }
 
     #[test]
     fn dump_request_is_an_inet_diag_req_v2() {
-        let bytes = dump_request(Protocol::Tcp, Family::Ipv6, tcp_states(false), 9);
+        let bytes = dump_request(Protocol::Tcp, Family::Ipv6, tcp_states(Dump::All), 9);
         // nlmsghdr (16) + inet_diag_req_v2 (56).
         assert_eq!(bytes.len(), 72);
         assert_eq!(u32::from_ne_bytes(bytes[0..4].try_into().unwrap()), 72);
@@ -468,7 +496,7 @@ mod tests {
         assert_eq!(bytes[16], AF_INET6);
         assert_eq!(bytes[17], IPPROTO_TCP);
         assert_eq!(bytes[18], 0, "no extensions");
-        let udplite = dump_request(Protocol::UdpLite, Family::Ipv4, tcp_states(false), 9);
+        let udplite = dump_request(Protocol::UdpLite, Family::Ipv4, tcp_states(Dump::All), 9);
         assert_eq!(
             (udplite[16], udplite[17]),
             (AF_INET, 136),
@@ -476,7 +504,7 @@ mod tests {
         );
         assert_eq!(
             u32::from_ne_bytes(bytes[20..24].try_into().unwrap()),
-            tcp_states(false).bits()
+            tcp_states(Dump::All).bits()
         );
     }
 

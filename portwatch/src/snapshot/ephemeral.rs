@@ -31,7 +31,7 @@ use serde::Serialize;
 
 use super::{
     SnapshotError,
-    diag::{Diag, DiagSocket},
+    diag::{Diag, DiagSocket, Dump},
     in_each_namespace, netns, owners,
 };
 use crate::{
@@ -388,13 +388,20 @@ pub struct EphemeralListing {
 ///
 /// Fails only when /proc cannot be read or the caller's own namespace cannot
 /// be listed.
-pub fn list(wanted: &HashSet<u64>) -> Result<EphemeralListing, SnapshotError> {
+///
+/// `listening` has each namespace's TCP listening ports, from the live map:
+/// connections from them are accepted ones, which took no port from the
+/// range. Listeners themselves are not dumped (a host may have 100k).
+pub fn list(
+    wanted: &HashSet<u64>,
+    listening: &HashMap<NetnsCookie, HashSet<u16>>,
+) -> Result<EphemeralListing, SnapshotError> {
     let started = Instant::now();
     let taken_at = SystemTime::now();
     let own = netns::own_key()?;
     let mut skipped_netns = Vec::new();
     let found = netns::discover(own, &mut skipped_netns)?;
-    let listed = in_each_namespace(&found, own, |diag| list_here(diag, wanted))?;
+    let listed = in_each_namespace(&found, own, |diag| list_here(diag, wanted, listening))?;
     let mut namespaces = Vec::with_capacity(listed.len());
     let mut skipped = skipped_netns.len();
     for (ns, result) in found.iter().zip(listed) {
@@ -418,7 +425,11 @@ pub fn list(wanted: &HashSet<u64>) -> Result<EphemeralListing, SnapshotError> {
 }
 
 /// The namespace the calling thread is in, through `diag`.
-fn list_here(diag: &mut Diag, wanted: &HashSet<u64>) -> Result<NetnsUsage, SnapshotError> {
+fn list_here(
+    diag: &mut Diag,
+    wanted: &HashSet<u64>,
+    listening: &HashMap<NetnsCookie, HashSet<u16>>,
+) -> Result<NetnsUsage, SnapshotError> {
     let netns = diag.netns_cookie()?;
     let sysctl = |path: &str| {
         fs::read_to_string(path).map_err(|source| SnapshotError::Proc {
@@ -447,8 +458,11 @@ fn list_here(diag: &mut Diag, wanted: &HashSet<u64>) -> Result<NetnsUsage, Snaps
         }
     };
     let mut sockets = Vec::new();
-    diag.dump_all(netns, false, &mut sockets)?;
-    let mut tally = Tally::default();
+    diag.dump_all(netns, Dump::Connections, &mut sockets)?;
+    let mut tally = Tally {
+        listening: listening.get(&netns).cloned().unwrap_or_default(),
+        ..Tally::default()
+    };
     for socket in &sockets {
         tally.add(socket, range, wanted);
     }

@@ -51,7 +51,7 @@ pub use self::{
     netns::{netns_cookie_of_current_thread, netns_named_by_inode},
 };
 use self::{
-    diag::{Diag, DiagSocket},
+    diag::{Diag, DiagSocket, Dump},
     netns::{Namespace, NetnsKey},
     owners::{Place, ProcInfo},
     workload::Workload,
@@ -390,7 +390,12 @@ pub fn take(config: &SnapshotConfig) -> Result<Snapshot, SnapshotError> {
     let dumps = in_each_namespace(&found, own, |diag| {
         let cookie = diag.netns_cookie()?;
         let mut sockets = Vec::new();
-        diag.dump_all(cookie, config.holders_only, &mut sockets)?;
+        let dump = if config.holders_only {
+            Dump::Holders
+        } else {
+            Dump::All
+        };
+        diag.dump_all(cookie, dump, &mut sockets)?;
         Ok(NetnsDump { cookie, sockets })
     })?;
     for (ns, dump) in found.iter().zip(dumps) {
