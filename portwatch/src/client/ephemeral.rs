@@ -88,14 +88,12 @@ fn render_namespace(out: &mut String, ns: &Value) {
             percent(&ns["utilization"])
         );
         out.push_str(&destination_table(destinations));
-        let total = ns["destinations_total"].as_u64().unwrap_or(0);
-        if total > destinations.len() as u64 {
-            let _ = writeln!(
-                out,
-                "  ({} more destinations, less used)",
-                total - destinations.len() as u64
-            );
-        }
+        more(
+            out,
+            &ns["destinations_total"],
+            destinations.len(),
+            "destinations, less used",
+        );
     }
     if let Some(line) = pace(ns) {
         let _ = writeln!(out, "  {line}");
@@ -120,16 +118,22 @@ fn render_namespace(out: &mut String, ns: &Value) {
             text(&anti["detail"]),
         );
     }
-    let total = ns["anti_patterns_total"].as_u64().unwrap_or(0);
-    if total > anti_patterns.len() as u64 {
-        let _ = writeln!(
-            out,
-            "  ({} more listeners inside the range)",
-            total - anti_patterns.len() as u64
-        );
-    }
+    more(
+        out,
+        &ns["anti_patterns_total"],
+        anti_patterns.len(),
+        "listeners inside the range",
+    );
     for failure in array(&ns["recent_failures"]) {
         let _ = writeln!(out, "  {}", describe_failure(failure));
+    }
+}
+
+/// `  (N more WHAT)` when `total` counts more than the `shown`.
+fn more(out: &mut String, total: &Value, shown: usize, what: &str) {
+    let hidden = total.as_u64().unwrap_or(0).saturating_sub(shown as u64);
+    if hidden > 0 {
+        let _ = writeln!(out, "  ({hidden} more {what})");
     }
 }
 
