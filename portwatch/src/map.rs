@@ -152,8 +152,12 @@ pub struct Reconciled {
     pub removed: Vec<u64>,
 }
 
-/// The place of a socket nobody has placed yet, shared.
-static NOWHERE: LazyLock<Arc<Place>> = LazyLock::new(Arc::default);
+/// The place of a socket nobody has placed yet, shared (by the listings'
+/// ownerless sockets too).
+pub(crate) static NOWHERE: LazyLock<Arc<Place>> = LazyLock::new(Arc::default);
+
+/// The holders of a socket whose holders are not known yet, shared.
+pub(crate) static NOBODY: LazyLock<Arc<[Holder]>> = LazyLock::new(|| Arc::new([]));
 
 /// One shared copy of each value the map's sockets repeat: a host's sockets
 /// belong to few processes, so a few holder lists and places (cgroup path,
@@ -190,6 +194,29 @@ impl<T: ?Sized + Eq + Hash> Interned<T> {
         let shared = value.into();
         self.known.insert(shared.clone());
         shared
+    }
+}
+
+impl Interned<[Holder]> {
+    /// Adds to `known` the holders of `more` whose pid it lacks, by pid.
+    /// A socket with no holder yet takes `more` as it is shared.
+    fn add(&mut self, known: &mut Arc<[Holder]>, more: &Arc<[Holder]>) {
+        if known.is_empty() {
+            *known = self.intern(more.clone());
+            return;
+        }
+        let mut all: Option<Vec<Holder>> = None;
+        for holder in more.iter() {
+            let current = all.as_deref().unwrap_or(known);
+            if !current.iter().any(|h| h.pid == holder.pid) {
+                all.get_or_insert_with(|| known.to_vec())
+                    .push(holder.clone());
+            }
+        }
+        if let Some(mut all) = all {
+            all.sort_by_key(|h| h.pid);
+            *known = self.intern(all);
+        }
     }
 }
 
@@ -252,9 +279,8 @@ impl PortMap {
                     entry.facts.state = SockState::Listening;
                     entry.since = at;
                     entry.since_exact = true;
-                    if let Some(more) = with_holders(&entry.holders, &[holder(event)]) {
-                        entry.holders = self.holders.intern(more);
-                    }
+                    let holder: Arc<[Holder]> = Arc::new([holder(event)]);
+                    self.holders.add(&mut entry.holders, &holder);
                 } else {
                     // Listening without a bind we saw: autobind at listen(),
                     // or bound before portwatch started.
@@ -340,13 +366,9 @@ impl PortMap {
             if entry.facts.port != seen.facts.port {
                 continue;
             }
-            // Most sockets had no holder yet and no place: theirs are taken
-            // as the listing shares them, with no copy.
-            if entry.holders.is_empty() {
-                entry.holders = self.holders.intern(seen.holders);
-            } else if let Some(more) = with_holders(&entry.holders, &seen.holders) {
-                entry.holders = self.holders.intern(more);
-            }
+            self.holders.add(&mut entry.holders, &seen.holders);
+            // Most sockets had no place yet: theirs is taken as the listing
+            // shares it, with no copy.
             if Arc::ptr_eq(&entry.place, &NOWHERE) {
                 entry.place = self.places.place(seen.place);
             } else if *seen.place != Place::default() {
@@ -356,11 +378,7 @@ impl PortMap {
                 }
             }
             let (known, read) = (&mut entry.facts, &seen.facts);
-            known.options = ShareOptions {
-                reuse_addr: known.options.reuse_addr.or(read.options.reuse_addr),
-                reuse_port: known.options.reuse_port.or(read.options.reuse_port),
-                v6only: known.options.v6only.or(read.options.v6only),
-            };
+            known.options = merge_options(known.options, read.options);
             known.uid = known.uid.or(read.uid);
             entry.inode = entry.inode.or(seen.inode.map(NonZeroU64::get));
         }
@@ -447,9 +465,7 @@ impl PortMap {
                     uid,
                     ..seen.facts
                 };
-                if let Some(more) = with_holders(&entry.holders, &seen.holders) {
-                    entry.holders = self.holders.intern(more);
-                }
+                self.holders.add(&mut entry.holders, &seen.holders);
                 entry.inode = seen.inode.map(NonZeroU64::get).or(entry.inode);
                 // Arc's equality looks at the pointer first: a socket that
                 // kept its process's place costs no string comparison.
@@ -661,22 +677,6 @@ fn holder(event: &PortEvent) -> Holder {
         pid: event.pid,
         process: event.process.clone(),
     }
-}
-
-/// `known` and those of `more` whose pid it lacks, by pid; `None` when it
-/// lacks none.
-fn with_holders(known: &[Holder], more: &[Holder]) -> Option<Vec<Holder>> {
-    let mut all: Option<Vec<Holder>> = None;
-    for holder in more {
-        let current = all.as_deref().unwrap_or(known);
-        if !current.iter().any(|h| h.pid == holder.pid) {
-            all.get_or_insert_with(|| known.to_vec())
-                .push(holder.clone());
-        }
-    }
-    let mut all = all?;
-    all.sort_by_key(|h| h.pid);
-    Some(all)
 }
 
 #[cfg(test)]

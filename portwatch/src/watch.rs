@@ -347,8 +347,7 @@ impl Watcher {
         let workloads = self.workloads.clone();
         Some(async move {
             let started = Instant::now();
-            let read = tokio::task::spawn_blocking(move || unowned.read()).await;
-            let owned = match read {
+            let read = match tokio::task::spawn_blocking(move || unowned.read()).await {
                 Ok(Ok(mut owned)) => {
                     workloads.name_shared(owned.observed.iter_mut().map(|seen| &mut seen.place));
                     Ok(owned)
@@ -359,35 +358,33 @@ impl Watcher {
             let mut state = state
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let owned = owned
-                .inspect_err(|err| {
-                    // Said in /readyz until a reconciliation reads them.
+            let observed = match read {
+                Ok(owned) => {
+                    tracing::info!(
+                        sockets = owned.observed.len(),
+                        phases = ?owned.phases,
+                        "owners of the start-up listing read"
+                    );
+                    for limit in owned.limits() {
+                        tracing::warn!("{limit}");
+                    }
+                    state.stats.startup_owners = Some(started.elapsed());
+                    owned.observed
+                }
+                Err(err) => {
+                    // Said in /readyz until a reconciliation reads them;
+                    // meanwhile the sockets' owners are unknown, as with
+                    // read_owners = false.
                     tracing::warn!(
                         %err,
                         "cannot read the owners of the sockets found at start-up; the next reconciliation reads them"
                     );
-                    state.owners_failure = Some(err.clone());
-                })
-                .ok();
-            let read = owned.is_some();
-            let observed = owned.map_or_else(Vec::new, |owned| {
-                tracing::info!(
-                    sockets = owned.observed.len(),
-                    phases = ?owned.phases,
-                    "owners of the start-up listing read"
-                );
-                for limit in owned.limits() {
-                    tracing::warn!("{limit}");
+                    state.owners_failure = Some(err);
+                    Vec::new()
                 }
-                owned.observed
-            });
-            // Without them the pending sockets are unknown, as they would
-            // be with read_owners = false.
+            };
             state.map.attach_owners(observed);
             state.owners_pending = None;
-            if read {
-                state.stats.startup_owners = Some(started.elapsed());
-            }
             drop(state);
             release_freed_memory();
         })
@@ -431,12 +428,11 @@ impl Watcher {
     pub async fn run(mut self, stop: impl Future<Output = ()>) -> Result<(), WatchError> {
         let ephemeral = self.ephemeral.clone().run(self.config.ephemeral_every);
         let owners = self.owners_reader();
+        let mut owners_read = owners.is_none();
         let owners = async move {
             if let Some(reading) = owners {
                 reading.await;
             }
-            // Read once; this branch never fires.
-            std::future::pending::<()>().await;
         };
         tokio::pin!(stop);
         tokio::pin!(ephemeral);
@@ -445,7 +441,7 @@ impl Watcher {
             tokio::select! {
                 step = self.step() => { step?; }
                 () = &mut ephemeral => {}
-                () = &mut owners => {}
+                () = &mut owners, if !owners_read => owners_read = true,
                 () = &mut stop => return Ok(()),
             }
         }

@@ -57,7 +57,7 @@ use self::{
     workload::Workload,
 };
 use crate::{
-    map::{Holder, Observed},
+    map::{Holder, NOBODY, NOWHERE, Observed},
     socket::{NetnsCookie, SocketFacts},
 };
 
@@ -658,7 +658,7 @@ fn observe(socket: SnapshotSocket, shared: &mut Shared) -> Observed {
         owners,
     } = socket;
     let (place, holders) = match owners.as_slice() {
-        [] => (shared.nowhere.clone(), shared.nobody.clone()),
+        [] => (NOWHERE.clone(), NOBODY.clone()),
         [first, rest @ ..] => {
             let (place, alone) = shared.process(first);
             if rest.iter().all(|owner| owner.pid == first.pid) {
@@ -684,22 +684,11 @@ const _: () = assert!(size_of::<Observed>() == size_of::<SnapshotSocket>());
 const _: () = assert!(align_of::<Observed>() == align_of::<SnapshotSocket>());
 
 /// What the sockets of one listing share: each process's place and holder
-/// list, and one empty place and list for the sockets with no known owner
-/// (every socket of a listing taken without owners).
+/// list. Sockets with no known owner (every socket of a listing taken
+/// without owners) share the map's empty ones.
+#[derive(Default)]
 struct Shared {
-    nowhere: Arc<Place>,
-    nobody: Arc<[Holder]>,
     processes: HashMap<u32, (Arc<Place>, Arc<[Holder]>)>,
-}
-
-impl Default for Shared {
-    fn default() -> Self {
-        Shared {
-            nowhere: Arc::default(),
-            nobody: Arc::new([]),
-            processes: HashMap::new(),
-        }
-    }
 }
 
 impl Shared {
