@@ -12,7 +12,10 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Trace(args) => run_async(app::trace(args)),
-        Command::Daemon(args) => run_async(app::daemon(args)),
+        Command::Daemon(args) => {
+            portwatch::watch::limit_malloc_arenas();
+            run_async(app::daemon(args))
+        }
         Command::Ports(args) => client::ports(&args).map_err(Into::into),
         Command::Explain(args) => client::explain(&args).map_err(Into::into),
         Command::Failures(args) => client::failures(&args).map_err(Into::into),

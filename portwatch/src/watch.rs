@@ -955,6 +955,26 @@ impl EphemeralLister {
     }
 }
 
+/// glibc's arenas for the daemon's threads. By default glibc gives a thread
+/// that meets contention an arena of its own (up to eight per core), and
+/// every arena keeps the high-water mark of what it once held: over rounds
+/// of API load, reconciliations and `/metrics` renderings at 100k
+/// listeners, RSS rose from 48 to 62 MiB with the default and stayed at
+/// 52 with two (`cargo xtask bench --only API`, side by side), with no
+/// loss of request rate. `MALLOC_ARENA_MAX` in the environment still
+/// decides, when set.
+const MALLOC_ARENAS: libc::c_int = 2;
+
+/// Applies [`MALLOC_ARENAS`]; called before the runtime starts threads.
+pub fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    // SAFETY: mallopt only sets a glibc tunable; called before any thread
+    // of ours exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) };
+}
+
 /// Returns the memory freed by a snapshot (and, at start-up, by loading the
 /// programs and parsing the kernel's BTF; and by a `/metrics` rendering) to
 /// the system. glibc otherwise keeps freed chunks in its arenas: an idle
