@@ -152,6 +152,15 @@ pub struct Reconciled {
     pub removed: Vec<u64>,
 }
 
+/// A reconciliation's plan ([`PortMap::plan`]): the drift, the entries the
+/// listing no longer has, and the listed sockets that would change the map.
+#[derive(Clone, Debug, Default)]
+pub struct Correction {
+    pub drift: Drift,
+    gone: Vec<u64>,
+    changes: Vec<Observed>,
+}
+
 /// The place of a socket nobody has placed yet, shared (by the listings'
 /// ownerless sockets too).
 pub(crate) static NOWHERE: LazyLock<Arc<Place>> = LazyLock::new(Arc::default);
@@ -392,13 +401,8 @@ impl PortMap {
     }
 
     /// Makes the map equal to `truth`, a complete sock_diag listing of the
-    /// namespaces in `listed`, and says what differed. Entries in namespaces
-    /// that could not be listed are left alone: the listing says nothing
-    /// about them. Sockets in states that do not hold a port for receiving
-    /// (connections, TIME_WAIT) are ignored. Without `bound_tcp_listed` (a
-    /// kernel before 6.7, whose sock_diag cannot list TCP sockets that are
-    /// bound but not listening) the listing says nothing about such entries
-    /// either: they stay, and their close comes from the release hook.
+    /// namespaces in `listed`, and says what differed: [`PortMap::plan`]
+    /// then [`PortMap::correct`].
     pub fn reconcile(
         &mut self,
         truth: Vec<Observed>,
@@ -406,12 +410,33 @@ impl PortMap {
         bound_tcp_listed: bool,
         at: SystemTime,
     ) -> Reconciled {
+        let correction = self.plan(truth, listed, bound_tcp_listed);
+        self.correct(correction, at)
+    }
+
+    /// What would make the map equal to `truth`, a complete sock_diag
+    /// listing of the namespaces in `listed`, found without changing it: a
+    /// reconciliation compares under a read lock, so the API keeps
+    /// answering, and writes only what differs (at rest, nothing). Entries
+    /// in namespaces that could not be listed are left alone: the listing
+    /// says nothing about them. Sockets in states that do not hold a port
+    /// for receiving (connections, TIME_WAIT) are ignored. Without
+    /// `bound_tcp_listed` (a kernel before 6.7, whose sock_diag cannot list
+    /// TCP sockets that are bound but not listening) the listing says
+    /// nothing about such entries either: they stay, and their close comes
+    /// from the release hook.
+    pub fn plan(
+        &self,
+        truth: Vec<Observed>,
+        listed: &BTreeSet<NetnsCookie>,
+        bound_tcp_listed: bool,
+    ) -> Correction {
         let mut drift = Drift::default();
         let truth: Vec<Observed> = truth
             .into_iter()
             .filter(|o| tracked_state(&o.facts))
             .collect();
-        let present: BTreeSet<u64> = truth.iter().map(|o| o.facts.cookie).collect();
+        let present: HashSet<u64> = truth.iter().map(|o| o.facts.cookie).collect();
         // An entry whose namespace is unknown (0) is judged by any listing.
         let gone: Vec<u64> = self
             .entries
@@ -425,10 +450,8 @@ impl PortMap {
             })
             .map(|(cookie, _)| *cookie)
             .collect();
-        for cookie in &gone {
-            self.remove(*cookie);
-            drift.stale += 1;
-        }
+        drift.stale = gone.len() as u64;
+        let mut changes = Vec::new();
         for seen in truth {
             match self.entries.get(&seen.facts.cookie) {
                 None => drift.missing += 1,
@@ -443,12 +466,70 @@ impl PortMap {
                     }
                 }
             }
+            if self.differs(&seen) {
+                changes.push(seen);
+            }
+        }
+        Correction {
+            drift,
+            gone,
+            changes,
+        }
+    }
+
+    /// [`PortMap::merge`] as a [`Correction`]: what `observed` would add or
+    /// change, with nothing removed and no drift (a first look, not a
+    /// comparison).
+    pub fn plan_merge(&self, observed: Vec<Observed>) -> Correction {
+        Correction {
+            changes: observed.into_iter().filter(|o| self.differs(o)).collect(),
+            ..Correction::default()
+        }
+    }
+
+    /// Applies a [`PortMap::plan`] (or [`PortMap::plan_merge`]) made
+    /// against this map as it still is.
+    pub fn correct(&mut self, correction: Correction, at: SystemTime) -> Reconciled {
+        for cookie in &correction.gone {
+            self.remove(*cookie);
+        }
+        for seen in correction.changes {
             self.upsert(seen, at);
         }
         Reconciled {
-            drift,
-            removed: gone,
+            drift: correction.drift,
+            removed: correction.gone,
         }
+    }
+
+    /// Whether [`PortMap::upsert`] of `seen` would change the map: the same
+    /// decisions, made without writing.
+    fn differs(&self, seen: &Observed) -> bool {
+        if !tracked_state(&seen.facts) {
+            return false;
+        }
+        let Some(entry) = self.entries.get(&seen.facts.cookie) else {
+            return true;
+        };
+        if entry.facts.port != seen.facts.port {
+            return true;
+        }
+        let facts = SocketFacts {
+            options: merge_options(entry.facts.options, seen.facts.options),
+            uid: entry.facts.uid.or(seen.facts.uid),
+            ..seen.facts.clone()
+        };
+        let new_holder = seen
+            .holders
+            .iter()
+            .any(|holder| !entry.holders.iter().any(|known| known.pid == holder.pid));
+        let new_inode = seen
+            .inode
+            .is_some_and(|inode| entry.inode != Some(inode.get()));
+        let new_place = *seen.place != Place::default()
+            && seen.place != entry.place
+            && Place::clone(&seen.place).or(Place::clone(&entry.place)) != *entry.place;
+        facts != entry.facts || new_holder || new_inode || new_place
     }
 
     fn upsert(&mut self, seen: Observed, at: SystemTime) {
@@ -948,6 +1029,120 @@ mod tests {
         assert_eq!(four.facts.state, SockState::Connected);
         assert_eq!(four.holders[0].pid, 7, "a connected bind gets its holder");
         assert!(!four.owners_pending);
+    }
+
+    /// A reconciliation writes only the sockets `differs` names: it must
+    /// agree with what an upsert does, for every kind of listed socket.
+    #[test]
+    fn a_plan_writes_exactly_the_sockets_an_upsert_would_change() {
+        let base = observed(1, Protocol::Tcp, SockState::Listening, 80);
+        let map_of = |seen: &Observed| {
+            let mut map = PortMap::default();
+            map.merge(vec![base.clone()], T0);
+            map.upsert(seen.clone(), T0);
+            map
+        };
+        let holder = |pid, process: &str| -> Arc<[Holder]> {
+            Arc::new([Holder {
+                pid,
+                process: process.into(),
+            }])
+        };
+        let with = |change: &dyn Fn(&mut Observed)| {
+            let mut seen = base.clone();
+            change(&mut seen);
+            seen
+        };
+        let cases: Vec<(&str, Observed, bool)> = vec![
+            ("the same socket", base.clone(), false),
+            (
+                "listed without owners",
+                with(&|s| {
+                    s.holders = NOBODY.clone();
+                    s.place = NOWHERE.clone();
+                    s.inode = None;
+                }),
+                false,
+            ),
+            (
+                "a holder it knows, by pid",
+                with(&|s| s.holders = holder(7, "renamed")),
+                false,
+            ),
+            (
+                "one more holder",
+                with(&|s| s.holders = holder(8, "worker")),
+                true,
+            ),
+            (
+                "another inode",
+                with(&|s| s.inode = NonZeroU64::new(100)),
+                true,
+            ),
+            (
+                "another unit",
+                with(&|s| {
+                    s.place = Arc::new(Place {
+                        unit: Some("new.service".into()),
+                        ..Place::default()
+                    });
+                }),
+                true,
+            ),
+            (
+                "a place that adds nothing",
+                with(&|s| {
+                    s.place = Arc::new(Place {
+                        unit: Some("old.service".into()),
+                        ..Place::default()
+                    });
+                }),
+                false,
+            ),
+            (
+                "an option it did not know",
+                with(&|s| s.facts.options.reuse_port = Some(true)),
+                true,
+            ),
+            (
+                "another uid (the known one stays)",
+                with(&|s| s.facts.uid = Some(5)),
+                false,
+            ),
+            (
+                "another state",
+                with(&|s| s.facts.state = SockState::Bound),
+                true,
+            ),
+            (
+                "another address",
+                with(&|s| s.facts.address = v4([127, 0, 0, 1])),
+                true,
+            ),
+            ("another port", with(&|s| s.facts.port = 81), true),
+            (
+                "a socket it does not have",
+                with(&|s| s.facts.cookie = 2),
+                true,
+            ),
+            (
+                "a connection",
+                with(&|s| s.facts.state = SockState::Connected),
+                false,
+            ),
+        ];
+        let before = map_of(&base);
+        for (what, seen, changes) in cases {
+            assert_eq!(before.differs(&seen), changes, "{what}: differs");
+            let after = map_of(&seen);
+            let changed = after.len() != before.len()
+                || after.get(seen.facts.cookie) != before.get(seen.facts.cookie);
+            assert_eq!(changed, changes, "{what}: what an upsert did");
+        }
+        // At rest, a plan has nothing to write.
+        let correction = before.plan(vec![base.clone()], &BTreeSet::from([1]), true);
+        assert!(correction.changes.is_empty() && correction.gone.is_empty());
+        assert_eq!(correction.drift.total(), 0);
     }
 
     #[test]

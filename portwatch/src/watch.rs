@@ -16,7 +16,7 @@ use std::{
         Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::sync::{Notify, broadcast};
@@ -28,7 +28,7 @@ use crate::{
     failures::{self, Failure},
     health::ListingFailure,
     kernel_probe,
-    map::{Drift, Observed, Reconciled},
+    map::{Correction, Drift, Observed},
     rules::{self, KernelRules},
     snapshot::{
         self, SnapshotConfig, SnapshotError, Unowned,
@@ -152,6 +152,17 @@ const DROP_CHECK: Duration = Duration::from_secs(30);
 /// others read them only when the listing has a socket the map does not
 /// know.
 const OWNERS_REFRESH_EVERY: u32 = 10;
+
+/// What a reconciliation's listing found, compared with the map on the
+/// blocking thread that took it.
+struct Listed {
+    correction: Correction,
+    taken_at: SystemTime,
+    /// Whether the owners were read (then the refresh count starts again).
+    owners_read: bool,
+    /// Listening or bound sockets new to the map, for the kernel to track.
+    fresh: Vec<u64>,
+}
 
 /// The pipeline: owns the kernel side, writes the shared state.
 pub struct Watcher {
@@ -746,8 +757,16 @@ impl Watcher {
         let refresh = self.reconciles_without_owners + 1 >= OWNERS_REFRESH_EVERY
             || self.read_guard().owners_failure.is_some();
         let state = self.state.clone();
-        let (mut snapshot, owners_read, fresh) = tokio::task::spawn_blocking(move || {
+        let workloads = self.workloads.clone();
+        let first_listing = !self.merged;
+        let bound_tcp_listed = self.bound_tcp_listed;
+        let listed = tokio::task::spawn_blocking(move || {
             let mut snapshot = snapshot::take(&config)?;
+            let read = || {
+                state
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            };
             // The owners scan reads every descriptor of every process, the
             // dearest part of a listing: only a socket the map does not
             // know needs it, and the holders of known ones are refreshed
@@ -756,9 +775,7 @@ impl Watcher {
             // kernel must start tracking; `unknown`: any other socket the
             // map does not have where the listing has it.
             let (fresh, unknown) = {
-                let state = state
-                    .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let state = read();
                 let mut fresh = Vec::new();
                 let mut unknown = false;
                 for socket in &snapshot.sockets {
@@ -776,33 +793,39 @@ impl Watcher {
             if owners_read {
                 snapshot.attach_owners()?;
             }
-            Ok::<_, SnapshotError>((snapshot, owners_read, fresh))
+            let mut observed = snapshot.take_observed();
+            workloads.name_shared(observed.iter_mut().map(|seen| &mut seen.place));
+            // Compared under the read lock, here: the API keeps answering,
+            // and only what differs is written (the pipeline, which alone
+            // changes the map, waits for this listing meanwhile).
+            let correction = if first_listing {
+                // The start-up listing failed: this is the first look at
+                // what existed before portwatch started, not drift.
+                read().map.plan_merge(observed)
+            } else {
+                read()
+                    .map
+                    .plan(observed, &snapshot.listed_netns(), bound_tcp_listed)
+            };
+            Ok::<_, SnapshotError>(Listed {
+                correction,
+                taken_at: snapshot.taken_at,
+                owners_read,
+                fresh,
+            })
         })
         .await??;
+        let owners_read = listed.owners_read;
         self.reconciles_without_owners = if owners_read {
             0
         } else {
             self.reconciles_without_owners + 1
         };
         self.listing_works();
-        let observed = self.observed(&mut snapshot);
-        let untracked = self.capture.track_all(&fresh);
-        let first_listing = !self.merged;
+        let untracked = self.capture.track_all(&listed.fresh);
         self.merged = true;
         let mut state = self.write();
-        let done = if first_listing {
-            // The start-up listing failed: this is the first look at what
-            // existed before portwatch started, not drift.
-            state.map.merge(observed, snapshot.taken_at);
-            Reconciled::default()
-        } else {
-            state.map.reconcile(
-                observed,
-                &snapshot.listed_netns(),
-                self.bound_tcp_listed,
-                snapshot.taken_at,
-            )
-        };
+        let done = state.map.correct(listed.correction, listed.taken_at);
         let drift = done.drift;
         if owners_read {
             state.owners_failure = None;
@@ -815,7 +838,6 @@ impl Watcher {
         stats.drift.stale += drift.stale;
         stats.drift.changed += drift.changed;
         drop(state);
-        drop(snapshot);
         // Gone without a release the hooks saw (outside a `--cgroup`
         // subtree, kernel-owned, closed before it was tracked): the kernel
         // forgets them too, so TRACKED holds only live sockets.
