@@ -453,7 +453,8 @@ impl PortMap {
         drift.stale = gone.len() as u64;
         let mut changes = Vec::new();
         for seen in truth {
-            match self.entries.get(&seen.facts.cookie) {
+            let known = self.entries.get(&seen.facts.cookie);
+            match known {
                 None => drift.missing += 1,
                 Some(entry) => {
                     let (known, real) = (&entry.facts, &seen.facts);
@@ -466,7 +467,7 @@ impl PortMap {
                     }
                 }
             }
-            if self.differs(&seen) {
+            if differs(known, &seen) {
                 changes.push(seen);
             }
         }
@@ -482,7 +483,10 @@ impl PortMap {
     /// comparison).
     pub fn plan_merge(&self, observed: Vec<Observed>) -> Correction {
         Correction {
-            changes: observed.into_iter().filter(|o| self.differs(o)).collect(),
+            changes: observed
+                .into_iter()
+                .filter(|seen| differs(self.entries.get(&seen.facts.cookie), seen))
+                .collect(),
             ..Correction::default()
         }
     }
@@ -502,36 +506,8 @@ impl PortMap {
         }
     }
 
-    /// Whether [`PortMap::upsert`] of `seen` would change the map: the same
-    /// decisions, made without writing.
-    fn differs(&self, seen: &Observed) -> bool {
-        if !tracked_state(&seen.facts) {
-            return false;
-        }
-        let Some(entry) = self.entries.get(&seen.facts.cookie) else {
-            return true;
-        };
-        if entry.facts.port != seen.facts.port {
-            return true;
-        }
-        let facts = SocketFacts {
-            options: merge_options(entry.facts.options, seen.facts.options),
-            uid: entry.facts.uid.or(seen.facts.uid),
-            ..seen.facts.clone()
-        };
-        let new_holder = seen
-            .holders
-            .iter()
-            .any(|holder| !entry.holders.iter().any(|known| known.pid == holder.pid));
-        let new_inode = seen
-            .inode
-            .is_some_and(|inode| entry.inode != Some(inode.get()));
-        let new_place = *seen.place != Place::default()
-            && seen.place != entry.place
-            && Place::clone(&seen.place).or(Place::clone(&entry.place)) != *entry.place;
-        facts != entry.facts || new_holder || new_inode || new_place
-    }
-
+    /// [`differs`] makes the same decisions without writing: a change here
+    /// is a change there.
     fn upsert(&mut self, seen: Observed, at: SystemTime) {
         if !tracked_state(&seen.facts) {
             return;
@@ -739,6 +715,37 @@ pub fn listener_key(facts: &SocketFacts) -> (NetnsCookie, Protocol, Family, IpAd
 }
 
 /// Sockets the map keeps: listeners and bound-but-not-listening ones.
+/// Whether [`PortMap::upsert`] of `seen` would change the map, where `known`
+/// is the map's entry of the same cookie: the same decisions, made without
+/// writing.
+fn differs(known: Option<&Entry>, seen: &Observed) -> bool {
+    if !tracked_state(&seen.facts) {
+        return false;
+    }
+    let Some(entry) = known else {
+        return true;
+    };
+    if entry.facts.port != seen.facts.port {
+        return true;
+    }
+    let facts = SocketFacts {
+        options: merge_options(entry.facts.options, seen.facts.options),
+        uid: entry.facts.uid.or(seen.facts.uid),
+        ..seen.facts.clone()
+    };
+    let new_holder = seen
+        .holders
+        .iter()
+        .any(|holder| !entry.holders.iter().any(|known| known.pid == holder.pid));
+    let new_inode = seen
+        .inode
+        .is_some_and(|inode| entry.inode != Some(inode.get()));
+    let new_place = *seen.place != Place::default()
+        && seen.place != entry.place
+        && Place::clone(&seen.place).or(Place::clone(&entry.place)) != *entry.place;
+    facts != entry.facts || new_holder || new_inode || new_place
+}
+
 fn tracked_state(facts: &SocketFacts) -> bool {
     facts.state.is_listening_or_bound()
 }
@@ -1133,7 +1140,11 @@ mod tests {
         ];
         let before = map_of(&base);
         for (what, seen, changes) in cases {
-            assert_eq!(before.differs(&seen), changes, "{what}: differs");
+            assert_eq!(
+                differs(before.get(seen.facts.cookie), &seen),
+                changes,
+                "{what}: differs"
+            );
             let after = map_of(&seen);
             let changed = after.len() != before.len()
                 || after.get(seen.facts.cookie) != before.get(seen.facts.cookie);
