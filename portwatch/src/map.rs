@@ -156,6 +156,8 @@ pub struct Reconciled {
 /// listing no longer has, and the listed sockets that would change the map.
 #[derive(Clone, Debug, Default)]
 pub struct Correction {
+    /// The map's `generation` when the plan was made.
+    generation: u64,
     pub drift: Drift,
     gone: Vec<u64>,
     changes: Vec<Observed>,
@@ -258,12 +260,16 @@ pub struct PortMap {
     connected_binds: HashMap<u64, Entry>,
     places: Interned<Place>,
     holders: Interned<[Holder]>,
+    /// Counts the calls that may change `entries`: a [`Correction`] planned
+    /// at one count is applied only at the same count.
+    generation: u64,
 }
 
 impl PortMap {
     /// Applies one decoded event seen at `at`. Failures are not stored here
     /// (see the failure log); they leave the map unchanged.
     pub fn apply(&mut self, event: &PortEvent, at: SystemTime) {
+        self.generation += 1;
         let Some(cookie) = event.cookie else { return };
         match event.kind {
             EventKind::Bind => {
@@ -333,6 +339,7 @@ impl PortMap {
     /// map lacks are added (since = `at`, not exact), known ones get the
     /// facts only a snapshot has (inode, holders, unit, options it read).
     pub fn merge(&mut self, observed: Vec<Observed>, at: SystemTime) {
+        self.generation += 1;
         for seen in observed {
             self.upsert(seen, at);
         }
@@ -342,6 +349,7 @@ impl PortMap {
     /// holders, places and options come later ([`PortMap::attach_owners`]),
     /// and are pending until then.
     pub fn merge_unowned(&mut self, observed: Vec<Observed>, at: SystemTime) {
+        self.generation += 1;
         if self.entries.is_empty() {
             // The start-up listing: sized once, not grown by doublings.
             self.entries.reserve(observed.len());
@@ -361,6 +369,7 @@ impl PortMap {
     /// is replaced: events applied since the listing are newer than it, and
     /// a socket closed since is not brought back.
     pub fn attach_owners(&mut self, observed: Vec<Observed>) {
+        self.generation += 1;
         for seen in observed {
             let cookie = seen.facts.cookie;
             // A socket bound then connected since is kept apart, still
@@ -411,7 +420,8 @@ impl PortMap {
         at: SystemTime,
     ) -> Reconciled {
         let correction = self.plan(truth, listed, bound_tcp_listed);
-        self.correct(correction, at)
+        // Planned against this very map: never stale.
+        self.correct(correction, at).unwrap_or_default()
     }
 
     /// What would make the map equal to `truth`, a complete sock_diag
@@ -432,11 +442,7 @@ impl PortMap {
         bound_tcp_listed: bool,
     ) -> Correction {
         let mut drift = Drift::default();
-        let truth: Vec<Observed> = truth
-            .into_iter()
-            .filter(|o| tracked_state(&o.facts))
-            .collect();
-        let present: HashSet<u64> = truth.iter().map(|o| o.facts.cookie).collect();
+        let (truth, present) = latest_per_cookie(truth);
         // An entry whose namespace is unknown (0) is judged by any listing.
         let gone: Vec<u64> = self
             .entries
@@ -472,6 +478,7 @@ impl PortMap {
             }
         }
         Correction {
+            generation: self.generation,
             drift,
             gone,
             changes,
@@ -483,7 +490,9 @@ impl PortMap {
     /// comparison).
     pub fn plan_merge(&self, observed: Vec<Observed>) -> Correction {
         Correction {
-            changes: observed
+            generation: self.generation,
+            changes: latest_per_cookie(observed)
+                .0
                 .into_iter()
                 .filter(|seen| differs(self.entries.get(&seen.facts.cookie), seen))
                 .collect(),
@@ -491,19 +500,24 @@ impl PortMap {
         }
     }
 
-    /// Applies a [`PortMap::plan`] (or [`PortMap::plan_merge`]) made
-    /// against this map as it still is.
-    pub fn correct(&mut self, correction: Correction, at: SystemTime) -> Reconciled {
+    /// Applies a [`PortMap::plan`] (or [`PortMap::plan_merge`]). `None`,
+    /// changing nothing, when the map changed since the plan was made: the
+    /// plan may then be wrong, and the next listing plans again.
+    pub fn correct(&mut self, correction: Correction, at: SystemTime) -> Option<Reconciled> {
+        if correction.generation != self.generation {
+            return None;
+        }
+        self.generation += 1;
         for cookie in &correction.gone {
             self.remove(*cookie);
         }
         for seen in correction.changes {
             self.upsert(seen, at);
         }
-        Reconciled {
+        Some(Reconciled {
             drift: correction.drift,
             removed: correction.gone,
-        }
+        })
     }
 
     /// [`differs`] makes the same decisions without writing: a change here
@@ -641,6 +655,7 @@ impl PortMap {
 
     /// Records where the socket's owner lives, where the map does not know yet.
     pub fn set_place(&mut self, cookie: u64, place: Place) {
+        self.generation += 1;
         if let Some(entry) = self.entries.get_mut(&cookie) {
             let merged = Place::clone(&entry.place).or(place);
             if merged != *entry.place {
@@ -714,7 +729,20 @@ pub fn listener_key(facts: &SocketFacts) -> (NetnsCookie, Protocol, Family, IpAd
     )
 }
 
-/// Sockets the map keeps: listeners and bound-but-not-listening ones.
+/// The sockets of a listing the map keeps, the last of each cookie (a dump
+/// is not atomic: a socket whose state changed may be listed twice, and the
+/// later one is the newer), and their cookies.
+fn latest_per_cookie(listing: Vec<Observed>) -> (Vec<Observed>, HashSet<u64>) {
+    let mut cookies = HashSet::with_capacity(listing.len());
+    let mut kept: Vec<Observed> = listing
+        .into_iter()
+        .rev()
+        .filter(|seen| tracked_state(&seen.facts) && cookies.insert(seen.facts.cookie))
+        .collect();
+    kept.reverse();
+    (kept, cookies)
+}
+
 /// Whether [`PortMap::upsert`] of `seen` would change the map, where `known`
 /// is the map's entry of the same cookie: the same decisions, made without
 /// writing.
@@ -746,6 +774,7 @@ fn differs(known: Option<&Entry>, seen: &Observed) -> bool {
     facts != entry.facts || new_holder || new_inode || new_place
 }
 
+/// Sockets the map keeps: listeners and bound-but-not-listening ones.
 fn tracked_state(facts: &SocketFacts) -> bool {
     facts.state.is_listening_or_bound()
 }
@@ -1154,6 +1183,162 @@ mod tests {
         let correction = before.plan(vec![base.clone()], &BTreeSet::from([1]), true);
         assert!(correction.changes.is_empty() && correction.gone.is_empty());
         assert_eq!(correction.drift.total(), 0);
+    }
+
+    /// The same agreement for an entry that knows little (as the start-up
+    /// listing leaves it before its owners are read) and some options.
+    #[test]
+    fn a_plan_writes_what_a_sparse_entry_lacks_and_keeps_what_it_knows() {
+        let mut base = observed(1, Protocol::Tcp, SockState::Listening, 80);
+        base.holders = NOBODY.clone();
+        base.place = NOWHERE.clone();
+        base.inode = None;
+        base.facts.uid = None;
+        base.facts.family = Family::Ipv6;
+        base.facts.options = ShareOptions {
+            reuse_addr: Some(false),
+            reuse_port: None,
+            v6only: Some(true),
+        };
+        let map_of = |seen: &Observed| {
+            let mut map = PortMap::default();
+            map.merge_unowned(vec![base.clone()], T0);
+            map.upsert(seen.clone(), T0);
+            map
+        };
+        let with = |change: &dyn Fn(&mut Observed)| {
+            let mut seen = base.clone();
+            change(&mut seen);
+            seen
+        };
+        let cases: Vec<(&str, Observed, bool)> = vec![
+            ("the same socket", base.clone(), false),
+            (
+                "an option it knows, listed otherwise (the known one stays)",
+                with(&|s| s.facts.options.reuse_addr = Some(true)),
+                false,
+            ),
+            (
+                "v6only listed otherwise (the listing wins)",
+                with(&|s| s.facts.options.v6only = Some(false)),
+                true,
+            ),
+            ("a uid", with(&|s| s.facts.uid = Some(3)), true),
+            (
+                "a first holder",
+                with(&|s| {
+                    s.holders = Arc::new([Holder {
+                        pid: 7,
+                        process: "nginx".into(),
+                    }]);
+                }),
+                true,
+            ),
+            (
+                "a first place",
+                with(&|s| {
+                    s.place = Arc::new(Place {
+                        unit: Some("nginx.service".into()),
+                        ..Place::default()
+                    });
+                }),
+                true,
+            ),
+            (
+                "a first inode",
+                with(&|s| s.inode = NonZeroU64::new(5)),
+                true,
+            ),
+        ];
+        let before = map_of(&base);
+        for (what, seen, changes) in cases {
+            assert_eq!(
+                differs(before.get(seen.facts.cookie), &seen),
+                changes,
+                "{what}: differs"
+            );
+            let after = map_of(&seen);
+            assert_eq!(
+                after.get(1) != before.get(1),
+                changes,
+                "{what}: what an upsert did"
+            );
+        }
+    }
+
+    /// Planning then correcting leaves the map as the old way did: remove
+    /// what the listing lacks, upsert every listed socket in order.
+    #[test]
+    fn a_correction_leaves_the_map_as_upserting_the_whole_listing_would() {
+        let start = || {
+            let mut map = PortMap::default();
+            map.merge(
+                vec![
+                    observed(1, Protocol::Tcp, SockState::Listening, 80),
+                    observed(2, Protocol::Tcp, SockState::Listening, 81),
+                    observed(3, Protocol::Udp, SockState::Bound, 53),
+                ],
+                T0,
+            );
+            map
+        };
+        let mut changed = observed(1, Protocol::Tcp, SockState::Listening, 80);
+        changed.holders = Arc::new([Holder {
+            pid: 8,
+            process: "worker".into(),
+        }]);
+        let listing = vec![
+            changed,
+            observed(3, Protocol::Udp, SockState::Bound, 53),
+            // Listed twice (its state changed during the dump): the later
+            // one is the newer.
+            observed(4, Protocol::Tcp, SockState::Bound, 82),
+            observed(4, Protocol::Tcp, SockState::Listening, 82),
+            observed(9, Protocol::Tcp, SockState::Connected, 83),
+        ];
+        let mut planned = start();
+        let done = planned.reconcile(listing.clone(), &BTreeSet::from([1]), true, T0);
+        let mut upserted = start();
+        upserted.remove(2);
+        for seen in listing {
+            upserted.upsert(seen, T0);
+        }
+        assert_eq!(planned.len(), upserted.len());
+        for cookie in [1, 2, 3, 4, 9] {
+            assert_eq!(planned.get(cookie), upserted.get(cookie), "cookie {cookie}");
+        }
+        assert_eq!(planned.get(4).unwrap().facts.state, SockState::Listening);
+        assert_eq!(done.removed, vec![2]);
+        assert_eq!(
+            done.drift,
+            Drift {
+                missing: 1,
+                stale: 1,
+                changed: 0,
+            }
+        );
+    }
+
+    /// A plan made before the map changed is not applied: it could undo
+    /// what changed.
+    #[test]
+    fn a_plan_older_than_the_map_is_refused() {
+        let mut map = PortMap::default();
+        map.merge(
+            vec![observed(1, Protocol::Tcp, SockState::Listening, 80)],
+            T0,
+        );
+        // The listing lacks socket 1: the plan removes it.
+        let correction = map.plan(Vec::new(), &BTreeSet::from([1]), true);
+        let mut listen = event(EventKind::Listen, 1, v4([0, 0, 0, 0]), 80);
+        listen.netns = Some(1);
+        map.apply(&listen, T0);
+        assert!(map.correct(correction, T0).is_none());
+        assert!(map.get(1).is_some());
+        // A fresh plan applies.
+        let correction = map.plan(Vec::new(), &BTreeSet::from([1]), true);
+        assert_eq!(map.correct(correction, T0).unwrap().removed, vec![1]);
+        assert!(map.get(1).is_none());
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::{
     failures::{self, Failure},
     health::ListingFailure,
     kernel_probe,
-    map::{Correction, Drift, Observed},
+    map::{Correction, Drift, Observed, Reconciled},
     rules::{self, KernelRules},
     snapshot::{
         self, SnapshotConfig, SnapshotError, Unowned,
@@ -796,8 +796,9 @@ impl Watcher {
             let mut observed = snapshot.take_observed();
             workloads.name_shared(observed.iter_mut().map(|seen| &mut seen.place));
             // Compared under the read lock, here: the API keeps answering,
-            // and only what differs is written (the pipeline, which alone
-            // changes the map, waits for this listing meanwhile).
+            // and only what differs is written. The pipeline, which applies
+            // events, waits for this listing meanwhile; should anything else
+            // change the map first, the correction is refused (below).
             let correction = if first_listing {
                 // The start-up listing failed: this is the first look at
                 // what existed before portwatch started, not drift.
@@ -825,7 +826,15 @@ impl Watcher {
         let untracked = self.capture.track_all(&listed.fresh);
         self.merged = true;
         let mut state = self.write();
-        let done = state.map.correct(listed.correction, listed.taken_at);
+        let done = state
+            .map
+            .correct(listed.correction, listed.taken_at)
+            .unwrap_or_else(|| {
+                tracing::warn!(
+                    "the map changed while it was compared with a listing; that listing is set aside and the next reconciliation corrects what differs"
+                );
+                Reconciled::default()
+            });
         let drift = done.drift;
         if owners_read {
             state.owners_failure = None;
@@ -983,13 +992,15 @@ impl EphemeralLister {
 /// of API load, reconciliations and `/metrics` renderings at 100k
 /// listeners, RSS rose from 48 to 62 MiB with the default and stayed at
 /// 52 with two (`cargo xtask bench --only API`, side by side), with no
-/// loss of request rate. `MALLOC_ARENA_MAX` in the environment still
+/// loss of request rate. `MALLOC_ARENA_MAX` or
+/// `GLIBC_TUNABLES=glibc.malloc.arena_max=N` in the environment still
 /// decides, when set.
 const MALLOC_ARENAS: libc::c_int = 2;
 
 /// Applies [`MALLOC_ARENAS`]; called before the runtime starts threads.
 pub fn limit_malloc_arenas() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+    let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() || tunables.contains("arena_max") {
         return;
     }
     // SAFETY: mallopt only sets a glibc tunable; called before any thread
