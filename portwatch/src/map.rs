@@ -1072,23 +1072,13 @@ mod tests {
     #[test]
     fn a_plan_writes_exactly_the_sockets_an_upsert_would_change() {
         let base = observed(1, Protocol::Tcp, SockState::Listening, 80);
-        let map_of = |seen: &Observed| {
-            let mut map = PortMap::default();
-            map.merge(vec![base.clone()], T0);
-            map.upsert(seen.clone(), T0);
-            map
-        };
         let holder = |pid, process: &str| -> Arc<[Holder]> {
             Arc::new([Holder {
                 pid,
                 process: process.into(),
             }])
         };
-        let with = |change: &dyn Fn(&mut Observed)| {
-            let mut seen = base.clone();
-            change(&mut seen);
-            seen
-        };
+        let with = |change: &dyn Fn(&mut Observed)| changed(&base, change);
         let cases: Vec<(&str, Observed, bool)> = vec![
             ("the same socket", base.clone(), false),
             (
@@ -1167,18 +1157,7 @@ mod tests {
                 false,
             ),
         ];
-        let before = map_of(&base);
-        for (what, seen, changes) in cases {
-            assert_eq!(
-                differs(before.get(seen.facts.cookie), &seen),
-                changes,
-                "{what}: differs"
-            );
-            let after = map_of(&seen);
-            let changed = after.len() != before.len()
-                || after.get(seen.facts.cookie) != before.get(seen.facts.cookie);
-            assert_eq!(changed, changes, "{what}: what an upsert did");
-        }
+        let before = assert_differs_as_upsert_does(&base, PortMap::merge, cases);
         // At rest, a plan has nothing to write.
         let correction = before.plan(vec![base.clone()], &BTreeSet::from([1]), true);
         assert!(correction.changes.is_empty() && correction.gone.is_empty());
@@ -1200,17 +1179,7 @@ mod tests {
             reuse_port: None,
             v6only: Some(true),
         };
-        let map_of = |seen: &Observed| {
-            let mut map = PortMap::default();
-            map.merge_unowned(vec![base.clone()], T0);
-            map.upsert(seen.clone(), T0);
-            map
-        };
-        let with = |change: &dyn Fn(&mut Observed)| {
-            let mut seen = base.clone();
-            change(&mut seen);
-            seen
-        };
+        let with = |change: &dyn Fn(&mut Observed)| changed(&base, change);
         let cases: Vec<(&str, Observed, bool)> = vec![
             ("the same socket", base.clone(), false),
             (
@@ -1250,20 +1219,45 @@ mod tests {
                 true,
             ),
         ];
-        let before = map_of(&base);
+        assert_differs_as_upsert_does(&base, PortMap::merge_unowned, cases);
+    }
+
+    /// `base` as `change` leaves it.
+    fn changed(base: &Observed, change: &dyn Fn(&mut Observed)) -> Observed {
+        let mut seen = base.clone();
+        change(&mut seen);
+        seen
+    }
+
+    /// Checks, case by case (what, the listed socket, whether it changes
+    /// the map), that `differs` says what an upsert does to a map that
+    /// `start` gave `base`. That map.
+    fn assert_differs_as_upsert_does(
+        base: &Observed,
+        start: fn(&mut PortMap, Vec<Observed>, SystemTime),
+        cases: Vec<(&str, Observed, bool)>,
+    ) -> PortMap {
+        let map_with = |seen: Option<&Observed>| {
+            let mut map = PortMap::default();
+            start(&mut map, vec![base.clone()], T0);
+            if let Some(seen) = seen {
+                map.upsert(seen.clone(), T0);
+            }
+            map
+        };
+        let before = map_with(None);
         for (what, seen, changes) in cases {
+            let cookie = seen.facts.cookie;
             assert_eq!(
-                differs(before.get(seen.facts.cookie), &seen),
+                differs(before.get(cookie), &seen),
                 changes,
                 "{what}: differs"
             );
-            let after = map_of(&seen);
-            assert_eq!(
-                after.get(1) != before.get(1),
-                changes,
-                "{what}: what an upsert did"
-            );
+            let after = map_with(Some(&seen));
+            let changed = after.len() != before.len() || after.get(cookie) != before.get(cookie);
+            assert_eq!(changed, changes, "{what}: what an upsert did");
         }
+        before
     }
 
     /// Planning then correcting leaves the map as the old way did: remove
