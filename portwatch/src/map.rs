@@ -411,7 +411,9 @@ impl PortMap {
 
     /// Makes the map equal to `truth`, a complete sock_diag listing of the
     /// namespaces in `listed`, and says what differed: [`PortMap::plan`]
-    /// then [`PortMap::correct`].
+    /// then [`PortMap::correct`] at once (the daemon plans on the listing's
+    /// thread, under the read lock, and corrects apart).
+    #[cfg(test)]
     pub fn reconcile(
         &mut self,
         truth: Vec<Observed>,

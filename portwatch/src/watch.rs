@@ -298,7 +298,7 @@ impl Watcher {
             .read_owners
             .then(|| snapshot.unowned(wanted.read_options))
             .filter(|unowned| !unowned.is_empty());
-        let observed = watcher.observed(&mut snapshot);
+        let observed = observed(&watcher.workloads, &mut snapshot);
         let holding: Vec<u64> = observed
             .iter()
             .filter(|seen| seen.facts.state.is_listening_or_bound())
@@ -704,7 +704,7 @@ impl Watcher {
             // after the daemon has stopped saying it is degraded.
             self.next_reconcile = Instant::now();
         }
-        let observed = self.observed(&mut snapshot);
+        let observed = observed(&self.workloads, &mut snapshot);
         let unresolved = std::mem::take(&mut self.unresolved);
         let mut state = self.write();
         for mut failure in unresolved {
@@ -793,8 +793,7 @@ impl Watcher {
             if owners_read {
                 snapshot.attach_owners()?;
             }
-            let mut observed = snapshot.take_observed();
-            workloads.name_shared(observed.iter_mut().map(|seen| &mut seen.place));
+            let observed = observed(&workloads, &mut snapshot);
             // Compared under the read lock, here: the API keeps answering,
             // and only what differs is written. The pipeline, which applies
             // events, waits for this listing meanwhile; should anything else
@@ -865,19 +864,18 @@ impl Watcher {
         Ok(drift)
     }
 
-    /// A listing's sockets as the map keeps them, their workloads named.
-    fn observed(&self, snapshot: &mut snapshot::Snapshot) -> Vec<Observed> {
-        let mut observed = snapshot.take_observed();
-        self.workloads
-            .name_shared(observed.iter_mut().map(|seen| &mut seen.place));
-        observed
-    }
-
     fn read_guard(&self) -> RwLockReadGuard<'_, State> {
         self.state
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// A listing's sockets as the map keeps them, their workloads named.
+fn observed(workloads: &Workloads, snapshot: &mut snapshot::Snapshot) -> Vec<Observed> {
+    let mut observed = snapshot.take_observed();
+    workloads.name_shared(observed.iter_mut().map(|seen| &mut seen.place));
+    observed
 }
 
 /// The least time between two ephemeral listings, however many failures
