@@ -36,6 +36,7 @@ mod ephemeral;
 mod idle;
 mod ingest;
 mod namespaces;
+mod programs;
 mod report;
 mod rig;
 mod snapshot;

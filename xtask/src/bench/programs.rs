@@ -1,0 +1,185 @@
+//! What each of the daemon's eBPF programs costs, from the kernel's own
+//! accounting: with BPF run-time statistics on, every program run adds its
+//! duration to `run_time_ns` and one to `run_cnt`, per program, which
+//! `bpftool prog show` reports.
+//!
+//! The statistics are switched on with `BPF_ENABLE_STATS`, which keeps them
+//! on only while the returned descriptor is open: a bench that dies does not
+//! leave them on (they cost two clock reads per program run, for every
+//! program on the machine), and `kernel.bpf_stats_enabled` set by someone
+//! else is left as it was. They are on only for the samples that profile,
+//! never while a comparison is timed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::fd::{FromRawFd as _, OwnedFd},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use crate::cmd;
+
+/// `BPF_ENABLE_STATS` and its one stats type, `BPF_STATS_RUN_TIME`, from the
+/// uapi `linux/bpf.h` (Linux 5.8+).
+const BPF_ENABLE_STATS: libc::c_long = 32;
+const BPF_STATS_RUN_TIME: u32 = 0;
+
+/// Run-time statistics, on while this lives.
+pub struct RunTimeStats {
+    _fd: OwnedFd,
+}
+
+impl RunTimeStats {
+    pub fn enable() -> Result<RunTimeStats> {
+        // `union bpf_attr` for this command is `struct { __u32 type; }`; the
+        // kernel requires the bytes after it, up to the size passed, be zero.
+        let attr: [u32; 2] = [BPF_STATS_RUN_TIME, 0];
+        // SAFETY: bpf(2) reads `size_of_val(&attr)` bytes of `attr`.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_ENABLE_STATS,
+                attr.as_ptr(),
+                size_of_val(&attr),
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("BPF_ENABLE_STATS (BPF run-time statistics, Linux 5.8+)");
+        }
+        // SAFETY: a descriptor the kernel just gave us, owned from here.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(RunTimeStats { _fd: fd })
+    }
+}
+
+/// One program's counters at one moment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Counters {
+    pub name: String,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+}
+
+/// Every loaded program's counters, by program id (`bpftool -j prog show`).
+pub fn loaded() -> Result<BTreeMap<u32, Counters>> {
+    let json = cmd::output(Command::new("bpftool").args(["-j", "prog", "show"]))
+        .context("bpftool prog show")?;
+    parse(&String::from_utf8_lossy(&json))
+}
+
+/// The programs loaded since `before` was taken: the daemon's, when it is
+/// the only thing that loads programs in between.
+pub fn new_since(before: &BTreeMap<u32, Counters>) -> Result<BTreeSet<u32>> {
+    Ok(loaded()?
+        .into_keys()
+        .filter(|id| !before.contains_key(id))
+        .collect())
+}
+
+fn parse(json: &str) -> Result<BTreeMap<u32, Counters>> {
+    let value: Value = serde_json::from_str(json).context("bpftool's JSON")?;
+    let Some(programs) = value.as_array() else {
+        bail!("bpftool prog show: expected a JSON array");
+    };
+    let mut out = BTreeMap::new();
+    for program in programs {
+        let number = |key: &str| program.get(key).and_then(Value::as_u64);
+        let Some(id) = number("id").and_then(|id| u32::try_from(id).ok()) else {
+            bail!("bpftool prog show: a program without an id: {program}");
+        };
+        let name = program
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("(unnamed)")
+            .to_owned();
+        // bpftool leaves both out while they are zero.
+        out.insert(
+            id,
+            Counters {
+                name,
+                run_time_ns: number("run_time_ns").unwrap_or(0),
+                run_cnt: number("run_cnt").unwrap_or(0),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// What one program did between two readings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Spent {
+    pub name: String,
+    pub runs: u64,
+    pub ns: u64,
+}
+
+/// For each of `ids`, what it did between `before` and `after`: only the
+/// programs that ran, by name (a program missing from `after` was unloaded
+/// in between, which is a failed measurement).
+pub fn spent(
+    ids: &BTreeSet<u32>,
+    before: &BTreeMap<u32, Counters>,
+    after: &BTreeMap<u32, Counters>,
+) -> Result<Vec<Spent>> {
+    let mut out = Vec::new();
+    for id in ids {
+        let Some(end) = after.get(id) else {
+            bail!("program {id} was unloaded during the measurement");
+        };
+        let (ns0, runs0) = before
+            .get(id)
+            .map_or((0, 0), |start| (start.run_time_ns, start.run_cnt));
+        let runs = end.run_cnt.saturating_sub(runs0);
+        if runs > 0 {
+            out.push(Spent {
+                name: end.name.clone(),
+                runs,
+                ns: end.run_time_ns.saturating_sub(ns0),
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_absent_from_bpftool_are_zero_and_deltas_keep_only_programs_that_ran() {
+        let before = parse(
+            r#"[{"id":7,"type":"cgroup_sock_addr","name":"bind4","run_time_ns":100,"run_cnt":2},
+                {"id":8,"type":"tracepoint","name":"sys_exit_bind"},
+                {"id":9,"type":"tracepoint","name":"other"}]"#,
+        )
+        .unwrap();
+        assert_eq!(before[&8].run_cnt, 0);
+        let after = parse(
+            r#"[{"id":7,"name":"bind4","run_time_ns":1100,"run_cnt":12},
+                {"id":8,"name":"sys_exit_bind"},
+                {"id":9,"name":"other","run_time_ns":5,"run_cnt":1}]"#,
+        )
+        .unwrap();
+        let ids = BTreeSet::from([7, 8]);
+        assert_eq!(
+            spent(&ids, &before, &after).unwrap(),
+            vec![Spent {
+                name: "bind4".into(),
+                runs: 10,
+                ns: 1000
+            }]
+        );
+        let gone = BTreeSet::from([7, 10]);
+        assert!(spent(&gone, &before, &after).is_err());
+    }
+
+    #[test]
+    fn bpftool_output_that_is_not_a_list_of_programs_is_refused() {
+        assert!(parse("{}").is_err());
+        assert!(parse(r#"[{"name":"x"}]"#).is_err());
+        assert!(parse("not json").is_err());
+    }
+}
