@@ -113,12 +113,45 @@ pub fn bind6_sk(ctx: SockAddrContext) -> i32 {
 /// `v6` is a constant per program: bind4 may read only `user_ip4`, bind6
 /// only `user_ip6`. `getsockopt` too: a program whose kernel lacks the
 /// helper must not contain the call at all.
+///
+/// The record is written straight into its `PENDING_BIND` entry: into the
+/// mark a bind(2) left on the tracepoint path, or into a blank entry made
+/// for it. Building it on the stack and inserting it cost a second map
+/// update and two copies of the record per bind.
 #[inline(always)]
 fn on_bind(ctx: &SockAddrContext, v6: bool, getsockopt: bool) {
-    let sa = ctx.sock_addr;
-    let mut event = Event::ZERO;
+    let tid = current_tid();
+    // A bind(2) on the tracepoint path left its mark; anything else still
+    // parked is a call whose outcome never came.
+    // SAFETY: map value pointer from a successful lookup.
+    let in_syscall = PENDING_BIND
+        .get_ptr(tid)
+        .is_some_and(|pending| unsafe { (*pending).state == bind_state::SYSCALL });
+    if !in_syscall {
+        flush_stale(tid);
+        let blank = PendingBind {
+            event: Event::ZERO,
+            state: bind_state::SYSCALL,
+            deferred: false,
+            _pad: [0; 6],
+        };
+        if PENDING_BIND.insert(tid, blank, 0).is_err() {
+            count_drop(hook::BIND);
+            return;
+        }
+    }
+    let Some(pending) = PENDING_BIND.get_ptr_mut(tid) else {
+        count_drop(hook::BIND);
+        return;
+    };
+    // SAFETY: map value pointer from a successful lookup; only this thread
+    // uses its entry.
+    let pending = unsafe { &mut *pending };
+    pending.deferred = in_syscall || outcome_by_fexit();
+    let event = &mut pending.event;
     event.kind = kind::BIND;
-    fill_task(&mut event);
+    fill_task(event);
+    let sa = ctx.sock_addr;
     // SAFETY: `sa` is the verifier-checked context; helpers take it as is.
     unsafe {
         let raw: &bpf_sock_addr = &*sa;
@@ -145,27 +178,9 @@ fn on_bind(ctx: &SockAddrContext, v6: bool, getsockopt: bool) {
             bpf_get_netns_cookie(sa.cast())
         };
     }
-    read_options(ctx, &mut event, getsockopt);
-
-    let tid = event.tid;
-    // A bind(2) on the tracepoint path left its mark; anything else still
-    // parked is a call whose outcome never came.
-    // SAFETY: map value pointer from a successful lookup.
-    let in_syscall = PENDING_BIND
-        .get_ptr(tid)
-        .is_some_and(|pending| unsafe { (*pending).state == bind_state::SYSCALL });
-    if !in_syscall {
-        flush_stale(tid);
-    }
-    let pending = PendingBind {
-        event,
-        state: bind_state::PARKED,
-        deferred: in_syscall || outcome_by_fexit(),
-        _pad: [0; 6],
-    };
-    if PENDING_BIND.insert(tid, pending, 0).is_err() {
-        count_drop(hook::BIND);
-    }
+    read_options(ctx, event, getsockopt);
+    // Last: until now the entry still reads as a mark (or a blank).
+    pending.state = bind_state::PARKED;
 }
 
 /// Reads the options in force and the socket's owner uid: SO_REUSEADDR and

@@ -112,7 +112,10 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         if parked.is_err() {
             count_drop(hook::LISTEN);
         }
-        if cookie != 0 && TRACKED.insert(cookie, 1, 0).is_err() {
+        // Usually tracked already, since its bind: a lookup is cheaper than
+        // an update that replaces the entry with itself.
+        if cookie != 0 && TRACKED.get_ptr(cookie).is_none() && TRACKED.insert(cookie, 1, 0).is_err()
+        {
             count_drop(hook::LISTEN);
         }
     } else if oldstate == TCP_LISTEN && newstate == TCP_CLOSE {
