@@ -51,12 +51,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         let (output, side_name) = match side {
             PORTWATCH => {
                 let daemon = BenchDaemon::start(ctx, "")?;
-                let output = Worker::run(ctx, &args)?;
-                let issued = output_field(&output, "ops")? as u64;
-                daemon
-                    .settled_bind_counts(issued)?
-                    .check(issued)
-                    .context("the daemon during the bind loop")?;
+                let (output, _) = accounted_loop(ctx, &daemon, &args)?;
                 daemon.stop()?;
                 (output, "portwatch")
             }
@@ -119,6 +114,19 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Runs the bind loop `args` with `daemon` attached, and checks that the
+/// daemon accounted for every bind: the worker's output, and the binds
+/// issued.
+fn accounted_loop(ctx: &Ctx, daemon: &BenchDaemon, args: &[&str]) -> Result<(String, u64)> {
+    let output = Worker::run(ctx, args)?;
+    let issued = output_field(&output, "ops")? as u64;
+    daemon
+        .settled_bind_counts(issued)?
+        .check(issued)
+        .context("the daemon during the bind loop")?;
+    Ok((output, issued))
+}
+
 /// Below this many runs per cycle (median), a program did not run for the
 /// loop: another process ran it.
 const STRAY_RUNS_PER_CYCLE: f64 = 0.01;
@@ -151,12 +159,7 @@ fn profile(ctx: &Ctx, iterations: u64) -> Result<Vec<Row>> {
             bail!("bpftool lists no program loaded by the daemon");
         }
         let start = programs::loaded()?;
-        let output = Worker::run(ctx, &args)?;
-        let issued = output_field(&output, "ops")? as u64;
-        daemon
-            .settled_bind_counts(issued)?
-            .check(issued)
-            .context("the daemon during the profiled bind loop")?;
+        let (_, issued) = accounted_loop(ctx, &daemon, &args)?;
         let end = programs::loaded()?;
         daemon.stop()?;
         let cycles = issued as f64;
