@@ -34,7 +34,7 @@ use std::{
 };
 
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkHeader,
+    Emitable, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkHeader,
     NetlinkMessage, Parseable,
 };
 use netlink_packet_sock_diag::{
@@ -395,14 +395,16 @@ fn dump_request(protocol: Protocol, family: Family, tcp: StateFlags, sequence: u
 /// lengths, extensions, `inet_diag_sockid`, states, `idiag_dbs`). The
 /// kernel answers it with AF_UNSPEC whatever the family says.
 fn tcp_in_one_request(tcp: StateFlags, sequence: u32) -> Vec<u8> {
-    const HEADER: usize = 16;
     const INET_DIAG_REQ: usize = 4 + 48 + 4 + 4;
-    let mut bytes = Vec::with_capacity(HEADER + INET_DIAG_REQ);
-    bytes.extend(((HEADER + INET_DIAG_REQ) as u32).to_ne_bytes());
-    bytes.extend(TCPDIAG_GETSOCK.to_ne_bytes());
-    bytes.extend((NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    bytes.extend(sequence.to_ne_bytes());
-    bytes.extend(0u32.to_ne_bytes()); // port id: the kernel fills it
+    let mut header = NetlinkHeader::default();
+    let header_len = header.buffer_len();
+    header.length = (header_len + INET_DIAG_REQ) as u32;
+    header.message_type = TCPDIAG_GETSOCK;
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = sequence;
+    let mut bytes = vec![0; header_len];
+    header.emit(&mut bytes);
+    bytes.reserve(INET_DIAG_REQ);
     bytes.extend([AF_INET, 0, 0, 0]); // no prefixes, no extensions
     bytes.extend([0; 48]); // inet_diag_sockid: every socket
     bytes.extend(tcp.bits().to_ne_bytes());

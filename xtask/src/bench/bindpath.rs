@@ -154,11 +154,11 @@ fn profile(ctx: &Ctx, iterations: u64) -> Result<Vec<Row>> {
     for _ in 0..ctx.rounds() {
         let before_daemon = programs::loaded()?;
         let daemon = BenchDaemon::start(ctx, "")?;
-        let ids = programs::new_since(&before_daemon)?;
+        let start = programs::loaded()?;
+        let ids = programs::new_since(&before_daemon, &start);
         if ids.is_empty() {
             bail!("bpftool lists no program loaded by the daemon");
         }
-        let start = programs::loaded()?;
         let (_, issued) = accounted_loop(ctx, &daemon, &args)?;
         let end = programs::loaded()?;
         daemon.stop()?;
@@ -203,31 +203,27 @@ fn profile(ctx: &Ctx, iterations: u64) -> Result<Vec<Row>> {
         programs.push(row);
     }
     programs.sort_by(|a, b| b.value.median.total_cmp(&a.value.median));
-    let mut rows = vec![
-        Row::new(
-            "bind path, all of the daemon's programs: ns per cycle",
-            "ns",
-            Stats::of(totals)?,
-            Goal::None,
-        )
-        .detail(
-            "the kernel's BPF run-time statistics (BPF_ENABLE_STATS), on only for one more daemon \
-             sample per round: the sum over the daemon's programs of their run time, per \
-             socket+bind(0)+listen+close. Each run is timed with two clock reads, counted in; \
-             tracepoint programs fire for the whole machine, so runs by other processes during \
-             the loop count too (runs per cycle shows them)",
-        ),
-    ];
+    let mut detail = String::from(
+        "the kernel's BPF run-time statistics (BPF_ENABLE_STATS), on only for one more daemon \
+         sample per round: the sum over the daemon's programs of their run time, per \
+         socket+bind(0)+listen+close. Each run is timed with two clock reads, counted in; \
+         tracepoint programs fire for the whole machine, so runs by other processes during \
+         the loop count too (runs per cycle shows them)",
+    );
     if !strays.is_empty() {
-        let row = &mut rows[0];
-        row.detail = format!(
-            "{}; also ran, not for the loop (other processes): {}",
-            row.detail,
+        detail += &format!(
+            "; also ran, not for the loop (other processes): {}",
             strays.join(", ")
         );
     }
-    rows.extend(programs);
-    Ok(rows)
+    let total = Row::new(
+        "bind path, all of the daemon's programs: ns per cycle",
+        "ns",
+        Stats::of(totals)?,
+        Goal::None,
+    )
+    .detail(detail);
+    Ok(std::iter::once(total).chain(programs).collect())
 }
 
 fn micros(ns: f64) -> String {

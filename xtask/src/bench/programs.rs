@@ -70,13 +70,13 @@ pub fn loaded() -> Result<BTreeMap<u32, Counters>> {
     parse(&String::from_utf8_lossy(&json))
 }
 
-/// The programs loaded since `before` was taken: the daemon's, when it is
-/// the only thing that loads programs in between.
-pub fn new_since(before: &BTreeMap<u32, Counters>) -> Result<BTreeSet<u32>> {
-    Ok(loaded()?
-        .into_keys()
+/// The programs in `now` that are not in `before`: the daemon's, when it
+/// is the only thing that loads programs in between.
+pub fn new_since(before: &BTreeMap<u32, Counters>, now: &BTreeMap<u32, Counters>) -> BTreeSet<u32> {
+    now.keys()
         .filter(|id| !before.contains_key(id))
-        .collect())
+        .copied()
+        .collect()
 }
 
 fn parse(json: &str) -> Result<BTreeMap<u32, Counters>> {
@@ -174,6 +174,8 @@ mod tests {
         );
         let gone = BTreeSet::from([7, 10]);
         assert!(spent(&gone, &before, &after).is_err());
+        let loaded = parse(r#"[{"id":7,"name":"bind4"},{"id":11,"name":"bind6"}]"#).unwrap();
+        assert_eq!(new_since(&before, &loaded), BTreeSet::from([11]));
     }
 
     #[test]
