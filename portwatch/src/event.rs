@@ -358,7 +358,8 @@ pub enum Source {
     State,
     /// cgroup `sock_release`.
     Release,
-    /// No hook reported the outcome; the errno is unknown.
+    /// No hook reported the outcome: the errno is unknown, or inferred by
+    /// the conflict rules ([`PortEvent::errno_source`]).
     Unresolved,
     /// `tcp/tcp_destroy_sock`: a tracked TCP socket freed where no release
     /// hook ran (an MPTCP subflow, a kernel socket).
@@ -655,7 +656,48 @@ pub struct PortEvent {
     pub peer: Option<SocketAddr>,
 }
 
+/// Where a failure's errno came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrnoSource {
+    /// The kernel returned it: an outcome hook saw the call return.
+    Kernel,
+    /// No outcome hook ran; the conflict rules, replayed against what
+    /// portwatch knew of the port, named it (`failures::infer_errno`).
+    Inferred,
+}
+
+impl ErrnoSource {
+    /// The name used in text and JSON output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Inferred => "inferred",
+        }
+    }
+}
+
 impl PortEvent {
+    /// Where the errno came from; `None` where there is none, or it is
+    /// [`Errno::UNKNOWN`]. A record no outcome hook completed
+    /// ([`Source::Unresolved`]) carries a known errno only once the rules
+    /// inferred it.
+    pub fn errno_source(&self) -> Option<ErrnoSource> {
+        match self.errno {
+            None | Some(Errno::UNKNOWN) => None,
+            Some(_) if self.source == Source::Unresolved => Some(ErrnoSource::Inferred),
+            Some(_) => Some(ErrnoSource::Kernel),
+        }
+    }
+
+    /// A failed bind or listen that no outcome hook completed, whose errno
+    /// is not known (yet): the rules may infer it.
+    pub fn errno_unknown(&self) -> bool {
+        matches!(self.kind, EventKind::BindFailed | EventKind::ListenFailed)
+            && self.source == Source::Unresolved
+            && self.errno.is_none_or(|e| e == Errno::UNKNOWN)
+    }
+
     /// Where the socket is, as users write it: the bound port when known,
     /// else the requested one (`127.0.0.1:8000`, `[::1]:8000`).
     pub fn endpoint(&self) -> String {

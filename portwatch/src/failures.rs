@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use crate::{
     event::{Errno, EventKind, PortEvent},
     map::{Holder, Observed, PortMap},
-    rules::{self, KernelRules, MappedAny, UdpWalk, Verdict},
+    rules::{self, KernelRules, MappedAny, Prediction, UdpWalk, Verdict},
     snapshot::{owners::Place, workload::Workload},
     socket::{BindRequest, SockState, SocketFacts},
 };
@@ -121,36 +121,13 @@ pub fn needs_diag(event: &PortEvent, blocked_by: &[Blocker]) -> bool {
 pub fn attribute_against(
     kernel: KernelRules,
     event: &PortEvent,
-    mut existing: Vec<SocketFacts>,
+    existing: Vec<SocketFacts>,
     map: &PortMap,
 ) -> Vec<Blocker> {
     if !is_conflict(event) {
         return Vec::new();
     }
-    let request = request_of(event);
-    existing.retain(|f| f.cookie == 0 || Some(f.cookie) != event.cookie);
-    // The kernel walks sockets in bind order; cookies grow in that order.
-    existing.sort_by_key(|f| f.cookie);
-    let prediction = match event.kind {
-        EventKind::ListenFailed => {
-            let me = SocketFacts {
-                cookie: event.cookie.unwrap_or(0),
-                netns: request.netns,
-                protocol: request.protocol,
-                family: request.family,
-                address: request.address,
-                port: event.bound_port.unwrap_or(request.port),
-                state: SockState::Bound,
-                options: map
-                    .get(event.cookie.unwrap_or(0))
-                    .map_or(request.options, |e| e.facts.options),
-                uid: event.sock_uid,
-                bound_dev_if: 0,
-            };
-            rules::predict_listen(kernel, None, &existing, &me)
-        }
-        _ => rules::predict_bind_unordered(kernel, None, &existing, &request),
-    };
+    let prediction = replay(kernel, event, existing, map);
     let walk = if prediction.udp_walk_decides {
         Some(udp_walk_note(kernel.udp_walk))
     } else if prediction.mapped_any_decides {
@@ -170,6 +147,119 @@ pub fn attribute_against(
                 describe(b.socket, reason, map)
             })
             .collect(),
+    }
+}
+
+/// What the conflict rules answer for the failed bind or listen `event`
+/// among `existing` (the failing socket itself left out).
+fn replay(
+    kernel: KernelRules,
+    event: &PortEvent,
+    mut existing: Vec<SocketFacts>,
+    map: &PortMap,
+) -> Prediction {
+    let request = request_of(event);
+    existing.retain(|f| f.cookie == 0 || Some(f.cookie) != event.cookie);
+    // The kernel walks sockets in bind order; cookies grow in that order.
+    existing.sort_by_key(|f| f.cookie);
+    match event.kind {
+        EventKind::ListenFailed => {
+            let me = SocketFacts {
+                cookie: event.cookie.unwrap_or(0),
+                netns: request.netns,
+                protocol: request.protocol,
+                family: request.family,
+                address: request.address,
+                port: event.bound_port.unwrap_or(request.port),
+                state: SockState::Bound,
+                options: map
+                    .get(event.cookie.unwrap_or(0))
+                    .map_or(request.options, |e| e.facts.options),
+                uid: event.sock_uid,
+                bound_dev_if: 0,
+            };
+            rules::predict_listen(kernel, None, &existing, &me)
+        }
+        _ => rules::predict_bind_unordered(kernel, None, &existing, &request),
+    }
+}
+
+/// The errno a failed bind or listen returned, as far as replaying the
+/// kernel's checks against `existing` (the sockets on its netns, port space
+/// and port: the map's, or sock_diag's at failure time) and `map` can tell.
+/// For failures no outcome hook reported, and to measure the replay against
+/// the errnos the kernel did report.
+///
+/// Replayed, in the kernel's order (`__inet_bind`, `inet_csk_listen_start`):
+/// - a request that fails by itself (an IPv4-mapped address on an
+///   `IPV6_V6ONLY` socket, `listen` on UDP): the rules' invalid requests;
+/// - a bind on a socket the map already holds as bound: `EINVAL`, checked
+///   before any conflict;
+/// - a conflict with a socket on the port: `EADDRINUSE`.
+///
+/// `None` when none of them explains it. Not replayed: `EADDRNOTAVAIL` (an
+/// address the namespace does not have), `EACCES` (a privileged port
+/// without `CAP_NET_BIND_SERVICE`), and a refusal by another tool's cgroup
+/// program.
+pub fn infer_errno(
+    kernel: KernelRules,
+    event: &PortEvent,
+    existing: Vec<SocketFacts>,
+    map: &PortMap,
+) -> Option<Errno> {
+    let invalid = |verdict: &Verdict| {
+        matches!(
+            verdict,
+            Verdict::Refused {
+                invalid: Some(_),
+                ..
+            }
+        )
+    };
+    match event.kind {
+        EventKind::BindFailed => {
+            let prediction = replay(kernel, event, existing, map);
+            let already_bound = event.cookie.is_some_and(|c| map.get(c).is_some());
+            if already_bound && !invalid(&prediction.verdict) {
+                return Some(Errno::EINVAL);
+            }
+            prediction.verdict.errno()
+        }
+        EventKind::ListenFailed => replay(kernel, event, existing, map).verdict.errno(),
+        _ => None,
+    }
+}
+
+/// How a replayed errno compared with the one the kernel reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Agreement {
+    /// The replay named the kernel's errno.
+    Agree,
+    /// The replay named another errno.
+    Disagree,
+    /// The replay could not name one.
+    Undecided,
+}
+
+impl Agreement {
+    pub const ALL: [Agreement; 3] = [Self::Agree, Self::Disagree, Self::Undecided];
+
+    /// Its metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Agree => "agree",
+            Self::Disagree => "disagree",
+            Self::Undecided => "undecided",
+        }
+    }
+
+    /// `inferred` against the errno the kernel reported.
+    pub fn of(inferred: Option<Errno>, reported: Errno) -> Agreement {
+        match inferred {
+            Some(errno) if errno == reported => Self::Agree,
+            Some(_) => Self::Disagree,
+            None => Self::Undecided,
+        }
     }
 }
 
@@ -288,7 +378,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
-    use crate::event::Protocol;
+    use crate::event::{ErrnoSource, Protocol};
 
     const ANY: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 
@@ -324,6 +414,116 @@ mod tests {
             ("listener", "0.0.0.0:8000")
         );
         assert_eq!(blocker.holders.len(), 1);
+    }
+
+    /// `event` as no outcome hook reported it: errno unknown.
+    fn unresolved(event: PortEvent) -> PortEvent {
+        PortEvent {
+            errno: Some(Errno::UNKNOWN),
+            source: crate::event::Source::Unresolved,
+            ..event
+        }
+    }
+
+    fn inferred(event: &PortEvent, map: &PortMap) -> Option<Errno> {
+        let request = request_of(event);
+        let existing = map.facts_on(request.netns, request.protocol, request.port);
+        infer_errno(KernelRules::UNKNOWN, event, existing, map)
+    }
+
+    #[test]
+    fn a_conflict_is_inferred_as_eaddrinuse() {
+        let map = listening(Protocol::Tcp);
+        let bind = PortEvent::example(EventKind::BindFailed, Protocol::Tcp, ANY, 8000, 2);
+        let bind = unresolved(bind);
+        assert!(bind.errno_unknown());
+        assert_eq!(bind.errno_source(), None);
+        assert_eq!(inferred(&bind, &map), Some(Errno::EADDRINUSE));
+        let known = PortEvent {
+            errno: Some(Errno::EADDRINUSE),
+            ..bind.clone()
+        };
+        assert_eq!(known.errno_source(), Some(ErrnoSource::Inferred));
+        // Nothing on another port, or in another port space: no answer.
+        let elsewhere = PortEvent {
+            port: 8001,
+            ..bind.clone()
+        };
+        assert_eq!(inferred(&elsewhere, &map), None);
+        assert_eq!(inferred(&bind, &listening(Protocol::Udp)), None);
+    }
+
+    #[test]
+    fn a_second_bind_of_a_bound_socket_is_inferred_as_einval() {
+        // The kernel checks the socket before any conflict: even where the
+        // port is taken, a bound socket's bind is EINVAL.
+        let map = listening(Protocol::Tcp);
+        let again = PortEvent::example(EventKind::BindFailed, Protocol::Tcp, ANY, 9000, 1);
+        assert_eq!(
+            inferred(&unresolved(again.clone()), &map),
+            Some(Errno::EINVAL)
+        );
+        let onto_itself = PortEvent {
+            port: 8000,
+            ..again
+        };
+        assert_eq!(
+            inferred(&unresolved(onto_itself), &map),
+            Some(Errno::EINVAL)
+        );
+    }
+
+    #[test]
+    fn a_request_that_fails_by_itself_keeps_its_own_errno() {
+        let map = listening(Protocol::Tcp);
+        // An IPv4 socket given an IPv6 address, on a socket already bound:
+        // the address check comes first.
+        let v6_on_v4 = PortEvent {
+            family: crate::event::Family::Ipv4,
+            address: IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            ..PortEvent::example(EventKind::BindFailed, Protocol::Tcp, ANY, 9000, 1)
+        };
+        assert_eq!(
+            inferred(&unresolved(v6_on_v4), &map),
+            Some(Errno(libc::EAFNOSUPPORT))
+        );
+    }
+
+    #[test]
+    fn a_failed_listen_is_inferred_from_the_listener_in_its_way() {
+        // Two SO_REUSEADDR sockets bound to one address; one listens: the
+        // other's listen is EADDRINUSE.
+        let mut map = PortMap::default();
+        let reuse = crate::event::Options {
+            reuse_addr: Some(true),
+            reuse_port: Some(false),
+            ..crate::event::Options::default()
+        };
+        for (kind, cookie) in [
+            (EventKind::Bind, 1),
+            (EventKind::Listen, 1),
+            (EventKind::Bind, 2),
+        ] {
+            let event = PortEvent {
+                options: reuse,
+                ..PortEvent::example(kind, Protocol::Tcp, ANY, 8000, cookie)
+            };
+            map.apply(&event, SystemTime::UNIX_EPOCH);
+        }
+        let listen = PortEvent {
+            options: reuse,
+            bound_port: Some(8000),
+            ..PortEvent::example(EventKind::ListenFailed, Protocol::Tcp, ANY, 8000, 2)
+        };
+        assert_eq!(inferred(&unresolved(listen), &map), Some(Errno::EADDRINUSE));
+    }
+
+    #[test]
+    fn agreement_with_the_kernels_errno() {
+        let e = Errno::EADDRINUSE;
+        assert_eq!(Agreement::of(Some(e), e), Agreement::Agree);
+        assert_eq!(Agreement::of(Some(Errno::EINVAL), e), Agreement::Disagree);
+        assert_eq!(Agreement::of(None, e), Agreement::Undecided);
     }
 
     #[test]

@@ -33,6 +33,7 @@ use prometheus::{
 use crate::{
     ephemeral::{self, NetnsEphemeral},
     event::{Errno, EventKind},
+    failures::Agreement,
     health::DIAG_MODULES,
     map::Drift,
     rules::{self, CoexistReason},
@@ -161,6 +162,14 @@ const CONNECT_FAILURES: Spec = Spec {
            every usable port to that destination in use; EAGAIN: UDP autobind, the \
            range full), protocol and address family.",
     labels: &["errno", "protocol", "family"],
+    kind: Kind::Counter,
+};
+const INFERENCE_CHECKS: Spec = Spec {
+    name: "portwatch_errno_inference_checks_total",
+    help: "Failed binds and listens whose errno the kernel reported, by how the conflict \
+           rules' replay of the failure (the errno portwatch infers where no outcome hook \
+           runs) compared with it: agree, disagree, or undecided (the replay names none).",
+    labels: &["result"],
     kind: Kind::Counter,
 };
 const BINDS: Spec = Spec {
@@ -338,11 +347,12 @@ const KERNEL_MODULE_MISSING: Spec = Spec {
 };
 
 /// Every family the state collector produces.
-const SPECS: [&Spec; 27] = [
+const SPECS: [&Spec; 28] = [
     &BIND_FAILURES,
     &PORT_BIND_FAILURES,
     &LISTEN_FAILURES,
     &CONNECT_FAILURES,
+    &INFERENCE_CHECKS,
     &BINDS,
     &EVENTS,
     &EVENTS_DROPPED,
@@ -580,6 +590,7 @@ impl Reading {
             port_bind_failures,
             listen_failures,
             connect_failures,
+            inference_checks,
             ..
         } = self.counters;
         let names = |protocol: Protocol, family: Family| {
@@ -653,6 +664,14 @@ impl Reading {
                 .into_iter()
                 .map(|((errno, protocol), n)| (vec![errno, protocol.name().to_owned()], n)),
         );
+        // Every result from 0, so that a ratio of them is defined from the start.
+        let inference_checks = Samples::of(
+            &INFERENCE_CHECKS,
+            Agreement::ALL.into_iter().map(|agreement| {
+                let n = inference_checks.get(&agreement).copied().unwrap_or(0);
+                (vec![agreement.name().to_owned()], n)
+            }),
+        );
         let binds = Samples::of(
             &BINDS,
             binds.into_iter().map(|((protocol, family), n)| {
@@ -720,6 +739,7 @@ impl Reading {
             port_bind_failures,
             listen_failures,
             connect_failures,
+            inference_checks,
             binds,
             events,
             dropped,

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::{
     event::{Errno, EventKind, Family, PortEvent, Protocol},
     explain::{self, PortExplanation},
-    failures::FailureLog,
+    failures::{Agreement, FailureLog},
     health::ListingFailure,
     map::{Drift, PortMap},
     rules::KernelRules,
@@ -66,6 +66,9 @@ pub struct Counters {
     pub listen_failures: BTreeMap<(String, Protocol), u64>,
     /// Connects that found no local port, by (errno name, protocol, family).
     pub connect_failures: BTreeMap<(String, Protocol, Family), u64>,
+    /// Failed binds and listens whose errno the kernel reported, by how the
+    /// rules' replay compared (see [`crate::failures::infer_errno`]).
+    pub inference_checks: BTreeMap<Agreement, u64>,
     /// Distinct explicit ports in `port_bind_failures`, and the cap.
     ports_seen: std::collections::HashSet<u16>,
     pub port_cap: usize,
@@ -117,6 +120,11 @@ impl Counters {
             EventKind::Listen | EventKind::ListenStop | EventKind::Close | EventKind::Connected => {
             }
         }
+    }
+
+    /// Counts one comparison of an inferred errno with the kernel's.
+    pub fn check_inference(&mut self, agreement: Agreement) {
+        *self.inference_checks.entry(agreement).or_default() += 1;
     }
 
     /// Port 0 (an ephemeral request) is never an explicit label.

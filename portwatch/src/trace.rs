@@ -10,7 +10,8 @@ use jiff::{Timestamp, tz::TimeZone};
 use serde::Serialize;
 
 use crate::event::{
-    BootClock, Errno, EventKind, Family, Options, PortAlloc, PortEvent, Protocol, SockType, Source,
+    BootClock, Errno, ErrnoSource, EventKind, Family, Options, PortAlloc, PortEvent, Protocol,
+    SockType, Source,
 };
 
 /// Which events `portwatch trace` shows. The default shows everything.
@@ -168,8 +169,9 @@ pub fn header() -> String {
 /// - OPTIONS: the options set among reuseaddr, reuseport, v6only, freebind,
 ///   transparent, noport (`-` for none), then `?` when some could not be
 ///   read (`?` alone when none could);
-/// - RESULT: `ok`, the errno name of a failure, or `-` for stops and closes;
-///   then `backlog=N` for listeners when known.
+/// - RESULT: `ok`, the errno name of a failure (`EADDRINUSE(inferred)` when
+///   no outcome hook ran and the conflict rules named it), or `-` for stops
+///   and closes; then `backlog=N` for listeners when known.
 pub fn text_line(ev: &PortEvent, clock: &BootClock) -> String {
     text_line_in(ev, clock, &TimeZone::system())
 }
@@ -252,6 +254,9 @@ fn options_cell(ev: &PortEvent) -> String {
 /// The RESULT cell: see [`text_line`].
 fn result_cell(ev: &PortEvent) -> String {
     let mut cell = match (ev.kind, ev.errno) {
+        (_, Some(errno)) if ev.errno_source() == Some(ErrnoSource::Inferred) => {
+            format!("{}(inferred)", errno.name())
+        }
         (_, Some(errno)) => errno.name().into_owned(),
         (EventKind::Bind | EventKind::Listen | EventKind::Connected, None) => "ok".to_owned(),
         _ => "-".to_owned(),
@@ -305,6 +310,10 @@ pub struct JsonLine<'a> {
     pub endpoint: String,
     /// Errno name on failures (`EADDRINUSE`, `UNKNOWN`); null otherwise.
     pub errno: Option<Errno>,
+    /// Where the errno came from: `kernel` (an outcome hook saw the call
+    /// return) or `inferred` (no outcome hook ran; the conflict rules named
+    /// it); null without a known errno.
+    pub errno_source: Option<ErrnoSource>,
     /// SO_REUSEADDR; null when unknown.
     pub reuse_addr: Option<bool>,
     /// SO_REUSEPORT; null when unknown.
@@ -351,6 +360,7 @@ impl<'a> JsonLine<'a> {
             bound_port: ev.bound_port,
             endpoint: ev.endpoint(),
             errno: ev.errno,
+            errno_source: ev.errno_source(),
             reuse_addr: ev.options.reuse_addr,
             reuse_port: ev.options.reuse_port,
             v6only: ev.options.v6only,
@@ -471,6 +481,7 @@ mod tests {
             ("address", "::1"),
             ("endpoint", "[::1]:8000"),
             ("errno", "EADDRINUSE"),
+            ("errno_source", "kernel"),
             ("source", "fexit"),
             ("port_alloc", "refused"),
         ];
@@ -506,7 +517,7 @@ mod tests {
         assert!(obj["bound_port"].is_null());
         assert!(obj["backlog"].is_null());
         assert!(obj["peer"].is_null());
-        assert_eq!(obj.len(), 29, "{line}");
+        assert_eq!(obj.len(), 30, "{line}");
     }
 
     #[test]
@@ -519,7 +530,8 @@ mod tests {
                 r#""sock_uid":1000,"cgroup_id":9876,"netns":4026531840,"cookie":12345,"#,
                 r#""protocol":"tcp","family":"ipv4","sock_type":"stream","#,
                 r#""address":"0.0.0.0","port":8080,"bound_port":8080,"#,
-                r#""endpoint":"0.0.0.0:8080","errno":null,"reuse_addr":null,"#,
+                r#""endpoint":"0.0.0.0:8080","errno":null,"errno_source":null,"#,
+                r#""reuse_addr":null,"#,
                 r#""reuse_port":null,"v6only":null,"freebind":null,"transparent":null,"#,
                 r#""bind_address_no_port":null,"backlog":511,"source":"state","#,
                 r#""port_alloc":"allocated","peer":null}"#
@@ -597,6 +609,15 @@ mod tests {
             ..failed_v6()
         };
         assert!(text_line(&unknown, &CLOCK).ends_with(" UNKNOWN"));
+        let inferred = PortEvent {
+            errno: Some(Errno::EADDRINUSE),
+            ..unknown.clone()
+        };
+        assert!(text_line(&inferred, &CLOCK).ends_with(" EADDRINUSE(inferred)"));
+        let v: Value = serde_json::from_str(&json_line(&inferred, &CLOCK)).unwrap();
+        assert_eq!(v["errno_source"], "inferred");
+        let v: Value = serde_json::from_str(&json_line(&unknown, &CLOCK)).unwrap();
+        assert!(v["errno_source"].is_null());
         let odd = PortEvent {
             errno: Some(Errno(4242)),
             ..failed_v6()

@@ -23,9 +23,9 @@ use tokio::sync::{Notify, broadcast};
 
 use crate::{
     capture::{Capture, CaptureConfig, CaptureError, ConnectCounter},
-    event::{BootClock, EventKind, PortEvent, Protocol},
+    event::{BootClock, ErrnoSource, EventKind, PortEvent, Protocol},
     explain,
-    failures::{self, Failure},
+    failures::{self, Agreement, Failure},
     health::ListingFailure,
     kernel_probe,
     map::{Correction, Drift, Observed, Reconciled},
@@ -35,6 +35,7 @@ use crate::{
         owners::PlaceCache,
         workload::{WorkloadRoots, Workloads},
     },
+    socket::SocketFacts,
     state::{EarlyBind, ExpectedListener, State},
 };
 
@@ -176,7 +177,7 @@ pub struct Watcher {
     /// Failures waiting for a sock_diag listing to be attributed, with what
     /// the map said at failure time as their `blocked_by` (kept if the
     /// listing, which comes a little later, no longer shows the blocker).
-    unresolved: Vec<Failure>,
+    unresolved: Vec<Awaiting>,
     last_diag: Instant,
     cgroups: PlaceCache,
     /// Names the workloads of the places listings report (events' places
@@ -579,6 +580,7 @@ impl Watcher {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for event in events.iter_mut() {
             fill_from_map(&state, event);
+            infer_from_map(&state, event);
             self.apply(&mut state, event);
         }
         drop(state);
@@ -594,7 +596,11 @@ impl Watcher {
 
     fn apply(&mut self, state: &mut State, event: &PortEvent) {
         let at = self.clock.to_system_time(event.boot_ns);
-        state.counters.count(event);
+        // A failure whose errno the map could not infer is counted once
+        // sock_diag has had its say (`resolve_failures`).
+        if !event.errno_unknown() {
+            state.counters.count(event);
+        }
         match event.kind {
             EventKind::BindFailed | EventKind::ListenFailed | EventKind::ConnectFailed => {
                 if event.kind == EventKind::ConnectFailed
@@ -614,8 +620,20 @@ impl Watcher {
                     // The listing this failure asks for names it.
                     cause: None,
                 };
-                if failures::needs_diag(event, &failure.blocked_by) {
-                    self.unresolved.push(failure);
+                let awaits_listing =
+                    event.errno_unknown() || failures::needs_diag(event, &failure.blocked_by);
+                // What the map cannot decide, the listing that comes for
+                // the failure may.
+                let agreement = replay(state, event, None);
+                let replay_later = awaits_listing && agreement == Some(Agreement::Undecided);
+                if let Some(agreement) = agreement.filter(|_| !replay_later) {
+                    state.counters.check_inference(agreement);
+                }
+                if awaits_listing {
+                    self.unresolved.push(Awaiting {
+                        failure,
+                        replay_later,
+                    });
                 } else {
                     state.failures.push(failure);
                 }
@@ -691,7 +709,17 @@ impl Watcher {
                     self.listing_failed(&err);
                     let unresolved = std::mem::take(&mut self.unresolved);
                     let mut state = self.write();
-                    for failure in unresolved {
+                    for Awaiting {
+                        failure,
+                        replay_later,
+                    } in unresolved
+                    {
+                        if failure.event.errno_unknown() {
+                            state.counters.count(&failure.event);
+                        }
+                        if replay_later {
+                            state.counters.check_inference(Agreement::Undecided);
+                        }
                         state.failures.push(failure);
                     }
                     return Ok(());
@@ -707,9 +735,12 @@ impl Watcher {
         let observed = observed(&self.workloads, &mut snapshot);
         let unresolved = std::mem::take(&mut self.unresolved);
         let mut state = self.write();
-        for mut failure in unresolved {
-            let event = &failure.event;
-            let request = failures::request_of(event);
+        for Awaiting {
+            mut failure,
+            replay_later,
+        } in unresolved
+        {
+            let request = failures::request_of(&failure.event);
             let here: Vec<&Observed> = observed
                 .iter()
                 .filter(|o| {
@@ -718,7 +749,22 @@ impl Watcher {
                         && o.facts.port == request.port
                 })
                 .collect();
-            let existing = here.iter().map(|o| o.facts.clone()).collect();
+            let existing: Vec<_> = here.iter().map(|o| o.facts.clone()).collect();
+            if failure.event.errno_unknown() {
+                let inferred = failures::infer_errno(
+                    state.kernel,
+                    &failure.event,
+                    existing.clone(),
+                    &state.map,
+                );
+                failure.event.errno = inferred.or(failure.event.errno);
+                state.counters.count(&failure.event);
+            } else if replay_later
+                && let Some(agreement) = replay(&state, &failure.event, Some(existing.clone()))
+            {
+                state.counters.check_inference(agreement);
+            }
+            let event = &failure.event;
             let mut blocked_by =
                 failures::attribute_against(state.kernel, event, existing, &state.map);
             for blocker in blocked_by.iter_mut().filter(|b| b.holders.is_empty()) {
@@ -1033,6 +1079,65 @@ fn fill_from_map(state: &State, event: &mut PortEvent) {
     if event.options == crate::event::Options::default() {
         event.options = facts.options.into();
     }
+}
+
+/// A bind or listen failure that no outcome hook completed gets the errno
+/// the conflict rules infer against the map, when they can name one (see
+/// [`failures::infer_errno`]); sock_diag is asked about the rest.
+fn infer_from_map(state: &State, event: &mut PortEvent) {
+    if !event.errno_unknown() {
+        return;
+    }
+    let request = failures::request_of(event);
+    let existing = state
+        .map
+        .facts_on(request.netns, request.protocol, request.port);
+    if let Some(errno) = failures::infer_errno(state.kernel, event, existing, &state.map) {
+        event.errno = Some(errno);
+    }
+}
+
+/// A failure waiting for a sock_diag listing.
+struct Awaiting {
+    failure: Failure,
+    /// The map could not replay its errno: the listing is asked too.
+    replay_later: bool,
+}
+
+/// For a bind or listen failure whose errno the kernel reported: whether
+/// the rules' replay, against `existing` (the sock_diag listing it is
+/// attributed against; the map's sockets when `None`), names the same
+/// errno, which is what portwatch infers where no outcome hook runs. `None`
+/// for other events.
+fn replay(
+    state: &State,
+    event: &PortEvent,
+    existing: Option<Vec<SocketFacts>>,
+) -> Option<Agreement> {
+    let reported = event
+        .errno
+        .filter(|_| event.errno_source() == Some(ErrnoSource::Kernel))?;
+    if !matches!(event.kind, EventKind::BindFailed | EventKind::ListenFailed) {
+        return None;
+    }
+    let existing = existing.unwrap_or_else(|| {
+        let request = failures::request_of(event);
+        state
+            .map
+            .facts_on(request.netns, request.protocol, request.port)
+    });
+    let inferred = failures::infer_errno(state.kernel, event, existing, &state.map);
+    let agreement = Agreement::of(inferred, reported);
+    if agreement == Agreement::Disagree {
+        tracing::debug!(
+            reported = %reported,
+            inferred = ?inferred,
+            endpoint = %event.requested_endpoint(),
+            cookie = ?event.cookie,
+            "the conflict rules' replay of a failure names another errno than the kernel's"
+        );
+    }
+    Some(agreement)
 }
 
 /// Whether this kernel's sock_diag lists TCP sockets that are bound but not

@@ -115,6 +115,109 @@ fn a_failed_io_uring_bind_is_not_completed_by_a_netlink_bind() {
     worker.wait();
 }
 
+/// The daemon's view of failures no outcome hook completed: an io_uring
+/// bind that fails on a listener's port, with no syscall exit to give its
+/// errno on the tracepoint path, is reported with the errno the conflict
+/// rules infer (EADDRINUSE, `errno_source: "inferred"`) and the listener
+/// that blocked it; where fexit saw it return, with the kernel's. Binds whose
+/// errno the kernel reported are replayed too, and the replay's agreement
+/// is counted: an EADDRINUSE and an EINVAL (a second bind of a bound
+/// socket) agree.
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn a_failure_no_outcome_hook_saw_gets_the_errno_the_rules_infer() {
+    let cgroup = CgroupGuard::new("infer");
+    let netns = NetnsGuard::new("infer");
+    let daemon = Daemon::start(&cgroup);
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::bind(0, "127.0.0.1:8000"),
+            Op::listen(0),
+            Op::tcp(false),
+            Op::UringBind {
+                sock: 1,
+                addr: "127.0.0.1:8000".parse().unwrap(),
+            },
+            // bind(2) next: on the tracepoint path its entry sends the
+            // io_uring attempt on, unresolved.
+            Op::bind(1, "127.0.0.1:8001"),
+            Op::bind(0, "127.0.0.1:8002"),
+            Op::tcp(false),
+            Op::bind(2, "127.0.0.1:8000"),
+            Op::Pause,
+        ],
+    );
+    let results = worker.results(9);
+    if uring_bind_unsupported(
+        "a_failure_no_outcome_hook_saw_gets_the_errno_the_rules_infer",
+        results[4],
+    ) {
+        return;
+    }
+    let einval = -(libc::EINVAL as i64);
+    assert_eq!(
+        (results[4], results[5], results[6], results[8]),
+        (EADDRINUSE, 0, einval, EADDRINUSE),
+        "{results:?}"
+    );
+    let failures = daemon.json_until("/failures?port=8000", "both failures on 8000", |v| {
+        v["failures"]
+            .as_array()
+            .is_some_and(|f| f.iter().filter(|x| x["pid"] == worker.pid).count() == 2)
+    });
+    let mine: Vec<&Value> = failures["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["pid"] == worker.pid)
+        .collect();
+    let sources: Vec<&str> = mine
+        .iter()
+        .map(|f| f["errno_source"].as_str().unwrap_or("null"))
+        .collect();
+    for failure in &mine {
+        assert_eq!(failure["errno"], "EADDRINUSE", "{failure}");
+        let blocker = &failure["blocked_by"][0];
+        assert_eq!(blocker["endpoint"], "127.0.0.1:8000", "{failure}");
+        assert_eq!(blocker["what"], "listener", "{failure}");
+    }
+    // The plain bind's errno is the kernel's; the io_uring one's is the
+    // kernel's only where fexit saw it return.
+    let attached = r#"portwatch_program_attached{hook="bind_outcome",path="fexit"}"#;
+    let fexit = sample(&daemon.text("/metrics").1, attached) == 1.0;
+    let uring_source = if fexit { "kernel" } else { "inferred" };
+    let mut want = vec!["kernel", uring_source];
+    want.sort_unstable();
+    let mut got = sources.clone();
+    got.sort_unstable();
+    assert_eq!(got, want, "{mine:?}");
+    let again = daemon.json_until("/failures?port=8002", "the second bind", |v| {
+        v["failures"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x["pid"] == worker.pid))
+    });
+    let again = &again["failures"][0];
+    assert_eq!(
+        (again["errno"].as_str(), again["errno_source"].as_str()),
+        (Some("EINVAL"), Some("kernel")),
+        "{again}"
+    );
+    let checks =
+        |result: &str| format!("portwatch_errno_inference_checks_total{{result=\"{result}\"}}");
+    let agreeing = if fexit { 3.0 } else { 2.0 };
+    let metrics = daemon.metrics_until("the replays counted", |m| {
+        sample(m, &checks("agree")) >= agreeing
+    });
+    assert_eq!(sample(&metrics, &checks("agree")), agreeing, "{metrics}");
+    assert_eq!(sample(&metrics, &checks("disagree")), 0.0, "{metrics}");
+    assert_eq!(sample(&metrics, &checks("undecided")), 0.0, "{metrics}");
+    worker.resume();
+    worker.wait();
+}
+
 /// An AF_UNIX bind that fails with EADDRINUSE (its path exists) after an
 /// io_uring inet bind that failed for another reason: the inet failure keeps
 /// its own errno (or says it is unknown), never the AF_UNIX one.

@@ -27,6 +27,8 @@ fn counter(metrics: &str, name: &str, label: &str, value: &str) -> u64 {
     sample(metrics, &format!("{name}{{{label}=\"{value}\"}}")) as u64
 }
 
+const INFERENCE_CHECKS: &str = "portwatch_errno_inference_checks_total";
+
 fn events(metrics: &str, kind: &str) -> u64 {
     counter(metrics, "portwatch_events_total", "kind", kind)
 }
@@ -288,7 +290,10 @@ fn a_storm_beyond_the_ring_is_counted_exactly_and_reconciled() {
 /// Random binds, listens and closes (TCP and UDP, IPv4 and IPv6, wildcard
 /// and loopback, SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY) from two processes
 /// in each of three namespaces at once; then each namespace's `/ports`
-/// equals `ss -tuln` there, before and after the processes exit.
+/// equals `ss -tuln` there, before and after the processes exit. Every
+/// failed bind's errno, as the kernel reported it, is also what the
+/// conflict rules infer where no outcome hook runs: how often they agree is
+/// printed, and a disagreement fails.
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn random_churn_across_processes_and_namespaces_matches_ss() {
@@ -337,6 +342,34 @@ fn random_churn_across_processes_and_namespaces_matches_ss() {
     assert!(
         listeners >= MIN_LISTENERS && failed_binds > 0,
         "too little churn to test ({seed}): {listeners} listeners, {failed_binds} failed binds"
+    );
+    // Every failure the kernel gave an errno for was replayed by the rules
+    // (what the daemon infers where no outcome hook runs), once.
+    let checked = |m: &str, result: &str| counter(m, INFERENCE_CHECKS, "result", result);
+    let metrics = daemon.metrics_until("every failure replayed", |m| {
+        let replayed: u64 = ["agree", "disagree", "undecided"]
+            .iter()
+            .map(|r| checked(m, r))
+            .sum();
+        replayed == events(m, "bind_failed") + events(m, "listen_failed")
+    });
+    let (agree, disagree, undecided) = (
+        checked(&metrics, "agree"),
+        checked(&metrics, "disagree"),
+        checked(&metrics, "undecided"),
+    );
+    let replayed = agree + disagree + undecided;
+    println!(
+        "errno inference against the kernel's: {agree} of {replayed} agree ({:.1}%), {disagree} disagree, {undecided} undecided ({seed})",
+        100.0 * agree as f64 / replayed.max(1) as f64
+    );
+    assert!(replayed >= failed_binds as u64, "{metrics}");
+    // Measured at 99.7-100% over five seeds; the floor leaves room for a
+    // blocker whose record comes late. A disagreement is a rules bug.
+    assert_eq!(disagree, 0, "{seed}: the replay named another errno");
+    assert!(
+        agree * 10 >= replayed * 9,
+        "{seed}: {agree} of {replayed} agree"
     );
 
     for (worker, _) in &mut workers {

@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 
 pub use crate::failures::BlockerHolder;
 use crate::{
-    event::{Errno, EventKind, Family, Protocol},
+    event::{Errno, ErrnoSource, EventKind, Family, Protocol},
     explain::{Flag, NamespaceSummary, Sharing},
     failures::{self, Failure},
     map::{Entry, PortMap},
@@ -351,7 +351,8 @@ impl BlockerView {
     "pid": 3003, "process": "python3", "uid": 1000, "protocol": "tcp",
     "family": "ipv4", "address": "0.0.0.0", "port": 8000,
     "endpoint": "0.0.0.0:8000", "errno": "EADDRINUSE",
-    "errno_description": "Address already in use", "netns": 4026531840u64,
+    "errno_description": "Address already in use", "errno_source": "kernel",
+    "netns": 4026531840u64,
     "cookie": 40, "reuse_addr": false, "reuse_port": false, "v6only": null,
     "unit": "app.service", "container": null, "cgroup": "/system.slice/app.service",
     "blocked_by": []
@@ -381,6 +382,11 @@ pub struct FailureView {
     pub errno: Errno,
     /// What the errno means, as strerror(3) says it.
     pub errno_description: String,
+    /// Where the errno came from: `kernel` (an outcome hook saw the call
+    /// return) or `inferred` (no outcome hook ran; the conflict rules named
+    /// it from the sockets on the port); null when it is `UNKNOWN`.
+    #[schema(value_type = Option<String>, example = "kernel")]
+    pub errno_source: Option<ErrnoSource>,
     /// Network namespace cookie; null when unknown.
     pub netns: Option<u64>,
     /// Socket cookie; null when unknown.
@@ -430,6 +436,7 @@ impl FailureView {
             endpoint: ev.endpoint(),
             errno,
             errno_description: errno.description().to_owned(),
+            errno_source: ev.errno_source(),
             netns: ev.netns,
             cookie: ev.cookie,
             reuse_addr: ev.options.reuse_addr,
