@@ -19,7 +19,6 @@
 //! the timed comparison.
 
 use std::{
-    collections::BTreeMap,
     io,
     net::{Ipv4Addr, SocketAddrV4},
 };
@@ -27,8 +26,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    BenchDaemon, Ctx, Goal, Row, Stats, Worker,
-    programs::{self, RunTimeStats},
+    BenchDaemon, Ctx, Goal, Row, Stats, Worker, programs,
     rig::{Bpftrace, ns_per_op, output_field, rotate, tcp_socket, worker_arg},
 };
 
@@ -110,7 +108,13 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
             micros(bpftrace)
         )),
     ];
-    rows.extend(profile(ctx, iterations)?);
+    let args = ["bind-loop", &iterations.to_string()];
+    rows.extend(programs::profile(
+        ctx,
+        "bind path",
+        "socket+bind(0)+listen+close",
+        |daemon| Ok(accounted_loop(ctx, daemon, &args)?.1),
+    )?);
     Ok(rows)
 }
 
@@ -125,105 +129,6 @@ fn accounted_loop(ctx: &Ctx, daemon: &BenchDaemon, args: &[&str]) -> Result<(Str
         .check(issued)
         .context("the daemon during the bind loop")?;
     Ok((output, issued))
-}
-
-/// Below this many runs per cycle (median), a program did not run for the
-/// loop: another process ran it.
-const STRAY_RUNS_PER_CYCLE: f64 = 0.01;
-
-/// One program's samples, a round each: ns per run, and runs per cycle.
-#[derive(Default)]
-struct ProgramSamples {
-    ns_per_run: Vec<f64>,
-    runs_per_cycle: Vec<f64>,
-}
-
-/// Per program, what the bind loop costs in it: a daemon sample per round
-/// with run-time statistics on, the daemon's programs being those loaded
-/// while it started. Rows: the sum per cycle, then each program that ran,
-/// dearest first.
-fn profile(ctx: &Ctx, iterations: u64) -> Result<Vec<Row>> {
-    let _stats = RunTimeStats::enable()?;
-    let args = ["bind-loop", &iterations.to_string()];
-    let mut by_program: BTreeMap<String, ProgramSamples> = BTreeMap::new();
-    let mut totals = Vec::new();
-    println!(
-        "bind path, per program: {} rounds with BPF run-time statistics on",
-        ctx.rounds()
-    );
-    for _ in 0..ctx.rounds() {
-        let before_daemon = programs::loaded()?;
-        let daemon = BenchDaemon::start(ctx, "")?;
-        let start = programs::loaded()?;
-        let ids = programs::new_since(&before_daemon, &start);
-        if ids.is_empty() {
-            bail!("bpftool lists no program loaded by the daemon");
-        }
-        let (_, issued) = accounted_loop(ctx, &daemon, &args)?;
-        let end = programs::loaded()?;
-        daemon.stop()?;
-        let cycles = issued as f64;
-        let mut total = 0.0;
-        for spent in programs::spent(&ids, &start, &end)? {
-            let samples = by_program.entry(spent.name).or_default();
-            samples.ns_per_run.push(spent.ns as f64 / spent.runs as f64);
-            samples.runs_per_cycle.push(spent.runs as f64 / cycles);
-            total += spent.ns as f64 / cycles;
-        }
-        println!("  all programs: {total:.0} ns per cycle");
-        totals.push(total);
-    }
-    let mut programs = Vec::new();
-    let mut strays = Vec::new();
-    for (name, samples) in by_program {
-        // A program the loop does not run (a connect hook), run by another
-        // process meanwhile: named, not given a row.
-        if Stats::median_of(&samples.runs_per_cycle)? < STRAY_RUNS_PER_CYCLE {
-            strays.push(format!("`{name}` (in {} rounds)", samples.ns_per_run.len()));
-            continue;
-        }
-        let per_cycle: Vec<f64> = samples
-            .ns_per_run
-            .iter()
-            .zip(&samples.runs_per_cycle)
-            .map(|(ns, runs)| ns * runs)
-            .collect();
-        let detail = format!(
-            "{:.0} ns per run × {:.2} runs per cycle (medians)",
-            Stats::median_of(&samples.ns_per_run)?,
-            Stats::median_of(&samples.runs_per_cycle)?
-        );
-        let row = Row::new(
-            format!("bind path, program `{name}`: ns per cycle"),
-            "ns",
-            Stats::of(per_cycle)?,
-            Goal::None,
-        )
-        .detail(detail);
-        programs.push(row);
-    }
-    programs.sort_by(|a, b| b.value.median.total_cmp(&a.value.median));
-    let mut detail = String::from(
-        "the kernel's BPF run-time statistics (BPF_ENABLE_STATS), on only for one more daemon \
-         sample per round: the sum over the daemon's programs of their run time, per \
-         socket+bind(0)+listen+close. Each run is timed with two clock reads, counted in; \
-         tracepoint programs fire for the whole machine, so runs by other processes during \
-         the loop count too (runs per cycle shows them)",
-    );
-    if !strays.is_empty() {
-        detail += &format!(
-            "; also ran, not for the loop (other processes): {}",
-            strays.join(", ")
-        );
-    }
-    let total = Row::new(
-        "bind path, all of the daemon's programs: ns per cycle",
-        "ns",
-        Stats::of(totals)?,
-        Goal::None,
-    )
-    .detail(detail);
-    Ok(std::iter::once(total).chain(programs).collect())
 }
 
 fn micros(ns: f64) -> String {

@@ -7,7 +7,9 @@
 //!    `connect4` hook (which parks the attempt) and the connect outcome hook
 //!    (fexit or `sys_exit_connect`, which drops it: a successful connect of
 //!    an untracked socket sends no record), on top of the hooks every socket
-//!    passes (creation, state changes, destruction, release).
+//!    passes (creation, state changes, destruction, release). Then, as for
+//!    the bind path, one more daemon sample per round with BPF run-time
+//!    statistics on gives each program's share ([`programs::profile`]).
 //! 2. The listing: `bench-worker hold-connections N` holds N loopback
 //!    connections (spread over eight listeners) in a network namespace of
 //!    its own whose range is 1024-65535; the daemon lists every namespace's
@@ -31,6 +33,7 @@ use serde_json::Value;
 use super::{
     BenchDaemon, Ctx, Goal, Row, Stats, Worker,
     namespaces::{Children, hold_in_child, pipe, wait_until_ready},
+    programs,
     rig::{ns_per_op, output_field, rotate, tcp_socket, worker_arg},
     snapshot::{self, HOLD_LIMIT},
 };
@@ -84,22 +87,31 @@ fn connect_path(ctx: &Ctx) -> Result<Vec<Row>> {
         Ok(ns)
     })?;
     let micros = |side: usize| Stats::median_of(&samples[side]).map(|ns| ns / 1000.0);
-    Ok(vec![
-        Row::ratio(
-            "connect path: attached / detached",
-            &samples[PORTWATCH],
-            &samples[DETACHED],
-            Goal::AtMost(1.05),
-        )?
-        .detail(format!(
-            "{:.2} → {:.2} µs per socket+connect+accept+close to 127.0.0.1 (medians): the \
+    let ratio = Row::ratio(
+        "connect path: attached / detached",
+        &samples[PORTWATCH],
+        &samples[DETACHED],
+        Goal::AtMost(1.05),
+    )?
+    .detail(format!(
+        "{:.2} → {:.2} µs per socket+connect+accept+close to 127.0.0.1 (medians): the \
              connect hook parks each attempt and its outcome hook drops it (no record for a \
              successful connect), plus the hooks every socket passes (creation, state changes, \
              destruction, release)",
-            micros(DETACHED)?,
-            micros(PORTWATCH)?
-        )),
-    ])
+        micros(DETACHED)?,
+        micros(PORTWATCH)?
+    ));
+    let args = ["connect-loop", &iterations.to_string()];
+    let profile = programs::profile(
+        ctx,
+        "connect path",
+        "socket+connect+accept+close (two sockets)",
+        |_| {
+            let output = Worker::run(ctx, &args)?;
+            Ok(output_field(&output, "ops")? as u64)
+        },
+    )?;
+    Ok(std::iter::once(ratio).chain(profile).collect())
 }
 
 fn listing(ctx: &Ctx) -> Result<Row> {
@@ -236,19 +248,21 @@ impl Drop for Connections {
 
 /// `bench-worker connect-loop N`: N/10 warm-up cycles, then N timed ones of
 /// socket + connect to a listener of its own on 127.0.0.1 + accept + close
-/// of both. Prints `ns_per_op <timed ns per cycle>`.
+/// of both. Prints `ns_per_op <timed ns per cycle> ops <cycles, warm-up
+/// included>`.
 pub fn connect_worker(args: &[String]) -> Result<()> {
     let iterations: u64 = worker_arg(args, 0, "cycles")?;
     let listener = tcp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), Some(128))?;
     let to = local_address(&listener)?;
-    let ns = ns_per_op(iterations / 10, iterations, || {
+    let warmup = iterations / 10;
+    let ns = ns_per_op(warmup, iterations, || {
         let client = connect(&to)?;
         let accepted = accept(&listener)?;
         drop(accepted);
         drop(client);
         Ok(())
     })?;
-    println!("ns_per_op {ns:.1}");
+    println!("ns_per_op {ns:.1} ops {}", warmup + iterations);
     Ok(())
 }
 
