@@ -10,7 +10,9 @@
 //!   `PENDING_CONNECT` under the thread id; nothing is emitted yet, so a
 //!   successful connect of an untracked socket (nearly every one) costs one
 //!   map update and one delete, and never a record: connection rates are far
-//!   higher than bind rates.
+//!   higher than bind rates. Only what the outcome cannot read is parked
+//!   (the destination, the socket's identity): the task, the socket's port
+//!   and options are read when a record is sent, which few connects need.
 //! - The outcome comes from the return of the connect:
 //!   - fexit on `inet_stream_connect`/`inet_dgram_connect` where fexit is
 //!     allowed (the `proto_ops` functions of both families; they also run
@@ -60,14 +62,23 @@ const EADDRNOTAVAIL: i64 = 99;
 /// A non-blocking connect under way: the local port is taken.
 const EINPROGRESS: i64 = 115;
 
-/// A connect waiting for its outcome.
+/// A connect waiting for its outcome: what only the connect hook sees.
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct PendingConnect {
-    pub event: Event,
+    pub cookie: u64,
+    pub netns_cookie: u64,
+    /// The `struct sock`, for its port and options if a record is sent.
+    pub sk: u64,
+    /// The destination, network byte order; IPv4 in the first 4 bytes.
+    pub peer_addr: [u8; 16],
+    /// The destination port, host byte order.
+    pub peer_port: u16,
+    pub family: u16,
+    pub protocol: u16,
+    pub sock_type: u8,
     /// 1 when the socket is in `TRACKED`.
     pub tracked: u8,
-    pub _pad: [u8; 7],
 }
 
 /// Connects waiting for their outcome, by thread id. Preallocated, as every
@@ -118,55 +129,72 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn on_connect(ctx: &SockAddrContext, v6: bool) {
     let sa = ctx.sock_addr;
-    let mut event = Event::ZERO;
-    fill_task(&mut event);
+    let mut pending = PendingConnect {
+        cookie: 0,
+        netns_cookie: 0,
+        sk: 0,
+        peer_addr: [0; 16],
+        peer_port: 0,
+        family: if v6 { AF_INET6 } else { AF_INET },
+        protocol: 0,
+        sock_type: 0,
+        tracked: 0,
+    };
     // SAFETY: `sa` is the verifier-checked context; helpers take it as is.
     unsafe {
         let raw: &bpf_sock_addr = &*sa;
-        event.family = if v6 { AF_INET6 } else { AF_INET };
-        event.sock_type = raw.type_ as u8;
-        event.protocol = raw.protocol as u16;
+        pending.sock_type = raw.type_ as u8;
+        pending.protocol = raw.protocol as u16;
         // user_port holds the port in network byte order in its low 16 bits.
-        event.peer_port = u16::from_be(raw.user_port as u16);
+        pending.peer_port = u16::from_be(raw.user_port as u16);
         if !v6 {
-            event.peer_addr[..4].copy_from_slice(&raw.user_ip4.to_ne_bytes());
+            pending.peer_addr[..4].copy_from_slice(&raw.user_ip4.to_ne_bytes());
         } else {
             for (i, word) in raw.user_ip6.iter().enumerate() {
-                event.peer_addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+                pending.peer_addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
             }
         }
-        event.cookie = bpf_get_socket_cookie(sa.cast());
-        event.netns_cookie = if netns_by_inode() {
-            // `struct bpf_sock_addr_kern` starts with `struct sock *sk`.
-            bpf_probe_read_kernel(sa as *const u64)
-                .ok()
-                .and_then(netns_id)
-                .unwrap_or(0)
+        pending.cookie = bpf_get_socket_cookie(sa.cast());
+        // `struct bpf_sock_addr_kern` starts with `struct sock *sk`.
+        pending.sk = bpf_probe_read_kernel(sa as *const u64).unwrap_or(0);
+        pending.netns_cookie = if netns_by_inode() {
+            netns_id(pending.sk).unwrap_or(0)
         } else {
             bpf_get_netns_cookie(sa.cast())
         };
     }
-    // The socket's own port, if it has one already (bound, or a UDP socket
-    // connected before), and IP_BIND_ADDRESS_NO_PORT.
-    // SAFETY: probe read of one pointer from the kernel context.
-    if let Ok(sk) = unsafe { bpf_probe_read_kernel(sa as *const u64) } {
-        if let Some(port) = read_field::<u16>(sk, offsets().sk_num) {
-            event.port = port;
-            event.bound_port = port;
-        }
-        fill_options_from_sock(&mut event, sk, opt::BIND_ADDRESS_NO_PORT);
-        if let Some(uid) = read_field::<u32>(sk, offsets().sk_uid) {
-            event.sock_uid = uid;
-        }
-    }
-    let tracked = u8::from(TRACKED.get_ptr(event.cookie).is_some());
-    let pending = PendingConnect {
-        event,
-        tracked,
-        _pad: [0; 7],
-    };
-    if PENDING_CONNECT.insert(event.tid, pending, 0).is_err() {
+    pending.tracked = u8::from(TRACKED.get_ptr(pending.cookie).is_some());
+    if PENDING_CONNECT.insert(current_tid(), pending, 0).is_err() {
         count_drop(hook::CONNECT);
+    }
+}
+
+/// The record of a parked connect of `kind`: the task (the one that
+/// connected: outcomes run in its context), what was parked, and the
+/// socket's port, IP_BIND_ADDRESS_NO_PORT and owner read from `sk` now.
+#[inline(always)]
+fn connect_event(pending: &PendingConnect, sk: u64, kind: u8, event: &mut Event) {
+    event.kind = kind;
+    fill_task(event);
+    event.family = pending.family;
+    event.sock_type = pending.sock_type;
+    event.protocol = pending.protocol;
+    event.peer_port = pending.peer_port;
+    event.peer_addr = pending.peer_addr;
+    event.cookie = pending.cookie;
+    event.netns_cookie = pending.netns_cookie;
+    if sk == 0 {
+        return;
+    }
+    // A failed connect leaves the port as it was: 0, or the one it was
+    // bound to; a successful one has the port it connected from.
+    if let Some(port) = read_field::<u16>(sk, offsets().sk_num) {
+        event.port = port;
+        event.bound_port = port;
+    }
+    fill_options_from_sock(event, sk, opt::BIND_ADDRESS_NO_PORT);
+    if let Some(uid) = read_field::<u32>(sk, offsets().sk_uid) {
+        event.sock_uid = uid;
     }
 }
 
@@ -176,34 +204,36 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) {
 #[inline(always)]
 fn finish_connect(ret: i64, src: u8, sk: u64) {
     let tid = current_tid();
-    let Some(pending) = PENDING_CONNECT.get_ptr_mut(tid) else {
+    let Some(pending) = PENDING_CONNECT.get_ptr(tid) else {
         return; // not an inet connect in the watched cgroup
     };
-    // SAFETY: map value pointer from a successful lookup.
-    let pending = unsafe { &mut *pending };
-    let event = &mut pending.event;
-    let same = sk == 0
-        || read_field::<u64>(sk, offsets().sk_cookie).is_none_or(|cookie| cookie == event.cookie);
-    if same {
-        let errno = -ret;
-        if errno == EADDRNOTAVAIL || errno == EAGAIN || errno == EADDRINUSE {
-            event.kind = kind::CONNECT_FAILED;
-            event.errno = errno as i32;
-            event.source = src;
-            emit(event, hook::CONNECT_OUTCOME);
-        } else if (ret == 0 || errno == EINPROGRESS) && pending.tracked == 1 {
-            // Its port, now that connect() chose one if it had none.
-            if sk != 0
-                && let Some(port) = read_field::<u16>(sk, offsets().sk_num)
-            {
-                event.bound_port = port;
-            }
-            event.kind = kind::CONNECTED;
-            event.source = src;
-            emit(event, hook::CONNECT_OUTCOME);
-        }
-    }
+    // SAFETY: map value pointer from a successful lookup; copied before the
+    // entry is deleted.
+    let pending = unsafe { *pending };
     let _ = PENDING_CONNECT.remove(tid);
+    let same = sk == 0
+        || read_field::<u64>(sk, offsets().sk_cookie).is_none_or(|cookie| cookie == pending.cookie);
+    if !same {
+        return;
+    }
+    // The socket the connect returned for, or the one parked (the same
+    // socket: it is still open while its connect returns).
+    let sk = if sk != 0 { sk } else { pending.sk };
+    let errno = -ret;
+    let kind = if errno == EADDRNOTAVAIL || errno == EAGAIN || errno == EADDRINUSE {
+        kind::CONNECT_FAILED
+    } else if (ret == 0 || errno == EINPROGRESS) && pending.tracked == 1 {
+        kind::CONNECTED
+    } else {
+        return;
+    };
+    let mut event = Event::ZERO;
+    connect_event(&pending, sk, kind, &mut event);
+    if kind == kind::CONNECT_FAILED {
+        event.errno = errno as i32;
+    }
+    event.source = src;
+    emit(&event, hook::CONNECT_OUTCOME);
 }
 
 /// On the tracepoint path, a connect(2) starting: whatever is still parked
