@@ -52,6 +52,14 @@
 //! syscall tracepoint; its parked attempt is emitted with an unknown errno
 //! when the same thread starts its next bind, rather than lost.
 //!
+//! Where no outcome hook is attached at all (`outcome = "inferred"`, which
+//! spares every syscall on the machine the slow path), post_bind sends
+//! each success, and an attempt it did not see succeed is sent unresolved
+//! as soon as its thread is seen doing anything else: its next bind, a
+//! LISTEN transition, a connect, a socket's release. The daemon infers its
+//! errno from the conflict rules, and sweeps what a thread left parked and
+//! never came back for.
+//!
 //! Every cgroup program here returns ALLOW on every path.
 
 use aya_ebpf::{
@@ -65,7 +73,8 @@ use aya_ebpf::{
     programs::{FExitContext, SockAddrContext, SockContext, TracePointContext},
 };
 use portwatch_ebpf::{
-    AF_INET, AF_INET6, ERRNO_UNKNOWN, Event, hook, kind, opt, source, tracepoint::SYS_EXIT_RET,
+    AF_INET, AF_INET6, ERRNO_UNKNOWN, Event, PendingBind, bind_state, hook, kind, opt, source,
+    tracepoint::SYS_EXIT_RET,
 };
 
 use aya_log_ebpf::warn;
@@ -73,9 +82,9 @@ use aya_log_ebpf::warn;
 use crate::{
     ALLOW,
     common::{
-        PENDING_BIND, PendingBind, TRACKED, bind_state, count_drop, current_tid, emit,
-        fill_options_from_sock, fill_task, netns_by_inode, netns_id, offsets, outcome_by_fexit,
-        read_field, sock_event, sock_of_socket, task_is_watched,
+        PENDING_BIND, TRACKED, count_drop, current_tid, emit, fill_options_from_sock, fill_task,
+        netns_by_inode, netns_id, offsets, outcome_by_fexit, outcome_inferred, read_field,
+        sock_event, sock_of_socket, task_is_watched,
     },
 };
 
@@ -132,7 +141,7 @@ fn on_bind(ctx: &SockAddrContext, v6: bool, getsockopt: bool) {
         let blank = PendingBind {
             event: Event::ZERO,
             state: bind_state::SYSCALL,
-            deferred: false,
+            deferred: 0,
             _pad: [0; 6],
         };
         if PENDING_BIND.insert(tid, blank, 0).is_err() {
@@ -147,7 +156,7 @@ fn on_bind(ctx: &SockAddrContext, v6: bool, getsockopt: bool) {
     // SAFETY: map value pointer from a successful lookup; only this thread
     // uses its entry.
     let pending = unsafe { &mut *pending };
-    pending.deferred = in_syscall || outcome_by_fexit();
+    pending.deferred = u8::from(in_syscall || outcome_by_fexit());
     let event = &mut pending.event;
     event.kind = kind::BIND;
     fill_task(event);
@@ -274,7 +283,7 @@ fn on_post_bind(ctx: &SockContext, v6: bool) {
             event.bound_port = bound_port;
             event.errno = 0;
             event.source = source::POST_BIND;
-            if pending.deferred {
+            if pending.deferred == 1 {
                 // Other cgroup programs may still refuse it: the outcome
                 // hook sends the record.
                 pending.state = bind_state::BOUND;
@@ -339,6 +348,18 @@ fn flush_stale(tid: u32) -> Option<u16> {
     }
     let _ = PENDING_BIND.remove(tid);
     (state == bind_state::PARKED).then_some(port)
+}
+
+/// Where outcomes are inferred (no outcome hook attached): the thread that
+/// parked a bind is now doing something else (listening, connecting,
+/// closing a socket), so that bind has returned, and if post_bind did not
+/// see it succeed it failed. Sent now, unresolved, for the daemon to infer
+/// its errno.
+#[inline(always)]
+pub fn flush_if_inferred() {
+    if outcome_inferred() {
+        let _ = flush_stale(current_tid());
+    }
 }
 
 /// [`flush_stale`], saying so in the daemon's log (rare, so worth a line).
@@ -419,7 +440,7 @@ pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
         let mark = PendingBind {
             event: Event::ZERO,
             state: bind_state::SYSCALL,
-            deferred: false,
+            deferred: 0,
             _pad: [0; 6],
         };
         // A full map only loses the mark: post_bind then reports the

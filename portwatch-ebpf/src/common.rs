@@ -10,7 +10,9 @@ use aya_ebpf::{
     maps::{Array, CgroupArray, HashMap, PerCpuArray, RingBuf},
     programs::SockContext,
 };
-use portwatch_ebpf::{Event, FlagBit, KernelOffsets, WatchedCgroup, hook, opt};
+use portwatch_ebpf::{
+    Event, FlagBit, KernelOffsets, PendingBind, WatchedCgroup, hook, opt, outcome,
+};
 
 /// The one ring buffer every hook writes to. Userspace may resize it.
 #[map]
@@ -21,46 +23,29 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 #[map]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(hook::COUNT, 0);
 
-/// A bind waiting for its outcome: the record so far, and how far it got.
-#[derive(Clone, Copy)]
-#[repr(C)]
-pub struct PendingBind {
-    pub event: Event,
-    /// A [`bind_state`] constant.
-    pub state: u8,
-    /// The outcome hook will run for it: post_bind leaves the record to
-    /// that hook instead of sending it, so a bind that another program
-    /// refuses after post_bind is reported as the failure it is.
-    pub deferred: bool,
-    pub _pad: [u8; 6],
-}
-
-/// How far a [`PendingBind`] got.
-pub mod bind_state {
-    /// A bind(2) of the watched cgroup started (tracepoint path) and no
-    /// inet bind hook has run yet: only marks the call as a syscall, whose
-    /// exit will come. Never reported.
-    pub const SYSCALL: u8 = 0;
-    /// The bind hook parked the attempt.
-    pub const PARKED: u8 = 1;
-    /// post_bind saw the port reserved; the outcome is still to come.
-    pub const BOUND: u8 = 2;
-}
-
 /// Binds waiting for their outcome, by thread id.
 #[map]
 pub static PENDING_BIND: HashMap<u32, PendingBind> = HashMap::with_max_entries(16384, 0);
 
-/// Slot 0 is 1 once userspace attached the fexit outcome programs, which
-/// run for every inet bind (bind(2), io_uring, MPTCP, the kernel's own):
-/// from then on every bind is deferred to its outcome.
+/// Slot 0 says how outcomes come (an [`outcome`] constant), written by
+/// userspace once it attached them. [`outcome::FEXIT`]: the fexit programs
+/// run for every inet bind (bind(2), io_uring, MPTCP, the kernel's own), so
+/// every bind is deferred to its outcome.
 #[map]
-pub static OUTCOME_BY_FEXIT: Array<u32> = Array::with_max_entries(1, 0);
+pub static OUTCOME: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Whether the fexit outcome programs are attached.
 #[inline(always)]
 pub fn outcome_by_fexit() -> bool {
-    OUTCOME_BY_FEXIT.get(0).is_some_and(|on| *on == 1)
+    OUTCOME.get(0).is_some_and(|mode| *mode == outcome::FEXIT)
+}
+
+/// Whether no outcome hook is attached: outcomes are inferred.
+#[inline(always)]
+pub fn outcome_inferred() -> bool {
+    OUTCOME
+        .get(0)
+        .is_some_and(|mode| *mode == outcome::INFERRED)
 }
 
 /// A listen waiting for `listen()` to return: the record so far, and the

@@ -45,15 +45,25 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuHashMap},
     programs::{FExitContext, SockAddrContext, TracePointContext},
 };
-use portwatch_ebpf::{AF_INET, AF_INET6, Event, hook, kind, opt, source, tracepoint::SYS_EXIT_RET};
+use portwatch_ebpf::{
+    AF_INET, AF_INET6, Event, hook, kind, opt, source,
+    tracepoint::{
+        SET_STATE_DADDR, SET_STATE_DADDR_V6, SET_STATE_DPORT, SET_STATE_FAMILY, SET_STATE_SKADDR,
+        SET_STATE_SPORT, SYS_EXIT_RET,
+    },
+};
 
 use crate::{
     ALLOW,
+    bind::flush_if_inferred,
     common::{
-        TRACKED, count_drop, current_tid, emit, fill_options_from_sock, fill_task, netns_by_inode,
-        netns_id, offsets, read_field, sock_of_socket,
+        EVENTS, TRACKED, count_drop, current_tid, emit, fill_options_from_sock, fill_task,
+        netns_by_inode, netns_id, offsets, outcome_inferred, read_field, sock_of_socket,
+        task_is_watched,
     },
 };
+
+const IPPROTO_TCP: u16 = 6;
 
 // The errnos of a connect that found no local port (uapi values).
 const EAGAIN: i64 = 11;
@@ -126,8 +136,17 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 
 /// `v6` is a constant per program: connect4 may read only `user_ip4`,
 /// connect6 only `user_ip6`.
+///
+/// Where outcomes are inferred nothing is parked: a tracked socket's
+/// connect is sent now (it holds its port whatever the connect's fate), and
+/// a TCP connect that finds no port is seen by `inet_sock_set_state`
+/// leaving SYN_SENT without one (`listen.rs`).
 #[inline(always)]
 fn on_connect(ctx: &SockAddrContext, v6: bool) {
+    let inferred = outcome_inferred();
+    if inferred {
+        flush_if_inferred();
+    }
     let sa = ctx.sock_addr;
     let mut pending = PendingConnect {
         cookie: 0,
@@ -164,6 +183,15 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) {
         };
     }
     pending.tracked = u8::from(TRACKED.get_ptr(pending.cookie).is_some());
+    if inferred {
+        if pending.tracked == 1 {
+            let mut event = Event::ZERO;
+            connect_event(&pending, pending.sk, kind::CONNECTED, &mut event);
+            event.source = source::UNRESOLVED;
+            emit(&event, hook::CONNECT);
+        }
+        return;
+    }
     if PENDING_CONNECT.insert(current_tid(), pending, 0).is_err() {
         count_drop(hook::CONNECT);
     }
@@ -234,6 +262,60 @@ fn finish_connect(ret: i64, src: u8, sk: u64) {
     }
     event.source = src;
     emit(&event, hook::CONNECT_OUTCOME);
+}
+
+/// Where outcomes are inferred: a TCP socket left SYN_SENT for CLOSE (the
+/// `inet_sock_set_state` record in `ctx`). With no local port it is a
+/// connect that found none: `tcp_v4_connect` and `tcp_v6_connect` set
+/// SYN_SENT, then fail `inet_hash_connect` (EADDRNOTAVAIL) and fall back to
+/// CLOSE before any port is the socket's. A refused or reset connection
+/// leaves SYN_SENT with its port. Runs in the connecting task's context.
+///
+/// Not inlined, and written in place in the ring buffer: the set_state
+/// program's frame is near the verifier's 512-byte limit.
+#[inline(never)]
+pub fn connect_found_no_port(ctx: &TracePointContext) -> Result<(), i32> {
+    // SAFETY: offsets of the tracepoint format, verified by userspace.
+    let (sport, sk) = unsafe {
+        (
+            ctx.read_at::<u16>(SET_STATE_SPORT)?,
+            ctx.read_at::<u64>(SET_STATE_SKADDR)?,
+        )
+    };
+    if sport != 0 || !task_is_watched() {
+        return Ok(());
+    }
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count_drop(hook::CONNECT);
+        return Ok(());
+    };
+    let event = entry.write(Event::ZERO);
+    event.kind = kind::CONNECT_FAILED;
+    fill_task(event);
+    event.protocol = IPPROTO_TCP;
+    event.sock_type = 1; // SOCK_STREAM
+    event.errno = EADDRNOTAVAIL as i32;
+    event.source = source::STATE;
+    // SAFETY: offsets of the tracepoint format, verified by userspace.
+    unsafe {
+        event.family = ctx.read_at::<u16>(SET_STATE_FAMILY).unwrap_or(0);
+        event.peer_port = ctx.read_at::<u16>(SET_STATE_DPORT).unwrap_or(0);
+        if event.family == AF_INET {
+            if let Ok(v4) = ctx.read_at::<[u8; 4]>(SET_STATE_DADDR) {
+                event.peer_addr[..4].copy_from_slice(&v4);
+            }
+        } else if let Ok(v6) = ctx.read_at::<[u8; 16]>(SET_STATE_DADDR_V6) {
+            event.peer_addr = v6;
+        }
+    }
+    event.cookie = read_field::<u64>(sk, offsets().sk_cookie).unwrap_or(0);
+    event.netns_cookie = netns_id(sk).unwrap_or(0);
+    fill_options_from_sock(event, sk, opt::BIND_ADDRESS_NO_PORT);
+    if let Some(uid) = read_field::<u32>(sk, offsets().sk_uid) {
+        event.sock_uid = uid;
+    }
+    entry.submit(0);
+    Ok(())
 }
 
 /// On the tracepoint path, a connect(2) starting: whatever is still parked

@@ -59,6 +59,20 @@ pub mod source {
     pub const DESTROY: u8 = 7;
 }
 
+/// How outcomes reach the programs: the value userspace writes in slot 0 of
+/// the `OUTCOME` map before attaching.
+pub mod outcome {
+    /// The `syscalls/sys_enter_*`/`sys_exit_*` tracepoints.
+    pub const TRACEPOINT: u32 = 0;
+    /// fexit on the `proto_ops` functions: every bind waits for its outcome.
+    pub const FEXIT: u32 = 1;
+    /// No outcome hook: a bind that post_bind does not see succeed is sent
+    /// as unresolved when its thread next binds, listens, connects or
+    /// closes a socket; a listen is sent at its LISTEN transition; a
+    /// connect that finds no port is seen leaving SYN_SENT without one.
+    pub const INFERRED: u32 = 2;
+}
+
 /// What fexit on `inet_csk_get_port` saw of a TCP bind or listen. Stored in
 /// [`Event::port_alloc`].
 pub mod port_alloc {
@@ -133,26 +147,62 @@ pub mod tracepoint {
     pub const SET_STATE_OLDSTATE: usize = 16;
     pub const SET_STATE_NEWSTATE: usize = 20;
     pub const SET_STATE_SPORT: usize = 24;
+    pub const SET_STATE_DPORT: usize = 26;
     pub const SET_STATE_FAMILY: usize = 28;
     pub const SET_STATE_PROTOCOL: usize = 30;
     pub const SET_STATE_SADDR: usize = 32;
+    pub const SET_STATE_DADDR: usize = 36;
     pub const SET_STATE_SADDR_V6: usize = 40;
+    pub const SET_STATE_DADDR_V6: usize = 56;
     /// Every field the set_state program reads: name, offset, size.
-    pub const SET_STATE_FIELDS: [(&str, usize, usize); 8] = [
+    pub const SET_STATE_FIELDS: [(&str, usize, usize); 11] = [
         ("skaddr", SET_STATE_SKADDR, 8),
         ("oldstate", SET_STATE_OLDSTATE, 4),
         ("newstate", SET_STATE_NEWSTATE, 4),
         ("sport", SET_STATE_SPORT, 2),
+        ("dport", SET_STATE_DPORT, 2),
         ("family", SET_STATE_FAMILY, 2),
         ("protocol", SET_STATE_PROTOCOL, 2),
         ("saddr", SET_STATE_SADDR, 4),
+        ("daddr", SET_STATE_DADDR, 4),
         ("saddr_v6", SET_STATE_SADDR_V6, 16),
+        ("daddr_v6", SET_STATE_DADDR_V6, 16),
     ];
     /// The one field of `tcp/tcp_destroy_sock` read: the socket (the
     /// record has no family on Debian 11's 5.10).
     pub const DESTROY_SKADDR: usize = 8;
     pub const DESTROY_FIELDS: [(&str, usize, usize); 1] = [("skaddr", DESTROY_SKADDR, 8)];
 }
+
+/// A bind waiting for its outcome (`PENDING_BIND`, by thread id): the
+/// record so far, and how far it got. Userspace sweeps what is left parked
+/// where outcomes are inferred.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct PendingBind {
+    pub event: Event,
+    /// A [`bind_state`] constant.
+    pub state: u8,
+    /// The outcome hook will run for it: post_bind leaves the record to
+    /// that hook instead of sending it, so a bind that another program
+    /// refuses after post_bind is reported as the failure it is. 0 or 1.
+    pub deferred: u8,
+    pub _pad: [u8; 6],
+}
+
+/// How far a [`PendingBind`] got.
+pub mod bind_state {
+    /// A bind(2) of the watched cgroup started (tracepoint path) and no
+    /// inet bind hook has run yet: only marks the call as a syscall, whose
+    /// exit will come. Never reported.
+    pub const SYSCALL: u8 = 0;
+    /// The bind hook parked the attempt.
+    pub const PARKED: u8 = 1;
+    /// post_bind saw the port reserved; the outcome is still to come.
+    pub const BOUND: u8 = 2;
+}
+
+const _: () = assert!(size_of::<PendingBind>() == 136);
 
 /// Address families, as the kernel numbers them.
 pub const AF_INET: u16 = 2;
@@ -380,3 +430,6 @@ unsafe impl aya::Pod for KernelOffsets {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for WatchedCgroup {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for PendingBind {}

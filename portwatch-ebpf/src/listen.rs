@@ -21,8 +21,12 @@
 //!   flushed whatever an earlier call (an io_uring listen) left parked. A
 //!   LISTEN -> CLOSE of the parked socket in between is part of that
 //!   failure, not a close.
+//!   Where outcomes are inferred (no outcome hook), the LISTEN is sent at
+//!   the transition, and a failed listen shows as that socket's LISTEN ->
+//!   CLOSE right after, which the daemon reads as the failure.
 //! - The same tracepoint counts CLOSE -> SYN_SENT, new outgoing connections,
-//!   per namespace (see `connect.rs`).
+//!   per namespace (see `connect.rs`); where outcomes are inferred, a
+//!   SYN_SENT -> CLOSE with no local port is a connect that found none.
 //! - Tracepoints fire machine-wide. A LISTEN counts when its socket belongs
 //!   to the watched cgroup, judged as the cgroup hooks judge it, by where
 //!   the socket was made (`socket_is_watched`), not by the listening task.
@@ -39,12 +43,13 @@ use portwatch_ebpf::{
     },
 };
 
+use crate::bind::flush_if_inferred;
 use crate::common::{
     PENDING_LISTEN, PendingListen, TRACKED, count_drop, current_tid, emit, fill_from_sock,
-    fill_task, offsets, read_field, sock_in_watched_cgroup, sock_of_socket, task_is_watched,
-    watching_subtree,
+    fill_task, offsets, outcome_inferred, read_field, sock_in_watched_cgroup, sock_of_socket,
+    task_is_watched, watching_subtree,
 };
-use crate::connect::count_connect;
+use crate::connect::{connect_found_no_port, count_connect};
 
 const IPPROTO_TCP: u16 = 6;
 const TCP_SYN_SENT: i32 = 2;
@@ -73,6 +78,9 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
+    if oldstate == TCP_SYN_SENT && newstate == TCP_CLOSE && outcome_inferred() {
+        return connect_found_no_port(ctx);
+    }
     if newstate == TCP_SYN_SENT {
         // A new outgoing connection: counted for the allocation rate (see
         // `connect.rs`), never sent.
@@ -81,6 +89,8 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     if newstate == TCP_LISTEN && oldstate != TCP_LISTEN {
+        // The listening thread's bind, if it parked one, is over.
+        flush_if_inferred();
         // SAFETY: offsets of the tracepoint format, verified by userspace.
         let (skaddr, sport) = unsafe {
             (
@@ -101,6 +111,14 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         pending.sk = listener_event(ctx, &mut pending.event)?;
         pending.event.kind = kind::LISTEN;
         let (tid, cookie) = (pending.event.tid, pending.event.cookie);
+        if outcome_inferred() {
+            // No outcome will come: sent now. A listen that fails falls
+            // back to CLOSE at once, which the daemon reads as its failure.
+            pending.event.source = source::STATE;
+            emit(&pending.event, hook::LISTEN);
+            track(cookie);
+            return Ok(());
+        }
         if let Some(stale) = PENDING_LISTEN.get_ptr_mut(tid) {
             // A listen that no exit hook completed (io_uring without fexit).
             // SAFETY: map value pointer from a successful lookup.
@@ -112,12 +130,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         if parked.is_err() {
             count_drop(hook::LISTEN);
         }
-        // Usually tracked already, since its bind: a lookup is cheaper than
-        // an update that replaces the entry with itself.
-        if cookie != 0 && TRACKED.get_ptr(cookie).is_none() && TRACKED.insert(cookie, 1, 0).is_err()
-        {
-            count_drop(hook::LISTEN);
-        }
+        track(cookie);
     } else if oldstate == TCP_LISTEN && newstate == TCP_CLOSE {
         // SAFETY: as above.
         let skaddr = unsafe { ctx.read_at::<u64>(SET_STATE_SKADDR)? };
@@ -144,6 +157,16 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         emit(&event, hook::LISTEN_STOP);
     }
     Ok(())
+}
+
+/// Tracks a socket that starts listening, so that its close is reported.
+/// Usually tracked already, since its bind: a lookup is cheaper than an
+/// update that replaces the entry with itself.
+#[inline(always)]
+fn track(cookie: u64) {
+    if cookie != 0 && TRACKED.get_ptr(cookie).is_none() && TRACKED.insert(cookie, 1, 0).is_err() {
+        count_drop(hook::LISTEN);
+    }
 }
 
 /// Whether a socket starting to listen belongs to the watched cgroup. The

@@ -18,7 +18,8 @@
 //!   reported twice.
 //!
 //! Only cookies in `TRACKED` are reported, and each is untracked as it is:
-//! ordinary connections never are.
+//! ordinary connections never are. Where outcomes are inferred, the release
+//! also sends on a bind its thread left parked (see `bind.rs`).
 //!
 //! `sock_release` returns ALLOW on every path.
 
@@ -31,11 +32,14 @@ use portwatch_ebpf::{Event, hook, kind, source, tracepoint::DESTROY_SKADDR};
 
 use crate::{
     ALLOW,
+    bind::flush_if_inferred,
     common::{TRACKED, emit, fill_task, offsets, read_field, sock_event},
 };
 
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
+    // The thread is closing a socket: a bind it parked is over.
+    flush_if_inferred();
     // SAFETY: verifier-checked context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
     if TRACKED.get_ptr(cookie).is_none() {

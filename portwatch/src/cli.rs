@@ -240,7 +240,8 @@ pub struct TraceArgs {
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_RING_BYTES)]
     pub ring_size: u32,
     /// How bind/listen outcomes are captured: `auto` probes for fexit and
-    /// falls back to the syscall tracepoints.
+    /// falls back to the syscall tracepoints; `inferred` attaches no outcome
+    /// hook (no per-syscall cost; failures are inferred, see the README).
     #[arg(long, value_enum, env = "PORTWATCH_OUTCOME", default_value_t = OutcomeChoice::Auto)]
     pub outcome: OutcomeChoice,
     /// Where the bind hooks read SO_REUSEADDR/SO_REUSEPORT: `auto` tries

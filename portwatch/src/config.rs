@@ -110,6 +110,7 @@ pub enum Outcome {
     #[default]
     Auto,
     Tracepoint,
+    Inferred,
 }
 
 impl Default for Config {
@@ -274,10 +275,11 @@ impl Config {
             self.outcome = match v.as_str() {
                 "auto" => Outcome::Auto,
                 "tracepoint" => Outcome::Tracepoint,
+                "inferred" => Outcome::Inferred,
                 _ => {
                     return Err(ConfigError::Env {
                         name: "PORTWATCH_OUTCOME",
-                        message: "expected `auto` or `tracepoint`".to_owned(),
+                        message: "expected `auto`, `tracepoint` or `inferred`".to_owned(),
                         value: v,
                     });
                 }
@@ -390,6 +392,7 @@ impl Config {
                 outcome: match self.outcome {
                     Outcome::Auto => OutcomeChoice::Auto,
                     Outcome::Tracepoint => OutcomeChoice::Tracepoint,
+                    Outcome::Inferred => OutcomeChoice::Inferred,
                 },
                 // The bind hooks probe; only `portwatch trace` can force one.
                 ..CaptureConfig::default()
@@ -677,6 +680,9 @@ mod tests {
         };
         let config = Config::default().apply_env(env("tracepoint")).unwrap();
         assert_eq!(config.outcome, Outcome::Tracepoint);
+        let config = Config::default().apply_env(env("inferred")).unwrap();
+        assert_eq!(config.outcome, Outcome::Inferred);
+        assert_eq!(config.watch().capture.outcome, OutcomeChoice::Inferred);
         let err = Config::default().apply_env(env("fexit")).unwrap_err();
         assert!(err.to_string().contains("PORTWATCH_OUTCOME"), "{err}");
     }

@@ -685,7 +685,14 @@ impl PortEvent {
     pub fn errno_source(&self) -> Option<ErrnoSource> {
         match self.errno {
             None | Some(Errno::UNKNOWN) => None,
-            Some(_) if self.source == Source::Unresolved => Some(ErrnoSource::Inferred),
+            // An unresolved failure's errno came from the rules; a failed
+            // connect seen leaving SYN_SENT with no port, from the state.
+            Some(_)
+                if self.source == Source::Unresolved
+                    || (self.source == Source::State && self.kind == EventKind::ConnectFailed) =>
+            {
+                Some(ErrnoSource::Inferred)
+            }
             Some(_) => Some(ErrnoSource::Kernel),
         }
     }
@@ -899,6 +906,11 @@ fn largest_system_time(want: Duration) -> SystemTime {
 }
 
 /// Reads one clock, in nanoseconds.
+/// CLOCK_BOOTTIME now, in nanoseconds: the clock of the kernel's records.
+pub fn boot_ns_now() -> u64 {
+    u64::try_from(clock_ns(libc::CLOCK_BOOTTIME)).unwrap_or(0)
+}
+
 fn clock_ns(clock: libc::clockid_t) -> i128 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -195,7 +195,13 @@ fn replay(
 ///   `IPV6_V6ONLY` socket, `listen` on UDP): the rules' invalid requests;
 /// - a bind on a socket the map already holds as bound: `EINVAL`, checked
 ///   before any conflict;
-/// - a conflict with a socket on the port: `EADDRINUSE`.
+/// - a conflict with a socket on the port: `EADDRINUSE`;
+/// - a bind to port 0 of an address every namespace has (the wildcard,
+///   loopback) that fails otherwise: no free port in the range,
+///   `EADDRINUSE`;
+/// - a listen: it failed after its LISTEN transition (that is when
+///   portwatch sees one), where only the port check can fail it:
+///   `EADDRINUSE` (or an allocation failure, which is not replayed).
 ///
 /// `None` when none of them explains it. Not replayed: `EADDRNOTAVAIL` (an
 /// address the namespace does not have), `EACCES` (a privileged port
@@ -223,9 +229,18 @@ pub fn infer_errno(
             if already_bound && !invalid(&prediction.verdict) {
                 return Some(Errno::EINVAL);
             }
-            prediction.verdict.errno()
+            let surely_local = event.address.is_unspecified() || event.address.is_loopback();
+            match prediction.verdict.errno() {
+                None if event.port == 0 && surely_local => Some(Errno::EADDRINUSE),
+                errno => errno,
+            }
         }
-        EventKind::ListenFailed => replay(kernel, event, existing, map).verdict.errno(),
+        EventKind::ListenFailed => Some(
+            replay(kernel, event, existing, map)
+                .verdict
+                .errno()
+                .unwrap_or(Errno::EADDRINUSE),
+        ),
         _ => None,
     }
 }
@@ -516,6 +531,33 @@ mod tests {
             ..PortEvent::example(EventKind::ListenFailed, Protocol::Tcp, ANY, 8000, 2)
         };
         assert_eq!(inferred(&unresolved(listen), &map), Some(Errno::EADDRINUSE));
+    }
+
+    #[test]
+    fn a_bind_to_port_zero_that_fails_found_no_free_port() {
+        let map = PortMap::default();
+        let any = PortEvent::example(EventKind::BindFailed, Protocol::Udp, ANY, 0, 5);
+        assert_eq!(
+            inferred(&unresolved(any.clone()), &map),
+            Some(Errno::EADDRINUSE)
+        );
+        // An address the namespace may not have: EADDRNOTAVAIL is possible.
+        let elsewhere = PortEvent {
+            address: "192.0.2.1".parse().unwrap(),
+            ..any
+        };
+        assert_eq!(inferred(&unresolved(elsewhere), &map), None);
+    }
+
+    #[test]
+    fn a_listen_that_fails_fails_its_port_check() {
+        // Nothing in the map explains it (its blocker came and went):
+        // still the port check, EADDRINUSE.
+        let listen = PortEvent::example(EventKind::ListenFailed, Protocol::Tcp, ANY, 8000, 7);
+        assert_eq!(
+            inferred(&unresolved(listen), &PortMap::default()),
+            Some(Errno::EADDRINUSE)
+        );
     }
 
     #[test]

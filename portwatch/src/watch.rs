@@ -22,8 +22,8 @@ use std::{
 use tokio::sync::{Notify, broadcast};
 
 use crate::{
-    capture::{Capture, CaptureConfig, CaptureError, ConnectCounter},
-    event::{BootClock, ErrnoSource, EventKind, PortEvent, Protocol},
+    capture::{Capture, CaptureConfig, CaptureError, ConnectCounter, OutcomePath},
+    event::{BootClock, Errno, ErrnoSource, EventKind, PortEvent, Protocol, Source},
     explain,
     failures::{self, Agreement, Failure},
     health::ListingFailure,
@@ -178,6 +178,14 @@ pub struct Watcher {
     /// the map said at failure time as their `blocked_by` (kept if the
     /// listing, which comes a little later, no longer shows the blocker).
     unresolved: Vec<Awaiting>,
+    /// Where outcomes are inferred: the sockets that entered LISTEN within
+    /// the last [`LISTEN_FAILURE_WINDOW_NS`], with the thread and time.
+    recent_listens: HashMap<u64, (u32, u64)>,
+    /// Where outcomes are inferred: when `PENDING_BIND` is next swept.
+    next_sweep: Instant,
+    /// The (thread, time) of the binds the last sweep took, whose copy the
+    /// kernel may also send (a thread that came back in between).
+    swept: HashSet<(u32, u64)>,
     last_diag: Instant,
     cgroups: PlaceCache,
     /// Names the workloads of the places listings report (events' places
@@ -252,6 +260,9 @@ impl Watcher {
             next_drop_check: Instant::now(),
             config,
             unresolved: Vec::new(),
+            recent_listens: HashMap::new(),
+            next_sweep: Instant::now() + SWEEP_EVERY,
+            swept: HashSet::new(),
             last_diag: Instant::now() - DIAG_INTERVAL,
             cgroups,
             workloads,
@@ -467,6 +478,9 @@ impl Watcher {
         if !self.unresolved.is_empty() {
             wake = wake.min(self.last_diag + DIAG_INTERVAL);
         }
+        if self.capture.outcome_path() == OutcomePath::Inferred {
+            wake = wake.min(self.next_sweep);
+        }
         let deadline = tokio::time::Instant::from_std(wake);
         tokio::select! {
             read = self.capture.read(|event| events.push(event)) => read?,
@@ -481,6 +495,7 @@ impl Watcher {
     /// One step's work once it woke: apply, attribute, count drops,
     /// reconcile when due.
     async fn process(&mut self, mut events: Vec<PortEvent>) -> Result<Vec<PortEvent>, WatchError> {
+        self.sweep_parked_binds(&mut events);
         self.apply_all(&mut events);
         self.resolve_failures().await?;
         let now = Instant::now();
@@ -502,6 +517,29 @@ impl Watcher {
             }
         }
         Ok(events)
+    }
+
+    /// Where outcomes are inferred, every [`SWEEP_EVERY`]: the binds a thread
+    /// parked and never came back for (it exited, another thread closed the
+    /// socket, or it waits on something else) are failures; they join
+    /// `events`. The kernel's own copy of one of them, from a thread that
+    /// came back just then, is dropped.
+    fn sweep_parked_binds(&mut self, events: &mut Vec<PortEvent>) {
+        let mut swept = Vec::new();
+        if self.capture.outcome_path() == OutcomePath::Inferred && Instant::now() >= self.next_sweep
+        {
+            self.next_sweep = Instant::now() + SWEEP_EVERY;
+            swept = self.capture.sweep_parked_binds(SWEEP_AGE);
+            // A copy from an earlier sweep has come by now: the kernel sends
+            // it as it removes the entry, a sweep ago.
+            self.swept = swept.iter().map(|e| (e.tid, e.boot_ns)).collect();
+        }
+        if !self.swept.is_empty() {
+            events.retain(|e| {
+                !(e.kind == EventKind::BindFailed && self.swept.contains(&(e.tid, e.boot_ns)))
+            });
+        }
+        events.append(&mut swept);
     }
 
     /// A sock_diag listing failed (no SO_NETNS_COOKIE before Linux 5.14, the
@@ -578,7 +616,15 @@ impl Watcher {
         let mut state = state
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let inferred = self.capture.outcome_path() == OutcomePath::Inferred;
+        if inferred && let Some(newest) = events.iter().map(|e| e.boot_ns).max() {
+            let since = newest.saturating_sub(LISTEN_FAILURE_WINDOW_NS);
+            self.recent_listens.retain(|_, (_, at)| *at >= since);
+        }
         for event in events.iter_mut() {
+            if inferred {
+                self.read_failed_listen(&mut state, event);
+            }
             fill_from_map(&state, event);
             infer_from_map(&state, event);
             self.apply(&mut state, event);
@@ -594,6 +640,44 @@ impl Watcher {
         }
     }
 
+    /// Where outcomes are inferred, a listen that fails shows as its LISTEN
+    /// transition, then the same socket falling back to CLOSE in the same
+    /// thread at once (sent as a listen stop). Such a stop is the failure:
+    /// the map takes it (the socket is bound and not listening either way),
+    /// and the event becomes the failed listen, unresolved, whose errno the
+    /// rules then infer. A `shutdown()` of a listener by the thread that
+    /// made it, within [`LISTEN_FAILURE_WINDOW_NS`], reads the same.
+    fn read_failed_listen(&mut self, state: &mut State, event: &mut PortEvent) {
+        let Some(cookie) = event.cookie else {
+            return;
+        };
+        match event.kind {
+            EventKind::Listen => {
+                self.recent_listens
+                    .insert(cookie, (event.tid, event.boot_ns));
+            }
+            EventKind::Close => {
+                self.recent_listens.remove(&cookie);
+            }
+            EventKind::ListenStop => {
+                let Some((tid, at)) = self.recent_listens.remove(&cookie) else {
+                    return;
+                };
+                if tid != event.tid || event.boot_ns.saturating_sub(at) > LISTEN_FAILURE_WINDOW_NS {
+                    return;
+                }
+                fill_from_map(state, event);
+                state
+                    .map
+                    .apply(event, self.clock.to_system_time(event.boot_ns));
+                event.kind = EventKind::ListenFailed;
+                event.errno = Some(Errno::UNKNOWN);
+                event.source = Source::Unresolved;
+            }
+            _ => {}
+        }
+    }
+
     fn apply(&mut self, state: &mut State, event: &PortEvent) {
         let at = self.clock.to_system_time(event.boot_ns);
         // A failure whose errno the map could not infer is counted once
@@ -604,7 +688,7 @@ impl Watcher {
         match event.kind {
             EventKind::BindFailed | EventKind::ListenFailed | EventKind::ConnectFailed => {
                 if event.kind == EventKind::ConnectFailed
-                    || (event.errno == Some(crate::event::Errno::EADDRINUSE) && event.port == 0)
+                    || (event.errno == Some(Errno::EADDRINUSE) && event.port == 0)
                 {
                     // A connect, bind(0) or listen() found no free port in
                     // the range: list the ranges now, not an interval later.
@@ -668,10 +752,12 @@ impl Watcher {
                     }
                 }
             }
-            EventKind::Listen if event.cookie.is_none() => {
+            EventKind::Listen if event.cookie.is_none() || event.port == 0 => {
                 // A socket that listened without ever binding has no cookie
                 // yet (nothing asked the kernel for one), so the map cannot
-                // key it: a reconciliation, which does, picks it up now.
+                // key it; or, where outcomes are inferred, its port, which
+                // the kernel picks after the LISTEN transition that sent it:
+                // a reconciliation, which knows both, picks it up now.
                 self.next_reconcile = Instant::now();
             }
             _ => {
@@ -1080,6 +1166,21 @@ fn fill_from_map(state: &State, event: &mut PortEvent) {
         event.options = facts.options.into();
     }
 }
+
+/// Where outcomes are inferred: how often `PENDING_BIND` is swept, and how
+/// long a bind must have been parked to be taken. A bind returns within
+/// microseconds, so one parked for a second failed (post_bind would have
+/// sent a success). A failed bind whose thread does nothing else is
+/// reported within `SWEEP_AGE + SWEEP_EVERY`; at rest the sweep is the one
+/// timer this mode adds (0.2 wakeups per second).
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+const SWEEP_AGE: Duration = Duration::from_secs(1);
+
+/// Where outcomes are inferred, how soon after its LISTEN transition a
+/// socket's fall back to CLOSE, in the same thread, is read as its listen
+/// failing: the kernel does it within microseconds, right after the port
+/// check; the margin is for a preemption in between.
+const LISTEN_FAILURE_WINDOW_NS: u64 = 5_000_000;
 
 /// A bind or listen failure that no outcome hook completed gets the errno
 /// the conflict rules infer against the map, when they can name one (see

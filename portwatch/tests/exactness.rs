@@ -218,6 +218,73 @@ fn a_failure_no_outcome_hook_saw_gets_the_errno_the_rules_infer() {
     worker.wait();
 }
 
+/// `outcome = "inferred"`: no outcome hook and no syscall tracepoint. The
+/// daemon still reports what the exit hooks would have: a failed listen
+/// (two SO_REUSEADDR sockets bound, one listens, the other's listen falls
+/// back to CLOSE at once), a failed bind sent when its thread closes a
+/// socket, and one whose thread then only waits, which the sweep takes.
+/// Each has the errno the rules infer (EADDRINUSE, `errno_source:
+/// "inferred"`) and the listener that blocked it.
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn inferred_outcomes_report_what_the_exit_hooks_would() {
+    let cgroup = CgroupGuard::new("inferred");
+    let netns = NetnsGuard::new("inferred");
+    let daemon = Daemon::start_with(&cgroup, "outcome = \"inferred\"\n", &[]);
+    let ops = [
+        Op::tcp(false),
+        Op::reuseaddr(0),
+        Op::bind(0, "127.0.0.1:8000"),
+        Op::tcp(false),
+        Op::reuseaddr(1),
+        Op::bind(1, "127.0.0.1:8000"),
+        Op::listen(0),
+        Op::listen(1),
+        Op::tcp(false),
+        Op::bind(2, "127.0.0.1:8000"),
+        Op::Close { sock: 2 },
+        Op::tcp(false),
+        Op::bind(3, "127.0.0.1:8000"),
+        Op::Pause,
+    ];
+    let mut worker = Worker::spawn(&cgroup.path, Some(&netns), &ops);
+    let results = worker.results(ops.len() - 1);
+    assert_eq!(
+        (results[5], results[6], results[7], results[9], results[12]),
+        (0, 0, EADDRINUSE, EADDRINUSE, EADDRINUSE),
+        "{results:?}"
+    );
+    let metrics = daemon.text("/metrics").1;
+    let attached = r#"portwatch_program_attached{hook="bind_outcome",path="inferred"}"#;
+    assert_eq!(sample(&metrics, attached), 1.0, "{metrics}");
+    // The sweep takes the last one within seconds of its thread's pause.
+    let failures = daemon.json_until("/failures?port=8000", "three failures on 8000", |v| {
+        v["failures"]
+            .as_array()
+            .is_some_and(|f| f.iter().filter(|x| x["pid"] == worker.pid).count() == 3)
+    });
+    let mut kinds = Vec::new();
+    for failure in failures["failures"].as_array().unwrap() {
+        if failure["pid"] != worker.pid {
+            continue;
+        }
+        kinds.push(failure["kind"].as_str().unwrap_or_default().to_owned());
+        assert_eq!(failure["errno"], "EADDRINUSE", "{failure}");
+        assert_eq!(failure["errno_source"], "inferred", "{failure}");
+        let blocker = &failure["blocked_by"][0];
+        assert_eq!(blocker["endpoint"], "127.0.0.1:8000", "{failure}");
+        assert_eq!(blocker["what"], "listener", "{failure}");
+        assert_eq!(blocker["holders"][0]["pid"], worker.pid, "{failure}");
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["bind_failed", "bind_failed", "listen_failed"]);
+    // One listener: the socket whose listen failed is bound, not listening.
+    let listeners = daemon.listeners(netns.cookie());
+    assert_eq!(listeners.len(), 1, "{listeners:?}");
+    worker.resume();
+    worker.wait();
+}
+
 /// An AF_UNIX bind that fails with EADDRINUSE (its path exists) after an
 /// io_uring inet bind that failed for another reason: the inet failure keeps
 /// its own errno (or says it is unknown), never the AF_UNIX one.

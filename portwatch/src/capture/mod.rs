@@ -22,10 +22,13 @@ use std::{
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{Array, CgroupArray, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, CgroupArray, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, FExit, ProgramError, TracePoint},
 };
-use portwatch_ebpf::{KernelOffsets, WatchedCgroup, hook, tracepoint};
+use portwatch_ebpf::{
+    ERRNO_UNKNOWN, KernelOffsets, PendingBind, WatchedCgroup, bind_state, hook, outcome, source,
+    tracepoint,
+};
 use tokio::io::unix::AsyncFd;
 
 use crate::event::{DecodeError, PortEvent, decode};
@@ -75,6 +78,12 @@ pub enum OutcomePath {
     /// `syscalls/sys_exit_bind` and `sys_exit_listen`: works everywhere, but
     /// puts every syscall on the machine on the slow path while attached.
     Tracepoint,
+    /// No outcome hook: a success is what post_bind, the LISTEN transition
+    /// or a tracked socket's connect show; a failure is a bind post_bind did
+    /// not see succeed, a listen that fell back to CLOSE at once, a connect
+    /// that left SYN_SENT with no port; the daemon infers the errno of the
+    /// first two. No per-syscall cost, on any kernel.
+    Inferred,
 }
 
 impl OutcomePath {
@@ -83,6 +92,7 @@ impl OutcomePath {
         match self {
             OutcomePath::Fexit => "fexit",
             OutcomePath::Tracepoint => "tracepoint",
+            OutcomePath::Inferred => "inferred",
         }
     }
 }
@@ -149,6 +159,8 @@ pub enum OutcomeChoice {
     Auto,
     /// Use the syscall tracepoints without probing.
     Tracepoint,
+    /// Attach no outcome hook: infer outcomes (see [`OutcomePath::Inferred`]).
+    Inferred,
 }
 
 /// What to attach and where.
@@ -248,6 +260,8 @@ pub struct Capture {
     ring: AsyncFd<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
     tracked: tracked::Tracked,
+    /// `PENDING_BIND`, for [`Capture::sweep_parked_binds`].
+    pending_binds: HashMap<MapData, u32, PendingBind>,
     connects: Arc<ConnectCounter>,
     cgroup: PathBuf,
     outcome: OutcomePath,
@@ -420,6 +434,7 @@ impl Capture {
             unsafe { AsyncFd::register(ring) }.map_err(|err| CaptureError::Ring(err.into()))?;
         let drops = take_map(&mut ebpf, "DROPS")?;
         let tracked = take_map(&mut ebpf, "TRACKED")?;
+        let pending_binds = take_map(&mut ebpf, "PENDING_BIND")?;
         let connects = Arc::new(ConnectCounter(take_map(&mut ebpf, "CONNECTS")?));
         tracing::info!(
             cgroup = %cgroup.display(),
@@ -433,6 +448,7 @@ impl Capture {
             ring,
             drops,
             tracked,
+            pending_binds,
             connects,
             cgroup,
             outcome,
@@ -524,6 +540,41 @@ impl Capture {
         self.tracked.insert_all(cookies)
     }
 
+    /// Where outcomes are inferred: the binds a thread parked at least `age`
+    /// ago and never came back for (it exited, another thread closed the
+    /// socket, or it waits on something else), taken out of `PENDING_BIND`
+    /// and returned as failures whose errno is unknown, for the rules to
+    /// infer. A thread that comes back between the read and the removal has
+    /// its record sent by the kernel too; the caller drops the copy.
+    pub fn sweep_parked_binds(&mut self, age: Duration) -> Vec<PortEvent> {
+        let now = crate::event::boot_ns_now();
+        let age = u64::try_from(age.as_nanos()).unwrap_or(u64::MAX);
+        let tids: Vec<u32> = self.pending_binds.keys().filter_map(Result::ok).collect();
+        let mut swept = Vec::new();
+        for tid in tids {
+            let Ok(pending) = self.pending_binds.get(&tid, 0) else {
+                continue; // sent on by its thread meanwhile
+            };
+            if pending.state != bind_state::PARKED || now.saturating_sub(pending.event.ts_ns) < age
+            {
+                continue;
+            }
+            if self.pending_binds.remove(&tid).is_err() {
+                continue;
+            }
+            let mut raw = pending.event;
+            raw.errno = ERRNO_UNKNOWN;
+            raw.source = source::UNRESOLVED;
+            match PortEvent::try_from(&raw) {
+                Ok(event) => swept.push(event),
+                Err(err) => {
+                    count_decode_error(&mut self.stats, &mut self.logged_decode_errors, &err)
+                }
+            }
+        }
+        swept
+    }
+
     /// Stops tracking socket `cookie`, which is gone without a release the
     /// hooks saw. A cookie the kernel already dropped is not an error.
     pub fn untrack(&mut self, cookie: u64) {
@@ -584,18 +635,25 @@ fn drain(
         records += 1;
         match decode(&record) {
             Ok(event) => sink(event),
-            Err(err) => {
-                stats.decode_errors += 1;
-                if logged.insert(std::mem::discriminant(&err)) {
-                    tracing::warn!(
-                        error = %err,
-                        "dropping a kernel record that does not decode (logged once per kind)"
-                    );
-                }
-            }
+            Err(err) => count_decode_error(stats, logged, &err),
         }
     }
     records
+}
+
+/// Counts a record that did not decode, logging the first of each kind.
+fn count_decode_error(
+    stats: &mut CaptureStats,
+    logged: &mut HashSet<std::mem::Discriminant<DecodeError>>,
+    err: &DecodeError,
+) {
+    stats.decode_errors += 1;
+    if logged.insert(std::mem::discriminant(err)) {
+        tracing::warn!(
+            error = %err,
+            "dropping a kernel record that does not decode (logged once per kind)"
+        );
+    }
 }
 
 /// Tries fexit (unless told not to), falling back to the syscall
@@ -604,11 +662,18 @@ fn attach_outcome_hooks(
     ebpf: &mut Ebpf,
     choice: OutcomeChoice,
 ) -> Result<(OutcomePath, PortAllocPath), CaptureError> {
+    if choice == OutcomeChoice::Inferred {
+        set_outcome(ebpf, outcome::INFERRED)?;
+        return Ok((OutcomePath::Inferred, PortAllocPath::PostBind));
+    }
     if choice == OutcomeChoice::Auto {
         match Btf::from_sys_fs() {
             Ok(btf) => match attach_fexit(ebpf, &btf) {
                 Ok(()) => {
-                    defer_binds_to_fexit(ebpf)?;
+                    // From now on every bind waits for its fexit outcome:
+                    // a bind that another tool's cgroup program refuses
+                    // after post_bind is then its failure.
+                    set_outcome(ebpf, outcome::FEXIT)?;
                     return Ok((OutcomePath::Fexit, attach_get_port(ebpf, &btf)));
                 }
                 Err(err) => tracing::info!(
@@ -693,11 +758,9 @@ fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), CaptureError> {
     result
 }
 
-/// Tells the bind programs that the fexit outcome programs run for every
-/// inet bind, so post_bind leaves each record to them: a bind that another
-/// tool's cgroup program refuses after post_bind is then its failure.
-fn defer_binds_to_fexit(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
-    const NAME: &str = "OUTCOME_BY_FEXIT";
+/// Tells the programs how outcomes come (an [`outcome`] constant).
+fn set_outcome(ebpf: &mut Ebpf, mode: u32) -> Result<(), CaptureError> {
+    const NAME: &str = "OUTCOME";
     let map = ebpf.map_mut(NAME).ok_or(CaptureError::Map {
         name: NAME,
         source: MapError::InvalidName {
@@ -706,7 +769,7 @@ fn defer_binds_to_fexit(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
     })?;
     let mut flag: Array<&mut MapData, u32> =
         Array::try_from(map).map_err(|source| CaptureError::Map { name: NAME, source })?;
-    flag.set(0, 1, 0)
+    flag.set(0, mode, 0)
         .map_err(|source| CaptureError::Map { name: NAME, source })
 }
 
