@@ -2,11 +2,12 @@
 //! that compares with the usual ad-hoc tool.
 //!
 //! The load is `bench-worker bind-loop N`: N cycles of socket + bind
-//! 127.0.0.1:0 + listen + close, each a raw libc call, after a warm-up. Three
-//! sides are measured in each round, in rotating order: nothing attached, the
-//! daemon attached (a fresh one per sample, watching the bench cgroup), and
+//! 127.0.0.1:0 + listen + close, each a raw libc call, after a warm-up. Four
+//! sides are measured in each round, in rotating order: nothing attached,
+//! the daemon attached (a fresh one per sample, watching the bench cgroup),
 //! bpftrace on the syscall tracepoints the daemon uses, printing the fields
-//! it can get to a file. Ratios are paired per round.
+//! it can get to a file, and the daemon with `outcome = "inferred"` (no
+//! outcome hook, no syscall tracepoint). Ratios are paired per round.
 //!
 //! Each daemon sample also checks that the daemon accounted for every bind
 //! (seen + dropped = issued), so the comparison is with a daemon that really
@@ -34,24 +35,32 @@ use super::{
 const DETACHED: usize = 0;
 const PORTWATCH: usize = 1;
 const BPFTRACE: usize = 2;
-const SIDES: usize = 3;
+/// The daemon with `outcome = "inferred"`: no outcome hook, no syscall
+/// tracepoint.
+const INFERRED: usize = 3;
+const SIDES: usize = 4;
 
 pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     let iterations: u64 = ctx.pick(100_000, 10_000);
     let script = bpftrace_script(&ctx.cgroup.path().display().to_string());
     let mut bpftrace_lines = Vec::new();
     println!(
-        "bind path: {} rounds of {iterations} socket+bind(0)+listen+close cycles: detached, portwatch, bpftrace",
+        "bind path: {} rounds of {iterations} socket+bind(0)+listen+close cycles: detached, portwatch, bpftrace, portwatch with outcomes inferred",
         ctx.rounds()
     );
     let samples = rotate(ctx.rounds(), SIDES, |side| {
         let args = ["bind-loop", &iterations.to_string()];
         let (output, side_name) = match side {
-            PORTWATCH => {
-                let daemon = BenchDaemon::start(ctx, "")?;
+            PORTWATCH | INFERRED => {
+                let (config, name) = if side == INFERRED {
+                    ("outcome = \"inferred\"", "portwatch, outcomes inferred")
+                } else {
+                    ("", "portwatch")
+                };
+                let daemon = BenchDaemon::start(ctx, config)?;
                 let (output, _) = accounted_loop(ctx, &daemon, &args)?;
                 daemon.stop()?;
-                (output, "portwatch")
+                (output, name)
             }
             BPFTRACE => {
                 let bpftrace = Bpftrace::start(ctx, "bpftrace-bind-path", &script)?;
@@ -75,8 +84,12 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     })?;
 
     let median = |side: usize| Stats::median_of(&samples[side]);
-    let (detached, portwatch, bpftrace) =
-        (median(DETACHED)?, median(PORTWATCH)?, median(BPFTRACE)?);
+    let (detached, portwatch, bpftrace, inferred) = (
+        median(DETACHED)?,
+        median(PORTWATCH)?,
+        median(BPFTRACE)?,
+        median(INFERRED)?,
+    );
     let (printed, issued) = bpftrace_lines
         .iter()
         .fold((0, 0), |(lines, ops), &(l, o)| (lines + l, ops + o));
@@ -91,6 +104,18 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
             "{} → {} µs per socket+bind(0)+listen+close (medians); the daemon accounted for every bind (seen + dropped = issued)",
             micros(detached),
             micros(portwatch)
+        )),
+        Row::ratio(
+            "bind path: attached / detached, outcomes inferred",
+            &samples[INFERRED],
+            &samples[DETACHED],
+            Goal::AtMost(1.10),
+        )?
+        .detail(format!(
+            "{} → {} µs per cycle (medians), the daemon with outcome = \"inferred\": no outcome \
+             hook and no syscall tracepoint; it accounted for every bind",
+            micros(detached),
+            micros(inferred)
         )),
         Row::ratio(
             "bind path: portwatch / bpftrace",
