@@ -245,6 +245,17 @@ pub fn infer_errno(
     }
 }
 
+/// Whether a bind no outcome hook completed most likely succeeded: with
+/// IP_BIND_ADDRESS_NO_PORT, a bind to port 0 only sets the address, and
+/// the kernel neither picks a port nor runs post_bind, which is what
+/// reports a success where no outcome hook runs.
+pub fn bound_without_a_port(event: &PortEvent) -> bool {
+    event.errno_unknown()
+        && event.kind == EventKind::BindFailed
+        && event.port == 0
+        && event.options.bind_address_no_port == Some(true)
+}
+
 /// How a replayed errno compared with the one the kernel reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Agreement {
@@ -558,6 +569,27 @@ mod tests {
             inferred(&unresolved(listen), &PortMap::default()),
             Some(Errno::EADDRINUSE)
         );
+    }
+
+    #[test]
+    fn a_bind_address_no_port_bind_to_port_zero_needs_no_post_bind() {
+        let options = crate::event::Options {
+            bind_address_no_port: Some(true),
+            ..crate::event::Options::default()
+        };
+        let bind = PortEvent {
+            options,
+            ..PortEvent::example(EventKind::BindFailed, Protocol::Tcp, ANY, 0, 5)
+        };
+        assert!(bound_without_a_port(&unresolved(bind.clone())));
+        // With a port, post_bind would have run: a failure.
+        let with_port = PortEvent {
+            port: 8000,
+            ..bind.clone()
+        };
+        assert!(!bound_without_a_port(&unresolved(with_port)));
+        // An outcome hook's errno is the kernel's.
+        assert!(!bound_without_a_port(&bind));
     }
 
     #[test]

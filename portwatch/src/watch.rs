@@ -1184,8 +1184,16 @@ const LISTEN_FAILURE_WINDOW_NS: u64 = 5_000_000;
 
 /// A bind or listen failure that no outcome hook completed gets the errno
 /// the conflict rules infer against the map, when they can name one (see
-/// [`failures::infer_errno`]); sock_diag is asked about the rest.
+/// [`failures::infer_errno`]); sock_diag is asked about the rest. One that
+/// only set its address ([`failures::bound_without_a_port`]) is the success
+/// the kernel reported no other way.
 fn infer_from_map(state: &State, event: &mut PortEvent) {
+    if failures::bound_without_a_port(event) {
+        event.kind = EventKind::Bind;
+        event.errno = None;
+        event.bound_port = None;
+        return;
+    }
     if !event.errno_unknown() {
         return;
     }

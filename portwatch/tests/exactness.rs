@@ -222,7 +222,9 @@ fn a_failure_no_outcome_hook_saw_gets_the_errno_the_rules_infer() {
 /// daemon still reports what the exit hooks would have: a failed listen
 /// (two SO_REUSEADDR sockets bound, one listens, the other's listen falls
 /// back to CLOSE at once), a failed bind sent when its thread closes a
-/// socket, and one whose thread then only waits, which the sweep takes.
+/// socket, and one whose thread then only waits, which the sweep takes;
+/// an IP_BIND_ADDRESS_NO_PORT bind to port 0, which no post_bind reports,
+/// is no failure.
 /// Each has the errno the rules infer (EADDRINUSE, `errno_source:
 /// "inferred"`) and the listener that blocked it.
 #[test]
@@ -243,15 +245,33 @@ fn inferred_outcomes_report_what_the_exit_hooks_would() {
         Op::tcp(false),
         Op::bind(2, "127.0.0.1:8000"),
         Op::Close { sock: 2 },
+        // IP_BIND_ADDRESS_NO_PORT, port 0: the address only, no post_bind,
+        // yet a success.
         Op::tcp(false),
-        Op::bind(3, "127.0.0.1:8000"),
+        Op::SetOpt {
+            sock: 3,
+            level: libc::IPPROTO_IP,
+            name: libc::IP_BIND_ADDRESS_NO_PORT,
+            value: 1,
+        },
+        Op::bind(3, "127.0.0.1:0"),
+        Op::Close { sock: 3 },
+        Op::tcp(false),
+        Op::bind(4, "127.0.0.1:8000"),
         Op::Pause,
     ];
     let mut worker = Worker::spawn(&cgroup.path, Some(&netns), &ops);
     let results = worker.results(ops.len() - 1);
     assert_eq!(
-        (results[5], results[6], results[7], results[9], results[12]),
-        (0, 0, EADDRINUSE, EADDRINUSE, EADDRINUSE),
+        (
+            results[5],
+            results[6],
+            results[7],
+            results[9],
+            results[13],
+            results[16]
+        ),
+        (0, 0, EADDRINUSE, EADDRINUSE, 0, EADDRINUSE),
         "{results:?}"
     );
     let metrics = daemon.text("/metrics").1;
@@ -278,6 +298,15 @@ fn inferred_outcomes_report_what_the_exit_hooks_would() {
     }
     kinds.sort();
     assert_eq!(kinds, ["bind_failed", "bind_failed", "listen_failed"]);
+    // The address-only bind, sent before the swept one, is no failure.
+    let all = daemon.json("/failures");
+    let mine = all["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["pid"] == worker.pid)
+        .count();
+    assert_eq!(mine, 3, "{all}");
     // One listener: the socket whose listen failed is bound, not listening.
     let listeners = daemon.listeners(netns.cookie());
     assert_eq!(listeners.len(), 1, "{listeners:?}");
