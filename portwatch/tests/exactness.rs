@@ -233,15 +233,8 @@ fn inferred_outcomes_report_what_the_exit_hooks_would() {
     let cgroup = CgroupGuard::new("inferred");
     let netns = NetnsGuard::new("inferred");
     let daemon = Daemon::start_with(&cgroup, "outcome = \"inferred\"\n", &[]);
-    let ops = [
-        Op::tcp(false),
-        Op::reuseaddr(0),
-        Op::bind(0, "127.0.0.1:8000"),
-        Op::tcp(false),
-        Op::reuseaddr(1),
-        Op::bind(1, "127.0.0.1:8000"),
-        Op::listen(0),
-        Op::listen(1),
+    let mut ops = Op::listen_conflict("127.0.0.1:8000").to_vec();
+    ops.extend([
         Op::tcp(false),
         Op::bind(2, "127.0.0.1:8000"),
         Op::Close { sock: 2 },
@@ -259,7 +252,7 @@ fn inferred_outcomes_report_what_the_exit_hooks_would() {
         Op::tcp(false),
         Op::bind(4, "127.0.0.1:8000"),
         Op::Pause,
-    ];
+    ]);
     let mut worker = Worker::spawn(&cgroup.path, Some(&netns), &ops);
     let results = worker.results(ops.len() - 1);
     assert_eq!(

@@ -452,18 +452,11 @@ fn listen_failure_after_two_reuseaddr_binds() {
         &cgroup.path,
         Some(&netns),
         &[
-            Op::tcp(false),
-            Op::reuseaddr(0),
-            Op::bind(0, "127.0.0.1:8000"),
-            Op::tcp(false),
-            Op::reuseaddr(1),
-            Op::bind(1, "127.0.0.1:8000"),
-            Op::listen(0),
-            Op::listen(1),
+            Op::listen_conflict("127.0.0.1:8000").as_slice(),
             // A marker: everything the listens caused comes before it.
-            Op::udp(false),
-            Op::bind(2, "127.0.0.1:8001"),
-        ],
+            &[Op::udp(false), Op::bind(2, "127.0.0.1:8001")],
+        ]
+        .concat(),
     );
     let results = worker.results(10);
     assert_eq!(results[2], 0);

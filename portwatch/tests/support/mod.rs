@@ -569,6 +569,20 @@ impl Op {
             value: 1,
         }
     }
+    /// Sockets 0 and 1, both SO_REUSEADDR, bound to `addr`; 0 listens, then
+    /// 1's listen fails with EADDRINUSE (its 8th op). A failed listen.
+    pub fn listen_conflict(addr: &str) -> [Op; 8] {
+        [
+            Op::tcp(false),
+            Op::reuseaddr(0),
+            Op::bind(0, addr),
+            Op::tcp(false),
+            Op::reuseaddr(1),
+            Op::bind(1, addr),
+            Op::listen(0),
+            Op::listen(1),
+        ]
+    }
     pub fn v6only(sock: usize) -> Op {
         Op::SetOpt {
             sock,
