@@ -148,8 +148,15 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) {
         flush_if_inferred();
     }
     let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the verifier-checked context; the helper takes it as is.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    let tracked = TRACKED.get_ptr(cookie).is_some();
+    if inferred && !tracked {
+        // Nothing to park and nothing to send: most connects end here.
+        return;
+    }
     let mut pending = PendingConnect {
-        cookie: 0,
+        cookie,
         netns_cookie: 0,
         sk: 0,
         peer_addr: [0; 16],
@@ -173,7 +180,6 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) {
                 pending.peer_addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
             }
         }
-        pending.cookie = bpf_get_socket_cookie(sa.cast());
         // `struct bpf_sock_addr_kern` starts with `struct sock *sk`.
         pending.sk = bpf_probe_read_kernel(sa as *const u64).unwrap_or(0);
         pending.netns_cookie = if netns_by_inode() {
@@ -182,14 +188,12 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) {
             bpf_get_netns_cookie(sa.cast())
         };
     }
-    pending.tracked = u8::from(TRACKED.get_ptr(pending.cookie).is_some());
+    pending.tracked = u8::from(tracked);
     if inferred {
-        if pending.tracked == 1 {
-            let mut event = Event::ZERO;
-            connect_event(&pending, pending.sk, kind::CONNECTED, &mut event);
-            event.source = source::UNRESOLVED;
-            emit(&event, hook::CONNECT);
-        }
+        let mut event = Event::ZERO;
+        connect_event(&pending, pending.sk, kind::CONNECTED, &mut event);
+        event.source = source::UNRESOLVED;
+        emit(&event, hook::CONNECT);
         return;
     }
     if PENDING_CONNECT.insert(current_tid(), pending, 0).is_err() {
