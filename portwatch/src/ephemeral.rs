@@ -449,6 +449,7 @@ mod tests {
             } else {
                 vec![]
             },
+            unprivileged_port_start: None,
             destinations: vec![destination(443, busiest), destination(80, 1)],
             destinations_total: 2,
             udp_ports: 3,

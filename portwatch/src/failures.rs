@@ -193,6 +193,8 @@ fn replay(
 /// Replayed, in the kernel's order (`__inet_bind`, `inet_csk_listen_start`):
 /// - a request that fails by itself (an IPv4-mapped address on an
 ///   `IPV6_V6ONLY` socket, `listen` on UDP): the rules' invalid requests;
+/// - a bind the privileged-port check refuses (`privileged`, from
+///   [`refused_as_privileged`]): `EACCES`;
 /// - a bind on a socket the map already holds as bound: `EINVAL`, checked
 ///   before any conflict;
 /// - a conflict with a socket on the port: `EADDRINUSE`;
@@ -204,14 +206,15 @@ fn replay(
 ///   `EADDRINUSE` (or an allocation failure, which is not replayed).
 ///
 /// `None` when none of them explains it. Not replayed: `EADDRNOTAVAIL` (an
-/// address the namespace does not have), `EACCES` (a privileged port
-/// without `CAP_NET_BIND_SERVICE`), and a refusal by another tool's cgroup
-/// program.
+/// address the namespace does not have, checked before the port's
+/// privilege: a privileged port on such an address is taken for `EACCES`),
+/// and a refusal by another tool's cgroup program.
 pub fn infer_errno(
     kernel: KernelRules,
     event: &PortEvent,
     existing: Vec<SocketFacts>,
     map: &PortMap,
+    privileged: bool,
 ) -> Option<Errno> {
     let invalid = |verdict: &Verdict| {
         matches!(
@@ -225,6 +228,9 @@ pub fn infer_errno(
     match event.kind {
         EventKind::BindFailed => {
             let prediction = replay(kernel, event, existing, map);
+            if privileged && !invalid(&prediction.verdict) {
+                return Some(Errno::EACCES);
+            }
             let already_bound = event.cookie.is_some_and(|c| map.get(c).is_some());
             if already_bound && !invalid(&prediction.verdict) {
                 return Some(Errno::EINVAL);
@@ -243,6 +249,26 @@ pub fn infer_errno(
         ),
         _ => None,
     }
+}
+
+/// `CAP_NET_BIND_SERVICE`, as a bit of a `CapEff:` mask.
+const CAP_NET_BIND_SERVICE: u32 = 10;
+
+/// Whether the kernel's privileged-port check (`__inet_bind`, after the
+/// address checks and before the socket and the port's holders are looked
+/// at) refused a bind to `port`: a port below the namespace's
+/// `net.ipv4.ip_unprivileged_port_start`, asked for by a thread whose
+/// effective capabilities (`cap_eff`, its `CapEff:` mask) lack
+/// `CAP_NET_BIND_SERVICE`. `false` where either is unknown, and where the
+/// thread has the capability: the kernel asks for it in the namespace's
+/// user namespace, which for a thread in another one may still refuse.
+pub fn refused_as_privileged(
+    port: u16,
+    unprivileged_start: Option<u16>,
+    cap_eff: Option<u64>,
+) -> bool {
+    let privileged = unprivileged_start.is_some_and(|start| port != 0 && port < start);
+    privileged && cap_eff.is_some_and(|caps| caps & (1 << CAP_NET_BIND_SERVICE) == 0)
 }
 
 /// Whether a bind no outcome hook completed most likely succeeded: with
@@ -454,7 +480,55 @@ mod tests {
     fn inferred(event: &PortEvent, map: &PortMap) -> Option<Errno> {
         let request = request_of(event);
         let existing = map.facts_on(request.netns, request.protocol, request.port);
-        infer_errno(KernelRules::UNKNOWN, event, existing, map)
+        infer_errno(KernelRules::UNKNOWN, event, existing, map, false)
+    }
+
+    #[test]
+    fn a_privileged_port_without_the_capability_is_eacces_before_anything_else() {
+        let without = Some(0x0000_01ff_ffff_fbff_u64);
+        let with = Some(0x0000_01ff_ffff_ffff_u64);
+        assert!(refused_as_privileged(80, Some(1024), without));
+        assert!(!refused_as_privileged(80, Some(1024), with));
+        assert!(!refused_as_privileged(8000, Some(1024), without));
+        assert!(
+            !refused_as_privileged(80, Some(80), without),
+            "the start is unprivileged"
+        );
+        assert!(
+            !refused_as_privileged(0, Some(1024), without),
+            "port 0 is never checked"
+        );
+        assert!(!refused_as_privileged(80, None, without), "unknown sysctl");
+        assert!(
+            !refused_as_privileged(80, Some(1024), None),
+            "unknown thread"
+        );
+        // Before the socket's state and the port's holders: EACCES even
+        // where the port is taken, or the socket already bound.
+        let map = listening(Protocol::Tcp);
+        let taken = PortEvent::example(EventKind::BindFailed, Protocol::Tcp, ANY, 8000, 2);
+        let bound = PortEvent::example(EventKind::BindFailed, Protocol::Tcp, ANY, 8000, 1);
+        for event in [taken, bound] {
+            let event = unresolved(event);
+            let request = request_of(&event);
+            let existing = map.facts_on(request.netns, request.protocol, request.port);
+            let errno = infer_errno(KernelRules::UNKNOWN, &event, existing, &map, true);
+            assert_eq!(errno, Some(Errno::EACCES));
+        }
+        // After a request that fails by itself.
+        let v6_on_v4 = PortEvent {
+            family: crate::event::Family::Ipv4,
+            address: IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            ..PortEvent::example(EventKind::BindFailed, Protocol::Tcp, ANY, 80, 3)
+        };
+        let errno = infer_errno(
+            KernelRules::UNKNOWN,
+            &unresolved(v6_on_v4),
+            Vec::new(),
+            &map,
+            true,
+        );
+        assert_eq!(errno, Some(Errno(libc::EAFNOSUPPORT)));
     }
 
     #[test]

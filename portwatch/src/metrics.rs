@@ -1445,6 +1445,7 @@ mod tests {
                 range: crate::state::LINUX_EPHEMERAL_RANGE,
                 reserved: 0,
                 reserved_ranges: vec![],
+                unprivileged_port_start: None,
                 destinations: vec![],
                 destinations_total: 0,
                 udp_ports: 0,

@@ -626,8 +626,10 @@ impl Watcher {
                 self.read_failed_listen(&mut state, event);
             }
             fill_from_map(&state, event);
-            infer_from_map(&state, event);
-            self.apply(&mut state, event);
+            // Read now: the thread that failed may exit at once.
+            let privileged = refused_as_privileged(&state, event);
+            infer_from_map(&state, event, privileged);
+            self.apply(&mut state, event, privileged);
         }
         drop(state);
         // Copies only for live streams that exist (this runs per event).
@@ -678,7 +680,9 @@ impl Watcher {
         }
     }
 
-    fn apply(&mut self, state: &mut State, event: &PortEvent) {
+    /// Applies one event; `privileged` says whether a failed bind was one
+    /// the privileged-port check refused ([`refused_as_privileged`]).
+    fn apply(&mut self, state: &mut State, event: &PortEvent, privileged: bool) {
         let at = self.clock.to_system_time(event.boot_ns);
         // A failure whose errno the map could not infer is counted once
         // sock_diag has had its say (`resolve_failures`).
@@ -708,7 +712,7 @@ impl Watcher {
                     event.errno_unknown() || failures::needs_diag(event, &failure.blocked_by);
                 // What the map cannot decide, the listing that comes for
                 // the failure may.
-                let agreement = replay(state, event, None);
+                let agreement = replay(state, event, None, privileged);
                 let replay_later = awaits_listing && agreement == Some(Agreement::Undecided);
                 if let Some(agreement) = agreement.filter(|_| !replay_later) {
                     state.counters.check_inference(agreement);
@@ -717,6 +721,7 @@ impl Watcher {
                     self.unresolved.push(Awaiting {
                         failure,
                         replay_later,
+                        privileged,
                     });
                 } else {
                     state.failures.push(failure);
@@ -798,6 +803,7 @@ impl Watcher {
                     for Awaiting {
                         failure,
                         replay_later,
+                        ..
                     } in unresolved
                     {
                         if failure.event.errno_unknown() {
@@ -824,6 +830,7 @@ impl Watcher {
         for Awaiting {
             mut failure,
             replay_later,
+            privileged,
         } in unresolved
         {
             let request = failures::request_of(&failure.event);
@@ -842,11 +849,13 @@ impl Watcher {
                     &failure.event,
                     existing.clone(),
                     &state.map,
+                    privileged,
                 );
                 failure.event.errno = inferred.or(failure.event.errno);
                 state.counters.count(&failure.event);
             } else if replay_later
-                && let Some(agreement) = replay(&state, &failure.event, Some(existing.clone()))
+                && let Some(agreement) =
+                    replay(&state, &failure.event, Some(existing.clone()), privileged)
             {
                 state.counters.check_inference(agreement);
             }
@@ -1187,7 +1196,7 @@ const LISTEN_FAILURE_WINDOW_NS: u64 = 5_000_000;
 /// [`failures::infer_errno`]); sock_diag is asked about the rest. One that
 /// only set its address ([`failures::bound_without_a_port`]) is the success
 /// the kernel reported no other way.
-fn infer_from_map(state: &State, event: &mut PortEvent) {
+fn infer_from_map(state: &State, event: &mut PortEvent, privileged: bool) {
     if failures::bound_without_a_port(event) {
         event.kind = EventKind::Bind;
         event.errno = None;
@@ -1201,9 +1210,35 @@ fn infer_from_map(state: &State, event: &mut PortEvent) {
     let existing = state
         .map
         .facts_on(request.netns, request.protocol, request.port);
-    if let Some(errno) = failures::infer_errno(state.kernel, event, existing, &state.map) {
+    if let Some(errno) =
+        failures::infer_errno(state.kernel, event, existing, &state.map, privileged)
+    {
         event.errno = Some(errno);
     }
+}
+
+/// Whether the privileged-port check refused `event`, a failed bind
+/// ([`failures::refused_as_privileged`]): its namespace's
+/// `ip_unprivileged_port_start` as the latest ephemeral listing read it,
+/// and the failing thread's capabilities, read now (only for a port below
+/// it). Either unknown (a namespace not listed yet, a thread already gone)
+/// leaves the errno to the other checks.
+fn refused_as_privileged(state: &State, event: &PortEvent) -> bool {
+    if event.kind != EventKind::BindFailed || event.port == 0 {
+        return false;
+    }
+    let start = state.ephemeral.as_ref().and_then(|listing| {
+        listing
+            .namespaces
+            .iter()
+            .find(|usage| Some(usage.netns) == event.netns)?
+            .unprivileged_port_start
+    });
+    if start.is_none_or(|start| event.port >= start) {
+        return false;
+    }
+    let caps = snapshot::owners::thread_capabilities(event.pid, event.tid);
+    failures::refused_as_privileged(event.port, start, caps)
 }
 
 /// A failure waiting for a sock_diag listing.
@@ -1211,6 +1246,8 @@ struct Awaiting {
     failure: Failure,
     /// The map could not replay its errno: the listing is asked too.
     replay_later: bool,
+    /// The privileged-port check refused it ([`refused_as_privileged`]).
+    privileged: bool,
 }
 
 /// For a bind or listen failure whose errno the kernel reported: whether
@@ -1222,6 +1259,7 @@ fn replay(
     state: &State,
     event: &PortEvent,
     existing: Option<Vec<SocketFacts>>,
+    privileged: bool,
 ) -> Option<Agreement> {
     let reported = event
         .errno
@@ -1235,7 +1273,7 @@ fn replay(
             .map
             .facts_on(request.netns, request.protocol, request.port)
     });
-    let inferred = failures::infer_errno(state.kernel, event, existing, &state.map);
+    let inferred = failures::infer_errno(state.kernel, event, existing, &state.map, privileged);
     let agreement = Agreement::of(inferred, reported);
     if agreement == Agreement::Disagree {
         tracing::debug!(

@@ -315,6 +315,95 @@ fn inferred_outcomes_report_what_the_exit_hooks_would() {
     worker.wait();
 }
 
+/// `outcome = "inferred"`, and a bind to port 80 by a thread without
+/// CAP_NET_BIND_SERVICE: the kernel's EACCES comes before any look at the
+/// port's holders, and the port is taken besides (a listener on
+/// 127.0.0.1:80), so the conflict rules alone would say EADDRINUSE. The
+/// daemon infers EACCES from the namespace's `ip_unprivileged_port_start`
+/// and the thread's capabilities. A root thread's failed bind of the same
+/// port stays EADDRINUSE.
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn a_privileged_port_without_the_capability_is_inferred_as_eacces() {
+    let cgroup = CgroupGuard::new("eacces-inferred");
+    let netns = NetnsGuard::new("eacces-inferred");
+    let daemon = Daemon::start_with(
+        &cgroup,
+        "outcome = \"inferred\"\nephemeral_interval = \"1s\"\n",
+        &[],
+    );
+    // The namespace's sysctls are read by the ephemeral listing.
+    let path = format!("/ephemeral?netns={}", netns.cookie());
+    daemon.json_until(&path, "the namespace listed", |body| {
+        body["namespaces"]
+            .as_array()
+            .is_some_and(|all| all.len() == 1)
+    });
+    let mut holder = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::tcp(false),
+            Op::bind(0, "127.0.0.1:80"),
+            Op::listen(0),
+            // Root, port taken: EADDRINUSE. The next bind sends it.
+            Op::tcp(false),
+            Op::bind(1, "127.0.0.1:80"),
+            Op::tcp(false),
+            Op::bind(2, "127.0.0.1:0"),
+            Op::Pause,
+        ],
+    );
+    let held = holder.results(7);
+    assert_eq!(
+        (held[1], held[2], held[4], held[6]),
+        (0, 0, EADDRINUSE, 0),
+        "{held:?}"
+    );
+    let mut worker = Worker::spawn(
+        &cgroup.path,
+        Some(&netns),
+        &[
+            Op::DropNetBindService,
+            Op::tcp(false),
+            Op::bind(0, "127.0.0.1:80"),
+            // Its next bind sends the failure on while the thread waits.
+            Op::tcp(false),
+            Op::bind(1, "127.0.0.1:0"),
+            Op::Pause,
+        ],
+    );
+    let results = worker.results(5);
+    assert_eq!(results[0], 0, "capset");
+    assert_eq!(
+        (results[2], results[4]),
+        (-(libc::EACCES as i64), 0),
+        "{results:?}"
+    );
+    let failures = daemon.json_until("/failures?port=80", "both failures on 80", |v| {
+        v["failures"].as_array().is_some_and(|f| {
+            [holder.pid, worker.pid]
+                .iter()
+                .all(|pid| f.iter().any(|x| x["pid"] == *pid))
+        })
+    });
+    for failure in failures["failures"].as_array().unwrap() {
+        let want = if failure["pid"] == worker.pid {
+            "EACCES"
+        } else if failure["pid"] == holder.pid {
+            "EADDRINUSE"
+        } else {
+            continue;
+        };
+        assert_eq!(failure["errno"], want, "{failure}");
+        assert_eq!(failure["errno_source"], "inferred", "{failure}");
+    }
+    worker.resume();
+    worker.wait();
+    holder.resume();
+    holder.wait();
+}
+
 /// An AF_UNIX bind that fails with EADDRINUSE (its path exists) after an
 /// io_uring inet bind that failed for another reason: the inet failure keeps
 /// its own errno (or says it is unknown), never the AF_UNIX one.

@@ -148,6 +148,7 @@ fn state() -> State {
         range: LINUX_EPHEMERAL_RANGE,
         reserved: 0,
         reserved_ranges: Vec::new(),
+        unprivileged_port_start: None,
         destinations: Vec::new(),
         destinations_total: 0,
         udp_ports: 0,

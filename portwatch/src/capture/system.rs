@@ -7,6 +7,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::snapshot::owners::effective_capabilities as parse_cap_eff;
+
 /// Where the kernel publishes its own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// Where tracefs is mounted on current kernels.
@@ -89,14 +91,6 @@ fn missing_capability(effective: u64) -> Option<&'static str> {
         return Some("CAP_NET_ADMIN");
     }
     None
-}
-
-/// The `CapEff:` mask from the text of `/proc/<pid>/status`.
-fn parse_cap_eff(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
 }
 
 fn ensure_tracefs() -> Result<(), EnvError> {

@@ -44,6 +44,10 @@ use crate::{
 const RANGE_SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 /// The reserved-ports sysctl, read inside the namespace.
 const RESERVED_SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+/// The first port a bind needs no CAP_NET_BIND_SERVICE for, read inside
+/// the namespace while it is here: the daemon infers EACCES from it where
+/// no outcome hook runs.
+const UNPRIVILEGED_SYSCTL: &str = "/proc/sys/net/ipv4/ip_unprivileged_port_start";
 
 /// How many destinations per namespace get their processes looked up.
 pub const OWNED_DESTINATIONS: usize = 10;
@@ -193,6 +197,9 @@ pub struct NetnsUsage {
     /// The reserved ports, as the sysctl lists them.
     #[serde(skip)]
     pub reserved_ranges: Vec<RangeInclusive<u16>>,
+    /// `net.ipv4.ip_unprivileged_port_start`; `None` where unreadable.
+    #[serde(skip)]
+    pub unprivileged_port_start: Option<u16>,
     /// The [`KEPT_DESTINATIONS`] busiest destinations with outgoing TCP
     /// connections from a port in the range, busiest first.
     pub destinations: Vec<Destination>,
@@ -350,6 +357,7 @@ impl Tally {
             range,
             reserved: reserved_in(range, &reserved_ranges),
             reserved_ranges,
+            unprivileged_port_start: None,
             destinations,
             destinations_total,
             udp_ports: self.udp_ports.len() as u32,
@@ -467,7 +475,11 @@ fn list_here(
         tally.add(socket, range, wanted);
     }
     drop(sockets);
-    Ok(tally.finish(netns, range, reserved))
+    let mut usage = tally.finish(netns, range, reserved);
+    usage.unprivileged_port_start = fs::read_to_string(UNPRIVILEGED_SYSCTL)
+        .ok()
+        .and_then(|text| text.trim().parse().ok());
+    Ok(usage)
 }
 
 /// Names the processes of each namespace's busiest destinations: one pass

@@ -280,6 +280,21 @@ pub fn socket_inode(target: &[u8]) -> Option<u64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
+/// The `CapEff:` mask from the text of `/proc/<pid>/status`.
+pub fn effective_capabilities(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+}
+
+/// The effective capabilities of thread `tid` of process `pid` (they are
+/// per thread); `None` once it has exited.
+pub(crate) fn thread_capabilities(pid: u32, tid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    effective_capabilities(&status)
+}
+
 /// The effective uid from `/proc/<pid>/status` (`Uid: real effective saved fs`).
 pub fn effective_uid(status: &str) -> Option<u32> {
     status

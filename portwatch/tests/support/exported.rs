@@ -103,6 +103,7 @@ pub fn busy_state() -> State {
             range: LINUX_EPHEMERAL_RANGE,
             reserved: 0,
             reserved_ranges: vec![],
+            unprivileged_port_start: None,
             destinations: vec![],
             destinations_total: 0,
             udp_ports: 3,
