@@ -239,10 +239,12 @@ pub struct TraceArgs {
     /// Ring buffer size in bytes: a power of two, at least 4096.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_RING_BYTES)]
     pub ring_size: u32,
-    /// How bind/listen outcomes are captured: `auto` probes for fexit and
-    /// falls back to the syscall tracepoints; `inferred` attaches no outcome
-    /// hook (no per-syscall cost; failures are inferred, see the README).
-    #[arg(long, value_enum, env = "PORTWATCH_OUTCOME", default_value_t = OutcomeChoice::Auto)]
+    /// How bind/listen outcomes are captured: `exact` probes for fexit and
+    /// falls back to the syscall tracepoints, so every errno is the
+    /// kernel's; `auto` falls back to inferring them, as the daemon does;
+    /// `inferred` attaches no outcome hook (no per-syscall cost; trace has
+    /// no map to infer errnos from, see the README).
+    #[arg(long, value_enum, env = "PORTWATCH_OUTCOME", default_value_t = OutcomeChoice::Exact)]
     pub outcome: OutcomeChoice,
     /// Where the bind hooks read SO_REUSEADDR/SO_REUSEPORT: `auto` tries
     /// `bpf_getsockopt` and falls back to the socket's own bits.

@@ -78,8 +78,9 @@ pub struct Config {
     /// counted in `portwatch_events_dropped_total`. Default 16384; at most
     /// 4194304, the most thread ids Linux has.
     pub in_flight_calls: u32,
-    /// `auto` (fexit when the kernel allows it, else the syscall
-    /// tracepoints) or `tracepoint`. Default `auto`.
+    /// How bind and listen outcomes are captured: `auto` (fexit when the
+    /// kernel allows it, else inferred), `exact` (fexit, else the syscall
+    /// tracepoints), `tracepoint` or `inferred`. Default `auto`.
     pub outcome: Outcome,
     /// Read SO_REUSEADDR/SO_REUSEPORT of sockets that existed before
     /// portwatch started (pidfd_getfd). Default true.
@@ -109,6 +110,7 @@ pub struct Config {
 pub enum Outcome {
     #[default]
     Auto,
+    Exact,
     Tracepoint,
     Inferred,
 }
@@ -274,12 +276,13 @@ impl Config {
         if let Some(v) = env("PORTWATCH_OUTCOME") {
             self.outcome = match v.as_str() {
                 "auto" => Outcome::Auto,
+                "exact" => Outcome::Exact,
                 "tracepoint" => Outcome::Tracepoint,
                 "inferred" => Outcome::Inferred,
                 _ => {
                     return Err(ConfigError::Env {
                         name: "PORTWATCH_OUTCOME",
-                        message: "expected `auto`, `tracepoint` or `inferred`".to_owned(),
+                        message: "expected `auto`, `exact`, `tracepoint` or `inferred`".to_owned(),
                         value: v,
                     });
                 }
@@ -391,6 +394,7 @@ impl Config {
                 in_flight_calls: self.in_flight_calls,
                 outcome: match self.outcome {
                     Outcome::Auto => OutcomeChoice::Auto,
+                    Outcome::Exact => OutcomeChoice::Exact,
                     Outcome::Tracepoint => OutcomeChoice::Tracepoint,
                     Outcome::Inferred => OutcomeChoice::Inferred,
                 },
@@ -683,6 +687,8 @@ mod tests {
         let config = Config::default().apply_env(env("inferred")).unwrap();
         assert_eq!(config.outcome, Outcome::Inferred);
         assert_eq!(config.watch().capture.outcome, OutcomeChoice::Inferred);
+        let config = Config::default().apply_env(env("exact")).unwrap();
+        assert_eq!(config.watch().capture.outcome, OutcomeChoice::Exact);
         let err = Config::default().apply_env(env("fexit")).unwrap_err();
         assert!(err.to_string().contains("PORTWATCH_OUTCOME"), "{err}");
     }

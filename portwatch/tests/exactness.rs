@@ -122,13 +122,15 @@ fn a_failed_io_uring_bind_is_not_completed_by_a_netlink_bind() {
 /// that blocked it; where fexit saw it return, with the kernel's. Binds whose
 /// errno the kernel reported are replayed too, and the replay's agreement
 /// is counted: an EADDRINUSE and an EINVAL (a second bind of a bound
-/// socket) agree.
+/// socket) agree. With `outcome = "exact"`, so that an outcome hook runs
+/// on every kernel.
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn a_failure_no_outcome_hook_saw_gets_the_errno_the_rules_infer() {
     let cgroup = CgroupGuard::new("infer");
     let netns = NetnsGuard::new("infer");
-    let daemon = Daemon::start(&cgroup);
+    let config = "reconcile_interval = \"1h\"\noutcome = \"exact\"\n";
+    let daemon = Daemon::start_with(&cgroup, config, &[]);
     let mut worker = Worker::spawn(
         &cgroup.path,
         Some(&netns),

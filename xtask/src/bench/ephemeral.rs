@@ -3,11 +3,14 @@
 //! 1. The connect path: `bench-worker connect-loop N`: N cycles of socket +
 //!    connect to a loopback listener + accept + close of both ends (the
 //!    client with SO_LINGER 0, so no TIME_WAIT fills the range), attached vs
-//!    detached, in rotating order. Attached, each connect passes the cgroup
-//!    `connect4` hook (which parks the attempt) and the connect outcome hook
-//!    (fexit or `sys_exit_connect`, which drops it: a successful connect of
-//!    an untracked socket sends no record), on top of the hooks every socket
-//!    passes (creation, state changes, destruction, release). Then, as for
+//!    detached, in rotating order, the daemon as configured by default.
+//!    Attached, each connect passes the cgroup `connect4` hook and, with
+//!    an outcome hook, that hook too: `connect4` parks the attempt and the
+//!    outcome (fexit or `sys_exit_connect`) drops it, since a successful
+//!    connect of an untracked socket sends no record; where outcomes are
+//!    inferred, `connect4` looks the socket up and stops there. On top come
+//!    the hooks every socket passes (creation, state changes, destruction,
+//!    release). Then, as for
 //!    the bind path, one more daemon sample per round with BPF run-time
 //!    statistics on gives each program's share ([`programs::profile`]).
 //! 2. The listing: `bench-worker hold-connections N` holds N loopback
@@ -64,10 +67,14 @@ fn connect_path(ctx: &Ctx) -> Result<Vec<Row>> {
         "ephemeral: {} rounds of {iterations} socket+connect+accept+close cycles to a loopback listener: detached, portwatch",
         ctx.rounds()
     );
+    let mut default_path = None;
     let samples = rotate(ctx.rounds(), 2, |side| {
         let args = ["connect-loop", &iterations.to_string()];
         let output = if side == PORTWATCH {
             let daemon = BenchDaemon::start(ctx, "")?;
+            if default_path.is_none() {
+                default_path = daemon.outcome_path()?;
+            }
             let output = Worker::run(ctx, &args)?;
             daemon.stop()?;
             output
@@ -94,12 +101,14 @@ fn connect_path(ctx: &Ctx) -> Result<Vec<Row>> {
         Goal::AtMost(1.05),
     )?
     .detail(format!(
-        "{:.2} → {:.2} µs per socket+connect+accept+close to 127.0.0.1 (medians): the \
-             connect hook parks each attempt and its outcome hook drops it (no record for a \
-             successful connect), plus the hooks every socket passes (creation, state changes, \
-             destruction, release)",
+        "{:.2} → {:.2} µs per socket+connect+accept+close to 127.0.0.1 (medians), the daemon \
+             as configured by default (outcomes via {}): the connect hook (and its outcome hook, \
+             where one is attached) sends no record for a successful connect of an untracked \
+             socket; plus the hooks every socket passes (creation, state changes, destruction, \
+             release)",
         micros(DETACHED)?,
-        micros(PORTWATCH)?
+        micros(PORTWATCH)?,
+        default_path.unwrap_or("an unnamed path")
     ));
     let args = ["connect-loop", &iterations.to_string()];
     let profile = programs::profile(

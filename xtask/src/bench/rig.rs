@@ -175,6 +175,19 @@ impl BenchDaemon {
         Ok(sum_metric(&self.metrics()?, name, labels))
     }
 
+    /// The path its bind outcome hook is attached through (`fexit`,
+    /// `tracepoint` or `inferred`), from
+    /// `portwatch_program_attached{hook="bind_outcome",path=...}`.
+    pub fn outcome_path(&self) -> Result<Option<&'static str>> {
+        for path in ["fexit", "tracepoint", "inferred"] {
+            let labels = ["hook=\"bind_outcome\"", &format!("path=\"{path}\"")];
+            if self.metric("portwatch_program_attached", &labels)? == 1.0 {
+                return Ok(Some(path));
+            }
+        }
+        Ok(None)
+    }
+
     /// The daemon's resident memory (VmRSS), in bytes.
     pub fn rss_bytes(&self) -> Result<u64> {
         rss_of(self.pid())

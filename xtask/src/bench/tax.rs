@@ -51,7 +51,7 @@ impl Load {
             Load::Nothing => Worker::run(ctx, &args)?,
             Load::Daemon { outcome, path } => {
                 let daemon = BenchDaemon::start(ctx, &format!("outcome = \"{outcome}\""))?;
-                let attached = outcome_path(&daemon)?;
+                let attached = daemon.outcome_path()?;
                 if attached != Some(path) {
                     bail!(
                         "the daemon with outcome = {outcome:?} attached {attached:?}, not {path}"
@@ -74,18 +74,6 @@ impl Load {
         };
         output_field(&output, "ns_per_op")
     }
-}
-
-/// The path the daemon's bind outcome hook is attached through, from
-/// `portwatch_program_attached{hook="bind_outcome",path=...}`.
-fn outcome_path(daemon: &BenchDaemon) -> Result<Option<&'static str>> {
-    for path in ["fexit", "tracepoint", "inferred"] {
-        let labels = ["hook=\"bind_outcome\"", &format!("path=\"{path}\"")];
-        if daemon.metric("portwatch_program_attached", &labels)? == 1.0 {
-            return Ok(Some(path));
-        }
-    }
-    Ok(None)
 }
 
 /// The processes that have a BPF program on a syscall tracepoint now
@@ -136,7 +124,7 @@ fn fexit_refusal(log: &str) -> Option<&str> {
 /// The loads of this kernel, and what the detail should say about fexit.
 fn offered_loads(ctx: &Ctx) -> Result<(Vec<Load>, String)> {
     let daemon = BenchDaemon::start(ctx, "outcome = \"auto\"")?;
-    let auto_path = outcome_path(&daemon)?;
+    let auto_path = daemon.outcome_path()?;
     let log = daemon.log()?;
     daemon.stop()?;
     let mut loads = vec![Load::Nothing];
@@ -149,7 +137,7 @@ fn offered_loads(ctx: &Ctx) -> Result<(Vec<Load>, String)> {
             "fexit is offered by this kernel and measured above".to_owned()
         }
         Some(_) => format!(
-            "fexit is not offered by this kernel ({}), so the daemon's only path is the tracepoints",
+            "fexit is not offered by this kernel ({}), so the tracepoints are what outcome = \"exact\" takes here; the default (outcome = \"auto\") infers outcomes",
             fexit_refusal(&log).unwrap_or("its log gave no reason")
         ),
         None => bail!("the daemon reported no bind outcome hook in portwatch_program_attached"),
@@ -232,7 +220,8 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
                 // Issue 16: on a kernel without fexit, within the noise of
                 // the control.
                 Goal::AtMost(1.02),
-                "no outcome hook and no syscall tracepoint attached (outcome = \"inferred\")"
+                "no outcome hook and no syscall tracepoint attached (outcome = \"inferred\", \
+                 and the default where the kernel refuses fexit)"
                     .to_owned(),
             ),
             Load::Daemon { path, .. } => (
