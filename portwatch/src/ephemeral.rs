@@ -450,6 +450,7 @@ mod tests {
                 vec![]
             },
             unprivileged_port_start: None,
+            local_addresses: None,
             destinations: vec![destination(443, busiest), destination(80, 1)],
             destinations_total: 2,
             udp_ports: 3,

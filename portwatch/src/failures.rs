@@ -2,7 +2,7 @@
 //! sockets to judge against are an input (the map's, plus whatever sock_diag
 //! reported at failure time for sockets the map does not keep).
 
-use std::{collections::VecDeque, time::SystemTime};
+use std::{collections::VecDeque, net::IpAddr, time::SystemTime};
 
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -11,7 +11,7 @@ use crate::{
     event::{Errno, EventKind, PortEvent},
     map::{Holder, Observed, PortMap},
     rules::{self, KernelRules, MappedAny, Prediction, UdpWalk, Verdict},
-    snapshot::{owners::Place, workload::Workload},
+    snapshot::{addresses::LocalAddresses, owners::Place, workload::Workload},
     socket::{BindRequest, SockState, SocketFacts},
 };
 
@@ -193,7 +193,10 @@ fn replay(
 /// Replayed, in the kernel's order (`__inet_bind`, `inet_csk_listen_start`):
 /// - a request that fails by itself (an IPv4-mapped address on an
 ///   `IPV6_V6ONLY` socket, `listen` on UDP): the rules' invalid requests;
-/// - a bind the privileged-port check refuses (`privileged`, from
+/// - a bind of an address the namespace does not have
+///   (`early.address_unavailable`, from [`address_unavailable`]):
+///   `EADDRNOTAVAIL`;
+/// - a bind the privileged-port check refuses (`early.privileged`, from
 ///   [`refused_as_privileged`]): `EACCES`;
 /// - a bind on a socket the map already holds as bound: `EINVAL`, checked
 ///   before any conflict;
@@ -205,16 +208,14 @@ fn replay(
 ///   portwatch sees one), where only the port check can fail it:
 ///   `EADDRINUSE` (or an allocation failure, which is not replayed).
 ///
-/// `None` when none of them explains it. Not replayed: `EADDRNOTAVAIL` (an
-/// address the namespace does not have, checked before the port's
-/// privilege: a privileged port on such an address is taken for `EACCES`),
-/// and a refusal by another tool's cgroup program.
+/// `None` when none of them explains it. Not replayed: a refusal by another
+/// tool's cgroup program.
 pub fn infer_errno(
     kernel: KernelRules,
     event: &PortEvent,
     existing: Vec<SocketFacts>,
     map: &PortMap,
-    privileged: bool,
+    early: EarlyChecks,
 ) -> Option<Errno> {
     let invalid = |verdict: &Verdict| {
         matches!(
@@ -228,8 +229,13 @@ pub fn infer_errno(
     match event.kind {
         EventKind::BindFailed => {
             let prediction = replay(kernel, event, existing, map);
-            if privileged && !invalid(&prediction.verdict) {
-                return Some(Errno::EACCES);
+            if !invalid(&prediction.verdict) {
+                if early.address_unavailable {
+                    return Some(Errno(libc::EADDRNOTAVAIL));
+                }
+                if early.privileged {
+                    return Some(Errno::EACCES);
+                }
             }
             let already_bound = event.cookie.is_some_and(|c| map.get(c).is_some());
             if already_bound && !invalid(&prediction.verdict) {
@@ -248,6 +254,48 @@ pub fn infer_errno(
                 .unwrap_or(Errno::EADDRINUSE),
         ),
         _ => None,
+    }
+}
+
+/// What the kernel's first checks of a bind (`__inet_bind`,
+/// `__inet6_bind`: the address, then the port's privilege; before the
+/// socket and the port's holders are looked at) refused, as far as the
+/// daemon can tell: each is `true` only when known.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EarlyChecks {
+    /// The namespace does not have the address: `EADDRNOTAVAIL`.
+    pub address_unavailable: bool,
+    /// A privileged port without `CAP_NET_BIND_SERVICE`: `EACCES`.
+    pub privileged: bool,
+}
+
+/// Whether the kernel's address check refused `event`'s bind: a specific
+/// address none of the namespace's interfaces has (`local`, from the
+/// latest listing of the namespace), on a socket known to have neither
+/// IP_FREEBIND nor IP_TRANSPARENT, where `ip_nonlocal_bind` is off. An
+/// IPv4-mapped address on an IPv6 socket is judged as IPv4 under either
+/// family's `ip_nonlocal_bind`. `false` where anything is unknown.
+pub fn address_unavailable(event: &PortEvent, local: Option<&LocalAddresses>) -> bool {
+    let Some(local) = local else {
+        return false;
+    };
+    let options = event.options;
+    if options.freebind != Some(false) || options.transparent != Some(false) {
+        return false;
+    }
+    match event.address {
+        IpAddr::V4(v4) => !(local.nonlocal_v4 || v4.is_unspecified() || local.has_v4(v4)),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => {
+                !(local.nonlocal_v4 || local.nonlocal_v6 || v4.is_unspecified() || local.has_v4(v4))
+            }
+            None => {
+                !(local.nonlocal_v6
+                    || v6.is_unspecified()
+                    || v6.is_multicast()
+                    || local.addresses.contains(&IpAddr::V6(v6)))
+            }
+        },
     }
 }
 
@@ -480,7 +528,89 @@ mod tests {
     fn inferred(event: &PortEvent, map: &PortMap) -> Option<Errno> {
         let request = request_of(event);
         let existing = map.facts_on(request.netns, request.protocol, request.port);
-        infer_errno(KernelRules::UNKNOWN, event, existing, map, false)
+        infer_errno(
+            KernelRules::UNKNOWN,
+            event,
+            existing,
+            map,
+            EarlyChecks::default(),
+        )
+    }
+
+    const PRIVILEGED: EarlyChecks = EarlyChecks {
+        address_unavailable: false,
+        privileged: true,
+    };
+
+    #[test]
+    fn an_address_the_namespace_lacks_is_eaddrnotavail_before_the_privilege() {
+        let local = LocalAddresses {
+            addresses: vec!["10.0.0.5".parse().unwrap(), "2001:db8::5".parse().unwrap()],
+            loopback_prefixes: vec![("127.0.0.1".parse().unwrap(), 8)],
+            ..LocalAddresses::default()
+        };
+        let plain = crate::event::Options {
+            freebind: Some(false),
+            transparent: Some(false),
+            ..crate::event::Options::default()
+        };
+        let bind = |address: &str| PortEvent {
+            address: address.parse().unwrap(),
+            options: plain,
+            ..PortEvent::example(EventKind::BindFailed, Protocol::Tcp, ANY, 80, 7)
+        };
+        for absent in ["192.0.2.1", "2001:db8::6", "::ffff:192.0.2.1"] {
+            assert!(address_unavailable(&bind(absent), Some(&local)), "{absent}");
+        }
+        for present in [
+            "10.0.0.5",
+            "127.0.0.53",
+            "0.0.0.0",
+            "::",
+            "2001:db8::5",
+            "ff02::1",
+            "224.0.0.1",
+        ] {
+            assert!(
+                !address_unavailable(&bind(present), Some(&local)),
+                "{present}"
+            );
+        }
+        // Unknown: no listing, options unknown or set, nonlocal binds on.
+        assert!(!address_unavailable(&bind("192.0.2.1"), None));
+        let freebind = PortEvent {
+            options: crate::event::Options {
+                freebind: Some(true),
+                ..plain
+            },
+            ..bind("192.0.2.1")
+        };
+        assert!(!address_unavailable(&freebind, Some(&local)));
+        let unknown = PortEvent {
+            options: crate::event::Options::default(),
+            ..bind("192.0.2.1")
+        };
+        assert!(!address_unavailable(&unknown, Some(&local)));
+        let nonlocal = LocalAddresses {
+            nonlocal_v4: true,
+            ..local.clone()
+        };
+        assert!(!address_unavailable(&bind("192.0.2.1"), Some(&nonlocal)));
+        assert!(address_unavailable(&bind("2001:db8::6"), Some(&nonlocal)));
+        // First of the early checks, even on a taken port.
+        let map = listening(Protocol::Tcp);
+        let event = unresolved(PortEvent {
+            port: 8000,
+            ..bind("192.0.2.1")
+        });
+        let request = request_of(&event);
+        let existing = map.facts_on(request.netns, request.protocol, request.port);
+        let both = EarlyChecks {
+            address_unavailable: true,
+            privileged: true,
+        };
+        let errno = infer_errno(KernelRules::UNKNOWN, &event, existing, &map, both);
+        assert_eq!(errno, Some(Errno(libc::EADDRNOTAVAIL)));
     }
 
     #[test]
@@ -512,7 +642,7 @@ mod tests {
             let event = unresolved(event);
             let request = request_of(&event);
             let existing = map.facts_on(request.netns, request.protocol, request.port);
-            let errno = infer_errno(KernelRules::UNKNOWN, &event, existing, &map, true);
+            let errno = infer_errno(KernelRules::UNKNOWN, &event, existing, &map, PRIVILEGED);
             assert_eq!(errno, Some(Errno::EACCES));
         }
         // After a request that fails by itself.
@@ -526,7 +656,7 @@ mod tests {
             &unresolved(v6_on_v4),
             Vec::new(),
             &map,
-            true,
+            PRIVILEGED,
         );
         assert_eq!(errno, Some(Errno(libc::EAFNOSUPPORT)));
     }

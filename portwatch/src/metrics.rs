@@ -1446,6 +1446,7 @@ mod tests {
                 reserved: 0,
                 reserved_ranges: vec![],
                 unprivileged_port_start: None,
+                local_addresses: None,
                 destinations: vec![],
                 destinations_total: 0,
                 udp_ports: 0,

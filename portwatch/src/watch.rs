@@ -25,7 +25,7 @@ use crate::{
     capture::{Capture, CaptureConfig, CaptureError, ConnectCounter, OutcomePath},
     event::{BootClock, Errno, ErrnoSource, EventKind, PortEvent, Protocol, Source},
     explain,
-    failures::{self, Agreement, Failure},
+    failures::{self, Agreement, EarlyChecks, Failure},
     health::ListingFailure,
     kernel_probe,
     map::{Correction, Drift, Observed, Reconciled},
@@ -627,9 +627,9 @@ impl Watcher {
             }
             fill_from_map(&state, event);
             // Read now: the thread that failed may exit at once.
-            let privileged = refused_as_privileged(&state, event);
-            infer_from_map(&state, event, privileged);
-            self.apply(&mut state, event, privileged);
+            let early = early_checks(&state, event);
+            infer_from_map(&state, event, early);
+            self.apply(&mut state, event, early);
         }
         drop(state);
         // Copies only for live streams that exist (this runs per event).
@@ -680,9 +680,9 @@ impl Watcher {
         }
     }
 
-    /// Applies one event; `privileged` says whether a failed bind was one
-    /// the privileged-port check refused ([`refused_as_privileged`]).
-    fn apply(&mut self, state: &mut State, event: &PortEvent, privileged: bool) {
+    /// Applies one event; `early` says what the first checks of a failed
+    /// bind refused ([`early_checks`]).
+    fn apply(&mut self, state: &mut State, event: &PortEvent, early: EarlyChecks) {
         let at = self.clock.to_system_time(event.boot_ns);
         // A failure whose errno the map could not infer is counted once
         // sock_diag has had its say (`resolve_failures`).
@@ -712,7 +712,7 @@ impl Watcher {
                     event.errno_unknown() || failures::needs_diag(event, &failure.blocked_by);
                 // What the map cannot decide, the listing that comes for
                 // the failure may.
-                let agreement = replay(state, event, None, privileged);
+                let agreement = replay(state, event, None, early);
                 let replay_later = awaits_listing && agreement == Some(Agreement::Undecided);
                 if let Some(agreement) = agreement.filter(|_| !replay_later) {
                     state.counters.check_inference(agreement);
@@ -721,7 +721,7 @@ impl Watcher {
                     self.unresolved.push(Awaiting {
                         failure,
                         replay_later,
-                        privileged,
+                        early,
                     });
                 } else {
                     state.failures.push(failure);
@@ -830,7 +830,7 @@ impl Watcher {
         for Awaiting {
             mut failure,
             replay_later,
-            privileged,
+            early,
         } in unresolved
         {
             let request = failures::request_of(&failure.event);
@@ -849,13 +849,13 @@ impl Watcher {
                     &failure.event,
                     existing.clone(),
                     &state.map,
-                    privileged,
+                    early,
                 );
                 failure.event.errno = inferred.or(failure.event.errno);
                 state.counters.count(&failure.event);
             } else if replay_later
                 && let Some(agreement) =
-                    replay(&state, &failure.event, Some(existing.clone()), privileged)
+                    replay(&state, &failure.event, Some(existing.clone()), early)
             {
                 state.counters.check_inference(agreement);
             }
@@ -1196,7 +1196,7 @@ const LISTEN_FAILURE_WINDOW_NS: u64 = 5_000_000;
 /// [`failures::infer_errno`]); sock_diag is asked about the rest. One that
 /// only set its address ([`failures::bound_without_a_port`]) is the success
 /// the kernel reported no other way.
-fn infer_from_map(state: &State, event: &mut PortEvent, privileged: bool) {
+fn infer_from_map(state: &State, event: &mut PortEvent, early: EarlyChecks) {
     if failures::bound_without_a_port(event) {
         event.kind = EventKind::Bind;
         event.errno = None;
@@ -1210,35 +1210,38 @@ fn infer_from_map(state: &State, event: &mut PortEvent, privileged: bool) {
     let existing = state
         .map
         .facts_on(request.netns, request.protocol, request.port);
-    if let Some(errno) =
-        failures::infer_errno(state.kernel, event, existing, &state.map, privileged)
-    {
+    if let Some(errno) = failures::infer_errno(state.kernel, event, existing, &state.map, early) {
         event.errno = Some(errno);
     }
 }
 
-/// Whether the privileged-port check refused `event`, a failed bind
-/// ([`failures::refused_as_privileged`]): its namespace's
-/// `ip_unprivileged_port_start` as the latest ephemeral listing read it,
-/// and the failing thread's capabilities, read now (only for a port below
-/// it). Either unknown (a namespace not listed yet, a thread already gone)
-/// leaves the errno to the other checks.
-fn refused_as_privileged(state: &State, event: &PortEvent) -> bool {
-    if event.kind != EventKind::BindFailed || event.port == 0 {
-        return false;
+/// What the first checks of `event`, a failed bind, refused
+/// ([`failures::EarlyChecks`]), from what the latest ephemeral listing read
+/// in its namespace (the addresses, `ip_unprivileged_port_start`) and the
+/// failing thread's capabilities, read now (only for a port below that
+/// start). Anything unknown (a namespace not listed yet, a thread already
+/// gone) leaves the errno to the other checks.
+fn early_checks(state: &State, event: &PortEvent) -> EarlyChecks {
+    if event.kind != EventKind::BindFailed {
+        return EarlyChecks::default();
     }
-    let start = state.ephemeral.as_ref().and_then(|listing| {
+    let Some(usage) = state.ephemeral.as_ref().and_then(|listing| {
         listing
             .namespaces
             .iter()
-            .find(|usage| Some(usage.netns) == event.netns)?
-            .unprivileged_port_start
-    });
-    if start.is_none_or(|start| event.port >= start) {
-        return false;
+            .find(|usage| Some(usage.netns) == event.netns)
+    }) else {
+        return EarlyChecks::default();
+    };
+    let start = usage.unprivileged_port_start;
+    let below = start.is_some_and(|start| event.port != 0 && event.port < start);
+    let caps = below
+        .then(|| snapshot::owners::thread_capabilities(event.pid, event.tid))
+        .flatten();
+    EarlyChecks {
+        address_unavailable: failures::address_unavailable(event, usage.local_addresses.as_ref()),
+        privileged: failures::refused_as_privileged(event.port, start, caps),
     }
-    let caps = snapshot::owners::thread_capabilities(event.pid, event.tid);
-    failures::refused_as_privileged(event.port, start, caps)
 }
 
 /// A failure waiting for a sock_diag listing.
@@ -1246,8 +1249,8 @@ struct Awaiting {
     failure: Failure,
     /// The map could not replay its errno: the listing is asked too.
     replay_later: bool,
-    /// The privileged-port check refused it ([`refused_as_privileged`]).
-    privileged: bool,
+    /// What the first checks refused ([`early_checks`]).
+    early: EarlyChecks,
 }
 
 /// For a bind or listen failure whose errno the kernel reported: whether
@@ -1259,7 +1262,7 @@ fn replay(
     state: &State,
     event: &PortEvent,
     existing: Option<Vec<SocketFacts>>,
-    privileged: bool,
+    early: EarlyChecks,
 ) -> Option<Agreement> {
     let reported = event
         .errno
@@ -1273,7 +1276,7 @@ fn replay(
             .map
             .facts_on(request.netns, request.protocol, request.port)
     });
-    let inferred = failures::infer_errno(state.kernel, event, existing, &state.map, privileged);
+    let inferred = failures::infer_errno(state.kernel, event, existing, &state.map, early);
     let agreement = Agreement::of(inferred, reported);
     if agreement == Agreement::Disagree {
         tracing::debug!(

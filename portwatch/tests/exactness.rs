@@ -317,49 +317,63 @@ fn inferred_outcomes_report_what_the_exit_hooks_would() {
     worker.wait();
 }
 
-/// `outcome = "inferred"`, and a bind to port 80 by a thread without
-/// CAP_NET_BIND_SERVICE: the kernel's EACCES comes before any look at the
-/// port's holders, and the port is taken besides (a listener on
-/// 127.0.0.1:80), so the conflict rules alone would say EADDRINUSE. The
-/// daemon infers EACCES from the namespace's `ip_unprivileged_port_start`
-/// and the thread's capabilities. A root thread's failed bind of the same
-/// port stays EADDRINUSE.
+/// `outcome = "inferred"`, and binds the kernel refuses at its first
+/// checks, before it looks at the port's holders, though a listener on
+/// 0.0.0.0:80 conflicts with each (so the conflict rules alone would say
+/// EADDRINUSE): an address the namespace lacks (EADDRNOTAVAIL), and port
+/// 80 asked for by a thread without CAP_NET_BIND_SERVICE (EACCES; on an
+/// address the namespace lacks, still EADDRNOTAVAIL, checked first). The
+/// daemon infers both from what its listing read in the namespace (the
+/// addresses, `ip_unprivileged_port_start`) and the thread's capabilities.
+/// Where those checks pass (a root thread on 127.0.0.1, an IP_FREEBIND
+/// socket on the absent address), the conflict's EADDRINUSE stays.
 #[test]
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
-fn a_privileged_port_without_the_capability_is_inferred_as_eacces() {
-    let cgroup = CgroupGuard::new("eacces-inferred");
-    let netns = NetnsGuard::new("eacces-inferred");
+fn the_address_and_privilege_checks_are_inferred_before_the_port_holders() {
+    let cgroup = CgroupGuard::new("early-checks");
+    let netns = NetnsGuard::new("early-checks");
     let daemon = Daemon::start_with(
         &cgroup,
         "outcome = \"inferred\"\nephemeral_interval = \"1s\"\n",
         &[],
     );
-    // The namespace's sysctls are read by the ephemeral listing.
+    // The namespace's addresses and sysctls are read by the ephemeral
+    // listing.
     let path = format!("/ephemeral?netns={}", netns.cookie());
     daemon.json_until(&path, "the namespace listed", |body| {
         body["namespaces"]
             .as_array()
             .is_some_and(|all| all.len() == 1)
     });
+    const ABSENT: &str = "192.0.2.1";
+    // Each failed bind is sent on by its thread's next bind.
     let mut holder = Worker::spawn(
         &cgroup.path,
         Some(&netns),
         &[
             Op::tcp(false),
-            Op::bind(0, "127.0.0.1:80"),
+            Op::bind(0, "0.0.0.0:80"),
             Op::listen(0),
-            // Root, port taken: EADDRINUSE. The next bind sends it.
             Op::tcp(false),
             Op::bind(1, "127.0.0.1:80"),
+            Op::bind(1, &format!("{ABSENT}:80")),
             Op::tcp(false),
-            Op::bind(2, "127.0.0.1:0"),
+            Op::SetOpt {
+                sock: 2,
+                level: libc::IPPROTO_IP,
+                name: libc::IP_FREEBIND,
+                value: 1,
+            },
+            Op::bind(2, &format!("{ABSENT}:80")),
+            Op::bind(1, "127.0.0.1:0"),
             Op::Pause,
         ],
     );
-    let held = holder.results(7);
+    let held = holder.results(10);
+    let eaddrnotavail = -(libc::EADDRNOTAVAIL as i64);
     assert_eq!(
-        (held[1], held[2], held[4], held[6]),
-        (0, 0, EADDRINUSE, 0),
+        (held[1], held[2], held[4], held[5], held[8], held[9]),
+        (0, 0, EADDRINUSE, eaddrnotavail, EADDRINUSE, 0),
         "{held:?}"
     );
     let mut worker = Worker::spawn(
@@ -369,37 +383,57 @@ fn a_privileged_port_without_the_capability_is_inferred_as_eacces() {
             Op::DropNetBindService,
             Op::tcp(false),
             Op::bind(0, "127.0.0.1:80"),
-            // Its next bind sends the failure on while the thread waits.
-            Op::tcp(false),
-            Op::bind(1, "127.0.0.1:0"),
+            Op::bind(0, &format!("{ABSENT}:80")),
+            Op::bind(0, "127.0.0.1:0"),
             Op::Pause,
         ],
     );
     let results = worker.results(5);
     assert_eq!(results[0], 0, "capset");
     assert_eq!(
-        (results[2], results[4]),
-        (-(libc::EACCES as i64), 0),
+        (results[2], results[3], results[4]),
+        (-(libc::EACCES as i64), eaddrnotavail, 0),
         "{results:?}"
     );
-    let failures = daemon.json_until("/failures?port=80", "both failures on 80", |v| {
+    let failures = daemon.json_until("/failures?port=80", "five failures on 80", |v| {
         v["failures"].as_array().is_some_and(|f| {
-            [holder.pid, worker.pid]
-                .iter()
-                .all(|pid| f.iter().any(|x| x["pid"] == *pid))
+            f.iter()
+                .filter(|x| x["pid"] == holder.pid || x["pid"] == worker.pid)
+                .count()
+                == 5
         })
     });
+    let mut got: Vec<(String, String, String)> = Vec::new();
     for failure in failures["failures"].as_array().unwrap() {
-        let want = if failure["pid"] == worker.pid {
-            "EACCES"
+        let who = if failure["pid"] == worker.pid {
+            "without the capability"
         } else if failure["pid"] == holder.pid {
-            "EADDRINUSE"
+            "root"
         } else {
             continue;
         };
-        assert_eq!(failure["errno"], want, "{failure}");
         assert_eq!(failure["errno_source"], "inferred", "{failure}");
+        got.push((
+            who.to_owned(),
+            failure["address"].as_str().unwrap_or_default().to_owned(),
+            failure["errno"].as_str().unwrap_or_default().to_owned(),
+        ));
     }
+    got.sort();
+    let want = |who: &str, address: &str, errno: &str| {
+        (who.to_owned(), address.to_owned(), errno.to_owned())
+    };
+    assert_eq!(
+        got,
+        [
+            want("root", "127.0.0.1", "EADDRINUSE"),
+            // The IP_FREEBIND socket's, then the plain one's.
+            want("root", ABSENT, "EADDRINUSE"),
+            want("root", ABSENT, "EADDRNOTAVAIL"),
+            want("without the capability", "127.0.0.1", "EACCES"),
+            want("without the capability", ABSENT, "EADDRNOTAVAIL"),
+        ]
+    );
     worker.resume();
     worker.wait();
     holder.resume();

@@ -149,6 +149,7 @@ fn state() -> State {
         reserved: 0,
         reserved_ranges: Vec::new(),
         unprivileged_port_start: None,
+        local_addresses: None,
         destinations: Vec::new(),
         destinations_total: 0,
         udp_ports: 0,

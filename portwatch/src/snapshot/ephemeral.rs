@@ -31,6 +31,7 @@ use serde::Serialize;
 
 use super::{
     SnapshotError,
+    addresses::{self, LocalAddresses},
     diag::{Diag, DiagSocket, Dump},
     in_each_namespace, netns, owners,
 };
@@ -200,6 +201,9 @@ pub struct NetnsUsage {
     /// `net.ipv4.ip_unprivileged_port_start`; `None` where unreadable.
     #[serde(skip)]
     pub unprivileged_port_start: Option<u16>,
+    /// The namespace's addresses; `None` where unreadable.
+    #[serde(skip)]
+    pub local_addresses: Option<LocalAddresses>,
     /// The [`KEPT_DESTINATIONS`] busiest destinations with outgoing TCP
     /// connections from a port in the range, busiest first.
     pub destinations: Vec<Destination>,
@@ -358,6 +362,7 @@ impl Tally {
             reserved: reserved_in(range, &reserved_ranges),
             reserved_ranges,
             unprivileged_port_start: None,
+            local_addresses: None,
             destinations,
             destinations_total,
             udp_ports: self.udp_ports.len() as u32,
@@ -479,6 +484,7 @@ fn list_here(
     usage.unprivileged_port_start = fs::read_to_string(UNPRIVILEGED_SYSCTL)
         .ok()
         .and_then(|text| text.trim().parse().ok());
+    usage.local_addresses = addresses::read_here();
     Ok(usage)
 }
 

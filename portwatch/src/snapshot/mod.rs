@@ -24,6 +24,7 @@
 //! missed, or seen without an owner. The kernel programs' events cover that
 //! window; nothing here is guessed.
 
+pub mod addresses;
 mod diag;
 pub mod ephemeral;
 mod netns;

@@ -104,6 +104,7 @@ pub fn busy_state() -> State {
             reserved: 0,
             reserved_ranges: vec![],
             unprivileged_port_start: None,
+            local_addresses: None,
             destinations: vec![],
             destinations_total: 0,
             udp_ports: 3,
