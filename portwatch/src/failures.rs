@@ -315,8 +315,15 @@ pub fn refused_as_privileged(
     unprivileged_start: Option<u16>,
     cap_eff: Option<u64>,
 ) -> bool {
-    let privileged = unprivileged_start.is_some_and(|start| port != 0 && port < start);
-    privileged && cap_eff.is_some_and(|caps| caps & (1 << CAP_NET_BIND_SERVICE) == 0)
+    privileged_port(port, unprivileged_start)
+        && cap_eff.is_some_and(|caps| caps & (1 << CAP_NET_BIND_SERVICE) == 0)
+}
+
+/// Whether the kernel asks for CAP_NET_BIND_SERVICE to bind `port`: a
+/// port other than 0 below `net.ipv4.ip_unprivileged_port_start` (`false`
+/// where that is unknown).
+pub fn privileged_port(port: u16, unprivileged_start: Option<u16>) -> bool {
+    unprivileged_start.is_some_and(|start| port != 0 && port < start)
 }
 
 /// Whether a bind no outcome hook completed most likely succeeded: with

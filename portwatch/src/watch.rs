@@ -1264,8 +1264,7 @@ fn early_checks(state: &State, event: &PortEvent) -> EarlyChecks {
         return EarlyChecks::default();
     };
     let start = usage.unprivileged_port_start;
-    let below = start.is_some_and(|start| event.port != 0 && event.port < start);
-    let caps = below
+    let caps = failures::privileged_port(event.port, start)
         .then(|| snapshot::owners::thread_capabilities(event.pid, event.tid))
         .flatten();
     EarlyChecks {

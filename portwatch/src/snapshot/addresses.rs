@@ -135,11 +135,15 @@ mod tests {
     }
 
     #[test]
-    fn this_namespace_has_loopback() {
-        // Every namespace has lo; with 127.0.0.1/8 once it has been up.
+    fn this_namespace_has_its_loopback_prefix() {
+        // The host's lo is up with 127.0.0.1/8: the whole prefix is local,
+        // an address no interface has is not.
         let local = read_here().expect("getifaddrs");
-        if local.addresses.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)) {
-            assert!(local.has_v4("127.0.0.2".parse().unwrap()), "{local:?}");
-        }
+        assert!(
+            local.addresses.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            "{local:?}"
+        );
+        assert!(local.has_v4("127.0.0.2".parse().unwrap()), "{local:?}");
+        assert!(!local.has_v4("192.0.2.1".parse().unwrap()), "{local:?}");
     }
 }
