@@ -8,8 +8,12 @@ use anyhow::{Context as _, anyhow};
 
 const SETUP_HINT: &str = "run `cargo xtask setup`";
 
+/// The build-time choice of a bench variant of the eBPF programs.
+const VARIANT: &str = "PORTWATCH_EBPF_VARIANT";
+
 fn main() {
     emit_revision();
+    emit_variant();
     if let Err(missing) = check_toolchain() {
         println!("cargo::error=portwatch: {missing}; {SETUP_HINT}");
         return;
@@ -24,6 +28,15 @@ fn main() {
     {
         println!("cargo::error=portwatch: {err:#}");
     }
+}
+
+/// `cargo xtask bench --ebpf-variant` builds the programs as one of its
+/// measuring variants (see `portwatch-ebpf`'s `variant`); the daemon says so
+/// at start. Changing it rebuilds the programs, so no later build keeps one.
+fn emit_variant() {
+    println!("cargo::rerun-if-env-changed={VARIANT}");
+    let variant = std::env::var(VARIANT).unwrap_or_default();
+    println!("cargo::rustc-env={VARIANT}={variant}");
 }
 
 /// Names the first missing piece of the eBPF toolchain.

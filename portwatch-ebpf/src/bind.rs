@@ -86,6 +86,7 @@ use crate::{
         netns_by_inode, netns_id, offsets, outcome_by_fexit, outcome_inferred, read_field,
         sock_event, sock_of_socket, task_is_watched,
     },
+    variant,
 };
 
 // Socket option level and names (uapi values, identical on every arch).
@@ -95,12 +96,18 @@ const SO_REUSEPORT: i32 = 15;
 
 #[cgroup_sock_addr(bind4)]
 pub fn bind4(ctx: SockAddrContext) -> i32 {
+    if variant::EMPTY {
+        return ALLOW;
+    }
     on_bind(&ctx, false, true);
     ALLOW
 }
 
 #[cgroup_sock_addr(bind6)]
 pub fn bind6(ctx: SockAddrContext) -> i32 {
+    if variant::EMPTY {
+        return ALLOW;
+    }
     on_bind(&ctx, true, true);
     ALLOW
 }
@@ -108,6 +115,9 @@ pub fn bind6(ctx: SockAddrContext) -> i32 {
 /// `bind4` for kernels whose bind hooks lack `bpf_getsockopt`.
 #[cgroup_sock_addr(bind4)]
 pub fn bind4_sk(ctx: SockAddrContext) -> i32 {
+    if variant::EMPTY {
+        return ALLOW;
+    }
     on_bind(&ctx, false, false);
     ALLOW
 }
@@ -115,6 +125,9 @@ pub fn bind4_sk(ctx: SockAddrContext) -> i32 {
 /// `bind6` for kernels whose bind hooks lack `bpf_getsockopt`.
 #[cgroup_sock_addr(bind6)]
 pub fn bind6_sk(ctx: SockAddrContext) -> i32 {
+    if variant::EMPTY {
+        return ALLOW;
+    }
     on_bind(&ctx, true, false);
     ALLOW
 }
@@ -253,12 +266,18 @@ fn copy_ip6(addr: &mut [u8; 16], words: &[u32; 4]) {
 
 #[cgroup_sock(post_bind4)]
 pub fn post_bind4(ctx: SockContext) -> i32 {
+    if variant::EMPTY {
+        return ALLOW;
+    }
     on_post_bind(&ctx, false);
     ALLOW
 }
 
 #[cgroup_sock(post_bind6)]
 pub fn post_bind6(ctx: SockContext) -> i32 {
+    if variant::EMPTY {
+        return ALLOW;
+    }
     on_post_bind(&ctx, true);
     ALLOW
 }
@@ -434,6 +453,9 @@ fn finish_bind<C: EbpfContext>(ctx: &C, ret: i64, src: u8, sk: u64) {
 /// leaves the record to it.
 #[tracepoint(category = "syscalls", name = "sys_enter_bind")]
 pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
+    if variant::EMPTY {
+        return 0;
+    }
     let tid = current_tid();
     flush_stale_logged(&ctx, tid);
     if task_is_watched() {
@@ -452,6 +474,9 @@ pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "syscalls", name = "sys_exit_bind")]
 pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
+    if variant::EMPTY {
+        return 0;
+    }
     // SAFETY: `ret` sits at this offset in every sys_exit record; userspace
     // checks the format file before attaching.
     if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) } {
@@ -462,6 +487,9 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
 
 #[fexit(function = "inet_bind")]
 pub fn fexit_inet_bind(ctx: FExitContext) -> i32 {
+    if variant::EMPTY {
+        return 0;
+    }
     // int inet_bind(struct socket *sock, struct sockaddr *uaddr, int addr_len)
     let ret: i32 = ctx.arg(3);
     finish_bind(&ctx, ret as i64, source::FEXIT, sock_of_socket(ctx.arg(0)));
@@ -470,6 +498,9 @@ pub fn fexit_inet_bind(ctx: FExitContext) -> i32 {
 
 #[fexit(function = "inet6_bind")]
 pub fn fexit_inet6_bind(ctx: FExitContext) -> i32 {
+    if variant::EMPTY {
+        return 0;
+    }
     // int inet6_bind(struct socket *sock, struct sockaddr *uaddr, int addr_len)
     let ret: i32 = ctx.arg(3);
     finish_bind(&ctx, ret as i64, source::FEXIT, sock_of_socket(ctx.arg(0)));
@@ -481,6 +512,9 @@ pub fn fexit_inet6_bind(ctx: FExitContext) -> i32 {
 /// MPTCP bind has its outcome too. Takes the socket itself.
 #[fexit(function = "inet_bind_sk")]
 pub fn fexit_inet_bind_sk(ctx: FExitContext) -> i32 {
+    if variant::EMPTY {
+        return 0;
+    }
     // int inet_bind_sk(struct sock *sk, struct sockaddr *uaddr, int addr_len)
     let ret: i32 = ctx.arg(3);
     finish_bind(&ctx, ret as i64, source::FEXIT, ctx.arg(0));
@@ -490,6 +524,9 @@ pub fn fexit_inet_bind_sk(ctx: FExitContext) -> i32 {
 /// `inet6_bind_sk`: as `fexit_inet_bind_sk`, for IPv6.
 #[fexit(function = "inet6_bind_sk")]
 pub fn fexit_inet6_bind_sk(ctx: FExitContext) -> i32 {
+    if variant::EMPTY {
+        return 0;
+    }
     // int inet6_bind_sk(struct sock *sk, struct sockaddr *uaddr, int addr_len)
     let ret: i32 = ctx.arg(3);
     finish_bind(&ctx, ret as i64, source::FEXIT, ctx.arg(0));

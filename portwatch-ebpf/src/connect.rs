@@ -61,6 +61,7 @@ use crate::{
         netns_by_inode, netns_id, offsets, outcome_inferred, read_field, sock_of_socket,
         task_is_watched,
     },
+    variant,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -124,12 +125,18 @@ pub fn count_connect(sk: u64) {
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
+    if variant::EMPTY {
+        return ALLOW;
+    }
     on_connect(&ctx, false);
     ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
+    if variant::EMPTY {
+        return ALLOW;
+    }
     on_connect(&ctx, true);
     ALLOW
 }
@@ -286,7 +293,7 @@ pub fn connect_found_no_port(ctx: &TracePointContext) -> Result<(), i32> {
             ctx.read_at::<u64>(SET_STATE_SKADDR)?,
         )
     };
-    if sport != 0 || !task_is_watched() {
+    if sport != 0 || !task_is_watched() || variant::UNSENT {
         return Ok(());
     }
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
@@ -326,12 +333,18 @@ pub fn connect_found_no_port(ctx: &TracePointContext) -> Result<(), i32> {
 /// for this thread is not this call's (see the module header).
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
 pub fn sys_enter_connect(_ctx: TracePointContext) -> u32 {
+    if variant::EMPTY {
+        return 0;
+    }
     let _ = PENDING_CONNECT.remove(current_tid());
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_connect")]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    if variant::EMPTY {
+        return 0;
+    }
     // SAFETY: `ret` sits at this offset in every sys_exit record; userspace
     // checks the format file before attaching.
     if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) } {
@@ -342,6 +355,9 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
 
 #[fexit(function = "inet_stream_connect")]
 pub fn fexit_inet_stream_connect(ctx: FExitContext) -> i32 {
+    if variant::EMPTY {
+        return 0;
+    }
     // int inet_stream_connect(struct socket *sock, struct sockaddr *uaddr,
     //                         int addr_len, int flags)
     let ret: i32 = ctx.arg(4);
@@ -351,6 +367,9 @@ pub fn fexit_inet_stream_connect(ctx: FExitContext) -> i32 {
 
 #[fexit(function = "inet_dgram_connect")]
 pub fn fexit_inet_dgram_connect(ctx: FExitContext) -> i32 {
+    if variant::EMPTY {
+        return 0;
+    }
     // int inet_dgram_connect(struct socket *sock, struct sockaddr *uaddr,
     //                        int addr_len, int flags)
     let ret: i32 = ctx.arg(4);

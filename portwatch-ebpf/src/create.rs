@@ -21,10 +21,13 @@ use aya_ebpf::{
     helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock, programs::SockContext,
 };
 
-use crate::ALLOW;
+use crate::{ALLOW, variant};
 
 #[cgroup_sock(sock_create)]
 pub fn sock_create(ctx: SockContext) -> i32 {
+    if variant::EMPTY {
+        return ALLOW;
+    }
     // SAFETY: verifier-checked context; the helper assigns the cookie.
     unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
     ALLOW

@@ -44,9 +44,13 @@ use aya_ebpf::{macros::fexit, programs::FExitContext};
 use portwatch_ebpf::port_alloc;
 
 use crate::common::{PENDING_BIND, PENDING_LISTEN, current_tid, offsets, read_field};
+use crate::variant;
 
 #[fexit(function = "inet_csk_get_port")]
 pub fn fexit_inet_csk_get_port(ctx: FExitContext) -> i32 {
+    if variant::EMPTY {
+        return 0;
+    }
     // int inet_csk_get_port(struct sock *sk, unsigned short snum)
     let sk: u64 = ctx.arg(0);
     let ret: i32 = ctx.arg(2);

@@ -50,6 +50,7 @@ use crate::common::{
     task_is_watched, watching_subtree,
 };
 use crate::connect::{connect_found_no_port, count_connect};
+use crate::variant;
 
 const IPPROTO_TCP: u16 = 6;
 const TCP_SYN_SENT: i32 = 2;
@@ -62,6 +63,9 @@ const FAILING: i32 = i32::MIN;
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    if variant::EMPTY {
+        return 0;
+    }
     let _ = try_set_state(&ctx);
     0
 }
@@ -289,6 +293,9 @@ fn finish_listen(ret: i64, src: u8, sk: u64) {
 /// exit, which may be an AF_UNIX listen's, must not complete it.
 #[tracepoint(category = "syscalls", name = "sys_enter_listen")]
 pub fn sys_enter_listen(_ctx: TracePointContext) -> u32 {
+    if variant::EMPTY {
+        return 0;
+    }
     if let Some(stale) = PENDING_LISTEN.get_ptr_mut(current_tid()) {
         // SAFETY: map value pointer from a successful lookup.
         flush(unsafe { &mut *stale }, None, source::UNRESOLVED);
@@ -298,6 +305,9 @@ pub fn sys_enter_listen(_ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "syscalls", name = "sys_exit_listen")]
 pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
+    if variant::EMPTY {
+        return 0;
+    }
     // SAFETY: `ret` offset of every sys_exit record, verified by userspace.
     if let Ok(ret) = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) } {
         finish_listen(ret, source::SYSCALL_EXIT, 0);
@@ -307,6 +317,9 @@ pub fn sys_exit_listen(ctx: TracePointContext) -> u32 {
 
 #[fexit(function = "inet_listen")]
 pub fn fexit_inet_listen(ctx: FExitContext) -> i32 {
+    if variant::EMPTY {
+        return 0;
+    }
     // int inet_listen(struct socket *sock, int backlog)
     let ret: i32 = ctx.arg(2);
     finish_listen(ret as i64, source::FEXIT, sock_of_socket(ctx.arg(0)));
@@ -319,6 +332,9 @@ pub fn fexit_inet_listen(ctx: FExitContext) -> i32 {
 /// again. Takes the socket itself.
 #[fexit(function = "__inet_listen_sk")]
 pub fn fexit_inet_listen_sk(ctx: FExitContext) -> i32 {
+    if variant::EMPTY {
+        return 0;
+    }
     // int __inet_listen_sk(struct sock *sk, int backlog)
     let ret: i32 = ctx.arg(2);
     finish_listen(ret as i64, source::FEXIT, ctx.arg(0));

@@ -37,6 +37,37 @@ mod listen;
 #[cfg(target_arch = "bpf")]
 mod release;
 
+/// The bench's variants of these programs, chosen when they are built, to
+/// measure where their cost lies: `PORTWATCH_EBPF_VARIANT`, which only
+/// `cargo xtask bench --ebpf-variant` sets. In every other build both are
+/// false and compiled away.
+#[cfg(target_arch = "bpf")]
+mod variant {
+    /// `empty`: every program returns at its first instruction, what the
+    /// hooks cost with nothing in them.
+    pub const EMPTY: bool = built_as("empty");
+    /// `unsent`: the programs do all their work but send no record.
+    pub const UNSENT: bool = built_as("unsent");
+
+    const fn built_as(name: &str) -> bool {
+        let Some(variant) = option_env!("PORTWATCH_EBPF_VARIANT") else {
+            return false;
+        };
+        let (a, b) = (variant.as_bytes(), name.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+}
+
 /// What a cgroup program returns to let the operation go on.
 #[cfg(target_arch = "bpf")]
 const ALLOW: i32 = 1;

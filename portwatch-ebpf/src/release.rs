@@ -34,10 +34,14 @@ use crate::{
     ALLOW,
     bind::flush_if_inferred,
     common::{TRACKED, emit, fill_task, offsets, read_field, sock_event},
+    variant,
 };
 
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
+    if variant::EMPTY {
+        return ALLOW;
+    }
     // The thread is closing a socket: a bind it parked is over.
     flush_if_inferred();
     // SAFETY: verifier-checked context.
@@ -55,6 +59,9 @@ pub fn sock_release(ctx: SockContext) -> i32 {
 
 #[tracepoint(category = "tcp", name = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
+    if variant::EMPTY {
+        return 0;
+    }
     // SAFETY: offsets of the tracepoint format, verified by userspace.
     let Ok(skaddr) = (unsafe { ctx.read_at::<u64>(DESTROY_SKADDR) }) else {
         return 0;

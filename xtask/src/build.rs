@@ -15,9 +15,21 @@ use crate::{
 /// same bytecode for every architecture, but aya-build compiles it for the
 /// target's `bpf_target_arch`.
 pub fn build(release: bool, arch: Arch) -> Result<()> {
+    build_programs(release, arch, None)
+}
+
+/// [`build`], with the eBPF programs built as the bench's measuring
+/// `variant` (`cargo xtask bench --ebpf-variant`); `None` as they ship, even
+/// if the environment names one.
+pub fn build_programs(release: bool, arch: Arch, variant: Option<&str>) -> Result<()> {
+    const VARIANT: &str = "PORTWATCH_EBPF_VARIANT";
     setup::ensure()?;
     let mut build = cmd::cargo();
     build.args(["build", "-p", "portwatch"]);
+    match variant {
+        Some(variant) => build.env(VARIANT, variant),
+        None => build.env_remove(VARIANT),
+    };
     if release {
         build.arg("--release");
     }

@@ -92,9 +92,16 @@ enum Task {
         #[arg(long)]
         write_readme: bool,
         /// Only the figures whose name contains this (repeatable): "bind
-        /// path", "syscall tax", "ingest", "snapshot", "API", "namespaces".
+        /// path", "syscall tax", "ingest", "snapshot", "API", "namespaces",
+        /// "ephemeral", "idle".
         #[arg(long)]
         only: Vec<String>,
+        /// Build the eBPF programs as a measuring variant (with --only "bind
+        /// path", "syscall tax" or "ephemeral"): `empty` returns at every
+        /// program's first instruction (the hooks' own cost), `unsent` does
+        /// the work but sends no record.
+        #[arg(long, value_enum)]
+        ebpf_variant: Option<bench::Variant>,
     },
     /// Boot stock Debian kernels (5.10, 6.1, 6.12) under QEMU and run the
     /// root test suites inside each: trace, map, the predictor, a private
@@ -160,10 +167,12 @@ fn main() -> ExitCode {
             quick,
             write_readme,
             only,
+            ebpf_variant,
         } => bench::bench(bench::Options {
             quick,
             write_readme,
             only,
+            variant: ebpf_variant,
         }),
         Task::Vm {
             kernels,

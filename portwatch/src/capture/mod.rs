@@ -345,6 +345,12 @@ impl Capture {
             return Err(CaptureError::RingSize(ring_bytes));
         }
         check_set_state_format()?;
+        let variant = env!("PORTWATCH_EBPF_VARIANT");
+        if !variant.is_empty() {
+            tracing::warn!(
+                "these eBPF programs were built as the bench's \"{variant}\" variant (PORTWATCH_EBPF_VARIANT): they record nothing or send nothing; rebuild without it"
+            );
+        }
 
         let (mut offsets, missing) = btf::kernel_offsets(Path::new(system::VMLINUX_BTF))?;
         // Namespaces are named by the ids userspace can read too: cookies

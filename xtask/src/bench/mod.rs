@@ -61,12 +61,43 @@ pub struct Options {
     pub write_readme: bool,
     /// Only the figures whose name contains one of these (all when empty).
     pub only: Vec<String>,
+    /// Build the eBPF programs as one of the variants that show where their
+    /// cost lies, instead of as they ship.
+    pub variant: Option<Variant>,
+}
+
+/// `--ebpf-variant`: the eBPF programs built to measure where their cost
+/// lies (`PORTWATCH_EBPF_VARIANT`; see `portwatch-ebpf`'s `variant`). The
+/// daemon then sees nothing or hears nothing, so only the figures that time
+/// a loop against the detached kernel take it, and no bind is accounted for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Variant {
+    /// Every program returns at its first instruction: the hooks' own cost.
+    Empty,
+    /// The programs do all their work but send no record.
+    Unsent,
+}
+
+impl Variant {
+    /// The figures that can be taken with a variant: loops timed attached
+    /// against detached.
+    const FIGURES: [&str; 3] = ["bind path", "syscall tax", "ephemeral"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Empty => "empty",
+            Variant::Unsent => "unsent",
+        }
+    }
 }
 
 /// What every figure needs: the daemon binary, the cgroup the load runs in,
 /// and how hard to try.
 pub struct Ctx {
     pub quick: bool,
+    /// The eBPF programs are a measuring variant: the daemon accounts for
+    /// nothing.
+    pub variant: Option<Variant>,
     /// The release build of portwatch.
     pub portwatch: PathBuf,
     /// The cgroup the daemon watches and the workers run in.
@@ -98,8 +129,30 @@ pub fn bench(options: Options) -> Result<()> {
             "the benchmarks load eBPF programs and create cgroups and network namespaces: run `cargo xtask bench` as root"
         );
     }
+    if let Some(variant) = options.variant {
+        if options.write_readme {
+            bail!("--ebpf-variant measures an experiment: it does not write the README");
+        }
+        if options.only.is_empty()
+            || options.only.iter().any(|only| {
+                !Variant::FIGURES
+                    .iter()
+                    .any(|figure| figure.contains(only.as_str()))
+            })
+        {
+            bail!(
+                "--ebpf-variant {} needs --only, naming only these figures: {}",
+                variant.name(),
+                Variant::FIGURES.join(", ")
+            );
+        }
+    }
     setup::ensure()?;
-    build::build(true, crate::arch::Arch::host())?;
+    build::build_programs(
+        true,
+        crate::arch::Arch::host(),
+        options.variant.map(Variant::name),
+    )?;
     let portwatch = build::target_dir().join("release/portwatch");
     let out_dir = build::target_dir().join("bench");
     let run_dir = out_dir.join(format!("run-{}", std::process::id()));
@@ -107,6 +160,7 @@ pub fn bench(options: Options) -> Result<()> {
 
     let ctx = Ctx {
         quick: options.quick,
+        variant: options.variant,
         portwatch,
         cgroup: Cgroup::create()?,
         run_dir,
@@ -134,6 +188,16 @@ pub fn bench(options: Options) -> Result<()> {
                 ctx.run_dir.display()
             )
         })?;
+        let taken: Vec<Row> = match options.variant {
+            Some(variant) => taken
+                .into_iter()
+                .map(|mut row| {
+                    row.figure = format!("{} [programs: {}]", row.figure, variant.name());
+                    row
+                })
+                .collect(),
+            None => taken,
+        };
         for row in &taken {
             println!("{}", row.one_line());
         }
