@@ -7,6 +7,10 @@
 //! the load, one GET checks that the answer really lists the port's
 //! listeners, and a wrk run that saw errors or non-2xx answers fails the
 //! figure instead of reporting a fast error path.
+//!
+//! Each round also runs the same load on `GET /livez`, which answers "ok"
+//! without touching the map: the tail any request has on this machine
+//! under that load, which `GET /ports/{p}`'s p99 cannot go below.
 
 use std::{
     io::{Read as _, Write as _},
@@ -52,6 +56,8 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     let url = format!("http://{}{path}", daemon.addr());
     let (mut p50, mut p99, mut rate, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut slow_p99, mut slow_growth, mut slow_answers) = (Vec::new(), Vec::new(), 0);
+    let livez_url = format!("http://{}/livez", daemon.addr());
+    let (mut livez_p99, mut livez_requests) = (Vec::new(), 0);
     let mut growth_reconciling = Vec::new();
     let mut requests = 0;
     let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
@@ -74,6 +80,17 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         rate.push(run.requests_per_second);
         rss.push(resident);
         requests += run.requests;
+
+        let livez = wrk(&livez_url, seconds)?;
+        println!(
+            "  round {round}/{}, GET /livez: p50 {:.3} ms, p99 {:.3} ms, {:.0} req/s",
+            ctx.rounds(),
+            livez.p50_ms,
+            livez.p99_ms,
+            livez.requests_per_second
+        );
+        livez_p99.push(livez.p99_ms);
+        livez_requests += livez.requests;
 
         let before = daemon.rss_bytes()?;
         let readers = SlowReaders::start(daemon.addr());
@@ -133,6 +150,17 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
             Goal::AtLeast(20_000.0),
         )
         .detail(load),
+        Row::new(
+            format!("API: `GET /livez` p99, the same load ({count} listeners)"),
+            "ms",
+            Stats::of(livez_p99)?,
+            Goal::None,
+        )
+        .detail(format!(
+            "a wrk run per round right after the one on `GET /ports/{{p}}`, with the same \
+             load on an endpoint that answers \"ok\" without touching the map: the tail of \
+             any request here ({livez_requests} requests, no errors)"
+        )),
         Row::new(
             format!("API: daemon RSS ({count} listeners)"),
             "MiB",
