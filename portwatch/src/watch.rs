@@ -32,7 +32,7 @@ use crate::{
     rules::{self, KernelRules},
     snapshot::{
         self, SnapshotConfig, SnapshotError, Unowned,
-        owners::PlaceCache,
+        owners::{Place, PlaceCache},
         workload::{WorkloadRoots, Workloads},
     },
     socket::SocketFacts,
@@ -622,11 +622,14 @@ impl Watcher {
     }
 
     /// Applies a batch under one write lock, then publishes it (closes
-    /// filled in with the endpoint the map knew).
+    /// filled in with the endpoint the map knew). What the events need from
+    /// `/proc` is read first ([`Watcher::prepare`]), so that no API request
+    /// waits on it.
     fn apply_all(&mut self, events: &mut [PortEvent]) {
         if events.is_empty() {
             return;
         }
+        let prepared = self.prepare(events);
         let state = self.state.clone();
         let mut state = state
             .write()
@@ -636,15 +639,13 @@ impl Watcher {
             let since = newest.saturating_sub(LISTEN_FAILURE_WINDOW_NS);
             self.recent_listens.retain(|_, (_, at)| *at >= since);
         }
-        for event in events.iter_mut() {
+        for (event, prepared) in events.iter_mut().zip(prepared) {
             if inferred {
                 self.read_failed_listen(&mut state, event);
             }
             fill_from_map(&state, event);
-            // Read now: the thread that failed may exit at once.
-            let early = early_checks(&state, event);
-            infer_from_map(&state, event, early);
-            self.apply(&mut state, event, early);
+            infer_from_map(&state, event, prepared.early);
+            self.apply(&mut state, event, prepared);
         }
         drop(state);
         // Copies only for live streams that exist (this runs per event).
@@ -655,6 +656,25 @@ impl Watcher {
             // A subscriber that left in between is not an error.
             let _ = self.events.send(Arc::new(event.clone()));
         }
+    }
+
+    /// Reads, under the read lock, what `events` need from `/proc`: the
+    /// first checks of a failed bind ([`early_checks`]: the thread's
+    /// capabilities) and where each process that binds, listens or fails
+    /// lives. Read as the batch comes: a process that failed may exit at
+    /// once, and its transient unit's cgroup go with it.
+    fn prepare(&mut self, events: &[PortEvent]) -> Vec<Prepared> {
+        let state = self.state.clone();
+        let state = state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        events
+            .iter()
+            .map(|event| Prepared {
+                early: early_checks(&state, event),
+                place: has_place(event).then(|| self.cgroups.of(event.pid, event.cgroup_id)),
+            })
+            .collect()
     }
 
     /// Where outcomes are inferred, a listen that fails shows as its LISTEN
@@ -695,9 +715,9 @@ impl Watcher {
         }
     }
 
-    /// Applies one event; `early` says what the first checks of a failed
-    /// bind refused ([`early_checks`]).
-    fn apply(&mut self, state: &mut State, event: &PortEvent, early: EarlyChecks) {
+    /// Applies one event, with what [`Watcher::prepare`] read for it.
+    fn apply(&mut self, state: &mut State, event: &PortEvent, prepared: Prepared) {
+        let Prepared { early, place } = prepared;
         let at = self.clock.to_system_time(event.boot_ns);
         // A failure whose errno the map could not infer is counted once
         // sock_diag has had its say (`resolve_failures`).
@@ -719,7 +739,9 @@ impl Watcher {
                     time: at,
                     event: event.clone(),
                     blocked_by: failures::attribute(state.kernel, event, &state.map),
-                    place: self.cgroups.of(event.pid, event.cgroup_id),
+                    // A listen failure read from its fallback to CLOSE
+                    // (`read_failed_listen`) had none read for it.
+                    place: place.unwrap_or_else(|| self.cgroups.of(event.pid, event.cgroup_id)),
                     // The listing this failure asks for names it.
                     cause: None,
                 };
@@ -785,7 +807,8 @@ impl Watcher {
                 if matches!(event.kind, EventKind::Bind | EventKind::Listen)
                     && let Some(cookie) = event.cookie
                 {
-                    let place = self.cgroups.of(event.pid, event.cgroup_id);
+                    let place =
+                        place.unwrap_or_else(|| self.cgroups.of(event.pid, event.cgroup_id));
                     state.map.set_place(cookie, place);
                 }
             }
@@ -1270,6 +1293,25 @@ fn early_checks(state: &State, event: &PortEvent) -> EarlyChecks {
     EarlyChecks {
         address_unavailable: failures::address_unavailable(event, usage.local_addresses.as_ref()),
         privileged: failures::refused_as_privileged(event.port, start, caps),
+    }
+}
+
+/// What [`Watcher::prepare`] read for one event.
+struct Prepared {
+    early: EarlyChecks,
+    /// Where the process lives, for the events that name it
+    /// ([`has_place`]).
+    place: Option<Place>,
+}
+
+/// Whether `apply` records where `event`'s process lives: for a failure,
+/// and for a bind or listen the map takes (one with a cookie and a port).
+fn has_place(event: &PortEvent) -> bool {
+    match event.kind {
+        EventKind::BindFailed | EventKind::ListenFailed | EventKind::ConnectFailed => true,
+        EventKind::Bind => event.cookie.is_some(),
+        EventKind::Listen => event.cookie.is_some() && event.port != 0,
+        _ => false,
     }
 }
 
