@@ -297,7 +297,7 @@ pub enum Source {
     /// cgroup `sock_release`.
     Release,
     /// No hook reported the outcome: the errno is unknown, or inferred by
-    /// the conflict rules ([`PortEvent::errno_source`]).
+    /// the conflict rules ([`PortEvent::errno_source`](super::PortEvent::errno_source)).
     Unresolved,
     /// `tcp/tcp_destroy_sock`: a tracked TCP socket freed where no release
     /// hook ran (an MPTCP subflow, a kernel socket).
@@ -343,7 +343,7 @@ impl fmt::Display for Source {
 }
 
 /// What TCP's port allocation (`inet_csk_get_port`) said during a bind or
-/// listen, seen by fexit on it. Absent (`None` on [`PortEvent`]) when that
+/// listen, seen by fexit on it. Absent (`None` on [`PortEvent`](super::PortEvent)) when that
 /// hook is not attached or did not run for the call: UDP, an
 /// IP_BIND_ADDRESS_NO_PORT bind, a failure decided before the port check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -357,7 +357,7 @@ pub enum PortAlloc {
 }
 
 impl PortAlloc {
-    /// Decodes [`RawEvent::port_alloc`]; `None` for "not seen".
+    /// Decodes [`Event::port_alloc`](portwatch_ebpf::Event::port_alloc); `None` for "not seen".
     pub(super) fn from_raw(raw: u8) -> Result<Option<Self>, DecodeError> {
         Ok(match raw {
             port_alloc::NOT_SEEN => None,
