@@ -117,8 +117,13 @@ pub async fn daemon(args: DaemonArgs) -> Result<(), AppError> {
     let config = daemon_config(&args)?;
     if args.check_config {
         println!(
-            "portwatch: configuration ok (listen {}, metrics_listen {}, reconcile every {:?})",
+            "portwatch: configuration ok (listen {}{}, metrics_listen {}, reconcile every {:?})",
             config.listen,
+            if config.api_is_remote() {
+                " without authentication, as allow_unauthenticated_remote says"
+            } else {
+                ""
+            },
             config
                 .metrics_listen
                 .map_or("none".to_owned(), |a| a.to_string()),

@@ -76,7 +76,7 @@ pub struct DaemonArgs {
     /// Validate the configuration (file, environment, flags) and exit.
     #[arg(long)]
     pub check_config: bool,
-    /// HTTP address of the API (default 127.0.0.1:7464).
+    /// HTTP address of the API (default 127.0.0.1:7464; beyond loopback only with allow_unauthenticated_remote = true).
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<std::net::SocketAddr>,
     /// A second address serving only /metrics, /livez and /readyz.

@@ -45,7 +45,14 @@ const MAX_IN_FLIGHT_CALLS: u32 = 4 * 1024 * 1024;
 pub struct Config {
     /// The full HTTP API (ports, failures, check, events, metrics).
     /// Default `127.0.0.1:7464`: loopback only, since it shows process details.
+    /// Another address is refused unless [`Config::allow_unauthenticated_remote`].
     pub listen: SocketAddr,
+    /// Serve the API on an address that is not loopback although it has no
+    /// authentication: anyone who reaches it sees every process, uid, unit
+    /// and container on the host. Said explicitly, and warned about at
+    /// start. Default false. (`metrics_listen`, which carries no process
+    /// details, needs no such permission.)
+    pub allow_unauthenticated_remote: bool,
     /// An optional second listener serving only `/metrics`, `/livez` and
     /// `/readyz`, to expose metrics to the network without the process
     /// details. Default: none.
@@ -119,6 +126,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("a valid default address"),
+            allow_unauthenticated_remote: false,
             metrics_listen: None,
             cgroup: None,
             reconcile_interval: Duration::from_secs(30),
@@ -236,6 +244,10 @@ impl Config {
         if let Some(v) = env("PORTWATCH_LISTEN") {
             self.listen = parsed("PORTWATCH_LISTEN", v)?;
         }
+        if let Some(v) = env("PORTWATCH_ALLOW_UNAUTHENTICATED_REMOTE") {
+            self.allow_unauthenticated_remote =
+                parsed("PORTWATCH_ALLOW_UNAUTHENTICATED_REMOTE", v)?;
+        }
         if let Some(v) = env("PORTWATCH_METRICS_LISTEN") {
             self.metrics_listen = Some(parsed("PORTWATCH_METRICS_LISTEN", v)?);
         }
@@ -337,7 +349,22 @@ impl Config {
                 message: "must differ from listen".into(),
             });
         }
+        if self.api_is_remote() && !self.allow_unauthenticated_remote {
+            return Err(ConfigError::Invalid {
+                key: "listen",
+                message: format!(
+                    "{} is not a loopback address, and the API has no authentication: anyone who reaches it would see every process, uid, unit and container on this host; listen on 127.0.0.1 or ::1 (and serve metrics with metrics_listen), or set allow_unauthenticated_remote = true",
+                    self.listen
+                ),
+            });
+        }
         Ok(())
+    }
+
+    /// Whether the API listens beyond loopback (an IPv4-mapped loopback
+    /// address is loopback).
+    pub fn api_is_remote(&self) -> bool {
+        !self.listen.ip().to_canonical().is_loopback()
     }
 
     /// Each value on its own. A later layer replaces a value as a whole,
@@ -472,6 +499,57 @@ mod tests {
     }
 
     #[test]
+    fn an_api_beyond_loopback_needs_the_explicit_permission() {
+        for loopback in [
+            "127.0.0.1:1",
+            "127.8.9.10:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            let config = parse(&format!("listen = \"{loopback}\"")).unwrap();
+            assert!(!config.api_is_remote(), "{loopback}");
+        }
+        for remote in [
+            "0.0.0.0:7464",
+            "192.0.2.1:7464",
+            "[::]:7464",
+            "[::ffff:192.0.2.1]:1",
+        ] {
+            let err = parse(&format!("listen = \"{remote}\""))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("listen") && err.contains("allow_unauthenticated_remote = true"),
+                "{remote}: {err}"
+            );
+            let config = parse(&format!(
+                "listen = \"{remote}\"\nallow_unauthenticated_remote = true"
+            ))
+            .unwrap();
+            assert!(config.api_is_remote());
+        }
+        // The flag is checked with the rest: a remote --listen is refused too,
+        // and the environment gives the permission as the file does.
+        let remote = Overrides {
+            listen: Some("0.0.0.0:7464".parse().unwrap()),
+            ..Overrides::default()
+        };
+        assert!(Config::default().apply_flags(&remote).is_err());
+        let allowed = Config::default()
+            .apply_env(|name| {
+                (name == "PORTWATCH_ALLOW_UNAUTHENTICATED_REMOTE").then(|| "true".to_owned())
+            })
+            .unwrap();
+        assert!(allowed.apply_flags(&remote).is_ok());
+        let bad = Config::default().apply_env(|name| {
+            (name == "PORTWATCH_ALLOW_UNAUTHENTICATED_REMOTE").then(|| "yes".to_owned())
+        });
+        assert!(bad.is_err());
+        // metrics_listen carries no process details: no permission needed.
+        assert!(parse("metrics_listen = \"0.0.0.0:7465\"").is_ok());
+    }
+
+    #[test]
     fn the_default_port_is_outside_the_exporter_range() {
         let port = Config::default().listen.port();
         assert!(!(9100..=9999).contains(&port));
@@ -483,6 +561,7 @@ mod tests {
         let config = parse(
             r#"
             listen = "127.0.0.1:8080"
+            allow_unauthenticated_remote = true
             metrics_listen = "0.0.0.0:8081"
             cgroup = "/sys/fs/cgroup/unified/system.slice"
             reconcile_interval = "1m 30s"

@@ -54,6 +54,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // Bind first: a taken port is a configuration error worth failing on
     // before anything is attached.
     let api_listener = bind(config.listen).await?;
+    if config.api_is_remote() {
+        // Only with allow_unauthenticated_remote: the configuration refuses
+        // it otherwise.
+        tracing::warn!(
+            "the API listens on {}, which is not a loopback address, without authentication (allow_unauthenticated_remote = true): anyone who reaches it sees every process, uid, unit and container on this host",
+            config.listen
+        );
+    }
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(bind(addr).await?),
         None => None,

@@ -289,6 +289,63 @@ fn events_stream_live_over_sse() {
     daemon.stop();
 }
 
+/// With `allow_unauthenticated_remote = true` the API serves an address
+/// other than loopback, and the daemon says at start what that exposes.
+/// The address is one of a private network namespace's (the daemon runs in
+/// it through `nsenter --net`), so nothing outside the test can reach it.
+#[test]
+#[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
+fn an_api_beyond_loopback_serves_when_allowed_and_warns() {
+    let (cgroup, netns) = (CgroupGuard::new("remote"), NetnsGuard::new("remote"));
+    netns.ip(&["addr", "add", "192.0.2.7/32", "dev", "lo"]);
+    let addr = "192.0.2.7:7464";
+    let dir = support::TempDir::new("remote");
+    let config = dir.file(
+        "portwatch.toml",
+        "allow_unauthenticated_remote = true\nreconcile_interval = \"1h\"\n",
+    );
+    let enter = format!("--net={}", netns.path().display());
+    let mut daemon = support::portwatch_command(&["nsenter", &enter])
+        .arg("daemon")
+        .arg("--config")
+        .arg(&config)
+        .arg("--cgroup")
+        .arg(&cgroup.path)
+        .args(["--listen", addr])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the daemon");
+    let url = format!("http://{addr}/ports");
+    let deadline = Instant::now() + *DEADLINE;
+    let answered = loop {
+        let status = netns.run_in(|| Daemon::agent().get(&url).call().map(|r| r.status()));
+        if matches!(&status, Ok(status) if status.as_u16() == 200) {
+            break true;
+        }
+        if daemon.try_wait().expect("the daemon's status").is_some() || Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let output = daemon.wait_with_output().expect("wait for the daemon");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        answered,
+        "GET {url} from the namespace never answered 200: {stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "the API listens on 192.0.2.7:7464, which is not a loopback address, without authentication"
+        ),
+        "{stderr}"
+    );
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
+}
+
 /// No root needed: the configuration is only read and checked.
 #[test]
 fn check_config_validates_without_starting() {

@@ -352,6 +352,50 @@ fn bad_configurations_are_refused_in_one_line() {
     }
 }
 
+/// The API shows every process, uid, unit and container: on an address
+/// other than loopback it has no authentication to offer yet, so the
+/// daemon refuses it, naming the key that serves it anyway. The address is
+/// never bound: the configuration is refused first.
+#[test]
+fn an_api_beyond_loopback_is_refused_without_the_permission() {
+    let dir = TempDir::new("remote");
+    let config = dir.file("portwatch.toml", "");
+    let not_a_cgroup = path_arg(&dir.path);
+    for listen in ["0.0.0.0:7464", "[::]:7464", "192.0.2.1:7464"] {
+        let args = ["daemon", "--config", path_arg(&config), "--listen", listen];
+        let modes: [&[&str]; 2] = [&["--check-config"], &["--cgroup", not_a_cgroup]];
+        for mode in modes {
+            let output = command(&until_deadline(&args, mode)).output().expect("run");
+            let line = one_line(
+                &format!("--listen {listen} {mode:?}"),
+                &output,
+                Exit::Config,
+            );
+            assert!(
+                line.contains(&format!("listen: {listen} is not a loopback address")),
+                "{line}"
+            );
+            assert!(
+                line.contains("set allow_unauthenticated_remote = true"),
+                "{line}"
+            );
+        }
+        // Said explicitly, the same configuration passes the check.
+        let output = command(&until_deadline(&args, &["--check-config"]))
+            .env("PORTWATCH_ALLOW_UNAUTHENTICATED_REMOTE", "true")
+            .output()
+            .expect("run");
+        assert!(output.status.success(), "{listen}: {output:?}");
+        let said = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            said.contains(&format!(
+                "listen {listen} without authentication, as allow_unauthenticated_remote says"
+            )),
+            "{said}"
+        );
+    }
+}
+
 /// Root reads every file; as `nobody` the daemon meets the permission
 /// problem an operator would.
 #[test]
@@ -382,7 +426,8 @@ fn a_listen_address_that_may_come_free_is_restarted() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
     let addr = taken.local_addr().expect("its address").to_string();
     let dir = TempDir::new("listen");
-    let config = dir.file("portwatch.toml", "");
+    // TEST-NET-1 is not loopback: the API may listen there only when told so.
+    let config = dir.file("portwatch.toml", "allow_unauthenticated_remote = true\n");
     for (listen, exit, says) in [
         (addr.as_str(), Exit::Failure, "Address already in use"),
         // TEST-NET-1: not an address of this host (yet).
