@@ -56,20 +56,24 @@ impl Watcher {
         }
     }
 
-    /// Reads, under the read lock, what `events` need from `/proc`: the
-    /// first checks of a failed bind ([`early_checks`]: the thread's
-    /// capabilities) and where each process that binds, listens or fails
-    /// lives. Read as the batch comes: a process that failed may exit at
-    /// once, and its transient unit's cgroup go with it.
+    /// Reads what `events` need from `/proc`, holding no lock (a writer
+    /// queued behind a reader would hold up every API request): the first
+    /// checks of a failed bind ([`early_checks`]: the thread's capabilities,
+    /// against what the state's latest listing says of its namespace, taken
+    /// under the read lock first) and where each process that binds,
+    /// listens or fails lives. Read as the batch comes: a process that
+    /// failed may exit at once, and its transient unit's cgroup go with it.
     fn prepare(&mut self, events: &[PortEvent]) -> Vec<Prepared> {
-        let state = self.state.clone();
-        let state = state
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let listed: Vec<Option<Listed>> = {
+            let state = self.read_guard();
+            events.iter().map(|event| listed(&state, event)).collect()
+        };
         events
             .iter()
-            .map(|event| Prepared {
-                early: early_checks(&state, event),
+            .zip(listed)
+            .map(|(event, listed)| Prepared {
+                early: listed
+                    .map_or_else(EarlyChecks::default, |listed| early_checks(event, listed)),
                 place: has_place(event).then(|| self.cgroups.of(event.pid, event.cgroup_id)),
             })
             .collect()
@@ -271,30 +275,43 @@ fn infer_from_map(state: &State, event: &mut PortEvent, early: EarlyChecks) {
     }
 }
 
-/// What the first checks of `event`, a failed bind, refused
-/// ([`failures::EarlyChecks`]), from what the latest ephemeral listing read
-/// in its namespace (the addresses, `ip_unprivileged_port_start`) and the
-/// failing thread's capabilities, read now (only for a port below that
-/// start). Anything unknown (a namespace not listed yet, a thread already
-/// gone) leaves the errno to the other checks.
-fn early_checks(state: &State, event: &PortEvent) -> EarlyChecks {
+/// What the latest ephemeral listing read in the namespace of `event`, a
+/// failed bind: whether its address is none of the namespace's, and the
+/// namespace's `ip_unprivileged_port_start`. `None` for other events, and
+/// for a namespace not listed yet.
+struct Listed {
+    address_unavailable: bool,
+    unprivileged_start: Option<u16>,
+}
+
+fn listed(state: &State, event: &PortEvent) -> Option<Listed> {
     if event.kind != EventKind::BindFailed {
-        return EarlyChecks::default();
+        return None;
     }
-    let Some(usage) = state.ephemeral.as_ref().and_then(|listing| {
-        listing
-            .namespaces
-            .iter()
-            .find(|usage| Some(usage.netns) == event.netns)
-    }) else {
-        return EarlyChecks::default();
-    };
-    let start = usage.unprivileged_port_start;
+    let usage = state
+        .ephemeral
+        .as_ref()?
+        .namespaces
+        .iter()
+        .find(|usage| Some(usage.netns) == event.netns)?;
+    Some(Listed {
+        address_unavailable: failures::address_unavailable(event, usage.local_addresses.as_ref()),
+        unprivileged_start: usage.unprivileged_port_start,
+    })
+}
+
+/// What the first checks of `event`, a failed bind, refused
+/// ([`failures::EarlyChecks`]), from what the namespace's listing said and
+/// the failing thread's capabilities, read now (only for a port below the
+/// unprivileged start). Anything unknown (a thread already gone) leaves the
+/// errno to the other checks.
+fn early_checks(event: &PortEvent, listed: Listed) -> EarlyChecks {
+    let start = listed.unprivileged_start;
     let caps = failures::privileged_port(event.port, start)
         .then(|| snapshot::owners::thread_capabilities(event.pid, event.tid))
         .flatten();
     EarlyChecks {
-        address_unavailable: failures::address_unavailable(event, usage.local_addresses.as_ref()),
+        address_unavailable: listed.address_unavailable,
         privileged: failures::refused_as_privileged(event.port, start, caps),
     }
 }
@@ -307,13 +324,16 @@ struct Prepared {
     place: Option<Place>,
 }
 
-/// Whether `apply` records where `event`'s process lives: for a failure,
-/// and for a bind or listen the map takes (one with a cookie and a port).
+/// Whether `apply` may record where `event`'s process lives: a failure, a
+/// bind, a listen (each pid's place is cached, so one `apply` leaves
+/// unused costs a lookup).
 fn has_place(event: &PortEvent) -> bool {
-    match event.kind {
-        EventKind::BindFailed | EventKind::ListenFailed | EventKind::ConnectFailed => true,
-        EventKind::Bind => event.cookie.is_some(),
-        EventKind::Listen => event.cookie.is_some() && event.port != 0,
-        _ => false,
-    }
+    matches!(
+        event.kind,
+        EventKind::Bind
+            | EventKind::Listen
+            | EventKind::BindFailed
+            | EventKind::ListenFailed
+            | EventKind::ConnectFailed
+    )
 }
