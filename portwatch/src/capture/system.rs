@@ -102,16 +102,22 @@ fn ensure_tracefs() -> Result<(), EnvError> {
         }
         _ => {}
     }
-    nix::mount::mount(
+    match nix::mount::mount(
         Some("nodev"),
         TRACEFS,
         Some("tracefs"),
         nix::mount::MsFlags::empty(),
         None::<&str>,
-    )
-    .map_err(|errno| EnvError::NoTracefs(errno.into()))?;
-    tracing::info!("mounted tracefs at {TRACEFS}");
-    Ok(())
+    ) {
+        Ok(()) => {
+            tracing::info!("mounted tracefs at {TRACEFS}");
+            Ok(())
+        }
+        // Another process (a second portwatch, systemd's automount) mounted
+        // it between the check and the mount.
+        Err(nix::errno::Errno::EBUSY) if events.is_dir() => Ok(()),
+        Err(errno) => Err(EnvError::NoTracefs(errno.into())),
+    }
 }
 
 /// The cgroup to watch: `explicit` if given, else the cgroup2 mount's root.
