@@ -56,7 +56,7 @@ impl AppError {
     /// The exit status for this error.
     pub fn exit(&self) -> Exit {
         match self {
-            AppError::Config(_) => Exit::Config,
+            AppError::Config(_) | AppError::Daemon(DaemonError::Config(_)) => Exit::Config,
             AppError::Capture(err) => capture_exit(err),
             AppError::Daemon(DaemonError::Watch(WatchError::Capture(err))) => capture_exit(err),
             // A taken port may free up (the old process still closing),
@@ -106,6 +106,8 @@ pub fn daemon_config(args: &DaemonArgs) -> Result<Config, ConfigError> {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
         cgroup: args.cgroup.clone(),
+        web_config: args.web_config.clone(),
+        metrics_web_config: args.metrics_web_config.clone(),
     };
     Config::load(&path, required)?
         .apply_env(|name| std::env::var(name).ok())?
@@ -116,17 +118,20 @@ pub fn daemon_config(args: &DaemonArgs) -> Result<Config, ConfigError> {
 pub async fn daemon(args: DaemonArgs) -> Result<(), AppError> {
     let config = daemon_config(&args)?;
     if args.check_config {
+        let api_web = config.api_web()?;
         println!(
-            "portwatch: configuration ok (listen {}{}, metrics_listen {}, reconcile every {:?})",
+            "portwatch: configuration ok (listen {} with {}{}, metrics_listen {}, reconcile every {:?})",
             config.listen,
-            if config.api_is_remote() {
-                " without authentication, as allow_unauthenticated_remote says"
+            api_web.describe(),
+            if config.api_is_remote() && !api_web.authenticates() {
+                " and no authentication, as allow_unauthenticated_remote says"
             } else {
                 ""
             },
-            config
-                .metrics_listen
-                .map_or("none".to_owned(), |a| a.to_string()),
+            match config.metrics_listen {
+                Some(addr) => format!("{addr} with {}", config.metrics_web()?.describe()),
+                None => "none".to_owned(),
+            },
             config.reconcile_interval
         );
         return Ok(());

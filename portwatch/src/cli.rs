@@ -76,7 +76,7 @@ pub struct DaemonArgs {
     /// Validate the configuration (file, environment, flags) and exit.
     #[arg(long)]
     pub check_config: bool,
-    /// HTTP address of the API (default 127.0.0.1:7464; beyond loopback only with allow_unauthenticated_remote = true).
+    /// HTTP address of the API (default 127.0.0.1:7464; beyond loopback only with authentication in --web-config, or allow_unauthenticated_remote = true).
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<std::net::SocketAddr>,
     /// A second address serving only /metrics, /livez and /readyz.
@@ -85,6 +85,13 @@ pub struct DaemonArgs {
     /// Watch this cgroup (v2) subtree instead of the whole machine.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
+    /// TLS, client certificates and basic-auth users for both listeners: a
+    /// web.yml in exporter-toolkit's format, as node_exporter reads it.
+    #[arg(long, value_name = "PATH")]
+    pub web_config: Option<PathBuf>,
+    /// The same for --metrics-listen alone (default: --web-config).
+    #[arg(long, value_name = "PATH")]
+    pub metrics_web_config: Option<PathBuf>,
 }
 
 /// Which network namespace or pod a client command is about.

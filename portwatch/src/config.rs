@@ -25,6 +25,7 @@ use crate::{
     },
     state::ExpectedListener,
     watch::WatchConfig,
+    web::{Settings, WebError},
 };
 
 /// Where the daemon looks for its file when `--config` is not given.
@@ -45,8 +46,19 @@ const MAX_IN_FLIGHT_CALLS: u32 = 4 * 1024 * 1024;
 pub struct Config {
     /// The full HTTP API (ports, failures, check, events, metrics).
     /// Default `127.0.0.1:7464`: loopback only, since it shows process details.
-    /// Another address is refused unless [`Config::allow_unauthenticated_remote`].
+    /// Another address is refused unless `web_config` asks for credentials
+    /// or client certificates, or [`Config::allow_unauthenticated_remote`].
     pub listen: SocketAddr,
+    /// A web.yml in exporter-toolkit's format (the file node_exporter and
+    /// Prometheus read): TLS, client certificates, basic-auth users and
+    /// response headers, for the API and, unless `metrics_web_config` is
+    /// set, for `metrics_listen`. Relative paths inside it start at its own
+    /// directory. Re-read on SIGHUP and when it or a file it names changes.
+    /// Default: none (plain HTTP, no credentials).
+    pub web_config: Option<PathBuf>,
+    /// The same for `metrics_listen` alone, for a scrape identity that
+    /// differs from the API's. Default: `web_config`.
+    pub metrics_web_config: Option<PathBuf>,
     /// Serve the API on an address that is not loopback although it has no
     /// authentication: anyone who reaches it sees every process, uid, unit
     /// and container on the host. Said explicitly, and warned about at
@@ -127,6 +139,8 @@ impl Default for Config {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("a valid default address"),
             allow_unauthenticated_remote: false,
+            web_config: None,
+            metrics_web_config: None,
             metrics_listen: None,
             cgroup: None,
             reconcile_interval: Duration::from_secs(30),
@@ -165,6 +179,13 @@ fn where_in(text: &str, at: usize) -> String {
     }
 }
 
+fn web_settings(key: &'static str, path: Option<&Path>) -> Result<Settings, ConfigError> {
+    match path {
+        Some(path) => Settings::load(path).map_err(|source| ConfigError::Web { key, source }),
+        None => Ok(Settings::open()),
+    }
+}
+
 /// What is wrong with a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -188,6 +209,13 @@ pub enum ConfigError {
     /// A value is out of range.
     #[error("{key}: {message}")]
     Invalid { key: &'static str, message: String },
+    /// The web.yml a key names is wrong.
+    #[error("{key}: {source}")]
+    Web {
+        key: &'static str,
+        #[source]
+        source: WebError,
+    },
 }
 
 /// Overrides from the command line (`None` = not given).
@@ -196,6 +224,8 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
     pub cgroup: Option<PathBuf>,
+    pub web_config: Option<PathBuf>,
+    pub metrics_web_config: Option<PathBuf>,
 }
 
 impl Config {
@@ -247,6 +277,12 @@ impl Config {
         if let Some(v) = env("PORTWATCH_ALLOW_UNAUTHENTICATED_REMOTE") {
             self.allow_unauthenticated_remote =
                 parsed("PORTWATCH_ALLOW_UNAUTHENTICATED_REMOTE", v)?;
+        }
+        if let Some(v) = env("PORTWATCH_WEB_CONFIG") {
+            self.web_config = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("PORTWATCH_METRICS_WEB_CONFIG") {
+            self.metrics_web_config = Some(PathBuf::from(v));
         }
         if let Some(v) = env("PORTWATCH_METRICS_LISTEN") {
             self.metrics_listen = Some(parsed("PORTWATCH_METRICS_LISTEN", v)?);
@@ -337,6 +373,12 @@ impl Config {
         if let Some(cgroup) = &flags.cgroup {
             self.cgroup = Some(cgroup.clone());
         }
+        if let Some(path) = &flags.web_config {
+            self.web_config = Some(path.clone());
+        }
+        if let Some(path) = &flags.metrics_web_config {
+            self.metrics_web_config = Some(path.clone());
+        }
         self.validate()?;
         Ok(self)
     }
@@ -349,16 +391,33 @@ impl Config {
                 message: "must differ from listen".into(),
             });
         }
-        if self.api_is_remote() && !self.allow_unauthenticated_remote {
+        // Both files are read whole: --check-config refuses what the
+        // daemon would.
+        let api_web = self.api_web()?;
+        self.metrics_web()?;
+        if self.api_is_remote() && !api_web.authenticates() && !self.allow_unauthenticated_remote {
             return Err(ConfigError::Invalid {
                 key: "listen",
                 message: format!(
-                    "{} is not a loopback address, and the API has no authentication: anyone who reaches it would see every process, uid, unit and container on this host; listen on 127.0.0.1 or ::1 (and serve metrics with metrics_listen), or set allow_unauthenticated_remote = true",
+                    "{} is not a loopback address, and the API has no authentication: anyone who reaches it would see every process, uid, unit and container on this host; set web_config to a web.yml with basic_auth_users or client_auth_type: RequireAndVerifyClientCert, listen on 127.0.0.1 or ::1 (and serve metrics with metrics_listen), or set allow_unauthenticated_remote = true",
                     self.listen
                 ),
             });
         }
         Ok(())
+    }
+
+    /// The API listener's TLS and users, read from `web_config`.
+    pub fn api_web(&self) -> Result<Settings, ConfigError> {
+        web_settings("web_config", self.web_config.as_deref())
+    }
+
+    /// The metrics listener's, from `metrics_web_config`, else `web_config`.
+    pub fn metrics_web(&self) -> Result<Settings, ConfigError> {
+        match &self.metrics_web_config {
+            Some(path) => web_settings("metrics_web_config", Some(path)),
+            None => self.api_web(),
+        }
     }
 
     /// Whether the API listens beyond loopback (an IPv4-mapped loopback
@@ -519,7 +578,9 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(
-                err.contains("listen") && err.contains("allow_unauthenticated_remote = true"),
+                err.contains("listen")
+                    && err.contains("web_config")
+                    && err.contains("allow_unauthenticated_remote = true"),
                 "{remote}: {err}"
             );
             let config = parse(&format!(
@@ -547,6 +608,60 @@ mod tests {
         assert!(bad.is_err());
         // metrics_listen carries no process details: no permission needed.
         assert!(parse("metrics_listen = \"0.0.0.0:7465\"").is_ok());
+    }
+
+    #[test]
+    fn an_api_beyond_loopback_serves_with_authentication_in_web_config() {
+        let dir = std::env::temp_dir().join(format!("portwatch-config-web-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let users = dir.join("users.yml");
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        std::fs::write(&users, format!("basic_auth_users:\n  alice: {hash}\n")).unwrap();
+        let headers_only = dir.join("headers.yml");
+        std::fs::write(
+            &headers_only,
+            "http_server_config:\n  headers:\n    X-Frame-Options: deny\n",
+        )
+        .unwrap();
+        let broken = dir.join("broken.yml");
+        std::fs::write(&broken, "basic_auth_users: [\n").unwrap();
+        let remote = |web: &Path| {
+            parse(&format!(
+                "listen = \"0.0.0.0:7464\"\nweb_config = \"{}\"",
+                web.display()
+            ))
+        };
+        let config = remote(&users).unwrap();
+        assert!(config.api_is_remote() && config.api_web().unwrap().authenticates());
+        // Headers alone authenticate nobody.
+        let err = remote(&headers_only).unwrap_err().to_string();
+        assert!(err.contains("no authentication"), "{err}");
+        // A broken web.yml is a configuration error naming the key and file.
+        let err = remote(&broken).unwrap_err().to_string();
+        assert!(
+            err.starts_with("web_config: ") && err.contains("broken.yml"),
+            "{err}"
+        );
+        let err = parse(&format!("metrics_web_config = \"{}\"", broken.display()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("metrics_web_config: "), "{err}");
+        // The metrics listener falls back to web_config.
+        let config = parse(&format!("web_config = \"{}\"", users.display())).unwrap();
+        assert!(config.metrics_web().unwrap().authenticates());
+        let config = Config::default()
+            .apply_env(|name| {
+                (name == "PORTWATCH_METRICS_WEB_CONFIG").then(|| headers_only.display().to_string())
+            })
+            .unwrap()
+            .apply_flags(&Overrides {
+                web_config: Some(users.clone()),
+                ..Overrides::default()
+            })
+            .unwrap();
+        assert!(config.api_web().unwrap().authenticates());
+        assert!(!config.metrics_web().unwrap().authenticates());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -2,25 +2,21 @@
 //! SIGINT or SIGTERM. Stopping detaches every program (the links belong to
 //! this process); a crash or SIGKILL does too, as the kernel closes them.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
-use hyper_util::{
-    rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
-    service::TowerToHyperService,
-};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
-    sync::{Semaphore, watch},
+    sync::watch,
 };
 
 use crate::{
     api::{self, ApiContext},
-    config::Config,
+    config::{Config, ConfigError},
     metrics::{BuildInfo, Metrics, MetricsError},
     service,
     watch::{WatchError, Watcher},
+    web::{self, Gate, WebMetrics, serve::serve},
 };
 
 /// Why the daemon stopped with an error.
@@ -45,6 +41,10 @@ pub enum DaemonError {
     /// Installing a signal handler failed.
     #[error("installing the signal handlers: {0}")]
     Signal(#[source] std::io::Error),
+    /// A web configuration could not be read at start (it changed since
+    /// the configuration was checked).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// Runs the daemon with `config` until SIGINT/SIGTERM. systemd hears
@@ -53,8 +53,13 @@ pub enum DaemonError {
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     // Bind first: a taken port is a configuration error worth failing on
     // before anything is attached.
+    // SIGHUP reloads the web configuration; its default action would end
+    // the daemon, so the handler goes in before anything else.
+    let hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
     let api_listener = bind(config.listen).await?;
-    if config.api_is_remote() {
+    let web_metrics = WebMetrics::new().map_err(MetricsError::Register)?;
+    let api_web = config.api_web()?;
+    if config.api_is_remote() && !api_web.authenticates() {
         // Only with allow_unauthenticated_remote: the configuration refuses
         // it otherwise.
         tracing::warn!(
@@ -62,8 +67,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             config.listen
         );
     }
+    let api_gate = Gate::new("api", api_web, &web_metrics);
     let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(bind(addr).await?),
+        Some(addr) => Some((
+            bind(addr).await?,
+            Gate::new("metrics", config.metrics_web()?, &web_metrics),
+        )),
         None => None,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -80,6 +89,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let watcher = Watcher::start(config.watch()).await?;
     let metrics = Arc::new(Metrics::new(watcher.state(), BuildInfo::current())?);
+    web_metrics
+        .register(metrics.registry())
+        .map_err(MetricsError::Register)?;
     let ctx = ApiContext {
         state: watcher.state(),
         events: watcher.event_sender(),
@@ -93,18 +105,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         clock: watcher.clock(),
     };
     let mut servers = tokio::task::JoinSet::new();
+    let mut gates = vec![api_gate.clone()];
     servers.spawn(serve(
         api_listener,
-        api::router(ctx.clone()),
+        api_gate.guard(api::router(ctx.clone())),
+        api_gate,
         stopped(stop_rx.clone()),
     ));
-    if let Some(listener) = metrics_listener {
+    if let Some((listener, gate)) = metrics_listener {
+        gates.push(gate.clone());
         servers.spawn(serve(
             listener,
-            api::metrics_router(ctx.clone()),
+            gate.guard(api::metrics_router(ctx.clone())),
+            gate,
             stopped(stop_rx.clone()),
         ));
     }
+    tokio::spawn(web::reload::run(gates, hangup, stopped(stop_rx.clone())));
     // The routers keep only a weak handle on the event stream, so open
     // `/events` streams end when the pipeline stops; no strong one may stay.
     drop(ctx);
@@ -135,65 +152,6 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, DaemonError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| DaemonError::Listen { addr, source })
-}
-
-/// How long a client may take to send a request's headers (the first
-/// request's, and each next one's on a kept-alive connection) before the
-/// connection is closed: slow or idle clients cannot pile up.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Connections served at once per listener; more wait in the kernel's
-/// accept queue, so file descriptors stay bounded whatever clients do.
-const MAX_CONNECTIONS: usize = 256;
-
-/// How long shutdown waits for requests in flight.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Serves `router` on `listener` until `stop`: HTTP/1.1 with a header-read
-/// timeout and at most [`MAX_CONNECTIONS`] connections, then drains.
-async fn serve(
-    listener: TcpListener,
-    router: axum::Router,
-    stop: impl Future<Output = ()> + Send + 'static,
-) {
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(stop);
-    loop {
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-            () = &mut stop => break,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
-                Err(err) => {
-                    // EMFILE and the like pass; do not spin on them.
-                    tracing::warn!(error = %err, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut stop => break,
-        };
-        let service = TowerToHyperService::new(router.clone());
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            // A client that hangs up or times out is its own business.
-            let _ = connection.await;
-            drop(slot);
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; closing them");
-    }
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).

@@ -45,3 +45,4 @@ pub mod socket;
 pub mod state;
 pub mod trace;
 pub mod watch;
+pub mod web;

@@ -25,6 +25,8 @@ pub const EADDRINUSE_TCP4: &str =
 pub struct Daemon {
     pub child: Child,
     pub server: String,
+    /// The API's port on 127.0.0.1.
+    pub port: u16,
     /// Holds the configuration file.
     _dir: TempDir,
 }
@@ -50,6 +52,18 @@ impl Daemon {
         cgroup: &CgroupGuard,
         config: &str,
         wrapper: &[&str],
+    ) -> Result<Daemon, (Option<i32>, String)> {
+        Daemon::try_start_until(cgroup, config, wrapper, "http", Daemon::settled)
+    }
+
+    /// [`Daemon::try_start_with`] for an API served over `scheme`, ready
+    /// once `ready` holds (a TLS or authenticated API needs its own probe).
+    pub fn try_start_until(
+        cgroup: &CgroupGuard,
+        config: &str,
+        wrapper: &[&str],
+        scheme: &str,
+        ready: impl Fn(&Daemon) -> bool,
     ) -> Result<Daemon, (Option<i32>, String)> {
         // A free loopback port (released just before the daemon takes it).
         let port = TcpListener::bind("127.0.0.1:0")
@@ -83,13 +97,14 @@ impl Daemon {
             .expect("start the daemon");
         let mut daemon = Daemon {
             child,
-            server: format!("http://127.0.0.1:{port}"),
+            server: format!("{scheme}://127.0.0.1:{port}"),
+            port,
             _dir: dir,
         };
         let deadline = Instant::now() + *DEADLINE;
         // Ready, and done reading the owners of the sockets it found at
         // start-up, which most tests look at first.
-        while !daemon.settled() {
+        while !ready(&daemon) {
             if let Ok(Some(_)) = daemon.child.try_wait() {
                 return Err(daemon.stop());
             }

@@ -29,6 +29,7 @@ pub mod daemon;
 pub mod deny;
 pub mod exported;
 pub mod kubelet;
+pub mod pki;
 
 /// How long a test waits for something the kernel should report promptly.
 /// 20 s, or `PORTWATCH_TEST_DEADLINE_SECS` (`cargo xtask vm` raises it: an
