@@ -106,12 +106,42 @@ pub struct ScopeArgs {
     pub pod: Option<String>,
 }
 
-/// Where the client finds the daemon.
+/// Where the client finds the daemon, and how it proves who it is.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
-    /// The daemon's URL.
+    /// The daemon's URL: `http://`, or `https://` when it serves TLS. HTTP
+    /// basic auth credentials come from the environment (see --help).
+    ///
+    /// The credentials are never a flag (which `ps` would show):
+    /// PORTWATCH_USER with PORTWATCH_PASSWORD, or with
+    /// PORTWATCH_PASSWORD_FILE, a file whose first line is the password (a
+    /// systemd credential, a Kubernetes secret). They are sent with every
+    /// request.
     #[arg(long, global = true, env = "PORTWATCH_SERVER", default_value = DEFAULT_SERVER)]
     pub server: String,
+    /// PEM CA certificate(s) the daemon's certificate must chain to, for an
+    /// `https://` server, instead of the public web PKI roots.
+    #[arg(long, global = true, env = "PORTWATCH_CA_CERT", value_name = "PATH")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM certificate chain for mutual TLS, when the daemon asks clients
+    /// for a certificate; its key is --client-key.
+    #[arg(
+        long,
+        global = true,
+        env = "PORTWATCH_CLIENT_CERT",
+        value_name = "PATH",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert (not encrypted).
+    #[arg(
+        long,
+        global = true,
+        env = "PORTWATCH_CLIENT_KEY",
+        value_name = "PATH",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
 }
 
 /// The daemon's default address, as a URL.

@@ -2,11 +2,14 @@
 //! ask a running daemon over its HTTP API and print tables or sentences.
 //! Pure formatting lives in the `render_*` functions, tested without a
 //! daemon.
+//!
+//! The daemon may serve TLS and ask for HTTP basic auth (its web config):
+//! [`Client`] carries the CA and client certificate of the command line and
+//! the credentials of the environment to every request.
 
 use std::{
     fmt::Write as _,
     io::{BufRead, BufReader, Write},
-    time::Duration,
 };
 
 use comfy_table::{CellAlignment, Table, presets::NOTHING};
@@ -16,91 +19,9 @@ pub use self::ephemeral::{ephemeral, render_ephemeral};
 use crate::cli::{CheckArgs, ExplainArgs, FailuresArgs, Output, PortsArgs, ScopeArgs, WatchArgs};
 
 mod ephemeral;
+mod http;
 
-/// Why a client command failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// Nothing answers at the daemon's address.
-    #[error(
-        "no portwatch daemon answers at {server}: start it with `sudo portwatch daemon` (or `systemctl start portwatch`), or point --server at it"
-    )]
-    NotRunning { server: String },
-    /// The daemon refused the request (4xx/5xx with a problem body).
-    #[error("the daemon answered {status}: {detail}")]
-    Problem { status: u16, detail: String },
-    /// The request could not be made or read.
-    #[error("talking to {server}: {message}")]
-    Http { server: String, message: String },
-    /// The answer was not the JSON expected.
-    #[error("unexpected answer from the daemon: {0}")]
-    Decode(String),
-    /// Writing to stdout failed.
-    #[error("writing output: {0}")]
-    Output(#[source] std::io::Error),
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_connect(Some(Duration::from_secs(3)))
-        .build()
-        .into()
-}
-
-/// GET `path` (with its query) and parse the JSON answer.
-fn get(server: &str, path: &str) -> Result<Value, ClientError> {
-    let url = format!("{}{path}", server.trim_end_matches('/'));
-    let mut response = agent()
-        .get(&url)
-        .config()
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .call()
-        .map_err(|err| connect_error(server, err))?;
-    let status = response.status().as_u16();
-    let body = response
-        .body_mut()
-        .read_to_string()
-        .map_err(|err| ClientError::Http {
-            server: server.to_owned(),
-            message: err.to_string(),
-        })?;
-    let value: Value = serde_json::from_str(&body)
-        .map_err(|err| ClientError::Decode(format!("{err}: {body:.200}")))?;
-    if status >= 400 {
-        let detail = value["detail"]
-            .as_str()
-            .or(value["title"].as_str())
-            .unwrap_or("no detail");
-        return Err(ClientError::Problem {
-            status,
-            detail: detail.to_owned(),
-        });
-    }
-    Ok(value)
-}
-
-fn connect_error(server: &str, err: ureq::Error) -> ClientError {
-    match err {
-        ureq::Error::Io(io)
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-            ) =>
-        {
-            ClientError::NotRunning {
-                server: server.to_owned(),
-            }
-        }
-        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => ClientError::NotRunning {
-            server: server.to_owned(),
-        },
-        other => ClientError::Http {
-            server: server.to_owned(),
-            message: other.to_string(),
-        },
-    }
-}
+pub use self::http::{Client, ClientError};
 
 fn print(text: &str) -> Result<(), ClientError> {
     let mut out = std::io::stdout().lock();
@@ -136,18 +57,16 @@ impl ScopeArgs {
 
 /// `portwatch ports [PORT]`.
 pub fn ports(args: &PortsArgs) -> Result<(), ClientError> {
+    let client = Client::new(&args.server)?;
     // Every namespace: the table lists them all, as `ss` would per namespace
     // (`/ports` always does; `/ports/{port}` when asked).
     let value = match args.port {
-        Some(port) => get(
-            &args.server.server,
-            &with_query(
-                &format!("/ports/{port}"),
-                args.scope.pairs().chain([("all", "true")]),
-            ),
-        )?,
+        Some(port) => client.get(&with_query(
+            &format!("/ports/{port}"),
+            args.scope.pairs().chain([("all", "true")]),
+        ))?,
         None => every_page(
-            &args.server.server,
+            &client,
             &with_query("/ports", args.scope.pairs().chain([("limit", "5000")])),
         )?,
     };
@@ -168,8 +87,8 @@ pub fn ports(args: &PortsArgs) -> Result<(), ClientError> {
 
 /// `GET /ports` and every page its `next` links lead to, as one answer
 /// (all the ports, and no `next`).
-fn every_page(server: &str, first: &str) -> Result<Value, ClientError> {
-    let mut whole = get(server, first)?;
+fn every_page(client: &Client, first: &str) -> Result<Value, ClientError> {
+    let mut whole = client.get(first)?;
     let mut next = whole["next"].as_str().map(str::to_owned);
     // Each page holds at least one port, so a server that keeps linking
     // past 65535 pages is looping.
@@ -178,10 +97,11 @@ fn every_page(server: &str, first: &str) -> Result<Value, ClientError> {
         pages += 1;
         if pages > 65_536 {
             return Err(ClientError::Decode(format!(
-                "{server} keeps linking to more pages of /ports ({path})"
+                "{} keeps linking to more pages of /ports ({path})",
+                client.server
             )));
         }
-        let mut page = get(server, &path)?;
+        let mut page = client.get(&path)?;
         next = page["next"].as_str().map(str::to_owned);
         if let (Some(ports), Some(more)) =
             (whole["ports"].as_array_mut(), page["ports"].as_array_mut())
@@ -346,7 +266,7 @@ pub fn explain(args: &ExplainArgs) -> Result<(), ClientError> {
         &format!("/ports/{}", args.port),
         args.scope.pairs().chain(all),
     );
-    let value = get(&args.server.server, &path)?;
+    let value = Client::new(&args.server)?.get(&path)?;
     match args.output {
         Output::Json => print(&pretty(&value)),
         Output::Table => print(&render_explanation(&value)),
@@ -657,7 +577,7 @@ pub fn failures(args: &FailuresArgs) -> Result<(), ClientError> {
     let pairs = pairs
         .into_iter()
         .filter_map(|(key, value)| Some((key, value?.as_str())));
-    let value = get(&args.server.server, &with_query("/failures", pairs))?;
+    let value = Client::new(&args.server)?.get(&with_query("/failures", pairs))?;
     match args.output {
         Output::Json => print(&pretty(&value)),
         Output::Table => {
@@ -676,15 +596,22 @@ pub fn failures(args: &FailuresArgs) -> Result<(), ClientError> {
 
 /// `portwatch watch`: follows `/events` until interrupted or the daemon stops.
 pub fn watch(args: &WatchArgs) -> Result<(), ClientError> {
-    let server = &args.server.server;
-    let mut url = format!("{}/events", server.trim_end_matches('/'));
+    let client = Client::new(&args.server)?;
+    let mut path = "/events".to_owned();
     if let Some(port) = args.port {
-        let _ = write!(url, "?port={port}");
+        let _ = write!(path, "?port={port}");
     }
-    let response = agent()
-        .get(&url)
+    let response = client
+        .request(&path)
+        .config()
+        // The stream lasts as long as the daemon runs.
+        .timeout_global(None)
+        .build()
         .call()
-        .map_err(|err| connect_error(server, err))?;
+        .map_err(|err| client.request_error(err))?;
+    if response.status().as_u16() == 401 {
+        return Err(client.unauthorized());
+    }
     if response.status().as_u16() >= 400 {
         return Err(ClientError::Problem {
             status: response.status().as_u16(),
@@ -695,10 +622,7 @@ pub fn watch(args: &WatchArgs) -> Result<(), ClientError> {
     let mut out = std::io::stdout().lock();
     let mut event_name = String::new();
     for line in reader.lines() {
-        let line = line.map_err(|err| ClientError::Http {
-            server: server.clone(),
-            message: err.to_string(),
-        })?;
+        let line = line.map_err(|err| client.body_error(err.into()))?;
         if let Some(name) = line.strip_prefix("event:") {
             event_name = name.trim().to_owned();
             continue;
@@ -760,7 +684,7 @@ pub fn check(args: &CheckArgs) -> Result<bool, ClientError> {
         Some(netns) => format!("{path}&netns={netns}"),
         None => path,
     };
-    let value = get(&args.server.server, &path)?;
+    let value = Client::new(&args.server)?.get(&path)?;
     match args.output {
         Output::Json => print(&pretty(&value))?,
         Output::Table => print(&(text(&value["explanation"]) + "\n"))?,
@@ -864,18 +788,6 @@ mod tests {
         assert!(
             text.contains("python3 (pid 19828) could not connect tcp to 127.0.0.1:8000: EADDRNOTAVAIL, all 8 usable local ports to 127.0.0.1:8000 were in use"),
             "{text}"
-        );
-    }
-
-    #[test]
-    fn a_daemon_that_is_not_running_is_one_clear_line() {
-        // Port 1 on loopback: nothing listens there.
-        let err = get("http://127.0.0.1:1", "/ports").unwrap_err();
-        assert!(matches!(err, ClientError::NotRunning { .. }), "{err:?}");
-        let message = err.to_string();
-        assert!(
-            message.contains("no portwatch daemon answers") && !message.contains('\n'),
-            "{message}"
         );
     }
 }

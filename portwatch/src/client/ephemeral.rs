@@ -6,7 +6,9 @@ use std::fmt::Write as _;
 use comfy_table::{CellAlignment, Table, presets::NOTHING};
 use serde_json::Value;
 
-use super::{ClientError, array, describe_failure, get, holders, pretty, print, text, with_query};
+use super::{
+    Client, ClientError, array, describe_failure, holders, pretty, print, text, with_query,
+};
 use crate::cli::{EphemeralArgs, Output};
 
 /// `portwatch ephemeral`.
@@ -17,7 +19,7 @@ pub fn ephemeral(args: &EphemeralArgs) -> Result<(), ClientError> {
     if args.all {
         pairs.push(("all", "true"));
     }
-    let value = get(&args.server.server, &with_query("/ephemeral", pairs))?;
+    let value = Client::new(&args.server)?.get(&with_query("/ephemeral", pairs))?;
     match args.output {
         Output::Json => print(&pretty(&value)),
         Output::Table => print(&render_ephemeral(&value)),
