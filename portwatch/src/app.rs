@@ -1,12 +1,12 @@
 //! What each command does: the I/O around the pure modules.
 
-use std::io::{self, Write};
+use std::io::{self, BufRead as _, Write};
 
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     capture::{Capture, CaptureConfig, CaptureError, system::EnvError},
-    cli::{DaemonArgs, TraceArgs},
+    cli::{DaemonArgs, HashPasswordArgs, TraceArgs},
     config::{Config, ConfigError, DEFAULT_CONFIG_PATH, Overrides},
     daemon::{self, DaemonError},
     event::BootClock,
@@ -32,6 +32,9 @@ pub enum AppError {
     /// The daemon stopped with an error.
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+    /// `hash-password` could not read or hash the password.
+    #[error("hashing the password: {0}")]
+    Password(#[source] io::Error),
 }
 
 /// How a failed command ends the process, so that a supervisor can tell a
@@ -68,6 +71,7 @@ impl AppError {
             },
             AppError::Output(_)
             | AppError::Signal(_)
+            | AppError::Password(_)
             | AppError::Daemon(
                 DaemonError::Watch(_)
                 | DaemonError::Metrics(_)
@@ -112,6 +116,44 @@ pub fn daemon_config(args: &DaemonArgs) -> Result<Config, ConfigError> {
     Config::load(&path, required)?
         .apply_env(|name| std::env::var(name).ok())?
         .apply_flags(&flags)
+}
+
+/// `portwatch hash-password`: the first line of stdin, hashed.
+pub fn hash_password(args: &HashPasswordArgs) -> Result<(), AppError> {
+    let password = read_password().map_err(AppError::Password)?;
+    if password.is_empty() {
+        return Err(AppError::Password(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an empty password",
+        )));
+    }
+    let hash = bcrypt::hash(&password, args.cost)
+        .map_err(|err| AppError::Password(io::Error::other(err)))?;
+    writeln!(io::stdout(), "{hash}").map_err(AppError::Output)
+}
+
+/// The first line of stdin; on a terminal, asked for with echo off.
+fn read_password() -> io::Result<String> {
+    use std::io::IsTerminal as _;
+
+    use nix::sys::termios::{LocalFlags, SetArg, tcgetattr, tcsetattr};
+
+    let stdin = io::stdin();
+    let mut line = String::new();
+    if stdin.is_terminal() {
+        eprint!("Password: ");
+        let before = tcgetattr(&stdin)?;
+        let mut quiet = before.clone();
+        quiet.local_flags.remove(LocalFlags::ECHO);
+        tcsetattr(&stdin, SetArg::TCSANOW, &quiet)?;
+        let read = stdin.lock().read_line(&mut line);
+        tcsetattr(&stdin, SetArg::TCSANOW, &before)?;
+        eprintln!();
+        read?;
+    } else {
+        stdin.lock().read_line(&mut line)?;
+    }
+    Ok(line.trim_end_matches(['\n', '\r']).to_owned())
 }
 
 /// `portwatch daemon`.

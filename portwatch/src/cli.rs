@@ -58,6 +58,10 @@ may fix; 2 for a bad command line.")]
     Watch(WatchArgs),
     /// Would this bind succeed? Exit code 0 yes, 1 no, 2 error.
     Check(CheckArgs),
+    /// Print the bcrypt hash of a password for basic_auth_users in a
+    /// web_config, like `htpasswd -nB`: the password is read from stdin (its
+    /// first line), without echo on a terminal.
+    HashPassword(HashPasswordArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -92,6 +96,14 @@ pub struct DaemonArgs {
     /// The same for --metrics-listen alone (default: --web-config).
     #[arg(long, value_name = "PATH")]
     pub metrics_web_config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct HashPasswordArgs {
+    /// bcrypt's cost: each step doubles the time a check takes, for the
+    /// daemon and for anyone guessing (4 to 31).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
+    pub cost: u32,
 }
 
 /// Which network namespace or pod a client command is about.

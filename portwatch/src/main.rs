@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Command::Failures(args) => client::failures(&args).map_err(Into::into),
         Command::Ephemeral(args) => client::ephemeral(&args).map_err(Into::into),
         Command::Watch(args) => client::watch(&args).map_err(Into::into),
+        Command::HashPassword(args) => app::hash_password(&args).map_err(Into::into),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -383,3 +383,43 @@ fn the_shipped_example_loads_as_shipped_and_uncommented() {
         "TLS, client certificates required, basic auth"
     );
 }
+
+#[test]
+fn hash_password_makes_a_hash_web_config_takes() {
+    let run = |stdin: &[u8], args: &[&str]| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portwatch"))
+            .arg("hash-password")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A usage error exits before reading: its stdin may be gone.
+        let _ = child.stdin.take().unwrap().write_all(stdin);
+        child.wait_with_output().unwrap()
+    };
+    let made = run(b"s3cret\n", &["--cost", "4"]);
+    assert!(made.status.success(), "{}", support::said(&made));
+    let hash = String::from_utf8(made.stdout).unwrap().trim().to_owned();
+    assert!(hash.starts_with("$2b$04$"), "{hash}");
+    assert!(bcrypt::verify("s3cret", &hash).unwrap());
+    assert!(!bcrypt::verify("s3cret\n", &hash).unwrap());
+    let dir = support::TempDir::new("web-hash");
+    let path = dir.file("web.yml", format!("basic_auth_users:\n  alice: {hash}\n"));
+    assert!(Settings::load(&path).unwrap().authenticates());
+    // Nothing to hash: one line, no hash.
+    let empty = run(b"", &[]);
+    assert!(!empty.status.success() && empty.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&empty.stderr)
+            .trim()
+            .lines()
+            .count(),
+        1
+    );
+    // A cost bcrypt does not have: clap's usage error (exit 2), naming it.
+    let cost = run(b"x\n", &["--cost", "3"]);
+    assert_eq!(cost.status.code(), Some(2));
+    assert!(cost.stdout.is_empty() && String::from_utf8_lossy(&cost.stderr).contains("--cost"));
+}
