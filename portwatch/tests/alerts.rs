@@ -30,6 +30,7 @@ use serde_yaml_ng::Value as Yaml;
 use support::{
     CgroupGuard, DEADLINE, NetnsGuard, Op, Worker,
     daemon::{Daemon, EADDRINUSE_TCP4, sample},
+    pki::{Pki, bcrypt_hash},
     until,
 };
 
@@ -627,7 +628,9 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(target: &str) -> Prometheus {
+    /// Scrapes `target` with `scrape` (more keys of the scrape config,
+    /// indented as its members, or "").
+    fn start(target: &str, scrape: &str) -> Prometheus {
         let dir = support::TempDir::new("prometheus");
         let rule_files: String = RULE_FILES
             .iter()
@@ -638,7 +641,7 @@ impl Prometheus {
         let config = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
              rule_files:\n{rule_files}\
-             scrape_configs:\n  - job_name: portwatch\n    static_configs:\n      - targets: ['{target}']\n"
+             scrape_configs:\n  - job_name: portwatch\n{scrape}    static_configs:\n      - targets: ['{target}']\n"
         );
         let config_path = dir.path.join("prometheus.yml");
         std::fs::write(&config_path, config).expect("write prometheus.yml");
@@ -743,10 +746,40 @@ const STORM_ALERT: &str = "PortwatchEaddrinuseStorm";
 #[ignore = "needs root, BTF and cgroup2; run by `cargo xtask test`"]
 fn prometheus_fires_the_storm_alert_on_a_real_eaddrinuse_storm() {
     let (cgroup, netns) = (CgroupGuard::new("alerts"), NetnsGuard::new("alerts"));
-    // The daemon's defaults, as shipped (reconciliation every 30 s).
-    let daemon = Daemon::start_with(&cgroup, "", &[]);
-    let target = daemon.server.strip_prefix("http://").expect("an http URL");
-    let prometheus = Prometheus::start(target);
+    // The daemon's defaults, as shipped (reconciliation every 30 s), with a
+    // metrics listener served over TLS with basic auth, as a remote
+    // Prometheus would scrape it: the alert must fire through that.
+    let pki = Pki::new("alerts-pki");
+    let web = pki.dir.file(
+        "web.yml",
+        format!(
+            "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\nbasic_auth_users:\n  prometheus: {}\n",
+            bcrypt_hash("scrape-secret")
+        ),
+    );
+    let password_file = pki.dir.file("password", "scrape-secret\n");
+    let metrics_port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let target = format!("127.0.0.1:{metrics_port}");
+    let daemon = Daemon::start_with(
+        &cgroup,
+        &format!(
+            "metrics_listen = \"{target}\"\nmetrics_web_config = \"{}\"\n",
+            web.display()
+        ),
+        &[],
+    );
+    let target = target.as_str();
+    let prometheus = Prometheus::start(
+        target,
+        &format!(
+            "    scheme: https\n    tls_config:\n      ca_file: {}\n      server_name: localhost\n    basic_auth:\n      username: prometheus\n      password_file: {}\n",
+            pki.ca_file.display(),
+            password_file.display()
+        ),
+    );
     let shipped: BTreeMap<String, String> = alerts()
         .into_iter()
         .map(|r| {
@@ -883,6 +916,12 @@ fn prometheus_fires_the_storm_alert_on_a_real_eaddrinuse_storm() {
         elapsed >= Duration::from_secs(60),
         "fired after {elapsed:?}"
     );
+    // Prometheus scraped with the right password every time.
+    let refused = sample(
+        &daemon.text("/metrics").1,
+        "portwatch_http_auth_failures_total{listener=\"metrics\"}",
+    );
+    assert_eq!(refused, 0.0, "the metrics listener refused Prometheus");
     // The daemon counted every failure the worker saw.
     let failed = (batches * BATCH) as f64;
     until("the daemon to count every failure", || {
@@ -916,7 +955,7 @@ fn prometheus_fires_the_exhaustion_alert_on_a_real_full_range() {
     });
     let daemon = Daemon::start_with(&cgroup, "ephemeral_interval = \"1s\"\n", &[]);
     let target = daemon.server.strip_prefix("http://").expect("an http URL");
-    let prometheus = Prometheus::start(target);
+    let prometheus = Prometheus::start(target, "");
     // The namespace is named by its /run/netns name.
     let label = netns.name.clone();
     let (before, all) = prometheus.alerts(EXHAUSTING_ALERT);

@@ -604,13 +604,32 @@ fn mounted<'a>(daemonset: &'a Yaml, mount_path: &str) -> (&'a Yaml, &'a Yaml) {
     (volume, mount)
 }
 
-/// The ConfigMap's portwatch.toml, through the daemon's own parser.
-fn configmap_config() -> Config {
+/// The Secret portwatch-web as README.md makes it: `web.yml` (the shipped
+/// one, with a real hash for its placeholder), `tls.crt` and `tls.key`, in
+/// a directory standing for its mount.
+fn web_secret() -> support::pki::Pki {
+    let pki = support::pki::Pki::new("k8s-web");
+    std::fs::copy(&pki.server_cert, pki.dir.path.join("tls.crt")).unwrap();
+    std::fs::copy(&pki.server_key, pki.dir.path.join("tls.key")).unwrap();
+    let web = read(&format!("{KUBERNETES}/web.yml"))
+        .replace("<bcrypt hash>", &support::pki::bcrypt_hash("scrape"));
+    pki.dir.file("web.yml", web);
+    pki
+}
+
+/// The ConfigMap's portwatch.toml, through the daemon's own parser, with
+/// the Secret's mount at `web_dir`.
+fn configmap_config_with(web_dir: &Path) -> Config {
     let configmap = object("ConfigMap");
-    let toml = text(&configmap, &["data", "portwatch.toml"]);
-    Config::parse(toml, Path::new("deploy/kubernetes/configmap.yml"))
+    let toml = text(&configmap, &["data", "portwatch.toml"])
+        .replace("/etc/portwatch-web", &web_dir.display().to_string());
+    Config::parse(&toml, Path::new("deploy/kubernetes/configmap.yml"))
         .and_then(|config| config.apply_flags(&Overrides::default()))
         .unwrap_or_else(|err| panic!("the ConfigMap's portwatch.toml: {err}"))
+}
+
+fn configmap_config() -> Config {
+    configmap_config_with(&web_secret().dir.path)
 }
 
 #[test]
@@ -624,7 +643,9 @@ fn kustomization_applies_every_manifest() {
         .map(|name| name.to_string_lossy().into_owned())
         .filter(|name| name.ends_with(".yml") || name.ends_with(".yaml"))
         // Not Kubernetes objects.
-        .filter(|name| name != "kustomization.yml" && name != "prometheus-scrape.yml")
+        .filter(|name| {
+            !["kustomization.yml", "prometheus-scrape.yml", "web.yml"].contains(&name.as_str())
+        })
         .collect();
     files.sort();
     assert_eq!(listed, files);
@@ -819,7 +840,15 @@ fn scraping_and_probes_use_the_metrics_listener() {
         text(annotations, &["prometheus.io/port"]),
         metrics_port.to_string()
     );
+}
 
+#[test]
+fn probes_ask_the_api_on_the_nodes_loopback() {
+    // The metrics port asks for the scrape user's password; the API on the
+    // node's loopback (shared with the host network) does not.
+    let daemonset = object("DaemonSet");
+    let container = container(&daemonset);
+    let listen = configmap_config().listen;
     for (probe, path) in [
         ("livenessProbe", "/livez"),
         ("readinessProbe", "/readyz"),
@@ -832,12 +861,50 @@ fn scraping_and_probes_use_the_metrics_listener() {
         };
         let get = at(probe, &["httpGet"]);
         assert_eq!(text(get, &["path"]), path);
-        let port = at(get, &["port"]);
-        assert!(
-            port.as_str() == Some("metrics") || port.as_u64() == Some(u64::from(metrics_port)),
-            "{probe:?} does not use the metrics port"
+        assert_eq!(text(get, &["host"]), listen.ip().to_string(), "{probe:?}");
+        assert_eq!(
+            at(get, &["port"]).as_u64(),
+            Some(u64::from(listen.port())),
+            "{probe:?} does not use the API's port"
         );
     }
+}
+
+#[test]
+fn metrics_are_served_over_tls_to_the_scrape_user_only() {
+    let secret = web_secret();
+    let config = configmap_config_with(&secret.dir.path);
+    let web = config.metrics_web().unwrap_or_else(|err| panic!("{err}"));
+    assert!(
+        web.tls.is_some() && web.users.required(),
+        "{}",
+        web.describe()
+    );
+    // The API on loopback stays plain, for the probes and the node's CLI.
+    assert!(config.api_web().unwrap().tls.is_none());
+    // The Secret is mounted where metrics_web_config looks.
+    let daemonset = object("DaemonSet");
+    let (volume, mount) = mounted(&daemonset, "/etc/portwatch-web");
+    assert_eq!(text(volume, &["secret", "secretName"]), "portwatch-web");
+    assert_eq!(flag(mount, "readOnly"), Some(true));
+    let configmap = object("ConfigMap");
+    assert!(
+        text(&configmap, &["data", "portwatch.toml"])
+            .contains("metrics_web_config = \"/etc/portwatch-web/web.yml\""),
+    );
+    // Prometheus scrapes with TLS and the user web.yml names.
+    let scrape = scrape_config();
+    let job = portwatch_job(&scrape);
+    assert_eq!(text(job, &["scheme"]), "https");
+    assert_eq!(text(job, &["tls_config", "server_name"]), "portwatch");
+    assert!(!text(job, &["tls_config", "ca_file"]).is_empty());
+    let user = text(job, &["basic_auth", "username"]);
+    let shipped = read(&format!("{KUBERNETES}/web.yml"));
+    assert!(
+        shipped.contains(&format!("  {user}: ")),
+        "{user} is not in web.yml"
+    );
+    assert!(!text(job, &["basic_auth", "password_file"]).is_empty());
 }
 
 // ---------------------------------------------------------------------------

@@ -180,7 +180,17 @@ fn the_default_config_documents_every_key_commented_out() {
             line.split_once(" = ")
                 .is_some_and(|(key, _)| !key.contains(' '))
         })
-        .map(|line| format!("{line}\n"))
+        .map(|line| match line.split_once(" = ") {
+            // The web configurations are read whole: the shipped example.
+            Some(("web_config" | "metrics_web_config", _)) => {
+                let key = line.split_once(' ').map_or(line, |(key, _)| key);
+                format!(
+                    "{key} = \"{}/../deploy/web.yml\"\n",
+                    env!("CARGO_MANIFEST_DIR")
+                )
+            }
+            _ => format!("{line}\n"),
+        })
         .collect();
     let config = parse(&uncommented).unwrap_or_else(|err| panic!("{err}"));
     assert_ne!(config, Config::default());
