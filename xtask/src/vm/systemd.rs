@@ -55,6 +55,8 @@ pub const CHECKS: &[&str] = &[
     "systemd-analyze security portwatch.service",
     "systemctl restart rebuilds the same map",
     "after a restart, a namespaced unit's listener and existing sockets' options are read (setns, pidfd_getfd)",
+    "over TLS with basic auth and the key from LoadCredential=, 401 without the password and the CLI with it",
+    "systemctl reload serves a renewed certificate in the same process, the map unchanged",
     "systemctl stop leaves no program loaded or attached (bpftool)",
     "a configuration error stops the start at ExecStartPre with one journal line, and no restart loop",
     "the watchdog restarts a SIGSTOPped daemon",
@@ -65,7 +67,8 @@ pub const CHECKS: &[&str] = &[
 const CHECK_SCRIPT: &str = include_str!("guest/systemd-checks.sh");
 
 /// What mmdebstrap installs besides the minimal base: systemd as PID 1, the
-/// tools the checks use (curl, python3 for the demo listener and JSON,
+/// tools the checks use (curl, openssl for the remote-access certificates,
+/// python3 for the demo listener and JSON,
 /// bpftool, procps), and kmod to load the kernel's modules.
 const PACKAGES: &[&str] = &[
     "systemd",
@@ -76,6 +79,7 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
     "curl",
+    "openssl",
     "python3",
     "bpftool",
 ];

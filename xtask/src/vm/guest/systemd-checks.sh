@@ -17,6 +17,8 @@ set -u
 exec >/dev/ttyS0 2>&1
 
 API=http://127.0.0.1:7464
+# More curl arguments for the API (a CA and credentials while it serves TLS).
+CURL_ARGS=()
 PORT=8080
 NS_PORT=8081
 
@@ -42,7 +44,7 @@ wait_for() {
 
 prop() { systemctl show -p "$1" --value portwatch.service; }
 running() { [ "$(prop ActiveState)" = active ] && [ "$(prop SubState)" = running ]; }
-ready() { curl -sf "$API/readyz" >/dev/null; }
+ready() { curl -sf "${CURL_ARGS[@]}" "$API/readyz" >/dev/null; }
 # A place in the journal, and the daemon's lines after it.
 journal_cursor() { journalctl -q -n 0 --show-cursor | sed -n 's/^-- cursor: //p'; }
 journal_after() { journalctl -u portwatch.service -o cat --no-pager --after-cursor="$1"; }
@@ -76,7 +78,7 @@ for cgroup in json.load(sys.stdin):
 # /ports as sorted lines: protocol address port state unit, without
 # portwatch's own listener (whose pid changes with every start).
 listeners() {
-  curl -sf "$API/ports" | python3 -c '
+  curl -sf "${CURL_ARGS[@]}" "$API/ports" | python3 -c '
 import json, sys
 rows = set()
 for port in json.load(sys.stdin)["ports"]:
@@ -208,6 +210,80 @@ printf '%s\n' "$facts" | grep -q 'pwsd-ns-listener.service netns [0-9]* reuse_ad
   && ! printf '%s\n' "$facts" | grep 'pwsd-ns-listener' | grep -q "netns $host_netns "
 verdict $? "after a restart, a namespaced unit's listener and existing sockets' options are read (setns, pidfd_getfd)" \
   "$(printf '%s' "$facts" | one_line)" "$(printf '%s' "$facts" | one_line)"
+
+# --- 7b. Remote access: TLS, basic auth, the key as a credential, reload ---
+# As the unit's comment and the README say to set it up: a root-only key
+# handed over with LoadCredential=, web_config naming the copy, a user made
+# with `portwatch hash-password`.
+TLS=/etc/portwatch/tls
+PW='pwsd correct horse'
+mkdir -p "$TLS"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+  -subj /CN=pwsd-ca -keyout /run/pwsd-ca.key -out "$TLS/ca.crt" 2>/dev/null
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$TLS/portwatch.key" 2>/dev/null
+chmod 600 "$TLS/portwatch.key"
+# issue_cert SERIAL: a certificate for localhost on the same key, replaced
+# in one rename as a renewal does.
+issue_cert() {
+  openssl req -new -key "$TLS/portwatch.key" -subj /CN=localhost -out /run/pwsd.csr 2>/dev/null \
+    && printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >/run/pwsd-ext.cnf \
+    && openssl x509 -req -in /run/pwsd.csr -CA "$TLS/ca.crt" -CAkey /run/pwsd-ca.key \
+      -set_serial "$1" -days 2 -extfile /run/pwsd-ext.cnf -out "$TLS/portwatch.crt.new" 2>/dev/null \
+    && mv "$TLS/portwatch.crt.new" "$TLS/portwatch.crt"
+}
+issue_cert 1
+hash="$(printf '%s\n' "$PW" | portwatch hash-password)"
+printf 'tls_server_config:\n  cert_file: %s/portwatch.crt\n  key_file: /run/credentials/portwatch.service/portwatch.key\nbasic_auth_users:\n  operator: %s\n' \
+  "$TLS" "$hash" >/etc/portwatch/web.yml
+mkdir -p /etc/systemd/system/portwatch.service.d
+printf '[Service]\nLoadCredential=portwatch.key:%s/portwatch.key\n' "$TLS" \
+  >/etc/systemd/system/portwatch.service.d/pwsd-tls.conf
+cp /etc/portwatch/portwatch.toml /run/pwsd-portwatch.toml
+echo 'web_config = "/etc/portwatch/web.yml"' >>/etc/portwatch/portwatch.toml
+systemctl daemon-reload
+API=https://localhost:7464
+CURL_ARGS=(--cacert "$TLS/ca.crt" -u "operator:$PW")
+systemctl restart portwatch.service && wait_for 120 ready
+code() { curl -s -o /dev/null -w '%{http_code}' --cacert "$TLS/ca.crt" "$@" "$API/ports/$PORT"; }
+anonymous="$(code)"
+wrong="$(code -u operator:wrong)"
+cli="$(PORTWATCH_USER=operator PORTWATCH_PASSWORD="$PW" portwatch ports --server "$API" --ca-cert "$TLS/ca.crt" 2>&1)"
+[ "$anonymous" = 401 ] && [ "$wrong" = 401 ] && ready && [[ "$cli" == *demo-listener* ]] \
+  && [ "$(stat -c %a "$TLS/portwatch.key")" = 600 ]
+verdict $? "over TLS with basic auth and the key from LoadCredential=, 401 without the password and the CLI with it" \
+  "no password $anonymous, wrong password $wrong, the CLI names demo-listener" \
+  "no password $anonymous, wrong password $wrong; CLI: $cli; $(journalctl -u portwatch.service -o cat --no-pager | tail -3)"
+
+# systemctl reload: SIGHUP re-reads web_config in the same process; a
+# renewed certificate is then what new connections get, the map unchanged.
+served_serial() {
+  openssl s_client -connect 127.0.0.1:7464 -servername localhost </dev/null 2>/dev/null \
+    | openssl x509 -noout -serial 2>/dev/null
+}
+pid="$(prop MainPID)"
+before="$(listeners)"
+first="$(served_serial)"
+cursor="$(journal_cursor)"
+systemctl reload portwatch.service
+heard() { journal_after "$cursor" | grep -q 'SIGHUP: web_config unchanged'; }
+wait_for 15 heard
+issue_cert 2
+systemctl reload portwatch.service
+rotated() { [ -n "$first" ] && [ "$(served_serial)" != "$first" ] && [ -n "$(served_serial)" ]; }
+wait_for 30 rotated
+after="$(listeners)"
+heard && rotated && [ "$(prop MainPID)" = "$pid" ] && running && [ -n "$before" ] && [ "$before" = "$after" ]
+verdict $? "systemctl reload serves a renewed certificate in the same process, the map unchanged" \
+  "$first -> $(served_serial), pid $pid, $(printf '%s\n' "$after" | wc -l) listeners" \
+  "$first -> $(served_serial); pid $pid -> $(prop MainPID); heard: $(journal_after "$cursor" | grep -c SIGHUP); before: $before | after: $after"
+
+# Back to plain HTTP on loopback for the checks below.
+cp /run/pwsd-portwatch.toml /etc/portwatch/portwatch.toml
+rm -f /etc/systemd/system/portwatch.service.d/pwsd-tls.conf /etc/portwatch/web.yml
+systemctl daemon-reload
+API=http://127.0.0.1:7464
+CURL_ARGS=()
+systemctl restart portwatch.service && wait_for 120 ready
 
 # --- 8. Stop leaves nothing attached ---------------------------------------
 mapfile -t held < <(portwatch_programs)
