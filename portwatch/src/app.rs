@@ -162,7 +162,7 @@ pub async fn daemon(args: DaemonArgs) -> Result<(), AppError> {
     if args.check_config {
         let api_web = config.api_web()?;
         println!(
-            "portwatch: configuration ok (listen {} with {}{}, metrics_listen {}, reconcile every {:?})",
+            "portwatch: configuration ok (listen {} over {}{}, metrics_listen {}, reconcile every {:?})",
             config.listen,
             api_web.describe(),
             if config.api_is_remote() && !api_web.authenticates() {
@@ -171,7 +171,7 @@ pub async fn daemon(args: DaemonArgs) -> Result<(), AppError> {
                 ""
             },
             match config.metrics_listen {
-                Some(addr) => format!("{addr} with {}", config.metrics_web()?.describe()),
+                Some(addr) => format!("{addr} over {}", config.metrics_web()?.describe()),
                 None => "none".to_owned(),
             },
             config.reconcile_interval

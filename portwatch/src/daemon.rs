@@ -106,6 +106,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     let mut servers = tokio::task::JoinSet::new();
     let mut gates = vec![api_gate.clone()];
+    let mut served = vec![format!(
+        "{} over {}",
+        config.listen,
+        api_gate.settings().describe()
+    )];
     servers.spawn(serve(
         api_listener,
         api_gate.guard(api::router(ctx.clone())),
@@ -114,6 +119,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     ));
     if let Some((listener, gate)) = metrics_listener {
         gates.push(gate.clone());
+        if let Some(addr) = config.metrics_listen {
+            served.push(format!(
+                "metrics on {addr} over {}",
+                gate.settings().describe()
+            ));
+        }
         servers.spawn(serve(
             listener,
             gate.guard(api::metrics_router(ctx.clone())),
@@ -125,11 +136,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // The routers keep only a weak handle on the event stream, so open
     // `/events` streams end when the pipeline stops; no strong one may stay.
     drop(ctx);
-    tracing::info!(
-        listen = %config.listen,
-        metrics_listen = ?config.metrics_listen,
-        "portwatch is ready"
-    );
+    tracing::info!(serving = served.join("; "), "portwatch is ready");
     service::ready(&watcher.state());
     tokio::spawn(service::supervise(
         watcher.state(),

@@ -380,7 +380,7 @@ fn the_shipped_example_loads_as_shipped_and_uncommented() {
     assert_eq!(settings.headers.len(), 5);
     assert_eq!(
         settings.describe(),
-        "TLS, client certificates required, basic auth"
+        "TLS, client certificates required with basic auth (2 users)"
     );
 }
 

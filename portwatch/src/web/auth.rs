@@ -48,6 +48,11 @@ impl Users {
         })
     }
 
+    /// How many users there are.
+    pub fn count(&self) -> usize {
+        self.hashes.len()
+    }
+
     /// Whether any user is configured (else no request is checked).
     pub fn required(&self) -> bool {
         !self.hashes.is_empty()

@@ -223,9 +223,13 @@ impl Settings {
             (Some(_), ClientAuth::Required) => "TLS, client certificates required".into(),
         }];
         if self.users.required() {
-            parts.push("basic auth".into());
+            let users = self.users.count();
+            parts.push(format!(
+                "basic auth ({users} {})",
+                if users == 1 { "user" } else { "users" }
+            ));
         }
-        parts.join(", ")
+        parts.join(" with ")
     }
 }
 
