@@ -121,10 +121,11 @@ pub fn daemon_config(args: &DaemonArgs) -> Result<Config, ConfigError> {
 /// `portwatch hash-password`: the first line of stdin, hashed.
 pub fn hash_password(args: &HashPasswordArgs) -> Result<(), AppError> {
     let password = read_password().map_err(AppError::Password)?;
-    if password.is_empty() {
+    // bcrypt reads 72 bytes: a longer password's tail would not count.
+    if password.is_empty() || password.len() > 72 {
         return Err(AppError::Password(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "an empty password",
+            "a password of 1 to 72 bytes (bcrypt ignores the rest)",
         )));
     }
     let hash = bcrypt::hash(&password, args.cost)

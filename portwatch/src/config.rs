@@ -393,9 +393,21 @@ impl Config {
         }
         // Both files are read whole: --check-config refuses what the
         // daemon would.
-        let api_web = self.api_web()?;
+        self.check_api_web(&self.api_web()?)?;
         self.metrics_web()?;
-        if self.api_is_remote() && !api_web.authenticates() && !self.allow_unauthenticated_remote {
+        Ok(())
+    }
+
+    /// Whether the API must ask who is calling: it listens beyond loopback
+    /// and `allow_unauthenticated_remote` does not say otherwise.
+    pub fn api_must_authenticate(&self) -> bool {
+        self.api_is_remote() && !self.allow_unauthenticated_remote
+    }
+
+    /// Refuses the API's web settings when it must authenticate and they
+    /// ask for neither a password nor a client certificate.
+    pub fn check_api_web(&self, api_web: &Settings) -> Result<(), ConfigError> {
+        if self.api_must_authenticate() && !api_web.authenticates() {
             return Err(ConfigError::Invalid {
                 key: "listen",
                 message: format!(
@@ -459,11 +471,13 @@ impl Config {
         }
         // The daemon's working directory says nothing about the node.
         for (key, dir) in [
-            ("pod_logs_dir", &self.pod_logs_dir),
-            ("container_logs_dir", &self.container_logs_dir),
-            ("docker_containers_dir", &self.docker_containers_dir),
+            ("pod_logs_dir", Some(&self.pod_logs_dir)),
+            ("container_logs_dir", Some(&self.container_logs_dir)),
+            ("docker_containers_dir", Some(&self.docker_containers_dir)),
+            ("web_config", self.web_config.as_ref()),
+            ("metrics_web_config", self.metrics_web_config.as_ref()),
         ] {
-            if !dir.is_absolute() {
+            if dir.is_some_and(|dir| !dir.is_absolute()) {
                 return invalid(key, "must be an absolute path");
             }
         }
@@ -646,6 +660,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("metrics_web_config: "), "{err}");
+        // A relative path would depend on the daemon's working directory.
+        for key in ["web_config", "metrics_web_config"] {
+            let err = parse(&format!("{key} = \"web.yml\""))
+                .unwrap_err()
+                .to_string();
+            assert_eq!(err, format!("{key}: must be an absolute path"));
+        }
         // The metrics listener falls back to web_config.
         let config = parse(&format!("web_config = \"{}\"", users.display())).unwrap();
         assert!(config.metrics_web().unwrap().authenticates());

@@ -59,6 +59,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let api_listener = bind(config.listen).await?;
     let web_metrics = WebMetrics::new().map_err(MetricsError::Register)?;
     let api_web = config.api_web()?;
+    // Checked again on what is read now: the file may have changed since
+    // the configuration was checked.
+    config.check_api_web(&api_web)?;
     if config.api_is_remote() && !api_web.authenticates() {
         // Only with allow_unauthenticated_remote: the configuration refuses
         // it otherwise.
@@ -67,11 +70,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             config.listen
         );
     }
-    let api_gate = Gate::new("api", api_web, &web_metrics);
+    let api_gate = Gate::new("api", api_web, config.api_must_authenticate(), &web_metrics);
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some((
             bind(addr).await?,
-            Gate::new("metrics", config.metrics_web()?, &web_metrics),
+            Gate::new("metrics", config.metrics_web()?, false, &web_metrics),
         )),
         None => None,
     };

@@ -32,11 +32,16 @@ struct Served {
 
 impl Served {
     fn start(web_yml: &Path) -> Served {
+        Served::start_as(web_yml, false)
+    }
+
+    /// `must_authenticate`: as the API beyond loopback.
+    fn start_as(web_yml: &Path, must_authenticate: bool) -> Served {
         let settings = Settings::load(web_yml).unwrap_or_else(|err| panic!("{err}"));
         let metrics = WebMetrics::new().unwrap();
         let registry = prometheus::Registry::new();
         metrics.register(&registry).unwrap();
-        let gate = Gate::new("api", settings, &metrics);
+        let gate = Gate::new("api", settings, must_authenticate, &metrics);
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = gate.clone();
@@ -253,6 +258,47 @@ fn a_reload_serves_the_new_certificate_and_a_broken_file_keeps_the_old() {
 }
 
 #[test]
+fn a_reload_cannot_turn_authentication_or_tls_off() {
+    let pki = Pki::new("web-downgrade");
+    let users = format!("basic_auth_users:\n  alice: {}\n", bcrypt_hash("s3cret"));
+    let path = web_yml(&pki, &users);
+    let served = Served::start_as(&path, true);
+    let client = pki.client(&[&TLS13], false);
+    // An edit that drops the users (or a file read half-written, empty):
+    // refused on a listener that must authenticate.
+    for without_users in ["tls", "empty"] {
+        if without_users == "tls" {
+            web_yml(&pki, "");
+        } else {
+            pki.dir.file("web.yml", "");
+        }
+        let reloaded = served.gate.reload();
+        let why = if without_users == "tls" {
+            "no password"
+        } else {
+            "TLS off"
+        };
+        assert!(
+            matches!(&reloaded, Reloaded::Failed(err) if err.contains(why)),
+            "{without_users}: {reloaded:?}"
+        );
+        let answer = tls_get(served.addr, client.clone(), "/ports/1", None).unwrap();
+        assert_eq!(answer.status(), 401, "{}", answer.response);
+    }
+    // Plain HTTP with the users kept: TLS is not turned off by a reload.
+    pki.dir.file("web.yml", &users);
+    assert!(matches!(served.gate.reload(), Reloaded::Failed(err) if err.contains("TLS off")));
+    let answer = tls_get(
+        served.addr,
+        client,
+        "/ports/1",
+        Some(&basic("alice", "s3cret")),
+    )
+    .unwrap();
+    assert_eq!(answer.status(), 200);
+}
+
+#[test]
 fn a_rotated_certificate_is_picked_up_without_a_signal() {
     let mut pki = Pki::new("web-watch");
     let served = Served::start(&web_yml(&pki, ""));
@@ -316,7 +362,7 @@ fn web_configs_portwatch_cannot_honour_are_refused_by_name() {
     let path = web_yml(
         &pki,
         &format!(
-            "  min_version: TLS12\n  max_version: TLS13\n  cipher_suites: [TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305]\n  curve_preferences: [X25519, CurveP256]\n  prefer_server_cipher_suites: true\nhttp_server_config:\n  http2: false\n  headers:\n    Strict-Transport-Security: max-age=31536000\nbasic_auth_users:\n  bob: {hash}\n"
+            "  min_version: TLS12\n  max_version: TLS13\n  cipher_suites: [TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305, TLS_AES_128_GCM_SHA256]\n  curve_preferences: [X25519, CurveP256]\n  prefer_server_cipher_suites: true\nhttp_server_config:\n  http2: false\n  headers:\n    Strict-Transport-Security: max-age=31536000\nbasic_auth_users:\n  bob: {hash}\n"
         ),
     );
     let settings = Settings::load(&path).unwrap_or_else(|err| panic!("{err}"));

@@ -259,20 +259,11 @@ fn headers(
             }
             let value = HeaderValue::from_str(value)
                 .map_err(|_| load.invalid(&key, "not a valid header value".into()))?;
-            Ok((HeaderName::from_static(lowercase(canonical)), value))
+            let name = HeaderName::from_bytes(canonical.as_bytes())
+                .expect("the allowed names are valid header names");
+            Ok((name, value))
         })
         .collect()
-}
-
-/// The allowed header names, lowercased for [`HeaderName::from_static`].
-fn lowercase(name: &str) -> &'static str {
-    match name {
-        "Strict-Transport-Security" => "strict-transport-security",
-        "X-Content-Type-Options" => "x-content-type-options",
-        "X-Frame-Options" => "x-frame-options",
-        "X-XSS-Protection" => "x-xss-protection",
-        _ => "content-security-policy",
-    }
 }
 
 /// The counters of every listener's gate.
@@ -330,10 +321,19 @@ pub struct Gate {
     failures: prometheus::IntCounter,
     reload_ok: prometheus::IntGauge,
     last_error: Mutex<Option<String>>,
+    /// The listener is beyond loopback without `allow_unauthenticated_remote`:
+    /// a reload must not leave it asking nobody who is calling.
+    must_authenticate: bool,
 }
 
 impl Gate {
-    pub fn new(listener: &'static str, settings: Settings, metrics: &WebMetrics) -> Arc<Gate> {
+    /// `must_authenticate`: see [`Gate::reload`].
+    pub fn new(
+        listener: &'static str,
+        settings: Settings,
+        must_authenticate: bool,
+        metrics: &WebMetrics,
+    ) -> Arc<Gate> {
         let reload_ok = metrics.reload_ok.with_label_values(&[listener]);
         reload_ok.set(1);
         Arc::new(Gate {
@@ -343,6 +343,7 @@ impl Gate {
             failures: metrics.auth_failures.with_label_values(&[listener]),
             reload_ok,
             last_error: Mutex::new(None),
+            must_authenticate,
         })
     }
 
@@ -351,14 +352,38 @@ impl Gate {
         self.current.load_full()
     }
 
-    /// Reads the web.yml again; a broken one keeps the settings in use.
+    /// Reads the web.yml again; a broken one keeps the settings in use, and
+    /// so does one that would turn TLS off (a restart can do that) or, on a
+    /// listener that must authenticate, ask nobody who is calling (the rule
+    /// the configuration is checked by at start). Blocking: file I/O and a
+    /// bcrypt hash.
     pub fn reload(&self) -> Reloaded {
-        let current = self.current.load();
+        let current = self.current.load_full();
         let Some(path) = current.source.clone() else {
             return Reloaded::Unchanged;
         };
+        let loaded = Settings::load(&path).and_then(|settings| {
+            let refuse = |why: &str| WebError::Invalid {
+                path: path.clone(),
+                key: "tls_server_config".into(),
+                message: why.into(),
+            };
+            if current.tls.is_some() && settings.tls.is_none() {
+                return Err(refuse(
+                    "the new file turns TLS off, which takes a restart, not a reload",
+                ));
+            }
+            if self.must_authenticate && !settings.authenticates() {
+                return Err(WebError::Invalid {
+                    path: path.clone(),
+                    key: "basic_auth_users".into(),
+                    message: "the new file asks for no password and no client certificate, and this listener is beyond loopback".into(),
+                });
+            }
+            Ok(settings)
+        });
         let mut last_error = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
-        match Settings::load(&path) {
+        match loaded {
             Ok(settings) if settings.fingerprint == current.fingerprint => {
                 self.reload_ok.set(1);
                 *last_error = None;
@@ -401,20 +426,41 @@ impl Gate {
 
 async fn guard(State(gate): State<Arc<Gate>>, request: Request, next: Next) -> Response {
     let settings = gate.settings();
-    let mut response = if settings.users.required()
-        && !settings
+    let admission = if settings.users.required() {
+        settings
             .users
             .admit(request.headers().get(header::AUTHORIZATION), &gate.checks)
             .await
-    {
-        gate.failures.inc();
-        unauthorized()
     } else {
-        next.run(request).await
+        auth::Admission::Admitted
+    };
+    let mut response = match admission {
+        auth::Admission::Admitted => next.run(request).await,
+        auth::Admission::Refused => {
+            gate.failures.inc();
+            unauthorized()
+        }
+        auth::Admission::Busy => {
+            gate.failures.inc();
+            busy()
+        }
     };
     for (name, value) in &settings.headers {
         response.headers_mut().insert(name.clone(), value.clone());
     }
+    response
+}
+
+/// 429: every bcrypt slot stayed taken (a flood of guesses, most likely).
+fn busy() -> Response {
+    let mut response = Problem::from_status(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many password checks at once; try again in a second",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     response
 }
 

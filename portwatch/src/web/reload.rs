@@ -42,11 +42,16 @@ pub async fn run(gates: Vec<Arc<Gate>>, mut hangup: Signal, stop: impl Future<Ou
             () = &mut stop => return,
         };
         for gate in &gates {
-            match gate.reload() {
-                Reloaded::Unchanged if why == "SIGHUP" => {
+            // File reads and a bcrypt hash: not on a runtime thread.
+            let reloading = gate.clone();
+            match tokio::task::spawn_blocking(move || reloading.reload()).await {
+                Ok(Reloaded::Unchanged) if why == "SIGHUP" => {
                     tracing::info!(listener = gate.listener, "SIGHUP: web_config unchanged");
                 }
-                Reloaded::Unchanged | Reloaded::Changed | Reloaded::Failed(_) => {}
+                Ok(Reloaded::Unchanged | Reloaded::Changed | Reloaded::Failed(_)) => {}
+                Err(err) => {
+                    tracing::error!(listener = gate.listener, %err, "reloading web_config failed")
+                }
             }
         }
         // A reload may name new files in new directories.

@@ -241,7 +241,9 @@ printf '[Service]\nLoadCredential=portwatch.key:%s/portwatch.key\n' "$TLS" \
 cp /etc/portwatch/portwatch.toml /run/pwsd-portwatch.toml
 echo 'web_config = "/etc/portwatch/web.yml"' >>/etc/portwatch/portwatch.toml
 systemctl daemon-reload
-API=https://localhost:7464
+# By address: the guest's /etc/hosts may not name localhost (curl knows it
+# anyway; the resolver does not).
+API=https://127.0.0.1:7464
 CURL_ARGS=(--cacert "$TLS/ca.crt" -u "operator:$PW")
 systemctl restart portwatch.service && wait_for 120 ready
 code() { curl -s -o /dev/null -w '%{http_code}' --cacert "$TLS/ca.crt" "$@" "$API/ports/$PORT"; }
@@ -279,7 +281,7 @@ verdict $? "systemctl reload serves a renewed certificate in the same process, t
 
 # Back to plain HTTP on loopback for the checks below.
 cp /run/pwsd-portwatch.toml /etc/portwatch/portwatch.toml
-rm -f /etc/systemd/system/portwatch.service.d/pwsd-tls.conf /etc/portwatch/web.yml
+rm -rf /etc/systemd/system/portwatch.service.d/pwsd-tls.conf /etc/portwatch/web.yml "$TLS"
 systemctl daemon-reload
 API=http://127.0.0.1:7464
 CURL_ARGS=()
