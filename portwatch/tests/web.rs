@@ -15,7 +15,10 @@ use std::{
 
 use axum::{Router, routing::get};
 use portwatch::web::{Gate, Reloaded, Settings, WebMetrics, serve::serve};
-use rustls::version::{TLS12, TLS13};
+use rustls::{
+    pki_types::pem::PemObject as _,
+    version::{TLS12, TLS13},
+};
 use support::{
     DEADLINE,
     pki::{Pki, basic, bcrypt_hash, tls_get},
@@ -319,6 +322,63 @@ fn a_rotated_certificate_is_picked_up_without_a_signal() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Waits until a new connection gets `cert`.
+fn until_served(served: &Served, client: &Arc<rustls::ClientConfig>, cert: &[u8], what: &str) {
+    let deadline = Instant::now() + *DEADLINE;
+    while tls_get(served.addr, client.clone(), "/ports/1", None)
+        .unwrap()
+        .server_cert
+        != cert
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not served within {:?}",
+            *DEADLINE
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_directory_swapped_whole_is_watched_again() {
+    // Some rotation tools write a new directory and rename it over the old.
+    let mut pki = Pki::new("web-swap");
+    let served = Served::start(&web_yml(&pki, ""));
+    let client = pki.client(&[&TLS13], false);
+    // Served, so the watches are in place.
+    tls_get(served.addr, client.clone(), "/ports/1", None).unwrap();
+    let dir = pki.dir.path.clone();
+    let fresh = dir.with_extension("new");
+    let old = dir.with_extension("old");
+    std::fs::create_dir(&fresh).unwrap();
+    for name in ["web.yml", "ca.pem"] {
+        std::fs::copy(dir.join(name), fresh.join(name)).unwrap();
+    }
+    let (cert, key) = pki.issue("swapped", vec!["localhost".into()]);
+    std::fs::write(fresh.join("server.key"), key).unwrap();
+    std::fs::write(fresh.join("server.pem"), &cert).unwrap();
+    std::fs::rename(&dir, &old).unwrap();
+    std::fs::rename(&fresh, &dir).unwrap();
+    let swapped = rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes())
+        .unwrap()
+        .to_vec();
+    until_served(
+        &served,
+        &client,
+        &swapped,
+        "the swapped directory's certificate",
+    );
+    // The new directory is watched: a rotation inside it is seen too.
+    let rotated = pki.issue_server();
+    until_served(
+        &served,
+        &client,
+        &rotated,
+        "a rotation in the swapped directory",
+    );
+    std::fs::remove_dir_all(&old).unwrap();
 }
 
 #[test]

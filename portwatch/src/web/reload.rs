@@ -65,7 +65,8 @@ struct Files {
     changed: Arc<Notify>,
     watcher: Option<notify::RecommendedWatcher>,
     failed: bool,
-    watched: BTreeSet<PathBuf>,
+    /// Directories that could not be watched, said once each.
+    unwatchable: BTreeSet<PathBuf>,
 }
 
 impl Files {
@@ -74,7 +75,7 @@ impl Files {
             changed,
             watcher: None,
             failed: false,
-            watched: BTreeSet::new(),
+            unwatchable: BTreeSet::new(),
         }
     }
 
@@ -106,16 +107,23 @@ impl Files {
                 }
             }
         };
-        for dir in dirs.difference(&self.watched.clone()) {
+        // Every time, not only for new directories: a directory removed
+        // and made again (a rotation tool's) lost its watch with it, and
+        // watching a path again replaces its watch.
+        for dir in &dirs {
             match watcher.watch(dir, RecursiveMode::NonRecursive) {
                 Ok(()) => {
-                    self.watched.insert(dir.clone());
+                    self.unwatchable.remove(dir);
                 }
-                Err(err) => tracing::warn!(
-                    dir = %dir.display(),
-                    error = %err,
-                    "cannot watch for web_config changes there; reload with SIGHUP"
-                ),
+                Err(err) => {
+                    if self.unwatchable.insert(dir.clone()) {
+                        tracing::warn!(
+                            dir = %dir.display(),
+                            error = %err,
+                            "cannot watch for web_config changes there; reload with SIGHUP"
+                        );
+                    }
+                }
             }
         }
     }
