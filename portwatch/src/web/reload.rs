@@ -13,7 +13,7 @@ use std::{
 };
 
 use notify::{
-    Event, EventKind, RecursiveMode, Watcher as _,
+    Event, EventKind, EventKindMask, RecursiveMode, Watcher as _,
     event::{AccessKind, AccessMode},
 };
 use tokio::{signal::unix::Signal, sync::Notify};
@@ -92,11 +92,17 @@ impl Files {
             Some(watcher) => watcher,
             None => {
                 let changed = self.changed.clone();
-                let made = notify::recommended_watcher(move |event: notify::Result<Event>| {
-                    if event.is_ok_and(|event| is_change(&event.kind)) {
-                        changed.notify_one();
-                    }
-                });
+                // Writes, creations, removals and renames only: reads of
+                // those files (ours included) do not even wake the watcher.
+                let kinds = EventKindMask::CORE | EventKindMask::ACCESS_CLOSE;
+                let made = notify::RecommendedWatcher::new(
+                    move |event: notify::Result<Event>| {
+                        if event.is_ok_and(|event| is_change(&event.kind)) {
+                            changed.notify_one();
+                        }
+                    },
+                    notify::Config::default().with_event_kinds(kinds),
+                );
                 match made {
                     Ok(watcher) => self.watcher.insert(watcher),
                     Err(err) => {
