@@ -113,6 +113,12 @@ impl Client {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ClientError> {
         let credentials = Credentials::from_env(env)?;
+        if credentials.is_some() && in_clear_beyond_loopback(&args.server) {
+            eprintln!(
+                "portwatch: warning: the password goes to {} in clear text; use an https:// URL",
+                args.server
+            );
+        }
         let agent = ureq::Agent::config_builder()
             // Statuses are read here, not turned into ureq's bare
             // `StatusCode` error: a 401 says which credentials to set, and
@@ -308,6 +314,24 @@ impl Client {
 
 /// The rustls error behind a failed request, if TLS is what failed. ureq
 /// passes rustls' errors on as rustls gives them: inside an `io::Error`.
+/// Whether `server` is plain `http://` to a host other than this one's
+/// loopback, where a password would cross the network readable.
+fn in_clear_beyond_loopback(server: &str) -> bool {
+    let Ok(uri) = server.parse::<ureq::http::Uri>() else {
+        return false;
+    };
+    if uri.scheme_str() != Some("http") {
+        return false;
+    }
+    let host = uri.host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback());
+    !loopback
+}
+
 fn rustls_error(err: &ureq::Error) -> Option<&rustls::Error> {
     match err {
         ureq::Error::Rustls(tls) => Some(tls),
@@ -507,6 +531,25 @@ mod tests {
 
     use super::*;
     use crate::{cli::WatchArgs, client::watch};
+
+    #[test]
+    fn a_password_in_clear_beyond_loopback_is_told() {
+        for clear in [
+            "http://server1.example:7464",
+            "http://192.0.2.1:7464",
+            "http://[2001:db8::1]:7464",
+        ] {
+            assert!(in_clear_beyond_loopback(clear), "{clear}");
+        }
+        for fine in [
+            "https://server1.example:7464",
+            "http://127.0.0.1:7464",
+            "http://localhost:7464",
+            "http://[::1]:7464",
+        ] {
+            assert!(!in_clear_beyond_loopback(fine), "{fine}");
+        }
+    }
 
     #[test]
     fn a_daemon_that_is_not_running_is_one_clear_line() {
