@@ -352,6 +352,16 @@ fn a_directory_swapped_whole_is_watched_again() {
     let dir = pki.dir.path.clone();
     let fresh = dir.with_extension("new");
     let old = dir.with_extension("old");
+    // Removed however the test ends, as the TempDir is.
+    struct Siblings([std::path::PathBuf; 2]);
+    impl Drop for Siblings {
+        fn drop(&mut self) {
+            for dir in &self.0 {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+    let _siblings = Siblings([fresh.clone(), old.clone()]);
     std::fs::create_dir(&fresh).unwrap();
     for name in ["web.yml", "ca.pem"] {
         std::fs::copy(dir.join(name), fresh.join(name)).unwrap();
