@@ -353,9 +353,9 @@ fn bad_configurations_are_refused_in_one_line() {
 }
 
 /// The API shows every process, uid, unit and container: on an address
-/// other than loopback it has no authentication to offer yet, so the
-/// daemon refuses it, naming the key that serves it anyway. The address is
-/// never bound: the configuration is refused first.
+/// other than loopback without web_config's authentication, the daemon
+/// refuses it, naming the keys that serve it. The address is never bound:
+/// the configuration is refused first.
 #[test]
 fn an_api_beyond_loopback_is_refused_without_the_permission() {
     let dir = TempDir::new("remote");
@@ -376,7 +376,8 @@ fn an_api_beyond_loopback_is_refused_without_the_permission() {
                 "{line}"
             );
             assert!(
-                line.contains("set allow_unauthenticated_remote = true"),
+                line.contains("set web_config")
+                    && line.contains("set allow_unauthenticated_remote = true"),
                 "{line}"
             );
         }
@@ -389,7 +390,7 @@ fn an_api_beyond_loopback_is_refused_without_the_permission() {
         let said = String::from_utf8_lossy(&output.stdout);
         assert!(
             said.contains(&format!(
-                "listen {listen} without authentication, as allow_unauthenticated_remote says"
+                "listen {listen} over plain HTTP and no authentication, as allow_unauthenticated_remote says"
             )),
             "{said}"
         );
